@@ -1,0 +1,59 @@
+"""Orbax checkpoints of a run: train state + data-iterator state + config, per step.
+
+Checkpoints live in `<run_dir>/checkpoints/<step>/`. Saves are asynchronous (training
+continues while arrays are written) and atomic: Orbax writes to a temporary directory
+and renames it when complete, so a save interrupted mid-write is never listed and never
+restored. Restoring takes an abstract state carrying the target shardings, so a
+checkpoint can be read onto any mesh (or one CPU).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Keeps the newest `keep` checkpoints of a run directory."""
+
+    def __init__(self, run_dir: Path, keep: int = 2, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints", options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict, config: dict) -> None:
+        """Start saving (returns before the write completes; see `wait`)."""
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(config),
+            ),
+            force=True,
+        )
+
+    def restore(self, abstract_state, step: int | None = None):
+        """(state, data_state, config) of `step` (default: newest). `abstract_state` is a
+        pytree of jax.ShapeDtypeStruct with `sharding` set: arrays land in that layout."""
+        step = self.latest_step() if step is None else step
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+                config=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored["state"], restored["data"], restored["config"]
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are complete."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+

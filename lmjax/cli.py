@@ -1,0 +1,100 @@
+"""The `lmjax` command: train, eval and experiments.
+
+    lmjax train [EXPERIMENT] [--set section.field=value ...] [--resume RUN_DIR]
+    lmjax eval RUN_DIR [--json] [--max-batches N]
+    lmjax experiments
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from lmjax.config import Config, ConfigError, override
+from lmjax.experiment import experiment_summary, list_experiments, load_experiment
+
+DEFAULT_EXPERIMENT = "decoder_tiny"
+
+
+def _experiment_listing() -> str:
+    return "\n".join(f"  {name:<20} {experiment_summary(path)}" for name, path in list_experiments().items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmjax", description="Pretrain transformer language models with JAX.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser(
+        "train", help="train a model (default: the decoder_tiny experiment)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="experiments:\n" + _experiment_listing() + "\n\nexample: lmjax train decoder_tiny "
+               "--set model.d_model=256 --set optim.lr=1e-3",
+    )
+    train.add_argument("experiment", nargs="?", help=f"experiment name or .py file (default: {DEFAULT_EXPERIMENT})")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. model.d_model=256 (repeatable)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
+
+    evaluate = commands.add_parser("eval", help="validation loss, perplexity and bits per byte of a run")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--max-batches", type=int, default=None, help="default: the whole validation split")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+
+    commands.add_parser("experiments", help="list the experiments that `lmjax train` can run")
+    return parser
+
+
+def resolve_train_config(experiment: str | None, overrides: list[str], resume: str | None) -> tuple[Config, Path]:
+    """(config, run_dir) for `lmjax train`: from the experiment, or from the run being resumed."""
+    if resume is not None:
+        run_dir = Path(resume)
+        saved = run_dir / "config.json"
+        if not saved.is_file():
+            raise ConfigError(f"--resume {resume}: no config.json there; is it a run directory?")
+        base = load_experiment(experiment) if experiment else Config.from_dict(json.loads(saved.read_text()))
+        return override(base, overrides + [f"train.run_dir={run_dir}"]), run_dir
+    cfg = override(load_experiment(experiment or DEFAULT_EXPERIMENT), overrides)
+    run_dir = Path(cfg.train.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return cfg, run_dir
+
+
+def cmd_train(args) -> None:
+    from lmjax.train.loop import train
+
+    cfg, run_dir = resolve_train_config(args.experiment, args.overrides, args.resume)
+    summary = train(cfg, run_dir)
+    state = "finished" if summary["finished"] else f"stopped at step {summary['step']}; resume with --resume"
+    print(f"run {state}: {run_dir}")
+
+
+def cmd_eval(args) -> None:
+    from lmjax.train.run_eval import evaluate_run
+
+    result = evaluate_run(Path(args.run_dir), args.max_batches)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+
+
+def cmd_experiments(args) -> None:
+    print(_experiment_listing())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from lmjax.data import DataError
+
+    try:
+        {"train": cmd_train, "eval": cmd_eval, "experiments": cmd_experiments}[args.command](args)
+    except (ConfigError, DataError) as e:
+        print(f"lmjax: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""Typed, frozen run configuration, validated before anything is compiled.
+
+A run is described by one `Config`: the model's shape (`ModelConfig`), the optimizer
+(`OptimConfig`), the data (`DataConfig`), the run length and bookkeeping (`TrainConfig`),
+the device mesh (`MeshConfig`) and logging (`LogConfig`). Experiments in `experiments/`
+build a `Config`; the CLI applies `--set section.field=value` overrides with `override`.
+Every mistake raises `ConfigError` with one sentence naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message names the field and the fix."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    _require(value in choices, f"{name}={value!r} is not one of {', '.join(map(repr, choices))}.")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a decoder-only transformer.
+
+    Attention has `n_heads` query heads of width `d_model // n_heads` and `n_kv_heads`
+    key/value heads (grouped-query attention when fewer than `n_heads`).
+    """
+
+    vocab_size: int = 384
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: same as n_heads (multi-head attention)
+    d_ff: int = 1024
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    position: Literal["rope", "learned"] = "rope"
+    rope_theta: float = 10_000.0
+    max_seq_len: int = 1024
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+    dtype: Literal["float32", "bfloat16"] = "float32"  # activations and matmuls
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # stored weights
+    scan_layers: bool = True  # one compiled layer body, looped; compile time flat in depth
+    scan_unroll: int = 1  # layers per loop iteration when scanned (n_layers: fully unrolled)
+    remat: Literal["none", "dots", "full"] = "none"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "scan_unroll"):
+            _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}.")
+        _require(
+            self.d_model % self.n_heads == 0,
+            f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; "
+            "pick a head count that divides the width.",
+        )
+        _require(
+            self.kv_heads > 0 and self.n_heads % self.kv_heads == 0,
+            f"model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads={self.n_heads}; "
+            "grouped-query attention needs n_heads to be a multiple of n_kv_heads.",
+        )
+        _require(self.position != "rope" or self.head_dim % 2 == 0,
+                 f"RoPE needs an even head width, got d_model/n_heads={self.head_dim}.")
+        _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}.")
+        _check_choice("model.mlp", self.mlp, ("swiglu", "gelu"))
+        _check_choice("model.norm", self.norm, ("rmsnorm", "layernorm"))
+        _check_choice("model.position", self.position, ("rope", "learned"))
+        _check_choice("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _check_choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
+        _check_choice("model.remat", self.remat, ("none", "dots", "full"))
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warmup then a cosine, linear or constant schedule, and global-norm clipping."""
+
+    lr: float = 3e-3
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine and linear)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # applied to matrices only: never norms, biases or embeddings
+    clip_norm: float | None = 1.0  # None: no clipping
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+
+    def __post_init__(self):
+        _require(self.lr > 0, f"optim.lr must be positive, got {self.lr}.")
+        _check_choice("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}.")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
+        _require(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "optim.beta1 and optim.beta2 must be in [0, 1).")
+        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}.")
+        _require(self.clip_norm is None or self.clip_norm > 0, f"optim.clip_norm must be positive or none, got {self.clip_norm}.")
+        _require(self.grad_accum_steps >= 1, f"optim.grad_accum_steps must be >= 1, got {self.grad_accum_steps}.")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where text comes from and how it becomes fixed-length training sequences.
+
+    `source` is "stdlib" (the running Python's standard-library sources, always present)
+    or a path to a text/JSONL/Parquet file, a directory of them, or an HF dataset saved
+    with `save_to_disk`.
+    """
+
+    source: str = "stdlib"
+    text_field: str = "text"  # JSONL key / Parquet or HF column holding the text
+    max_bytes: int | None = 8_000_000  # read at most this much text (None: everything)
+    tokenizer: Literal["bytes"] = "bytes"
+    seq_len: int = 256
+    val_fraction: float = 0.02  # share of documents held out for validation
+    seed: int = 0  # data order is a pure function of (seed, step)
+
+    def __post_init__(self):
+        _require(bool(self.source), "data.source is empty; give 'stdlib' or a path to your text.")
+        _require(self.seq_len > 0, f"data.seq_len must be positive, got {self.seq_len}.")
+        _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction}.")
+        _require(self.max_bytes is None or self.max_bytes > 0, f"data.max_bytes must be positive or none, got {self.max_bytes}.")
+        _check_choice("data.tokenizer", self.tokenizer, ("bytes",))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Run length, batch, evaluation, checkpointing and the sample printed at the end.
+
+    The run length is given by exactly one of `steps`, `tokens` or `budget_flops`
+    (training FLOPs, counted as `lmjax.scaling.counting.train_flops_per_token` per token).
+    """
+
+    batch_size: int = 32  # global batch, in sequences
+    steps: int | None = None
+    tokens: int | None = None
+    budget_flops: float | None = None
+    halt_at_step: int | None = None  # stop early (saving a checkpoint) as if preempted
+    seed: int = 0  # parameter init and dropout
+    eval_every: int = 100
+    eval_batches: int = 16
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    run_dir: str | None = None  # None: runs/<experiment>-<timestamp>
+    sample_prompt: str = "def "
+    sample_tokens: int = 200  # tokens generated after training (0: no sample)
+    sample_temperature: float = 0.8
+
+    def __post_init__(self):
+        given = [n for n in ("steps", "tokens", "budget_flops") if getattr(self, n) is not None]
+        _require(len(given) <= 1, f"give only one of train.steps, train.tokens, train.budget_flops (got {', '.join(given)}).")
+        for name in ("batch_size", "eval_every", "eval_batches", "log_every", "checkpoint_every", "keep_checkpoints"):
+            _require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}.")
+        for name in ("steps", "tokens", "budget_flops", "halt_at_step"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"train.{name} must be positive, got {value}.")
+        _require(self.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {self.sample_tokens}.")
+        _require(self.sample_temperature >= 0, f"train.sample_temperature must be >= 0, got {self.sample_temperature}.")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh shape; one axis may be -1 to take the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+    def __post_init__(self):
+        sizes = dataclasses.astuple(self)
+        _require(all(s == -1 or s >= 1 for s in sizes), f"mesh axes must be >= 1 or -1, got {sizes}.")
+        _require(sizes.count(-1) <= 1, "at most one mesh axis may be -1 (fill the remaining devices).")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    wandb: Literal["off", "offline", "online"] = "offline"
+    wandb_project: str = "lmjax"
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        _check_choice("log.wandb", self.wandb, ("off", "offline", "online"))
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self):
+        from lmjax.data.tokenizer import ByteTokenizer
+
+        tokenizer_vocab = ByteTokenizer().vocab_size
+        _require(
+            self.model.vocab_size >= tokenizer_vocab,
+            f"model.vocab_size={self.model.vocab_size} is smaller than the {self.data.tokenizer} tokenizer's "
+            f"{tokenizer_vocab} ids; set model.vocab_size >= {tokenizer_vocab}.",
+        )
+        _require(
+            self.data.seq_len <= self.model.max_seq_len,
+            f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
+            "shorten the sequences or raise model.max_seq_len.",
+        )
+        _require(
+            self.train.batch_size % self.optim.grad_accum_steps == 0,
+            f"train.batch_size={self.train.batch_size} is not divisible by optim.grad_accum_steps="
+            f"{self.optim.grad_accum_steps}.",
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        """Inverse of `to_dict`; unknown keys raise ConfigError."""
+        sections = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                continue
+            if f.name == "name":
+                sections["name"] = d["name"]
+                continue
+            section_cls = _SECTIONS[f.name]
+            known = {sf.name for sf in dataclasses.fields(section_cls)}
+            unknown = set(d[f.name]) - known
+            _require(not unknown, f"unknown config key(s) {', '.join(f'{f.name}.{k}' for k in sorted(unknown))}.")
+            sections[f.name] = section_cls(**d[f.name])
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        _require(not unknown, f"unknown config section(s) {', '.join(sorted(unknown))}.")
+        return cls(**sections)
+
+
+_SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "train": TrainConfig,
+             "mesh": MeshConfig, "log": LogConfig}
+
+
+def override(config: Config, assignments: list[str]) -> Config:
+    """Apply `section.field=value` strings, parsing each value by the field's type.
+
+    >>> override(Config(), ["model.d_model=512", "train.budget_flops=3e13"]).model.d_model
+    512
+    """
+    updates: dict[str, dict[str, object]] = {}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        _require(bool(sep), f"--set expects section.field=value, got {assignment!r}.")
+        section, _, name = key.strip().partition(".")
+        valid = sorted(f"{s}.{f.name}" for s, c in _SECTIONS.items() for f in dataclasses.fields(c))
+        _require(section in _SECTIONS and name in _field_types(_SECTIONS.get(section)),
+                 f"unknown config key {key!r}; valid keys: {', '.join(valid)}.")
+        field_type = _field_types(_SECTIONS[section])[name]
+        updates.setdefault(section, {})[name] = _parse_value(key, text.strip(), field_type)
+    replaced = {s: dataclasses.replace(getattr(config, s), **u) for s, u in updates.items()}
+    return dataclasses.replace(config, **replaced)
+
+
+def _field_types(section_cls) -> dict[str, object]:
+    if section_cls is None:
+        return {}
+    return typing.get_type_hints(section_cls)
+
+
+def _parse_value(key: str, text: str, field_type):
+    """Parse `text` as `field_type` (int, float, bool, str, Literal, or X | None)."""
+    options = typing.get_args(field_type) if isinstance(field_type, types.UnionType) or \
+        typing.get_origin(field_type) is typing.Union else (field_type,)
+    if type(None) in options and text.lower() in ("none", "null"):
+        return None
+    errors = []
+    for option in (o for o in options if o is not type(None)):
+        try:
+            return _parse_one(text, option)
+        except ValueError as e:
+            errors.append(str(e))
+    raise ConfigError(f"{key}: cannot use {text!r} ({'; '.join(errors)}).")
+
+
+def _parse_one(text: str, option):
+    if typing.get_origin(option) is Literal:
+        choices = typing.get_args(option)
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(map(repr, choices))}")
+        return text
+    if option is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError("expected true or false")
+        return text.lower() in ("true", "1")
+    if option is int:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("expected an integer") from None
+        if not value.is_integer():
+            raise ValueError("expected an integer")
+        return int(value)
+    if option is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError("expected a number") from None
+    return text

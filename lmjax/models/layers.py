@@ -1,0 +1,152 @@
+"""Transformer components: norms, embeddings, rotary positions, attention and MLPs.
+
+Shapes use B = batch, T = query length, S = key length, D = d_model, N = query heads,
+K = key/value heads, H = head width, F = d_ff, V = vocabulary. Parameters are stored in
+`param_dtype` and cast to the compute `dtype` where they are used; every parameter carries
+logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, `length`),
+which `lmjax.parallel` maps to mesh axes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmjax.config import ModelConfig
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float | None, dtype) -> nnx.Param:
+    """A parameter with logical axis names: normal(0, std) init, or ones if std is None."""
+    if std is None:
+        value = jnp.ones(shape, dtype)
+    else:
+        value = std * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, computed in float32. (..., D) -> (..., D)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.eps = cfg.norm_eps
+        self.scale = param(rngs, (cfg.d_model,), ("embed",), None, cfg.param_dtype)
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """(x - mean) / std * scale + bias, computed in float32. (..., D) -> (..., D)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.eps = cfg.norm_eps
+        self.scale = param(rngs, (cfg.d_model,), ("embed",), None, cfg.param_dtype)
+        self.bias = nnx.Param(jnp.zeros((cfg.d_model,), cfg.param_dtype), out_sharding=("embed",), eager_sharding=False)
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> RMSNorm | LayerNorm:
+    return RMSNorm(cfg, rngs=rngs) if cfg.norm == "rmsnorm" else LayerNorm(cfg, rngs=rngs)
+
+
+def rope(x, positions, theta: float):
+    """Rotary position embedding (rotate-half form) of x (B, T, n, H) at positions (B, T)."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (H/2,)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention_mask(segment_ids, causal: bool):
+    """Boolean mask (B, 1, T, T): True where query t may attend to key s.
+
+    Tokens attend only within their own segment (packed documents); segment id 0 is
+    padding and attends nowhere. With `causal`, also only to s <= t.
+    """
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    mask = same & (segment_ids[:, :, None] != 0)
+    if causal:
+        t = segment_ids.shape[1]
+        mask = mask & jnp.tril(jnp.ones((t, t), bool))
+    return mask[:, None, :, :]
+
+
+class Attention(nnx.Module):
+    """Multi-head / grouped-query self-attention with optional RoPE.
+
+    (B, T, D) -> (B, T, D). Softmax runs in float32 inside `jax.nn.dot_product_attention`
+    (cuDNN flash attention on GPU where it applies, XLA elsewhere).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, n, k, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        self.wq = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std, cfg.param_dtype)
+        self.wk = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype)
+        self.wv = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype)
+        self.wo = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, cfg.param_dtype)
+
+    def __call__(self, x, positions, mask):
+        """x (B, T, D); positions (B, T) int; mask (B, 1, T, T) bool -> (B, T, D)."""
+        cfg, dt = self.cfg, x.dtype
+        q = jnp.einsum("btd,dnh->btnh", x, self.wq[...].astype(dt))
+        k = jnp.einsum("btd,dkh->btkh", x, self.wk[...].astype(dt))
+        v = jnp.einsum("btd,dkh->btkh", x, self.wv[...].astype(dt))
+        if cfg.position == "rope":
+            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # (B, T, N, H)
+        return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt))
+
+
+class MLP(nnx.Module):
+    """Position-wise feed-forward: SwiGLU (w_down(silu(x w_gate) * x w_up)) or GELU.
+
+    (B, T, D) -> (B, T, D), hidden width F = d_ff.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.gated = cfg.mlp == "swiglu"
+        d, f = cfg.d_model, cfg.d_ff
+        std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        self.w_up = param(rngs, (d, f), ("embed", "mlp"), std, cfg.param_dtype)
+        if self.gated:
+            self.w_gate = param(rngs, (d, f), ("embed", "mlp"), std, cfg.param_dtype)
+        self.w_down = param(rngs, (f, d), ("mlp", "embed"), out_std, cfg.param_dtype)
+
+    def __call__(self, x):
+        dt = x.dtype
+        up = x @ self.w_up[...].astype(dt)
+        if self.gated:
+            hidden = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * up
+        else:
+            hidden = jax.nn.gelu(up)
+        return hidden @ self.w_down[...].astype(dt)
+
+
+class Embed(nnx.Module):
+    """Token embedding (V, D): lookup ids -> vectors, and `attend` for a tied output head."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.table = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, cfg.param_dtype)
+
+    def __call__(self, ids, dtype):
+        """ids (B, T) int -> (B, T, D) in `dtype`."""
+        return jnp.take(self.table[...], ids, axis=0).astype(dtype)
+
+    def attend(self, x):
+        """x (B, T, D) -> logits (B, T, V) in float32."""
+        return jnp.einsum("btd,vd->btv", x, self.table[...].astype(x.dtype), preferred_element_type=jnp.float32)

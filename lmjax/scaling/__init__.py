@@ -1,0 +1,1 @@
+"""Arithmetic about models and runs: parameter and FLOP counts from a config."""

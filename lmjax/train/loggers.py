@@ -1,0 +1,65 @@
+"""Where metrics go: a JSONL file in the run directory, wandb, and the console.
+
+Only process 0 writes. Every record is a flat dict with a `step` key and float values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from lmjax.config import Config
+
+
+class MetricsLogger:
+    """Appends records to `<run_dir>/metrics.jsonl` and, unless log.wandb == "off", to wandb
+    (offline by default: files under `<run_dir>/wandb`, no account needed)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool, enabled: bool = True):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb_run = None
+        if not enabled:
+            return
+        if cfg.log.wandb != "off":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb_run = wandb.init(
+                project=cfg.log.wandb_project, name=run_dir.name, id=run_dir.name.replace("/", "_"),
+                dir=str(run_dir), mode=cfg.log.wandb, config=cfg.to_dict(), resume="allow" if resume else None,
+            )
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """All records of `<run_dir>/metrics.jsonl`, in order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    """A tqdm bar over optimizer steps (ETA included); `disable` when not the main process."""
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=not enabled,
+                desc="train", smoothing=0.1)
+
+
+def console(message: str) -> None:
+    """Print above the progress bar without breaking it."""
+    tqdm.write(message)

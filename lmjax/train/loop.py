@@ -1,0 +1,198 @@
+"""The training run: data, sharded state, the step loop, evaluation, checkpoints, sample.
+
+`train(cfg, run_dir)` starts a run or, when `run_dir` holds checkpoints, continues it
+exactly where its newest checkpoint left off. Everything a run writes goes under
+`run_dir`: config.json, metrics.jsonl, checkpoints/, loss.png, sample.txt, wandb/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from lmjax.checkpoint import Checkpointer
+from lmjax.config import Config, ConfigError
+from lmjax.data import BatchIterator, ByteTokenizer, DataError, PackedDataset, load_documents, split_documents
+from lmjax.parallel import batch_sharding, make_mesh
+from lmjax.scaling.counting import param_counts, train_flops_per_token
+from lmjax.train import loggers
+from lmjax.train.evaluate import evaluate
+from lmjax.train.metrics import mfu, peak_flops_per_device
+from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
+from lmjax.train.state import init_train_state
+from lmjax.train.step import make_train_step
+
+
+def total_steps(cfg: Config) -> int:
+    """Optimizer steps of the run, from train.steps, train.tokens or train.budget_flops."""
+    t = cfg.train
+    tokens_per_step = t.batch_size * cfg.data.seq_len
+    if t.steps is not None:
+        return t.steps
+    if t.tokens is not None:
+        return math.ceil(t.tokens / tokens_per_step)
+    if t.budget_flops is not None:
+        flops_per_step = train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
+        return max(1, math.floor(t.budget_flops / flops_per_step))
+    raise ConfigError("the run has no length: set one of train.steps, train.tokens or train.budget_flops.")
+
+
+def load_datasets(cfg: Config) -> tuple[PackedDataset, PackedDataset, ByteTokenizer]:
+    """(train, validation) packed datasets and the tokenizer, or a DataError."""
+    tokenizer = ByteTokenizer()
+    documents = load_documents(cfg.data.source, cfg.data.text_field, cfg.data.max_bytes)
+    train_stream, val_stream = split_documents(documents, tokenizer, cfg.data.val_fraction, cfg.data.seed)
+    train_set = PackedDataset(train_stream, cfg.data.seq_len)
+    val_set = PackedDataset(val_stream, cfg.data.seq_len)
+    if len(val_set) < cfg.train.batch_size:
+        raise DataError(f"the validation split has {len(val_set)} sequences of data.seq_len={cfg.data.seq_len}, "
+                        f"fewer than train.batch_size={cfg.train.batch_size}; raise data.val_fraction or use more data.")
+    return train_set, val_set, tokenizer
+
+
+def check_resumable(cfg: Config, saved: dict) -> None:
+    """Raise ConfigError if `cfg.model` differs from the saved run's model config."""
+    differences = [f"model.{k}: saved {v!r}, now {getattr(cfg.model, k)!r}"
+                   for k, v in saved["model"].items() if getattr(cfg.model, k) != v]
+    if differences:
+        raise ConfigError("cannot resume: the model shape differs from the saved run (" + "; ".join(differences) + ").")
+
+
+class _StopRequest:
+    """First Ctrl-C asks the loop to checkpoint and stop after the current step; a second
+    one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        loggers.console("interrupt: saving a checkpoint after this step (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def train(cfg: Config, run_dir: Path) -> dict:
+    """Train (or resume) the run in `run_dir`; returns the final metrics."""
+    run_dir = Path(run_dir)
+    steps = total_steps(cfg)
+    train_set, val_set, tokenizer = load_datasets(cfg)
+    mesh = make_mesh(cfg.mesh)
+    main_process = jax.process_index() == 0
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpointer = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints)
+    resuming = checkpointer.latest_step() is not None
+    if resuming:
+        check_resumable(cfg, json.loads((run_dir / "config.json").read_text()))
+    if main_process:
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    graphdef, state, shardings, optimizer = init_train_state(
+        cfg.model, lambda params: make_optimizer(cfg.optim, steps, params), cfg.train.seed, mesh)
+    batches = BatchIterator(train_set, cfg.train.batch_size, cfg.data.seed,
+                            jax.process_index(), jax.process_count())
+    if resuming:
+        state, data_state, _ = checkpointer.restore(jax.tree.map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, shardings))
+        batches.restore(data_state)
+
+    rows = batch_sharding(mesh)
+    to_global = lambda batch: {k: jax.make_array_from_process_local_data(rows, v) for k, v in batch.items()}
+    step_fn = make_train_step(graphdef, optimizer, learning_rate_schedule(cfg.optim, steps),
+                              cfg.optim.grad_accum_steps, cfg.model.dropout > 0)
+    compile_start = time.perf_counter()
+    batch_shape = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape), v.dtype, sharding=rows)
+                   for k, v in train_set[0].items()}
+    train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None)).lower(state, batch_shape).compile()
+    compile_seconds = time.perf_counter() - compile_start
+
+    flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
+    peak = peak_flops_per_device(cfg.model.dtype) * len(jax.devices())
+    logger = loggers.MetricsLogger(cfg, run_dir, resuming, enabled=main_process)
+    start_step = int(state.step)
+    if main_process:
+        counts = param_counts(cfg.model)
+        loggers.console(f"run {run_dir}  |  {counts['params_total']:,} params  |  {steps} steps of "
+                        f"{cfg.train.batch_size}x{cfg.data.seq_len} tokens  |  compiled in {compile_seconds:.1f}s"
+                        + (f"  |  resumed at step {start_step}" if resuming else ""))
+
+    def save():
+        checkpointer.save(int(state.step), state, batches.state(), cfg.to_dict())
+
+    def run_eval(step):
+        result = evaluate(graphdef, state.params, val_set, tokenizer, cfg.train.batch_size, cfg.train.eval_batches,
+                          rows)
+        logger.log({"step": step, **{f"val_{k}": v for k, v in result.items()}})
+        loggers.console(f"step {step:>6}  val loss {result['loss']:.4f}  ppl {result['perplexity']:.2f}  "
+                        f"bpb {result['bits_per_byte']:.3f}")
+        return result
+
+    halt = min(steps, cfg.train.halt_at_step or steps)
+    bar = loggers.progress_bar(steps, start_step, main_process and cfg.log.progress_bar)
+    interval_start, interval_step = time.perf_counter(), start_step
+    step, last_val = start_step, None
+    with _StopRequest() as stop:
+        while step < halt and not stop.requested:
+            state, metrics = train_step(state, to_global(next(batches)))
+            step += 1
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == halt:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - interval_start
+                tokens_per_second = (step - interval_step) * cfg.train.batch_size * cfg.data.seq_len / elapsed
+                record = {"step": step, **metrics, "tokens_per_second": tokens_per_second,
+                          "step_seconds": elapsed / (step - interval_step),
+                          "mfu": mfu(tokens_per_second, flops_per_token, peak)}
+                logger.log(record)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_second:,.0f}",
+                                mfu=f"{record['mfu']:.0%}")
+                interval_start, interval_step = time.perf_counter(), step
+            if step % cfg.train.eval_every == 0 and step != halt:
+                last_val = run_eval(step)
+                interval_start = time.perf_counter()
+            if step % cfg.train.checkpoint_every == 0 and step != halt:
+                save()
+    bar.close()
+    save()
+    if step == steps:
+        last_val = run_eval(step)
+    checkpointer.wait()
+    checkpointer.close()
+    logger.close()
+    if main_process and step == steps:
+        finish_run(cfg, run_dir, graphdef, state.params, tokenizer)
+    return {"step": step, "finished": step == steps, **({f"val_{k}": v for k, v in last_val.items()} if last_val else {})}
+
+
+def finish_run(cfg: Config, run_dir: Path, graphdef, params, tokenizer) -> None:
+    """Write loss.png and print (and save) a sample from the trained model."""
+    from flax import nnx
+
+    from lmjax.generate import generate
+    from lmjax.train.plots import plot_loss_curves
+
+    plot_loss_curves(loggers.read_metrics(run_dir), run_dir / "loss.png")
+    loggers.console(f"loss curve: {run_dir / 'loss.png'}")
+    if cfg.train.sample_tokens == 0:
+        return
+    prompt = tokenizer.encode(cfg.train.sample_prompt)
+    new_tokens = min(cfg.train.sample_tokens, cfg.model.max_seq_len - len(prompt))
+    model = nnx.merge(graphdef, jax.device_get(params))
+    ids = generate(model, prompt, new_tokens, seed=cfg.train.seed, temperature=cfg.train.sample_temperature)
+    text = cfg.train.sample_prompt + tokenizer.decode(ids)
+    (run_dir / "sample.txt").write_text(text)
+    loggers.console("sample:\n" + text)

@@ -1,0 +1,91 @@
+"""The train state pytree and its creation directly in its sharded layout."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lmjax.config import ModelConfig
+from lmjax.models import DecoderLM
+from lmjax.parallel import state_shardings
+
+
+class TrainState(NamedTuple):
+    """Everything a training step reads and writes; checkpointed whole.
+
+    params: nnx.State of the model's weights; opt_state: optax state (Adam moments mirror
+    params); step: int32 scalar, optimizer updates done; rng: PRNG key for dropout.
+    """
+
+    params: nnx.State
+    opt_state: optax.OptState
+    step: jax.Array
+    rng: jax.Array
+
+
+def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, abstract params) of a DecoderLM, without allocating any weights."""
+    return nnx.split(nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0))))
+
+
+def _init_fn(cfg: ModelConfig, make_optimizer):
+    """(graphdef, optimizer, init(seed) -> TrainState) for a DecoderLM of `cfg`.
+
+    `make_optimizer(params) -> optax.GradientTransformation` may read the params' metadata.
+    """
+    graphdef, abstract_params = abstract_model(cfg)
+    optimizer = make_optimizer(abstract_params)
+
+    def init(seed):
+        params = nnx.state(DecoderLM(cfg, rngs=nnx.Rngs(seed)))
+        key = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
+        return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key)
+
+    return graphdef, optimizer, init
+
+
+def init_train_state(cfg: ModelConfig, make_optimizer, seed: int, mesh: Mesh):
+    """Initialise params and optimizer state inside one jit whose outputs are already
+    sharded over `mesh` (no device ever holds unsharded weights).
+
+    Returns (graphdef, state: TrainState, shardings: TrainState of NamedShardings, optimizer).
+    """
+    graphdef, optimizer, init = _init_fn(cfg, make_optimizer)
+    shardings = train_state_shardings(jax.eval_shape(lambda: init(seed)), mesh)
+    state = jax.jit(lambda: init(seed), out_shardings=shardings)()
+    return graphdef, state, shardings, optimizer
+
+
+def abstract_train_state(cfg: ModelConfig, make_optimizer, mesh: Mesh):
+    """(graphdef, TrainState of jax.ShapeDtypeStruct carrying shardings over `mesh`): the
+    target a checkpoint is restored into, allocated nowhere."""
+    graphdef, _, init = _init_fn(cfg, make_optimizer)
+    shapes = jax.eval_shape(lambda: init(0))
+    shardings = train_state_shardings(shapes, mesh)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return graphdef, abstract
+
+
+def train_state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
+    """Params and Adam moments by their logical axes; scalars replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return TrainState(
+        params=state_shardings(abstract_state.params, mesh),
+        opt_state=_opt_shardings(abstract_state.opt_state, mesh),
+        step=replicated,
+        rng=replicated,
+    )
+
+
+def _opt_shardings(opt_state, mesh: Mesh):
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(
+        lambda x: state_shardings(x, mesh) if isinstance(x, nnx.State) else replicated,
+        opt_state,
+        is_leaf=lambda x: isinstance(x, nnx.State),
+    )

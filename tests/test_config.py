@@ -1,0 +1,52 @@
+import pytest
+
+from lmjax.config import Config, ConfigError, override
+
+
+def test_override_parses_by_field_type():
+    cfg = override(Config(), ["model.d_model=512", "optim.lr=1e-3", "model.tie_embeddings=false",
+                              "train.budget_flops=3e13", "model.n_kv_heads=none", "model.mlp=gelu"])
+    assert cfg.model.d_model == 512 and isinstance(cfg.model.d_model, int)
+    assert cfg.optim.lr == 1e-3
+    assert cfg.model.tie_embeddings is False
+    assert cfg.train.budget_flops == 3e13
+    assert cfg.model.n_kv_heads is None
+    assert cfg.model.mlp == "gelu"
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("model.width=3", "unknown config key 'model.width'"),
+    ("modle.d_model=3", "unknown config key 'modle.d_model'"),
+    ("model.d_model=abc", "model.d_model: cannot use 'abc'"),
+    ("model.d_model=1.5", "expected an integer"),
+    ("model.mlp=relu", "expected one of"),
+    ("model.tie_embeddings=maybe", "expected true or false"),
+    ("model.d_model", "expects section.field=value"),
+])
+def test_override_errors_name_the_key(assignment, message):
+    with pytest.raises(ConfigError, match=message):
+        override(Config(), [assignment])
+
+
+@pytest.mark.parametrize("assignments, message", [
+    (["model.d_model=100", "model.n_heads=3"], "n_heads=3 does not divide model.d_model=100"),
+    (["model.n_heads=4", "model.n_kv_heads=3"], "n_kv_heads=3 does not divide model.n_heads=4"),
+    (["model.vocab_size=100"], "smaller than the bytes tokenizer's 384 ids"),
+    (["model.max_seq_len=128", "data.seq_len=256"], "exceeds model.max_seq_len=128"),
+    (["train.steps=10", "train.tokens=100"], "only one of train.steps, train.tokens"),
+])
+def test_invalid_shapes_rejected(assignments, message):
+    with pytest.raises(ConfigError, match=message):
+        override(Config(), assignments)
+
+
+def test_round_trip_through_dict():
+    cfg = override(Config(), ["model.n_kv_heads=2", "train.steps=7"])
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_from_dict_rejects_unknown_keys():
+    d = Config().to_dict()
+    d["model"]["colour"] = "red"
+    with pytest.raises(ConfigError, match="model.colour"):
+        Config.from_dict(d)

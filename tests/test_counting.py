@@ -1,0 +1,36 @@
+import pytest
+from flax import nnx
+
+from lmjax.config import ModelConfig
+from lmjax.models import DecoderLM
+from lmjax.scaling.counting import param_counts, train_flops_per_token
+
+
+def built_param_count(cfg: ModelConfig) -> int:
+    model = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
+    return sum(x.size for x in __import__("jax").tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize("cfg", [
+    ModelConfig(d_model=64, n_layers=3, n_heads=4, d_ff=128),
+    ModelConfig(d_model=64, n_layers=2, n_heads=8, n_kv_heads=2, d_ff=96, tie_embeddings=False),
+    ModelConfig(d_model=48, n_layers=2, n_heads=4, d_ff=192, mlp="gelu", norm="layernorm", position="learned",
+                max_seq_len=77),
+])
+def test_counted_params_equal_built_model(cfg):
+    assert param_counts(cfg)["params_total"] == built_param_count(cfg)
+
+
+def test_llama_7b_count_matches_published():
+    # LLaMA-7B: 32 layers, d 4096, 32 heads, SwiGLU d_ff 11008, vocab 32000, untied: 6,738,415,616 weights.
+    cfg = ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, d_ff=11008, tie_embeddings=False,
+                      max_seq_len=2048)
+    assert param_counts(cfg)["params_total"] == 6_738_415_616
+
+
+def test_train_flops_per_token_by_hand():
+    cfg = ModelConfig(vocab_size=384, d_model=128, n_layers=4, n_heads=4, d_ff=512, mlp="gelu")
+    per_layer = 4 * 128 * 128 + 2 * 128 * 512 + 2 * 128  # attention, mlp, two RMSNorm scales
+    nonembedding = 4 * per_layer + 128
+    expected = 6 * (nonembedding + 128 * 384) + 6 * 4 * 64 * 128  # + output head; causal attention
+    assert train_flops_per_token(cfg, seq_len=64) == expected

@@ -1,0 +1,101 @@
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lmjax.checkpoint import Checkpointer
+from lmjax.parallel import make_mesh
+from lmjax.config import MeshConfig, OptimConfig
+from lmjax.train.loggers import read_metrics
+from lmjax.train.loop import train
+from lmjax.train.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask
+from lmjax.train.state import abstract_train_state, init_train_state
+from lmjax.train.step import make_train_step
+
+
+def final_params(cfg, run_dir):
+    mesh = make_mesh(MeshConfig())
+    _, abstract = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, cfg.train.steps, p), mesh)
+    checkpointer = Checkpointer(run_dir, async_save=False)
+    state, data_state, _ = checkpointer.restore(abstract)
+    checkpointer.close()
+    return state, data_state
+
+
+def test_loss_falls_and_run_writes_its_files(tiny):
+    cfg = tiny(steps=40, eval_every=20, eval_batches=4)
+    summary = train(cfg, cfg.train.run_dir)
+    records = read_metrics(cfg.train.run_dir)
+    losses = [r["loss"] for r in records if "loss" in r]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert summary["finished"] and len(val) == 2
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])  # from ~ln(384) = 5.95 towards byte statistics
+    assert val[-1] < 0.7 * losses[0]
+    assert all(k in records[-2] for k in ("tokens_per_second", "mfu", "grad_norm", "lr", "step_seconds"))
+    run = cfg.train.run_dir
+    for name in ("config.json", "metrics.jsonl", "loss.png", "sample.txt"):
+        assert (run / name if hasattr(run, "__truediv__") else __import__("pathlib").Path(run) / name).exists()
+
+
+def test_resume_is_bitwise_exact(tmp_path, tiny):
+    straight = dataclasses.replace(tiny(), train=dataclasses.replace(tiny().train, run_dir=str(tmp_path / "a")))
+    train(straight, tmp_path / "a")
+    interrupted = dataclasses.replace(straight, train=dataclasses.replace(straight.train, run_dir=str(tmp_path / "b"),
+                                                                          halt_at_step=3))
+    assert train(interrupted, tmp_path / "b") == {"step": 3, "finished": False}
+    resumed = dataclasses.replace(interrupted, train=dataclasses.replace(interrupted.train, halt_at_step=None))
+    assert train(resumed, tmp_path / "b")["finished"]
+    (a, data_a), (b, data_b) = final_params(straight, tmp_path / "a"), final_params(resumed, tmp_path / "b")
+    assert int(a.step) == int(b.step) == 6 and data_a == data_b
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    loss_a = [r["loss"] for r in read_metrics(tmp_path / "a") if "loss" in r]
+    loss_b = [r["loss"] for r in read_metrics(tmp_path / "b") if "loss" in r]
+    assert loss_a == loss_b
+
+
+def test_gradient_accumulation_equals_full_batch(tiny):
+    cfg = tiny()
+    mesh = make_mesh(MeshConfig())
+    batch = {
+        "inputs": jax.random.randint(jax.random.key(0), (8, 16), 0, 256),
+        "positions": jnp.broadcast_to(jnp.arange(16), (8, 16)),
+        "segment_ids": jnp.ones((8, 16), jnp.int32),
+        "loss_mask": (jax.random.uniform(jax.random.key(2), (8, 16)) > 0.3).astype(jnp.float32),
+    }
+    batch["targets"] = jnp.roll(batch["inputs"], -1, axis=1)
+    results = []
+    for accum in (1, 4):
+        optim = dataclasses.replace(cfg.optim, grad_accum_steps=accum)
+        graphdef, state, _, optimizer = init_train_state(cfg.model, lambda p: make_optimizer(optim, 10, p), 0, mesh)
+        step = jax.jit(make_train_step(graphdef, optimizer, learning_rate_schedule(optim, 10), accum, False))
+        results.append(step(state, batch))
+    (s1, m1), (s4, m4) = results
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_schedule_shape():
+    sched = learning_rate_schedule(OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine"), 110)
+    assert float(sched(0)) == 0.0 and float(sched(5)) == pytest.approx(0.5)
+    assert float(sched(10)) == pytest.approx(1.0) and float(sched(110)) == pytest.approx(0.1)
+    assert float(sched(60)) == pytest.approx(0.55)  # cosine midpoint between 1.0 and 0.1
+    linear = learning_rate_schedule(OptimConfig(lr=1.0, warmup_steps=0, min_lr_ratio=0.0, schedule="linear"), 100)
+    assert float(linear(50)) == pytest.approx(0.5)
+
+
+def test_weight_decay_only_on_matrices(tiny):
+    from lmjax.models import DecoderLM
+
+    cfg = dataclasses.replace(tiny().model, tie_embeddings=False, position="learned", norm="layernorm")
+    params = nnx.state(nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0))))
+    flat = {"/".join(map(str, path)): v for path, v in jax.tree_util.tree_leaves_with_path(weight_decay_mask(params))}
+    decayed = sorted(k.split("/")[-1].strip("[]'.") for k, v in flat.items() if v)
+    assert not any(v for k, v in flat.items() if "norm" in k or "table" in k or "pos_embed" in k)
+    assert len(decayed) == 8  # wq wk wv wo, w_up w_down, unembed ... and nothing else
