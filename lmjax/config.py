@@ -57,6 +57,7 @@ class ModelConfig:
     scan_layers: bool = True  # one compiled layer body, looped; compile time flat in depth
     scan_unroll: int = 1  # layers per loop iteration when scanned (n_layers: fully unrolled)
     remat: Literal["none", "dots", "full"] = "none"
+    attention: Literal["auto", "einsum", "dot_product"] = "auto"  # auto: dot_product (cuDNN) on GPU
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "scan_unroll"):
@@ -80,6 +81,7 @@ class ModelConfig:
         _check_choice("model.dtype", self.dtype, ("float32", "bfloat16"))
         _check_choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
         _check_choice("model.remat", self.remat, ("none", "dots", "full"))
+        _check_choice("model.attention", self.attention, ("auto", "einsum", "dot_product"))
 
     @property
     def kv_heads(self) -> int:

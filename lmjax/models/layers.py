@@ -9,6 +9,8 @@ which `lmjax.parallel` maps to mesh axes.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -84,11 +86,40 @@ def attention_mask(segment_ids, causal: bool):
     return mask[:, None, :, :]
 
 
+def matmul(x, w, n_in: int = 1):
+    """Contract the last `n_in` axes of x with the first `n_in` axes of w, as a 2-D matmul.
+
+    x (..., *in), w (*in, *out) -> (..., *out) in x's dtype (w is cast). Flattening to
+    2-D keeps XLA's backward matmuls canonical: 3-D einsums' weight gradients ran ~1.7x
+    slower on CPU.
+    """
+    lead, inner, outer = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
+    flat = x.reshape(-1, math.prod(inner)) @ w.astype(x.dtype).reshape(math.prod(inner), -1)
+    return flat.reshape(*lead, *outer)
+
+
+def einsum_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(H)) v with grouped-query heads, written out for XLA.
+
+    q (B, T, N, H), k and v (B, S, K, H) with N a multiple of K; mask (B, 1, T, S) bool.
+    Scores and softmax in float32. Returns (B, T, N, H). On CPU its backward pass runs
+    ~2x faster than jax.nn.dot_product_attention's.
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h) * (1.0 / math.sqrt(h))
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+
+
 class Attention(nnx.Module):
     """Multi-head / grouped-query self-attention with optional RoPE.
 
-    (B, T, D) -> (B, T, D). Softmax runs in float32 inside `jax.nn.dot_product_attention`
-    (cuDNN flash attention on GPU where it applies, XLA elsewhere).
+    (B, T, D) -> (B, T, D). `model.attention` picks the kernel: "dot_product" is
+    `jax.nn.dot_product_attention` (cuDNN flash attention on GPU where it applies),
+    "einsum" the written-out form; "auto" takes dot_product on GPU, einsum elsewhere.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -102,14 +133,18 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, mask):
         """x (B, T, D); positions (B, T) int; mask (B, 1, T, T) bool -> (B, T, D)."""
-        cfg, dt = self.cfg, x.dtype
-        q = jnp.einsum("btd,dnh->btnh", x, self.wq[...].astype(dt))
-        k = jnp.einsum("btd,dkh->btkh", x, self.wk[...].astype(dt))
-        v = jnp.einsum("btd,dkh->btkh", x, self.wv[...].astype(dt))
+        cfg = self.cfg
+        q, k, v = matmul(x, self.wq[...]), matmul(x, self.wk[...]), matmul(x, self.wv[...])  # (B, T, heads, H)
         if cfg.position == "rope":
             q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # (B, T, N, H)
-        return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt))
+        kernel = cfg.attention
+        if kernel == "auto":
+            kernel = "dot_product" if jax.default_backend() == "gpu" else "einsum"
+        if kernel == "dot_product":
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        else:
+            out = einsum_attention(q, k, v, mask)
+        return matmul(out, self.wo[...], n_in=2)
 
 
 class MLP(nnx.Module):
@@ -128,13 +163,12 @@ class MLP(nnx.Module):
         self.w_down = param(rngs, (f, d), ("mlp", "embed"), out_std, cfg.param_dtype)
 
     def __call__(self, x):
-        dt = x.dtype
-        up = x @ self.w_up[...].astype(dt)
+        up = matmul(x, self.w_up[...])
         if self.gated:
-            hidden = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * up
+            hidden = jax.nn.silu(matmul(x, self.w_gate[...])) * up
         else:
             hidden = jax.nn.gelu(up)
-        return hidden @ self.w_down[...].astype(dt)
+        return matmul(hidden, self.w_down[...])
 
 
 class Embed(nnx.Module):
@@ -149,4 +183,4 @@ class Embed(nnx.Module):
 
     def attend(self, x):
         """x (B, T, D) -> logits (B, T, V) in float32."""
-        return jnp.einsum("btd,vd->btv", x, self.table[...].astype(x.dtype), preferred_element_type=jnp.float32)
+        return matmul(x, self.table[...].T).astype(jnp.float32)

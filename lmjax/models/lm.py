@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmjax.config import ModelConfig
-from lmjax.models.layers import Embed, attention_mask, make_norm, param
+from lmjax.models.layers import Embed, attention_mask, make_norm, matmul, param
 from lmjax.models.transformer import Stack, dropout
 
 
@@ -47,4 +47,4 @@ class DecoderLM(nnx.Module):
         x = self.final_norm(x)
         if cfg.tie_embeddings:
             return self.embed.attend(x)
-        return jnp.einsum("btd,dv->btv", x, self.unembed[...].astype(dtype), preferred_element_type=jnp.float32)
+        return matmul(x, self.unembed[...]).astype(jnp.float32)
