@@ -1,6 +1,6 @@
 """Benchmark one experiment's training step: compile time, step time, tokens/s and MFU.
 
-    python bench/train_step.py gpt_small_bench [--steps 30] [--set model.scan_layers=false ...]
+    python bench/train_step.py gpt_small_bench [--steps 20] [--vocab 65] [--set model.remat=full ...]
 
 Batches are random tokens (no data loading in the timing); MFU uses the FLOP count of
 `lmjax.scaling.counting.train_flops_per_token` over the device peak (a measured matmul
@@ -10,6 +10,7 @@ probe on CPU). Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -38,38 +39,40 @@ def random_batch(batch_size: int, seq_len: int, vocab: int, rows):
     return jax.device_put(batch, rows)
 
 
-def bench(experiment: str, overrides: list[str], steps: int, vocab: int | None) -> dict:
-    cfg = override(load_experiment(experiment), overrides)
-    mesh = make_mesh(cfg.mesh)
-    total = 10_000
-    graphdef, state, shardings, optimizer = init_train_state(
-        cfg.model, lambda p: make_optimizer(cfg.optim, total, p), 0, mesh)
-    step_fn = make_train_step(graphdef, optimizer, learning_rate_schedule(cfg.optim, total),
-                              cfg.optim.grad_accum_steps, cfg.model.dropout > 0)
-    batch = random_batch(cfg.train.batch_size, cfg.data.seq_len, vocab or cfg.model.vocab_size, batch_sharding(mesh))
-    start = time.perf_counter()
-    train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None)).lower(state, batch).compile()
-    compile_seconds = time.perf_counter() - start
-    for _ in range(3):
-        state, metrics = train_step(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
+class StepRunner:
+    """A compiled training step of an experiment, with its state and a fixed random batch."""
+
+    def __init__(self, experiment: str, overrides: list[str], vocab: int | None = None):
+        self.cfg = cfg = override(load_experiment(experiment), overrides)
+        # random tokens need no tokenizer, so the vocabulary may be smaller than the byte tokenizer's
+        self.model = model = cfg.model if vocab is None else dataclasses.replace(cfg.model, vocab_size=vocab)
+        mesh = make_mesh(cfg.mesh)
+        total = 10_000
+        graphdef, self.state, shardings, optimizer = init_train_state(
+            model, lambda p: make_optimizer(cfg.optim, total, p), 0, mesh)
+        step_fn = make_train_step(graphdef, optimizer, learning_rate_schedule(cfg.optim, total),
+                                  cfg.optim.grad_accum_steps, model.dropout > 0)
+        self.batch = random_batch(cfg.train.batch_size, cfg.data.seq_len, model.vocab_size, batch_sharding(mesh))
         start = time.perf_counter()
-        state, metrics = train_step(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    step_seconds = statistics.median(times)
-    tokens = cfg.train.batch_size * cfg.data.seq_len
-    flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
-    peak = peak_flops_per_device(cfg.model.dtype) * len(jax.devices())
-    return {
-        "experiment": experiment, "overrides": overrides, "device": jax.devices()[0].device_kind,
-        "devices": len(jax.devices()), "params": param_counts(cfg.model)["params_total"],
-        "compile_seconds": round(compile_seconds, 2), "step_ms": round(step_seconds * 1e3, 2),
-        "tokens_per_second": round(tokens / step_seconds), "peak_tflops": round(peak / 1e12, 4),
-        "mfu": round(mfu(tokens / step_seconds, flops_per_token, peak), 4),
-    }
+        self.step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None)).lower(
+            self.state, self.batch).compile()
+        self.compile_seconds = time.perf_counter() - start
+        self.step_times(3)  # warm up
+
+    def step_times(self, steps: int) -> list[float]:
+        """Seconds of each of `steps` consecutive steps (each waited for)."""
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            self.state, metrics = self.step(self.state, self.batch)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - start)
+        return times
+
+    def mfu(self, step_seconds: float) -> float:
+        tokens = self.cfg.train.batch_size * self.cfg.data.seq_len
+        peak = peak_flops_per_device(self.model.dtype) * len(jax.devices())
+        return mfu(tokens / step_seconds, train_flops_per_token(self.model, self.cfg.data.seq_len), peak)
 
 
 def main():
@@ -77,9 +80,19 @@ def main():
     parser.add_argument("experiment")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--vocab", type=int, default=None, help="draw tokens below this id (default: model vocab)")
+    parser.add_argument("--vocab", type=int, default=None, help="model vocabulary size (default: the experiment's)")
     args = parser.parse_args()
-    print(json.dumps(bench(args.experiment, args.overrides, args.steps, args.vocab)))
+    runner = StepRunner(args.experiment, args.overrides, args.vocab)
+    step_seconds = statistics.median(runner.step_times(args.steps))
+    tokens = runner.cfg.train.batch_size * runner.cfg.data.seq_len
+    print(json.dumps({
+        "experiment": args.experiment, "overrides": args.overrides, "device": jax.devices()[0].device_kind,
+        "devices": len(jax.devices()), "params": param_counts(runner.model)["params_total"],
+        "compile_seconds": round(runner.compile_seconds, 2), "step_ms": round(step_seconds * 1e3, 2),
+        "tokens_per_second": round(tokens / step_seconds),
+        "peak_tflops_per_device": round(peak_flops_per_device(runner.model.dtype) / 1e12, 4),
+        "mfu": round(runner.mfu(step_seconds), 4),
+    }))
 
 
 if __name__ == "__main__":

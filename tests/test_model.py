@@ -59,7 +59,9 @@ def test_attention_matches_naive_reference():
     k = jnp.einsum("btd,dkh->btkh", x, attn.wk[...])
     v = jnp.einsum("btd,dkh->btkh", x, attn.wv[...])
     expected = jnp.einsum("btnh,nhd->btd", naive_attention(q, k, v, mask), attn.wo[...])
-    np.testing.assert_allclose(attn(x, None, mask), expected, atol=1e-5)
+    for kernel in ("einsum", "dot_product"):
+        attn.cfg = dataclasses.replace(cfg, attention=kernel)
+        np.testing.assert_allclose(attn(x, None, mask), expected, atol=1e-5)
 
 
 def test_grouped_query_attention_equals_mha_with_repeated_kv_heads():
@@ -92,3 +94,10 @@ def test_bfloat16_compute_close_to_float32():
         total, count = causal_lm_loss(logits, x[:, 1:], jnp.ones(x[:, 1:].shape))
         losses[dtype] = float(total / count)
     assert abs(losses["bfloat16"] - losses["float32"]) < 2e-2 * losses["float32"]
+
+
+def test_attention_kernels_agree():
+    x = tokens()
+    einsum = DecoderLM(dataclasses.replace(CFG, attention="einsum"), rngs=nnx.Rngs(0))
+    dot_product = DecoderLM(dataclasses.replace(CFG, attention="dot_product"), rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(einsum(x), dot_product(x), atol=1e-5)

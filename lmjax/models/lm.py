@@ -47,4 +47,4 @@ class DecoderLM(nnx.Module):
         x = self.final_norm(x)
         if cfg.tie_embeddings:
             return self.embed.attend(x)
-        return matmul(x, self.unembed[...]).astype(jnp.float32)
+        return matmul(x, self.unembed[...], out_dtype=jnp.float32)
