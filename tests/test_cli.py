@@ -54,8 +54,12 @@ def test_train_resume_and_eval_from_the_cli(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--resume", str(run), "--set", "model.d_model=64")
     assert code == 2 and "model.d_model: saved 32, now 64" in err
     assert (run / "checkpoints" / "2").is_dir()
+    # a save cut off mid-write (Orbax writes to a temporary name, renamed when complete) is never resumed
+    partial = run / "checkpoints" / "3.orbax-checkpoint-tmp-1700000000"
+    partial.mkdir()
+    (partial / "state").write_text("half-written")
     code, out, _ = run_cli(capsys, "train", "--resume", str(run), "--set", "train.halt_at_step=none")
-    assert code == 0 and "run finished" in out
+    assert code == 0 and "resumed at step 2" in out and "run finished" in out
     code, out, _ = run_cli(capsys, "eval", str(run), "--json", "--max-batches", "2")
     result = json.loads(out)
     assert code == 0 and result["step"] == 4

@@ -99,3 +99,16 @@ def test_weight_decay_only_on_matrices(tiny):
     decayed = sorted(k.split("/")[-1].strip("[]'.") for k, v in flat.items() if v)
     assert not any(v for k, v in flat.items() if "norm" in k or "table" in k or "pos_embed" in k)
     assert len(decayed) == 8  # wq wk wv wo, w_up w_down, unembed ... and nothing else
+
+
+def test_wandb_offline_needs_no_account(tiny, tmp_path, monkeypatch):
+    from lmjax.train.loggers import MetricsLogger
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = dataclasses.replace(tiny(), log=dataclasses.replace(tiny().log, wandb="offline"))
+    logger = MetricsLogger(cfg, tmp_path, resume=False)
+    logger.log({"step": 1, "loss": 2.5})
+    logger.close()
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.5}]
+    runs = list((tmp_path / "wandb").glob("offline-run-*/*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
