@@ -29,6 +29,7 @@ class TokenStream:
 
 
 def tokenize(documents: list[str], tokenizer) -> TokenStream:
+    """Encode `documents` and concatenate them, each followed by `tokenizer.eos_id`."""
     pieces, starts, offset = [], [], 0
     eos = np.array([tokenizer.eos_id], np.uint16)
     for doc in documents:
@@ -36,26 +37,32 @@ def tokenize(documents: list[str], tokenizer) -> TokenStream:
         pieces += [ids, eos]
         starts.append(offset)
         offset += len(ids) + 1
-    tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.uint16)
-    return TokenStream(tokens.astype(np.uint16), np.asarray(starts, np.int64))
+    tokens = np.concatenate(pieces).astype(np.uint16, copy=False) if pieces else np.zeros(0, np.uint16)
+    return TokenStream(tokens, np.asarray(starts, np.int64))
 
 
 def _stable_unit(seed: int, index: int) -> float:
+    """A uniform draw in [0, 1) that depends only on (seed, index), on every machine."""
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64
 
 
 def split_documents(documents: list[str], tokenizer, val_fraction: float, seed: int) -> tuple[TokenStream, TokenStream]:
     """(train, validation) streams: document i is held out iff a stable hash of (seed, i)
-    falls below `val_fraction`; each side gets at least one document."""
-    if len(documents) < 2:
-        raise DataError(f"data.source has {len(documents)} document; a train/validation split needs at least 2.")
+    falls below `val_fraction`. With 0 < val_fraction < 1 each side gets at least one
+    document; val_fraction == 0 puts everything in train (validation is empty)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction}.")
     draws = np.array([_stable_unit(seed, i) for i in range(len(documents))])
     is_val = draws < val_fraction
-    if not is_val.any():
-        is_val[np.argmin(draws)] = True
-    if is_val.all():
-        is_val[np.argmax(draws)] = False
+    if val_fraction > 0:
+        if len(documents) < 2:
+            raise DataError(f"data.source has {len(documents)} document(s), too few to hold some out for "
+                            "validation (data.val_fraction > 0); give more documents.")
+        if not is_val.any():
+            is_val[np.argmin(draws)] = True
+        if is_val.all():
+            is_val[np.argmax(draws)] = False
     train = [d for d, v in zip(documents, is_val) if not v]
     val = [d for d, v in zip(documents, is_val) if v]
     return tokenize(train, tokenizer), tokenize(val, tokenizer)
@@ -71,6 +78,8 @@ class PackedDataset:
     """
 
     def __init__(self, stream: TokenStream, seq_len: int):
+        if seq_len <= 0:
+            raise DataError(f"data.seq_len must be positive, got {seq_len}.")
         self.stream, self.seq_len = stream, seq_len
         self.length = max(len(stream.tokens) - 1, 0) // seq_len
         if self.length == 0:
@@ -102,7 +111,7 @@ class PackedDataset:
         }
 
 
-def stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def _stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
@@ -116,16 +125,20 @@ class BatchIterator:
 
     def __init__(self, dataset: PackedDataset, global_batch_size: int, seed: int,
                  process_index: int = 0, process_count: int = 1, step: int = 0):
-        if global_batch_size % process_count:
-            raise DataError(f"train.batch_size={global_batch_size} is not divisible by the {process_count} processes.")
+        if global_batch_size <= 0 or global_batch_size % process_count:
+            raise DataError(f"train.batch_size={global_batch_size} must be a positive multiple of the "
+                            f"{process_count} processes.")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} is outside [0, {process_count}).")
         if len(dataset) == 0:
-            raise DataError("the dataset has no examples.")
-        self.dataset, self.batch_size, self.seed, self.step = dataset, global_batch_size, seed, step
+            raise DataError("the training split has no sequences; use more data or a smaller data.seq_len.")
+        self.dataset, self.batch_size, self.seed, self.step = dataset, global_batch_size, seed, int(step)
         self.local = slice(process_index * global_batch_size // process_count,
                            (process_index + 1) * global_batch_size // process_count)
         self._permutations: dict[int, np.ndarray] = {}
 
     def _permutation(self, epoch: int) -> np.ndarray:
+        """(len(dataset),) int64 example order of `epoch`; the last few epochs are cached."""
         if epoch not in self._permutations:
             if len(self._permutations) > 2:
                 self._permutations.pop(min(self._permutations))
@@ -133,10 +146,15 @@ class BatchIterator:
         return self._permutations[epoch]
 
     def indices(self, step: int) -> np.ndarray:
-        """Example indices of global batch `step` (all processes), (batch_size,) int."""
+        """(batch_size,) int64 example indices of global batch `step`, all processes' rows."""
         n = len(self.dataset)
         positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
-        return np.array([self._permutation(int(p // n))[p % n] for p in positions])
+        epochs, offsets = positions // n, positions % n
+        indices = np.empty(self.batch_size, np.int64)
+        for epoch in np.unique(epochs):
+            here = epochs == epoch
+            indices[here] = self._permutation(int(epoch))[offsets[here]]
+        return indices
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
@@ -144,14 +162,17 @@ class BatchIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         rows = self.indices(self.step)[self.local]
         self.step += 1
-        return stack([self.dataset[int(i)] for i in rows])
+        return _stack([self.dataset[int(i)] for i in rows])
 
     def state(self) -> dict:
-        return {"step": self.step, "seed": self.seed}
+        """{"step": next global batch, "seed": data.seed}, JSON-serialisable."""
+        return {"step": int(self.step), "seed": int(self.seed)}
 
     def restore(self, state: dict) -> None:
+        """Continue from a `state()`: the next batch is the one that followed it."""
         if state["seed"] != self.seed:
-            raise DataError(f"the checkpoint's data order used data.seed={state['seed']}, not {self.seed}.")
+            raise DataError(f"the checkpoint's data order used data.seed={state['seed']}, not {self.seed}; "
+                            f"resume with data.seed={state['seed']}.")
         self.step = int(state["step"])
 
 
@@ -162,4 +183,4 @@ def eval_batches(dataset: PackedDataset, batch_size: int, max_batches: int | Non
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
     for b in range(n_batches):
-        yield stack([dataset[i] for i in range(b * batch_size, min((b + 1) * batch_size, len(dataset)))])
+        yield _stack([dataset[i] for i in range(b * batch_size, min((b + 1) * batch_size, len(dataset)))])

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import sysconfig
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
-TEXT_SUFFIXES = (".txt", ".md", ".py", ".text")
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".text")  # read whole, one document per file
+RECORD_SUFFIXES = (".jsonl", ".parquet")  # one document per line / row
+HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # written by datasets.save_to_disk
 
 
 class DataError(ValueError):
@@ -16,81 +19,107 @@ class DataError(ValueError):
 
 
 def stdlib_files() -> list[Path]:
-    """The running Python's standard-library .py files (no site-packages), in a fixed
-    pseudo-random order, so that a prefix of the list is a representative sample."""
+    """The running Python's standard-library .py files (no site-packages, no __pycache__),
+    sorted by relative path and then put in a fixed pseudo-random order, so that a
+    prefix of the list is a representative sample rather than the modules starting with 'a'."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py")
-                   if "site-packages" not in p.parts and "__pycache__" not in p.parts)
-    order = np.random.default_rng(1234).permutation(len(files))
-    return [files[i] for i in order]
+    relative = sorted(p.relative_to(root) for p in root.rglob("*.py"))
+    relative = [p for p in relative if "site-packages" not in p.parts and "__pycache__" not in p.parts]
+    order = np.random.default_rng(1234).permutation(len(relative))
+    return [root / relative[i] for i in order]
 
 
-def _take_until(documents, max_bytes: int | None) -> list[str]:
-    taken, total = [], 0
-    for doc in documents:
-        if not doc:
-            continue
-        if max_bytes is not None and total >= max_bytes:
-            break
-        taken.append(doc)
-        total += len(doc.encode("utf-8"))
-    return taken
-
-
-def _jsonl_documents(path: Path, text_field: str):
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
     with path.open(encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
-            if text_field not in record:
-                raise DataError(f"{path}:{number} has no field {text_field!r}; set data.text_field to the key "
-                                "that holds the text.")
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"data.source {path}:{number} is not valid JSON ({e.msg}); "
+                                "a .jsonl file needs one JSON object per line.") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise DataError(f"data.source {path}:{number} has no field {text_field!r}; set data.text_field "
+                                "to the key that holds the text.")
             yield record[text_field]
 
 
-def _column(table_columns, text_field: str, where) -> None:
-    if text_field not in table_columns:
-        raise DataError(f"{where} has no column {text_field!r} (columns: {', '.join(table_columns)}); "
-                        "set data.text_field.")
+def _require_column(columns: list[str], text_field: str, where: Path) -> None:
+    if text_field not in columns:
+        raise DataError(f"data.source {where} has no column {text_field!r} (columns: {', '.join(columns)}); "
+                        "set data.text_field to the column that holds the text.")
 
 
-def _parquet_documents(path: Path, text_field: str):
+def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
-    _column(table.column_names, text_field, path)
-    yield from table.column(text_field).to_pylist()
+    columns = pq.read_schema(path).names
+    _require_column(columns, text_field, path)
+    yield from pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
 
 
-def _hf_documents(path: Path, text_field: str):
+def _hf_documents(path: Path, text_field: str) -> Iterator[str]:
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{path} is a Hugging Face dataset; `pip install datasets` to read it.") from None
+        raise DataError(f"data.source {path} is a Hugging Face dataset; `pip install datasets` to read it.") from None
     dataset = datasets.load_from_disk(str(path))
     if isinstance(dataset, datasets.DatasetDict):
         dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
-    _column(dataset.column_names, text_field, path)
+    _require_column(dataset.column_names, text_field, path)
     yield from dataset[text_field]
 
 
-def _file_documents(path: Path, text_field: str):
-    if path.suffix == ".jsonl":
+def _file_documents(path: Path, text_field: str) -> Iterator[str]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
         yield from _jsonl_documents(path, text_field)
-    elif path.suffix == ".parquet":
+    elif suffix == ".parquet":
         yield from _parquet_documents(path, text_field)
-    elif path.suffix in TEXT_SUFFIXES:
+    elif suffix in TEXT_SUFFIXES:
         yield path.read_text(encoding="utf-8", errors="replace")
     else:
-        raise DataError(f"data.source file {path} has an unknown suffix; use .txt, .md, .jsonl or .parquet.")
+        raise DataError(f"data.source {path} has the unknown suffix {path.suffix!r}; "
+                        f"use one of {', '.join(TEXT_SUFFIXES + RECORD_SUFFIXES)}.")
+
+
+def _directory_documents(path: Path, text_field: str) -> Iterator[str]:
+    readable = TEXT_SUFFIXES + RECORD_SUFFIXES
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in readable)
+    if not files:
+        raise DataError(f"data.source directory {path} holds no {', '.join(readable)} files; "
+                        "point data.source at your text.")
+    for file in files:
+        yield from _file_documents(file, text_field)
+
+
+def _take_until(documents: Iterable, max_bytes: int | None, text_field: str) -> list[str]:
+    """Non-empty documents in order, stopping after the one that brings the total to
+    `max_bytes` UTF-8 bytes (so the total exceeds it by less than one document)."""
+    taken, total = [], 0
+    for doc in documents:
+        if not doc:
+            continue
+        if not isinstance(doc, str):
+            raise DataError(f"data.text_field {text_field!r} holds {type(doc).__name__} values, not text; "
+                            "set data.text_field to a string field.")
+        taken.append(doc)
+        total += len(doc.encode("utf-8"))
+        if max_bytes is not None and total >= max_bytes:
+            break
+    return taken
 
 
 def load_documents(source: str, text_field: str = "text", max_bytes: int | None = None) -> list[str]:
-    """Documents (non-empty strings) from `source`, at most about `max_bytes` UTF-8 bytes.
+    """Non-empty documents from `source`, in a fixed order, reading stops once `max_bytes`
+    UTF-8 bytes are taken (None: everything).
 
-    `source` is "stdlib", a text/JSONL/Parquet file, a directory saved by HF
-    `datasets.save_to_disk`, or a directory of such files (read in sorted order).
+    `source` is "stdlib" (the running Python's standard-library .py files), a text file
+    (one document), a .jsonl file (one document per line, key `text_field`), a .parquet
+    file (one per row, column `text_field`), a directory saved by HF
+    `datasets.save_to_disk` (column `text_field`), or a directory of such files (read
+    recursively in sorted order). Raises DataError naming the setting to fix.
     """
     if source == "stdlib":
         documents = (p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files())
@@ -98,15 +127,14 @@ def load_documents(source: str, text_field: str = "text", max_bytes: int | None 
         path = Path(source).expanduser()
         if not path.exists():
             raise DataError(f"data.source {source!r} does not exist; give 'stdlib' or a path to your text.")
-        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()
-                              or (path / "dataset_dict.json").exists()):
+        if path.is_dir() and any((path / marker).exists() for marker in HF_MARKERS):
             documents = _hf_documents(path, text_field)
         elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + (".jsonl", ".parquet"))
-            documents = (doc for f in files for doc in _file_documents(f, text_field))
+            documents = _directory_documents(path, text_field)
         else:
             documents = _file_documents(path, text_field)
-    taken = _take_until(documents, max_bytes)
+    taken = _take_until(documents, max_bytes, text_field)
     if not taken:
-        raise DataError(f"data.source {source!r} contains no text.")
+        raise DataError(f"data.source {source!r} contains no text (every document is empty); "
+                        "point data.source at your text or check data.text_field.")
     return taken
