@@ -1,3 +1,4 @@
+import jax
 import pytest
 from flax import nnx
 
@@ -8,7 +9,7 @@ from lmjax.scaling.counting import param_counts, train_flops_per_token
 
 def built_param_count(cfg: ModelConfig) -> int:
     model = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
-    return sum(x.size for x in __import__("jax").tree.leaves(nnx.state(model, nnx.Param)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 @pytest.mark.parametrize("cfg", [

@@ -1,5 +1,5 @@
 import dataclasses
-import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +36,8 @@ def test_loss_falls_and_run_writes_its_files(tiny):
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])  # from ~ln(384) = 5.95 towards byte statistics
     assert val[-1] < 0.7 * losses[0]
     assert all(k in records[-2] for k in ("tokens_per_second", "mfu", "grad_norm", "lr", "step_seconds"))
-    run = cfg.train.run_dir
-    for name in ("config.json", "metrics.jsonl", "loss.png", "sample.txt"):
-        assert (run / name if hasattr(run, "__truediv__") else __import__("pathlib").Path(run) / name).exists()
+    for name in ("config.json", "metrics.jsonl", "loss.png", "sample.txt", "environment.json"):
+        assert (Path(cfg.train.run_dir) / name).exists()
 
 
 def test_resume_is_bitwise_exact(tmp_path, tiny):

@@ -5,9 +5,16 @@ Only process 0 writes. Every record is a flat dict with a `step` key and float v
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import platform
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import jax
 
 from tqdm.auto import tqdm
 
@@ -44,6 +51,27 @@ class MetricsLogger:
     def close(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def environment() -> dict:
+    """What produced a run: lmjax's git commit, package versions, devices, command line."""
+    checkout = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    packages = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git_commit": commit,
+        "command": sys.argv,
+        "python": platform.python_version(),
+        "packages": {p: importlib.metadata.version(p) for p in packages},
+        "devices": [d.device_kind for d in jax.devices()],
+        "process_count": jax.process_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

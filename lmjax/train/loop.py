@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from lmjax.checkpoint import Checkpointer
 from lmjax.config import Config, ConfigError
@@ -100,6 +99,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
         check_resumable(cfg, json.loads((run_dir / "config.json").read_text()))
     if main_process:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        (run_dir / "environment.json").write_text(json.dumps(loggers.environment(), indent=2))
 
     graphdef, state, shardings, optimizer = init_train_state(
         cfg.model, lambda params: make_optimizer(cfg.optim, steps, params), cfg.train.seed, mesh)
