@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. model.d_model=256 (repeatable)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
+    cluster = train.add_argument_group("multi-process runs (SLURM, TPU VMs and GKE are detected without these)")
+    cluster.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
+    cluster.add_argument("--num-processes", type=int)
+    cluster.add_argument("--process-id", type=int)
+    cluster.add_argument("--coordinator-timeout", type=int, default=300, metavar="SECONDS")
 
     evaluate = commands.add_parser("eval", help="validation loss, perplexity and bits per byte of a run")
     evaluate.add_argument("run_dir")
@@ -62,9 +67,11 @@ def resolve_train_config(experiment: str | None, overrides: list[str], resume: s
 
 
 def cmd_train(args) -> None:
+    from lmjax.parallel import initialize_distributed
     from lmjax.train.loop import train
 
     cfg, run_dir = resolve_train_config(args.experiment, args.overrides, args.resume)
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout)
     summary = train(cfg, run_dir)
     state = "finished" if summary["finished"] else f"stopped at step {summary['step']}; resume with --resume"
     print(f"run {state}: {run_dir}")

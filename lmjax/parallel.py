@@ -7,13 +7,16 @@ each one is decided here alone, so changing the parallelism never touches model 
 from __future__ import annotations
 
 import math
+import os
+import socket
+import time
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lmjax.config import ConfigError, MeshConfig
+from lmjax.config import Config, ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -49,6 +52,84 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
         raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                           f"but {len(devices)} are available; make the product of mesh axes equal the device count.")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def validate_layout(cfg: Config, mesh: Mesh) -> None:
+    """Raise ConfigError when the model or batch does not split evenly over `mesh`."""
+    tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
+    data_parallel = mesh.shape["data"] * fsdp * mesh.shape["expert"]
+    m = cfg.model
+    for name, size in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads), ("model.d_ff", m.d_ff),
+                       ("model.vocab_size", m.vocab_size)):
+        if size % tensor:
+            raise ConfigError(f"mesh.tensor={tensor} does not divide {name}={size}; pick a tensor-parallel size "
+                              "that divides the heads, kv heads, d_ff and vocabulary.")
+    if m.d_model % fsdp:
+        raise ConfigError(f"mesh.fsdp={fsdp} does not divide model.d_model={m.d_model}.")
+    micro_batch = cfg.train.batch_size // cfg.optim.grad_accum_steps
+    if micro_batch % data_parallel:
+        raise ConfigError(f"the batch of {micro_batch} sequences per micro-step (train.batch_size / "
+                          f"optim.grad_accum_steps) does not split over the {data_parallel} data-parallel devices "
+                          "(mesh.data x mesh.fsdp x mesh.expert); make it a multiple.")
+
+
+def constrain(x, logical_axes: tuple[str | None, ...]):
+    """Pin activation x's sharding by logical axis names under the current mesh
+    (`jax.set_mesh`); a no-op outside one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_mesh(logical_axes, mesh))
+
+
+def local_batch_rows(mesh: Mesh, batch_size: int) -> slice:
+    """The rows of each global (batch_size, ...) batch that this process must load: the
+    union of the blocks its devices hold under `batch_sharding(mesh)`."""
+    blocks = batch_sharding(mesh).addressable_devices_indices_map((batch_size, 1)).values()
+    starts = [b[0].start or 0 for b in blocks]
+    stops = [batch_size if b[0].stop is None else b[0].stop for b in blocks]
+    return slice(min(starts), max(stops))
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, timeout_seconds: int = 300) -> None:
+    """Join a multi-process run: with explicit arguments, or when the environment names a
+    cluster (SLURM with more than one task, a TPU VM slice, GKE/JobSet, LMJAX_DISTRIBUTED=auto
+    for jax.distributed's own detection, or LMJAX_COORDINATOR with LMJAX_NUM_PROCESSES and
+    LMJAX_PROCESS_ID). Does nothing for a single process. CPU processes use gloo."""
+    coordinator = coordinator or os.environ.get("LMJAX_COORDINATOR")
+    if coordinator:
+        num_processes = num_processes or int(os.environ["LMJAX_NUM_PROCESSES"])
+        process_id = process_id if process_id is not None else int(os.environ["LMJAX_PROCESS_ID"])
+    elif not _cluster_environment():
+        return
+    if coordinator and process_id != 0:
+        _wait_for_coordinator(coordinator, timeout_seconds)  # jax aborts the process instead of raising
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_seconds)
+
+
+def _wait_for_coordinator(address: str, timeout_seconds: int) -> None:
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise ConfigError(f"could not join the multi-process run at coordinator {address} within "
+                                  f"{timeout_seconds} s; check that process 0 is running and the address is "
+                                  "reachable.") from None
+            time.sleep(0.2)
+
+
+def _cluster_environment() -> bool:
+    env = os.environ
+    slurm = int(env.get("SLURM_NTASKS", "1")) > 1
+    tpu_pod = "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    jobset = "JOBSET_NAME" in env or "MEGASCALE_COORDINATOR_ADDRESS" in env
+    return slurm or tpu_pod or jobset or env.get("LMJAX_DISTRIBUTED") == "auto"
 
 
 def logical_to_mesh(logical_axes: tuple[str | None, ...], mesh: Mesh) -> PartitionSpec:

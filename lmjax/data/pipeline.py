@@ -119,22 +119,19 @@ class BatchIterator:
     """Host-local training batches in an order that is a pure function of (seed, step).
 
     The example order is the concatenation over epochs e of permutation(seed, e); global
-    batch s is its elements [s*B, (s+1)*B), and process p of P takes rows
-    [p*B/P, (p+1)*B/P) of it. `state()` / `restore()` checkpoint the position.
+    batch s is its elements [s*B, (s+1)*B), and this process takes `rows` of it (all by
+    default; `lmjax.parallel.local_batch_rows` gives each process its block).
+    `state()` / `restore()` checkpoint the position.
     """
 
-    def __init__(self, dataset: PackedDataset, global_batch_size: int, seed: int,
-                 process_index: int = 0, process_count: int = 1, step: int = 0):
-        if global_batch_size <= 0 or global_batch_size % process_count:
-            raise DataError(f"train.batch_size={global_batch_size} must be a positive multiple of the "
-                            f"{process_count} processes.")
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index={process_index} is outside [0, {process_count}).")
+    def __init__(self, dataset: PackedDataset, global_batch_size: int, seed: int, rows: slice | None = None,
+                 step: int = 0):
+        if global_batch_size <= 0:
+            raise DataError(f"train.batch_size must be positive, got {global_batch_size}.")
         if len(dataset) == 0:
             raise DataError("the training split has no sequences; use more data or a smaller data.seq_len.")
         self.dataset, self.batch_size, self.seed, self.step = dataset, global_batch_size, seed, int(step)
-        self.local = slice(process_index * global_batch_size // process_count,
-                           (process_index + 1) * global_batch_size // process_count)
+        self.local = slice(0, global_batch_size) if rows is None else rows
         self._permutations: dict[int, np.ndarray] = {}
 
     def _permutation(self, epoch: int) -> np.ndarray:

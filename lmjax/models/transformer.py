@@ -12,6 +12,7 @@ from flax import nnx
 
 from lmjax.config import ModelConfig
 from lmjax.models.layers import MLP, Attention, make_norm
+from lmjax.parallel import constrain
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -65,7 +66,8 @@ class Stack(nnx.Module):
 
         def apply_layer(h, layer):
             layer_weights, key = layer
-            return nnx.merge(graphdef, layer_weights)(h, positions, mask, key), None
+            h = nnx.merge(graphdef, layer_weights)(h, positions, mask, key)
+            return constrain(h, ("batch", "length", None)), None
 
         if cfg.remat != "none":
             apply_layer = jax.checkpoint(apply_layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from lmjax.data import PackedDataset, eval_batches
+from lmjax.parallel import local_batch_rows
 from lmjax.train.step import eval_step
 
 _eval_step = jax.jit(eval_step, static_argnums=0)
@@ -20,12 +21,12 @@ def evaluate(graphdef, params, dataset: PackedDataset, tokenizer, batch_size: in
     total loss / ln 2 / UTF-8 bytes of the predicted tokens, over the first
     `max_batches` batches of `dataset` (all when None)."""
     token_bytes = jnp.asarray(tokenizer.token_byte_lengths(), jnp.float32)
-    share = batch_size // jax.process_count()
-    local_rows = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
+    local_rows = local_batch_rows(rows.mesh, batch_size)
     loss_sum = count = byte_count = 0.0
     for batch in eval_batches(dataset, batch_size, max_batches):
         batch = {k: jax.make_array_from_process_local_data(rows, v[local_rows]) for k, v in batch.items()}
-        sums = jax.device_get(_eval_step(graphdef, params, batch, token_bytes))
+        with jax.set_mesh(rows.mesh):
+            sums = jax.device_get(_eval_step(graphdef, params, batch, token_bytes))
         loss_sum, count, byte_count = loss_sum + float(sums[0]), count + float(sums[1]), byte_count + float(sums[2])
     loss = loss_sum / max(count, 1.0)
     return {

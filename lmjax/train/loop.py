@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 
 import jax
+from jax.experimental import multihost_utils
 
 from lmjax.checkpoint import Checkpointer
 from lmjax.config import Config, ConfigError
 from lmjax.data import BatchIterator, ByteTokenizer, DataError, PackedDataset, load_documents, split_documents
-from lmjax.parallel import batch_sharding, make_mesh
+from lmjax.parallel import batch_sharding, local_batch_rows, make_mesh, validate_layout
 from lmjax.scaling.counting import param_counts, train_flops_per_token
 from lmjax.train import loggers
 from lmjax.train.evaluate import evaluate
@@ -85,11 +86,13 @@ class _StopRequest:
 
 
 def train(cfg: Config, run_dir: Path) -> dict:
-    """Train (or resume) the run in `run_dir`; returns the final metrics."""
+    """Train (or resume) the run in `run_dir` on a mesh over all devices; returns the
+    final metrics. Every check that can fail on user input runs before compilation."""
     run_dir = Path(run_dir)
     steps = total_steps(cfg)
-    train_set, val_set, tokenizer = load_datasets(cfg)
     mesh = make_mesh(cfg.mesh)
+    validate_layout(cfg, mesh)
+    train_set, val_set, tokenizer = load_datasets(cfg)
     main_process = jax.process_index() == 0
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +107,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
     graphdef, state, shardings, optimizer = init_train_state(
         cfg.model, lambda params: make_optimizer(cfg.optim, steps, params), cfg.train.seed, mesh)
     batches = BatchIterator(train_set, cfg.train.batch_size, cfg.data.seed,
-                            jax.process_index(), jax.process_count())
+                            rows=local_batch_rows(mesh, cfg.train.batch_size))
     if resuming:
         state, data_state, _ = checkpointer.restore(jax.tree.map(
             lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, shardings))
@@ -117,7 +120,9 @@ def train(cfg: Config, run_dir: Path) -> dict:
     compile_start = time.perf_counter()
     batch_shape = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape), v.dtype, sharding=rows)
                    for k, v in train_set[0].items()}
-    train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None)).lower(state, batch_shape).compile()
+    with jax.set_mesh(mesh):  # activation sharding constraints resolve against it while tracing
+        train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None)).lower(
+            state, batch_shape).compile()
     compile_seconds = time.perf_counter() - compile_start
 
     flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
@@ -173,13 +178,17 @@ def train(cfg: Config, run_dir: Path) -> dict:
     checkpointer.wait()
     checkpointer.close()
     logger.close()
-    if main_process and step == steps:
-        finish_run(cfg, run_dir, graphdef, state.params, tokenizer)
+    if step == steps:
+        # every process takes part in gathering the (possibly cross-host) weights for the sample
+        host_params = multihost_utils.process_allgather(state.params, tiled=True) if cfg.train.sample_tokens else None
+        if main_process:
+            finish_run(cfg, run_dir, graphdef, host_params, tokenizer)
     return {"step": step, "finished": step == steps, **({f"val_{k}": v for k, v in last_val.items()} if last_val else {})}
 
 
-def finish_run(cfg: Config, run_dir: Path, graphdef, params, tokenizer) -> None:
-    """Write loss.png and print (and save) a sample from the trained model."""
+def finish_run(cfg: Config, run_dir: Path, graphdef, host_params, tokenizer) -> None:
+    """Write loss.png and print (and save) a sample from the trained model, whose weights
+    `host_params` are numpy arrays on this host."""
     from flax import nnx
 
     from lmjax.generate import generate
@@ -191,7 +200,7 @@ def finish_run(cfg: Config, run_dir: Path, graphdef, params, tokenizer) -> None:
         return
     prompt = tokenizer.encode(cfg.train.sample_prompt)
     new_tokens = min(cfg.train.sample_tokens, cfg.model.max_seq_len - len(prompt))
-    model = nnx.merge(graphdef, jax.device_get(params))
+    model = nnx.merge(graphdef, host_params)
     ids = generate(model, prompt, new_tokens, seed=cfg.train.seed, temperature=cfg.train.sample_temperature)
     text = cfg.train.sample_prompt + tokenizer.decode(ids)
     (run_dir / "sample.txt").write_text(text)

@@ -1,4 +1,5 @@
-"""`lmjax eval RUN_DIR`: validation metrics of a run's newest checkpoint."""
+"""Reading a run back: its config, its newest checkpoint on this machine's devices, and
+`lmjax eval RUN_DIR` (validation metrics)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 from pathlib import Path
 
 from lmjax.checkpoint import Checkpointer
-from lmjax.config import Config, ConfigError
+from lmjax.config import Config, ConfigError, MeshConfig, override
 from lmjax.parallel import batch_sharding, make_mesh
 from lmjax.train.evaluate import evaluate
 from lmjax.train.loop import load_datasets, total_steps
@@ -14,22 +15,41 @@ from lmjax.train.optimizer import make_optimizer
 from lmjax.train.state import abstract_train_state
 
 
-def evaluate_run(run_dir: Path, max_batches: int | None = None) -> dict:
-    """{step, loss, perplexity, bits_per_byte, tokens} on the run's validation split."""
-    config_file = run_dir / "config.json"
+def load_config(run_dir: Path) -> Config:
+    config_file = Path(run_dir) / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.json).")
-    cfg = Config.from_dict(json.loads(config_file.read_text()))
+    return Config.from_dict(json.loads(config_file.read_text()))
+
+
+def restore_train_state(run_dir: Path, step: int | None = None, mesh_overrides: list[str] = ()):
+    """(config, graphdef, TrainState, step, mesh) of checkpoint `step` (default: newest),
+    laid out on a mesh over this process's devices: `mesh.data=-1` (all devices data
+    parallel) unless `mesh_overrides` such as ["fsdp=4", "tensor=2"] say otherwise,
+    whatever mesh wrote it."""
+    cfg = load_config(run_dir)
     checkpointer = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints, async_save=False)
-    step = checkpointer.latest_step()
+    step = checkpointer.latest_step() if step is None else step
     if step is None:
         raise ConfigError(f"{run_dir} has no checkpoint yet.")
-    _, val_set, tokenizer = load_datasets(cfg)
-    mesh = make_mesh(cfg.mesh)
+    mesh_cfg = override(Config(), [f"mesh.{o}" for o in mesh_overrides]).mesh if mesh_overrides else MeshConfig()
+    mesh = make_mesh(mesh_cfg)
     steps = total_steps(cfg)
     graphdef, abstract = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, steps, p), mesh)
     state, _, _ = checkpointer.restore(abstract, step)
     checkpointer.close()
+    return cfg, graphdef, state, step, mesh
+
+
+def restore_params(run_dir: Path, step: int | None = None, mesh_overrides: list[str] = ()):
+    """The model weights (nnx.State) of a checkpoint; see `restore_train_state`."""
+    return restore_train_state(run_dir, step, mesh_overrides)[2].params
+
+
+def evaluate_run(run_dir: Path, max_batches: int | None = None) -> dict:
+    """{step, loss, perplexity, bits_per_byte, tokens} on the run's validation split."""
+    cfg, graphdef, state, step, mesh = restore_train_state(run_dir)
+    _, val_set, tokenizer = load_datasets(cfg)
     result = evaluate(graphdef, state.params, val_set, tokenizer, cfg.train.batch_size, max_batches,
                       batch_sharding(mesh))
     return {"step": step, **result}

@@ -1,0 +1,214 @@
+"""Sharded and multi-process training equal the single-device run.
+
+Each layout runs `lmjax train` in a subprocess with 8 CPU devices
+(XLA_FLAGS=--xla_force_host_platform_device_count=8, set before jax is imported); the
+reference is the same run on this process's single CPU device.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from lmjax.checkpoint import Checkpointer
+from lmjax.cli import main
+from lmjax.config import Config, ConfigError, MeshConfig
+from lmjax.parallel import initialize_distributed, make_mesh
+from lmjax.train.loggers import read_metrics
+from lmjax.train.optimizer import make_optimizer
+from lmjax.train.state import abstract_train_state
+
+TINY = ["--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "model.n_heads=4",
+        "--set", "model.n_kv_heads=4", "--set", "model.d_ff=64", "--set", "model.max_seq_len=32",
+        "--set", "data.seq_len=32", "--set", "data.max_bytes=200000", "--set", "train.batch_size=8",
+        "--set", "train.steps=5", "--set", "train.log_every=1", "--set", "train.eval_batches=1",
+        "--set", "train.sample_tokens=0", "--set", "log.wandb=off", "--set", "log.progress_bar=false"]
+
+
+def lmjax_subprocess(args, devices=8, **env):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+           **env}
+    return subprocess.Popen([sys.executable, "-m", "lmjax.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def finish(process, timeout=300):
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output
+    return output
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def mesh_args(**axes):
+    return [a for k, v in axes.items() for a in ("--set", f"mesh.{k}={v}")]
+
+
+@pytest.fixture(scope="module")
+def single_device_losses(tmp_path_factory):
+    run = tmp_path_factory.mktemp("single") / "run"
+    assert main(["train", *TINY, "--set", f"train.run_dir={run}"]) == 0
+    return losses(run)
+
+
+@pytest.mark.parametrize("axes", [
+    dict(data=8), dict(data=1, fsdp=8), dict(data=2, fsdp=2, tensor=2), dict(data=2, tensor=4),
+], ids=["data8", "fsdp8", "data2-fsdp2-tensor2", "tensor4-data2"])
+def test_layouts_match_single_device(tmp_path, single_device_losses, axes):
+    run = tmp_path / "run"
+    finish(lmjax_subprocess(["train", *TINY, *mesh_args(**axes), "--set", f"train.run_dir={run}"]))
+    np.testing.assert_allclose(losses(run), single_device_losses, rtol=1e-5)
+
+
+DUMP_PARAMS = """
+import sys, numpy as np, jax
+from lmjax.train.run_eval import restore_params
+params = restore_params(sys.argv[1], mesh_overrides=sys.argv[3:])
+np.savez(sys.argv[2], *[np.asarray(x) for x in jax.tree.leaves(params)])
+print([x.sharding.spec for x in jax.tree.leaves(params)][:1])
+"""
+
+
+def test_fsdp_checkpoint_resumes_on_another_mesh_and_restores_on_one_cpu(tmp_path, single_device_losses):
+    run = tmp_path / "run"
+    finish(lmjax_subprocess(["train", *TINY, *mesh_args(data=1, fsdp=8), "--set", f"train.run_dir={run}",
+                             "--set", "train.halt_at_step=3"]))
+    finish(lmjax_subprocess(["train", "--resume", str(run), *mesh_args(data=2, fsdp=1, tensor=4),
+                             "--set", "train.halt_at_step=none"]))
+    np.testing.assert_allclose(losses(run), single_device_losses, rtol=1e-5)
+    # the same checkpoint read onto 8 devices (data 2 x tensor 4) and onto this process's one CPU
+    dump = tmp_path / "params.npz"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    subprocess.run([sys.executable, "-c", DUMP_PARAMS, str(run), str(dump), "data=2", "tensor=4"], env=env,
+                   check=True, capture_output=True)
+    from lmjax.train.run_eval import restore_params
+
+    here = [np.asarray(x) for x in jax.tree.leaves(restore_params(run))]
+    there = np.load(dump)
+    assert len(here) == len(there.files)
+    for i, x in enumerate(here):
+        np.testing.assert_array_equal(x, there[f"arr_{i}"])
+
+
+FSDP_SHARDS = """
+import json, jax
+from lmjax.config import Config, MeshConfig, ModelConfig
+from lmjax.parallel import make_mesh
+from lmjax.train.optimizer import make_optimizer
+from lmjax.train.state import init_train_state
+cfg = Config(model=ModelConfig(d_model=64, n_layers=2, n_heads=4, d_ff=128))
+mesh = make_mesh(MeshConfig(data=1, fsdp=8))
+_, state, _, _ = init_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, 10, p), 0, mesh)
+adam = state.opt_state[1][0]
+def fractions(tree):
+    return [max(s.data.size for s in x.addressable_shards) / x.size for x in jax.tree.leaves(tree)]
+print(json.dumps({"params": fractions(state.params), "mu": fractions(adam.mu), "nu": fractions(adam.nu)}))
+"""
+
+
+def test_fsdp_shards_params_and_adam_moments():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    out = subprocess.run([sys.executable, "-c", FSDP_SHARDS], env=env, check=True, capture_output=True, text=True)
+    fractions = json.loads(out.stdout.strip().splitlines()[-1])
+    for name in ("params", "mu", "nu"):
+        assert all(f == pytest.approx(1 / 8) for f in fractions[name]), (name, fractions[name])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_single_device_and_resume_in_one(tmp_path, single_device_losses):
+    run = tmp_path / "run"
+    port = free_port()
+    processes = [lmjax_subprocess(["train", *TINY, "--set", f"train.run_dir={run}", "--set", "train.halt_at_step=3",
+                                   "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                   "--process-id", str(i)], devices=4) for i in range(2)]
+    for p in processes:
+        finish(p)
+    # the 2 x 4-device run's checkpoint resumes in one process with one device
+    assert main(["train", "--resume", str(run), "--set", "train.halt_at_step=none"]) == 0
+    np.testing.assert_allclose(losses(run), single_device_losses, rtol=1e-5)
+
+
+def test_single_process_checkpoint_resumes_in_two_processes(tmp_path, single_device_losses):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--set", f"train.run_dir={run}", "--set", "train.halt_at_step=2"]) == 0
+    port = free_port()
+    processes = [lmjax_subprocess(["train", "--resume", str(run), "--set", "train.halt_at_step=none",
+                                   "--set", "train.sample_tokens=4", *mesh_args(data=1, fsdp=8),
+                                   "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                   "--process-id", str(i)], devices=4) for i in range(2)]
+    for p in processes:
+        finish(p)
+    np.testing.assert_allclose(losses(run), single_device_losses, rtol=1e-5)
+    assert (run / "sample.txt").exists()  # weights sharded across both processes are gathered for the sample
+
+
+@pytest.mark.parametrize("axes, message", [
+    (dict(data=3), "mesh {'data': 3, 'fsdp': 1, 'tensor': 1, 'expert': 1} needs 3 devices, but 1 are available"),
+    (dict(data=-1, tensor=3), "do not divide the 1 devices"),
+])
+def test_mesh_not_matching_devices(axes, message):
+    with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        make_mesh(MeshConfig(**axes))
+
+
+@pytest.mark.parametrize("args, message", [
+    (mesh_args(data=2, tensor=4) + ["--set", "model.n_kv_heads=2"], "mesh.tensor=4 does not divide model.n_kv_heads=2"),
+    (mesh_args(data=2, tensor=4) + ["--set", "model.n_heads=2", "--set", "model.n_kv_heads=none"],
+     "mesh.tensor=4 does not divide model.n_heads=2"),
+    (mesh_args(data=2, tensor=4) + ["--set", "model.d_ff=66"], "mesh.tensor=4 does not divide model.d_ff=66"),
+    (mesh_args(data=8) + ["--set", "train.batch_size=12"], "does not split over the 8 data-parallel devices"),
+])
+def test_layout_errors_before_compiling(tmp_path, args, message):
+    output, _ = lmjax_subprocess(["train", *TINY, *args, "--set", f"train.run_dir={tmp_path}"]).communicate(timeout=120)
+    assert message in output and "lmjax: error:" in output and "Traceback" not in output
+
+
+def test_unreachable_coordinator_is_a_clear_error():
+    port = free_port()  # nothing listens there
+    output, _ = lmjax_subprocess(["train", *TINY, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                  "--process-id", "1", "--coordinator-timeout", "3"], devices=1).communicate(timeout=120)
+    assert f"could not join the multi-process run at coordinator 127.0.0.1:{port} within 3 s" in output
+
+
+def test_scheduler_environment_is_detected(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)
+    waited = []
+    monkeypatch.setattr("lmjax.parallel._wait_for_coordinator", lambda address, timeout: waited.append(address))
+    for name in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "JOBSET_NAME", "MEGASCALE_COORDINATOR_ADDRESS",
+                 "LMJAX_COORDINATOR", "LMJAX_DISTRIBUTED"):
+        monkeypatch.delenv(name, raising=False)
+    initialize_distributed()
+    assert calls == []  # one process: nothing to join
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    initialize_distributed()
+    assert calls[-1][0] == (None, None, None)  # jax.distributed detects SLURM's coordinator and ranks itself
+    monkeypatch.delenv("SLURM_NTASKS")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2,10.0.0.3")
+    initialize_distributed()
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
+    monkeypatch.setenv("JOBSET_NAME", "lmjax-train")
+    initialize_distributed()
+    monkeypatch.delenv("JOBSET_NAME")
+    monkeypatch.setenv("LMJAX_DISTRIBUTED", "auto")
+    initialize_distributed()
+    monkeypatch.delenv("LMJAX_DISTRIBUTED")
+    monkeypatch.setenv("LMJAX_COORDINATOR", "host0:1234")
+    monkeypatch.setenv("LMJAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("LMJAX_PROCESS_ID", "3")
+    initialize_distributed()
+    assert len(calls) == 5 and calls[-1][0] == ("host0:1234", 4, 3) and waited == ["host0:1234"]
