@@ -14,6 +14,7 @@ import time
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmjax.config import Config, ConfigError, MeshConfig
@@ -39,7 +40,8 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     """A mesh over `devices` (default: all) with axes MESH_AXES, sized by `cfg`.
 
     One axis may be -1 to take whatever the others leave; the product must equal the
-    device count.
+    device count. With `dcn_data`/`dcn_fsdp` > 1 the devices are arranged so that only
+    those factors of the data/fsdp axes cross hosts (or TPU slices).
     """
     devices = jax.devices() if devices is None else devices
     sizes = [cfg.data, cfg.fsdp, cfg.tensor, cfg.expert]
@@ -51,7 +53,23 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     if math.prod(sizes) != len(devices):
         raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                           f"but {len(devices)} are available; make the product of mesh axes equal the device count.")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    dcn = [cfg.dcn_data, cfg.dcn_fsdp, 1, 1]
+    if math.prod(dcn) == 1:
+        return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    return Mesh(_hybrid_device_array(sizes, dcn, devices), MESH_AXES)
+
+
+def _hybrid_device_array(sizes: list[int], dcn: list[int], devices) -> np.ndarray:
+    tpu = devices[0].platform == "tpu"
+    granules = len({d.slice_index for d in devices} if tpu else {d.process_index for d in devices})
+    for name, size, across in (("data", sizes[0], dcn[0]), ("fsdp", sizes[1], dcn[1])):
+        if size % across:
+            raise ConfigError(f"mesh.dcn_{name}={across} does not divide mesh.{name}={size}.")
+    if math.prod(dcn) != granules:
+        raise ConfigError(f"mesh.dcn_data x mesh.dcn_fsdp = {math.prod(dcn)}, but the devices span {granules} "
+                          f"{'TPU slices' if tpu else 'processes'}; make the product equal that number.")
+    within = [s // d for s, d in zip(sizes, dcn)]
+    return mesh_utils.create_hybrid_device_mesh(within, dcn, devices, process_is_granule=not tpu)
 
 
 def validate_layout(cfg: Config, mesh: Mesh) -> None:

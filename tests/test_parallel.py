@@ -132,12 +132,13 @@ def test_two_processes_match_single_device_and_resume_in_one(tmp_path, single_de
     run = tmp_path / "run"
     port = free_port()
     processes = [lmjax_subprocess(["train", *TINY, "--set", f"train.run_dir={run}", "--set", "train.halt_at_step=3",
+                                   "--set", "mesh.dcn_data=2",  # the data axis crosses the two processes
                                    "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                    "--process-id", str(i)], devices=4) for i in range(2)]
     for p in processes:
         finish(p)
     # the 2 x 4-device run's checkpoint resumes in one process with one device
-    assert main(["train", "--resume", str(run), "--set", "train.halt_at_step=none"]) == 0
+    assert main(["train", "--resume", str(run), "--set", "train.halt_at_step=none", "--set", "mesh.dcn_data=1"]) == 0
     np.testing.assert_allclose(losses(run), single_device_losses, rtol=1e-5)
 
 
@@ -158,6 +159,7 @@ def test_single_process_checkpoint_resumes_in_two_processes(tmp_path, single_dev
 @pytest.mark.parametrize("axes, message", [
     (dict(data=3), "mesh {'data': 3, 'fsdp': 1, 'tensor': 1, 'expert': 1} needs 3 devices, but 1 are available"),
     (dict(data=-1, tensor=3), "do not divide the 1 devices"),
+    (dict(data=1, dcn_data=2), "mesh.dcn_data=2 does not divide mesh.data=1"),
 ])
 def test_mesh_not_matching_devices(axes, message):
     with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}")):
