@@ -201,7 +201,7 @@ def test_eval_batches_are_sequential_full_batches():
 
 
 def test_hf_dataset_saved_to_disk(tmp_path):
-    datasets = pytest.importorskip("datasets")  # in the [test] extra; optional for users
+    import datasets  # in the [test] extra; optional for users
     datasets.Dataset.from_dict({"content": ["first doc", "", "second doc"]}).save_to_disk(str(tmp_path / "hf"))
     assert load_documents(str(tmp_path / "hf"), text_field="content") == ["first doc", "second doc"]
     with pytest.raises(DataError, match="no column 'text'"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -64,6 +65,12 @@ def check_resumable(cfg: Config, saved: dict) -> None:
         raise ConfigError("cannot resume: the model shape differs from the saved run (" + "; ".join(differences) + ").")
 
 
+def write_json_atomically(path: Path, data: dict) -> None:
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(data, indent=2))
+    os.replace(temporary, path)
+
+
 class _StopRequest:
     """First Ctrl-C asks the loop to checkpoint and stop after the current step; a second
     one interrupts at once."""
@@ -100,9 +107,9 @@ def train(cfg: Config, run_dir: Path) -> dict:
     resuming = checkpointer.latest_step() is not None
     if resuming:
         check_resumable(cfg, json.loads((run_dir / "config.json").read_text()))
-    if main_process:
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        (run_dir / "environment.json").write_text(json.dumps(loggers.environment(), indent=2))
+    if main_process:  # other processes may be reading config.json: replace it atomically
+        write_json_atomically(run_dir / "config.json", cfg.to_dict())
+        write_json_atomically(run_dir / "environment.json", loggers.environment())
 
     graphdef, state, shardings, optimizer = init_train_state(
         cfg.model, lambda params: make_optimizer(cfg.optim, steps, params), cfg.train.seed, mesh)
