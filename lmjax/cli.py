@@ -1,7 +1,8 @@
-"""The `lmjax` command: train, eval and experiments.
+"""The `lmjax` command: train, eval, generate and experiments.
 
     lmjax train [EXPERIMENT] [--set section.field=value ...] [--resume RUN_DIR]
     lmjax eval RUN_DIR [--json] [--max-batches N]
+    lmjax generate RUN_DIR --prompt TEXT [--temperature T --top-k K --top-p P --max-new-tokens N]
     lmjax experiments
 """
 
@@ -48,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-batches", type=int, default=None, help="default: the whole validation split")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
 
+    generate = commands.add_parser("generate", help="continue prompts with a trained model (KV-cache decoding)")
+    generate.add_argument("run_dir")
+    generate.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    generate.add_argument("--max-new-tokens", type=int, default=200)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--seed", type=int, default=0)
+
     commands.add_parser("experiments", help="list the experiments that `lmjax train` can run")
     return parser
 
@@ -87,6 +97,22 @@ def cmd_eval(args) -> None:
         print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
 
 
+def cmd_generate(args) -> None:
+    from lmjax.generate import generate
+    from lmjax.train.run_eval import load
+
+    model, cfg, tokenizer = load(Path(args.run_dir))
+    prompts = [tokenizer.encode(p) for p in args.prompt]
+    room = cfg.model.max_seq_len - max(len(p) for p in prompts)
+    if args.max_new_tokens > room:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} does not fit: the longest prompt leaves "
+                          f"{room} of model.max_seq_len={cfg.model.max_seq_len} tokens.")
+    outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, seed=args.seed, stop_tokens=(tokenizer.eos_id,))
+    for prompt, ids in zip(args.prompt, outputs):
+        print(prompt + tokenizer.decode(ids))
+
+
 def cmd_experiments(args) -> None:
     print(_experiment_listing())
 
@@ -96,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     from lmjax.data import DataError
 
     try:
-        {"train": cmd_train, "eval": cmd_eval, "experiments": cmd_experiments}[args.command](args)
+        commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "experiments": cmd_experiments}
+        commands[args.command](args)
     except (ConfigError, DataError) as e:
         print(f"lmjax: error: {e}", file=sys.stderr)
         return 2

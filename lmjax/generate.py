@@ -1,10 +1,11 @@
-"""Sampling text from a trained DecoderLM.
-
-This sampler recomputes the whole (fixed-length) context for every new token; it is
-exact and simple, and fast enough for the short samples printed after training.
+"""Text generation from a DecoderLM with a KV cache: prefill the prompts, then one token
+per step inside one jit. Greedy, temperature, top-k and top-p (nucleus) sampling; a batch
+of prompts of different lengths; stop tokens.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,41 +13,73 @@ import numpy as np
 from flax import nnx
 
 
-def sample_logits(logits, key, temperature: float, top_k: int | None):
-    """Draw one token id per row from logits (B, V): greedy when temperature == 0."""
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1)
-    logits = logits / temperature
+def filter_logits(logits, temperature: float, top_k: int | None = None, top_p: float | None = None):
+    """Logits (B, V) scaled by 1/temperature, with tokens outside the top k, or outside the
+    smallest set whose probability reaches top_p, set to -inf."""
+    logits = logits.astype(jnp.float32) / temperature
     if top_k is not None:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1)
+    if top_p is not None:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_probs = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), order, axis=-1)
+        mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # probability of better tokens
+        keep_sorted = mass_before < top_p  # the token that reaches top_p is kept
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return logits
 
 
-def generate(model: nnx.Module, prompt_ids: np.ndarray, max_new_tokens: int, seed: int = 0,
-             temperature: float = 0.8, top_k: int | None = None) -> np.ndarray:
-    """Continue a 1-D prompt of token ids by `max_new_tokens` tokens; returns only the new ids.
+def sample_token(logits, key, temperature: float, top_k: int | None, top_p: float | None):
+    """One token id per row of logits (B, V): argmax when temperature == 0."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1)
+    return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p), axis=-1)
 
-    prompt length + max_new_tokens must fit in the model's max_seq_len.
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
+def _generate(graphdef, params, tokens, lengths, max_new_tokens, temperature, top_k, top_p, key):
+    """tokens (B, P) right-padded prompts of `lengths` (B,) -> (B, max_new_tokens) new ids."""
+    model = nnx.merge(graphdef, params)
+    batch, prompt_len = tokens.shape
+    cache = model.init_cache(batch, prompt_len + max_new_tokens)
+    positions = jnp.broadcast_to(jnp.arange(prompt_len), tokens.shape)
+    logits, cache = model.decode(tokens, positions, cache)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
+    first = sample_token(last, jax.random.fold_in(key, 0), temperature, top_k, top_p)
+
+    def step(carry, t):
+        token, cache = carry
+        logits, cache = model.decode(token[:, None], (lengths + t - 1)[:, None], cache)
+        token = sample_token(logits[:, 0], jax.random.fold_in(key, t), temperature, top_k, top_p)
+        return (token, cache), token
+
+    _, rest = jax.lax.scan(step, (first, cache), jnp.arange(1, max_new_tokens))
+    return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+def generate(model: nnx.Module, prompts: list, max_new_tokens: int, *, temperature: float = 0.8,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             stop_tokens: tuple[int, ...] = ()) -> list[np.ndarray]:
+    """Continue each prompt (a 1-D sequence of token ids) by up to `max_new_tokens` tokens.
+
+    Returns the new ids per prompt, cut after the first stop token (which is kept). The
+    longest prompt + max_new_tokens must fit in model.cfg.max_seq_len.
     """
-    prompt = np.asarray(prompt_ids, np.int32)
-    length = len(prompt) + max_new_tokens
-    if len(prompt) == 0 or length > model.cfg.max_seq_len:
-        raise ValueError(f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens must be within "
-                         f"model.max_seq_len={model.cfg.max_seq_len} (and the prompt non-empty).")
+    prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
+    longest = max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) == 0 or max_new_tokens < 1 or longest + max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(f"prompts of 1..{longest} tokens + max_new_tokens={max_new_tokens} must fit in "
+                         f"model.max_seq_len={model.cfg.max_seq_len} (prompts non-empty, at least one new token).")
+    tokens = np.zeros((len(prompts), longest), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = prompt
+    lengths = np.array([len(p) for p in prompts], np.int32)
     graphdef, params = nnx.split(model)
-
-    @jax.jit
-    def run(params, tokens, key):
-        model = nnx.merge(graphdef, params)
-
-        def next_token(t, tokens):
-            logits = model(tokens)[:, t - 1]  # (1, V): causal, so later slots do not matter
-            token = sample_logits(logits, jax.random.fold_in(key, t), temperature, top_k)
-            return tokens.at[:, t].set(token.astype(tokens.dtype))
-
-        return jax.lax.fori_loop(len(prompt), length, next_token, tokens)
-
-    tokens = jnp.zeros((1, length), jnp.int32).at[0, : len(prompt)].set(prompt)
-    out = run(params, tokens, jax.random.key(seed))
-    return np.asarray(out[0, len(prompt):])
+    out = np.asarray(_generate(graphdef, params, tokens, lengths, max_new_tokens, float(temperature), top_k,
+                               top_p, jax.random.key(seed)))
+    results = []
+    for row in out:
+        stops = np.flatnonzero(np.isin(row, stop_tokens))
+        results.append(row[: stops[0] + 1] if len(stops) else row)
+    return results

@@ -63,6 +63,12 @@ def test_train_resume_and_eval_from_the_cli(capsys, tmp_path):
     result = json.loads(out)
     assert code == 0 and result["step"] == 4
     assert set(result) >= {"loss", "perplexity", "bits_per_byte", "tokens"} and result["loss"] > 0
+    code, out, _ = run_cli(capsys, "generate", str(run), "--prompt", "def ", "--prompt", "x = ",
+                           "--max-new-tokens", "5", "--temperature", "0")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith("def ") and any(line.startswith("x = ") for line in lines)
+    code, _, err = run_cli(capsys, "generate", str(run), "--prompt", "def ", "--max-new-tokens", "500")
+    assert code == 2 and "--max-new-tokens 500 does not fit" in err
 
 
 def test_experiments_are_listed(capsys):

@@ -16,6 +16,9 @@ import jax
 import numpy as np
 import pytest
 
+import lmjax
+from lmjax.generate import generate
+
 from lmjax.checkpoint import Checkpointer
 from lmjax.cli import main
 from lmjax.config import Config, ConfigError, MeshConfig
@@ -96,6 +99,9 @@ def test_fsdp_checkpoint_resumes_on_another_mesh_and_restores_on_one_cpu(tmp_pat
     assert len(here) == len(there.files)
     for i, x in enumerate(here):
         np.testing.assert_array_equal(x, there[f"arr_{i}"])
+    # and a notebook in this one-device process loads it as a model that generates
+    model, cfg, tokenizer = lmjax.load(run)
+    assert cfg.mesh.tensor == 4 and len(generate(model, [tokenizer.encode("def ")], 3, temperature=0.0)[0]) == 3
 
 
 FSDP_SHARDS = """

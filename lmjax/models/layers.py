@@ -133,12 +133,22 @@ class Attention(nnx.Module):
         self.wv = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype)
         self.wo = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, cfg.param_dtype)
 
-    def __call__(self, x, positions, mask):
-        """x (B, T, D); positions (B, T) int; mask (B, 1, T, T) bool -> (B, T, D)."""
+    def __call__(self, x, positions, mask, cache=None):
+        """x (B, T, D); positions (B, T) int; mask (B, 1, T, S) bool -> (B, T, D).
+
+        Without a cache S = T. With `cache` = (keys, values), each (B, S, K, H), this call's
+        keys and values are first written into it at `positions` (row by row), the queries
+        attend over all S cached slots, and the result is (output, updated cache).
+        """
         cfg = self.cfg
         q, k, v = matmul(x, self.wq[...]), matmul(x, self.wk[...]), matmul(x, self.wv[...])  # (B, T, heads, H)
         if cfg.position == "rope":
             q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        if cache is not None:
+            rows = jnp.arange(x.shape[0])[:, None]
+            cache = (cache[0].at[rows, positions].set(k.astype(cache[0].dtype)),
+                     cache[1].at[rows, positions].set(v.astype(cache[1].dtype)))
+            k, v = cache[0].astype(q.dtype), cache[1].astype(q.dtype)
         kernel = cfg.attention
         if kernel == "auto":
             kernel = "dot_product" if jax.default_backend() == "gpu" else "einsum"
@@ -146,7 +156,8 @@ class Attention(nnx.Module):
             out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         else:
             out = einsum_attention(q, k, v, mask)
-        return matmul(out, self.wo[...], n_in=2)
+        out = matmul(out, self.wo[...], n_in=2)
+        return out if cache is None else (out, cache)
 
 
 class MLP(nnx.Module):

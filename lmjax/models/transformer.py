@@ -38,11 +38,15 @@ class Block(nnx.Module):
         self.mlp_norm = make_norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, mask, dropout_key=None):
+    def __call__(self, x, positions, mask, dropout_key=None, cache=None):
+        """With a KV `cache` (see Attention) returns (x, updated cache)."""
         keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        x = x + dropout(self.attn(self.attn_norm(x), positions, mask), self.dropout_rate, keys[0])
+        attended = self.attn(self.attn_norm(x), positions, mask, cache)
+        if cache is not None:
+            attended, cache = attended
+        x = x + dropout(attended, self.dropout_rate, keys[0])
         x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, keys[1])
-        return x
+        return x if cache is None else (x, cache)
 
 
 class Stack(nnx.Module):
@@ -58,19 +62,23 @@ class Stack(nnx.Module):
 
         self.blocks = make_blocks(rngs)
 
-    def __call__(self, x, positions, mask, dropout_key=None):
-        """x (B, T, D), positions (B, T), mask (B, 1, T, T) -> (B, T, D)."""
+    def __call__(self, x, positions, mask, dropout_key=None, cache=None):
+        """x (B, T, D), positions (B, T), mask (B, 1, T, S) -> (B, T, D).
+
+        With `cache` = (keys, values), each (L, B, S, K, H), returns (x, updated cache).
+        """
         cfg = self.cfg
         graphdef, weights = nnx.split(self.blocks)
         layer_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_layers)
 
         def apply_layer(h, layer):
-            layer_weights, key = layer
-            h = nnx.merge(graphdef, layer_weights)(h, positions, mask, key)
-            return constrain(h, ("batch", "length", None)), None
+            layer_weights, key, layer_cache = layer
+            out = nnx.merge(graphdef, layer_weights)(h, positions, mask, key, layer_cache)
+            h, layer_cache = out if layer_cache is not None else (out, None)
+            return constrain(h, ("batch", "length", None)), layer_cache
 
         if cfg.remat != "none":
             apply_layer = jax.checkpoint(apply_layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         unroll = cfg.scan_unroll if cfg.scan_layers else True
-        x, _ = jax.lax.scan(apply_layer, x, (weights, layer_keys), unroll=unroll)
-        return x
+        x, cache = jax.lax.scan(apply_layer, x, (weights, layer_keys, cache), unroll=unroll)
+        return x if cache is None else (x, cache)

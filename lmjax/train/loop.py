@@ -208,7 +208,7 @@ def finish_run(cfg: Config, run_dir: Path, graphdef, host_params, tokenizer) -> 
     prompt = tokenizer.encode(cfg.train.sample_prompt)
     new_tokens = min(cfg.train.sample_tokens, cfg.model.max_seq_len - len(prompt))
     model = nnx.merge(graphdef, host_params)
-    ids = generate(model, prompt, new_tokens, seed=cfg.train.seed, temperature=cfg.train.sample_temperature)
+    ids = generate(model, [prompt], new_tokens, seed=cfg.train.seed, temperature=cfg.train.sample_temperature)[0]
     text = cfg.train.sample_prompt + tokenizer.decode(ids)
     (run_dir / "sample.txt").write_text(text)
     loggers.console("sample:\n" + text)

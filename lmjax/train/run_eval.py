@@ -46,6 +46,20 @@ def restore_params(run_dir: Path, step: int | None = None, mesh_overrides: list[
     return restore_train_state(run_dir, step, mesh_overrides)[2].params
 
 
+def load(run_dir: Path | str, step: int | None = None):
+    """(model, config, tokenizer) of a run's checkpoint (default: newest), with weights on
+    this process's devices (replicated), whatever mesh trained it. For notebooks:
+
+        model, cfg, tokenizer = lmjax.load("runs/decoder_tiny-20261122-142445")
+    """
+    from flax import nnx
+
+    from lmjax.data import ByteTokenizer
+
+    cfg, graphdef, state, _, _ = restore_train_state(Path(run_dir), step)
+    return nnx.merge(graphdef, state.params), cfg, ByteTokenizer()
+
+
 def evaluate_run(run_dir: Path, max_batches: int | None = None) -> dict:
     """{step, loss, perplexity, bits_per_byte, tokens} on the run's validation split."""
     cfg, graphdef, state, step, mesh = restore_train_state(run_dir)
