@@ -1,7 +1,7 @@
 """The `lmjax` command: train, eval, generate and experiments.
 
     lmjax train [EXPERIMENT] [--set section.field=value ...] [--resume RUN_DIR]
-    lmjax eval RUN_DIR [--json] [--max-batches N]
+    lmjax eval RUN_DIR [--json] [--max-batches N] [--data SOURCE] [--token-losses FILE.npy]
     lmjax generate RUN_DIR --prompt TEXT [--temperature T --top-k K --top-p P --max-new-tokens N]
     lmjax experiments
 """
@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--max-batches", type=int, default=None, help="default: the whole validation split")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--data", metavar="SOURCE", help="evaluate on all of this data source instead of the "
+                          "run's validation split (stdlib, a file, a directory, an HF dataset on disk)")
+    evaluate.add_argument("--token-losses", metavar="FILE.npy", help="save every position's loss (nats)")
 
     generate = commands.add_parser("generate", help="continue prompts with a trained model (KV-cache decoding)")
     generate.add_argument("run_dir")
@@ -90,7 +93,8 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from lmjax.train.run_eval import evaluate_run
 
-    result = evaluate_run(Path(args.run_dir), args.max_batches)
+    result = evaluate_run(Path(args.run_dir), args.max_batches, args.data,
+                          Path(args.token_losses) if args.token_losses else None)
     if args.json:
         print(json.dumps(result))
     else:

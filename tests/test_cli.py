@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from lmjax.cli import main
@@ -63,6 +64,18 @@ def test_train_resume_and_eval_from_the_cli(capsys, tmp_path):
     result = json.loads(out)
     assert code == 0 and result["step"] == 4
     assert set(result) >= {"loss", "perplexity", "bits_per_byte", "tokens"} and result["loss"] > 0
+    # any data source, with every position's loss saved; their mean is the reported loss
+    text = "def f(x):\n    return x * 2\n" * 200
+    (tmp_path / "other.txt").write_text(text)
+    windows = len(text.encode()) // 32  # one stream of len + 1 tokens (eos) cut into windows of 33
+    sequences = windows // 4 * 4  # whole batches of train.batch_size=4
+    losses_file = tmp_path / "losses.npy"
+    code, out, _ = run_cli(capsys, "eval", str(run), "--json", "--data", str(tmp_path / "other.txt"),
+                           "--token-losses", str(losses_file))
+    result = json.loads(out)
+    token_losses = np.load(losses_file)
+    assert code == 0 and token_losses.shape == (sequences, 32)
+    np.testing.assert_allclose(token_losses.sum() / result["tokens"], result["loss"], rtol=1e-5)
     code, out, _ = run_cli(capsys, "generate", str(run), "--prompt", "def ", "--prompt", "x = ",
                            "--max-new-tokens", "5", "--temperature", "0")
     lines = out.splitlines()

@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from lmjax.checkpoint import Checkpointer
 from lmjax.config import Config, ConfigError, MeshConfig, override
+from lmjax.data import ByteTokenizer, DataError, PackedDataset, load_documents, tokenize
 from lmjax.parallel import batch_sharding, make_mesh
 from lmjax.train.evaluate import evaluate
 from lmjax.train.loop import load_datasets, total_steps
@@ -54,16 +57,29 @@ def load(run_dir: Path | str, step: int | None = None):
     """
     from flax import nnx
 
-    from lmjax.data import ByteTokenizer
-
     cfg, graphdef, state, _, _ = restore_train_state(Path(run_dir), step)
     return nnx.merge(graphdef, state.params), cfg, ByteTokenizer()
 
 
-def evaluate_run(run_dir: Path, max_batches: int | None = None) -> dict:
-    """{step, loss, perplexity, bits_per_byte, tokens} on the run's validation split."""
+def evaluate_run(run_dir: Path, max_batches: int | None = None, data_source: str | None = None,
+                 token_losses_file: Path | None = None) -> dict:
+    """{step, loss, perplexity, bits_per_byte, tokens} of the newest checkpoint on the run's
+    validation split, or on all of `data_source` (any `data.source`: "stdlib", a file, a
+    directory, an HF dataset on disk). With `token_losses_file`, every position's loss is
+    saved there (.npy, (sequences, seq_len) float32, nats, 0 where not counted)."""
     cfg, graphdef, state, step, mesh = restore_train_state(run_dir)
-    _, val_set, tokenizer = load_datasets(cfg)
-    result = evaluate(graphdef, state.params, val_set, tokenizer, cfg.train.batch_size, max_batches,
-                      batch_sharding(mesh))
+    if data_source is None:
+        _, dataset, tokenizer = load_datasets(cfg)
+    else:
+        tokenizer = ByteTokenizer()
+        documents = load_documents(data_source, cfg.data.text_field, cfg.data.max_bytes)
+        dataset = PackedDataset(tokenize(documents, tokenizer), cfg.data.seq_len)
+        if len(dataset) < cfg.train.batch_size:
+            raise DataError(f"{data_source} holds {len(dataset)} sequences of data.seq_len={cfg.data.seq_len}, "
+                            f"fewer than one batch of train.batch_size={cfg.train.batch_size}.")
+    result = evaluate(graphdef, state.params, dataset, tokenizer, cfg.train.batch_size, max_batches,
+                      batch_sharding(mesh), keep_token_losses=token_losses_file is not None)
+    if token_losses_file is not None:
+        np.save(token_losses_file, result.pop("token_losses"))
+        result["token_losses_file"] = str(token_losses_file)
     return {"step": step, **result}

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lmjax.objectives import causal_lm_loss
+from lmjax.objectives import causal_lm_loss, token_losses
 from lmjax.train.state import TrainState
 
 
@@ -64,8 +64,11 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
 
 
 def eval_step(graphdef, params, batch, token_bytes):
-    """(loss_sum, token_count, byte_count) of one batch; byte_count is the number of UTF-8
-    bytes the counted targets decode to, from `token_bytes` (V,) (for bits per byte)."""
-    loss_sum, count = _loss_sum(params, graphdef, batch, None)
+    """(loss_sum, token_count, byte_count, per-token losses (B, T)) of one batch;
+    byte_count is the number of UTF-8 bytes the counted targets decode to, from
+    `token_bytes` (V,) (for bits per byte)."""
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    losses = token_losses(logits, batch["targets"], batch["loss_mask"])
     byte_count = jnp.sum(token_bytes[batch["targets"]] * batch["loss_mask"])
-    return loss_sum, count, byte_count
+    return jnp.sum(losses), jnp.sum(batch["loss_mask"]), byte_count, losses
