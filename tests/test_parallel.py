@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -19,13 +18,10 @@ import pytest
 import lmjax
 from lmjax.generate import generate
 
-from lmjax.checkpoint import Checkpointer
 from lmjax.cli import main
-from lmjax.config import Config, ConfigError, MeshConfig
+from lmjax.config import ConfigError, MeshConfig
 from lmjax.parallel import initialize_distributed, make_mesh
 from lmjax.train.loggers import read_metrics
-from lmjax.train.optimizer import make_optimizer
-from lmjax.train.state import abstract_train_state
 
 TINY = ["--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "model.n_heads=4",
         "--set", "model.n_kv_heads=4", "--set", "model.d_ff=64", "--set", "model.max_seq_len=32",

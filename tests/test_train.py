@@ -19,7 +19,7 @@ from lmjax.train.step import make_train_step
 
 def final_params(cfg, run_dir):
     mesh = make_mesh(MeshConfig())
-    _, abstract = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, cfg.train.steps, p), mesh)
+    _, abstract, _ = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, cfg.train.steps, p), mesh)
     checkpointer = Checkpointer(run_dir, async_save=False)
     state, data_state, _ = checkpointer.restore(abstract)
     checkpointer.close()

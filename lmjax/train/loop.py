@@ -26,7 +26,7 @@ from lmjax.train import loggers
 from lmjax.train.evaluate import evaluate
 from lmjax.train.metrics import mfu, peak_flops_per_device
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
-from lmjax.train.state import init_train_state
+from lmjax.train.state import abstract_train_state, init_train_state
 from lmjax.train.step import make_train_step
 
 
@@ -111,14 +111,16 @@ def train(cfg: Config, run_dir: Path) -> dict:
         write_json_atomically(run_dir / "config.json", cfg.to_dict())
         write_json_atomically(run_dir / "environment.json", loggers.environment())
 
-    graphdef, state, shardings, optimizer = init_train_state(
-        cfg.model, lambda params: make_optimizer(cfg.optim, steps, params), cfg.train.seed, mesh)
+    optimizer_for = lambda params: make_optimizer(cfg.optim, steps, params)  # noqa: E731
     batches = BatchIterator(train_set, cfg.train.batch_size, cfg.data.seed,
                             rows=local_batch_rows(mesh, cfg.train.batch_size))
-    if resuming:
-        state, data_state, _ = checkpointer.restore(jax.tree.map(
-            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, shardings))
+    if resuming:  # restore straight into the sharded layout; nothing is initialised first
+        graphdef, abstract, optimizer = abstract_train_state(cfg.model, optimizer_for, mesh)
+        state, data_state, _ = checkpointer.restore(abstract)
+        shardings = jax.tree.map(lambda x: x.sharding, abstract)
         batches.restore(data_state)
+    else:
+        graphdef, state, shardings, optimizer = init_train_state(cfg.model, optimizer_for, cfg.train.seed, mesh)
 
     rows = batch_sharding(mesh)
     to_global = lambda batch: {k: jax.make_array_from_process_local_data(rows, v) for k, v in batch.items()}

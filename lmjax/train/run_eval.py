@@ -38,7 +38,7 @@ def restore_train_state(run_dir: Path, step: int | None = None, mesh_overrides: 
     mesh_cfg = override(Config(), [f"mesh.{o}" for o in mesh_overrides]).mesh if mesh_overrides else MeshConfig()
     mesh = make_mesh(mesh_cfg)
     steps = total_steps(cfg)
-    graphdef, abstract = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, steps, p), mesh)
+    graphdef, abstract, _ = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, steps, p), mesh)
     state, _, _ = checkpointer.restore(abstract, step)
     checkpointer.close()
     return cfg, graphdef, state, step, mesh

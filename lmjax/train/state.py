@@ -62,13 +62,13 @@ def init_train_state(cfg: ModelConfig, make_optimizer, seed: int, mesh: Mesh):
 
 
 def abstract_train_state(cfg: ModelConfig, make_optimizer, mesh: Mesh):
-    """(graphdef, TrainState of jax.ShapeDtypeStruct carrying shardings over `mesh`): the
-    target a checkpoint is restored into, allocated nowhere."""
-    graphdef, _, init = _init_fn(cfg, make_optimizer)
+    """(graphdef, TrainState of jax.ShapeDtypeStruct carrying shardings over `mesh`, optimizer):
+    the target a checkpoint is restored into, allocated nowhere."""
+    graphdef, optimizer, init = _init_fn(cfg, make_optimizer)
     shapes = jax.eval_shape(lambda: init(0))
     shardings = train_state_shardings(shapes, mesh)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    return graphdef, abstract
+    return graphdef, abstract, optimizer
 
 
 def train_state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
