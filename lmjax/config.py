@@ -30,6 +30,48 @@ def _check_choice(name: str, value, choices) -> None:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts feed-forward layers (`n_experts` = 0: every layer dense).
+
+    Each MoE layer routes every token to its `top_k` experts (1: Switch, 2: Mixtral) by a
+    float32 router, and adds `n_shared_experts` experts that every token uses (DeepSeek-MoE).
+    Layers `every-1, 2*every-1, ...` are MoE; the others keep the dense MLP.
+    """
+
+    n_experts: int = 0
+    top_k: int = 2
+    d_ff: int | None = None  # hidden width of one expert (None: model.d_ff)
+    dispatch: Literal["capacity", "dropless"] = "dropless"
+    capacity_factor: float = 1.25  # capacity dispatch, training: slots per expert = cf * k * tokens / E
+    eval_capacity_factor: float = 2.0  # capacity dispatch, evaluation and generation
+    every: int = 1  # MoE in every k-th layer
+    n_shared_experts: int = 0
+    load_balance_coef: float = 0.01  # Switch loss: n_experts * sum_i f_i * P_i
+    z_loss_coef: float = 1e-3  # ST-MoE router z-loss: mean(logsumexp(router logits)^2)
+    router_jitter: float = 0.0  # multiplicative uniform noise on router inputs while training
+    renormalize: bool = True  # rescale the top-k weights of each token to sum to 1
+
+    def __post_init__(self):
+        _require(self.n_experts >= 0, f"model.moe.n_experts must be >= 0, got {self.n_experts}.")
+        _check_choice("model.moe.dispatch", self.dispatch, ("capacity", "dropless"))
+        if self.n_experts == 0:
+            return
+        _require(1 <= self.top_k <= self.n_experts,
+                 f"model.moe.top_k={self.top_k} must be between 1 and model.moe.n_experts={self.n_experts}.")
+        _require(self.d_ff is None or self.d_ff > 0, f"model.moe.d_ff must be positive or none, got {self.d_ff}.")
+        _require(self.capacity_factor > 0 and self.eval_capacity_factor > 0,
+                 "model.moe.capacity_factor and model.moe.eval_capacity_factor must be positive.")
+        _require(self.every >= 1, f"model.moe.every must be >= 1, got {self.every}.")
+        _require(self.n_shared_experts >= 0, f"model.moe.n_shared_experts must be >= 0, got {self.n_shared_experts}.")
+        for name in ("load_balance_coef", "z_loss_coef", "router_jitter"):
+            _require(getattr(self, name) >= 0, f"model.moe.{name} must be >= 0, got {getattr(self, name)}.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.n_experts > 0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a decoder-only transformer.
 
@@ -58,6 +100,7 @@ class ModelConfig:
     scan_unroll: int = 1  # layers per loop iteration when scanned (n_layers: fully unrolled)
     remat: Literal["none", "dots", "full"] = "none"
     attention: Literal["auto", "einsum", "dot_product"] = "auto"  # auto: dot_product (cuDNN) on GPU
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "scan_unroll"):
@@ -82,6 +125,8 @@ class ModelConfig:
         _check_choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
         _check_choice("model.remat", self.remat, ("none", "dots", "full"))
         _check_choice("model.attention", self.attention, ("auto", "einsum", "dot_product"))
+        _require(not self.moe.enabled or self.n_layers % self.moe.every == 0,
+                 f"model.moe.every={self.moe.every} does not divide model.n_layers={self.n_layers}.")
 
     @property
     def kv_heads(self) -> int:
@@ -90,6 +135,14 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def expert_d_ff(self) -> int:
+        return self.moe.d_ff or self.d_ff
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block `layer` (0-based) has a MoE feed-forward instead of the dense MLP."""
+        return self.moe.enabled and (layer + 1) % self.moe.every == 0
 
 
 @dataclass(frozen=True)
@@ -248,51 +301,64 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict) -> Config:
         """Inverse of `to_dict`; unknown keys raise ConfigError."""
-        sections = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in d:
-                continue
-            if f.name == "name":
-                sections["name"] = d["name"]
-                continue
-            section_cls = _SECTIONS[f.name]
-            known = {sf.name for sf in dataclasses.fields(section_cls)}
-            unknown = set(d[f.name]) - known
-            _require(not unknown, f"unknown config key(s) {', '.join(f'{f.name}.{k}' for k in sorted(unknown))}.")
-            sections[f.name] = section_cls(**d[f.name])
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        _require(not unknown, f"unknown config section(s) {', '.join(sorted(unknown))}.")
-        return cls(**sections)
+        return _from_dict(cls, d, "")
 
 
-_SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "train": TrainConfig,
-             "mesh": MeshConfig, "log": LogConfig}
+def _from_dict(cls, d: dict, prefix: str):
+    """Build dataclass `cls` from a nested dict, recursing into dataclass-typed fields."""
+    types_ = typing.get_type_hints(cls)
+    unknown = set(d) - set(types_)
+    _require(not unknown, f"unknown config key(s) {', '.join(prefix + k for k in sorted(unknown))}.")
+    values = {}
+    for name, value in d.items():
+        if dataclasses.is_dataclass(types_[name]):
+            value = _from_dict(types_[name], value, f"{prefix}{name}.")
+        values[name] = value
+    return cls(**values)
 
 
 def override(config: Config, assignments: list[str]) -> Config:
-    """Apply `section.field=value` strings, parsing each value by the field's type.
+    """Apply `section.field=value` strings (nested: `model.moe.n_experts=8`), parsing each
+    value by the field's type. All assignments are applied before validation runs.
 
     >>> override(Config(), ["model.d_model=512", "train.budget_flops=3e13"]).model.d_model
     512
     """
-    updates: dict[str, dict[str, object]] = {}
+    updates: dict = {}
     for assignment in assignments:
         key, sep, text = assignment.partition("=")
         _require(bool(sep), f"--set expects section.field=value, got {assignment!r}.")
-        section, _, name = key.strip().partition(".")
-        valid = sorted(f"{s}.{f.name}" for s, c in _SECTIONS.items() for f in dataclasses.fields(c))
-        _require(section in _SECTIONS and name in _field_types(_SECTIONS.get(section)),
-                 f"unknown config key {key!r}; valid keys: {', '.join(valid)}.")
-        field_type = _field_types(_SECTIONS[section])[name]
-        updates.setdefault(section, {})[name] = _parse_value(key, text.strip(), field_type)
-    replaced = {s: dataclasses.replace(getattr(config, s), **u) for s, u in updates.items()}
-    return dataclasses.replace(config, **replaced)
+        key = key.strip()
+        node, cls, path = updates, Config, key.split(".")
+        for name in path[:-1]:
+            field_type = typing.get_type_hints(cls).get(name)
+            _require(dataclasses.is_dataclass(field_type), _unknown_key(key))
+            node, cls = node.setdefault(name, {}), field_type
+        field_type = typing.get_type_hints(cls).get(path[-1])
+        _require(field_type is not None and not dataclasses.is_dataclass(field_type), _unknown_key(key))
+        node[path[-1]] = _parse_value(key, text.strip(), field_type)
+    return _replace_nested(config, updates)
 
 
-def _field_types(section_cls) -> dict[str, object]:
-    if section_cls is None:
-        return {}
-    return typing.get_type_hints(section_cls)
+def _replace_nested(node, updates: dict):
+    """`dataclasses.replace` through nested dataclasses: inner ones are rebuilt first."""
+    changes = {name: _replace_nested(getattr(node, name), value) if isinstance(value, dict) else value
+               for name, value in updates.items()}
+    return dataclasses.replace(node, **changes)
+
+
+def _unknown_key(key: str) -> str:
+    return f"unknown config key {key!r}; valid keys: {', '.join(_valid_keys(Config))}."
+
+
+def _valid_keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    for name, type_ in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(type_):
+            keys += _valid_keys(type_, f"{prefix}{name}.")
+        elif prefix:
+            keys.append(prefix + name)
+    return keys
 
 
 def _parse_value(key: str, text: str, field_type):

@@ -50,3 +50,15 @@ def test_from_dict_rejects_unknown_keys():
     d["model"]["colour"] = "red"
     with pytest.raises(ConfigError, match="model.colour"):
         Config.from_dict(d)
+
+
+def test_nested_moe_override_and_round_trip():
+    cfg = override(Config(), ["model.moe.n_experts=8", "model.moe.top_k=1", "model.moe.dispatch=capacity"])
+    assert (cfg.model.moe.n_experts, cfg.model.moe.top_k, cfg.model.moe.dispatch) == (8, 1, "capacity")
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown config key 'model.moe.experts'"):
+        override(Config(), ["model.moe.experts=8"])
+    with pytest.raises(ConfigError, match="top_k=3 must be between 1 and model.moe.n_experts=2"):
+        override(Config(), ["model.moe.n_experts=2", "model.moe.top_k=3"])
+    with pytest.raises(ConfigError, match="every=3 does not divide model.n_layers=4"):
+        override(Config(), ["model.moe.n_experts=4", "model.moe.every=3"])
