@@ -59,8 +59,8 @@ def load_datasets(cfg: Config) -> tuple[PackedDataset, PackedDataset, ByteTokeni
 
 def check_resumable(cfg: Config, saved: dict) -> None:
     """Raise ConfigError if `cfg.model` differs from the saved run's model config."""
-    differences = [f"model.{k}: saved {v!r}, now {getattr(cfg.model, k)!r}"
-                   for k, v in saved["model"].items() if getattr(cfg.model, k) != v]
+    now = cfg.to_dict()["model"]
+    differences = [f"model.{k}: saved {v!r}, now {now.get(k)!r}" for k, v in saved["model"].items() if now.get(k) != v]
     if differences:
         raise ConfigError("cannot resume: the model shape differs from the saved run (" + "; ".join(differences) + ").")
 
