@@ -147,12 +147,19 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with warmup then a cosine, linear or constant schedule, and global-norm clipping."""
+    """AdamW with warmup then a cosine, linear, constant or warmup-stable-decay schedule,
+    and global-norm clipping.
+
+    "wsd" (warmup-stable-decay) holds `lr` after warmup and decays linearly to
+    `lr * min_lr_ratio` over the last `decay_fraction` of the steps; runs of different
+    lengths share the stable phase, so one long run can be branched into cooldowns.
+    """
 
     lr: float = 3e-3
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     warmup_steps: int = 100
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine and linear)
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine, linear and wsd)
+    decay_fraction: float = 0.2  # wsd: share of the steps spent decaying at the end
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -162,7 +169,8 @@ class OptimConfig:
 
     def __post_init__(self):
         _require(self.lr > 0, f"optim.lr must be positive, got {self.lr}.")
-        _check_choice("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
+        _check_choice("optim.schedule", self.schedule, ("cosine", "linear", "constant", "wsd"))
+        _require(0.0 < self.decay_fraction <= 1.0, f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}.")
         _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}.")
         _require(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
         _require(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "optim.beta1 and optim.beta2 must be in [0, 1).")
