@@ -1,9 +1,11 @@
-"""IsoFLOP micro-sweep: 3 budgets x 4 tiny decoders on the stdlib corpus, ~10 CPU minutes (docs/scaling.md)."""
+"""IsoFLOP micro-sweep: 3 budgets x 6 tiny decoders on the stdlib corpus, ~15 CPU minutes (docs/scaling.md)."""
 
 from lmjax.scaling.sweep import isoflop_sweep
 
 BUDGETS = [1e11, 3e11, 1e12]  # training FLOPs
 SHAPES = [
+    {"model.d_model": 16, "model.n_layers": 2, "model.n_heads": 2, "model.d_ff": 48},
+    {"model.d_model": 24, "model.n_layers": 2, "model.n_heads": 2, "model.d_ff": 64},
     {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.d_ff": 96},
     {"model.d_model": 48, "model.n_layers": 2, "model.n_heads": 4, "model.d_ff": 128},
     {"model.d_model": 64, "model.n_layers": 3, "model.n_heads": 4, "model.d_ff": 176},

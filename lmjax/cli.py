@@ -146,6 +146,12 @@ def cmd_generate(args) -> None:
     if args.max_new_tokens > room:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens} does not fit: the longest prompt leaves "
                           f"{room} of model.max_seq_len={cfg.model.max_seq_len} tokens.")
+    from lmjax.scaling.memory import kv_cache_bytes_per_token
+
+    cache_tokens = len(prompts) * (max(len(p) for p in prompts) + args.max_new_tokens)
+    per_token = kv_cache_bytes_per_token(cfg.model)
+    print(f"KV cache: {per_token * cache_tokens / 2**20:.2f} MiB ({per_token:,} bytes per token x {cache_tokens} "
+          "token slots)", file=sys.stderr)
     outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, seed=args.seed, stop_tokens=(tokenizer.eos_id,))
     for prompt, ids in zip(args.prompt, outputs):

@@ -327,7 +327,8 @@ def _from_dict(cls, d: dict, prefix: str):
 
 def override(config: Config, assignments: list[str]) -> Config:
     """Apply `section.field=value` strings (nested: `model.moe.n_experts=8`), parsing each
-    value by the field's type. All assignments are applied before validation runs.
+    value by the field's type. All assignments are applied before validation runs. Giving
+    one of train.steps / train.tokens / train.budget_flops replaces the base's run length.
 
     >>> override(Config(), ["model.d_model=512", "train.budget_flops=3e13"]).model.d_model
     512
@@ -345,7 +346,19 @@ def override(config: Config, assignments: list[str]) -> Config:
         field_type = typing.get_type_hints(cls).get(path[-1])
         _require(field_type is not None and not dataclasses.is_dataclass(field_type), _unknown_key(key))
         node[path[-1]] = _parse_value(key, text.strip(), field_type)
+    _one_run_length(updates.get("train", {}))
     return _replace_nested(config, updates)
+
+
+RUN_LENGTHS = ("steps", "tokens", "budget_flops")
+
+
+def _one_run_length(train_updates: dict) -> None:
+    """Setting one run length (e.g. train.budget_flops) clears the others the base config
+    had, unless they are set explicitly too (then validation reports the conflict)."""
+    if any(train_updates.get(name) is not None for name in RUN_LENGTHS):
+        for name in RUN_LENGTHS:
+            train_updates.setdefault(name, None)
 
 
 def _replace_nested(node, updates: dict):

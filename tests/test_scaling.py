@@ -18,6 +18,7 @@ from lmjax.scaling.counting import param_counts, to_petaflop_days, train_flops_p
 from lmjax.scaling.fit import fit_approach2, fit_approach3, read_results
 from lmjax.scaling.memory import kv_cache_bytes_per_token, memory_estimate
 from lmjax.scaling.plan import chinchilla_optimal, total_steps
+from lmjax.scaling.sweep import run_sweep, wsd_branches
 from lmjax.train.optimizer import learning_rate_schedule
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,6 +109,8 @@ def test_budget_too_small_for_one_step(tiny):
         total_steps(cfg)
     flops = train_flops_per_token(cfg.model, cfg.data.seq_len) * 8 * 32
     assert total_steps(override(cfg, [f"train.budget_flops={3.5 * flops}"])) == 3
+    # --set train.budget_flops on an experiment sized by steps replaces its length
+    assert total_steps(override(tiny(), [f"train.budget_flops={5.5 * flops}"])) == 5
 
 
 def synthetic_results(rng, noise=0.003):
@@ -153,10 +156,10 @@ SWEEP_FILES = {
         def config():
             return Config(
                 model=ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64),
-                optim=OptimConfig(lr=3e-3, warmup_steps=2),
-                data=DataConfig(source="stdlib", seq_len=32, max_bytes=300_000, val_fraction=0.05),
-                train=TrainConfig(batch_size=8, steps=6, eval_every=100, eval_batches=2, log_every=1,
-                                  checkpoint_every=2, sample_tokens=0),
+                optim=OptimConfig(lr=3e-3, warmup_steps=1),
+                data=DataConfig(source="stdlib", seq_len=32, max_bytes=100_000, val_fraction=0.05),
+                train=TrainConfig(batch_size=8, steps=3, eval_every=100, eval_batches=1, log_every=1,
+                                  checkpoint_every=100, sample_tokens=0),
                 log=LogConfig(wandb="off", progress_bar=False))
         """,
     "grid.py": """
@@ -185,10 +188,41 @@ def test_sweep_resumes_after_kill(tmp_path):
     assert first.exists() and not (sweep_dir / "d_model48" / "result.json").exists()
     first_metrics = (sweep_dir / "d_model16" / "metrics.jsonl").read_text()
 
-    restarted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    restarted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert restarted.returncode == 0, restarted.stderr
     assert "d_model16 finished already, skipped" in restarted.stdout
     assert "training d_model16" not in restarted.stdout and "training d_model48" in restarted.stdout
     assert (sweep_dir / "d_model16" / "metrics.jsonl").read_text() == first_metrics
     rows = (sweep_dir / "results.csv").read_text().splitlines()
     assert rows[0].startswith("name,N,N_total,D,C") and len(rows) == 4
+
+
+def test_kv_cache_formula_matches_generate_cache():
+    from flax import nnx
+
+    from lmjax.models import DecoderLM
+
+    model_cfg = ModelConfig(d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, dtype="bfloat16")
+    keys, values = DecoderLM(model_cfg, rngs=nnx.Rngs(0)).init_cache(batch_size=3, length=20)
+    assert keys.nbytes + values.nbytes == kv_cache_bytes_per_token(model_cfg) * 3 * 20
+
+
+def test_wsd_branch_equals_run_from_scratch(tiny, tmp_path):
+    """A cooldown branched from the trunk's stable phase ends where a WSD run of that
+    length trained from scratch ends."""
+    base = override(tiny(steps=None, tokens=256 * 4, checkpoint_every=100, sample_tokens=0, eval_batches=1),
+                    ["optim.schedule=wsd", "optim.decay_fraction=0.5", "optim.warmup_steps=1"])
+    experiment = tmp_path / "base.py"
+    experiment.write_text("from lmjax.config import Config\n\ndef config():\n"
+                          f"    return Config.from_dict({base.to_dict()!r})\n")
+    sweep = wsd_branches(str(experiment), [{"model.d_model": 32}], tokens=[256 * 4, 256 * 8])
+    log = []
+    run_sweep(sweep, tmp_path / "sweep", log=log.append)
+    assert any("growing trunk d_model32-trunk to step 2" in line for line in log)
+    assert any("growing trunk d_model32-trunk to step 4" in line for line in log)
+    branched = json.loads((tmp_path / "sweep" / "d_model32-D1024" / "result.json").read_text())
+
+    from lmjax.train.loop import train
+
+    scratch = train(override(base, [f"train.run_dir={tmp_path / 'scratch'}"]), tmp_path / "scratch")
+    assert branched["val_loss"] == pytest.approx(scratch["val_loss"], abs=1e-5)

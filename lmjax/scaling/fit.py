@@ -2,7 +2,8 @@
 
 Approach 2 (IsoFLOP profiles): for each compute budget C, fit a parabola of loss in log N;
 its minimum is N_opt(C). Power laws N_opt = G * C^a and D_opt = H * C^b are then fitted
-by least squares in log-log (with D_opt = C / (6 N_opt)).
+by least squares in log-log (with D_opt = C / (6 N_opt)). Budgets whose parabola has no
+minimum inside the sizes tried are left out rather than extrapolated.
 
 Approach 3 (parametric loss): L(N, D) = E + A / N^alpha + B / D^beta, fitted by minimising
 the Huber loss (delta = 1e-3) between log L_hat and log L, with
@@ -128,17 +129,22 @@ def fit_approach3(data: dict, bootstrap: int = 100, seed: int = 0) -> dict:
 
 
 def _isoflop_minima(data: dict) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """(budgets, N_opt per budget, parabola coefficients per budget) of budgets with >= 3 sizes."""
+    """(budgets, N_opt per budget, parabola per budget) for the budgets with >= 3 distinct
+    sizes whose parabola has its minimum inside the sizes tried (no extrapolated minima)."""
     budgets, minima, parabolas = [], [], []
     for c in np.unique(data["C"]):
         at = data["C"] == c
-        if at.sum() < 3:
+        log_n = np.log(data["N"][at])
+        if len(np.unique(log_n)) < 3:
             continue
-        coefficients = np.polyfit(np.log(data["N"][at]), data["loss"][at], 2)
+        coefficients = np.polyfit(log_n, data["loss"][at], 2)
         if coefficients[0] <= 0:  # no minimum: the curve bends the wrong way
             continue
+        log_n_opt = -coefficients[1] / (2 * coefficients[0])
+        if not log_n.min() <= log_n_opt <= log_n.max():
+            continue
         budgets.append(c)
-        minima.append(math.exp(-coefficients[1] / (2 * coefficients[0])))
+        minima.append(math.exp(log_n_opt))
         parabolas.append({"C": float(c), "coefficients": coefficients.tolist()})
     return np.array(budgets), np.array(minima), parabolas
 
@@ -148,7 +154,7 @@ def fit_approach2(data: dict, bootstrap: int = 100, seed: int = 0) -> dict:
     budgets, minima, parabolas = _isoflop_minima(data)
     if len(budgets) < 2:
         raise ConfigError(f"Approach 2 needs at least 2 compute budgets with >= 3 model sizes and a loss minimum "
-                          f"each; found {len(budgets)}.")
+                          f"inside the sizes tried; found {len(budgets)}.")
     exponent, log_g = np.polyfit(np.log(budgets), np.log(minima), 1)
     result = {"a": float(exponent), "b": float(1 - exponent),
               "n_opt": {"coefficient": float(math.exp(log_g)), "exponent": float(exponent)},
@@ -161,7 +167,7 @@ def fit_approach2(data: dict, bootstrap: int = 100, seed: int = 0) -> dict:
     for _ in range(bootstrap):
         rows = rng.integers(0, len(data["loss"]), len(data["loss"]))
         b, m, _ = _isoflop_minima({k: v[rows] for k, v in data.items()})
-        if len(b) >= 2 and len(np.unique(b)) >= 2:
+        if len(b) >= 2:
             exponents.append(np.polyfit(np.log(b), np.log(m), 1)[0])
     if exponents:
         low, high = np.percentile(exponents, [2.5, 97.5])
@@ -171,7 +177,7 @@ def fit_approach2(data: dict, bootstrap: int = 100, seed: int = 0) -> dict:
 
 def fit_results(data: dict, bootstrap: int = 100) -> dict:
     """Both approaches; an approach the data cannot support reports its reason as `error`."""
-    fitted = {"points": int(len(data["loss"]))}
+    fitted = {"points": len(data["loss"])}
     for name, fit in (("approach2", fit_approach2), ("approach3", fit_approach3)):
         try:
             fitted[name] = fit(data, bootstrap)
@@ -182,7 +188,12 @@ def fit_results(data: dict, bootstrap: int = 100) -> dict:
     return fitted
 
 
+def _interval(ci: dict, key: str) -> str:
+    return f"  [{ci[key][0]:.3f}, {ci[key][1]:.3f}]" if key in ci else ""
+
+
 def format_fit(fitted: dict) -> str:
+    """Human-readable summary of `fit_results` for `lmjax fit`."""
     lines = [f"{fitted['points']} results"]
     for name in ("approach2", "approach3"):
         f = fitted[name]
@@ -190,10 +201,9 @@ def format_fit(fitted: dict) -> str:
             lines.append(f"{name}: not fitted: {f['error']}")
             continue
         ci = f.get("ci95", {})
-        interval = lambda k: f"  [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" if k in ci else ""  # noqa: E731
-        lines.append(f"{name}: N_opt = {f['n_opt']['coefficient']:.4g} * C^{f['a']:.3f}{interval('a')}   "
-                     f"D_opt ~ C^{f['b']:.3f}{interval('b')}")
+        lines.append(f"{name}: N_opt = {f['n_opt']['coefficient']:.4g} * C^{f['a']:.3f}{_interval(ci, 'a')}   "
+                     f"D_opt ~ C^{f['b']:.3f}{_interval(ci, 'b')}")
         if name == "approach3":
             lines.append("  L(N, D) = {E:.4g} + {A:.4g} / N^{alpha:.3f} + {B:.4g} / D^{beta:.3f}".format(**f)
-                         + (f"   alpha{interval('alpha')} beta{interval('beta')}" if ci else ""))
+                         + (f"   alpha{_interval(ci, 'alpha')} beta{_interval(ci, 'beta')}" if ci else ""))
     return "\n".join(lines)

@@ -118,7 +118,7 @@ def plan(cfg: Config, budget_flops: float | None = None, law: dict | None = None
 def _with_budget(cfg: Config, budget_flops: float) -> Config:
     from lmjax.config import override
 
-    return override(cfg, ["train.steps=none", "train.tokens=none", f"train.budget_flops={budget_flops!r}"])
+    return override(cfg, [f"train.budget_flops={budget_flops!r}"])
 
 
 def format_plan(result: dict) -> str:
@@ -131,7 +131,7 @@ def format_plan(result: dict) -> str:
 
     lines = []
     for key, value in result.items():
-        if key.startswith("memory_") or key.startswith("kv_cache_"):
+        if key.startswith(("memory_", "kv_cache_")):
             text = size(value)
         elif key == "wall_seconds":
             text = f"{value:,.0f} s ({value / 3600:.2f} h, {value / 86400:.2f} days)"

@@ -63,8 +63,7 @@ def isoflop_sweep(experiment: str, budgets: list[float], shapes: list[dict], ove
     """An IsoFLOP grid: every model `shape` ({"model.d_model": 64, ...}) at every budget
     (train.budget_flops), so each budget's runs trace one IsoFLOP curve."""
     runs = [SweepRun(f"C{budget:.0e}-{_shape_name(shape)}".replace("+", ""),
-                     tuple(f"{k}={v}" for k, v in shape.items())
-                     + ("train.steps=none", "train.tokens=none", f"train.budget_flops={budget!r}"))
+                     tuple(f"{k}={v}" for k, v in shape.items()) + (f"train.budget_flops={budget!r}",))
             for budget, shape in itertools.product(budgets, shapes)]
     return Sweep(experiment, tuple(runs), tuple(overrides))
 
@@ -84,7 +83,7 @@ def wsd_branches(experiment: str, shapes: list[dict], tokens: list[int], overrid
     for shape in shapes:
         base = tuple(f"{k}={v}" for k, v in shape.items()) + ("optim.schedule=wsd",)
         for count in sorted(tokens):
-            runs.append(SweepRun(f"{_shape_name(shape)}-D{count}", base + ("train.steps=none", "train.budget_flops=none", f"train.tokens={count}"),
+            runs.append(SweepRun(f"{_shape_name(shape)}-D{count}", base + (f"train.tokens={count}",),
                                  trunk=f"{_shape_name(shape)}-trunk"))
     return Sweep(experiment, tuple(runs), tuple(overrides))
 
@@ -157,7 +156,7 @@ def _grow_trunk(sweep, run, cfg, sweep_dir, configs, train, log) -> None:
     log(f"sweep: growing trunk {run.trunk} to step {branch_step} for {run.name}")
     train(trunk_cfg, trunk_dir)
     (sweep_dir / run.name).mkdir(parents=True, exist_ok=True)
-    for item in ("checkpoints", "metrics.jsonl"):
+    for item in ("checkpoints", "metrics.jsonl", "config.json"):
         source = trunk_dir / item
         target = sweep_dir / run.name / item
         if source.is_dir():
