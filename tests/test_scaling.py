@@ -226,3 +226,14 @@ def test_wsd_branch_equals_run_from_scratch(tiny, tmp_path):
 
     scratch = train(override(base, [f"train.run_dir={tmp_path / 'scratch'}"]), tmp_path / "scratch")
     assert branched["val_loss"] == pytest.approx(scratch["val_loss"], abs=1e-5)
+
+
+def test_sweep_emits_cluster_commands(tmp_path, capsys):
+    for name, text in SWEEP_FILES.items():
+        (tmp_path / name).write_text(textwrap.dedent(text))
+    assert main(["sweep", str(tmp_path / "grid.py"), "--dir", "out", "--slurm"]) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --array=0-2" in script and "--only-index $SLURM_ARRAY_TASK_ID" in script
+    assert main(["sweep", str(tmp_path / "grid.py"), "--dir", "out", "--commands"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].endswith("--dir out --only-index 2")
+    assert main(["sweep", str(tmp_path / "grid.py"), "--only-index", "3"]) == 2

@@ -62,7 +62,7 @@ def _shape_name(shape: dict) -> str:
 def isoflop_sweep(experiment: str, budgets: list[float], shapes: list[dict], overrides=()) -> Sweep:
     """An IsoFLOP grid: every model `shape` ({"model.d_model": 64, ...}) at every budget
     (train.budget_flops), so each budget's runs trace one IsoFLOP curve."""
-    runs = [SweepRun(f"C{budget:.0e}-{_shape_name(shape)}".replace("+", ""),
+    runs = [SweepRun(f"C{budget:.3g}-{_shape_name(shape)}".replace("+", ""),
                      tuple(f"{k}={v}" for k, v in shape.items()) + (f"train.budget_flops={budget!r}",))
             for budget, shape in itertools.product(budgets, shapes)]
     return Sweep(experiment, tuple(runs), tuple(overrides))
