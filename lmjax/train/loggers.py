@@ -48,6 +48,15 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
 
+    def log_routing(self, step: int, routing: dict) -> None:
+        """Append the per-layer routing statistics (arrays stacked over MoE layers, see
+        lmjax.models.moe) to `<run_dir>/routing.jsonl` as nested lists, for the notebooks."""
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: v.tolist() for k, v in routing.items()}}
+        with (self.path.parent / "routing.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
     def close(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()
