@@ -58,13 +58,13 @@ def naive_moe(layer: MoE, x, mlp: str, kept=None):
     return out
 
 
-@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+@pytest.mark.parametrize("dispatch, kernel", [("dropless", "blocks"), ("dropless", "ragged_dot"), ("capacity", "auto")])
 @pytest.mark.parametrize("top_k, shared, mlp", [(1, 0, "swiglu"), (2, 0, "swiglu"), (2, 1, "swiglu"), (2, 0, "gelu")])
-def test_layer_equals_naive_per_token_loop(dispatch, top_k, shared, mlp):
-    cfg = dataclasses.replace(moe_config(top_k=top_k, n_shared_experts=shared, dispatch=dispatch,
+def test_layer_equals_naive_per_token_loop(dispatch, kernel, top_k, shared, mlp):
+    cfg = dataclasses.replace(moe_config(top_k=top_k, n_shared_experts=shared, dispatch=dispatch, grouped_matmul=kernel,
                                          capacity_factor=4.0 / top_k, renormalize=top_k > 1), mlp=mlp)
     layer = MoE(cfg, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(1), (3, 8, cfg.d_model))
+    x = jax.random.normal(jax.random.key(1), (3, 40, cfg.d_model))  # 240 assignments: several blocks per expert
     y, stats = layer_output(layer, x)
     np.testing.assert_allclose(y, naive_moe(layer, x, mlp), rtol=2e-4, atol=2e-6)
     assert float(stats["dropped"]) == 0.0
