@@ -185,3 +185,28 @@ def test_moe_config_errors():
         override(Config(), ["model.moe.n_experts=4", "model.moe.dispatch=sparse"])
     with pytest.raises(ConfigError, match="capacity_factor and model.moe.eval_capacity_factor must be positive"):
         override(Config(), ["model.moe.n_experts=4", "model.moe.capacity_factor=0"])
+
+
+def test_layout_errors_before_compiling():
+    from types import SimpleNamespace
+
+    from lmjax.config import ConfigError
+    from lmjax.parallel import validate_layout
+
+    cfg = override(Config(), ["model.moe.n_experts=8", "model.moe.d_ff=100", "train.batch_size=12"])
+    with pytest.raises(ConfigError, match="mesh.expert=3 does not divide model.moe.n_experts=8"):
+        validate_layout(cfg, SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1, "expert": 3}))
+    with pytest.raises(ConfigError, match="mesh.tensor=8 does not divide the expert width 100"):
+        validate_layout(override(cfg, ["model.d_ff=1024", "model.n_heads=8"]),
+                        SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 8, "expert": 1}))
+
+
+def test_router_jitter_only_while_training_with_a_key():
+    cfg = moe_config(router_jitter=0.5)
+    layer = MoE(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(8), (2, 8, cfg.d_model))
+    plain = layer(x)
+    np.testing.assert_array_equal(layer(x, None), plain)  # no key: no noise
+    assert not np.allclose(layer(x, jax.random.key(0)), plain)
+    layer.eval()
+    np.testing.assert_array_equal(layer(x, jax.random.key(0)), plain)

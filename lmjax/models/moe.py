@@ -108,8 +108,10 @@ def _ragged_mlp(x_sorted, group_sizes, w_up, w_gate, w_down):
 
 def block_size(rows: int, n_experts: int) -> int:
     """Rows per block of the blocked grouped matmul: a power of two in [8, 128] near
-    rows / (8 E), so padding every group to whole blocks adds at most ~1/8 of the rows."""
-    return int(min(128, max(8, 2 ** math.floor(math.log2(max(rows / (8 * n_experts), 1))))))
+    rows / (4 E), so padding every group to whole blocks adds at most ~1/4 of the rows.
+    (Fewer, larger blocks mean fewer per-block weight copies: on CPU, 128-row blocks ran
+    the moe_tiny layer 1.25x faster than 64-row ones.)"""
+    return int(min(128, max(8, 2 ** math.floor(math.log2(max(rows / (4 * n_experts), 1))))))
 
 
 def _blocked_mlp(x_sorted, group_sizes, w_up, w_gate, w_down):

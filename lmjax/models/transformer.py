@@ -86,6 +86,17 @@ class Stack(nnx.Module):
             self.blocks = stacked_blocks(repeats * (self.period - 1), False)
             self.moe_blocks = stacked_blocks(repeats, True)
 
+    def layer(self, index: int) -> Block:
+        """Block `index` (0-based, in execution order) as a module of its own (a copy)."""
+        period = self.period
+        repeat, offset = divmod(index, period)
+        if period > 1 and offset == period - 1:
+            blocks, i = self.moe_blocks, repeat
+        else:
+            blocks, i = self.blocks, repeat * (period - 1) + offset if period > 1 else index
+        graphdef, weights = nnx.split(blocks)
+        return nnx.merge(graphdef, jax.tree.map(lambda w: w[i], weights))
+
     def __call__(self, x, positions, mask, dropout_key=None, cache=None):
         """x (B, T, D), positions (B, T), mask (B, 1, T, S) -> (B, T, D).
 
