@@ -94,16 +94,20 @@ def _expert_mlp(x, w_up, w_gate, w_down, equation_in: str, equation_out: str):
     return jnp.einsum(equation_out, hidden, w_down.astype(x.dtype))
 
 
-def _ragged_mlp(x_sorted, group_sizes, w_up, w_gate, w_down):
-    """Rows of x_sorted (M, D), grouped by expert (group_sizes (E,)), through their expert's
-    feed-forward with `jax.lax.ragged_dot`; rows past sum(group_sizes) come out zero."""
-    dtype = x_sorted.dtype
+def _ragged_combine(x, token, scale, group_sizes, w_up, w_gate, w_down):
+    """Assignments sorted by expert (token (M,) their token, scale (M,) their routing weight,
+    group_sizes (E,) how many go to each expert) through their expert's feed-forward with
+    `jax.lax.ragged_dot`, summed onto the tokens: x (N, D) -> (N, D). Sorted rows past
+    sum(group_sizes) come out zero."""
+    dtype = x.dtype
+    x_sorted = jnp.take(x, token, axis=0)
     up = jax.lax.ragged_dot(x_sorted, w_up.astype(dtype), group_sizes)
     if w_gate is None:
         hidden = jax.nn.gelu(up)
     else:
         hidden = jax.nn.silu(jax.lax.ragged_dot(x_sorted, w_gate.astype(dtype), group_sizes)) * up
-    return jax.lax.ragged_dot(hidden, w_down.astype(dtype), group_sizes)
+    out = jax.lax.ragged_dot(hidden, w_down.astype(dtype), group_sizes)
+    return jnp.zeros_like(x).at[token].add(out * scale[:, None].astype(dtype))
 
 
 def block_size(rows: int, n_experts: int) -> int:
@@ -114,16 +118,17 @@ def block_size(rows: int, n_experts: int) -> int:
     return int(min(128, max(8, 2 ** math.floor(math.log2(max(rows / (4 * n_experts), 1))))))
 
 
-def _blocked_mlp(x_sorted, group_sizes, w_up, w_gate, w_down):
-    """The same contract as `_ragged_mlp`, as dense batched matmuls over fixed-size blocks.
+def _blocked_combine(x, token, scale, group_sizes, w_up, w_gate, w_down):
+    """The same contract as `_ragged_combine`, as dense batched matmuls over fixed-size blocks.
 
-    Each expert's group is padded to whole blocks of b rows; block n is multiplied by the
-    weights of its expert, gathered per block. Rows: M + E * (b - 1) at most, so the shapes
-    are static and the work is within E * b rows of the exact grouped product. (On CPU this
-    is several times faster than `ragged_dot`; see docs/benchmarks.md.)
+    Each expert's group is padded to whole blocks of b rows; block n holds the tokens of one
+    expert and is multiplied by that expert's weights, gathered per block. Rows: M + E (b - 1)
+    at most, so the shapes are static and the work is within E * b rows of the exact grouped
+    product. Tokens are gathered straight into the blocks and the outputs scattered straight
+    back onto the tokens. (On CPU several times faster than `ragged_dot`; docs/benchmarks.md.)
     """
-    m, d = x_sorted.shape
-    n_experts = group_sizes.shape[0]
+    n, d = x.shape
+    m, n_experts = token.shape[0], group_sizes.shape[0]
     b = block_size(m, n_experts)
     n_blocks = -(-(m + n_experts * (b - 1)) // b)
     padded_sizes = -(-group_sizes // b) * b
@@ -133,22 +138,18 @@ def _blocked_mlp(x_sorted, group_sizes, w_up, w_gate, w_down):
     expert = jnp.clip(jnp.searchsorted(padded_start + padded_sizes, row, side="right"), 0, n_experts - 1)
     rank = row - padded_start[expert]
     valid = rank < group_sizes[expert]
-    source = jnp.where(valid, group_start[expert] + rank, m)  # m: an all-zero row
-    x_blocks = jnp.concatenate([x_sorted, jnp.zeros((1, d), x_sorted.dtype)])[source].reshape(n_blocks, b, d)
+    sorted_row = jnp.where(valid, group_start[expert] + rank, 0)
+    row_token = jnp.where(valid, token[sorted_row], n)  # n: an all-zero input row / a discarded output row
+    row_scale = jnp.where(valid, scale[sorted_row], 0).astype(x.dtype)
+    x_blocks = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[row_token].reshape(n_blocks, b, d)
     block_expert = expert[::b]
-    dtype = x_sorted.dtype
-    gather = lambda w: jnp.take(w, block_expert, axis=0).astype(dtype)  # noqa: E731
-    hidden = _expert_mlp(x_blocks, gather(w_up), None if w_gate is None else gather(w_gate), gather(w_down),
-                         "nbd,ndf->nbf", "nbf,nfd->nbd")
-    # back to sorted order: sorted row i of group e sits at padded row padded_start[e] + (i - group_start[e])
-    sorted_expert = jnp.clip(jnp.searchsorted(group_start + group_sizes, jnp.arange(m), side="right"), 0,
-                             n_experts - 1)
-    padded_row = padded_start[sorted_expert] + jnp.arange(m) - group_start[sorted_expert]
-    in_groups = jnp.arange(m) < jnp.sum(group_sizes)
-    return jnp.where(in_groups[:, None], hidden.reshape(n_blocks * b, d)[padded_row], 0)
+    gather = lambda w: jnp.take(w, block_expert, axis=0).astype(x.dtype)  # noqa: E731
+    out = _expert_mlp(x_blocks, gather(w_up), None if w_gate is None else gather(w_gate), gather(w_down),
+                      "nbd,ndf->nbf", "nbf,nfd->nbd").reshape(n_blocks * b, d)
+    return jnp.zeros((n + 1, d), x.dtype).at[row_token].add(out * row_scale[:, None])[:n]
 
 
-_GROUPED_MLP = {"ragged_dot": _ragged_mlp, "blocks": _blocked_mlp}
+_GROUPED_COMBINE = {"ragged_dot": _ragged_combine, "blocks": _blocked_combine}
 
 
 def dropless_combine(x, experts, weights, w_up, w_gate, w_down, first_expert=0, grouped_matmul="blocks"):
@@ -156,7 +157,7 @@ def dropless_combine(x, experts, weights, w_up, w_gate, w_down, first_expert=0, 
 
     x (N, D); experts, weights (N, k); w_* hold experts first_expert .. first_expert + E_here
     - 1 along axis 0. Assignments to other experts contribute nothing. `grouped_matmul`:
-    "ragged_dot" or "blocks" (`_blocked_mlp`). Returns (N, D).
+    "ragged_dot" (`_ragged_combine`) or "blocks" (`_blocked_combine`). Returns (N, D).
     """
     n, k = experts.shape
     n_here = w_up.shape[0]
@@ -164,11 +165,9 @@ def dropless_combine(x, experts, weights, w_up, w_gate, w_down, first_expert=0, 
     here = (local >= 0) & (local < n_here)
     sort_key = jnp.where(here, local, n_here)
     order = jnp.argsort(sort_key, stable=True)
-    token = order // k
     group_sizes = jnp.bincount(sort_key, length=n_here + 1)[:n_here].astype(jnp.int32)
-    out = _GROUPED_MLP[grouped_matmul](jnp.take(x, token, axis=0), group_sizes, w_up, w_gate, w_down)
-    scale = jnp.where(here, weights.reshape(-1), 0.0)[order].astype(out.dtype)
-    return jnp.zeros_like(x).at[token].add(out * scale[:, None])
+    scale = jnp.where(here, weights.reshape(-1), 0.0)[order]
+    return _GROUPED_COMBINE[grouped_matmul](x, order // k, scale, group_sizes, w_up, w_gate, w_down)
 
 
 def _expert_parallel_dropless(x, experts, weights, w_up, w_gate, w_down, mesh, grouped_matmul: str):
