@@ -9,6 +9,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -167,7 +169,7 @@ SWEEP_FILES = {
         from lmjax.scaling.sweep import grid_sweep
 
         def sweep():
-            return grid_sweep(str(Path(__file__).parent / "tiny.py"), {"model.d_model": [16, 32, 48]})
+            return grid_sweep(str(Path(__file__).parent / "tiny.py"), {"model.d_model": [16, 32]})
         """,
 }
 
@@ -185,16 +187,16 @@ def test_sweep_resumes_after_kill(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert first.exists() and not (sweep_dir / "d_model48" / "result.json").exists()
+    assert first.exists() and not (sweep_dir / "d_model32" / "result.json").exists()
     first_metrics = (sweep_dir / "d_model16" / "metrics.jsonl").read_text()
 
     restarted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert restarted.returncode == 0, restarted.stderr
     assert "d_model16 finished already, skipped" in restarted.stdout
-    assert "training d_model16" not in restarted.stdout and "training d_model48" in restarted.stdout
+    assert "training d_model16" not in restarted.stdout and "training d_model32" in restarted.stdout
     assert (sweep_dir / "d_model16" / "metrics.jsonl").read_text() == first_metrics
     rows = (sweep_dir / "results.csv").read_text().splitlines()
-    assert rows[0].startswith("name,N,N_total,D,C") and len(rows) == 4
+    assert rows[0].startswith("name,N,N_total,D,C") and len(rows) == 3
 
 
 def test_kv_cache_formula_matches_generate_cache():
@@ -203,8 +205,10 @@ def test_kv_cache_formula_matches_generate_cache():
     from lmjax.models import DecoderLM
 
     model_cfg = ModelConfig(d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, dtype="bfloat16")
-    keys, values = DecoderLM(model_cfg, rngs=nnx.Rngs(0)).init_cache(batch_size=3, length=20)
-    assert keys.nbytes + values.nbytes == kv_cache_bytes_per_token(model_cfg) * 3 * 20
+    model = nnx.eval_shape(lambda: DecoderLM(model_cfg, rngs=nnx.Rngs(0)))
+    keys, values = jax.eval_shape(lambda: model.init_cache(batch_size=3, length=20))
+    cache_bytes = sum(np.prod(x.shape) * x.dtype.itemsize for x in (keys, values))
+    assert keys.dtype == jnp.bfloat16 and cache_bytes == kv_cache_bytes_per_token(model_cfg) * 3 * 20
 
 
 def test_wsd_branch_equals_run_from_scratch(tiny, tmp_path):
@@ -215,11 +219,10 @@ def test_wsd_branch_equals_run_from_scratch(tiny, tmp_path):
     experiment = tmp_path / "base.py"
     experiment.write_text("from lmjax.config import Config\n\ndef config():\n"
                           f"    return Config.from_dict({base.to_dict()!r})\n")
-    sweep = wsd_branches(str(experiment), [{"model.d_model": 32}], tokens=[256 * 4, 256 * 8])
+    sweep = wsd_branches(str(experiment), [{"model.d_model": 32}], tokens=[256 * 4])
     log = []
     run_sweep(sweep, tmp_path / "sweep", log=log.append)
     assert any("growing trunk d_model32-trunk to step 2" in line for line in log)
-    assert any("growing trunk d_model32-trunk to step 4" in line for line in log)
     branched = json.loads((tmp_path / "sweep" / "d_model32-D1024" / "result.json").read_text())
 
     from lmjax.train.loop import train
@@ -233,7 +236,7 @@ def test_sweep_emits_cluster_commands(tmp_path, capsys):
         (tmp_path / name).write_text(textwrap.dedent(text))
     assert main(["sweep", str(tmp_path / "grid.py"), "--dir", "out", "--slurm"]) == 0
     script = capsys.readouterr().out
-    assert "#SBATCH --array=0-2" in script and "--only-index $SLURM_ARRAY_TASK_ID" in script
+    assert "#SBATCH --array=0-1" in script and "--only-index $SLURM_ARRAY_TASK_ID" in script
     assert main(["sweep", str(tmp_path / "grid.py"), "--dir", "out", "--commands"]) == 0
-    assert capsys.readouterr().out.splitlines()[2].endswith("--dir out --only-index 2")
-    assert main(["sweep", str(tmp_path / "grid.py"), "--only-index", "3"]) == 2
+    assert capsys.readouterr().out.splitlines()[1].endswith("--dir out --only-index 1")
+    assert main(["sweep", str(tmp_path / "grid.py"), "--only-index", "2"]) == 2
