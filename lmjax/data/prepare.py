@@ -25,7 +25,7 @@ import shutil
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -92,7 +92,7 @@ def _write_shard(out: Path, index: int, documents: list[str], counts: dict) -> d
     name = f"shard-{index:05d}"
     _write_atomically(out / f"{name}.tokens.npy", lambda f: np.save(f, tokens))
     _write_atomically(out / f"{name}.docs.npy", lambda f: np.save(f, np.asarray(starts, np.int64)))
-    entry = {"name": name, "documents": len(documents), "tokens": int(len(tokens)),
+    entry = {"name": name, "documents": len(documents), "tokens": len(tokens),
              "bytes": sum(len(d.encode("utf-8")) for d in documents),
              "empty_documents": counts.get("empty", 0), "invalid_utf8_documents": counts.get("invalid_utf8", 0),
              "tokens_sha256": _sha256(out / f"{name}.tokens.npy"), "docs_sha256": _sha256(out / f"{name}.docs.npy")}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -73,7 +73,7 @@ class HFTokenizer(_Subword):
 
         try:
             self._tokenizer = Tokenizer.from_file(str(path))
-        except Exception as e:  # the library raises a bare Exception on malformed files
+        except Exception as e:  # noqa: BLE001 (the library raises a bare Exception on malformed files)
             raise DataError(f"tokenizer {path} is not a readable `tokenizers` file ({e}).") from None
         self.name, self.vocab_size = Path(path).name, self._tokenizer.get_vocab_size()
         self._init_specials(path)
@@ -180,10 +180,14 @@ def _train_sentencepiece(documents, out: Path, vocab_size: int, model_type: str,
     import sentencepiece as spm
 
     model = io.BytesIO()
-    spm.SentencePieceTrainer.Train(
-        sentence_iterator=_lines(documents), model_writer=model, vocab_size=vocab_size, model_type=model_type,
-        pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece=PAD, bos_piece=BOS, eos_piece=EOS, unk_piece=UNK,
-        user_defined_symbols=[MASK] + specials[5:], byte_fallback=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
-        character_coverage=1.0, hard_vocab_limit=False, max_sentence_length=16384, minloglevel=2)
+    try:
+        spm.SentencePieceTrainer.Train(
+            sentence_iterator=_lines(documents), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+            pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece=PAD, bos_piece=BOS, eos_piece=EOS, unk_piece=UNK,
+            user_defined_symbols=[MASK] + specials[5:], byte_fallback=True, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
+            character_coverage=0.9995, hard_vocab_limit=False, max_sentence_length=16384, minloglevel=2)
+    except RuntimeError as e:  # e.g. more distinct characters than --vocab-size leaves room for
+        raise DataError(f"SentencePiece could not train a {vocab_size}-id model ({str(e).strip()}); "
+                        "raise --vocab-size.") from None
     out.write_bytes(model.getvalue())
