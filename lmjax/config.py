@@ -191,6 +191,7 @@ class DataConfig:
     val_fraction: float = 0.02  # share of documents (prepared data: of the final windows) held out for validation
     seed: int = 0  # data order is a pure function of (seed, step)
     workers: int = 0  # batch-reading worker processes (0: reader threads in the training process)
+    verify_shards: bool = True  # check prepared shards' SHA-256 at start-up (~1 s/GB; `lmjax data verify` does it once)
 
     def mixture(self) -> list[tuple[str, float]]:
         """[(directory, weight)] of `path`: "DIR" is [(DIR, 1.0)]."""

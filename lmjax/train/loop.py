@@ -66,7 +66,7 @@ def load_datasets(cfg: Config, tokenizer=None) -> tuple[PackedDataset | Mixture,
     else:
         parts, tails, weights = [], [], []
         for directory, weight in cfg.data.mixture():
-            windows = open_prepared(directory, tokenizer, cfg.data.seq_len)
+            windows = open_prepared(directory, tokenizer, cfg.data.seq_len, verify=cfg.data.verify_shards)
             held_out = max(1, math.ceil(cfg.data.val_fraction * len(windows)))
             if held_out >= len(windows):
                 raise DataError(f"data.path {directory} has {len(windows)} windows of data.seq_len="
