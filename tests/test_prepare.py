@@ -165,3 +165,42 @@ def test_mixture_config_parsing_and_errors():
     for bad in ("/a:0.5,/b:0", "/a:-1"):
         with pytest.raises(ConfigError, match="must be > 0"):
             override(Config(), [f"data.path={bad}"])
+
+
+TINY = ["--set", "model.d_model=32", "--set", "model.n_layers=1", "--set", "model.n_heads=2", "--set", "model.d_ff=64",
+        "--set", "model.max_seq_len=32", "--set", "data.seq_len=32", "--set", "train.batch_size=4",
+        "--set", "log.wandb=off", "--set", "log.progress_bar=false", "--set", "train.sample_tokens=4",
+        "--set", "train.eval_batches=2", "--set", "data.val_fraction=0.1"]
+
+
+def test_tokenizer_train_prepare_train_resume_eval_from_the_cli(capsys, corpus, tmp_path):
+    from lmjax import load
+    from lmjax.cli import main
+
+    tokenizer = tmp_path / "tok.json"
+    assert main(["tokenizer", "train", "--data", str(corpus), "--vocab-size", "300", "--sentinels", "4",
+                 "--out", str(tokenizer)]) == 0
+    assert "--set model.vocab_size=384" in capsys.readouterr().out
+    data = tmp_path / "data"
+    assert main(["data", "prepare", "--data", str(corpus), "--tokenizer", str(tokenizer), "--out", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 15 empty documents" in out and f"data.path={data}" in out
+    assert main(["data", "verify", str(data), "--tokenizer", str(tokenizer)]) == 0
+    assert "checksums match" in capsys.readouterr().out
+
+    run, data_args = tmp_path / "run", ["--set", f"data.path={data}", "--set", f"data.tokenizer={tokenizer}"]
+    assert main(["train", *TINY, *data_args, "--set", "model.vocab_size=256"]) == 2
+    assert "set model.vocab_size=384" in capsys.readouterr().err
+    assert main(["train", *TINY, "--set", f"data.path={data}", "--set", f"train.run_dir={run}"]) == 2
+    assert "prepared with another tokenizer" in capsys.readouterr().err
+    assert main(["train", *TINY, *data_args, "--set", "train.steps=4", "--set", "train.halt_at_step=2",
+                 "--set", f"train.run_dir={run}"]) == 0
+    assert (run / "tokenizer.json").read_bytes() == tokenizer.read_bytes()
+    run_tokenizer_sha = load_tokenizer(str(tokenizer)).sha256
+    tokenizer.unlink()  # the run keeps its own copy: resuming, evaluating and loading need nothing else
+    assert main(["train", "--resume", str(run), "--set", "train.halt_at_step=none"]) == 0
+    assert "run finished" in capsys.readouterr().out
+    assert main(["eval", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 4
+    model, cfg, restored = load(run)
+    assert restored.sha256 == run_tokenizer_sha and restored.decode(restored.encode(MULTILINGUAL[0])) == MULTILINGUAL[0]

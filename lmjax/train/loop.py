@@ -90,6 +90,15 @@ def check_resumable(cfg: Config, saved: dict) -> None:
         raise ConfigError("cannot resume: the model shape differs from the saved run (" + "; ".join(differences) + ").")
 
 
+def run_tokenizer(cfg: Config, run_dir: Path):
+    """`data.tokenizer`, or the run's saved copy when resuming after the original file is gone."""
+    spec = cfg.data.tokenizer
+    saved = [p for p in (run_dir / "tokenizer.json", run_dir / "tokenizer.model") if p.is_file()]
+    if spec != "bytes" and not Path(spec).expanduser().is_file() and saved:
+        return load_tokenizer(str(saved[0]))
+    return load_tokenizer(spec)
+
+
 def check_same_tokenizer(tokenizer, run_dir: Path) -> None:
     """Raise ConfigError if the run being resumed saved a different tokenizer."""
     from lmjax.data.tokenizer import file_sha256
@@ -134,7 +143,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
     steps = total_steps(cfg)
     mesh = make_mesh(cfg.mesh)
     validate_layout(cfg, mesh)
-    train_set, val_set, tokenizer = load_datasets(cfg)
+    train_set, val_set, tokenizer = load_datasets(cfg, run_tokenizer(cfg, run_dir))
     main_process = jax.process_index() == 0
 
     run_dir.mkdir(parents=True, exist_ok=True)
