@@ -202,5 +202,5 @@ def test_tokenizer_train_prepare_train_resume_eval_from_the_cli(capsys, corpus, 
     assert "run finished" in capsys.readouterr().out
     assert main(["eval", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 4
-    model, cfg, restored = load(run)
+    _, _, restored = load(run)
     assert restored.sha256 == run_tokenizer_sha and restored.decode(restored.encode(MULTILINGUAL[0])) == MULTILINGUAL[0]

@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from lmjax.data import ByteTokenizer, DataError, load_documents, load_from_run, load_tokenizer, padded_vocab_size, save_to_run
+from lmjax.data import (
+    ByteTokenizer,
+    DataError,
+    load_documents,
+    load_from_run,
+    load_tokenizer,
+    padded_vocab_size,
+    save_to_run,
+)
 from lmjax.data.subword import KINDS, train_tokenizer
 
 SAMPLE = "naïve café — 日本語のテキスト, ελληνικά, Grüße, emoji 🙂🎉 and\ttabs\n  two  spaces\r\nend"

@@ -13,8 +13,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import grain
 import numpy as np

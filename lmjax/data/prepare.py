@@ -23,9 +23,9 @@ import multiprocessing
 import os
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from collections.abc import Iterator
 
 import numpy as np
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sysconfig
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 

@@ -14,8 +14,8 @@ masked-LM and span corruption work with any trained tokenizer.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 
