@@ -204,3 +204,14 @@ def test_tokenizer_train_prepare_train_resume_eval_from_the_cli(capsys, corpus, 
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 4
     _, _, restored = load(run)
     assert restored.sha256 == run_tokenizer_sha and restored.decode(restored.encode(MULTILINGUAL[0])) == MULTILINGUAL[0]
+
+
+def test_worker_processes_deliver_the_same_batches(prepared):
+    dataset = open_prepared(prepared, load_tokenizer("bytes"), 32)
+    threads = BatchIterator(dataset, 8, seed=1, rows=slice(4, 8))
+    expected = [next(threads)["inputs"] for _ in range(6)]
+    workers = BatchIterator(dataset, 8, seed=1, rows=slice(4, 8), workers=2)
+    for batch in expected:
+        np.testing.assert_array_equal(next(workers)["inputs"], batch)
+    workers.restore({"step": 2, "seed": 1, "weights": [1.0]})
+    np.testing.assert_array_equal(next(workers)["inputs"], expected[2])

@@ -227,6 +227,10 @@ class BatchIterator:
             _LocalBatch(self.datasets, self.order, self.batch_size, self.local))
         stream = batches.to_iter_dataset(grain.ReadOptions(num_threads=max(self.threads, 1), prefetch_buffer_size=4))
         if self.workers > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; lmjax uses none
+                flags.FLAGS.mark_as_parsed()
             stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
         self._iterator = iter(stream)
 
