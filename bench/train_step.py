@@ -51,10 +51,10 @@ class StepRunner:
         graphdef, self.state, shardings, optimizer = init_train_state(
             model, lambda p: make_optimizer(cfg.optim, total, p), 0, mesh)
         step_fn = make_train_step(graphdef, optimizer, learning_rate_schedule(cfg.optim, total),
-                                  cfg.optim.grad_accum_steps, model.dropout > 0)
+                                  cfg.optim.grad_accum_steps, model.dropout > 0, model.moe)
         self.batch = random_batch(cfg.train.batch_size, cfg.data.seq_len, model.vocab_size, batch_sharding(mesh))
         start = time.perf_counter()
-        self.step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None)).lower(
+        self.step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None, None)).lower(
             self.state, self.batch).compile()
         self.compile_seconds = time.perf_counter() - start
         self.step_times(3)  # warm up
@@ -64,7 +64,7 @@ class StepRunner:
         times = []
         for _ in range(steps):
             start = time.perf_counter()
-            self.state, metrics = self.step(self.state, self.batch)
+            self.state, metrics, _ = self.step(self.state, self.batch)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
         return times

@@ -1,4 +1,4 @@
-"""Looking inside a trained DecoderLM: per-layer attention probabilities and parameter tables."""
+"""Looking inside a trained DecoderLM: attention probabilities, expert routing, parameter tables."""
 
 from __future__ import annotations
 
@@ -18,10 +18,9 @@ def attention_maps(model, tokens) -> np.ndarray:
     positions = jnp.arange(tokens.shape[1])[None]
     mask = attention_mask(jnp.ones_like(tokens), causal=True)  # (1, 1, T, T)
     x = model._embed(tokens, positions, None)
-    graphdef, weights = nnx.split(model.stack.blocks)
     maps = []
     for layer in range(cfg.n_layers):
-        block = nnx.merge(graphdef, jax.tree.map(lambda w: w[layer], weights))
+        block = model.stack.layer(layer)
         h, attn = block.attn_norm(x), block.attn
         q, k = matmul(h, attn.wq[...]), matmul(h, attn.wk[...])  # (1, T, N, H), (1, T, K, H)
         if cfg.position == "rope":
@@ -31,6 +30,24 @@ def attention_maps(model, tokens) -> np.ndarray:
         maps.append(jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)[0])
         x = block(x, positions, mask)
     return np.asarray(jnp.stack(maps))
+
+
+def routing_assignments(model, tokens) -> dict:
+    """How a MoE model routes one sequence of token ids, at evaluation settings.
+
+    Returns {"experts": (L_moe, T, k) int expert ids, best first; "load": (L_moe, E) share of
+    the assignments each expert got; "moe_layers": the MoE layers' indices}.
+    """
+    from lmjax.models.moe import pop_routing_statistics
+
+    cfg = model.cfg
+    if not cfg.moe.enabled:
+        raise ValueError("routing_assignments needs a mixture-of-experts model (model.moe.n_experts > 0).")
+    model.eval()
+    model(jnp.asarray(tokens, jnp.int32)[None])
+    stats = pop_routing_statistics(model)
+    return {"experts": np.asarray(stats["experts"][:, 0]), "load": np.asarray(stats["load"]),
+            "moe_layers": [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]}
 
 
 def parameter_table(model) -> list[dict]:

@@ -42,6 +42,7 @@ class MoEConfig:
     top_k: int = 2
     d_ff: int | None = None  # hidden width of one expert (None: model.d_ff)
     dispatch: Literal["capacity", "dropless"] = "dropless"
+    grouped_matmul: Literal["auto", "blocks", "ragged_dot"] = "auto"  # dropless kernel; auto: ragged_dot on TPU only
     capacity_factor: float = 1.25  # capacity dispatch, training: slots per expert = cf * k * tokens / E
     eval_capacity_factor: float = 2.0  # capacity dispatch, evaluation and generation
     every: int = 1  # MoE in every k-th layer
@@ -54,6 +55,7 @@ class MoEConfig:
     def __post_init__(self):
         _require(self.n_experts >= 0, f"model.moe.n_experts must be >= 0, got {self.n_experts}.")
         _check_choice("model.moe.dispatch", self.dispatch, ("capacity", "dropless"))
+        _check_choice("model.moe.grouped_matmul", self.grouped_matmul, ("auto", "blocks", "ragged_dot"))
         if self.n_experts == 0:
             return
         _require(1 <= self.top_k <= self.n_experts,

@@ -41,6 +41,7 @@ def sample_token(logits, key, temperature: float, top_k: int | None, top_p: floa
 def _generate(graphdef, params, tokens, lengths, max_new_tokens, temperature, top_k, top_p, key):
     """tokens (B, P) right-padded prompts of `lengths` (B,) -> (B, max_new_tokens) new ids."""
     model = nnx.merge(graphdef, params)
+    model.eval()  # MoE: evaluation capacity factor, no router jitter
     batch, prompt_len = tokens.shape
     cache = model.init_cache(batch, prompt_len + max_new_tokens)
     positions = jnp.broadcast_to(jnp.arange(prompt_len), tokens.shape)

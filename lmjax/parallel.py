@@ -29,7 +29,8 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),  # tensor parallelism: MLP hidden units split across devices
     "vocab": ("tensor",),  # output logits split by vocabulary
-    "expert": ("expert",),  # expert parallelism
+    "expert": ("expert",),  # expert parallelism: each device holds E / expert of the experts
+    "expert_batch": ("data", "fsdp"),  # rows of the expert inputs (E, B, C, D): batch without the expert axis
     "head_dim": None,
     "length": None,
     "layers": None,  # scanned layer axis stays whole on every device
@@ -82,6 +83,14 @@ def validate_layout(cfg: Config, mesh: Mesh) -> None:
         if size % tensor:
             raise ConfigError(f"mesh.tensor={tensor} does not divide {name}={size}; pick a tensor-parallel size "
                               "that divides the heads, kv heads, d_ff and vocabulary.")
+    if m.moe.enabled:
+        experts = mesh.shape["expert"]
+        if m.moe.n_experts % experts:
+            raise ConfigError(f"mesh.expert={experts} does not divide model.moe.n_experts={m.moe.n_experts}; "
+                              "each expert-parallel device must hold the same number of experts.")
+        if m.expert_d_ff % tensor:
+            raise ConfigError(f"mesh.tensor={tensor} does not divide the expert width {m.expert_d_ff} "
+                              "(model.moe.d_ff, or model.d_ff when unset).")
     if m.d_model % fsdp:
         raise ConfigError(f"mesh.fsdp={fsdp} does not divide model.d_model={m.d_model}.")
     micro_batch = cfg.train.batch_size // cfg.optim.grad_accum_steps

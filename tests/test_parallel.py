@@ -67,6 +67,38 @@ def test_layouts_match_single_device(tmp_path, single_device_losses, axes):
     np.testing.assert_allclose(losses(run), single_device_losses, rtol=1e-5)
 
 
+MOE = ["--set", "model.moe.n_experts=8", "--set", "model.moe.top_k=2"]
+
+
+@pytest.fixture(scope="module")
+def moe_single_device_runs(tmp_path_factory):
+    """The single-device reference run of each dispatch mode, trained once per module."""
+    runs = {}
+
+    def run(dispatch, args):
+        if dispatch not in runs:
+            runs[dispatch] = tmp_path_factory.mktemp(f"moe-{dispatch}") / "run"
+            assert main(["train", *args, "--set", f"train.run_dir={runs[dispatch]}"]) == 0
+        return runs[dispatch]
+
+    return run
+
+
+@pytest.mark.parametrize("dispatch, axes", [
+    ("dropless", dict(data=1, expert=8)), ("dropless", dict(data=2, expert=4)),
+    ("dropless", dict(data=1, fsdp=2, tensor=2, expert=2)), ("capacity", dict(data=2, expert=4)),
+], ids=["dropless-expert8", "dropless-expert4-data2", "dropless-expert2-fsdp2-tensor2", "capacity-expert4-data2"])
+def test_moe_layouts_match_single_device(tmp_path, moe_single_device_runs, dispatch, axes):
+    moe = [*TINY, *MOE, "--set", f"model.moe.dispatch={dispatch}"]
+    single = moe_single_device_runs(dispatch, moe)
+    run = tmp_path / "run"
+    finish(lmjax_subprocess(["train", *moe, *mesh_args(**axes), "--set", f"train.run_dir={run}"]))
+    np.testing.assert_allclose(losses(run), losses(single), rtol=1e-5)
+    routed = [r["moe_max_load"] for r in read_metrics(run) if "moe_max_load" in r]
+    np.testing.assert_allclose(routed, [r["moe_max_load"] for r in read_metrics(single) if "moe_max_load" in r],
+                               rtol=1e-5)
+
+
 DUMP_PARAMS = """
 import sys, numpy as np, jax
 from lmjax.train.run_eval import restore_params

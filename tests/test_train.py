@@ -73,7 +73,7 @@ def test_gradient_accumulation_equals_full_batch(tiny):
         graphdef, state, _, optimizer = init_train_state(cfg.model, lambda p: make_optimizer(optim, 10, p), 0, mesh)
         step = jax.jit(make_train_step(graphdef, optimizer, learning_rate_schedule(optim, 10), accum, False))
         results.append(step(state, batch))
-    (s1, m1), (s4, m4) = results
+    (s1, m1, _), (s4, m4, _) = results
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
     np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
     for x, y in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):

@@ -163,12 +163,12 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """Position-wise feed-forward: SwiGLU (w_down(silu(x w_gate) * x w_up)) or GELU.
 
-    (B, T, D) -> (B, T, D), hidden width F = d_ff.
+    (B, T, D) -> (B, T, D), hidden width F = `d_ff` (default cfg.d_ff).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, d_ff: int | None = None):
         self.gated = cfg.mlp == "swiglu"
-        d, f = cfg.d_model, cfg.d_ff
+        d, f = cfg.d_model, d_ff or cfg.d_ff
         std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.n_layers) ** 0.5
         self.w_up = param(rngs, (d, f), ("embed", "mlp"), std, cfg.param_dtype)
         if self.gated:

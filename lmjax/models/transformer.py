@@ -12,6 +12,7 @@ from flax import nnx
 
 from lmjax.config import ModelConfig
 from lmjax.models.layers import MLP, Attention, make_norm
+from lmjax.models.moe import MoE
 from lmjax.parallel import constrain
 
 _REMAT_POLICIES = {
@@ -29,56 +30,119 @@ def dropout(x, rate: float, key):
 
 
 class Block(nnx.Module):
-    """x + Attn(Norm(x)), then x + MLP(Norm(x)). (B, T, D) -> (B, T, D)."""
+    """x + Attn(Norm(x)), then x + FFN(Norm(x)), the FFN a dense MLP or, with `moe`, a
+    mixture of experts. (B, T, D) -> (B, T, D)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False):
         self.dropout_rate = cfg.dropout
         self.attn_norm = make_norm(cfg, rngs)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = make_norm(cfg, rngs)
-        self.mlp = MLP(cfg, rngs=rngs)
+        if moe:
+            self.moe = MoE(cfg, rngs=rngs)
+        else:
+            self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, positions, mask, dropout_key=None, cache=None):
         """With a KV `cache` (see Attention) returns (x, updated cache)."""
-        keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        moe = hasattr(self, "moe")
+        keys = (None,) * 3 if dropout_key is None else jax.random.split(dropout_key, 3 if moe else 2)
         attended = self.attn(self.attn_norm(x), positions, mask, cache)
         if cache is not None:
             attended, cache = attended
         x = x + dropout(attended, self.dropout_rate, keys[0])
-        x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, keys[1])
+        h = self.mlp_norm(x)
+        h = self.moe(h, keys[2]) if moe else self.mlp(h)
+        x = x + dropout(h, self.dropout_rate, keys[1])
         return x if cache is None else (x, cache)
 
 
 class Stack(nnx.Module):
-    """`n_layers` blocks with stacked weights (leading logical axis `layers`)."""
+    """`n_layers` blocks with stacked weights (leading logical axis `layers`).
+
+    With MoE every `every`-th layer, the stack is `n_layers / every` repeats of a period
+    of `every - 1` dense blocks then one MoE block: `blocks` holds the dense ones (in layer
+    order) and `moe_blocks` the MoE ones; with every == 1 all of `blocks` are of one kind.
+    A forward pass without a cache keeps the MoE layers' routing statistics as the
+    `nnx.Intermediate` "routing", each statistic stacked over MoE layers (L_moe, ...).
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
+        self.period = cfg.moe.every if cfg.moe.enabled else 1
 
-        @nnx.split_rngs(splits=cfg.n_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs=rngs)
+        def stacked_blocks(count: int, moe: bool):
+            @nnx.split_rngs(splits=count)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_blocks(rngs: nnx.Rngs) -> Block:
+                return Block(cfg, rngs=rngs, moe=moe)
 
-        self.blocks = make_blocks(rngs)
+            return make_blocks(rngs)
+
+        if self.period == 1:
+            self.blocks = stacked_blocks(cfg.n_layers, cfg.moe.enabled)
+        else:
+            repeats = cfg.n_layers // self.period
+            self.blocks = stacked_blocks(repeats * (self.period - 1), False)
+            self.moe_blocks = stacked_blocks(repeats, True)
+
+    def layer(self, index: int) -> Block:
+        """Block `index` (0-based, in execution order) as a module of its own (a copy)."""
+        period = self.period
+        repeat, offset = divmod(index, period)
+        if period > 1 and offset == period - 1:
+            blocks, i = self.moe_blocks, repeat
+        else:
+            blocks, i = self.blocks, repeat * (period - 1) + offset if period > 1 else index
+        graphdef, weights = nnx.split(blocks)
+        return nnx.merge(graphdef, jax.tree.map(lambda w: w[i], weights))
 
     def __call__(self, x, positions, mask, dropout_key=None, cache=None):
         """x (B, T, D), positions (B, T), mask (B, 1, T, S) -> (B, T, D).
 
         With `cache` = (keys, values), each (L, B, S, K, H), returns (x, updated cache).
         """
-        cfg = self.cfg
-        graphdef, weights = nnx.split(self.blocks)
-        layer_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_layers)
+        cfg, period = self.cfg, self.period
+        repeats = cfg.n_layers // period
+        # Per repeat: the period's layers as a list, each entry (graphdef, weights).
+        groups = [nnx.split(self.blocks)]
+        if period > 1:
+            dense_graph, dense = groups[0]
+            dense = jax.tree.map(lambda w: w.reshape(repeats, period - 1, *w.shape[1:]), dense)
+            groups = [(dense_graph, jax.tree.map(lambda w, j=j: w[:, j], dense)) for j in range(period - 1)]
+            groups.append(nnx.split(self.moe_blocks))
+        graphdefs = [g for g, _ in groups]
+        weights = [w for _, w in groups]
+
+        def per_repeat(a):  # (L, ...) -> (repeats, period, ...)
+            return None if a is None else a.reshape(repeats, period, *a.shape[1:])
+
+        layer_keys = None if dropout_key is None else per_repeat(jax.random.split(dropout_key, cfg.n_layers))
+        repeat_cache = None if cache is None else jax.tree.map(per_repeat, cache)
 
         def apply_layer(h, layer):
-            layer_weights, key, layer_cache = layer
-            out = nnx.merge(graphdef, layer_weights)(h, positions, mask, key, layer_cache)
-            h, layer_cache = out if layer_cache is not None else (out, None)
-            return constrain(h, ("batch", "length", None)), layer_cache
+            layer_weights, keys, layer_cache = layer
+            stats, new_cache = [], []
+            for j in range(period):
+                block = nnx.merge(graphdefs[j], layer_weights[j])
+                cache_j = None if layer_cache is None else jax.tree.map(lambda c, j=j: c[j], layer_cache)
+                out = block(h, positions, mask, None if keys is None else keys[j], cache_j)
+                h, cache_j = out if cache_j is not None else (out, None)
+                h = constrain(h, ("batch", "length", None))
+                stats.append(nnx.pop(block, nnx.Intermediate))
+                new_cache.append(cache_j)
+            if layer_cache is not None:
+                new_cache = jax.tree.map(lambda *c: jnp.stack(c), *new_cache)
+            else:
+                new_cache = None
+            return h, (new_cache, stats[-1])
 
         if cfg.remat != "none":
             apply_layer = jax.checkpoint(apply_layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         unroll = cfg.scan_unroll if cfg.scan_layers else True
-        x, cache = jax.lax.scan(apply_layer, x, (weights, layer_keys, cache), unroll=unroll)
-        return x if cache is None else (x, cache)
+        x, (cache, stats) = jax.lax.scan(apply_layer, x, (weights, layer_keys, repeat_cache), unroll=unroll)
+        if cfg.moe.enabled and cache is None:  # not while decoding: a cache update is not a forward pass
+            self.routing = nnx.Intermediate(nnx.to_pure_dict(stats)["moe"]["routing"])
+        if cache is None:
+            return x
+        return x, jax.tree.map(lambda c: c.reshape(cfg.n_layers, *c.shape[2:]), cache)

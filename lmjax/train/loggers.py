@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import jax
-
+import numpy as np
 from tqdm.auto import tqdm
 
 from lmjax.config import Config
@@ -47,6 +47,15 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
+
+    def log_routing(self, step: int, routing: dict) -> None:
+        """Append the per-layer routing statistics (arrays stacked over MoE layers, see
+        lmjax.models.moe) to `<run_dir>/routing.jsonl` as nested lists, for the notebooks."""
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: v.tolist() for k, v in routing.items()}}
+        with (self.path.parent / "routing.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         if self.wandb_run is not None:
@@ -80,6 +89,16 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_routing(run_dir: Path) -> dict:
+    """`<run_dir>/routing.jsonl` of a MoE run as arrays: "step" (S,) and each routing
+    statistic stacked over log steps, e.g. "load" (S, L_moe, E), "dropped" (S, L_moe)."""
+    path = Path(run_dir) / "routing.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not records:
+        return {}
+    return {key: np.asarray([r[key] for r in records]) for key in records[0]}
 
 
 def progress_bar(total: int, initial: int, enabled: bool):

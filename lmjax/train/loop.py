@@ -171,12 +171,13 @@ def train(cfg: Config, run_dir: Path) -> dict:
     rows = batch_sharding(mesh)
     to_global = lambda batch: {k: jax.make_array_from_process_local_data(rows, v) for k, v in batch.items()}
     step_fn = make_train_step(graphdef, optimizer, learning_rate_schedule(cfg.optim, steps),
-                              cfg.optim.grad_accum_steps, cfg.model.dropout > 0)
+                              cfg.optim.grad_accum_steps, cfg.model.dropout > 0 or cfg.model.moe.router_jitter > 0,
+                              cfg.model.moe)
     compile_start = time.perf_counter()
     batch_shape = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape), v.dtype, sharding=rows)
                    for k, v in train_set[0].items()}
     with jax.set_mesh(mesh):  # activation sharding constraints resolve against it while tracing
-        train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None)).lower(
+        train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None, None)).lower(
             state, batch_shape).compile()
     compile_seconds = time.perf_counter() - compile_start
 
@@ -207,7 +208,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
     step, last_val = start_step, None
     with _StopRequest() as stop:
         while step < halt and not stop.requested:
-            state, metrics = train_step(state, to_global(next(batches)))
+            state, metrics, routing = train_step(state, to_global(next(batches)))
             step += 1
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == halt:
@@ -218,6 +219,8 @@ def train(cfg: Config, run_dir: Path) -> dict:
                           "step_seconds": elapsed / (step - interval_step),
                           "mfu": mfu(tokens_per_second, flops_per_token, peak)}
                 logger.log(record)
+                if routing:
+                    logger.log_routing(step, jax.device_get(routing))
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_second:,.0f}",
                                 mfu=f"{record['mfu']:.0%}")
                 interval_start, interval_step = time.perf_counter(), step

@@ -7,24 +7,60 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lmjax.config import MoEConfig
+from lmjax.models.moe import pop_routing_statistics
 from lmjax.objectives import causal_lm_loss, token_losses
 from lmjax.train.state import TrainState
 
 
-def _loss_sum(params, graphdef, batch, dropout_key):
-    """(summed loss, token count) of a decoder on one (micro-)batch of (B, T) arrays."""
+def _loss_sum(params, graphdef, batch, dropout_key, moe: MoEConfig):
+    """Differentiated objective of one (micro-)batch of (B, T) arrays, and its parts.
+
+    Returns (objective, (loss_sum, count, routing)): loss_sum is the summed next-token loss
+    (nats) over `count` tokens; for MoE models the objective adds count * (load_balance_coef *
+    balancing loss + z_loss_coef * z loss), each averaged over MoE layers, and `routing` holds
+    the routing statistics stacked over MoE layers (empty for dense models).
+    """
     model = nnx.merge(graphdef, params)
     logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key)
-    return causal_lm_loss(logits, batch["targets"], batch["loss_mask"])
+    loss_sum, count = causal_lm_loss(logits, batch["targets"], batch["loss_mask"])
+    routing = pop_routing_statistics(model) or {}
+    routing.pop("experts", None)  # per-token assignments: for analysis, not for the metrics
+    objective = loss_sum
+    if routing:
+        aux = moe.load_balance_coef * jnp.mean(routing["load_balance_loss"]) + moe.z_loss_coef * jnp.mean(
+            routing["z_loss"])
+        objective = objective + count * aux
+    return objective, (loss_sum, count, routing)
+
+
+def routing_metrics(routing: dict) -> dict:
+    """Scalar summaries of stacked routing statistics (L_moe, ...) for the metrics log:
+    balancing and z losses, dropped share and router entropy averaged over MoE layers, and
+    `moe_max_load`: the busiest expert's share of assignments over its fair share 1/E, at the
+    worst layer (1.0 is perfectly balanced)."""
+    if not routing:
+        return {}
+    n_experts = routing["load"].shape[-1]
+    return {
+        "moe_load_balance_loss": jnp.mean(routing["load_balance_loss"]),
+        "moe_z_loss": jnp.mean(routing["z_loss"]),
+        "moe_dropped": jnp.mean(routing["dropped"]),
+        "moe_entropy": jnp.mean(routing["entropy"]),
+        "moe_max_load": jnp.max(routing["load"]) * n_experts,
+    }
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule, grad_accum_steps: int,
-                    use_dropout: bool):
-    """`train_step(state, batch) -> (state, metrics)`.
+                    use_rng: bool, moe: MoEConfig = MoEConfig()):
+    """`train_step(state, batch) -> (state, metrics, routing)`.
 
     The batch (B, T) is split into `grad_accum_steps` micro-batches whose gradients of the
     summed loss are added, then divided by the total token count: the update equals the one
-    computed on the whole batch at once. metrics: loss (nats/token), grad_norm, lr, tokens.
+    computed on the whole batch at once. metrics: loss (nats/token), grad_norm, lr, tokens,
+    and for MoE models `routing_metrics`; routing: the per-layer routing statistics averaged
+    over micro-batches (empty for dense models). `use_rng` passes a per-step key to the model
+    (dropout, router jitter).
     """
     grad_fn = jax.value_and_grad(_loss_sum, has_aux=True)
 
@@ -34,20 +70,20 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
         def add_micro_batch(carry, inputs):
             index, micro_batch = inputs
             key = None if step_key is None else jax.random.fold_in(step_key, index)
-            (loss_sum, count), grads = grad_fn(params, graphdef, micro_batch, key)
+            (_, (loss_sum, count, routing)), grads = grad_fn(params, graphdef, micro_batch, key, moe)
             total_loss, total_count, total_grads = carry
-            return (total_loss + loss_sum, total_count + count, jax.tree.map(jnp.add, total_grads, grads)), None
+            return (total_loss + loss_sum, total_count + count, jax.tree.map(jnp.add, total_grads, grads)), routing
 
         init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        totals, _ = jax.lax.scan(add_micro_batch, init, (jnp.arange(grad_accum_steps), micro))
-        return totals
+        (loss_sum, count, grads), routing = jax.lax.scan(add_micro_batch, init, (jnp.arange(grad_accum_steps), micro))
+        return loss_sum, count, grads, jax.tree.map(lambda r: jnp.mean(r, axis=0), routing)
 
     def train_step(state: TrainState, batch):
-        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step) if use_dropout else None
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step) if use_rng else None
         if grad_accum_steps == 1:
-            (loss_sum, count), grads = grad_fn(state.params, graphdef, batch, step_key)
+            (_, (loss_sum, count, routing)), grads = grad_fn(state.params, graphdef, batch, step_key, moe)
         else:
-            loss_sum, count, grads = accumulate_gradients(state.params, batch, step_key)
+            loss_sum, count, grads, routing = accumulate_gradients(state.params, batch, step_key)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -57,8 +93,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
             "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
             "tokens": count,
+            **routing_metrics(routing),
         }
-        return TrainState(params, opt_state, state.step + 1, state.rng), metrics
+        return TrainState(params, opt_state, state.step + 1, state.rng), metrics, routing
 
     return train_step
 
@@ -68,7 +105,9 @@ def eval_step(graphdef, params, batch, token_bytes):
     byte_count is the number of UTF-8 bytes the counted targets decode to, from
     `token_bytes` (V,) (for bits per byte)."""
     model = nnx.merge(graphdef, params)
+    model.eval()
     logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    pop_routing_statistics(model)
     losses = token_losses(logits, batch["targets"], batch["loss_mask"])
     byte_count = jnp.sum(token_bytes[batch["targets"]] * batch["loss_mask"])
     return jnp.sum(losses), jnp.sum(batch["loss_mask"]), byte_count, losses

@@ -1,0 +1,279 @@
+"""Mixture-of-experts feed-forward layer: float32 top-k router, two dispatch strategies,
+Switch load-balancing and ST-MoE z losses, and per-layer routing statistics.
+
+Shapes: B = batch, T = length, N = B * T tokens, D = d_model, E = experts, k = top_k,
+F = one expert's hidden width, C = capacity (slots per expert and sequence).
+
+Dispatch strategies (same interface, same result when nothing is dropped):
+- "capacity" (GShard / Switch): each sequence is a group; expert e takes at most
+  C = ceil(capacity_factor * k * T / E) of the group's assignments. Assignments are
+  served in priority order: every token's first choice before any second choice, and
+  within one choice, earlier positions first. Assignments past capacity are dropped (the
+  token keeps its residual path and its other experts) and counted. One-hot dispatch and
+  combine tensors (B, T, E, C) turn routing into einsums, so under expert parallelism the
+  compiler exchanges the (E, B, C, D) expert inputs between devices with all-to-alls.
+- "dropless" (MegaBlocks-style): the N * k assignments are sorted by expert and run
+  through grouped matmuls; nothing is dropped. Two kernels: `jax.lax.ragged_dot`, or
+  "blocks": groups padded to whole blocks of rows, each block multiplied by its expert's
+  weights in one batched matmul (faster than ragged_dot on CPU, see docs/benchmarks.md). Under a mesh with an
+  `expert` axis the experts are split across its devices: each device gathers the tokens
+  of its expert-axis group, runs its own experts on the assignments routed to them, and
+  the partial outputs are summed back onto the tokens' devices with a reduce-scatter.
+
+Statistics kept per layer as an `nnx.Intermediate` "routing" (`pop_routing_statistics` collects them):
+`load` (E,) share of assignments each expert received (sums to 1), `dropped` share of
+assignments dropped, `entropy` mean router entropy (nats), `load_balance_loss`
+E * sum_e f_e * P_e (Fedus et al. 2021, eq. 4; f over all k choices, 1.0 when uniform),
+`z_loss` mean_tokens logsumexp(router logits)^2 (Zoph et al. 2022, eq. 5), and
+`experts` (B, T, k) the experts each token was routed to (before any drop).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from lmjax.config import ModelConfig
+from lmjax.models.layers import MLP, param
+from lmjax.parallel import constrain, logical_to_mesh
+
+
+def route(logits, top_k: int, renormalize: bool):
+    """logits (N, E) float32 -> (probs (N, E), weights (N, k), experts (N, k) int32),
+    experts of each token in descending probability."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return probs, weights, experts
+
+
+def router_statistics(logits, probs, experts, n_experts: int) -> dict:
+    """Balancing and z losses, load per expert and router entropy; see the module docstring."""
+    load = jnp.mean(jnp.sum(jax.nn.one_hot(experts, n_experts, dtype=jnp.float32), axis=1), axis=0)
+    load = load / experts.shape[1]
+    return {
+        "load": load,
+        "load_balance_loss": n_experts * jnp.sum(load * jnp.mean(probs, axis=0)),
+        "z_loss": jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
+        "entropy": -jnp.mean(jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-20)), axis=-1)),
+    }
+
+
+def expert_capacity(capacity_factor: float, top_k: int, length: int, n_experts: int) -> int:
+    """Slots per expert and sequence: ceil(capacity_factor * k * T / E), at least 1."""
+    return max(1, math.ceil(capacity_factor * top_k * length / n_experts))
+
+
+def capacity_dispatch(experts, weights, n_experts: int, capacity: int):
+    """Dispatch and combine tensors of capacity routing.
+
+    experts, weights (B, T, k) -> dispatch (B, T, E, C) 0/1 in float32, combine (B, T, E, C)
+    routing weight of each kept assignment, and the number of kept assignments.
+    """
+    b, t, k = experts.shape
+    choice = jax.nn.one_hot(experts, n_experts, dtype=jnp.int32)  # (B, T, k, E)
+    by_priority = jnp.swapaxes(choice, 1, 2).reshape(b, k * t, n_experts)  # choice rank major, position minor
+    slot = jnp.cumsum(by_priority, axis=1) - 1
+    slot = jnp.swapaxes(slot.reshape(b, k, t, n_experts), 1, 2)  # (B, T, k, E)
+    kept = choice * (slot < capacity)
+    slots = jax.nn.one_hot(jnp.where(kept == 1, slot, -1), capacity, dtype=jnp.float32)  # (B, T, k, E, C)
+    dispatch = jnp.sum(slots, axis=2)
+    combine = jnp.einsum("btkec,btk->btec", slots, weights.astype(jnp.float32))
+    return dispatch, combine, jnp.sum(kept)
+
+
+def _expert_mlp(x, w_up, w_gate, w_down, equation_in: str, equation_out: str):
+    """The experts' feed-forward by einsum; w_gate None means GELU."""
+    up = jnp.einsum(equation_in, x, w_up.astype(x.dtype))
+    hidden = jax.nn.gelu(up) if w_gate is None else jax.nn.silu(jnp.einsum(equation_in, x, w_gate.astype(x.dtype))) * up
+    return jnp.einsum(equation_out, hidden, w_down.astype(x.dtype))
+
+
+def _ragged_combine(x, token, scale, group_sizes, w_up, w_gate, w_down):
+    """Assignments sorted by expert (token (M,) their token, scale (M,) their routing weight,
+    group_sizes (E,) how many go to each expert) through their expert's feed-forward with
+    `jax.lax.ragged_dot`, summed onto the tokens: x (N, D) -> (N, D). Sorted rows past
+    sum(group_sizes) come out zero."""
+    dtype = x.dtype
+    x_sorted = jnp.take(x, token, axis=0)
+    up = jax.lax.ragged_dot(x_sorted, w_up.astype(dtype), group_sizes)
+    if w_gate is None:
+        hidden = jax.nn.gelu(up)
+    else:
+        hidden = jax.nn.silu(jax.lax.ragged_dot(x_sorted, w_gate.astype(dtype), group_sizes)) * up
+    out = jax.lax.ragged_dot(hidden, w_down.astype(dtype), group_sizes)
+    return jnp.zeros_like(x).at[token].add(out * scale[:, None].astype(dtype))
+
+
+def block_size(rows: int, n_experts: int) -> int:
+    """Rows per block of the blocked grouped matmul: a power of two in [8, 128] near
+    rows / (4 E), so padding every group to whole blocks adds at most ~1/4 of the rows.
+    (Fewer, larger blocks mean fewer per-block weight copies: on CPU, 128-row blocks ran
+    the moe_tiny layer 1.25x faster than 64-row ones.)"""
+    return int(min(128, max(8, 2 ** math.floor(math.log2(max(rows / (4 * n_experts), 1))))))
+
+
+def _blocked_combine(x, token, scale, group_sizes, w_up, w_gate, w_down):
+    """The same contract as `_ragged_combine`, as dense batched matmuls over fixed-size blocks.
+
+    Each expert's group is padded to whole blocks of b rows; block n holds the tokens of one
+    expert and is multiplied by that expert's weights, gathered per block. Rows: M + E (b - 1)
+    at most, so the shapes are static and the work is within E * b rows of the exact grouped
+    product. Tokens are gathered straight into the blocks and the outputs scattered straight
+    back onto the tokens. (On CPU several times faster than `ragged_dot`; docs/benchmarks.md.)
+    """
+    n, d = x.shape
+    m, n_experts = token.shape[0], group_sizes.shape[0]
+    b = block_size(m, n_experts)
+    n_blocks = -(-(m + n_experts * (b - 1)) // b)
+    padded_sizes = -(-group_sizes // b) * b
+    padded_start = jnp.cumsum(padded_sizes) - padded_sizes  # (E,) first padded row of each group
+    group_start = jnp.cumsum(group_sizes) - group_sizes  # (E,) first sorted row of each group
+    row = jnp.arange(n_blocks * b)
+    expert = jnp.clip(jnp.searchsorted(padded_start + padded_sizes, row, side="right"), 0, n_experts - 1)
+    rank = row - padded_start[expert]
+    valid = rank < group_sizes[expert]
+    sorted_row = jnp.where(valid, group_start[expert] + rank, 0)
+    row_token = jnp.where(valid, token[sorted_row], n)  # n: an all-zero input row / a discarded output row
+    row_scale = jnp.where(valid, scale[sorted_row], 0).astype(x.dtype)
+    x_blocks = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[row_token].reshape(n_blocks, b, d)
+    block_expert = expert[::b]
+    gather = lambda w: jnp.take(w, block_expert, axis=0).astype(x.dtype)  # noqa: E731
+    out = _expert_mlp(x_blocks, gather(w_up), None if w_gate is None else gather(w_gate), gather(w_down),
+                      "nbd,ndf->nbf", "nbf,nfd->nbd").reshape(n_blocks * b, d)
+    return jnp.zeros((n + 1, d), x.dtype).at[row_token].add(out * row_scale[:, None])[:n]
+
+
+_GROUPED_COMBINE = {"ragged_dot": _ragged_combine, "blocks": _blocked_combine}
+
+
+def dropless_combine(x, experts, weights, w_up, w_gate, w_down, first_expert=0, grouped_matmul="blocks"):
+    """Sum over each token's routed experts of weight * Expert(x), for the experts held here.
+
+    x (N, D); experts, weights (N, k); w_* hold experts first_expert .. first_expert + E_here
+    - 1 along axis 0. Assignments to other experts contribute nothing. `grouped_matmul`:
+    "ragged_dot" (`_ragged_combine`) or "blocks" (`_blocked_combine`). Returns (N, D).
+    """
+    n, k = experts.shape
+    n_here = w_up.shape[0]
+    local = experts.reshape(-1) - first_expert
+    here = (local >= 0) & (local < n_here)
+    sort_key = jnp.where(here, local, n_here)
+    order = jnp.argsort(sort_key, stable=True)
+    group_sizes = jnp.bincount(sort_key, length=n_here + 1)[:n_here].astype(jnp.int32)
+    scale = jnp.where(here, weights.reshape(-1), 0.0)[order]
+    return _GROUPED_COMBINE[grouped_matmul](x, order // k, scale, group_sizes, w_up, w_gate, w_down)
+
+
+def _expert_parallel_dropless(x, experts, weights, w_up, w_gate, w_down, mesh, grouped_matmul: str):
+    """`dropless_combine` with experts split over the mesh's `expert` axis (see module
+    docstring); x (B, T, D) and the routing (B, T, k) are sharded like activations."""
+    batch_spec = logical_to_mesh(("batch", "length", None), mesh)
+    up_spec = logical_to_mesh(("expert", "embed", "mlp"), mesh)
+    down_spec = logical_to_mesh(("expert", "mlp", "embed"), mesh)
+    gated = w_gate is not None
+
+    def local(x, experts, weights, w_up, w_gate, w_down):
+        b, t, d = x.shape
+        gather = lambda a: jax.lax.all_gather(a.reshape(b * t, *a.shape[2:]), "expert", tiled=True)  # noqa: E731
+        w_up = jax.lax.all_gather(w_up, "fsdp", axis=1, tiled=True)
+        w_gate = jax.lax.all_gather(w_gate, "fsdp", axis=1, tiled=True) if gated else None
+        w_down = jax.lax.all_gather(w_down, "fsdp", axis=2, tiled=True)
+        first = jax.lax.axis_index("expert") * w_up.shape[0]
+        y = dropless_combine(gather(x), gather(experts), gather(weights), w_up, w_gate, w_down, first, grouped_matmul)
+        y = jax.lax.psum(y, "tensor")
+        return jax.lax.psum_scatter(y, "expert", tiled=True).reshape(b, t, d)
+
+    w_gate_arg = w_gate if gated else jnp.zeros(())
+    specs = (batch_spec, batch_spec, batch_spec, up_spec, up_spec if gated else PartitionSpec(), down_spec)
+    run = jax.shard_map(lambda x, e, w, u, g, dn: local(x, e, w, u, g if gated else None, dn),
+                        mesh=mesh, in_specs=specs, out_specs=batch_spec, check_vma=False)
+    return run(x, experts, weights, w_up, w_gate_arg, w_down)
+
+
+class MoE(nnx.Module):
+    """Routed experts plus optional always-on shared experts. (B, T, D) -> (B, T, D).
+
+    Expert weights are (E, D, F) / (E, F, D) with logical axes (expert, embed, mlp), so the
+    `expert` mesh axis splits the experts, fsdp the width and tensor the hidden units. The
+    router (D, E) is replicated. `deterministic` (set by `model.eval()`) switches to the
+    evaluation capacity factor and turns router jitter off.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        moe = cfg.moe
+        self.n_experts, self.top_k, self.dispatch = moe.n_experts, moe.top_k, moe.dispatch
+        self.grouped_matmul = moe.grouped_matmul
+        self.capacity_factor, self.eval_capacity_factor = moe.capacity_factor, moe.eval_capacity_factor
+        self.jitter, self.renormalize = moe.router_jitter, moe.renormalize
+        self.deterministic = False
+        d, f, e = cfg.d_model, cfg.expert_d_ff, moe.n_experts
+        std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        self.router = param(rngs, (d, e), ("embed", None), std, cfg.param_dtype)
+        self.w_up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, cfg.param_dtype)
+        if cfg.mlp == "swiglu":
+            self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, cfg.param_dtype)
+        self.w_down = param(rngs, (e, f, d), ("expert", "mlp", "embed"), out_std, cfg.param_dtype)
+        if moe.n_shared_experts:
+            self.shared = MLP(cfg, rngs=rngs, d_ff=moe.n_shared_experts * f)
+
+    def __call__(self, x, jitter_key=None):
+        b, t, d = x.shape
+        router_dtype = jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 if x is
+        router_in = x.astype(router_dtype)
+        if self.jitter and jitter_key is not None and not self.deterministic:
+            router_in = router_in * jax.random.uniform(jitter_key, x.shape, router_dtype, 1 - self.jitter,
+                                                       1 + self.jitter)
+        logits = jnp.einsum("btd,de->bte", router_in, self.router[...].astype(router_dtype))
+        probs, weights, experts = route(logits.reshape(b * t, -1), self.top_k, self.renormalize)
+        stats = router_statistics(logits.reshape(b * t, -1), probs, experts, self.n_experts)
+        experts, weights = experts.reshape(b, t, -1), weights.reshape(b, t, -1)
+        w_gate = self.w_gate[...] if hasattr(self, "w_gate") else None
+        if self.dispatch == "capacity":
+            y, kept = self._capacity(x, experts, weights, w_gate)
+            stats["dropped"] = 1.0 - kept / (b * t * self.top_k)
+        else:
+            y = self._dropless(x, experts, weights, w_gate)
+            stats["dropped"] = jnp.zeros((), jnp.float32)
+        stats["experts"] = experts
+        self.routing = nnx.Intermediate(stats)
+        if hasattr(self, "shared"):
+            y = y + self.shared(x)
+        return y
+
+    def _capacity(self, x, experts, weights, w_gate):
+        factor = self.eval_capacity_factor if self.deterministic else self.capacity_factor
+        capacity = expert_capacity(factor, self.top_k, x.shape[1], self.n_experts)
+        dispatch, combine, kept = capacity_dispatch(experts, weights, self.n_experts, capacity)
+        expert_in = jnp.einsum("btec,btd->ebcd", dispatch.astype(x.dtype), x)
+        expert_in = constrain(expert_in, ("expert", "expert_batch", None, None))
+        expert_out = _expert_mlp(expert_in, self.w_up[...], w_gate, self.w_down[...], "ebcd,edf->ebcf",
+                                 "ebcf,efd->ebcd")
+        expert_out = constrain(expert_out, ("expert", "expert_batch", None, None))
+        y = jnp.einsum("btec,ebcd->btd", combine.astype(x.dtype), expert_out)
+        return constrain(y, ("batch", "length", None)), kept
+
+    def _dropless(self, x, experts, weights, w_gate):
+        kernel = self.grouped_matmul
+        if kernel == "auto":
+            kernel = "ragged_dot" if jax.default_backend() == "tpu" else "blocks"
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or math.prod(mesh.shape.values()) == 1:
+            b, t, d = x.shape
+            y = dropless_combine(x.reshape(b * t, d), experts.reshape(b * t, -1), weights.reshape(b * t, -1),
+                                 self.w_up[...], w_gate, self.w_down[...], grouped_matmul=kernel)
+            return y.reshape(b, t, d)
+        return _expert_parallel_dropless(x, experts, weights, self.w_up[...], w_gate, self.w_down[...], mesh, kernel)
+
+
+def pop_routing_statistics(model: nnx.Module) -> dict | None:
+    """Remove and return the routing statistics the last forward pass sowed: a dict of
+    arrays stacked over MoE layers (L_moe, ...) (see the module docstring), or None for a
+    dense model."""
+    sown = nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))
+    return sown["stack"]["routing"] if "stack" in sown else None
