@@ -215,3 +215,32 @@ def test_worker_processes_deliver_the_same_batches(prepared):
         np.testing.assert_array_equal(next(workers)["inputs"], batch)
     workers.restore({"step": 2, "seed": 1, "weights": [1.0]})
     np.testing.assert_array_equal(next(workers)["inputs"], expected[2])
+
+
+@pytest.mark.slow  # test_killed_prepare_resumes_to_byte_identical_shards covers the same with a stop hook
+def test_sigkilled_prepare_resumes_to_byte_identical_shards(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, doc in enumerate(load_documents("stdlib", max_bytes=4 << 20)):
+        (corpus / f"{i:05d}.txt").write_text(doc)
+    tokenizer = train_tokenizer(load_documents("stdlib", max_bytes=500_000), tmp_path / "tok.json", 2000, "bpe")
+    command = [sys.executable, "-m", "lmjax.cli", "data", "prepare", "--data", str(corpus), "--tokenizer",
+               str(tokenizer), "--workers", "1", "--shard-mb", "1"]
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*command, "--out", str(killed)], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (killed / "shard-00000.json").exists() and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the CLI and its worker process, mid-way through shard 1
+    process.wait()
+    assert not (killed / "manifest.json").exists()
+    subprocess.run([*command, "--out", str(killed)], check=True, capture_output=True)
+    subprocess.run([*command, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
+    assert shard_files(killed) == shard_files(tmp_path / "whole")
+    assert len(json.loads((killed / "manifest.json").read_text())["shards"]) >= 3
