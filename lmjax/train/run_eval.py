@@ -10,7 +10,7 @@ import numpy as np
 
 from lmjax.checkpoint import Checkpointer
 from lmjax.config import Config, ConfigError, MeshConfig, override
-from lmjax.data import ByteTokenizer, DataError, PackedDataset, load_documents, tokenize
+from lmjax.data import DataError, PackedDataset, load_documents, load_from_run, tokenize
 from lmjax.parallel import batch_sharding, make_mesh
 from lmjax.train.evaluate import evaluate
 from lmjax.train.loop import load_datasets, total_steps
@@ -58,7 +58,7 @@ def load(run_dir: Path | str, step: int | None = None):
     from flax import nnx
 
     cfg, graphdef, state, _, _ = restore_train_state(Path(run_dir), step)
-    return nnx.merge(graphdef, state.params), cfg, ByteTokenizer()
+    return nnx.merge(graphdef, state.params), cfg, load_from_run(Path(run_dir), cfg.data.tokenizer)
 
 
 def evaluate_run(run_dir: Path, max_batches: int | None = None, data_source: str | None = None,
@@ -68,10 +68,10 @@ def evaluate_run(run_dir: Path, max_batches: int | None = None, data_source: str
     directory, an HF dataset on disk). With `token_losses_file`, every position's loss is
     saved there (.npy, (sequences, seq_len) float32, nats, 0 where not counted)."""
     cfg, graphdef, state, step, mesh = restore_train_state(run_dir)
+    tokenizer = load_from_run(run_dir, cfg.data.tokenizer)
     if data_source is None:
-        _, dataset, tokenizer = load_datasets(cfg)
+        _, dataset, tokenizer = load_datasets(cfg, tokenizer)
     else:
-        tokenizer = ByteTokenizer()
         documents = load_documents(data_source, cfg.data.text_field, cfg.data.max_bytes)
         dataset = PackedDataset(tokenize(documents, tokenizer), cfg.data.seq_len)
         if len(dataset) < cfg.train.batch_size:
