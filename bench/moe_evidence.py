@@ -60,12 +60,13 @@ def summarise(out: Path) -> dict:
 
 def plot(out: Path, path: Path) -> None:
     fig, (loss_ax, load_ax) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for name in RUNS:
+    for name, colour in zip(RUNS, ("C0", "C1", "C2")):
         val = [r for r in read_metrics(out / name) if "val_loss" in r]
-        loss_ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], marker="o", label=name)
+        loss_ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], marker="o", label=name, color=colour)
         routing = read_routing(out / name)
         if routing:
-            load_ax.plot(routing["step"], routing["load"].max(axis=(1, 2)) * routing["load"].shape[-1], label=name)
+            worst = routing["load"].max(axis=(1, 2)) * routing["load"].shape[-1]
+            load_ax.plot(routing["step"], worst, label=name, color=colour)
     loss_ax.set(title="validation loss (nats/byte)", xlabel="step", ylim=(None, 2.6))
     load_ax.axhline(2.0, color="grey", linestyle="--", linewidth=0.8)
     load_ax.set(title="busiest expert / fair share (worst layer)", xlabel="step")
