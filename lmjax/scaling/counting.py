@@ -11,11 +11,15 @@ Conventions (also in docs/benchmarks.md):
   (2 matmuls of T x D_attn per token and layer, forward 4 * T * D_attn) halved for causal
   masking (6 * L * T * D_attn, not 12). Norms, softmax and the optimizer are not counted.
   This is the MFU numerator; recomputation from remat is not counted (MFU, not HFU).
+
+The encoder and encoder-decoder families (and relative position biases) are counted in
+`lmjax.scaling.families`; `param_counts` and `train_flops_per_token` branch to it.
 """
 
 from __future__ import annotations
 
-from lmjax.config import ModelConfig
+from lmjax.config import Config, ModelConfig
+from lmjax.scaling.families import family_param_counts, family_train_flops_per_example
 
 
 def params_per_layer(cfg: ModelConfig) -> int:
@@ -28,7 +32,9 @@ def params_per_layer(cfg: ModelConfig) -> int:
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts of a DecoderLM built from `cfg`."""
+    """Parameter counts of the model `cfg` describes (any family)."""
+    if cfg.family != "decoder" or cfg.position == "relative":
+        return family_param_counts(cfg)
     d = cfg.d_model
     embedding = cfg.vocab_size * d + (cfg.max_seq_len * d if cfg.position == "learned" else 0)
     output_head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
@@ -42,8 +48,23 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     }
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Model FLOPs to train on one token at context `seq_len` (see module docstring)."""
+def example_lengths(cfg: Config) -> tuple[int, int]:
+    """(encoder or decoder tokens, decoder target tokens) of one training example of the run:
+    (seq_len, 0) for the decoder and encoder, (inputs, targets) lengths for span corruption."""
+    if cfg.model.family != "encoder_decoder":
+        return cfg.data.seq_len, 0
+    from lmjax.objectives import span_corruption_lengths
+
+    return cfg.data.seq_len, span_corruption_lengths(cfg.data.seq_len, cfg.data.noise_density,
+                                                     cfg.data.mean_noise_span_length)[1]
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, decoder_len: int = 0) -> float:
+    """Model FLOPs to train on one token at context `seq_len` (see module docstring); for an
+    encoder-decoder, averaged over the `seq_len` input and `decoder_len` target tokens of one
+    example."""
+    if cfg.family != "decoder":
+        return family_train_flops_per_example(cfg, seq_len, decoder_len) / (seq_len + decoder_len)
     matmul_params = param_counts(cfg)["params_nonembedding"] + cfg.d_model * cfg.vocab_size
     attention = 6 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
     return 6.0 * matmul_params + attention

@@ -20,8 +20,9 @@ from jax.experimental import multihost_utils
 from lmjax.checkpoint import Checkpointer
 from lmjax.config import Config, ConfigError
 from lmjax.data import BatchIterator, ByteTokenizer, DataError, PackedDataset, load_documents, split_documents
+from lmjax.data.denoising import make_dataset
 from lmjax.parallel import batch_sharding, local_batch_rows, make_mesh, validate_layout
-from lmjax.scaling.counting import param_counts, train_flops_per_token
+from lmjax.scaling.counting import example_lengths, param_counts, train_flops_per_token
 from lmjax.train import loggers
 from lmjax.train.evaluate import evaluate
 from lmjax.train.metrics import mfu, peak_flops_per_device
@@ -33,13 +34,14 @@ from lmjax.train.step import make_train_step
 def total_steps(cfg: Config) -> int:
     """Optimizer steps of the run, from train.steps, train.tokens or train.budget_flops."""
     t = cfg.train
-    tokens_per_step = t.batch_size * cfg.data.seq_len
+    lengths = example_lengths(cfg)
+    tokens_per_step = t.batch_size * sum(lengths)
     if t.steps is not None:
         return t.steps
     if t.tokens is not None:
         return math.ceil(t.tokens / tokens_per_step)
     if t.budget_flops is not None:
-        flops_per_step = train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
+        flops_per_step = train_flops_per_token(cfg.model, *lengths) * tokens_per_step
         return max(1, math.floor(t.budget_flops / flops_per_step))
     raise ConfigError("the run has no length: set one of train.steps, train.tokens or train.budget_flops.")
 
@@ -49,8 +51,8 @@ def load_datasets(cfg: Config) -> tuple[PackedDataset, PackedDataset, ByteTokeni
     tokenizer = ByteTokenizer()
     documents = load_documents(cfg.data.source, cfg.data.text_field, cfg.data.max_bytes)
     train_stream, val_stream = split_documents(documents, tokenizer, cfg.data.val_fraction, cfg.data.seed)
-    train_set = PackedDataset(train_stream, cfg.data.seq_len)
-    val_set = PackedDataset(val_stream, cfg.data.seq_len)
+    train_set = make_dataset(train_stream, cfg, tokenizer, cfg.data.seed)
+    val_set = make_dataset(val_stream, cfg, tokenizer, cfg.data.seed + 1)
     if len(val_set) < cfg.train.batch_size:
         raise DataError(f"the validation split has {len(val_set)} sequences of data.seq_len={cfg.data.seq_len}, "
                         f"fewer than train.batch_size={cfg.train.batch_size}; raise data.val_fraction or use more data.")
@@ -135,7 +137,8 @@ def train(cfg: Config, run_dir: Path) -> dict:
             state, batch_shape).compile()
     compile_seconds = time.perf_counter() - compile_start
 
-    flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
+    lengths = example_lengths(cfg)  # tokens/s and MFU count encoder and decoder tokens
+    flops_per_token = train_flops_per_token(cfg.model, *lengths)
     peak = peak_flops_per_device(cfg.model.dtype) * len(jax.devices())
     logger = loggers.MetricsLogger(cfg, run_dir, resuming, enabled=main_process)
     start_step = int(state.step)
@@ -168,7 +171,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
             if step % cfg.train.log_every == 0 or step == halt:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - interval_start
-                tokens_per_second = (step - interval_step) * cfg.train.batch_size * cfg.data.seq_len / elapsed
+                tokens_per_second = (step - interval_step) * cfg.train.batch_size * sum(lengths) / elapsed
                 record = {"step": step, **metrics, "tokens_per_second": tokens_per_second,
                           "step_seconds": elapsed / (step - interval_step),
                           "mfu": mfu(tokens_per_second, flops_per_token, peak)}
@@ -194,13 +197,15 @@ def train(cfg: Config, run_dir: Path) -> dict:
         # every process takes part in gathering the (possibly cross-host) weights for the sample
         host_params = multihost_utils.process_allgather(state.params, tiled=True) if cfg.train.sample_tokens else None
         if main_process:
-            finish_run(cfg, run_dir, graphdef, host_params, tokenizer)
+            finish_run(cfg, run_dir, graphdef, host_params, tokenizer, val_set)
     return {"step": step, "finished": step == steps, **({f"val_{k}": v for k, v in last_val.items()} if last_val else {})}
 
 
-def finish_run(cfg: Config, run_dir: Path, graphdef, host_params, tokenizer) -> None:
+def finish_run(cfg: Config, run_dir: Path, graphdef, host_params, tokenizer, val_set) -> None:
     """Write loss.png and print (and save) a sample from the trained model, whose weights
-    `host_params` are numpy arrays on this host."""
+    `host_params` are numpy arrays on this host: a continuation of train.sample_prompt for
+    a decoder, the spans of the first validation example filled in for an encoder-decoder,
+    none for an encoder."""
     from flax import nnx
 
     from lmjax.generate import generate
@@ -208,7 +213,12 @@ def finish_run(cfg: Config, run_dir: Path, graphdef, host_params, tokenizer) -> 
 
     plot_loss_curves(loggers.read_metrics(run_dir), run_dir / "loss.png")
     loggers.console(f"loss curve: {run_dir / 'loss.png'}")
-    if cfg.train.sample_tokens == 0:
+    if cfg.train.sample_tokens == 0 or cfg.model.family == "encoder":
+        return
+    if cfg.model.family == "encoder_decoder":
+        text = fill_in_sample(nnx.merge(graphdef, host_params), val_set[0], tokenizer, cfg.train.sample_tokens)
+        (run_dir / "sample.txt").write_text(text)
+        loggers.console("sample:\n" + text)
         return
     prompt = tokenizer.encode(cfg.train.sample_prompt)
     new_tokens = min(cfg.train.sample_tokens, cfg.model.max_seq_len - len(prompt))
@@ -217,3 +227,18 @@ def finish_run(cfg: Config, run_dir: Path, graphdef, host_params, tokenizer) -> 
     text = cfg.train.sample_prompt + tokenizer.decode(ids)
     (run_dir / "sample.txt").write_text(text)
     loggers.console("sample:\n" + text)
+
+
+def fill_in_sample(model, example: dict, tokenizer, max_new_tokens: int) -> str:
+    """A span-corruption example's corrupted input, the model's greedy targets and the true
+    ones, as text with sentinels spelled <extra_id_N>."""
+    from lmjax.generate import generate
+
+    inputs = example["encoder_inputs"][example["encoder_segment_ids"] == 1]
+    targets = example["targets"][example["loss_mask"] == 1]
+    new_tokens = min(max_new_tokens, model.cfg.max_seq_len)
+    generated = generate(model, [inputs], new_tokens, temperature=0.0, stop_tokens=(tokenizer.eos_id,),
+                         start_token=tokenizer.bos_id)[0]
+    return (f"input:     {tokenizer.decode_with_sentinels(inputs)}\n"
+            f"predicted: {tokenizer.decode_with_sentinels(generated)}\n"
+            f"true:      {tokenizer.decode_with_sentinels(targets)}\n")
