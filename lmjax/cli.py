@@ -5,6 +5,9 @@
     lmjax generate RUN_DIR --prompt TEXT [--temperature T --top-k K --top-p P --max-new-tokens N]
         (an encoder_decoder run fills in each <extra_id_N> of the prompt)
     lmjax experiments
+    lmjax tokenizer train --data SOURCE --vocab-size N --out FILE [--kind bpe|unigram|sentencepiece-bpe|...]
+    lmjax data prepare --data SOURCE --tokenizer FILE --out DIR [--workers N]
+    lmjax data verify DIR --tokenizer FILE
 """
 
 from __future__ import annotations
@@ -66,7 +69,67 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
 
     commands.add_parser("experiments", help="list the experiments that `lmjax train` can run")
+    add_data_commands(commands)
     return parser
+
+
+def add_data_commands(commands) -> None:
+    """`lmjax tokenizer train` and `lmjax data prepare | verify` (see docs/data.md)."""
+    tokenizer = commands.add_parser("tokenizer", help="train a subword tokenizer on your own text")
+    train = tokenizer.add_subparsers(dest="action", required=True).add_parser(
+        "train", help="train a tokenizer file with HF tokenizers or SentencePiece (no download)")
+    train.add_argument("--data", required=True, metavar="SOURCE", help="stdlib, a file, a directory, an HF dataset")
+    train.add_argument("--out", required=True, help="tokenizer.json (bpe, unigram) or tokenizer.model (sentencepiece-*)")
+    train.add_argument("--vocab-size", type=int, default=32000)
+    train.add_argument("--kind", default="bpe", help="bpe (default), unigram, sentencepiece-bpe, sentencepiece-unigram")
+    train.add_argument("--sentinels", type=int, default=100, help="reserved <extra_id_i> tokens for span corruption")
+    train.add_argument("--text-field", default="text")
+    train.add_argument("--max-bytes", type=int, default=1 << 30, help="train on at most this much text")
+
+    data = commands.add_parser("data", help="tokenize a corpus once into shards for training (data.path)")
+    actions = data.add_subparsers(dest="action", required=True)
+    prepare = actions.add_parser("prepare", help="tokenize SOURCE into sharded token files in DIR (resumable)")
+    prepare.add_argument("--data", required=True, metavar="SOURCE", help="stdlib, a file, a directory, an HF dataset")
+    prepare.add_argument("--tokenizer", default="bytes", help="bytes (default) or a tokenizer file")
+    prepare.add_argument("--out", required=True, metavar="DIR")
+    prepare.add_argument("--text-field", default="text")
+    prepare.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: all cores)")
+    prepare.add_argument("--shard-mb", type=int, default=64, help="text per shard, in MiB")
+    verify = actions.add_parser("verify", help="check every shard of DIR against its manifest's checksums")
+    verify.add_argument("dir")
+    verify.add_argument("--tokenizer", default="bytes")
+
+
+def cmd_tokenizer(args) -> None:
+    from lmjax.data import load_documents, load_tokenizer, padded_vocab_size
+    from lmjax.data.subword import train_tokenizer
+
+    documents = load_documents(args.data, args.text_field, args.max_bytes)
+    out = train_tokenizer(documents, Path(args.out), args.vocab_size, args.kind, args.sentinels)
+    tokenizer = load_tokenizer(str(out))
+    print(f"wrote {out}: {tokenizer.vocab_size} ids; train with --set data.tokenizer={out} "
+          f"--set model.vocab_size={padded_vocab_size(tokenizer.vocab_size)}")
+
+
+def cmd_data(args) -> None:
+    import os
+
+    from lmjax.data import load_tokenizer
+    from lmjax.data.prepare import open_prepared, prepare
+
+    if args.action == "verify":
+        open_prepared(args.dir, load_tokenizer(args.tokenizer), seq_len=1, verify=True)
+        manifest = json.loads((Path(args.dir) / "manifest.json").read_text())
+        print(f"{args.dir}: {len(manifest['shards'])} shards, {manifest['documents']:,} documents, "
+              f"{manifest['tokens']:,} tokens, checksums match")
+        return
+    if (args.workers is not None and args.workers < 1) or args.shard_mb < 1:
+        raise ConfigError("--workers and --shard-mb must be positive.")
+    manifest = prepare(args.data, args.tokenizer, Path(args.out), args.text_field,
+                       args.workers or os.cpu_count() or 1, args.shard_mb << 20)
+    print(f"prepared {args.out}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens in "
+          f"{len(manifest['shards'])} shards; skipped {manifest['empty_documents']:,} empty documents, replaced "
+          f"invalid UTF-8 in {manifest['invalid_utf8_documents']:,}; train with --set data.path={args.out}")
 
 
 def resolve_train_config(experiment: str | None, overrides: list[str], resume: str | None) -> tuple[Config, Path]:
@@ -154,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     from lmjax.data import DataError
 
     try:
-        commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "experiments": cmd_experiments}
+        commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "experiments": cmd_experiments,
+                    "tokenizer": cmd_tokenizer, "data": cmd_data}
         commands[args.command](args)
     except (ConfigError, DataError) as e:
         print(f"lmjax: error: {e}", file=sys.stderr)

@@ -203,26 +203,48 @@ class DataConfig:
 
     `source` is "stdlib" (the running Python's standard-library sources, always present)
     or a path to a text/JSONL/Parquet file, a directory of them, or an HF dataset saved
-    with `save_to_disk`.
+    with `save_to_disk`; it is read and tokenized in memory at start-up. `path` instead
+    names data made by `lmjax data prepare` (and then `source` is ignored): one directory,
+    or a weighted mixture "DIR1:0.7,DIR2:0.3" (weights > 0, normalised). See docs/data.md.
     """
 
     source: str = "stdlib"
     text_field: str = "text"  # JSONL key / Parquet or HF column holding the text
     max_bytes: int | None = 8_000_000  # read at most this much text (None: everything)
-    tokenizer: Literal["bytes"] = "bytes"
+    tokenizer: str = "bytes"  # "bytes", or a tokenizers .json / SentencePiece .model file
+    path: str | None = None  # prepared data: DIR or DIR1:w1,DIR2:w2 (weighted mixture)
     seq_len: int = 256  # tokens per sequence; encoder_decoder: the encoder inputs' length
     mlm_probability: float = 0.15  # encoder: share of tokens selected for the masked-LM loss (BERT)
     noise_density: float = 0.15  # encoder_decoder: share of raw tokens corrupted into noise spans (T5)
     mean_noise_span_length: float = 3.0  # encoder_decoder: mean length of a noise span (T5)
-    val_fraction: float = 0.02  # share of documents held out for validation
+    val_fraction: float = 0.02  # share of documents (prepared data: of the final windows) held out for validation
     seed: int = 0  # data order is a pure function of (seed, step)
+    workers: int = 0  # batch-reading worker processes (0: reader threads in the training process)
+    verify_shards: bool = True  # check prepared shards' SHA-256 at start-up (~1 s/GB; `lmjax data verify` does it once)
+
+    def mixture(self) -> list[tuple[str, float]]:
+        """[(directory, weight)] of `path`: "DIR" is [(DIR, 1.0)]."""
+        parts = []
+        for item in (self.path or "").split(","):
+            directory, _, weight = item.rpartition(":")
+            try:
+                parts.append((directory, float(weight)) if directory else (item, 1.0))
+            except ValueError:
+                parts.append((item, 1.0))  # a colon inside the directory name, no weight
+        return parts
 
     def __post_init__(self):
         _require(bool(self.source), "data.source is empty; give 'stdlib' or a path to your text.")
         _require(self.seq_len > 0, f"data.seq_len must be positive, got {self.seq_len}.")
         _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction}.")
         _require(self.max_bytes is None or self.max_bytes > 0, f"data.max_bytes must be positive or none, got {self.max_bytes}.")
-        _check_choice("data.tokenizer", self.tokenizer, ("bytes",))
+        _require(bool(self.tokenizer), "data.tokenizer is empty; give 'bytes' or a tokenizer file.")
+        _require(self.workers >= 0, f"data.workers must be >= 0, got {self.workers}.")
+        if self.path is not None:
+            for directory, weight in self.mixture():
+                _require(bool(directory), f"data.path {self.path!r} has an empty directory; write DIR1:0.7,DIR2:0.3.")
+                _require(weight > 0, f"data.path weight {weight:g} for {directory} must be > 0; drop the dataset "
+                         "or give it a positive weight.")
         _require(0.0 < self.mlm_probability < 1.0,
                  f"data.mlm_probability must be in (0, 1), got {self.mlm_probability}.")
         _require(0.0 < self.noise_density < 1.0, f"data.noise_density must be in (0, 1), got {self.noise_density}.")
@@ -312,7 +334,8 @@ class Config:
     def __post_init__(self):
         from lmjax.data.tokenizer import ByteTokenizer
 
-        tokenizer_vocab = ByteTokenizer().vocab_size
+        # a tokenizer file's vocabulary is checked when it is loaded, still before compiling
+        tokenizer_vocab = ByteTokenizer().vocab_size if self.data.tokenizer == "bytes" else 0
         _require(
             self.model.vocab_size >= tokenizer_vocab,
             f"model.vocab_size={self.model.vocab_size} is smaller than the {self.data.tokenizer} tokenizer's "

@@ -34,7 +34,7 @@ def tokens(batch, length, seed):
 @pytest.mark.parametrize("position", ["rope", "relative"])
 def test_encoder_is_bidirectional_and_ignores_padding(position):
     model = jitted(EncoderLM(dataclasses.replace(ENCODER, position=position), rngs=nnx.Rngs(0)))
-    ones = lambda x: jnp.ones_like(x)  # noqa: E731
+    ones = lambda x: jnp.ones_like(x)
     x = tokens(2, 12, 0)
     later_changed = x.at[:, 9].set((x[:, 9] + 7) % 256)
     positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
@@ -53,7 +53,7 @@ def test_encoder_is_bidirectional_and_ignores_padding(position):
 @pytest.mark.parametrize("position", ["rope", "relative"])
 def test_encoder_decoder_causal_decoder_and_cross_attention_over_unpadded_inputs(position):
     full = jitted(EncoderDecoderLM(dataclasses.replace(ENC_DEC, position=position), rngs=nnx.Rngs(0)))
-    model = lambda enc, dec, segments=None: full(enc, dec, jnp.ones_like(enc) if segments is None else segments,  # noqa: E731
+    model = lambda enc, dec, segments=None: full(enc, dec, jnp.ones_like(enc) if segments is None else segments,
                                                  jnp.ones_like(dec))
     enc, dec = tokens(2, 10, 0), tokens(2, 8, 1)
     base = model(enc, dec)

@@ -3,6 +3,7 @@ and generate work on their runs from the CLI."""
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,7 +42,7 @@ def test_family_trains(tiny, capsys, family, experts):
 
 def check_encoder_decoder_cli(cfg, capsys):
     """`lmjax eval` and `lmjax generate` (span infilling) on a finished encoder-decoder run."""
-    sample = open(f"{cfg.train.run_dir}/sample.txt").read()
+    sample = (Path(cfg.train.run_dir) / "sample.txt").read_text()
     assert sample.startswith("input:") and "<extra_id_0>" in sample
     capsys.readouterr()
     assert main(["eval", cfg.train.run_dir, "--json", "--max-batches", "1"]) == 0

@@ -7,10 +7,18 @@ import numpy as np
 import pytest
 
 from lmjax.config import Config, ConfigError, DataConfig, ModelConfig
-from lmjax.data import ByteTokenizer, DataError, tokenize
+from lmjax.data import ByteTokenizer, DataError, PackedDataset, tokenize
 from lmjax.data.denoising import MaskedLMDataset, SpanCorruptionDataset
-from lmjax.objectives import (causal_lm_loss, check_sentinels, corrupt_spans, fill_in_spans, mask_tokens,
-                              noise_span_counts, random_spans_noise_mask, span_corruption_lengths)
+from lmjax.objectives import (
+    causal_lm_loss,
+    check_sentinels,
+    corrupt_spans,
+    fill_in_spans,
+    mask_tokens,
+    noise_span_counts,
+    random_spans_noise_mask,
+    span_corruption_lengths,
+)
 
 TOKENIZER = ByteTokenizer()
 
@@ -70,7 +78,7 @@ def test_span_corruption_bad_input_is_a_clear_error():
         check_sentinels(TOKENIZER, 125)
     stream = tokenize(["some text " * 50], TOKENIZER)
     with pytest.raises(DataError, match="too short to hold one noise span"):
-        SpanCorruptionDataset(stream, 2, TOKENIZER, 0.15, 3.0, seed=0)
+        SpanCorruptionDataset(PackedDataset(stream, 2), 2, TOKENIZER, 0.15, 3.0, seed=0)
     with pytest.raises(ConfigError, match="too short to hold one noise span"):
         Config(model=ModelConfig(family="encoder_decoder"), data=DataConfig(seq_len=3))
 
@@ -109,28 +117,29 @@ def test_mlm_skips_padding_and_needs_a_mask_token():
 
     stream = tokenize(["some text " * 50], TOKENIZER)
     with pytest.raises(DataError, match="needs a mask token"):
-        MaskedLMDataset(stream, 32, NoMask(), 0.15, seed=0)
+        MaskedLMDataset(PackedDataset(stream, 32), NoMask(), 0.15, seed=0)
     with pytest.raises(ValueError, match="needs a mask token"):
         mask_tokens(np.zeros(10, int), np.ones(10, bool), rng, 0.15, None, 256)
 
 
 def test_datasets_are_pure_functions_of_seed_and_index():
     stream = tokenize([f"document {i} " * 40 for i in range(20)], TOKENIZER)
-    for make in (lambda seed: MaskedLMDataset(stream, 64, TOKENIZER, 0.15, seed),
-                 lambda seed: SpanCorruptionDataset(stream, 64, TOKENIZER, 0.15, 3.0, seed)):
+    raw_length, targets_length = span_corruption_lengths(64, 0.15, 3.0)
+    windows, raw_windows = PackedDataset(stream, 64), PackedDataset(stream, raw_length)
+    for make in (lambda seed: MaskedLMDataset(windows, TOKENIZER, 0.15, seed),
+                 lambda seed: SpanCorruptionDataset(raw_windows, 64, TOKENIZER, 0.15, 3.0, seed)):
         a, b, other = make(0), make(0), make(1)
         for i in (5, 0, 5):
             for key, value in a[i].items():
                 np.testing.assert_array_equal(value, b[i][key])
         assert any(not np.array_equal(a[3][k], other[3][k]) for k in a[3])
-    example = SpanCorruptionDataset(stream, 64, TOKENIZER, 0.15, 3.0, 0)[2]
-    raw_length, targets_length = span_corruption_lengths(64, 0.15, 3.0)
+    example = SpanCorruptionDataset(raw_windows, 64, TOKENIZER, 0.15, 3.0, 0)[2]
     assert example["encoder_inputs"].shape == (64,) and example["targets"].shape == (targets_length,)
     assert example["decoder_inputs"][0] == TOKENIZER.bos_id
     np.testing.assert_array_equal(example["decoder_inputs"][1:], example["targets"][:-1])
     real = example["encoder_segment_ids"] == 1
     targets = example["targets"][example["loss_mask"] == 1]
-    raw = SpanCorruptionDataset(stream, 64, TOKENIZER, 0.15, 3.0, 0).windows[2]["inputs"]
+    raw = raw_windows[2]["inputs"]
     assert len(raw) == raw_length
     sentinels = [TOKENIZER.sentinel_id(i) for i in range(20)]
     np.testing.assert_array_equal(fill_in_spans(example["encoder_inputs"][real][:-1], targets[:-1], sentinels), raw)

@@ -1,8 +1,10 @@
-"""Data: tokenizer, document sources, packing and the deterministic batch order."""
+"""Data: tokenizers, document sources, prepared shards, packing and the deterministic batch order."""
 
-from lmjax.data.pipeline import BatchIterator, PackedDataset, TokenStream, eval_batches, split_documents, tokenize
-from lmjax.data.sources import DataError, load_documents
-from lmjax.data.tokenizer import ByteTokenizer
+from lmjax.data.pipeline import (BatchIterator, Concat, Mixture, PackedDataset, Subset, TokenStream, eval_batches,
+                                 split_documents, tokenize)
+from lmjax.data.sources import DataError, iter_documents, load_documents
+from lmjax.data.tokenizer import ByteTokenizer, load_from_run, load_tokenizer, padded_vocab_size, save_to_run
 
-__all__ = ["BatchIterator", "ByteTokenizer", "DataError", "PackedDataset", "TokenStream", "eval_batches",
-           "load_documents", "split_documents", "tokenize"]
+__all__ = ["BatchIterator", "ByteTokenizer", "Concat", "DataError", "Mixture", "PackedDataset", "Subset",
+           "TokenStream", "eval_batches", "iter_documents", "load_documents", "load_from_run", "load_tokenizer",
+           "padded_vocab_size", "save_to_run", "split_documents", "tokenize"]

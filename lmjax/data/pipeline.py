@@ -10,19 +10,24 @@ number of processes, sees exactly the same global batches.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
+import grain
 import numpy as np
 
 from lmjax.data.sources import DataError
+from lmjax.data.tokenizer import token_dtype
 
 
 @dataclass(frozen=True)
 class TokenStream:
-    """tokens (n,) uint16: documents back to back, each ended by eos; doc_starts (d,) int64:
-    offset of each document's first token."""
+    """tokens (n,) uint16 (uint32 past 65,536 ids): documents back to back, each ended by
+    eos; doc_starts (d,) int64: offset of each document's first token. `tokens` may be
+    any object with len() and slicing (prepared shards: `lmjax.data.prepare.ShardedTokens`)."""
 
     tokens: np.ndarray
     doc_starts: np.ndarray
@@ -30,14 +35,15 @@ class TokenStream:
 
 def tokenize(documents: list[str], tokenizer) -> TokenStream:
     """Encode `documents` and concatenate them, each followed by `tokenizer.eos_id`."""
+    dtype = token_dtype(tokenizer.vocab_size)
     pieces, starts, offset = [], [], 0
-    eos = np.array([tokenizer.eos_id], np.uint16)
+    eos = np.array([tokenizer.eos_id], dtype)
     for doc in documents:
         ids = tokenizer.encode(doc)
         pieces += [ids, eos]
         starts.append(offset)
         offset += len(ids) + 1
-    tokens = np.concatenate(pieces).astype(np.uint16, copy=False) if pieces else np.zeros(0, np.uint16)
+    tokens = np.concatenate(pieces).astype(dtype, copy=False) if pieces else np.zeros(0, dtype)
     return TokenStream(tokens, np.asarray(starts, np.int64))
 
 
@@ -115,62 +121,143 @@ def _stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
+class Subset:
+    """Examples [start, stop) of a random-access dataset, itself random access."""
+
+    def __init__(self, dataset, start: int, stop: int):
+        self.dataset, self.start, self.length = dataset, start, stop - start
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        return self.dataset[self.start + i]
+
+
+class Concat:
+    """Several random-access datasets one after the other."""
+
+    def __init__(self, datasets: list):
+        self.datasets = datasets
+        self.starts = np.cumsum([0] + [len(d) for d in datasets])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        d = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.datasets[d][i - int(self.starts[d])]
+
+
+class Mixture(Concat):
+    """Datasets sampled in proportion to `weights` by BatchIterator. Indexing it reads the
+    datasets one after the other (for evaluation); `map` wraps every part, e.g. in an
+    objective's example transform, keeping the weights."""
+
+    def __init__(self, datasets: list, weights: list[float]):
+        super().__init__(datasets)
+        self.weights = list(weights)
+
+    def map(self, wrap) -> Mixture:
+        return Mixture([wrap(d) for d in self.datasets], self.weights)
+
+
+def example_order(sizes: list[int], weights: list[float], seed: int) -> grain.MapDataset:
+    """The global example order: an endless grain MapDataset whose element k is
+    (dataset, index). Each dataset is shuffled anew every epoch, by a permutation that is
+    a pure function of (seed, dataset number, epoch); several datasets are interleaved
+    in proportion to `weights`, deterministically."""
+    streams = [grain.MapDataset.range(n).shuffle(seed=seed * 1_000_003 + d).repeat().map(functools.partial(_tag, d))
+               for d, n in enumerate(sizes)]
+    return streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, [float(w) for w in weights])
+
+
+def _tag(dataset: int, index: int) -> tuple[int, int]:
+    return dataset, int(index)
+
+
+class _LocalBatch:
+    """Global batch number -> this process's rows of it, stacked into arrays."""
+
+    def __init__(self, datasets: list, order: grain.MapDataset, global_batch_size: int, rows: slice):
+        self.datasets, self.order, self.batch_size, self.rows = datasets, order, global_batch_size, rows
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        positions = range(step * self.batch_size, (step + 1) * self.batch_size)[self.rows]
+        return _stack([self.datasets[d][i] for d, i in (self.order[k] for k in positions)])
+
+
 class BatchIterator:
     """Host-local training batches in an order that is a pure function of (seed, step).
 
-    The example order is the concatenation over epochs e of permutation(seed, e); global
-    batch s is its elements [s*B, (s+1)*B), and this process takes `rows` of it (all by
-    default; `lmjax.parallel.local_batch_rows` gives each process its block).
+    `datasets` is one random-access dataset, a list of them mixed by `weights`, or a
+    Mixture (which carries its weights). Global
+    batch s is elements [s*B, (s+1)*B) of `example_order`, and this process takes `rows`
+    of it (all by default; `lmjax.parallel.local_batch_rows` gives each process its
+    block), so any number of processes sees the same global batches. Batches are read
+    ahead by grain: `threads` reader threads, or `workers` > 0 worker processes.
     `state()` / `restore()` checkpoint the position.
     """
 
-    def __init__(self, dataset: PackedDataset, global_batch_size: int, seed: int, rows: slice | None = None,
-                 step: int = 0):
+    def __init__(self, datasets, global_batch_size: int, seed: int, rows: slice | None = None, step: int = 0,
+                 weights: list[float] | None = None, threads: int = 2, workers: int = 0):
+        if isinstance(datasets, Mixture):
+            datasets, weights = datasets.datasets, datasets.weights
+        datasets = list(datasets) if isinstance(datasets, (list, tuple)) else [datasets]
+        weights = [1.0] * len(datasets) if weights is None else list(weights)
         if global_batch_size <= 0:
             raise DataError(f"train.batch_size must be positive, got {global_batch_size}.")
-        if len(dataset) == 0:
+        if len(weights) != len(datasets) or any(not w > 0 for w in weights):
+            raise DataError(f"mixture weights must be one positive number per dataset, got {weights}.")
+        if any(len(d) == 0 for d in datasets):
             raise DataError("the training split has no sequences; use more data or a smaller data.seq_len.")
-        self.dataset, self.batch_size, self.seed, self.step = dataset, global_batch_size, seed, int(step)
+        self.datasets, self.batch_size, self.seed, self.weights = datasets, global_batch_size, seed, weights
         self.local = slice(0, global_batch_size) if rows is None else rows
-        self._permutations: dict[int, np.ndarray] = {}
+        self.threads, self.workers = threads, workers
+        self.order = example_order([len(d) for d in datasets], weights, seed)
+        self._start(int(step))
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        """(len(dataset),) int64 example order of `epoch`; the last few epochs are cached."""
-        if epoch not in self._permutations:
-            if len(self._permutations) > 2:
-                self._permutations.pop(min(self._permutations))
-            self._permutations[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
-        return self._permutations[epoch]
+    def _start(self, step: int) -> None:
+        self.step = step
+        batches = grain.MapDataset.range(step, sys.maxsize).map(
+            _LocalBatch(self.datasets, self.order, self.batch_size, self.local))
+        stream = batches.to_iter_dataset(grain.ReadOptions(num_threads=max(self.threads, 1), prefetch_buffer_size=4))
+        if self.workers > 0:
+            from absl import flags
 
-    def indices(self, step: int) -> np.ndarray:
-        """(batch_size,) int64 example indices of global batch `step`, all processes' rows."""
-        n = len(self.dataset)
-        positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
-        epochs, offsets = positions // n, positions % n
-        indices = np.empty(self.batch_size, np.int64)
-        for epoch in np.unique(epochs):
-            here = epochs == epoch
-            indices[here] = self._permutation(int(epoch))[offsets[here]]
-        return indices
+            if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; lmjax uses none
+                flags.FLAGS.mark_as_parsed()
+            stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
+        self._iterator = iter(stream)
+
+    def indices(self, step: int) -> list[tuple[int, int]]:
+        """(dataset, example index) of each row of global batch `step`, all processes' rows."""
+        return [self.order[k] for k in range(step * self.batch_size, (step + 1) * self.batch_size)]
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        rows = self.indices(self.step)[self.local]
         self.step += 1
-        return _stack([self.dataset[int(i)] for i in rows])
+        return next(self._iterator)
 
     def state(self) -> dict:
-        """{"step": next global batch, "seed": data.seed}, JSON-serialisable."""
-        return {"step": int(self.step), "seed": int(self.seed)}
+        """{"step": next global batch, "seed": data.seed, "weights"}, JSON-serialisable."""
+        return {"step": int(self.step), "seed": int(self.seed), "weights": self.weights}
 
     def restore(self, state: dict) -> None:
         """Continue from a `state()`: the next batch is the one that followed it."""
         if state["seed"] != self.seed:
             raise DataError(f"the checkpoint's data order used data.seed={state['seed']}, not {self.seed}; "
                             f"resume with data.seed={state['seed']}.")
-        self.step = int(state["step"])
+        if state.get("weights", [1.0]) != self.weights:
+            raise DataError(f"the checkpoint's data mixture had weights {state.get('weights', [1.0])}, not "
+                            f"{self.weights}; resume with the same data.path.")
+        self._start(int(state["step"]))
 
 
 def eval_batches(dataset: PackedDataset, batch_size: int, max_batches: int | None = None) -> Iterator[dict]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import sysconfig
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -29,9 +30,20 @@ def stdlib_files() -> list[Path]:
     return [root / relative[i] for i in order]
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
+def _decode(data: bytes, counts: Counter | None) -> str:
+    """UTF-8 text; invalid bytes become U+FFFD and are counted in counts["invalid_utf8"]."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        if counts is not None:
+            counts["invalid_utf8"] += 1
+        return data.decode("utf-8", errors="replace")
+
+
+def _jsonl_documents(path: Path, text_field: str, counts: Counter | None = None) -> Iterator[str]:
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = _decode(raw, counts)
             if not line.strip():
                 continue
             try:
@@ -71,27 +83,27 @@ def _hf_documents(path: Path, text_field: str) -> Iterator[str]:
     yield from dataset[text_field]
 
 
-def _file_documents(path: Path, text_field: str) -> Iterator[str]:
+def _file_documents(path: Path, text_field: str, counts: Counter | None = None) -> Iterator[str]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        yield from _jsonl_documents(path, text_field)
+        yield from _jsonl_documents(path, text_field, counts)
     elif suffix == ".parquet":
         yield from _parquet_documents(path, text_field)
     elif suffix in TEXT_SUFFIXES:
-        yield path.read_text(encoding="utf-8", errors="replace")
+        yield _decode(path.read_bytes(), counts)
     else:
         raise DataError(f"data.source {path} has the unknown suffix {path.suffix!r}; "
                         f"use one of {', '.join(TEXT_SUFFIXES + RECORD_SUFFIXES)}.")
 
 
-def _directory_documents(path: Path, text_field: str) -> Iterator[str]:
+def _directory_documents(path: Path, text_field: str, counts: Counter | None = None) -> Iterator[str]:
     readable = TEXT_SUFFIXES + RECORD_SUFFIXES
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in readable)
     if not files:
         raise DataError(f"data.source directory {path} holds no {', '.join(readable)} files; "
                         "point data.source at your text.")
     for file in files:
-        yield from _file_documents(file, text_field)
+        yield from _file_documents(file, text_field, counts)
 
 
 def _take_until(documents: Iterable, max_bytes: int | None, text_field: str) -> list[str]:
@@ -111,6 +123,25 @@ def _take_until(documents: Iterable, max_bytes: int | None, text_field: str) -> 
     return taken
 
 
+def iter_documents(source: str, text_field: str = "text", counts: Counter | None = None) -> Iterator[str | None]:
+    """Every document of `source` in a fixed order, streamed (empty ones and None included;
+    see `load_documents` for the sources). Invalid UTF-8 is replaced by U+FFFD and counted
+    in `counts["invalid_utf8"]`."""
+    if source == "stdlib":
+        for p in stdlib_files():
+            yield _decode(p.read_bytes(), counts)
+        return
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"data.source {source!r} does not exist; give 'stdlib' or a path to your text.")
+    if path.is_dir() and any((path / marker).exists() for marker in HF_MARKERS):
+        yield from _hf_documents(path, text_field)
+    elif path.is_dir():
+        yield from _directory_documents(path, text_field, counts)
+    else:
+        yield from _file_documents(path, text_field, counts)
+
+
 def load_documents(source: str, text_field: str = "text", max_bytes: int | None = None) -> list[str]:
     """Non-empty documents from `source`, in a fixed order, reading stops once `max_bytes`
     UTF-8 bytes are taken (None: everything).
@@ -121,19 +152,7 @@ def load_documents(source: str, text_field: str = "text", max_bytes: int | None 
     `datasets.save_to_disk` (column `text_field`), or a directory of such files (read
     recursively in sorted order). Raises DataError naming the setting to fix.
     """
-    if source == "stdlib":
-        documents = (p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files())
-    else:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise DataError(f"data.source {source!r} does not exist; give 'stdlib' or a path to your text.")
-        if path.is_dir() and any((path / marker).exists() for marker in HF_MARKERS):
-            documents = _hf_documents(path, text_field)
-        elif path.is_dir():
-            documents = _directory_documents(path, text_field)
-        else:
-            documents = _file_documents(path, text_field)
-    taken = _take_until(documents, max_bytes, text_field)
+    taken = _take_until(iter_documents(source, text_field), max_bytes, text_field)
     if not taken:
         raise DataError(f"data.source {source!r} contains no text (every document is empty); "
                         "point data.source at your text or check data.text_field.")

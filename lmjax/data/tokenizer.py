@@ -1,10 +1,26 @@
-"""Byte-level tokenizer: UTF-8 bytes, a few special ids, and T5-style sentinels on top."""
+"""Tokenizers behind one interface, and how a run keeps its tokenizer.
+
+Every tokenizer has: `vocab_size` (ids in use, before the model pads its vocabulary),
+`pad_id`, `bos_id`, `eos_id`, `mask_id`, `num_sentinels`, `sentinel_id(i)`,
+`encode(text) -> (n,) ids`, `decode(ids) -> text`, `token_byte_lengths()` (UTF-8 bytes
+per id, for bits per byte), `path` (its file, None for bytes) and `sha256` (what
+prepared data and checkpoints record to catch a mismatch).
+
+"bytes" (the default) needs no file. Subword tokenizers (`lmjax.data.subword`) are a
+Hugging Face `tokenizers` .json file or a SentencePiece .model file, trained locally by
+`lmjax tokenizer train`.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import re
+import shutil
+from pathlib import Path
 
 import numpy as np
+
+from lmjax.data.sources import DataError
 
 _SENTINEL = re.compile(r"<extra_id_(\d+)>")
 
@@ -14,6 +30,8 @@ class ByteTokenizer:
     `num_sentinels` ids of the 384-id vocabulary are sentinels, sentinel 0 highest."""
 
     name = "bytes"
+    path = None
+    sha256 = hashlib.sha256(b"lmjax-bytes-v1").hexdigest()
     vocab_size = 384  # a multiple of 128
     pad_id, bos_id, eos_id, mask_id = 256, 257, 258, 259
     num_sentinels = 124
@@ -58,3 +76,58 @@ class ByteTokenizer:
     def token_byte_lengths(self) -> np.ndarray:
         """(vocab_size,) UTF-8 bytes each id stands for: 1 for bytes, 0 for special ids."""
         return (np.arange(self.vocab_size) < 256).astype(np.int32)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype holding every id: uint16 up to 65,536 ids, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
+    """`vocab_size` rounded up to a multiple of 128 (the model's embedding rows)."""
+    return -(-vocab_size // multiple) * multiple
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_tokenizer(spec: str):
+    """"bytes", a `tokenizers` .json file or a SentencePiece .model file -> a tokenizer."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    from lmjax.data.subword import HFTokenizer, SentencePieceTokenizer
+
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.tokenizer {spec!r} is neither 'bytes' nor an existing tokenizer file; "
+                        "train one with `lmjax tokenizer train`.")
+    if path.suffix == ".json":
+        return HFTokenizer(path)
+    if path.suffix == ".model":
+        return SentencePieceTokenizer(path)
+    raise DataError(f"data.tokenizer {spec!r} has the unknown suffix {path.suffix!r}; give a Hugging Face "
+                    "tokenizers .json file or a SentencePiece .model file.")
+
+
+def save_to_run(tokenizer, run_dir: Path) -> None:
+    """Copy a subword tokenizer's file into `run_dir` as tokenizer.json / tokenizer.model
+    (nothing for bytes), so the run can be reloaded without the original file."""
+    if tokenizer.path is None:
+        return
+    target = Path(run_dir) / f"tokenizer{Path(tokenizer.path).suffix}"
+    if not target.exists() or file_sha256(target) != tokenizer.sha256:
+        temporary = target.with_name(target.name + ".tmp")
+        shutil.copyfile(tokenizer.path, temporary)
+        temporary.replace(target)
+
+
+def load_from_run(run_dir: Path, spec: str):
+    """The tokenizer a run trained with: its saved copy, or bytes when `spec` is "bytes"."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    for suffix in (".json", ".model"):
+        if (Path(run_dir) / f"tokenizer{suffix}").is_file():
+            return load_tokenizer(str(Path(run_dir) / f"tokenizer{suffix}"))
+    raise DataError(f"{run_dir} was trained with data.tokenizer={spec!r} but holds no tokenizer.json or "
+                    "tokenizer.model; copy the tokenizer file there.")

@@ -19,8 +19,9 @@ from jax.experimental import multihost_utils
 
 from lmjax.checkpoint import Checkpointer
 from lmjax.config import Config, ConfigError
-from lmjax.data import BatchIterator, ByteTokenizer, DataError, PackedDataset, load_documents, split_documents
-from lmjax.data.denoising import make_dataset
+from lmjax.data import (BatchIterator, Concat, DataError, Mixture, PackedDataset, Subset, load_documents,
+                        load_tokenizer, padded_vocab_size, save_to_run, split_documents)
+from lmjax.data.denoising import make_dataset, window_length
 from lmjax.parallel import batch_sharding, local_batch_rows, make_mesh, validate_layout
 from lmjax.scaling.counting import example_lengths, param_counts, train_flops_per_token
 from lmjax.train import loggers
@@ -46,13 +47,40 @@ def total_steps(cfg: Config) -> int:
     raise ConfigError("the run has no length: set one of train.steps, train.tokens or train.budget_flops.")
 
 
-def load_datasets(cfg: Config) -> tuple[PackedDataset, PackedDataset, ByteTokenizer]:
-    """(train, validation) packed datasets and the tokenizer, or a DataError."""
-    tokenizer = ByteTokenizer()
-    documents = load_documents(cfg.data.source, cfg.data.text_field, cfg.data.max_bytes)
-    train_stream, val_stream = split_documents(documents, tokenizer, cfg.data.val_fraction, cfg.data.seed)
-    train_set = make_dataset(train_stream, cfg, tokenizer, cfg.data.seed)
-    val_set = make_dataset(val_stream, cfg, tokenizer, cfg.data.seed + 1)
+def load_datasets(cfg: Config, tokenizer=None) -> tuple[PackedDataset | Mixture, PackedDataset | Concat, object]:
+    """(train, validation, tokenizer) or a DataError / ConfigError, before anything compiles.
+
+    With `data.path` (prepared data, a Mixture when several directories are given) the
+    last `data.val_fraction` of each dataset's windows is held out for validation;
+    otherwise `data.source` is read and split by documents. `tokenizer` defaults to
+    `data.tokenizer`; pass a run's saved copy to reload a run."""
+    from lmjax.data.prepare import open_prepared
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer) if tokenizer is None else tokenizer
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} ids; set model.vocab_size={padded_vocab_size(tokenizer.vocab_size)} "
+                          "(padded to a multiple of 128).")
+    window = window_length(cfg)  # raw tokens per example (span corruption draws more than seq_len)
+    if cfg.data.path is None:
+        documents = load_documents(cfg.data.source, cfg.data.text_field, cfg.data.max_bytes)
+        train_stream, val_stream = split_documents(documents, tokenizer, cfg.data.val_fraction, cfg.data.seed)
+        train_set, val_set = PackedDataset(train_stream, window), PackedDataset(val_stream, window)
+    else:
+        parts, tails, weights = [], [], []
+        for directory, weight in cfg.data.mixture():
+            windows = open_prepared(directory, tokenizer, window, verify=cfg.data.verify_shards)
+            held_out = max(1, math.ceil(cfg.data.val_fraction * len(windows)))
+            if held_out >= len(windows):
+                raise DataError(f"data.path {directory} has {len(windows)} windows of data.seq_len="
+                                f"{cfg.data.seq_len}, too few to hold out validation; prepare more data.")
+            parts.append(Subset(windows, 0, len(windows) - held_out))
+            tails.append(Subset(windows, len(windows) - held_out, len(windows)))
+            weights.append(weight)
+        train_set = parts[0] if len(parts) == 1 else Mixture(parts, weights)
+        val_set = tails[0] if len(tails) == 1 else Concat(tails)
+    train_set = make_dataset(train_set, cfg, tokenizer, cfg.data.seed)  # the family's objective
+    val_set = make_dataset(val_set, cfg, tokenizer, cfg.data.seed + 1)
     if len(val_set) < cfg.train.batch_size:
         raise DataError(f"the validation split has {len(val_set)} sequences of data.seq_len={cfg.data.seq_len}, "
                         f"fewer than train.batch_size={cfg.train.batch_size}; raise data.val_fraction or use more data.")
@@ -65,6 +93,25 @@ def check_resumable(cfg: Config, saved: dict) -> None:
     differences = [f"model.{k}: saved {v!r}, now {now.get(k)!r}" for k, v in saved["model"].items() if now.get(k) != v]
     if differences:
         raise ConfigError("cannot resume: the model shape differs from the saved run (" + "; ".join(differences) + ").")
+
+
+def run_tokenizer(cfg: Config, run_dir: Path):
+    """`data.tokenizer`, or the run's saved copy when resuming after the original file is gone."""
+    spec = cfg.data.tokenizer
+    saved = [p for p in (run_dir / "tokenizer.json", run_dir / "tokenizer.model") if p.is_file()]
+    if spec != "bytes" and not Path(spec).expanduser().is_file() and saved:
+        return load_tokenizer(str(saved[0]))
+    return load_tokenizer(spec)
+
+
+def check_same_tokenizer(tokenizer, run_dir: Path) -> None:
+    """Raise ConfigError if the run being resumed saved a different tokenizer."""
+    from lmjax.data.tokenizer import file_sha256
+
+    saved = [p for p in (run_dir / "tokenizer.json", run_dir / "tokenizer.model") if p.is_file()]
+    if (saved and file_sha256(saved[0]) != tokenizer.sha256) or (not saved and tokenizer.path is not None):
+        raise ConfigError(f"cannot resume: data.tokenizer={tokenizer.name!r} is not the tokenizer the run in "
+                          f"{run_dir} was trained with; use {saved[0] if saved else 'bytes'}.")
 
 
 def write_json_atomically(path: Path, data: dict) -> None:
@@ -101,7 +148,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
     steps = total_steps(cfg)
     mesh = make_mesh(cfg.mesh)
     validate_layout(cfg, mesh)
-    train_set, val_set, tokenizer = load_datasets(cfg)
+    train_set, val_set, tokenizer = load_datasets(cfg, run_tokenizer(cfg, run_dir))
     main_process = jax.process_index() == 0
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -109,13 +156,15 @@ def train(cfg: Config, run_dir: Path) -> dict:
     resuming = checkpointer.latest_step() is not None
     if resuming:
         check_resumable(cfg, json.loads((run_dir / "config.json").read_text()))
+        check_same_tokenizer(tokenizer, run_dir)
     if main_process:  # other processes may be reading config.json: replace it atomically
         write_json_atomically(run_dir / "config.json", cfg.to_dict())
         write_json_atomically(run_dir / "environment.json", loggers.environment())
+        save_to_run(tokenizer, run_dir)
 
-    optimizer_for = lambda params: make_optimizer(cfg.optim, steps, params)  # noqa: E731
+    optimizer_for = lambda params: make_optimizer(cfg.optim, steps, params)
     batches = BatchIterator(train_set, cfg.train.batch_size, cfg.data.seed,
-                            rows=local_batch_rows(mesh, cfg.train.batch_size))
+                            rows=local_batch_rows(mesh, cfg.train.batch_size), workers=cfg.data.workers)
     if resuming:  # restore straight into the sharded layout; nothing is initialised first
         graphdef, abstract, optimizer = abstract_train_state(cfg.model, optimizer_for, mesh)
         state, data_state, _ = checkpointer.restore(abstract)

@@ -10,8 +10,8 @@ import numpy as np
 
 from lmjax.checkpoint import Checkpointer
 from lmjax.config import Config, ConfigError, MeshConfig, override
-from lmjax.data import ByteTokenizer, DataError, load_documents, tokenize
-from lmjax.data.denoising import make_dataset
+from lmjax.data import DataError, PackedDataset, load_documents, load_from_run, tokenize
+from lmjax.data.denoising import make_dataset, window_length
 from lmjax.parallel import batch_sharding, make_mesh
 from lmjax.train.evaluate import evaluate
 from lmjax.train.loop import load_datasets, total_steps
@@ -59,7 +59,7 @@ def load(run_dir: Path | str, step: int | None = None):
     from flax import nnx
 
     cfg, graphdef, state, _, _ = restore_train_state(Path(run_dir), step)
-    return nnx.merge(graphdef, state.params), cfg, ByteTokenizer()
+    return nnx.merge(graphdef, state.params), cfg, load_from_run(Path(run_dir), cfg.data.tokenizer)
 
 
 def evaluate_run(run_dir: Path, max_batches: int | None = None, data_source: str | None = None,
@@ -69,12 +69,13 @@ def evaluate_run(run_dir: Path, max_batches: int | None = None, data_source: str
     directory, an HF dataset on disk). With `token_losses_file`, every position's loss is
     saved there (.npy, (sequences, seq_len) float32, nats, 0 where not counted)."""
     cfg, graphdef, state, step, mesh = restore_train_state(run_dir)
+    tokenizer = load_from_run(run_dir, cfg.data.tokenizer)
     if data_source is None:
-        _, dataset, tokenizer = load_datasets(cfg)
+        _, dataset, tokenizer = load_datasets(cfg, tokenizer)
     else:
-        tokenizer = ByteTokenizer()
         documents = load_documents(data_source, cfg.data.text_field, cfg.data.max_bytes)
-        dataset = make_dataset(tokenize(documents, tokenizer), cfg, tokenizer, cfg.data.seed + 1)
+        windows = PackedDataset(tokenize(documents, tokenizer), window_length(cfg))
+        dataset = make_dataset(windows, cfg, tokenizer, cfg.data.seed + 1)
         if len(dataset) < cfg.train.batch_size:
             raise DataError(f"{data_source} holds {len(dataset)} sequences of data.seq_len={cfg.data.seq_len}, "
                             f"fewer than one batch of train.batch_size={cfg.train.batch_size}.")
