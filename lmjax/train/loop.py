@@ -194,7 +194,8 @@ def train(cfg: Config, run_dir: Path) -> dict:
     if main_process:
         counts = param_counts(cfg.model)
         loggers.console(f"run {run_dir}  |  {counts['params_total']:,} params  |  {steps} steps of "
-                        f"{cfg.train.batch_size}x{cfg.data.seq_len} tokens  |  compiled in {compile_seconds:.1f}s"
+                        f"{cfg.train.batch_size}x{'+'.join(str(n) for n in lengths if n)} tokens  |  "
+                        f"compiled in {compile_seconds:.1f}s"
                         + (f"  |  resumed at step {start_step}" if resuming else ""))
 
     def save():
