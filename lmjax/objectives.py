@@ -185,15 +185,19 @@ def fill_in_spans(inputs, targets, sentinel_ids) -> np.ndarray:
 
 
 def check_sentinels(tokenizer, n_spans: int) -> np.ndarray:
-    """Sentinel ids 0..n_spans-1 of `tokenizer`, after checking they do not collide with its
-    ordinary or special ids (which lie below `tokenizer.mask_id + 1`)."""
+    """Sentinel ids 0..n_spans-1 of `tokenizer`, after checking that there are enough and that
+    none collides with its vocabulary: a sentinel must be a distinct id inside the vocabulary,
+    stand for no text (`token_byte_lengths` 0) and not be pad, bos, eos or mask."""
     if n_spans > tokenizer.num_sentinels:
         raise ValueError(f"span corruption needs {n_spans} sentinels, but the tokenizer reserves "
                          f"{tokenizer.num_sentinels}; use shorter sequences or a lower data.noise_density.")
-    ids = np.array([tokenizer.sentinel_id(i) for i in range(n_spans)], np.int32)
-    reserved = max(tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.mask_id or 0)
-    if ids.min() <= reserved or ids.max() >= tokenizer.vocab_size:
-        raise ValueError(f"sentinel ids {ids.min()}..{ids.max()} collide with the tokenizer's vocabulary "
-                         f"(ordinary and special ids end at {reserved}, ids end at {tokenizer.vocab_size - 1}); "
-                         "reserve fewer sentinels or enlarge the vocabulary.")
-    return ids
+    ids = np.array([tokenizer.sentinel_id(i) for i in range(n_spans)], np.int64)
+    specials = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.mask_id}
+    inside = (ids >= 0) & (ids < tokenizer.vocab_size)
+    text = np.asarray(tokenizer.token_byte_lengths())[ids.clip(0, tokenizer.vocab_size - 1)] > 0
+    colliding = ids[~inside | text | np.isin(ids, list(specials - {None}))]
+    if len(colliding) or len(set(ids.tolist())) < len(ids):
+        shown = colliding[:5].tolist() if len(colliding) else sorted(ids.tolist())[:5]
+        raise ValueError(f"sentinel ids {shown} collide with the tokenizer's vocabulary (ordinary or special ids, "
+                         f"or each other); reserve sentinels the tokenizer does not otherwise use.")
+    return ids.astype(np.int32)

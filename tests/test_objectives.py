@@ -157,3 +157,9 @@ def test_family_config_errors():
                data=dataclasses.replace(DataConfig(), seq_len=256, noise_density=0.6, mean_noise_span_length=2.0))
     with pytest.raises(ConfigError, match="too few to separate them"):
         Config(model=ModelConfig(family="encoder_decoder"), data=DataConfig(seq_len=128, noise_density=0.9))
+
+
+def test_byte_tokenizer_spells_sentinels_like_t5():
+    ids = TOKENIZER.encode_with_sentinels("def f(<extra_id_0>):<extra_id_1>")
+    assert ids.tolist() == [*b"def f(", 383, *b"):", 382]
+    assert TOKENIZER.decode_with_sentinels(ids) == "def f(<extra_id_0>):<extra_id_1>"

@@ -289,6 +289,5 @@ def fill_in_sample(model, example: dict, tokenizer, max_new_tokens: int) -> str:
     new_tokens = min(max_new_tokens, model.cfg.max_seq_len)
     generated = generate(model, [inputs], new_tokens, temperature=0.0, stop_tokens=(tokenizer.eos_id,),
                          start_token=tokenizer.bos_id)[0]
-    return (f"input:     {tokenizer.decode_with_sentinels(inputs)}\n"
-            f"predicted: {tokenizer.decode_with_sentinels(generated)}\n"
-            f"true:      {tokenizer.decode_with_sentinels(targets)}\n")
+    show = getattr(tokenizer, "decode_with_sentinels", tokenizer.decode)  # bytes: <extra_id_N>
+    return f"input:     {show(inputs)}\npredicted: {show(generated)}\ntrue:      {show(targets)}\n"
