@@ -1,10 +1,11 @@
 """The MoE evidence experiment: dense vs MoE at equal active parameters, and MoE without
 the balancing loss. Trains the three runs (or reuses finished ones) and plots them.
 
-    python bench/moe_evidence.py OUT_DIR [--plot docs/img/moe_evidence.png]
+    python bench/moe_evidence.py OUT_DIR [--steps 900] [--plot docs/img/moe_evidence.png]
 
 Runs `lmjax train decoder_tiny`, `lmjax train moe_tiny` and `lmjax train moe_tiny --set
-model.moe.load_balance_coef=0` into OUT_DIR/{dense,moe,moe_no_balance}, then prints one
+model.moe.load_balance_coef=0`, each for `--steps` steps (900: twice the default job's
+tokens), into OUT_DIR/{dense,moe,moe_no_balance}, then prints one
 JSON line (final validation loss of each; busiest expert's share of assignments over its
 fair share 1/E, at the worst MoE layer, at the end and its maximum after step 50) and
 saves validation-loss and load curves as a PNG.
@@ -31,12 +32,13 @@ RUNS = {
 }
 
 
-def train(out: Path) -> None:
+def train(out: Path, steps: int) -> None:
     for name, args in RUNS.items():
         run = out / name
         if (run / "sample.txt").exists():
             continue
-        quiet = ["--set", "log.wandb=off", "--set", "log.progress_bar=false", "--set", f"train.run_dir={run}"]
+        quiet = ["--set", "log.wandb=off", "--set", "log.progress_bar=false", "--set", f"train.run_dir={run}",
+                 "--set", f"train.steps={steps}"]
         resume = ["--resume", str(run)] if (run / "config.json").exists() else []
         assert lmjax(["train", *args, *quiet, *resume]) == 0
 
@@ -76,9 +78,10 @@ def plot(out: Path, path: Path) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
+    parser.add_argument("--steps", type=int, default=900)
     parser.add_argument("--plot", type=Path, default=Path("docs/img/moe_evidence.png"))
     args = parser.parse_args()
-    train(args.out)
+    train(args.out, args.steps)
     print(json.dumps(summarise(args.out)))
     plot(args.out, args.plot)
 

@@ -4,6 +4,9 @@
     lmjax eval RUN_DIR [--json] [--max-batches N] [--data SOURCE] [--token-losses FILE.npy]
     lmjax generate RUN_DIR --prompt TEXT [--temperature T --top-k K --top-p P --max-new-tokens N]
         (an encoder_decoder run fills in each <extra_id_N> of the prompt)
+    lmjax plan [EXPERIMENT] [--set ...] [--budget-flops C | --budget-pfdays X] [--law LAW.json] [--json]
+    lmjax sweep SWEEP [--dir DIR] [--slurm | --commands]
+    lmjax fit RESULTS.csv [--n-column N --d-column D --c-column C --loss-column L] [--plots DIR] [--json]
     lmjax experiments
     lmjax tokenizer train --data SOURCE --vocab-size N --out FILE [--kind bpe|unigram|sentencepiece-bpe|...]
     lmjax data prepare --data SOURCE --tokenizer FILE --out DIR [--workers N]
@@ -67,6 +70,38 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=None)
     generate.add_argument("--top-p", type=float, default=None)
     generate.add_argument("--seed", type=int, default=0)
+
+    plan = commands.add_parser("plan", help="parameters, FLOPs, memory and compute-optimal sizes, without training")
+    plan.add_argument("experiment", nargs="?", help=f"experiment name or .py file (default: {DEFAULT_EXPERIMENT})")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, e.g. model.n_layers=32 (repeatable)")
+    budget = plan.add_mutually_exclusive_group()
+    budget.add_argument("--budget-flops", type=float, metavar="C", help="training compute budget in FLOPs")
+    budget.add_argument("--budget-pfdays", type=float, metavar="X", help="training compute budget in petaFLOP/s-days")
+    plan.add_argument("--law", metavar="LAW.json", help="compute-optimal N from a fitted law (`lmjax fit --json`) "
+                      "instead of 20 tokens per parameter")
+    plan.add_argument("--hardware", default="H100", help="named accelerator for the wall time (default: H100)")
+    plan.add_argument("--devices", type=int, default=1, help="devices the mesh spans (default: 1)")
+    plan.add_argument("--mfu", type=float, default=0.4, help="model-FLOPs utilisation assumed (default: 0.4)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+
+    sweep = commands.add_parser("sweep", help="run a sweep (IsoFLOP grid, override grid, WSD branches) resumably")
+    sweep.add_argument("sweep", help="sweep name (experiments/NAME.py defining sweep()) or .py file")
+    sweep.add_argument("--dir", metavar="DIR", help="sweep directory (default: sweeps/NAME)")
+    emit = sweep.add_mutually_exclusive_group()
+    emit.add_argument("--slurm", action="store_true", help="print a SLURM job-array script instead of running")
+    emit.add_argument("--commands", action="store_true", help="print one launch command per run instead of running")
+    sweep.add_argument("--only-index", type=int, metavar="I", help="run only run number I (a SLURM array task)")
+
+    fit = commands.add_parser("fit", help="fit scaling laws (Approaches 2 and 3) to a sweep's results.csv")
+    fit.add_argument("results", metavar="RESULTS.csv")
+    fit.add_argument("--n-column", default="N")
+    fit.add_argument("--d-column", default="D")
+    fit.add_argument("--c-column", default="C")
+    fit.add_argument("--loss-column", default="val_loss")
+    fit.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for confidence intervals")
+    fit.add_argument("--plots", metavar="DIR", help="save isoflop.png, frontier.png and loss_vs_n_d.png here")
+    fit.add_argument("--json", action="store_true", help="print one JSON object")
 
     commands.add_parser("experiments", help="list the experiments that `lmjax train` can run")
     add_data_commands(commands)
@@ -170,6 +205,7 @@ def cmd_eval(args) -> None:
 
 def cmd_generate(args) -> None:
     from lmjax.generate import generate
+    from lmjax.scaling.memory import kv_cache_bytes_per_token
     from lmjax.train.run_eval import load
 
     model, cfg, tokenizer = load(Path(args.run_dir))
@@ -183,6 +219,10 @@ def cmd_generate(args) -> None:
     if args.max_new_tokens > room:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens} does not fit: the longest prompt leaves "
                           f"{room} of model.max_seq_len={cfg.model.max_seq_len} tokens.")
+    cache_tokens = len(prompts) * (max(len(p) for p in prompts) + args.max_new_tokens)
+    per_token = kv_cache_bytes_per_token(cfg.model)
+    print(f"KV cache: {per_token * cache_tokens / 2**20:.2f} MiB ({per_token:,} bytes per token x {cache_tokens} "
+          "token slots)", file=sys.stderr)
     outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, seed=args.seed, stop_tokens=(tokenizer.eos_id,))
     for prompt, ids in zip(args.prompt, outputs):
@@ -209,6 +249,48 @@ def fill_in_prompts(model, cfg, tokenizer, args) -> None:
         targets = targets[:-1] if len(targets) and targets[-1] == tokenizer.eos_id else targets
         print(f"targets: {show(targets)}")
         print(f"filled:  {tokenizer.decode(fill_in_spans(ids[:-1], targets, sentinels))}")
+def cmd_plan(args) -> None:
+    from lmjax.scaling.counting import PETAFLOP_DAY
+    from lmjax.scaling.plan import format_plan, load_law, plan
+
+    cfg = override(load_experiment(args.experiment or DEFAULT_EXPERIMENT), args.overrides)
+    budget = args.budget_pfdays * PETAFLOP_DAY if args.budget_pfdays is not None else args.budget_flops
+    if budget is not None and budget <= 0:
+        raise ConfigError(f"the budget must be positive, got {budget}.")
+    result = plan(cfg, budget, load_law(args.law) if args.law else None, args.hardware, args.mfu, args.devices)
+    print(json.dumps(result) if args.json else format_plan(result))
+
+
+def cmd_sweep(args) -> None:
+    import shlex
+
+    from lmjax.scaling.sweep import collect_results, load_sweep, only_run, run_config, run_sweep, slurm_script
+
+    sweep = load_sweep(args.sweep)
+    sweep_dir = Path(args.dir or f"sweeps/{Path(args.sweep).stem}")
+    if args.slurm:
+        print(slurm_script(args.sweep, sweep, sweep_dir), end="")
+        return
+    if args.commands:
+        for i, run in enumerate(sweep.runs):
+            run_config(sweep, run, sweep_dir)  # validate before printing
+            print(f"lmjax sweep {shlex.quote(args.sweep)} --dir {shlex.quote(str(sweep_dir))} --only-index {i}")
+        return
+    part = sweep if args.only_index is None else only_run(sweep, args.only_index)
+    run_sweep(part, sweep_dir)
+    print(f"results: {collect_results(sweep, sweep_dir)}")
+
+
+def cmd_fit(args) -> None:
+    from lmjax.scaling.fit import fit_results, format_fit, read_results
+
+    data = read_results(Path(args.results), args.n_column, args.d_column, args.c_column, args.loss_column)
+    fitted = fit_results(data, bootstrap=args.bootstrap)
+    if args.plots:
+        from lmjax.scaling.plots import save_scaling_plots
+
+        save_scaling_plots(data, fitted, Path(args.plots))
+    print(json.dumps(fitted) if args.json else format_fit(fitted))
 
 
 def cmd_experiments(args) -> None:
@@ -220,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     from lmjax.data import DataError
 
     try:
-        commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "experiments": cmd_experiments,
-                    "tokenizer": cmd_tokenizer, "data": cmd_data}
+        commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "plan": cmd_plan,
+                    "sweep": cmd_sweep, "fit": cmd_fit, "experiments": cmd_experiments, "tokenizer": cmd_tokenizer,
+                    "data": cmd_data}
         commands[args.command](args)
     except (ConfigError, DataError) as e:
         print(f"lmjax: error: {e}", file=sys.stderr)

@@ -173,12 +173,19 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with warmup then a cosine, linear or constant schedule, and global-norm clipping."""
+    """AdamW with warmup then a cosine, linear, constant or warmup-stable-decay schedule,
+    and global-norm clipping.
+
+    "wsd" (warmup-stable-decay) holds `lr` after warmup and decays linearly to
+    `lr * min_lr_ratio` over the last `decay_fraction` of the steps; runs of different
+    lengths share the stable phase, so one long run can be branched into cooldowns.
+    """
 
     lr: float = 3e-3
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     warmup_steps: int = 100
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine and linear)
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine, linear and wsd)
+    decay_fraction: float = 0.2  # wsd: share of the steps spent decaying at the end
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -188,7 +195,8 @@ class OptimConfig:
 
     def __post_init__(self):
         _require(self.lr > 0, f"optim.lr must be positive, got {self.lr}.")
-        _check_choice("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
+        _check_choice("optim.schedule", self.schedule, ("cosine", "linear", "constant", "wsd"))
+        _require(0.0 < self.decay_fraction <= 1.0, f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}.")
         _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}.")
         _require(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
         _require(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "optim.beta1 and optim.beta2 must be in [0, 1).")
@@ -387,7 +395,8 @@ def _from_dict(cls, d: dict, prefix: str):
 
 def override(config: Config, assignments: list[str]) -> Config:
     """Apply `section.field=value` strings (nested: `model.moe.n_experts=8`), parsing each
-    value by the field's type. All assignments are applied before validation runs.
+    value by the field's type. All assignments are applied before validation runs. Giving
+    one of train.steps / train.tokens / train.budget_flops replaces the base's run length.
 
     >>> override(Config(), ["model.d_model=512", "train.budget_flops=3e13"]).model.d_model
     512
@@ -405,7 +414,19 @@ def override(config: Config, assignments: list[str]) -> Config:
         field_type = typing.get_type_hints(cls).get(path[-1])
         _require(field_type is not None and not dataclasses.is_dataclass(field_type), _unknown_key(key))
         node[path[-1]] = _parse_value(key, text.strip(), field_type)
+    _one_run_length(updates.get("train", {}))
     return _replace_nested(config, updates)
+
+
+RUN_LENGTHS = ("steps", "tokens", "budget_flops")
+
+
+def _one_run_length(train_updates: dict) -> None:
+    """Setting one run length (e.g. train.budget_flops) clears the others the base config
+    had, unless they are set explicitly too (then validation reports the conflict)."""
+    if any(train_updates.get(name) is not None for name in RUN_LENGTHS):
+        for name in RUN_LENGTHS:
+            train_updates.setdefault(name, None)
 
 
 def _replace_nested(node, updates: dict):

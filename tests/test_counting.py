@@ -2,7 +2,7 @@ import jax
 import pytest
 from flax import nnx
 
-from lmjax.config import ModelConfig
+from lmjax.config import ModelConfig, MoEConfig
 from lmjax.models import DecoderLM
 from lmjax.scaling.counting import param_counts, train_flops_per_token
 
@@ -17,7 +17,10 @@ def built_param_count(cfg: ModelConfig) -> int:
     ModelConfig(d_model=64, n_layers=2, n_heads=8, n_kv_heads=2, d_ff=96, tie_embeddings=False),
     ModelConfig(d_model=48, n_layers=2, n_heads=4, d_ff=192, mlp="gelu", norm="layernorm", position="learned",
                 max_seq_len=77),
-])
+    ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, moe=MoEConfig(n_experts=4, top_k=2)),
+    ModelConfig(d_model=32, n_layers=4, n_heads=4, d_ff=64, mlp="gelu", tie_embeddings=False,
+                moe=MoEConfig(n_experts=3, top_k=1, d_ff=40, every=2, n_shared_experts=2)),
+], ids=["dense", "gqa-untied", "gelu-layernorm-learned", "moe", "moe-every2-shared-gelu"])
 def test_counted_params_equal_built_model(cfg):
     assert param_counts(cfg)["params_total"] == built_param_count(cfg)
 

@@ -24,27 +24,13 @@ from lmjax.data import (BatchIterator, Concat, DataError, Mixture, PackedDataset
 from lmjax.data.denoising import make_dataset, window_length
 from lmjax.parallel import batch_sharding, local_batch_rows, make_mesh, validate_layout
 from lmjax.scaling.counting import example_lengths, param_counts, train_flops_per_token
+from lmjax.scaling.plan import total_steps
 from lmjax.train import loggers
 from lmjax.train.evaluate import evaluate
 from lmjax.train.metrics import mfu, peak_flops_per_device
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
 from lmjax.train.state import abstract_train_state, init_train_state
 from lmjax.train.step import make_train_step
-
-
-def total_steps(cfg: Config) -> int:
-    """Optimizer steps of the run, from train.steps, train.tokens or train.budget_flops."""
-    t = cfg.train
-    lengths = example_lengths(cfg)
-    tokens_per_step = t.batch_size * sum(lengths)
-    if t.steps is not None:
-        return t.steps
-    if t.tokens is not None:
-        return math.ceil(t.tokens / tokens_per_step)
-    if t.budget_flops is not None:
-        flops_per_step = train_flops_per_token(cfg.model, *lengths) * tokens_per_step
-        return max(1, math.floor(t.budget_flops / flops_per_step))
-    raise ConfigError("the run has no length: set one of train.steps, train.tokens or train.budget_flops.")
 
 
 def load_datasets(cfg: Config, tokenizer=None) -> tuple[PackedDataset | Mixture, PackedDataset | Concat, object]:

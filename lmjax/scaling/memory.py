@@ -1,0 +1,125 @@
+"""Memory of a training step and of inference, per device, computed from a Config.
+
+Everything is in bytes. Weights, gradients and the two Adam moments are stored in
+`model.param_dtype` (optax keeps the moments in the parameters' dtype); activations and
+the KV cache are in `model.dtype`.
+
+Sharding follows `lmjax.parallel.LOGICAL_AXIS_RULES`: weight matrices have an `embed`
+axis (fsdp) and a heads/mlp/vocab axis (tensor), so they are divided by fsdp x tensor;
+routed experts are further divided by the expert axis; norm scales, the router and the
+learned position table (`embed` only) by fsdp. The batch is divided by data x fsdp x
+expert. Rounding of uneven shards is ignored.
+
+Activations saved for the backward pass, per layer and per token, in elements (our own
+count for lmjax's block, following the method of Korthikanti et al. 2022, "Reducing
+Activation Recomputation in Large Transformer Models", sec. 4.1, which gives
+34*h + 5*a*s bytes per token and layer for GPT in 16-bit with dropout):
+
+- remat "none":  5*d (block input, two norm outputs, attention context, mid-block residual)
+  + q, k, v (d + 2*kv*hd) + feed-forward hidden (SwiGLU 3*f, GELU 2*f; MoE layers: f_expert
+  x (top_k + shared), plus n_experts router logits in float32) + attention probabilities
+  n_heads * T in float32 and again in `dtype` (the einsum kernel; flash attention on GPU
+  keeps none of these, so this term is an upper bound there).
+- remat "dots" (matmul outputs saved): q, k, v, the attention and MLP output projections
+  (2*d), the feed-forward matmul outputs (SwiGLU 2*f, GELU f) and the block input d.
+- remat "full": the block input d per layer, plus one layer's "none" activations while it
+  is recomputed.
+
+Plus, once per token, the float32 logits and their gradient (2 * V * 4 bytes).
+Activations are per micro-batch (train.batch_size / optim.grad_accum_steps).
+"""
+
+from __future__ import annotations
+
+import math
+
+from lmjax.config import Config, ModelConfig
+from lmjax.scaling.counting import attention_params, mlp_params, norm_params
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def mesh_sizes(cfg: Config, n_devices: int) -> dict[str, int]:
+    """{data, fsdp, tensor, expert} sizes of cfg.mesh over `n_devices` (-1 filled)."""
+    sizes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor, "expert": cfg.mesh.expert}
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    for name, size in sizes.items():
+        if size == -1:
+            sizes[name] = max(1, n_devices // fixed)
+    return sizes
+
+
+def param_elements_per_device(m: ModelConfig, sizes: dict[str, int]) -> float:
+    """Weights each device stores under the sharding rules (see the module docstring)."""
+    fsdp, tensor, expert = sizes["fsdp"], sizes["tensor"], sizes["expert"]
+    matrices = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
+    vectors = norm_params(m) + (m.max_seq_len * m.d_model if m.position == "learned" else 0)
+    experts = 0
+    for layer in range(m.n_layers):
+        matrices += attention_params(m)
+        vectors += 2 * norm_params(m)
+        if m.is_moe_layer(layer):
+            vectors += m.d_model * m.moe.n_experts  # router
+            experts += m.moe.n_experts * mlp_params(m, m.expert_d_ff)
+            matrices += m.moe.n_shared_experts * mlp_params(m, m.expert_d_ff)
+        else:
+            matrices += mlp_params(m, m.d_ff)
+    return matrices / (fsdp * tensor) + experts / (fsdp * tensor * expert) + vectors / fsdp
+
+
+def activation_bytes_per_token(m: ModelConfig, seq_len: int, remat: str | None = None, tensor: int = 1) -> float:
+    """Bytes of activations kept for the backward pass per token of a training batch
+    (all layers and the logits), with the tensor-sharded parts divided by `tensor`."""
+    remat = remat or m.remat
+    b = DTYPE_BYTES[m.dtype]
+    d, kv_width = m.d_model, 2 * m.kv_heads * m.head_dim
+    gated = m.mlp == "swiglu"
+
+    def layer_bytes(layer: int, policy: str) -> float:
+        if m.is_moe_layer(layer):
+            f = m.expert_d_ff * (m.moe.top_k + m.moe.n_shared_experts)
+            router = m.moe.n_experts * 4
+        else:
+            f, router = m.d_ff, 0
+        if policy == "none":
+            probs = m.n_heads * seq_len * (4 + b)
+            per_tensor = (d + kv_width + (3 if gated else 2) * f) * b + probs  # heads and mlp parts
+            return 5 * d * b + router + per_tensor / tensor
+        if policy == "dots":
+            return 4 * d * b + router + (kv_width + (2 if gated else 1) * f) * b / tensor
+        return d * b  # full: the block input only
+
+    layers = sum(layer_bytes(i, remat) for i in range(m.n_layers))
+    if remat == "full":
+        layers += max(layer_bytes(i, "none") for i in range(m.n_layers))
+    logits = 2 * m.vocab_size * 4 / tensor
+    return layers + logits
+
+
+def kv_cache_bytes_per_token(m: ModelConfig) -> int:
+    """2 (keys and values) * n_layers * kv_heads * head_dim * bytes(model.dtype)."""
+    return 2 * m.n_layers * m.kv_heads * m.head_dim * DTYPE_BYTES[m.dtype]
+
+
+def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -> dict[str, float]:
+    """Bytes per device for training (weights, grads, Adam, activations) and for inference
+    (weights + a KV cache of `inference_batch` sequences of model.max_seq_len tokens)."""
+    m = cfg.model
+    sizes = mesh_sizes(cfg, n_devices)
+    param_bytes = param_elements_per_device(m, sizes) * DTYPE_BYTES[m.param_dtype]
+    batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    micro_batch_tokens = cfg.train.batch_size // cfg.optim.grad_accum_steps * cfg.data.seq_len
+    activations = activation_bytes_per_token(m, cfg.data.seq_len, tensor=sizes["tensor"]) * (
+        micro_batch_tokens / batch_shards)
+    kv_per_token = kv_cache_bytes_per_token(m)
+    kv_cache = kv_per_token * m.max_seq_len * inference_batch / sizes["tensor"]  # kv_heads split by tensor
+    return {
+        "memory_weights_bytes": param_bytes,
+        "memory_gradients_bytes": param_bytes,
+        "memory_adam_bytes": 2 * param_bytes,
+        "memory_activations_bytes": activations,
+        "memory_train_bytes": 4 * param_bytes + activations,
+        "kv_cache_bytes_per_token": kv_per_token,
+        "kv_cache_bytes_per_sequence": kv_per_token * m.max_seq_len,
+        "memory_inference_bytes": param_bytes + kv_cache,
+    }

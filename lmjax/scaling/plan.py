@@ -1,0 +1,143 @@
+"""Size a run by compute: counts, FLOPs, memory, Chinchilla-optimal N and D, steps, wall time.
+
+Compute-optimal size for a budget of C training FLOPs, with C = 6 N D:
+- rule of thumb (Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models"):
+  D = 20 N, so N_opt = sqrt(C / 120) and D_opt = 20 N_opt;
+- or a fitted law (the JSON of `lmjax fit --json`): N_opt = G * C^a, D_opt = C / (6 N_opt).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from lmjax.config import Config, ConfigError
+from lmjax.scaling.counting import (example_lengths, forward_flops_per_token, param_counts, to_petaflop_days,
+                                    train_flops_per_token)
+from lmjax.scaling.memory import memory_estimate
+
+TOKENS_PER_PARAM = 20  # Chinchilla rule of thumb
+
+
+def total_steps(cfg: Config) -> int:
+    """Optimizer steps of the run, from train.steps, train.tokens or train.budget_flops."""
+    t = cfg.train
+    lengths = example_lengths(cfg)  # encoder-decoder: input and target tokens
+    tokens_per_step = t.batch_size * sum(lengths)
+    if t.steps is not None:
+        return t.steps
+    if t.tokens is not None:
+        return math.ceil(t.tokens / tokens_per_step)
+    if t.budget_flops is not None:
+        flops_per_step = train_flops_per_token(cfg.model, *lengths) * tokens_per_step
+        if t.budget_flops < flops_per_step:
+            raise ConfigError(f"train.budget_flops={t.budget_flops:.3g} is less than one step of this model "
+                              f"({flops_per_step:.3g} FLOPs for {tokens_per_step} tokens); raise the budget or "
+                              "shrink the model or batch.")
+        return math.floor(t.budget_flops / flops_per_step)
+    raise ConfigError("the run has no length: set one of train.steps, train.tokens or train.budget_flops.")
+
+
+def chinchilla_optimal(budget_flops: float, tokens_per_param: float = TOKENS_PER_PARAM) -> tuple[float, float]:
+    """(N_opt, D_opt) with C = 6 N D and D = tokens_per_param * N."""
+    n = math.sqrt(budget_flops / (6 * tokens_per_param))
+    return n, tokens_per_param * n
+
+
+def law_optimal(budget_flops: float, law: dict) -> tuple[float, float]:
+    """(N_opt, D_opt) from a fitted law {"n_opt": {"coefficient": G, "exponent": a}}."""
+    try:
+        n = law["n_opt"]["coefficient"] * budget_flops ** law["n_opt"]["exponent"]
+    except (KeyError, TypeError):
+        raise ConfigError("the law file has no n_opt {coefficient, exponent}; write it with `lmjax fit --json`.")
+    return n, budget_flops / (6 * n)
+
+
+def load_law(path: str | Path) -> dict:
+    """A fitted law written by `lmjax fit --json` (approach 3 preferred, else approach 2)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--law {path}: no such file; write one with `lmjax fit RESULTS.csv --json > law.json`.")
+    fitted = json.loads(path.read_text())
+    for approach in ("approach3", "approach2"):
+        if approach in fitted and "n_opt" in fitted[approach]:
+            return fitted[approach]
+    return fitted
+
+
+def peak_flops(hardware: str, dtype: str) -> float:
+    """Dense peak FLOP/s of one device of the named hardware (lmjax.train.metrics.PEAK_FLOPS)."""
+    from lmjax.train.metrics import PEAK_FLOPS
+
+    for name, peaks in PEAK_FLOPS.items():
+        if name.lower() == hardware.lower():
+            return peaks[dtype]
+    raise ConfigError(f"unknown hardware {hardware!r}; known: {', '.join(PEAK_FLOPS)}.")
+
+
+def plan(cfg: Config, budget_flops: float | None = None, law: dict | None = None, hardware: str = "H100",
+         mfu: float = 0.4, n_devices: int = 1) -> dict:
+    """Everything `lmjax plan` prints, as a flat dict of numbers (see docs/scaling.md).
+
+    With `budget_flops` the run is sized by it (as train.budget_flops would); otherwise by
+    the config's own run length, if it has one.
+    """
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"--mfu must be in (0, 1], got {mfu}.")
+    if n_devices < 1:
+        raise ConfigError(f"--devices must be >= 1, got {n_devices}.")
+    m, seq_len = cfg.model, cfg.data.seq_len
+    counts = param_counts(m)
+    flops_per_token = train_flops_per_token(m, seq_len)
+    tokens_per_step = cfg.train.batch_size * seq_len
+    result = {
+        **counts,
+        "flops_per_token_train": flops_per_token,
+        "flops_per_token_forward": forward_flops_per_token(m, seq_len),
+        **memory_estimate(cfg, n_devices),
+        "chinchilla_tokens": TOKENS_PER_PARAM * counts["params_total"],
+        "tokens_per_step": tokens_per_step,
+    }
+    if budget_flops is not None:
+        cfg = _with_budget(cfg, budget_flops)
+    has_length = any(getattr(cfg.train, k) is not None for k in ("steps", "tokens", "budget_flops"))
+    if has_length:
+        steps = total_steps(cfg)
+        compute = budget_flops if budget_flops is not None else steps * tokens_per_step * flops_per_token
+        result.update({"steps": steps, "tokens": steps * tokens_per_step, "compute_flops": compute,
+                       "compute_pfdays": to_petaflop_days(compute)})
+        if budget_flops is not None:
+            n_opt, d_opt = law_optimal(budget_flops, law) if law else chinchilla_optimal(budget_flops)
+            result.update({"compute_optimal_params": n_opt, "compute_optimal_tokens": d_opt,
+                           "compute_optimal_steps": math.floor(d_opt / tokens_per_step)})
+        peak = peak_flops(hardware, m.dtype) * n_devices
+        result.update({"hardware": hardware, "devices": n_devices, "mfu": mfu,
+                       "wall_seconds": compute / (mfu * peak)})
+    return result
+
+
+def _with_budget(cfg: Config, budget_flops: float) -> Config:
+    from lmjax.config import override
+
+    return override(cfg, [f"train.budget_flops={budget_flops!r}"])
+
+
+def format_plan(result: dict) -> str:
+    """Human-readable lines for `lmjax plan`."""
+    def number(x):
+        return f"{x:,}" if isinstance(x, int) else f"{x:.4g}"
+
+    def size(b):
+        return f"{b / 2**30:.3f} GiB" if b >= 2**27 else f"{b / 2**20:.3f} MiB"
+
+    lines = []
+    for key, value in result.items():
+        if key.startswith(("memory_", "kv_cache_")):
+            text = size(value)
+        elif key == "wall_seconds":
+            text = f"{value:,.0f} s ({value / 3600:.2f} h, {value / 86400:.2f} days)"
+        else:
+            text = value if isinstance(value, str) else number(value)
+        lines.append(f"{key:<30} {text}")
+    return "\n".join(lines)

@@ -1,0 +1,223 @@
+"""Sweeps: many `lmjax train` runs from one experiment, run one after another, resumable.
+
+A sweep file in `experiments/` defines `sweep() -> Sweep`. Each run is an ordinary run in
+`SWEEP_DIR/<run name>/` (config.json, metrics.jsonl, checkpoints/); a run is finished when
+its `result.json` exists. Restarting a killed sweep skips finished runs and resumes the
+interrupted one from its newest checkpoint. `results.csv` holds one row per finished run:
+name, N (non-embedding active params), N_total, D (tokens), C (budget, or 6-rule compute
+of the run), C_actual (counted training FLOPs), train_loss, val_loss.
+
+WSD cooldown branches (`wsd_branches`): runs of one shape that differ only in length
+share a "trunk" run with schedule "wsd"; the trunk trains in the stable phase up to each
+branch's decay start, and the branch continues from a copy of the trunk's checkpoint with
+its own decay. This equals training each branch from scratch, at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmjax.config import Config, ConfigError, override
+from lmjax.experiment import list_experiments, load_experiment
+from lmjax.scaling.counting import param_counts, train_flops_per_token
+from lmjax.scaling.plan import total_steps
+
+RESULT_COLUMNS = ("name", "N", "N_total", "D", "C", "C_actual", "train_loss", "val_loss")
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One run: `overrides` (--set strings) on the sweep's experiment. `trunk` names the
+    stable-phase run it is a WSD cooldown branch of (None: trained from scratch)."""
+
+    name: str
+    overrides: tuple[str, ...]
+    trunk: str | None = None
+
+
+@dataclass(frozen=True)
+class Sweep:
+    experiment: str  # experiment name or .py path
+    runs: tuple[SweepRun, ...]
+    overrides: tuple[str, ...] = field(default=())  # applied to every run first
+
+    def __post_init__(self):
+        names = [r.name for r in self.runs]
+        if not names:
+            raise ConfigError("the sweep has no runs.")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"sweep run names repeat: {sorted({n for n in names if names.count(n) > 1})}.")
+
+
+def _shape_name(shape: dict) -> str:
+    return "-".join(f"{k.split('.')[-1]}{v}" for k, v in shape.items())
+
+
+def isoflop_sweep(experiment: str, budgets: list[float], shapes: list[dict], overrides=()) -> Sweep:
+    """An IsoFLOP grid: every model `shape` ({"model.d_model": 64, ...}) at every budget
+    (train.budget_flops), so each budget's runs trace one IsoFLOP curve."""
+    runs = [SweepRun(f"C{budget:.3g}-{_shape_name(shape)}".replace("+", ""),
+                     tuple(f"{k}={v}" for k, v in shape.items()) + (f"train.budget_flops={budget!r}",))
+            for budget, shape in itertools.product(budgets, shapes)]
+    return Sweep(experiment, tuple(runs), tuple(overrides))
+
+
+def grid_sweep(experiment: str, axes: dict[str, list], overrides=()) -> Sweep:
+    """Every combination of the values of `axes` ({"optim.lr": [1e-3, 3e-3], ...})."""
+    keys = list(axes)
+    runs = [SweepRun(_shape_name(dict(zip(keys, values))), tuple(f"{k}={v}" for k, v in zip(keys, values)))
+            for values in itertools.product(*axes.values())]
+    return Sweep(experiment, tuple(runs), tuple(overrides))
+
+
+def wsd_branches(experiment: str, shapes: list[dict], tokens: list[int], overrides=()) -> Sweep:
+    """For every shape, WSD runs of each length in `tokens`, branched as cooldowns from one
+    stable-phase trunk per shape (schedule "wsd" is set on all of them)."""
+    runs = []
+    for shape in shapes:
+        base = tuple(f"{k}={v}" for k, v in shape.items()) + ("optim.schedule=wsd",)
+        for count in sorted(tokens):
+            runs.append(SweepRun(f"{_shape_name(shape)}-D{count}", base + (f"train.tokens={count}",),
+                                 trunk=f"{_shape_name(shape)}-trunk"))
+    return Sweep(experiment, tuple(runs), tuple(overrides))
+
+
+def load_sweep(name: str) -> Sweep:
+    """The Sweep defined by `sweep()` in experiments/NAME.py (or a .py path)."""
+    import importlib.util
+
+    path = Path(name) if name.endswith(".py") else list_experiments().get(name)
+    if path is None or not path.is_file():
+        raise ConfigError(f"unknown sweep {name!r}; a sweep is an experiments/*.py file defining sweep().")
+    spec = importlib.util.spec_from_file_location(f"lmjax_sweep_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "sweep"):
+        raise ConfigError(f"{path} does not define sweep() -> Sweep.")
+    return module.sweep()
+
+
+def run_config(sweep: Sweep, run: SweepRun, sweep_dir: Path) -> Config:
+    base = load_experiment(sweep.experiment)
+    return override(base, [*sweep.overrides, *run.overrides, f"train.run_dir={sweep_dir / run.name}",
+                           f"name={run.name}"])
+
+
+def _is_finished(run_dir: Path) -> bool:
+    return (run_dir / "result.json").is_file()
+
+
+def run_sweep(sweep: Sweep, sweep_dir: Path, log=print) -> Path:
+    """Run every unfinished run in order (WSD branches via their trunk); returns results.csv.
+    All configs are built (and validated) before the first run starts."""
+    from lmjax.train.loop import train
+
+    sweep_dir = Path(sweep_dir)
+    configs = {run.name: run_config(sweep, run, sweep_dir) for run in sweep.runs}
+    for cfg in configs.values():
+        total_steps(cfg)  # a budget too small for one step fails here, before any training
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    for run in sweep.runs:
+        run_dir, cfg = sweep_dir / run.name, configs[run.name]
+        if _is_finished(run_dir):
+            log(f"sweep: {run.name} finished already, skipped")
+            continue
+        if run.trunk is not None and not (run_dir / "checkpoints").exists():
+            _grow_trunk(sweep, run, cfg, sweep_dir, configs, train, log)
+        log(f"sweep: training {run.name}")
+        summary = train(cfg, run_dir)
+        if not summary["finished"]:
+            log(f"sweep: {run.name} stopped at step {summary['step']}; run the sweep again to continue")
+            break
+        _write_result(cfg, run_dir, summary)
+    return collect_results(sweep, sweep_dir)
+
+
+def _grow_trunk(sweep, run, cfg, sweep_dir, configs, train, log) -> None:
+    """Train `run.trunk` (a WSD run as long as the longest branch) up to where `run` starts
+    decaying, then copy its checkpoint into `run`'s directory."""
+    from lmjax.train.optimizer import wsd_decay_steps
+
+    branches = [r for r in sweep.runs if r.trunk == run.trunk]
+    longest = max((configs[r.name] for r in branches), key=total_steps)
+    trunk_dir = sweep_dir / run.trunk
+    steps = total_steps(cfg)
+    branch_step = steps - min(wsd_decay_steps(cfg.optim, steps), steps - min(cfg.optim.warmup_steps, steps))
+    if branch_step == 0:
+        return
+    trunk_cfg = override(longest, [f"train.run_dir={trunk_dir}", f"train.halt_at_step={branch_step}",
+                                   f"name={run.trunk}", "train.sample_tokens=0"])
+    log(f"sweep: growing trunk {run.trunk} to step {branch_step} for {run.name}")
+    train(trunk_cfg, trunk_dir)
+    (sweep_dir / run.name).mkdir(parents=True, exist_ok=True)
+    for item in ("checkpoints", "metrics.jsonl", "config.json"):
+        source = trunk_dir / item
+        target = sweep_dir / run.name / item
+        if source.is_dir():
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        elif source.is_file():
+            shutil.copy2(source, target)
+
+
+def _write_result(cfg: Config, run_dir: Path, summary: dict) -> None:
+    from lmjax.train.loggers import read_metrics
+
+    counts = param_counts(cfg.model)
+    steps = total_steps(cfg)
+    tokens = steps * cfg.train.batch_size * cfg.data.seq_len
+    train_losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r and r.get("step") == steps]
+    result = {
+        "name": cfg.name,
+        "N": counts["params_active_nonembedding"],
+        "N_total": counts["params_total"],
+        "D": tokens,
+        "C": cfg.train.budget_flops or 6 * counts["params_active_nonembedding"] * tokens,
+        "C_actual": train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens,
+        "train_loss": train_losses[-1] if train_losses else float("nan"),
+        "val_loss": summary["val_loss"],
+    }
+    temporary = run_dir / "result.json.tmp"
+    temporary.write_text(json.dumps(result, indent=2))
+    temporary.replace(run_dir / "result.json")
+
+
+def collect_results(sweep: Sweep, sweep_dir: Path) -> Path:
+    """Write SWEEP_DIR/results.csv from the finished runs' result.json files."""
+    path = Path(sweep_dir) / "results.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, RESULT_COLUMNS)
+        writer.writeheader()
+        for run in sweep.runs:
+            result_file = Path(sweep_dir) / run.name / "result.json"
+            if result_file.is_file():
+                writer.writerow(json.loads(result_file.read_text()))
+    return path
+
+
+SLURM_TEMPLATE = """#!/bin/bash
+#SBATCH --job-name=lmjax-{sweep}
+#SBATCH --array=0-{last}
+#SBATCH --output={sweep_dir}/slurm-%A_%a.out
+# One array task per sweep run; resubmitting skips finished runs and resumes the others.
+lmjax sweep {sweep} --dir {sweep_dir} --only-index $SLURM_ARRAY_TASK_ID
+"""
+
+
+def slurm_script(sweep_name: str, sweep: Sweep, sweep_dir: Path) -> str:
+    """A SLURM job-array script running each run of the sweep as one array task."""
+    if any(run.trunk for run in sweep.runs):
+        raise ConfigError("WSD-branch sweeps run their branches in order from one trunk; run them without --slurm.")
+    return SLURM_TEMPLATE.format(sweep=sweep_name, last=len(sweep.runs) - 1, sweep_dir=sweep_dir)
+
+
+def only_run(sweep: Sweep, index: int) -> Sweep:
+    """The sweep reduced to its run number `index` (0-based), for one SLURM array task."""
+    if not 0 <= index < len(sweep.runs):
+        raise ConfigError(f"--only-index {index} is out of range: the sweep has {len(sweep.runs)} runs.")
+    return dataclasses.replace(sweep, runs=(sweep.runs[index],))

@@ -1,0 +1,242 @@
+"""Planner, memory, WSD schedule, fits and sweeps (lmjax.scaling)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmjax.cli import main
+from lmjax.config import Config, ConfigError, MeshConfig, ModelConfig, MoEConfig, OptimConfig, TrainConfig, override
+from lmjax.scaling.counting import param_counts, to_petaflop_days, train_flops_per_token
+from lmjax.scaling.fit import fit_approach2, fit_approach3, read_results
+from lmjax.scaling.memory import kv_cache_bytes_per_token, memory_estimate
+from lmjax.scaling.plan import chinchilla_optimal, total_steps
+from lmjax.scaling.sweep import run_sweep, wsd_branches
+from lmjax.train.optimizer import learning_rate_schedule
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def plan_json(capsys, *sets, extra=()) -> dict:
+    args = ["plan"] + [a for s in sets for a in ("--set", s)] + list(extra) + ["--json"]
+    assert main(args) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+GPT2_SMALL = ["model.vocab_size=50257", "model.d_model=768", "model.n_layers=12", "model.n_heads=12",
+              "model.d_ff=3072", "model.mlp=gelu", "model.norm=layernorm", "model.position=learned",
+              "model.max_seq_len=1024", "data.seq_len=1024"]
+LLAMA2_7B = ["model.vocab_size=32000", "model.d_model=4096", "model.n_layers=32", "model.n_heads=32",
+             "model.d_ff=11008", "model.tie_embeddings=false", "model.max_seq_len=4096", "data.seq_len=4096"]
+MIXTRAL_8X7B = ["model.vocab_size=32000", "model.d_model=4096", "model.n_layers=32", "model.n_heads=32",
+                "model.n_kv_heads=8", "model.d_ff=14336", "model.tie_embeddings=false", "model.moe.n_experts=8",
+                "model.moe.top_k=2", "model.max_seq_len=4096", "data.seq_len=4096", "model.dtype=bfloat16"]
+
+
+def test_plan_published_shapes(capsys):
+    gpt2 = plan_json(capsys, *GPT2_SMALL)
+    # 124M with tied embeddings (GPT-2's linear biases, 92,160 weights, are not part of lmjax's blocks)
+    assert round(gpt2["params_total"] / 1e6) == 124 and gpt2["params_output_head"] == 0
+    assert plan_json(capsys, *LLAMA2_7B)["params_total"] == 6_738_415_616
+    mixtral = plan_json(capsys, *MIXTRAL_8X7B)
+    assert round(mixtral["params_total"] / 1e9, 1) == 46.7 and round(mixtral["params_active"] / 1e9, 1) == 12.9
+    # FLOPs use the active parameters; KV cache: 2 * 32 layers * 8 kv heads * 128 * 2 bytes
+    assert mixtral["flops_per_token_train"] == pytest.approx(
+        6 * (mixtral["params_active"] - 32000 * 4096) + 6 * 32 * 4096 * 4096)
+    assert mixtral["kv_cache_bytes_per_token"] == 2 * 32 * 8 * 128 * 2
+
+
+def test_moe_counts_by_hand():
+    moe = MoEConfig(n_experts=4, top_k=2, d_ff=48, every=2, n_shared_experts=1)
+    cfg = ModelConfig(vocab_size=384, d_model=32, n_layers=4, n_heads=4, d_ff=64, moe=moe)
+    attention, norms = 4 * 32 * 32, 2 * 32
+    dense_layer = attention + norms + 3 * 32 * 64
+    expert = 3 * 32 * 48
+    moe_total = attention + norms + 32 * 4 + 4 * expert + expert  # router, 4 routed, 1 shared
+    moe_active = attention + norms + 32 * 4 + 2 * expert + expert
+    counts = param_counts(cfg)
+    assert counts["params_total"] == 384 * 32 + 2 * dense_layer + 2 * moe_total + 32
+    assert counts["params_active"] == 384 * 32 + 2 * dense_layer + 2 * moe_active + 32
+    dense = param_counts(ModelConfig(vocab_size=384, d_model=32, n_layers=4, n_heads=4, d_ff=64))
+    assert dense["params_active"] == dense["params_total"]
+
+
+def test_plan_budget_and_time(capsys):
+    result = plan_json(capsys, extra=["--budget-pfdays", "1", "--hardware", "A100", "--devices", "8", "--mfu", "0.5"])
+    assert result["compute_flops"] == pytest.approx(8.64e19) and result["compute_pfdays"] == pytest.approx(1)
+    n_opt, d_opt = chinchilla_optimal(8.64e19)
+    assert d_opt == pytest.approx(20 * n_opt) and 6 * n_opt * d_opt == pytest.approx(8.64e19)
+    assert result["compute_optimal_params"] == pytest.approx(n_opt)
+    assert result["wall_seconds"] == pytest.approx(8.64e19 / (0.5 * 8 * 156e12))  # A100 float32 (TF32) peak
+    assert result["steps"] == int(8.64e19 // (result["flops_per_token_train"] * result["tokens_per_step"]))
+    assert to_petaflop_days(8.64e19) == pytest.approx(1.0)
+
+
+def test_memory_by_hand():
+    model = ModelConfig(vocab_size=384, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                        dtype="bfloat16", remat="full")
+    cfg = Config(model=model, train=TrainConfig(batch_size=8, steps=1), mesh=MeshConfig(data=2, fsdp=2))
+    memory = memory_estimate(cfg, n_devices=4)
+    params = param_counts(model)["params_total"]
+    assert memory["memory_weights_bytes"] == pytest.approx(params * 4 / 2)  # float32 weights, fsdp=2
+    assert memory["memory_adam_bytes"] == 2 * memory["memory_weights_bytes"]
+    assert kv_cache_bytes_per_token(model) == 2 * 2 * 2 * 16 * 2
+    # full remat: the block input per layer + one layer recomputed + float32 logits and their gradient
+    one_layer = 5 * 64 * 2 + (64 + 2 * 2 * 16 + 3 * 128) * 2 + 4 * 256 * (4 + 2)
+    per_token = 2 * 64 * 2 + one_layer + 2 * 384 * 4
+    assert memory["memory_activations_bytes"] == pytest.approx(per_token * 8 * 256 / 4)
+
+
+def test_wsd_schedule_by_hand():
+    cfg = OptimConfig(lr=1.0, schedule="wsd", warmup_steps=2, decay_fraction=0.25, min_lr_ratio=0.1)
+    lr = learning_rate_schedule(cfg, 12)
+    expected = [0.0, 0.5] + [1.0] * 8 + [1.0 - 0.9 / 3, 1.0 - 1.8 / 3, 0.1]
+    assert [float(lr(i)) for i in range(13)] == pytest.approx(expected)
+    with pytest.raises(ConfigError, match="decay_fraction"):
+        OptimConfig(schedule="wsd", decay_fraction=0.0)
+
+
+def test_budget_too_small_for_one_step(tiny):
+    cfg = tiny(steps=None, budget_flops=1e3)
+    with pytest.raises(ConfigError, match="less than one step"):
+        total_steps(cfg)
+    flops = train_flops_per_token(cfg.model, cfg.data.seq_len) * 8 * 32
+    assert total_steps(override(cfg, [f"train.budget_flops={3.5 * flops}"])) == 3
+    # --set train.budget_flops on an experiment sized by steps replaces its length
+    assert total_steps(override(tiny(), [f"train.budget_flops={5.5 * flops}"])) == 5
+
+
+def synthetic_results(rng, noise=0.003):
+    """Losses from L = 1.8 + 400/N^0.34 + 410/D^0.28 on IsoFLOP grids, with multiplicative noise."""
+    n_list, d_list, c_list = [], [], []
+    for c in (1e18, 1e19, 1e20, 1e21):
+        n = np.geomspace(1e7, 1e10, 9) * (c / 1e19) ** 0.5 / 10
+        n_list += list(n)
+        d_list += list(c / (6 * n))
+        c_list += [c] * len(n)
+    n, d, c = np.array(n_list), np.array(d_list), np.array(c_list)
+    loss = (1.8 + 400 / n**0.34 + 410 / d**0.28) * np.exp(rng.normal(0, noise, len(n)))
+    return {"N": n, "D": d, "C": c, "loss": loss}
+
+
+def test_fit_recovers_known_law():
+    data = synthetic_results(np.random.default_rng(0))
+    fit3 = fit_approach3(data, bootstrap=4)
+    assert fit3["alpha"] == pytest.approx(0.34, abs=0.03) and fit3["beta"] == pytest.approx(0.28, abs=0.03)
+    assert fit3["E"] == pytest.approx(1.8, rel=0.05)
+    assert fit3["a"] == pytest.approx(0.28 / 0.62, abs=0.03)
+    fit2 = fit_approach2(data, bootstrap=4)
+    assert fit2["a"] == pytest.approx(0.28 / 0.62, abs=0.05)  # N_opt ~ C^(beta / (alpha + beta))
+
+
+def test_fit_bad_input(tmp_path):
+    with pytest.raises(ConfigError, match="needs at least 6"):
+        fit_approach3({k: v[:4] for k, v in synthetic_results(np.random.default_rng(0)).items()}, bootstrap=0)
+    path = tmp_path / "r.csv"
+    path.write_text("params,loss\n1,2\n")
+    with pytest.raises(ConfigError, match="no column"):
+        read_results(path)
+    path.write_text("params,tokens,loss\n" + "".join(f"{n},{20 * n},{3 + 1 / n}\n" for n in range(1, 8)))
+    data = read_results(path, n_column="params", d_column="tokens", loss_column="loss")
+    assert data["C"].tolist() == [6 * n * 20 * n for n in range(1, 8)]
+    assert main(["fit", str(tmp_path / "missing.csv")]) == 2
+
+
+SWEEP_FILES = {
+    "tiny.py": """
+        from lmjax.config import Config, DataConfig, LogConfig, ModelConfig, OptimConfig, TrainConfig
+
+        def config():
+            return Config(
+                model=ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64),
+                optim=OptimConfig(lr=3e-3, warmup_steps=1),
+                data=DataConfig(source="stdlib", seq_len=32, max_bytes=100_000, val_fraction=0.05),
+                train=TrainConfig(batch_size=8, steps=3, eval_every=100, eval_batches=1, log_every=1,
+                                  checkpoint_every=100, sample_tokens=0),
+                log=LogConfig(wandb="off", progress_bar=False))
+        """,
+    "grid.py": """
+        from pathlib import Path
+        from lmjax.scaling.sweep import grid_sweep
+
+        def sweep():
+            return grid_sweep(str(Path(__file__).parent / "tiny.py"), {"model.d_model": [16, 32]})
+        """,
+}
+
+
+def test_sweep_resumes_after_kill(tmp_path):
+    for name, text in SWEEP_FILES.items():
+        (tmp_path / name).write_text(textwrap.dedent(text))
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "lmjax.cli", "sweep", str(tmp_path / "grid.py"), "--dir", str(sweep_dir)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = sweep_dir / "d_model16" / "result.json"
+    deadline = time.time() + 120
+    while not first.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert first.exists() and not (sweep_dir / "d_model32" / "result.json").exists()
+    first_metrics = (sweep_dir / "d_model16" / "metrics.jsonl").read_text()
+
+    restarted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert restarted.returncode == 0, restarted.stderr
+    assert "d_model16 finished already, skipped" in restarted.stdout
+    assert "training d_model16" not in restarted.stdout and "training d_model32" in restarted.stdout
+    assert (sweep_dir / "d_model16" / "metrics.jsonl").read_text() == first_metrics
+    rows = (sweep_dir / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("name,N,N_total,D,C") and len(rows) == 3
+
+
+def test_kv_cache_formula_matches_generate_cache():
+    from flax import nnx
+
+    from lmjax.models import DecoderLM
+
+    model_cfg = ModelConfig(d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, dtype="bfloat16")
+    model = nnx.eval_shape(lambda: DecoderLM(model_cfg, rngs=nnx.Rngs(0)))
+    keys, values = jax.eval_shape(lambda: model.init_cache(batch_size=3, length=20))
+    cache_bytes = sum(np.prod(x.shape) * x.dtype.itemsize for x in (keys, values))
+    assert keys.dtype == jnp.bfloat16 and cache_bytes == kv_cache_bytes_per_token(model_cfg) * 3 * 20
+
+
+def test_wsd_branch_equals_run_from_scratch(tiny, tmp_path):
+    """A cooldown branched from the trunk's stable phase ends where a WSD run of that
+    length trained from scratch ends."""
+    base = override(tiny(steps=None, tokens=256 * 4, checkpoint_every=100, sample_tokens=0, eval_batches=1),
+                    ["optim.schedule=wsd", "optim.decay_fraction=0.5", "optim.warmup_steps=1"])
+    experiment = tmp_path / "base.py"
+    experiment.write_text("from lmjax.config import Config\n\ndef config():\n"
+                          f"    return Config.from_dict({base.to_dict()!r})\n")
+    sweep = wsd_branches(str(experiment), [{"model.d_model": 32}], tokens=[256 * 4])
+    log = []
+    run_sweep(sweep, tmp_path / "sweep", log=log.append)
+    assert any("growing trunk d_model32-trunk to step 2" in line for line in log)
+    branched = json.loads((tmp_path / "sweep" / "d_model32-D1024" / "result.json").read_text())
+
+    from lmjax.train.loop import train
+
+    scratch = train(override(base, [f"train.run_dir={tmp_path / 'scratch'}"]), tmp_path / "scratch")
+    assert branched["val_loss"] == pytest.approx(scratch["val_loss"], abs=1e-5)
+
+
+def test_sweep_emits_cluster_commands(tmp_path, capsys):
+    for name, text in SWEEP_FILES.items():
+        (tmp_path / name).write_text(textwrap.dedent(text))
+    assert main(["sweep", str(tmp_path / "grid.py"), "--dir", "out", "--slurm"]) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --array=0-1" in script and "--only-index $SLURM_ARRAY_TASK_ID" in script
+    assert main(["sweep", str(tmp_path / "grid.py"), "--dir", "out", "--commands"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].endswith("--dir out --only-index 1")
+    assert main(["sweep", str(tmp_path / "grid.py"), "--only-index", "2"]) == 2
