@@ -3,6 +3,7 @@
     lmjax train [EXPERIMENT] [--set section.field=value ...] [--resume RUN_DIR]
     lmjax eval RUN_DIR [--json] [--max-batches N] [--data SOURCE] [--token-losses FILE.npy]
     lmjax generate RUN_DIR --prompt TEXT [--temperature T --top-k K --top-p P --max-new-tokens N]
+        (an encoder_decoder run fills in each <extra_id_N> of the prompt)
     lmjax plan [EXPERIMENT] [--set ...] [--budget-flops C | --budget-pfdays X] [--law LAW.json] [--json]
     lmjax sweep SWEEP [--dir DIR] [--slurm | --commands]
     lmjax fit RESULTS.csv [--n-column N --d-column D --c-column C --loss-column L] [--plots DIR] [--json]
@@ -19,6 +20,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from lmjax.config import Config, ConfigError, override
 from lmjax.experiment import experiment_summary, list_experiments, load_experiment
@@ -58,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "run's validation split (stdlib, a file, a directory, an HF dataset on disk)")
     evaluate.add_argument("--token-losses", metavar="FILE.npy", help="save every position's loss (nats)")
 
-    generate = commands.add_parser("generate", help="continue prompts with a trained model (KV-cache decoding)")
+    generate = commands.add_parser("generate", help="continue prompts with a trained model (KV-cache decoding); "
+                                   "an encoder_decoder run fills in the prompt's <extra_id_0>, <extra_id_1>, ...")
     generate.add_argument("run_dir")
     generate.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
     generate.add_argument("--max-new-tokens", type=int, default=200)
@@ -205,6 +209,11 @@ def cmd_generate(args) -> None:
     from lmjax.train.run_eval import load
 
     model, cfg, tokenizer = load(Path(args.run_dir))
+    if cfg.model.family == "encoder_decoder":
+        return fill_in_prompts(model, cfg, tokenizer, args)
+    if cfg.model.family != "decoder":
+        raise ConfigError(f"lmjax generate needs a decoder or encoder_decoder run; {args.run_dir} is a "
+                          f"{cfg.model.family} (use lmjax eval).")
     prompts = [tokenizer.encode(p) for p in args.prompt]
     room = cfg.model.max_seq_len - max(len(p) for p in prompts)
     if args.max_new_tokens > room:
@@ -220,6 +229,26 @@ def cmd_generate(args) -> None:
         print(prompt + tokenizer.decode(ids))
 
 
+def fill_in_prompts(model, cfg, tokenizer, args) -> None:
+    """Span infilling with an encoder-decoder: each prompt's `<extra_id_N>` markers are
+    sentinels; print the generated targets and the prompt with the spans filled in."""
+    from lmjax.generate import generate
+    from lmjax.objectives import fill_in_spans
+
+    # the byte tokenizer spells sentinels <extra_id_N> itself; subword tokenizers hold them as special tokens
+    encode = getattr(tokenizer, "encode_with_sentinels", tokenizer.encode)
+    show = getattr(tokenizer, "decode_with_sentinels", tokenizer.decode)
+    inputs = [np.append(encode(p), tokenizer.eos_id) for p in args.prompt]
+    if max(len(i) for i in inputs) > cfg.model.max_seq_len or args.max_new_tokens > cfg.model.max_seq_len:
+        raise ConfigError(f"prompts and --max-new-tokens must each fit in model.max_seq_len={cfg.model.max_seq_len}.")
+    outputs = generate(model, inputs, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, seed=args.seed, stop_tokens=(tokenizer.eos_id,),
+                       start_token=tokenizer.bos_id)
+    sentinels = [tokenizer.sentinel_id(i) for i in range(tokenizer.num_sentinels)]
+    for ids, targets in zip(inputs, outputs):
+        targets = targets[:-1] if len(targets) and targets[-1] == tokenizer.eos_id else targets
+        print(f"targets: {show(targets)}")
+        print(f"filled:  {tokenizer.decode(fill_in_spans(ids[:-1], targets, sentinels))}")
 def cmd_plan(args) -> None:
     from lmjax.scaling.counting import PETAFLOP_DAY
     from lmjax.scaling.plan import format_plan, load_law, plan

@@ -75,23 +75,32 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a decoder-only transformer.
+    """Shape and numerics of a transformer of one of three families.
 
-    Attention has `n_heads` query heads of width `d_model // n_heads` and `n_kv_heads`
-    key/value heads (grouped-query attention when fewer than `n_heads`).
+    `family`: "decoder" (causal LM), "encoder" (bidirectional, masked LM) or
+    "encoder_decoder" (T5: `n_layers` encoder blocks, `n_decoder_layers` decoder blocks with
+    cross-attention, one shared token embedding). Attention has `n_heads` query heads of
+    width `d_model // n_heads` and `n_kv_heads` key/value heads (grouped-query attention
+    when fewer than `n_heads`). `position` "relative" is T5's bucketed relative position
+    bias: `relative_buckets` buckets, logarithmic beyond half of them up to
+    `relative_max_distance`, bidirectional in encoders and causal in decoders.
     """
 
+    family: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
     vocab_size: int = 384
     d_model: int = 256
-    n_layers: int = 4
+    n_layers: int = 4  # the encoder's layers in an encoder_decoder
+    n_decoder_layers: int | None = None  # encoder_decoder only; None: n_layers
     n_heads: int = 4
     n_kv_heads: int | None = None  # None: same as n_heads (multi-head attention)
     d_ff: int = 1024
     mlp: Literal["swiglu", "gelu"] = "swiglu"
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
-    position: Literal["rope", "learned"] = "rope"
+    position: Literal["rope", "learned", "relative"] = "rope"
     rope_theta: float = 10_000.0
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
     max_seq_len: int = 1024
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -122,17 +131,32 @@ class ModelConfig:
         _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}.")
         _check_choice("model.mlp", self.mlp, ("swiglu", "gelu"))
         _check_choice("model.norm", self.norm, ("rmsnorm", "layernorm"))
-        _check_choice("model.position", self.position, ("rope", "learned"))
+        _check_choice("model.family", self.family, ("decoder", "encoder", "encoder_decoder"))
+        _check_choice("model.position", self.position, ("rope", "learned", "relative"))
+        _require(self.n_decoder_layers is None or self.family == "encoder_decoder",
+                 f"model.n_decoder_layers={self.n_decoder_layers} only applies to model.family='encoder_decoder'; "
+                 "leave it unset (none).")
+        _require(self.decoder_layers > 0, f"model.n_decoder_layers must be positive, got {self.n_decoder_layers}.")
+        _require(self.relative_buckets >= 2 and self.relative_max_distance > self.relative_buckets // 2,
+                 f"model.relative_buckets={self.relative_buckets} must be >= 2 and model.relative_max_distance="
+                 f"{self.relative_max_distance} larger than half of it (T5: 32 and 128).")
         _check_choice("model.dtype", self.dtype, ("float32", "bfloat16"))
         _check_choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
         _check_choice("model.remat", self.remat, ("none", "dots", "full"))
         _check_choice("model.attention", self.attention, ("auto", "einsum", "dot_product"))
         _require(not self.moe.enabled or self.n_layers % self.moe.every == 0,
                  f"model.moe.every={self.moe.every} does not divide model.n_layers={self.n_layers}.")
+        _require(not self.moe.enabled or self.decoder_layers % self.moe.every == 0,
+                 f"model.moe.every={self.moe.every} does not divide model.n_decoder_layers={self.n_decoder_layers}.")
 
     @property
     def kv_heads(self) -> int:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def decoder_layers(self) -> int:
+        """Blocks of the decoder stack of an encoder_decoder (n_decoder_layers, default n_layers)."""
+        return self.n_layers if self.n_decoder_layers is None else self.n_decoder_layers
 
     @property
     def head_dim(self) -> int:
@@ -197,7 +221,10 @@ class DataConfig:
     max_bytes: int | None = 8_000_000  # read at most this much text (None: everything)
     tokenizer: str = "bytes"  # "bytes", or a tokenizers .json / SentencePiece .model file
     path: str | None = None  # prepared data: DIR or DIR1:w1,DIR2:w2 (weighted mixture)
-    seq_len: int = 256
+    seq_len: int = 256  # tokens per sequence; encoder_decoder: the encoder inputs' length
+    mlm_probability: float = 0.15  # encoder: share of tokens selected for the masked-LM loss (BERT)
+    noise_density: float = 0.15  # encoder_decoder: share of raw tokens corrupted into noise spans (T5)
+    mean_noise_span_length: float = 3.0  # encoder_decoder: mean length of a noise span (T5)
     val_fraction: float = 0.02  # share of documents (prepared data: of the final windows) held out for validation
     seed: int = 0  # data order is a pure function of (seed, step)
     workers: int = 0  # batch-reading worker processes (0: reader threads in the training process)
@@ -226,6 +253,11 @@ class DataConfig:
                 _require(bool(directory), f"data.path {self.path!r} has an empty directory; write DIR1:0.7,DIR2:0.3.")
                 _require(weight > 0, f"data.path weight {weight:g} for {directory} must be > 0; drop the dataset "
                          "or give it a positive weight.")
+        _require(0.0 < self.mlm_probability < 1.0,
+                 f"data.mlm_probability must be in (0, 1), got {self.mlm_probability}.")
+        _require(0.0 < self.noise_density < 1.0, f"data.noise_density must be in (0, 1), got {self.noise_density}.")
+        _require(self.mean_noise_span_length >= 1.0,
+                 f"data.mean_noise_span_length must be >= 1, got {self.mean_noise_span_length}.")
 
 
 @dataclass(frozen=True)
@@ -322,6 +354,17 @@ class Config:
             f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
             "shorten the sequences or raise model.max_seq_len.",
         )
+        if self.model.family == "encoder_decoder":
+            from lmjax.objectives import span_corruption_lengths
+
+            try:
+                _, targets_length = span_corruption_lengths(self.data.seq_len, self.data.noise_density,
+                                                            self.data.mean_noise_span_length)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            _require(targets_length <= self.model.max_seq_len,
+                     f"span corruption targets of {targets_length} tokens exceed model.max_seq_len="
+                     f"{self.model.max_seq_len}; raise model.max_seq_len.")
         _require(
             self.train.batch_size % self.optim.grad_accum_steps == 0,
             f"train.batch_size={self.train.batch_size} is not divisible by optim.grad_accum_steps="

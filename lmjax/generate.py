@@ -1,6 +1,7 @@
-"""Text generation from a DecoderLM with a KV cache: prefill the prompts, then one token
-per step inside one jit. Greedy, temperature, top-k and top-p (nucleus) sampling; a batch
-of prompts of different lengths; stop tokens.
+"""Text generation with a KV cache: prefill the prompts, then one token per step inside
+one jit. Greedy, temperature, top-k and top-p (nucleus) sampling; a batch of prompts of
+different lengths; stop tokens. A DecoderLM continues its prompts; an EncoderDecoderLM
+encodes its inputs once and decodes targets from a start token (`generate` picks by family).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from lmjax.data.tokenizer import ByteTokenizer
 
 
 def filter_logits(logits, temperature: float, top_k: int | None = None, top_p: float | None = None):
@@ -59,15 +62,44 @@ def _generate(graphdef, params, tokens, lengths, max_new_tokens, temperature, to
     return jnp.concatenate([first[:, None], rest.T], axis=1)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
+def _generate_encoder_decoder(graphdef, params, inputs, input_segments, start, max_new_tokens, temperature, top_k,
+                              top_p, key):
+    """inputs (B, S) right-padded (input_segments 0 on padding) -> (B, max_new_tokens) new ids,
+    decoded after the start token `start`."""
+    model = nnx.merge(graphdef, params)
+    model.eval()
+    batch = inputs.shape[0]
+    encoded = model.encode(inputs, input_segments)  # once
+    cache = model.init_cache(batch, max_new_tokens)
+
+    def step(carry, t):
+        token, cache = carry
+        logits, cache = model.decode(token[:, None], jnp.full((batch, 1), t), cache, encoded, input_segments)
+        token = sample_token(logits[:, 0], jax.random.fold_in(key, t), temperature, top_k, top_p)
+        return (token, cache), token
+
+    _, new = jax.lax.scan(step, (jnp.full((batch,), start, jnp.int32), cache), jnp.arange(max_new_tokens))
+    return new.T
+
+
 def generate(model: nnx.Module, prompts: list, max_new_tokens: int, *, temperature: float = 0.8,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             stop_tokens: tuple[int, ...] = ()) -> list[np.ndarray]:
-    """Continue each prompt (a 1-D sequence of token ids) by up to `max_new_tokens` tokens.
+             stop_tokens: tuple[int, ...] = (), start_token: int = ByteTokenizer.bos_id) -> list[np.ndarray]:
+    """Continue each prompt (a 1-D sequence of token ids) by up to `max_new_tokens` tokens;
+    for an encoder-decoder, the prompts are encoder inputs and the new tokens its targets,
+    decoded after `start_token` (the tokenizer's bos, as in training).
 
     Returns the new ids per prompt, cut after the first stop token (which is kept). The
-    longest prompt + max_new_tokens must fit in model.cfg.max_seq_len.
+    longest prompt + max_new_tokens (encoder-decoder: each of them) must fit in model.cfg.max_seq_len.
     """
     prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
+    if model.cfg.family == "encoder_decoder":
+        return _generate_targets(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens,
+                                 start_token)
+    if model.cfg.family != "decoder":
+        raise ValueError(f"generation needs a decoder or encoder_decoder model, not model.family="
+                         f"{model.cfg.family!r}.")
     longest = max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0 or max_new_tokens < 1 or longest + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"prompts of 1..{longest} tokens + max_new_tokens={max_new_tokens} must fit in "
@@ -79,6 +111,25 @@ def generate(model: nnx.Module, prompts: list, max_new_tokens: int, *, temperatu
     graphdef, params = nnx.split(model)
     out = np.asarray(_generate(graphdef, params, tokens, lengths, max_new_tokens, float(temperature), top_k,
                                top_p, jax.random.key(seed)))
+    return _cut_at_stop(out, stop_tokens)
+
+
+def _generate_targets(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, start_token):
+    longest, limit = max(len(p) for p in prompts), model.cfg.max_seq_len
+    if min(len(p) for p in prompts) == 0 or not 1 <= max_new_tokens <= limit or longest > limit:
+        raise ValueError(f"inputs of 1..{longest} tokens and max_new_tokens={max_new_tokens} must each fit in "
+                         f"model.max_seq_len={limit} (inputs non-empty, at least one new token).")
+    inputs = np.zeros((len(prompts), longest), np.int32)
+    for row, prompt in enumerate(prompts):
+        inputs[row, : len(prompt)] = prompt
+    segments = (np.arange(longest) < np.array([len(p) for p in prompts])[:, None]).astype(np.int32)
+    graphdef, params = nnx.split(model)
+    out = np.asarray(_generate_encoder_decoder(graphdef, params, inputs, segments, int(start_token), max_new_tokens,
+                                               float(temperature), top_k, top_p, jax.random.key(seed)))
+    return _cut_at_stop(out, stop_tokens)
+
+
+def _cut_at_stop(out: np.ndarray, stop_tokens) -> list[np.ndarray]:
     results = []
     for row in out:
         stops = np.flatnonzero(np.isin(row, stop_tokens))

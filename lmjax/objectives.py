@@ -1,13 +1,25 @@
-"""Training objectives. The causal LM loss: next-token cross-entropy over masked targets."""
+"""Training objectives of the three families, as pure numpy batch builders and one loss.
+
+- causal LM (decoder): predict token t + 1 from tokens <= t.
+- masked LM (encoder, BERT): select a share of the tokens; of those, replace 80% by the
+  mask token, 10% by a random token, keep 10%; predict the originals at the selected
+  positions only.
+- span corruption (encoder-decoder, T5): replace random spans of the raw tokens by
+  sentinels in the inputs; the targets list each span after its sentinel.
+
+All three end in the same masked cross-entropy over (targets, loss_mask); `predict` runs
+the model of any family on its batch.
+"""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
 def token_losses(logits, targets, loss_mask):
-    """Next-token cross-entropy (nats) of every position, 0 where loss_mask is 0.
+    """Cross-entropy (nats) of every position, 0 where loss_mask is 0.
 
     logits (B, T, V) float32; targets (B, T) int; loss_mask (B, T) float -> (B, T) float32.
     """
@@ -16,10 +28,176 @@ def token_losses(logits, targets, loss_mask):
 
 
 def causal_lm_loss(logits, targets, loss_mask):
-    """Summed next-token cross-entropy and the number of tokens it covers.
+    """Summed cross-entropy and the number of tokens it covers (every family's loss).
 
     logits (B, T, V) float32; targets (B, T) int; loss_mask (B, T) float (1 = counts).
     Returns (loss_sum in nats, token_count), both float32 scalars, so callers can average
     exactly across micro-batches and devices.
     """
     return jnp.sum(token_losses(logits, targets, loss_mask)), jnp.sum(loss_mask)
+
+
+def predict(model, batch: dict, dropout_key=None):
+    """Logits (B, T, V) float32 of `model` on a batch of its family; T is the targets' length.
+
+    decoder and encoder batches: inputs, positions, segment_ids (B, T). encoder_decoder
+    batches: encoder_inputs, encoder_segment_ids (B, S) and decoder_inputs,
+    decoder_segment_ids (B, T).
+    """
+    if model.cfg.family == "encoder_decoder":
+        return model(batch["encoder_inputs"], batch["decoder_inputs"], batch["encoder_segment_ids"],
+                     batch["decoder_segment_ids"], dropout_key)
+    return model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key)
+
+
+# ---------------------------------------------------------------- masked LM (BERT)
+
+def mask_tokens(tokens, selectable, rng: np.random.Generator, mlm_probability: float, mask_id: int | None,
+                random_token_range: int):
+    """BERT masking of one sequence.
+
+    tokens (T,) int; selectable (T,) bool: positions that may be chosen (not padding).
+    round(mlm_probability * n_selectable) positions (at least one) are chosen uniformly; each is
+    replaced by `mask_id` with probability 0.8, by a uniform id in [0, random_token_range)
+    with probability 0.1, and kept otherwise. Returns (inputs (T,) int32, loss_mask (T,)
+    float32: 1 at the chosen positions).
+    """
+    if mask_id is None:
+        raise ValueError("masked-LM needs a mask token, but the tokenizer has none (mask_id is None); "
+                         "use a tokenizer that reserves one.")
+    tokens = np.asarray(tokens, np.int32)
+    candidates = np.flatnonzero(selectable)
+    if len(candidates) == 0:
+        raise ValueError("masked-LM got a sequence with no tokens to select (all padding).")
+    n_chosen = max(1, round(mlm_probability * len(candidates)))
+    chosen = rng.choice(candidates, n_chosen, replace=False)
+    action = rng.random(n_chosen)
+    inputs = tokens.copy()
+    masked, randomized = chosen[action < 0.8], chosen[(action >= 0.8) & (action < 0.9)]
+    inputs[masked] = mask_id
+    inputs[randomized] = rng.integers(0, random_token_range, len(randomized))
+    loss_mask = np.zeros(len(tokens), np.float32)
+    loss_mask[chosen] = 1.0
+    return inputs, loss_mask
+
+
+# ---------------------------------------------------------------- span corruption (T5)
+
+def noise_span_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
+    """(noise tokens, noise spans) of a raw sequence of `length` tokens, as T5 counts them:
+    round(length * density) noise tokens in round(noise tokens / mean span length) spans
+    (at least one). Raises ValueError when the sequence cannot hold one noise span."""
+    n_noise, n_spans = _span_counts(length, noise_density, mean_noise_span_length)
+    if n_noise < 1:
+        raise ValueError(f"a sequence of {length} tokens is too short to hold one noise span at noise density "
+                         f"{noise_density} (it rounds to 0 noise tokens); use longer sequences (data.seq_len) or "
+                         "a higher data.noise_density.")
+    if length - n_noise < n_spans:
+        raise ValueError(f"{n_spans} noise spans of {length} tokens at noise density {noise_density} leave only "
+                         f"{length - n_noise} kept tokens, too few to separate them; lower data.noise_density or "
+                         "raise data.mean_noise_span_length.")
+    return n_noise, n_spans
+
+
+def _span_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
+    n_noise = round(length * noise_density)
+    return n_noise, max(1, round(n_noise / mean_noise_span_length))
+
+
+def _corrupted_lengths(raw_length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
+    """(inputs, targets) lengths after corrupting `raw_length` tokens: the kept tokens plus one
+    sentinel per span plus eos; the noise tokens plus one sentinel per span plus eos."""
+    n_noise, n_spans = _span_counts(raw_length, noise_density, mean_noise_span_length)
+    return raw_length - n_noise + n_spans + 1, n_noise + n_spans + 1
+
+
+def span_corruption_lengths(inputs_length: int, noise_density: float,
+                            mean_noise_span_length: float) -> tuple[int, int]:
+    """(raw tokens to draw, targets length) so that corrupted inputs fit in `inputs_length`.
+
+    The largest raw length whose corrupted inputs (eos included) still fit, as T5's
+    `random_spans_helper` finds it: 512 inputs at density 0.15 and mean span 3 take 568 raw
+    tokens and give 114 targets. (T5's adjustment for density 0.5 is applied too.)
+    """
+    raw = inputs_length - 1
+    while _corrupted_lengths(raw + 1, noise_density, mean_noise_span_length)[0] <= inputs_length:
+        raw += 1
+    _, targets_length = _corrupted_lengths(raw, noise_density, mean_noise_span_length)
+    if noise_density == 0.5 and targets_length > inputs_length:
+        raw, targets_length = raw - 1, targets_length - 1
+    noise_span_counts(raw, noise_density, mean_noise_span_length)  # raises if no noise span fits
+    return raw, targets_length
+
+
+def _random_partition(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
+    """`parts` positive integers summing to `total`, every such composition equally likely."""
+    cuts = np.sort(rng.choice(np.arange(1, total), parts - 1, replace=False))
+    return np.diff(np.concatenate([[0], cuts, [total]]))
+
+
+def random_spans_noise_mask(length: int, noise_density: float, mean_noise_span_length: float,
+                            rng: np.random.Generator) -> np.ndarray:
+    """(length,) bool: True on noise tokens. Exactly `noise_span_counts` noise tokens in
+    exactly that many spans, alternating with non-empty kept spans; the sequence starts with
+    kept tokens, as in T5."""
+    n_noise, n_spans = noise_span_counts(length, noise_density, mean_noise_span_length)
+    noise_lengths = _random_partition(n_noise, n_spans, rng)
+    kept_lengths = _random_partition(length - n_noise, n_spans, rng)
+    runs = np.stack([kept_lengths, noise_lengths], axis=1).reshape(-1)  # kept, noise, kept, noise, ...
+    return np.repeat(np.tile([False, True], n_spans), runs)
+
+
+def corrupt_spans(tokens, noise_mask, sentinel_ids, eos_id: int):
+    """(inputs, targets) int32 of one raw sequence `tokens` (T,) with `noise_mask` (T,) bool.
+
+    Each noise span is replaced in the inputs by the next sentinel id from `sentinel_ids`;
+    the targets are, span by span, the sentinel then the span's tokens. Both end with eos.
+    """
+    tokens, noise_mask = np.asarray(tokens, np.int32), np.asarray(noise_mask, bool)
+    span_starts = noise_mask & ~np.concatenate([[False], noise_mask[:-1]])
+    n_spans = int(span_starts.sum())
+    if n_spans > len(sentinel_ids):
+        raise ValueError(f"{n_spans} noise spans need as many sentinels, but only {len(sentinel_ids)} are given; "
+                         "use shorter sequences or a tokenizer with more sentinels.")
+    sentinels = np.asarray(sentinel_ids, np.int32)[:n_spans]
+    inputs = np.where(span_starts, 0, tokens)[~noise_mask | span_starts]  # one slot per span, then fill it
+    inputs[np.flatnonzero(span_starts[~noise_mask | span_starts])] = sentinels
+    start_in_noise = (np.cumsum(noise_mask) - 1)[span_starts]  # where each span begins among noise tokens
+    targets = np.insert(tokens[noise_mask], start_in_noise, sentinels)
+    return np.append(inputs, eos_id).astype(np.int32), np.append(targets, eos_id).astype(np.int32)
+
+
+def fill_in_spans(inputs, targets, sentinel_ids) -> np.ndarray:
+    """Inverse of `corrupt_spans`, given its inputs and targets without their final eos: the
+    inputs with each sentinel replaced by the tokens the targets list after it (by nothing
+    for a sentinel the targets do not mention, as a generated target may)."""
+    sentinel_ids = [int(s) for s in sentinel_ids]
+    spans, current = {}, None
+    for token in np.asarray(targets).tolist():
+        if token in sentinel_ids:
+            current = spans.setdefault(token, [])
+        elif current is not None:
+            current.append(token)
+    out = []
+    for token in np.asarray(inputs).tolist():
+        out += spans.get(token, []) if token in sentinel_ids else [token]
+    return np.array(out, np.int32)
+
+
+def check_sentinels(tokenizer, n_spans: int) -> np.ndarray:
+    """Sentinel ids 0..n_spans-1 of `tokenizer`, after checking that there are enough and that
+    none collides with its vocabulary: a sentinel must be a distinct id inside the vocabulary,
+    stand for no text (`token_byte_lengths` 0) and not be pad, bos, eos or mask."""
+    if n_spans > tokenizer.num_sentinels:
+        raise ValueError(f"span corruption needs {n_spans} sentinels, but the tokenizer reserves "
+                         f"{tokenizer.num_sentinels}; use shorter sequences or a lower data.noise_density.")
+    ids = np.array([tokenizer.sentinel_id(i) for i in range(n_spans)], np.int64)
+    specials = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.mask_id}
+    inside = (ids >= 0) & (ids < tokenizer.vocab_size)
+    text = np.asarray(tokenizer.token_byte_lengths())[ids.clip(0, tokenizer.vocab_size - 1)] > 0
+    colliding = ids[~inside | text | np.isin(ids, list(specials - {None}))]
+    if len(colliding) or len(set(ids.tolist())) < len(ids):
+        shown = colliding[:5].tolist() if len(colliding) else sorted(ids.tolist())[:5]
+        raise ValueError(f"sentinel ids {shown} collide with the tokenizer's vocabulary (ordinary or special ids, "
+                         f"or each other); reserve sentinels the tokenizer does not otherwise use.")
+    return ids.astype(np.int32)

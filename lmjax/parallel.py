@@ -33,6 +33,7 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
     "expert_batch": ("data", "fsdp"),  # rows of the expert inputs (E, B, C, D): batch without the expert axis
     "head_dim": None,
     "length": None,
+    "relative_buckets": None,  # T5 relative position bias table: tiny, replicated
     "layers": None,  # scanned layer axis stays whole on every device
 }
 

@@ -99,6 +99,19 @@ def test_moe_layouts_match_single_device(tmp_path, moe_single_device_runs, dispa
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", [pytest.param("encoder", marks=pytest.mark.slow), "encoder_decoder"])
+def test_encoder_families_shard_like_single_device(tmp_path, family):
+    """Sharding works for the other families unchanged: data x fsdp x tensor equals one device.
+    (The encoder-decoder's encoder is the encoder family's stack, so the fast run covers both.)"""
+    args = [*TINY, "--set", f"model.family={family}", "--set", "model.position=relative", "--set", "train.steps=3"]
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    process = lmjax_subprocess(["train", *args, *mesh_args(data=2, fsdp=2, tensor=2), "--set",
+                                f"train.run_dir={sharded}"])
+    assert main(["train", *args, "--set", f"train.run_dir={single}"]) == 0
+    finish(process)
+    np.testing.assert_allclose(losses(sharded), losses(single), rtol=1e-5)
+
+
 DUMP_PARAMS = """
 import sys, numpy as np, jax
 from lmjax.train.run_eval import restore_params

@@ -14,12 +14,15 @@ Hugging Face `tokenizers` .json file or a SentencePiece .model file, trained loc
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from lmjax.data.sources import DataError
+
+_SENTINEL = re.compile(r"<extra_id_(\d+)>")
 
 
 class ByteTokenizer:
@@ -41,6 +44,29 @@ class ByteTokenizer:
     def encode(self, text: str) -> np.ndarray:
         """text -> (n_bytes,) uint16 ids, no bos/eos added."""
         return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.uint16)
+
+    def encode_with_sentinels(self, text: str) -> np.ndarray:
+        """Like `encode`, with each `<extra_id_N>` in the text (T5's spelling) as sentinel N."""
+        pieces, last = [], 0
+        for match in _SENTINEL.finditer(text):
+            pieces += [self.encode(text[last:match.start()]), np.array([self.sentinel_id(int(match[1]))], np.uint16)]
+            last = match.end()
+        return np.concatenate([*pieces, self.encode(text[last:])])
+
+    def decode_with_sentinels(self, ids) -> str:
+        """Like `decode`, with sentinel N written as `<extra_id_N>`."""
+        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        lowest = self.vocab_size - self.num_sentinels
+        out, run = [], []
+        for i in ids + [None]:
+            if i is not None and i < 256:
+                run.append(i)
+                continue
+            out.append(self.decode(run))
+            run = []
+            if i is not None and i >= lowest:
+                out.append(f"<extra_id_{self.vocab_size - 1 - i}>")
+        return "".join(out)
 
     def decode(self, ids) -> str:
         """ids -> text; special and sentinel ids are dropped, invalid UTF-8 replaced."""

@@ -86,6 +86,45 @@ def attention_mask(segment_ids, causal: bool):
     return mask[:, None, :, :]
 
 
+def relative_position_bucket(relative, bidirectional: bool, n_buckets: int, max_distance: int):
+    """T5's bucket of each relative position `relative` = key position - query position (int array).
+
+    Bidirectional: half the buckets for keys after the query, half for keys at or before it.
+    Causal: keys after the query all share bucket 0. Within a half of b buckets, distances
+    below b/2 get a bucket each; larger ones share buckets spaced logarithmically up to
+    `max_distance`, beyond which all fall in the last bucket.
+    """
+    if bidirectional:
+        n_buckets //= 2
+        offset = jnp.where(relative > 0, n_buckets, 0)
+        distance = jnp.abs(relative)
+    else:
+        offset = 0
+        distance = jnp.maximum(-relative, 0)
+    n_exact = n_buckets // 2
+    log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / n_exact) / math.log(max_distance / n_exact)
+    far = n_exact + (log_ratio * (n_buckets - n_exact)).astype(jnp.int32)
+    far = jnp.minimum(far, n_buckets - 1)
+    return offset + jnp.where(distance < n_exact, distance, far)
+
+
+class RelativePositionBias(nnx.Module):
+    """T5 relative position bias: one learned scalar per (bucket, head), shared by all layers
+    of a stack. `__call__(query_positions (B, T), key_positions (B, S)) -> (B, N, T, S) float32`."""
+
+    def __init__(self, cfg: ModelConfig, bidirectional: bool, *, rngs: nnx.Rngs):
+        self.cfg, self.bidirectional = cfg, bidirectional
+        self.table = param(rngs, (cfg.relative_buckets, cfg.n_heads), ("relative_buckets", "heads"), cfg.init_std,
+                           cfg.param_dtype)
+
+    def __call__(self, query_positions, key_positions):
+        relative = key_positions[:, None, :] - query_positions[:, :, None]  # (B, T, S)
+        buckets = relative_position_bucket(relative, self.bidirectional, self.cfg.relative_buckets,
+                                           self.cfg.relative_max_distance)
+        bias = jnp.take(self.table[...].astype(jnp.float32), buckets, axis=0)  # (B, T, S, N)
+        return jnp.transpose(bias, (0, 3, 1, 2))
+
+
 def matmul(x, w, n_in: int = 1, out_dtype=None):
     """Contract the last `n_in` axes of x with the first `n_in` axes of w, as a 2-D matmul.
 
@@ -100,32 +139,36 @@ def matmul(x, w, n_in: int = 1, out_dtype=None):
     return flat.reshape(*lead, *outer)
 
 
-def einsum_attention(q, k, v, mask):
-    """softmax(q k^T / sqrt(H)) v with grouped-query heads, written out for XLA.
+def einsum_attention(q, k, v, mask, bias=None):
+    """softmax(q k^T / sqrt(H) + bias) v with grouped-query heads, written out for XLA.
 
-    q (B, T, N, H), k and v (B, S, K, H) with N a multiple of K; mask (B, 1, T, S) bool.
-    Scores and softmax in float32. Returns (B, T, N, H). On CPU its backward pass runs
-    ~2x faster than jax.nn.dot_product_attention's.
+    q (B, T, N, H), k and v (B, S, K, H) with N a multiple of K; mask (B, 1, T, S) bool;
+    bias None or (B, N, T, S) float32. Scores and softmax in float32. Returns (B, T, N, H).
+    On CPU its backward pass runs ~2x faster than jax.nn.dot_product_attention's.
     """
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h) * (1.0 / math.sqrt(h))
     scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    if bias is not None:
+        scores = scores + bias.reshape(b, kv_heads, n // kv_heads, t, -1)
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
 
 
 class Attention(nnx.Module):
-    """Multi-head / grouped-query self-attention with optional RoPE.
+    """Multi-head / grouped-query self- or cross-attention, with RoPE when the config asks
+    for it (never in cross-attention, whose keys have no position relative to the queries).
 
     (B, T, D) -> (B, T, D). `model.attention` picks the kernel: "dot_product" is
     `jax.nn.dot_product_attention` (cuDNN flash attention on GPU where it applies),
     "einsum" the written-out form; "auto" takes dot_product on GPU, einsum elsewhere.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, cross: bool = False):
         self.cfg = cfg
+        self.rotary = cfg.position == "rope" and not cross
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
         std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.n_layers) ** 0.5
         self.wq = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std, cfg.param_dtype)
@@ -133,16 +176,20 @@ class Attention(nnx.Module):
         self.wv = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype)
         self.wo = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, cfg.param_dtype)
 
-    def __call__(self, x, positions, mask, cache=None):
+    def __call__(self, x, positions, mask, cache=None, bias=None, context=None):
         """x (B, T, D); positions (B, T) int; mask (B, 1, T, S) bool -> (B, T, D).
 
-        Without a cache S = T. With `cache` = (keys, values), each (B, S, K, H), this call's
+        Keys and values come from x (self-attention, S = T) or from `context` (B, S, D)
+        (cross-attention). `bias` (B, N, T, S) float32 is added to the scores (T5 relative
+        positions). With `cache` = (keys, values), each (B, S, K, H), this call's
         keys and values are first written into it at `positions` (row by row), the queries
         attend over all S cached slots, and the result is (output, updated cache).
         """
         cfg = self.cfg
-        q, k, v = matmul(x, self.wq[...]), matmul(x, self.wk[...]), matmul(x, self.wv[...])  # (B, T, heads, H)
-        if cfg.position == "rope":
+        source = x if context is None else context
+        q = matmul(x, self.wq[...])  # (B, T, N, H)
+        k, v = matmul(source, self.wk[...]), matmul(source, self.wv[...])  # (B, S, K, H)
+        if self.rotary:
             q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         if cache is not None:
             rows = jnp.arange(x.shape[0])[:, None]
@@ -153,9 +200,9 @@ class Attention(nnx.Module):
         if kernel == "auto":
             kernel = "dot_product" if jax.default_backend() == "gpu" else "einsum"
         if kernel == "dot_product":
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+            out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask)
         else:
-            out = einsum_attention(q, k, v, mask)
+            out = einsum_attention(q, k, v, mask, bias)
         out = matmul(out, self.wo[...], n_in=2)
         return out if cache is None else (out, cache)
 

@@ -1,61 +1,43 @@
-"""DecoderLM: a causal transformer language model (GPT/LLaMA-style)."""
+"""The three model families, built from one shared embedding, block stack and head:
+
+- DecoderLM: causal LM (GPT/LLaMA-style), with KV-cache decoding.
+- EncoderLM: bidirectional encoder with a token head, for masked LM (BERT-style).
+- EncoderDecoderLM: encoder + decoder with cross-attention, one token embedding shared by
+  both stacks and the (optionally tied) output head (T5-style), with KV-cache decoding.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from lmjax.config import ModelConfig
-from lmjax.models.layers import Embed, attention_mask, make_norm, matmul, param
+from lmjax.models.layers import Embed, RelativePositionBias, attention_mask, make_norm, matmul, param
 from lmjax.models.transformer import Stack, dropout
 
 
-class DecoderLM(nnx.Module):
-    """Token (+ learned position) embedding -> scanned pre-norm blocks -> norm -> logits.
+def _default_positions(tokens, positions):
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape) if positions is None else positions
 
-    `__call__(tokens, positions, segment_ids) -> logits (B, T, V) float32`, where
-    tokens, positions and segment_ids are (B, T) int arrays. Tokens attend causally and
-    only within their segment (packed documents); segment id 0 marks padding.
-    """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+class _TokenModel(nnx.Module):
+    """Token (+ learned position) embedding and the output head, shared by the families."""
+
+    def _init_embeddings(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = Embed(cfg, rngs=rngs)
         if cfg.position == "learned":
             self.pos_embed = param(rngs, (cfg.max_seq_len, cfg.d_model), ("length", "embed"), cfg.init_std,
                                    cfg.param_dtype)
-        self.stack = Stack(cfg, rngs=rngs)
+
+    def _init_head(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.final_norm = make_norm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
                                  cfg.param_dtype)
-
-    def __call__(self, tokens, positions=None, segment_ids=None, dropout_key=None):
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        if segment_ids is None:
-            segment_ids = jnp.ones_like(tokens)
-        x = self._embed(tokens, positions, dropout_key)
-        embed_key, stack_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        x = self.stack(x, positions, attention_mask(segment_ids, causal=True), stack_key)
-        return self._logits(x)
-
-    def init_cache(self, batch_size: int, length: int):
-        """An empty KV cache of `length` slots: (keys, values), each (L, B, S, K, H) in the
-        compute dtype."""
-        cfg = self.cfg
-        shape = (cfg.n_layers, batch_size, length, cfg.kv_heads, cfg.head_dim)
-        return jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)
-
-    def decode(self, tokens, positions, cache):
-        """Run tokens (B, T) at absolute positions (B, T) against a KV cache; returns
-        (logits (B, T, V) float32, updated cache). A query at position p attends to the
-        cache slots 0..p of its row, which must hold that row's earlier tokens."""
-        slots = jnp.arange(cache[0].shape[2])
-        mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
-        x, cache = self.stack(self._embed(tokens, positions, None), positions, mask, cache=cache)
-        return self._logits(x), cache
 
     def _embed(self, tokens, positions, dropout_key):
         cfg = self.cfg
@@ -70,3 +52,144 @@ class DecoderLM(nnx.Module):
         if self.cfg.tie_embeddings:
             return self.embed.attend(x)
         return matmul(x, self.unembed[...], out_dtype=jnp.float32)
+
+
+class _SingleStackLM(_TokenModel):
+    """Embedding -> scanned pre-norm blocks -> norm -> logits, causal or bidirectional.
+
+    `__call__(tokens, positions, segment_ids) -> logits (B, T, V) float32`, where
+    tokens, positions and segment_ids are (B, T) int arrays. Tokens attend only within their
+    segment (packed documents); segment id 0 marks padding.
+    """
+
+    causal: bool
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self._init_embeddings(cfg, rngs)
+        if cfg.position == "relative":
+            self.relative_bias = RelativePositionBias(cfg, bidirectional=not self.causal, rngs=rngs)
+        self.stack = Stack(cfg, rngs=rngs)
+        self._init_head(cfg, rngs)
+
+    def __call__(self, tokens, positions=None, segment_ids=None, dropout_key=None):
+        positions = _default_positions(tokens, positions)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        embed_key, stack_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        x = self._embed(tokens, positions, embed_key)
+        bias = self.relative_bias(positions, positions) if self.cfg.position == "relative" else None
+        x = self.stack(x, positions, attention_mask(segment_ids, causal=self.causal), stack_key, bias=bias)
+        return self._logits(x)
+
+
+class DecoderLM(_SingleStackLM):
+    """Causal transformer LM (GPT/LLaMA-style); see `_SingleStackLM`, plus KV-cache decoding."""
+
+    causal = True
+
+    def init_cache(self, batch_size: int, length: int):
+        """An empty KV cache of `length` slots: (keys, values), each (L, B, S, K, H) in the
+        compute dtype."""
+        return _empty_cache(self.cfg, self.cfg.n_layers, batch_size, length)
+
+    def decode(self, tokens, positions, cache):
+        """Run tokens (B, T) at absolute positions (B, T) against a KV cache; returns
+        (logits (B, T, V) float32, updated cache). A query at position p attends to the
+        cache slots 0..p of its row, which must hold that row's earlier tokens."""
+        mask, bias = self._cache_mask_and_bias(positions, cache)
+        x, cache = self.stack(self._embed(tokens, positions, None), positions, mask, cache=cache, bias=bias)
+        return self._logits(x), cache
+
+    def _cache_mask_and_bias(self, positions, cache):
+        slots = jnp.arange(cache[0].shape[2])
+        mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+        bias = None
+        if self.cfg.position == "relative":
+            bias = self.relative_bias(positions, jnp.broadcast_to(slots, (positions.shape[0], len(slots))))
+        return mask, bias
+
+
+class EncoderLM(_SingleStackLM):
+    """Bidirectional transformer with a token head (BERT-style masked LM); see `_SingleStackLM`.
+    Every token sees every non-padding token of its segment, before and after it."""
+
+    causal = False
+
+
+def _empty_cache(cfg: ModelConfig, n_layers: int, batch_size: int, length: int):
+    shape = (n_layers, batch_size, length, cfg.kv_heads, cfg.head_dim)
+    return jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)
+
+
+def cross_attention_mask(decoder_segment_ids, encoder_segment_ids):
+    """(B, 1, T, S) bool: decoder token t may look at encoder token s unless either is padding (id 0)."""
+    return ((decoder_segment_ids != 0)[:, :, None] & (encoder_segment_ids != 0)[:, None, :])[:, None]
+
+
+class EncoderDecoderLM(_TokenModel):
+    """T5-style encoder-decoder: a bidirectional encoder of `n_layers` blocks over the inputs,
+    and a causal decoder of `n_decoder_layers` blocks that also cross-attends to the encoder
+    output. One token embedding serves both stacks (and the output head when tied).
+
+    `__call__(encoder_tokens (B, S), decoder_tokens (B, T), encoder_segment_ids, decoder_segment_ids)
+    -> logits (B, T, V) float32`; segment id 0 marks padding (default: none).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self._init_embeddings(cfg, rngs)
+        decoder_cfg = dataclasses.replace(cfg, n_layers=cfg.decoder_layers, n_decoder_layers=None,
+                                          family="decoder")
+        if cfg.position == "relative":
+            self.encoder_bias = RelativePositionBias(cfg, bidirectional=True, rngs=rngs)
+            self.decoder_bias = RelativePositionBias(cfg, bidirectional=False, rngs=rngs)
+        self.encoder = Stack(cfg, rngs=rngs)
+        self.encoder_norm = make_norm(cfg, rngs)
+        self.decoder = Stack(decoder_cfg, rngs=rngs, cross=True)
+        self._init_head(cfg, rngs)
+
+    def encode(self, tokens, segment_ids=None, dropout_key=None):
+        """Encoder output (B, S, D) of tokens (B, S); padding (segment 0) is attended by nobody."""
+        segment_ids = jnp.ones_like(tokens) if segment_ids is None else segment_ids
+        positions = _default_positions(tokens, None)
+        embed_key, stack_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        x = self._embed(tokens, positions, embed_key)
+        bias = self.encoder_bias(positions, positions) if self.cfg.position == "relative" else None
+        x = self.encoder(x, positions, attention_mask(segment_ids, causal=False), stack_key, bias=bias)
+        return self.encoder_norm(x)
+
+    def __call__(self, encoder_tokens, decoder_tokens, encoder_segment_ids=None, decoder_segment_ids=None,
+                 dropout_key=None):
+        encoder_segment_ids = jnp.ones_like(encoder_tokens) if encoder_segment_ids is None else encoder_segment_ids
+        decoder_segment_ids = jnp.ones_like(decoder_tokens) if decoder_segment_ids is None else decoder_segment_ids
+        encoder_key, embed_key, stack_key = (None,) * 3 if dropout_key is None else jax.random.split(dropout_key, 3)
+        encoded = self.encode(encoder_tokens, encoder_segment_ids, encoder_key)
+        positions = _default_positions(decoder_tokens, None)
+        x = self._embed(decoder_tokens, positions, embed_key)
+        bias = self.decoder_bias(positions, positions) if self.cfg.position == "relative" else None
+        x = self.decoder(x, positions, attention_mask(decoder_segment_ids, causal=True), stack_key, bias=bias,
+                         context=encoded, context_mask=cross_attention_mask(decoder_segment_ids, encoder_segment_ids))
+        return self._logits(x)
+
+    def init_cache(self, batch_size: int, length: int):
+        """An empty decoder KV cache of `length` slots: (keys, values), each (L_dec, B, S, K, H)."""
+        return _empty_cache(self.cfg, self.cfg.decoder_layers, batch_size, length)
+
+    def decode(self, tokens, positions, cache, encoded, encoder_segment_ids):
+        """Run decoder tokens (B, T) at positions (B, T) against the decoder's KV cache and the
+        encoder output `encoded` (B, S, D) (from `encode`, run once); returns (logits (B, T, V)
+        float32, updated cache). Queries at position p see cache slots 0..p."""
+        slots = jnp.arange(cache[0].shape[2])
+        mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+        bias = None
+        if self.cfg.position == "relative":
+            bias = self.decoder_bias(positions, jnp.broadcast_to(slots, (positions.shape[0], len(slots))))
+        context_mask = cross_attention_mask(jnp.ones_like(tokens), encoder_segment_ids)
+        x, cache = self.decoder(self._embed(tokens, positions, None), positions, mask, cache=cache, bias=bias,
+                                context=encoded, context_mask=context_mask)
+        return self._logits(x), cache
+
+
+def build_model(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """The model of `cfg.family`."""
+    family = {"decoder": DecoderLM, "encoder": EncoderLM, "encoder_decoder": EncoderDecoderLM}[cfg.family]
+    return family(cfg, rngs=rngs)

@@ -274,6 +274,11 @@ class MoE(nnx.Module):
 def pop_routing_statistics(model: nnx.Module) -> dict | None:
     """Remove and return the routing statistics the last forward pass sowed: a dict of
     arrays stacked over MoE layers (L_moe, ...) (see the module docstring), or None for a
-    dense model."""
+    dense model. An encoder-decoder's two stacks are concatenated along L_moe (statistics
+    whose shapes differ between the stacks, such as `experts`, are left out)."""
     sown = nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))
-    return sown["stack"]["routing"] if "stack" in sown else None
+    stacks = [sown[name]["routing"] for name in sorted(sown) if "routing" in sown[name]]
+    if len(stacks) <= 1:
+        return stacks[0] if stacks else None
+    return {key: jnp.concatenate([s[key] for s in stacks]) for key in stacks[0]
+            if all(s[key].shape[1:] == stacks[0][key].shape[1:] for s in stacks)}

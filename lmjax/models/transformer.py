@@ -30,27 +30,37 @@ def dropout(x, rate: float, key):
 
 
 class Block(nnx.Module):
-    """x + Attn(Norm(x)), then x + FFN(Norm(x)), the FFN a dense MLP or, with `moe`, a
-    mixture of experts. (B, T, D) -> (B, T, D)."""
+    """x + Attn(Norm(x)), with `cross` then x + CrossAttn(Norm(x), context), then
+    x + FFN(Norm(x)), the FFN a dense MLP or, with `moe`, a mixture of experts.
+    (B, T, D) -> (B, T, D)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False, cross: bool = False):
         self.dropout_rate = cfg.dropout
         self.attn_norm = make_norm(cfg, rngs)
         self.attn = Attention(cfg, rngs=rngs)
+        if cross:
+            self.cross_norm = make_norm(cfg, rngs)
+            self.cross_attn = Attention(cfg, rngs=rngs, cross=True)
         self.mlp_norm = make_norm(cfg, rngs)
         if moe:
             self.moe = MoE(cfg, rngs=rngs)
         else:
             self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, mask, dropout_key=None, cache=None):
-        """With a KV `cache` (see Attention) returns (x, updated cache)."""
-        moe = hasattr(self, "moe")
-        keys = (None,) * 3 if dropout_key is None else jax.random.split(dropout_key, 3 if moe else 2)
-        attended = self.attn(self.attn_norm(x), positions, mask, cache)
+    def __call__(self, x, positions, mask, dropout_key=None, cache=None, bias=None, context=None, context_mask=None):
+        """mask (B, 1, T, S) and bias (B, N, T, S) or None for self-attention; with `cross`,
+        context (B, S', D) the encoder output and context_mask (B, 1, T, S') where queries may
+        look. With a KV `cache` (see Attention) returns (x, updated cache)."""
+        moe, cross = hasattr(self, "moe"), hasattr(self, "cross_attn")
+        n_keys = (3 if moe else 2) + cross
+        keys = (None,) * n_keys if dropout_key is None else jax.random.split(dropout_key, n_keys)
+        attended = self.attn(self.attn_norm(x), positions, mask, cache, bias)
         if cache is not None:
             attended, cache = attended
         x = x + dropout(attended, self.dropout_rate, keys[0])
+        if cross:
+            attended = self.cross_attn(self.cross_norm(x), positions, context_mask, context=context)
+            x = x + dropout(attended, self.dropout_rate, keys[-1])
         h = self.mlp_norm(x)
         h = self.moe(h, keys[2]) if moe else self.mlp(h)
         x = x + dropout(h, self.dropout_rate, keys[1])
@@ -65,9 +75,10 @@ class Stack(nnx.Module):
     order) and `moe_blocks` the MoE ones; with every == 1 all of `blocks` are of one kind.
     A forward pass without a cache keeps the MoE layers' routing statistics as the
     `nnx.Intermediate` "routing", each statistic stacked over MoE layers (L_moe, ...).
+    With `cross`, every block also cross-attends to a context (an encoder's output).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, cross: bool = False):
         self.cfg = cfg
         self.period = cfg.moe.every if cfg.moe.enabled else 1
 
@@ -75,7 +86,7 @@ class Stack(nnx.Module):
             @nnx.split_rngs(splits=count)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make_blocks(rngs: nnx.Rngs) -> Block:
-                return Block(cfg, rngs=rngs, moe=moe)
+                return Block(cfg, rngs=rngs, moe=moe, cross=cross)
 
             return make_blocks(rngs)
 
@@ -97,8 +108,9 @@ class Stack(nnx.Module):
         graphdef, weights = nnx.split(blocks)
         return nnx.merge(graphdef, jax.tree.map(lambda w: w[i], weights))
 
-    def __call__(self, x, positions, mask, dropout_key=None, cache=None):
-        """x (B, T, D), positions (B, T), mask (B, 1, T, S) -> (B, T, D).
+    def __call__(self, x, positions, mask, dropout_key=None, cache=None, bias=None, context=None, context_mask=None):
+        """x (B, T, D), positions (B, T), mask (B, 1, T, S) -> (B, T, D); bias, context and
+        context_mask as in `Block`, the same for every layer.
 
         With `cache` = (keys, values), each (L, B, S, K, H), returns (x, updated cache).
         """
@@ -126,7 +138,7 @@ class Stack(nnx.Module):
             for j in range(period):
                 block = nnx.merge(graphdefs[j], layer_weights[j])
                 cache_j = None if layer_cache is None else jax.tree.map(lambda c, j=j: c[j], layer_cache)
-                out = block(h, positions, mask, None if keys is None else keys[j], cache_j)
+                out = block(h, positions, mask, None if keys is None else keys[j], cache_j, bias, context, context_mask)
                 h, cache_j = out if cache_j is not None else (out, None)
                 h = constrain(h, ("batch", "length", None))
                 stats.append(nnx.pop(block, nnx.Intermediate))

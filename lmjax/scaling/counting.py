@@ -18,14 +18,15 @@ Conventions (also in docs/scaling.md):
 - Forward FLOPs per token (inference, scoring a full context) are a third of that:
   2 * (N_active_nonembedding + D * V) + 2 * L * T * D_attn.
 
-The counts are per family; the decoder is `decoder_param_counts`. A new family adds its
-own `<family>_param_counts` built from the same pieces (`attention_params`, `mlp_params`,
-`moe_params`) and a branch in `param_counts`.
+The counts are per family; the decoder is `decoder_param_counts`; the encoder and
+encoder-decoder families (and the relative position bias of any family) are counted in
+`lmjax.scaling.families`, to which `param_counts` and `train_flops_per_token` branch.
 """
 
 from __future__ import annotations
 
-from lmjax.config import ModelConfig
+from lmjax.config import Config, ModelConfig
+from lmjax.scaling.families import family_param_counts, family_train_flops_per_example
 
 PETAFLOP_DAY = 1e15 * 24 * 3600  # FLOPs in one petaFLOP/s-day
 
@@ -89,6 +90,8 @@ def decoder_param_counts(cfg: ModelConfig) -> dict[str, int]:
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts of the model `cfg` describes: params_total, params_active,
     params_embedding, params_output_head, params_nonembedding, params_active_nonembedding."""
+    if cfg.family != "decoder" or cfg.position == "relative":
+        return family_param_counts(cfg)
     return decoder_param_counts(cfg)
 
 
@@ -104,9 +107,24 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 2.0 * _matmul_params_per_token(cfg) + attention
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def example_lengths(cfg: Config) -> tuple[int, int]:
+    """(encoder or decoder tokens, decoder target tokens) of one training example of the run:
+    (seq_len, 0) for the decoder and encoder, (inputs, targets) lengths for span corruption."""
+    if cfg.model.family != "encoder_decoder":
+        return cfg.data.seq_len, 0
+    from lmjax.objectives import span_corruption_lengths
+
+    return cfg.data.seq_len, span_corruption_lengths(cfg.data.seq_len, cfg.data.noise_density,
+                                                     cfg.data.mean_noise_span_length)[1]
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, decoder_len: int = 0) -> float:
     """Model FLOPs to train on one token at context `seq_len`: 3x the forward pass,
-    6 * N_matmul + 6 * L * T * n_heads * head_dim (see the module docstring)."""
+    6 * N_matmul + 6 * L * T * n_heads * head_dim (see the module docstring). Encoder and
+    encoder-decoder: `lmjax.scaling.families`, for an encoder-decoder averaged over the
+    `seq_len` input and `decoder_len` target tokens of one example."""
+    if cfg.family != "decoder":
+        return family_train_flops_per_example(cfg, seq_len, decoder_len) / (seq_len + decoder_len)
     return 3.0 * forward_flops_per_token(cfg, seq_len)
 
 

@@ -13,7 +13,8 @@ import math
 from pathlib import Path
 
 from lmjax.config import Config, ConfigError
-from lmjax.scaling.counting import forward_flops_per_token, param_counts, to_petaflop_days, train_flops_per_token
+from lmjax.scaling.counting import (example_lengths, forward_flops_per_token, param_counts, to_petaflop_days,
+                                    train_flops_per_token)
 from lmjax.scaling.memory import memory_estimate
 
 TOKENS_PER_PARAM = 20  # Chinchilla rule of thumb
@@ -22,13 +23,14 @@ TOKENS_PER_PARAM = 20  # Chinchilla rule of thumb
 def total_steps(cfg: Config) -> int:
     """Optimizer steps of the run, from train.steps, train.tokens or train.budget_flops."""
     t = cfg.train
-    tokens_per_step = t.batch_size * cfg.data.seq_len
+    lengths = example_lengths(cfg)  # encoder-decoder: input and target tokens
+    tokens_per_step = t.batch_size * sum(lengths)
     if t.steps is not None:
         return t.steps
     if t.tokens is not None:
         return math.ceil(t.tokens / tokens_per_step)
     if t.budget_flops is not None:
-        flops_per_step = train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
+        flops_per_step = train_flops_per_token(cfg.model, *lengths) * tokens_per_step
         if t.budget_flops < flops_per_step:
             raise ConfigError(f"train.budget_flops={t.budget_flops:.3g} is less than one step of this model "
                               f"({flops_per_step:.3g} FLOPs for {tokens_per_step} tokens); raise the budget or "

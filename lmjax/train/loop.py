@@ -21,8 +21,9 @@ from lmjax.checkpoint import Checkpointer
 from lmjax.config import Config, ConfigError
 from lmjax.data import (BatchIterator, Concat, DataError, Mixture, PackedDataset, Subset, load_documents,
                         load_tokenizer, padded_vocab_size, save_to_run, split_documents)
+from lmjax.data.denoising import make_dataset, window_length
 from lmjax.parallel import batch_sharding, local_batch_rows, make_mesh, validate_layout
-from lmjax.scaling.counting import param_counts, train_flops_per_token
+from lmjax.scaling.counting import example_lengths, param_counts, train_flops_per_token
 from lmjax.scaling.plan import total_steps
 from lmjax.train import loggers
 from lmjax.train.evaluate import evaluate
@@ -46,14 +47,15 @@ def load_datasets(cfg: Config, tokenizer=None) -> tuple[PackedDataset | Mixture,
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} ids; set model.vocab_size={padded_vocab_size(tokenizer.vocab_size)} "
                           "(padded to a multiple of 128).")
+    window = window_length(cfg)  # raw tokens per example (span corruption draws more than seq_len)
     if cfg.data.path is None:
         documents = load_documents(cfg.data.source, cfg.data.text_field, cfg.data.max_bytes)
         train_stream, val_stream = split_documents(documents, tokenizer, cfg.data.val_fraction, cfg.data.seed)
-        train_set, val_set = PackedDataset(train_stream, cfg.data.seq_len), PackedDataset(val_stream, cfg.data.seq_len)
+        train_set, val_set = PackedDataset(train_stream, window), PackedDataset(val_stream, window)
     else:
         parts, tails, weights = [], [], []
         for directory, weight in cfg.data.mixture():
-            windows = open_prepared(directory, tokenizer, cfg.data.seq_len, verify=cfg.data.verify_shards)
+            windows = open_prepared(directory, tokenizer, window, verify=cfg.data.verify_shards)
             held_out = max(1, math.ceil(cfg.data.val_fraction * len(windows)))
             if held_out >= len(windows):
                 raise DataError(f"data.path {directory} has {len(windows)} windows of data.seq_len="
@@ -63,6 +65,8 @@ def load_datasets(cfg: Config, tokenizer=None) -> tuple[PackedDataset | Mixture,
             weights.append(weight)
         train_set = parts[0] if len(parts) == 1 else Mixture(parts, weights)
         val_set = tails[0] if len(tails) == 1 else Concat(tails)
+    train_set = make_dataset(train_set, cfg, tokenizer, cfg.data.seed)  # the family's objective
+    val_set = make_dataset(val_set, cfg, tokenizer, cfg.data.seed + 1)
     if len(val_set) < cfg.train.batch_size:
         raise DataError(f"the validation split has {len(val_set)} sequences of data.seq_len={cfg.data.seq_len}, "
                         f"fewer than train.batch_size={cfg.train.batch_size}; raise data.val_fraction or use more data.")
@@ -144,7 +148,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
         write_json_atomically(run_dir / "environment.json", loggers.environment())
         save_to_run(tokenizer, run_dir)
 
-    optimizer_for = lambda params: make_optimizer(cfg.optim, steps, params)  # noqa: E731
+    optimizer_for = lambda params: make_optimizer(cfg.optim, steps, params)
     batches = BatchIterator(train_set, cfg.train.batch_size, cfg.data.seed,
                             rows=local_batch_rows(mesh, cfg.train.batch_size), workers=cfg.data.workers)
     if resuming:  # restore straight into the sharded layout; nothing is initialised first
@@ -168,14 +172,16 @@ def train(cfg: Config, run_dir: Path) -> dict:
             state, batch_shape).compile()
     compile_seconds = time.perf_counter() - compile_start
 
-    flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
+    lengths = example_lengths(cfg)  # tokens/s and MFU count encoder and decoder tokens
+    flops_per_token = train_flops_per_token(cfg.model, *lengths)
     peak = peak_flops_per_device(cfg.model.dtype) * len(jax.devices())
     logger = loggers.MetricsLogger(cfg, run_dir, resuming, enabled=main_process)
     start_step = int(state.step)
     if main_process:
         counts = param_counts(cfg.model)
         loggers.console(f"run {run_dir}  |  {counts['params_total']:,} params  |  {steps} steps of "
-                        f"{cfg.train.batch_size}x{cfg.data.seq_len} tokens  |  compiled in {compile_seconds:.1f}s"
+                        f"{cfg.train.batch_size}x{'+'.join(str(n) for n in lengths if n)} tokens  |  "
+                        f"compiled in {compile_seconds:.1f}s"
                         + (f"  |  resumed at step {start_step}" if resuming else ""))
 
     def save():
@@ -201,7 +207,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
             if step % cfg.train.log_every == 0 or step == halt:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - interval_start
-                tokens_per_second = (step - interval_step) * cfg.train.batch_size * cfg.data.seq_len / elapsed
+                tokens_per_second = (step - interval_step) * cfg.train.batch_size * sum(lengths) / elapsed
                 record = {"step": step, **metrics, "tokens_per_second": tokens_per_second,
                           "step_seconds": elapsed / (step - interval_step),
                           "mfu": mfu(tokens_per_second, flops_per_token, peak)}
@@ -227,13 +233,15 @@ def train(cfg: Config, run_dir: Path) -> dict:
         # every process takes part in gathering the (possibly cross-host) weights for the sample
         host_params = multihost_utils.process_allgather(state.params, tiled=True) if cfg.train.sample_tokens else None
         if main_process:
-            finish_run(cfg, run_dir, graphdef, host_params, tokenizer)
+            finish_run(cfg, run_dir, graphdef, host_params, tokenizer, val_set)
     return {"step": step, "finished": step == steps, **({f"val_{k}": v for k, v in last_val.items()} if last_val else {})}
 
 
-def finish_run(cfg: Config, run_dir: Path, graphdef, host_params, tokenizer) -> None:
+def finish_run(cfg: Config, run_dir: Path, graphdef, host_params, tokenizer, val_set) -> None:
     """Write loss.png and print (and save) a sample from the trained model, whose weights
-    `host_params` are numpy arrays on this host."""
+    `host_params` are numpy arrays on this host: a continuation of train.sample_prompt for
+    a decoder, the spans of the first validation example filled in for an encoder-decoder,
+    none for an encoder."""
     from flax import nnx
 
     from lmjax.generate import generate
@@ -241,7 +249,12 @@ def finish_run(cfg: Config, run_dir: Path, graphdef, host_params, tokenizer) -> 
 
     plot_loss_curves(loggers.read_metrics(run_dir), run_dir / "loss.png")
     loggers.console(f"loss curve: {run_dir / 'loss.png'}")
-    if cfg.train.sample_tokens == 0:
+    if cfg.train.sample_tokens == 0 or cfg.model.family == "encoder":
+        return
+    if cfg.model.family == "encoder_decoder":
+        text = fill_in_sample(nnx.merge(graphdef, host_params), val_set[0], tokenizer, cfg.train.sample_tokens)
+        (run_dir / "sample.txt").write_text(text)
+        loggers.console("sample:\n" + text)
         return
     prompt = tokenizer.encode(cfg.train.sample_prompt)
     new_tokens = min(cfg.train.sample_tokens, cfg.model.max_seq_len - len(prompt))
@@ -250,3 +263,17 @@ def finish_run(cfg: Config, run_dir: Path, graphdef, host_params, tokenizer) -> 
     text = cfg.train.sample_prompt + tokenizer.decode(ids)
     (run_dir / "sample.txt").write_text(text)
     loggers.console("sample:\n" + text)
+
+
+def fill_in_sample(model, example: dict, tokenizer, max_new_tokens: int) -> str:
+    """A span-corruption example's corrupted input, the model's greedy targets and the true
+    ones, as text with sentinels spelled <extra_id_N>."""
+    from lmjax.generate import generate
+
+    inputs = example["encoder_inputs"][example["encoder_segment_ids"] == 1]
+    targets = example["targets"][example["loss_mask"] == 1]
+    new_tokens = min(max_new_tokens, model.cfg.max_seq_len)
+    generated = generate(model, [inputs], new_tokens, temperature=0.0, stop_tokens=(tokenizer.eos_id,),
+                         start_token=tokenizer.bos_id)[0]
+    show = getattr(tokenizer, "decode_with_sentinels", tokenizer.decode)  # bytes: <extra_id_N>
+    return f"input:     {show(inputs)}\npredicted: {show(generated)}\ntrue:      {show(targets)}\n"

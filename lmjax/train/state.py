@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmjax.config import ModelConfig
-from lmjax.models import DecoderLM
+from lmjax.models import build_model
 from lmjax.parallel import state_shardings
 
 
@@ -29,12 +29,12 @@ class TrainState(NamedTuple):
 
 
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, abstract params) of a DecoderLM, without allocating any weights."""
-    return nnx.split(nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0))))
+    """(graphdef, abstract params) of the model of cfg.family, without allocating any weights."""
+    return nnx.split(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0))))
 
 
 def _init_fn(cfg: ModelConfig, make_optimizer):
-    """(graphdef, optimizer, init(seed) -> TrainState) for a DecoderLM of `cfg`.
+    """(graphdef, optimizer, init(seed) -> TrainState) for the model of `cfg`.
 
     `make_optimizer(params) -> optax.GradientTransformation` may read the params' metadata.
     """
@@ -42,7 +42,7 @@ def _init_fn(cfg: ModelConfig, make_optimizer):
     optimizer = make_optimizer(abstract_params)
 
     def init(seed):
-        params = nnx.state(DecoderLM(cfg, rngs=nnx.Rngs(seed)))
+        params = nnx.state(build_model(cfg, nnx.Rngs(seed)))
         key = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
         return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key)
 

@@ -9,7 +9,7 @@ from flax import nnx
 
 from lmjax.config import MoEConfig
 from lmjax.models.moe import pop_routing_statistics
-from lmjax.objectives import causal_lm_loss, token_losses
+from lmjax.objectives import causal_lm_loss, predict, token_losses
 from lmjax.train.state import TrainState
 
 
@@ -22,7 +22,7 @@ def _loss_sum(params, graphdef, batch, dropout_key, moe: MoEConfig):
     the routing statistics stacked over MoE layers (empty for dense models).
     """
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key)
+    logits = predict(model, batch, dropout_key)
     loss_sum, count = causal_lm_loss(logits, batch["targets"], batch["loss_mask"])
     routing = pop_routing_statistics(model) or {}
     routing.pop("experts", None)  # per-token assignments: for analysis, not for the metrics
@@ -106,7 +106,7 @@ def eval_step(graphdef, params, batch, token_bytes):
     `token_bytes` (V,) (for bits per byte)."""
     model = nnx.merge(graphdef, params)
     model.eval()
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits = predict(model, batch)
     pop_routing_statistics(model)
     losses = token_losses(logits, batch["targets"], batch["loss_mask"])
     byte_count = jnp.sum(token_bytes[batch["targets"]] * batch["loss_mask"])
