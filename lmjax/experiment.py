@@ -43,15 +43,22 @@ def experiment_summary(path: Path) -> str:
     return ""
 
 
-def load_experiment(name: str) -> Config:
-    """The Config of experiment `name` (or of a path to an experiment .py file)."""
+def load_experiment_module(name: str, unknown: str):
+    """(module, path) of experiments/NAME.py or of a .py path; ConfigError `unknown` (with
+    the known names appended) when there is no such file."""
     path = Path(name) if name.endswith(".py") else list_experiments().get(name)
     if path is None or not path.is_file():
         known = ", ".join(list_experiments()) or "none"
-        raise ConfigError(f"unknown experiment {name!r}; known experiments: {known} (see `lmjax experiments`).")
+        raise ConfigError(f"{unknown}; known experiments: {known} (see `lmjax experiments`).")
     spec = importlib.util.spec_from_file_location(f"lmjax_experiment_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module, path
+
+
+def load_experiment(name: str) -> Config:
+    """The Config of experiment `name` (or of a path to an experiment .py file)."""
+    module, path = load_experiment_module(name, f"unknown experiment {name!r}")
     if not hasattr(module, "config"):
         raise ConfigError(f"experiment file {path} does not define config() -> Config.")
     cfg = module.config()

@@ -143,7 +143,7 @@ def _blocked_combine(x, token, scale, group_sizes, w_up, w_gate, w_down):
     row_scale = jnp.where(valid, scale[sorted_row], 0).astype(x.dtype)
     x_blocks = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[row_token].reshape(n_blocks, b, d)
     block_expert = expert[::b]
-    gather = lambda w: jnp.take(w, block_expert, axis=0).astype(x.dtype)  # noqa: E731
+    gather = lambda w: jnp.take(w, block_expert, axis=0).astype(x.dtype)
     out = _expert_mlp(x_blocks, gather(w_up), None if w_gate is None else gather(w_gate), gather(w_down),
                       "nbd,ndf->nbf", "nbf,nfd->nbd").reshape(n_blocks * b, d)
     return jnp.zeros((n + 1, d), x.dtype).at[row_token].add(out * row_scale[:, None])[:n]
@@ -159,7 +159,7 @@ def dropless_combine(x, experts, weights, w_up, w_gate, w_down, first_expert=0, 
     - 1 along axis 0. Assignments to other experts contribute nothing. `grouped_matmul`:
     "ragged_dot" (`_ragged_combine`) or "blocks" (`_blocked_combine`). Returns (N, D).
     """
-    n, k = experts.shape
+    k = experts.shape[1]
     n_here = w_up.shape[0]
     local = experts.reshape(-1) - first_expert
     here = (local >= 0) & (local < n_here)
@@ -180,7 +180,7 @@ def _expert_parallel_dropless(x, experts, weights, w_up, w_gate, w_down, mesh, g
 
     def local(x, experts, weights, w_up, w_gate, w_down):
         b, t, d = x.shape
-        gather = lambda a: jax.lax.all_gather(a.reshape(b * t, *a.shape[2:]), "expert", tiled=True)  # noqa: E731
+        gather = lambda a: jax.lax.all_gather(a.reshape(b * t, *a.shape[2:]), "expert", tiled=True)
         w_up = jax.lax.all_gather(w_up, "fsdp", axis=1, tiled=True)
         w_gate = jax.lax.all_gather(w_gate, "fsdp", axis=1, tiled=True) if gated else None
         w_down = jax.lax.all_gather(w_down, "fsdp", axis=2, tiled=True)
@@ -223,7 +223,7 @@ class MoE(nnx.Module):
             self.shared = MLP(cfg, rngs=rngs, d_ff=moe.n_shared_experts * f)
 
     def __call__(self, x, jitter_key=None):
-        b, t, d = x.shape
+        b, t, _ = x.shape
         router_dtype = jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 if x is
         router_in = x.astype(router_dtype)
         if self.jitter and jitter_key is not None and not self.deterministic:

@@ -18,15 +18,19 @@ Conventions (also in docs/scaling.md):
 - Forward FLOPs per token (inference, scoring a full context) are a third of that:
   2 * (N_active_nonembedding + D * V) + 2 * L * T * D_attn.
 
-The counts are per family; the decoder is `decoder_param_counts`; the encoder and
-encoder-decoder families (and the relative position bias of any family) are counted in
-`lmjax.scaling.families`, to which `param_counts` and `train_flops_per_token` branch.
+Encoder and encoder-decoder training FLOPs (position tables, the relative bias included,
+are counted as embedding parameters):
+- encoder (masked LM), T tokens: 6 * T * (N_matmul + D * V) + 12 * L * T^2 * D_attn per
+  sequence: attention is bidirectional, so not halved as in the causal decoder.
+- encoder-decoder, S encoder tokens and T decoder tokens per example: 6 * S * N_encoder +
+  6 * T * (N_decoder except cross-attention keys/values + D * V) + 6 * S * N_cross_kv +
+  12 * L_enc * S^2 * D_attn (bidirectional) + 6 * L_dec * T^2 * D_attn (causal) +
+  12 * L_dec * T * S * D_attn (cross-attention sees all S). Per token: divided by S + T.
 """
 
 from __future__ import annotations
 
 from lmjax.config import Config, ModelConfig
-from lmjax.scaling.families import family_param_counts, family_train_flops_per_example
 
 PETAFLOP_DAY = 1e15 * 24 * 3600  # FLOPs in one petaFLOP/s-day
 
@@ -35,10 +39,14 @@ def norm_params(cfg: ModelConfig) -> int:
     return 2 * cfg.d_model if cfg.norm == "layernorm" else cfg.d_model
 
 
+def kv_params(cfg: ModelConfig) -> int:
+    """wk, wv of one attention: d_model x kv_heads*head_dim each."""
+    return 2 * cfg.d_model * cfg.kv_heads * cfg.head_dim
+
+
 def attention_params(cfg: ModelConfig) -> int:
     """wq, wo (d_model x n_heads*head_dim) and wk, wv (d_model x kv_heads*head_dim)."""
-    d, h = cfg.d_model, cfg.head_dim
-    return d * cfg.n_heads * h * 2 + d * cfg.kv_heads * h * 2
+    return 2 * cfg.d_model * cfg.n_heads * cfg.head_dim + kv_params(cfg)
 
 
 def mlp_params(cfg: ModelConfig, d_ff: int) -> int:
@@ -58,10 +66,12 @@ def moe_params(cfg: ModelConfig) -> tuple[int, int]:
     return router + moe.n_experts * expert + shared, router + moe.top_k * expert + shared
 
 
-def params_per_layer(cfg: ModelConfig, layer: int = 0) -> tuple[int, int]:
+def params_per_layer(cfg: ModelConfig, layer: int = 0, cross: bool = False) -> tuple[int, int]:
     """(total, active per token) weights of block `layer`: attention, feed-forward (dense
-    MLP or MoE) and two norms."""
+    MLP or MoE) and two norms; with `cross`, also a cross-attention and its norm."""
     fixed = attention_params(cfg) + 2 * norm_params(cfg)
+    if cross:
+        fixed += attention_params(cfg) + norm_params(cfg)
     if cfg.is_moe_layer(layer):
         total, active = moe_params(cfg)
     else:
@@ -69,30 +79,39 @@ def params_per_layer(cfg: ModelConfig, layer: int = 0) -> tuple[int, int]:
     return fixed + total, fixed + active
 
 
-def decoder_param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts of a DecoderLM built from `cfg` (see the module docstring)."""
+def stack_params(cfg: ModelConfig, n_layers: int, cross: bool = False) -> tuple[int, int]:
+    """(total, active) weights of `n_layers` blocks and the stack's final norm."""
+    per_layer = [params_per_layer(cfg, i, cross) for i in range(n_layers)]
+    return (sum(t for t, _ in per_layer) + norm_params(cfg), sum(a for _, a in per_layer) + norm_params(cfg))
+
+
+def embedding_params(cfg: ModelConfig) -> int:
+    """Token table, learned position table, and one relative-bias table per stack."""
     d = cfg.d_model
-    embedding = cfg.vocab_size * d + (cfg.max_seq_len * d if cfg.position == "learned" else 0)
-    output_head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
-    per_layer = [params_per_layer(cfg, i) for i in range(cfg.n_layers)]
-    layers_total = sum(total for total, _ in per_layer) + norm_params(cfg)  # + final norm
-    layers_active = sum(active for _, active in per_layer) + norm_params(cfg)
-    return {
-        "params_total": embedding + output_head + layers_total,
-        "params_active": embedding + output_head + layers_active,
-        "params_embedding": embedding,
-        "params_output_head": output_head,
-        "params_nonembedding": layers_total,
-        "params_active_nonembedding": layers_active,
-    }
+    learned = cfg.max_seq_len * d if cfg.position == "learned" else 0
+    tables = 2 if cfg.family == "encoder_decoder" else 1
+    relative = tables * cfg.relative_buckets * cfg.n_heads if cfg.position == "relative" else 0
+    return cfg.vocab_size * d + learned + relative
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts of the model `cfg` describes: params_total, params_active,
-    params_embedding, params_output_head, params_nonembedding, params_active_nonembedding."""
-    if cfg.family != "decoder" or cfg.position == "relative":
-        return family_param_counts(cfg)
-    return decoder_param_counts(cfg)
+    """Parameter counts of the model `cfg` describes (any family): params_total,
+    params_active, params_embedding, params_output_head, params_nonembedding,
+    params_active_nonembedding."""
+    embedding = embedding_params(cfg)
+    output_head = 0 if cfg.tie_embeddings else cfg.d_model * cfg.vocab_size
+    total, active = stack_params(cfg, cfg.n_layers)  # the decoder, or the encoder
+    if cfg.family == "encoder_decoder":
+        decoder_total, decoder_active = stack_params(cfg, cfg.decoder_layers, cross=True)
+        total, active = total + decoder_total, active + decoder_active
+    return {
+        "params_total": embedding + output_head + total,
+        "params_active": embedding + output_head + active,
+        "params_embedding": embedding,
+        "params_output_head": output_head,
+        "params_nonembedding": total,
+        "params_active_nonembedding": active,
+    }
 
 
 def _matmul_params_per_token(cfg: ModelConfig) -> int:
@@ -121,11 +140,29 @@ def example_lengths(cfg: Config) -> tuple[int, int]:
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, decoder_len: int = 0) -> float:
     """Model FLOPs to train on one token at context `seq_len`: 3x the forward pass,
     6 * N_matmul + 6 * L * T * n_heads * head_dim (see the module docstring). Encoder and
-    encoder-decoder: `lmjax.scaling.families`, for an encoder-decoder averaged over the
+    encoder-decoder: `train_flops_per_example`, for an encoder-decoder averaged over the
     `seq_len` input and `decoder_len` target tokens of one example."""
     if cfg.family != "decoder":
-        return family_train_flops_per_example(cfg, seq_len, decoder_len) / (seq_len + decoder_len)
+        return train_flops_per_example(cfg, seq_len, decoder_len) / (seq_len + decoder_len)
     return 3.0 * forward_flops_per_token(cfg, seq_len)
+
+
+def train_flops_per_example(cfg: ModelConfig, encoder_len: int, decoder_len: int = 0) -> float:
+    """Training FLOPs of one encoder sequence of `encoder_len` tokens, or one
+    encoder-decoder pair of `encoder_len` inputs and `decoder_len` targets (see the module
+    docstring)."""
+    attention_width = cfg.n_heads * cfg.head_dim
+    head = cfg.d_model * cfg.vocab_size
+    if cfg.family == "encoder":
+        active = param_counts(cfg)["params_active_nonembedding"]
+        return 6.0 * encoder_len * (active + head) + 12.0 * cfg.n_layers * encoder_len**2 * attention_width
+    s, t = encoder_len, decoder_len
+    encoder = stack_params(cfg, cfg.n_layers)[1]
+    cross_kv = cfg.decoder_layers * kv_params(cfg)
+    decoder = stack_params(cfg, cfg.decoder_layers, cross=True)[1] - cross_kv
+    matmuls = 6.0 * (s * encoder + t * (decoder + head) + s * cross_kv)
+    attention = 12 * cfg.n_layers * s * s + 6 * cfg.decoder_layers * t * t + 12 * cfg.decoder_layers * t * s
+    return matmuls + attention * attention_width
 
 
 def to_petaflop_days(flops: float) -> float:

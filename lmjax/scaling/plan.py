@@ -13,8 +13,13 @@ import math
 from pathlib import Path
 
 from lmjax.config import Config, ConfigError
-from lmjax.scaling.counting import (example_lengths, forward_flops_per_token, param_counts, to_petaflop_days,
-                                    train_flops_per_token)
+from lmjax.scaling.counting import (
+    example_lengths,
+    forward_flops_per_token,
+    param_counts,
+    to_petaflop_days,
+    train_flops_per_token,
+)
 from lmjax.scaling.memory import memory_estimate
 
 TOKENS_PER_PARAM = 20  # Chinchilla rule of thumb

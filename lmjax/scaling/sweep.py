@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmjax.config import Config, ConfigError, override
-from lmjax.experiment import list_experiments, load_experiment
+from lmjax.experiment import load_experiment, load_experiment_module
 from lmjax.scaling.counting import param_counts, train_flops_per_token
 from lmjax.scaling.plan import total_steps
 
@@ -90,14 +90,8 @@ def wsd_branches(experiment: str, shapes: list[dict], tokens: list[int], overrid
 
 def load_sweep(name: str) -> Sweep:
     """The Sweep defined by `sweep()` in experiments/NAME.py (or a .py path)."""
-    import importlib.util
-
-    path = Path(name) if name.endswith(".py") else list_experiments().get(name)
-    if path is None or not path.is_file():
-        raise ConfigError(f"unknown sweep {name!r}; a sweep is an experiments/*.py file defining sweep().")
-    spec = importlib.util.spec_from_file_location(f"lmjax_sweep_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module, path = load_experiment_module(name, f"unknown sweep {name!r} (a sweep is an experiments/*.py file "
+                                                "defining sweep())")
     if not hasattr(module, "sweep"):
         raise ConfigError(f"{path} does not define sweep() -> Sweep.")
     return module.sweep()

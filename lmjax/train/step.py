@@ -16,8 +16,9 @@ from lmjax.train.state import TrainState
 def _loss_sum(params, graphdef, batch, dropout_key, moe: MoEConfig):
     """Differentiated objective of one (micro-)batch of (B, T) arrays, and its parts.
 
-    Returns (objective, (loss_sum, count, routing)): loss_sum is the summed next-token loss
-    (nats) over `count` tokens; for MoE models the objective adds count * (load_balance_coef *
+    Returns (objective, (loss_sum, count, routing)): loss_sum is the family's summed token loss
+    (nats; next token, masked tokens or span targets, see `objectives.predict`) over `count`
+    tokens; for MoE models the objective adds count * (load_balance_coef *
     balancing loss + z_loss_coef * z loss), each averaged over MoE layers, and `routing` holds
     the routing statistics stacked over MoE layers (empty for dense models).
     """
