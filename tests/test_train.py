@@ -111,3 +111,29 @@ def test_wandb_offline_needs_no_account(tiny, tmp_path, monkeypatch):
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.5}]
     runs = list((tmp_path / "wandb").glob("offline-run-*/*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_stop_right_after_a_periodic_checkpoint_saves_once(tiny, monkeypatch):
+    """Ctrl-C handled just after the step-2 periodic save: the stop's save finds the step
+    already saved (Orbax would refuse a second save of one step) and the run ends cleanly."""
+    import lmjax.train.loop as loop
+
+    class StopAfterTwoSteps:
+        checks = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        @property
+        def requested(self):
+            self.checks += 1
+            return self.checks > 2
+
+    monkeypatch.setattr(loop, "_StopRequest", StopAfterTwoSteps)
+    cfg = tiny(checkpoint_every=2, steps=6)
+    result = train(cfg, Path(cfg.train.run_dir))
+    assert result["step"] == 2 and not result["finished"]
+    assert Checkpointer(Path(cfg.train.run_dir)).latest_step() == 2

@@ -185,7 +185,8 @@ def train(cfg: Config, run_dir: Path) -> dict:
                         + (f"  |  resumed at step {start_step}" if resuming else ""))
 
     def save():
-        checkpointer.save(int(state.step), state, batches.state(), cfg.to_dict())
+        if checkpointer.latest_step() != int(state.step):  # a stop right after a periodic save has nothing new
+            checkpointer.save(int(state.step), state, batches.state(), cfg.to_dict())
 
     def run_eval(step):
         result = evaluate(graphdef, state.params, val_set, tokenizer, cfg.train.batch_size, cfg.train.eval_batches,
