@@ -81,10 +81,15 @@ def check_resumable(cfg: Config, saved: dict) -> None:
         raise ConfigError("cannot resume: the model shape differs from the saved run (" + "; ".join(differences) + ").")
 
 
+def _saved_tokenizers(run_dir: Path) -> list[Path]:
+    """The tokenizer file a run saved (none for the byte tokenizer)."""
+    return [p for p in (run_dir / "tokenizer.json", run_dir / "tokenizer.model") if p.is_file()]
+
+
 def run_tokenizer(cfg: Config, run_dir: Path):
     """`data.tokenizer`, or the run's saved copy when resuming after the original file is gone."""
     spec = cfg.data.tokenizer
-    saved = [p for p in (run_dir / "tokenizer.json", run_dir / "tokenizer.model") if p.is_file()]
+    saved = _saved_tokenizers(run_dir)
     if spec != "bytes" and not Path(spec).expanduser().is_file() and saved:
         return load_tokenizer(str(saved[0]))
     return load_tokenizer(spec)
@@ -94,7 +99,7 @@ def check_same_tokenizer(tokenizer, run_dir: Path) -> None:
     """Raise ConfigError if the run being resumed saved a different tokenizer."""
     from lmjax.data.tokenizer import file_sha256
 
-    saved = [p for p in (run_dir / "tokenizer.json", run_dir / "tokenizer.model") if p.is_file()]
+    saved = _saved_tokenizers(run_dir)
     if (saved and file_sha256(saved[0]) != tokenizer.sha256) or (not saved and tokenizer.path is not None):
         raise ConfigError(f"cannot resume: data.tokenizer={tokenizer.name!r} is not the tokenizer the run in "
                           f"{run_dir} was trained with; use {saved[0] if saved else 'bytes'}.")
