@@ -16,7 +16,8 @@ import pytest
 
 from lmjax.cli import main
 from lmjax.config import Config, ConfigError, MeshConfig, ModelConfig, MoEConfig, OptimConfig, TrainConfig, override
-from lmjax.scaling.counting import param_counts, to_petaflop_days, train_flops_per_token
+from lmjax.experiment import load_experiment
+from lmjax.scaling.counting import param_counts, to_petaflop_days, train_flops_per_example, train_flops_per_token
 from lmjax.scaling.fit import fit_approach2, fit_approach3, read_results
 from lmjax.scaling.memory import kv_cache_bytes_per_token, memory_estimate
 from lmjax.scaling.plan import chinchilla_optimal, total_steps
@@ -26,8 +27,8 @@ from lmjax.train.optimizer import learning_rate_schedule
 REPO = Path(__file__).resolve().parent.parent
 
 
-def plan_json(capsys, *sets, extra=()) -> dict:
-    args = ["plan"] + [a for s in sets for a in ("--set", s)] + list(extra) + ["--json"]
+def plan_json(capsys, *sets, extra=(), experiment=()) -> dict:
+    args = ["plan", *experiment] + [a for s in sets for a in ("--set", s)] + list(extra) + ["--json"]
     assert main(args) == 0
     return json.loads(capsys.readouterr().out)
 
@@ -79,6 +80,22 @@ def test_plan_budget_and_time(capsys):
     assert result["wall_seconds"] == pytest.approx(8.64e19 / (0.5 * 8 * 156e12))  # A100 float32 (TF32) peak
     assert result["steps"] == int(8.64e19 // (result["flops_per_token_train"] * result["tokens_per_step"]))
     assert to_petaflop_days(8.64e19) == pytest.approx(1.0)
+
+
+def test_plan_counts_encoder_decoder_targets(capsys):
+    """A span-corruption step trains on its inputs and its targets: plan's tokens per step,
+    FLOPs per token and compute agree with the budget that sized the run."""
+    budget = 1e13
+    result = plan_json(capsys, extra=["--budget-flops", str(budget)], experiment=["t5_tiny_span"])
+    # 141 raw tokens, 15% noise in spans of mean 3: 21 noise tokens in 7 spans; inputs 120 kept + 7 sentinels
+    # + EOS = 128, targets 21 + 7 sentinels + EOS = 29
+    inputs, targets = 128, 29
+    assert result["tokens_per_step"] == 16 * (inputs + targets)
+    per_example = train_flops_per_example(load_experiment("t5_tiny_span").model, inputs, targets)
+    assert result["flops_per_token_train"] == pytest.approx(per_example / (inputs + targets))
+    assert result["flops_per_token_forward"] == pytest.approx(result["flops_per_token_train"] / 3)
+    step_flops = result["flops_per_token_train"] * result["tokens_per_step"]
+    assert result["steps"] == int(budget // step_flops) and result["tokens"] == result["steps"] * 16 * 157
 
 
 def test_memory_by_hand():

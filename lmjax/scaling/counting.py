@@ -119,9 +119,12 @@ def _matmul_params_per_token(cfg: ModelConfig) -> int:
     return param_counts(cfg)["params_active_nonembedding"] + cfg.d_model * cfg.vocab_size
 
 
-def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward-only model FLOPs per token of a causal context of `seq_len` tokens:
-    2 * N_matmul + 2 * L * T * n_heads * head_dim (see the module docstring)."""
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int, decoder_len: int = 0) -> float:
+    """Forward-only model FLOPs per token, a third of `train_flops_per_token`. Decoder, a causal
+    context of `seq_len` tokens: 2 * N_matmul + 2 * L * T * n_heads * head_dim (see the module
+    docstring); encoder and encoder-decoder: a third of `train_flops_per_example` per token."""
+    if cfg.family != "decoder":
+        return train_flops_per_example(cfg, seq_len, decoder_len) / (3 * (seq_len + decoder_len))
     attention = 2 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
     return 2.0 * _matmul_params_per_token(cfg) + attention
 
@@ -137,14 +140,23 @@ def example_lengths(cfg: Config) -> tuple[int, int]:
                                                      cfg.data.mean_noise_span_length)[1]
 
 
+def tokens_per_step(cfg: Config) -> int:
+    """Tokens one optimizer step trains on: batch_size * (encoder + decoder tokens of an example)."""
+    return cfg.train.batch_size * sum(example_lengths(cfg))
+
+
+def run_flops_per_token(cfg: Config) -> float:
+    """`train_flops_per_token` of the run's own examples (`example_lengths`), so that
+    tokens_per_step(cfg) * run_flops_per_token(cfg) is the compute of one step."""
+    return train_flops_per_token(cfg.model, *example_lengths(cfg))
+
+
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, decoder_len: int = 0) -> float:
-    """Model FLOPs to train on one token at context `seq_len`: 3x the forward pass,
-    6 * N_matmul + 6 * L * T * n_heads * head_dim (see the module docstring). Encoder and
-    encoder-decoder: `train_flops_per_example`, for an encoder-decoder averaged over the
-    `seq_len` input and `decoder_len` target tokens of one example."""
-    if cfg.family != "decoder":
-        return train_flops_per_example(cfg, seq_len, decoder_len) / (seq_len + decoder_len)
-    return 3.0 * forward_flops_per_token(cfg, seq_len)
+    """Model FLOPs to train on one token: 3x `forward_flops_per_token`. Decoder at context
+    `seq_len`: 6 * N_matmul + 6 * L * T * n_heads * head_dim (see the module docstring).
+    Encoder and encoder-decoder: `train_flops_per_example`, for an encoder-decoder averaged
+    over the `seq_len` input and `decoder_len` target tokens of one example."""
+    return 3.0 * forward_flops_per_token(cfg, seq_len, decoder_len)
 
 
 def train_flops_per_example(cfg: ModelConfig, encoder_len: int, decoder_len: int = 0) -> float:

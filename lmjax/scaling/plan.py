@@ -17,8 +17,9 @@ from lmjax.scaling.counting import (
     example_lengths,
     forward_flops_per_token,
     param_counts,
+    run_flops_per_token,
     to_petaflop_days,
-    train_flops_per_token,
+    tokens_per_step,
 )
 from lmjax.scaling.memory import memory_estimate
 
@@ -28,17 +29,16 @@ TOKENS_PER_PARAM = 20  # Chinchilla rule of thumb
 def total_steps(cfg: Config) -> int:
     """Optimizer steps of the run, from train.steps, train.tokens or train.budget_flops."""
     t = cfg.train
-    lengths = example_lengths(cfg)  # encoder-decoder: input and target tokens
-    tokens_per_step = t.batch_size * sum(lengths)
+    step_tokens = tokens_per_step(cfg)  # encoder-decoder: input and target tokens
     if t.steps is not None:
         return t.steps
     if t.tokens is not None:
-        return math.ceil(t.tokens / tokens_per_step)
+        return math.ceil(t.tokens / step_tokens)
     if t.budget_flops is not None:
-        flops_per_step = train_flops_per_token(cfg.model, *lengths) * tokens_per_step
+        flops_per_step = run_flops_per_token(cfg) * step_tokens
         if t.budget_flops < flops_per_step:
             raise ConfigError(f"train.budget_flops={t.budget_flops:.3g} is less than one step of this model "
-                              f"({flops_per_step:.3g} FLOPs for {tokens_per_step} tokens); raise the budget or "
+                              f"({flops_per_step:.3g} FLOPs for {step_tokens} tokens); raise the budget or "
                               "shrink the model or batch.")
         return math.floor(t.budget_flops / flops_per_step)
     raise ConfigError("the run has no length: set one of train.steps, train.tokens or train.budget_flops.")
@@ -92,31 +92,30 @@ def plan(cfg: Config, budget_flops: float | None = None, law: dict | None = None
         raise ConfigError(f"--mfu must be in (0, 1], got {mfu}.")
     if n_devices < 1:
         raise ConfigError(f"--devices must be >= 1, got {n_devices}.")
-    m, seq_len = cfg.model, cfg.data.seq_len
-    counts = param_counts(m)
-    flops_per_token = train_flops_per_token(m, seq_len)
-    tokens_per_step = cfg.train.batch_size * seq_len
+    counts = param_counts(cfg.model)
+    flops_per_token = run_flops_per_token(cfg)
+    step_tokens = tokens_per_step(cfg)
     result = {
         **counts,
         "flops_per_token_train": flops_per_token,
-        "flops_per_token_forward": forward_flops_per_token(m, seq_len),
+        "flops_per_token_forward": forward_flops_per_token(cfg.model, *example_lengths(cfg)),
         **memory_estimate(cfg, n_devices),
         "chinchilla_tokens": TOKENS_PER_PARAM * counts["params_total"],
-        "tokens_per_step": tokens_per_step,
+        "tokens_per_step": step_tokens,
     }
     if budget_flops is not None:
         cfg = _with_budget(cfg, budget_flops)
     has_length = any(getattr(cfg.train, k) is not None for k in ("steps", "tokens", "budget_flops"))
     if has_length:
         steps = total_steps(cfg)
-        compute = budget_flops if budget_flops is not None else steps * tokens_per_step * flops_per_token
-        result.update({"steps": steps, "tokens": steps * tokens_per_step, "compute_flops": compute,
+        compute = budget_flops if budget_flops is not None else steps * step_tokens * flops_per_token
+        result.update({"steps": steps, "tokens": steps * step_tokens, "compute_flops": compute,
                        "compute_pfdays": to_petaflop_days(compute)})
         if budget_flops is not None:
             n_opt, d_opt = law_optimal(budget_flops, law) if law else chinchilla_optimal(budget_flops)
             result.update({"compute_optimal_params": n_opt, "compute_optimal_tokens": d_opt,
-                           "compute_optimal_steps": math.floor(d_opt / tokens_per_step)})
-        peak = peak_flops(hardware, m.dtype) * n_devices
+                           "compute_optimal_steps": math.floor(d_opt / step_tokens)})
+        peak = peak_flops(hardware, cfg.model.dtype) * n_devices
         result.update({"hardware": hardware, "devices": n_devices, "mfu": mfu,
                        "wall_seconds": compute / (mfu * peak)})
     return result

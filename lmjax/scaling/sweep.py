@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lmjax.config import Config, ConfigError, override
 from lmjax.experiment import load_experiment, load_experiment_module
-from lmjax.scaling.counting import param_counts, train_flops_per_token
+from lmjax.scaling.counting import param_counts, run_flops_per_token, tokens_per_step
 from lmjax.scaling.plan import total_steps
 
 RESULT_COLUMNS = ("name", "N", "N_total", "D", "C", "C_actual", "train_loss", "val_loss")
@@ -164,7 +164,7 @@ def _write_result(cfg: Config, run_dir: Path, summary: dict) -> None:
 
     counts = param_counts(cfg.model)
     steps = total_steps(cfg)
-    tokens = steps * cfg.train.batch_size * cfg.data.seq_len
+    tokens = steps * tokens_per_step(cfg)
     train_losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r and r.get("step") == steps]
     result = {
         "name": cfg.name,
@@ -172,7 +172,7 @@ def _write_result(cfg: Config, run_dir: Path, summary: dict) -> None:
         "N_total": counts["params_total"],
         "D": tokens,
         "C": cfg.train.budget_flops or 6 * counts["params_active_nonembedding"] * tokens,
-        "C_actual": train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens,
+        "C_actual": run_flops_per_token(cfg) * tokens,
         "train_loss": train_losses[-1] if train_losses else float("nan"),
         "val_loss": summary["val_loss"],
     }

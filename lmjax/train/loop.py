@@ -23,7 +23,7 @@ from lmjax.data import (BatchIterator, Concat, DataError, Mixture, PackedDataset
                         load_tokenizer, padded_vocab_size, save_to_run, split_documents)
 from lmjax.data.denoising import make_dataset, window_length
 from lmjax.parallel import batch_sharding, local_batch_rows, make_mesh, validate_layout
-from lmjax.scaling.counting import example_lengths, param_counts, train_flops_per_token
+from lmjax.scaling.counting import example_lengths, param_counts, run_flops_per_token, tokens_per_step
 from lmjax.scaling.plan import total_steps
 from lmjax.train import loggers
 from lmjax.train.evaluate import evaluate
@@ -178,7 +178,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
     compile_seconds = time.perf_counter() - compile_start
 
     lengths = example_lengths(cfg)  # tokens/s and MFU count encoder and decoder tokens
-    flops_per_token = train_flops_per_token(cfg.model, *lengths)
+    flops_per_token = run_flops_per_token(cfg)
     peak = peak_flops_per_device(cfg.model.dtype) * len(jax.devices())
     logger = loggers.MetricsLogger(cfg, run_dir, resuming, enabled=main_process)
     start_step = int(state.step)
@@ -213,7 +213,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
             if step % cfg.train.log_every == 0 or step == halt:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - interval_start
-                tokens_per_second = (step - interval_step) * cfg.train.batch_size * sum(lengths) / elapsed
+                tokens_per_second = (step - interval_step) * tokens_per_step(cfg) / elapsed
                 record = {"step": step, **metrics, "tokens_per_second": tokens_per_second,
                           "step_seconds": elapsed / (step - interval_step),
                           "mfu": mfu(tokens_per_second, flops_per_token, peak)}
