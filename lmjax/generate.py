@@ -70,12 +70,11 @@ def _generate_encoder_decoder(graphdef, params, inputs, input_segments, start, m
     model = nnx.merge(graphdef, params)
     model.eval()
     batch = inputs.shape[0]
-    encoded = model.encode(inputs, input_segments)  # once
-    cache = model.init_cache(batch, max_new_tokens)
+    cache = model.init_cache(batch, max_new_tokens, model.encode(inputs, input_segments))  # encoder runs once
 
     def step(carry, t):
         token, cache = carry
-        logits, cache = model.decode(token[:, None], jnp.full((batch, 1), t), cache, encoded, input_segments)
+        logits, cache = model.decode(token[:, None], jnp.full((batch, 1), t), cache, input_segments)
         token = sample_token(logits[:, 0], jax.random.fold_in(key, t), temperature, top_k, top_p)
         return (token, cache), token
 

@@ -176,19 +176,27 @@ class Attention(nnx.Module):
         self.wv = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype)
         self.wo = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, cfg.param_dtype)
 
+    def keys_values(self, source):
+        """Keys and values (k, v), each (B, S, K, H), of `source` (B, S, D); for cross-attention
+        a decoder computes them from the encoder output once and passes them as `context`."""
+        return matmul(source, self.wk[...]), matmul(source, self.wv[...])
+
     def __call__(self, x, positions, mask, cache=None, bias=None, context=None):
         """x (B, T, D); positions (B, T) int; mask (B, 1, T, S) bool -> (B, T, D).
 
-        Keys and values come from x (self-attention, S = T) or from `context` (B, S, D)
-        (cross-attention). `bias` (B, N, T, S) float32 is added to the scores (T5 relative
-        positions). With `cache` = (keys, values), each (B, S, K, H), this call's
-        keys and values are first written into it at `positions` (row by row), the queries
-        attend over all S cached slots, and the result is (output, updated cache).
+        Keys and values come from x (self-attention, S = T) or from `context` (cross-attention):
+        the encoder output (B, S, D), or its `keys_values` (k, v) already computed. `bias`
+        (B, N, T, S) float32 is added to the scores (T5 relative positions). With `cache` =
+        (keys, values), each (B, S, K, H), this call's keys and values are first written into it
+        at `positions` (row by row), the queries attend over all S cached slots, and the result
+        is (output, updated cache).
         """
         cfg = self.cfg
-        source = x if context is None else context
         q = matmul(x, self.wq[...])  # (B, T, N, H)
-        k, v = matmul(source, self.wk[...]), matmul(source, self.wv[...])  # (B, S, K, H)
+        if isinstance(context, tuple):
+            k, v = (a.astype(q.dtype) for a in context)
+        else:
+            k, v = self.keys_values(x if context is None else context)  # (B, S, K, H)
         if self.rotary:
             q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         if cache is not None:

@@ -170,14 +170,21 @@ class EncoderDecoderLM(_TokenModel):
                          context=encoded, context_mask=cross_attention_mask(decoder_segment_ids, encoder_segment_ids))
         return self._logits(x)
 
-    def init_cache(self, batch_size: int, length: int):
-        """An empty decoder KV cache of `length` slots: (keys, values), each (L_dec, B, S, K, H)."""
-        return _empty_cache(self.cfg, self.cfg.decoder_layers, batch_size, length)
+    def init_cache(self, batch_size: int, length: int, encoded):
+        """The decoder's KV cache for decoding against `encoded` (B, S, D) (from `encode`):
+        (keys, values) of `length` empty slots, each (L_dec, B, length, K, H), and the cross-
+        attention (cross_keys, cross_values) of the encoder output, each (L_dec, B, S, K, H),
+        computed here once instead of at every decoding step. All in the compute dtype."""
+        keys, values = _empty_cache(self.cfg, self.cfg.decoder_layers, batch_size, length)
+        cross = [self.decoder.layer(i).cross_attn.keys_values(encoded) for i in range(self.cfg.decoder_layers)]
+        cross_keys, cross_values = (jnp.stack([kv[j] for kv in cross]).astype(keys.dtype) for j in (0, 1))
+        return keys, values, cross_keys, cross_values
 
-    def decode(self, tokens, positions, cache, encoded, encoder_segment_ids):
-        """Run decoder tokens (B, T) at positions (B, T) against the decoder's KV cache and the
-        encoder output `encoded` (B, S, D) (from `encode`, run once); returns (logits (B, T, V)
-        float32, updated cache). Queries at position p see cache slots 0..p."""
+    def decode(self, tokens, positions, cache, encoder_segment_ids):
+        """Run decoder tokens (B, T) at positions (B, T) against the decoder's KV cache (from
+        `init_cache`, which holds the encoder output's cross-attention keys and values) and
+        return (logits (B, T, V) float32, updated cache). Queries at position p see cache slots
+        0..p, and every encoder position whose `encoder_segment_ids` (B, S) is not 0."""
         slots = jnp.arange(cache[0].shape[2])
         mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
         bias = None
@@ -185,7 +192,7 @@ class EncoderDecoderLM(_TokenModel):
             bias = self.decoder_bias(positions, jnp.broadcast_to(slots, (positions.shape[0], len(slots))))
         context_mask = cross_attention_mask(jnp.ones_like(tokens), encoder_segment_ids)
         x, cache = self.decoder(self._embed(tokens, positions, None), positions, mask, cache=cache, bias=bias,
-                                context=encoded, context_mask=context_mask)
+                                context_mask=context_mask)
         return self._logits(x), cache
 
 

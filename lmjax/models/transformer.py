@@ -50,10 +50,16 @@ class Block(nnx.Module):
     def __call__(self, x, positions, mask, dropout_key=None, cache=None, bias=None, context=None, context_mask=None):
         """mask (B, 1, T, S) and bias (B, N, T, S) or None for self-attention; with `cross`,
         context (B, S', D) the encoder output and context_mask (B, 1, T, S') where queries may
-        look. With a KV `cache` (see Attention) returns (x, updated cache)."""
+        look. With a KV `cache` (see Attention) returns (x, updated cache); a cross-attending
+        block's cache is (keys, values, cross_keys, cross_values), the last two (B, S', K, H)
+        computed from the encoder output once (`EncoderDecoderLM.init_cache`), read, never written."""
         moe, cross = hasattr(self, "moe"), hasattr(self, "cross_attn")
         n_keys = (3 if moe else 2) + cross
         keys = (None,) * n_keys if dropout_key is None else jax.random.split(dropout_key, n_keys)
+        cross_cache = ()
+        if cross and cache is not None:
+            cache, cross_cache = cache[:2], cache[2:]
+            context = cross_cache
         attended = self.attn(self.attn_norm(x), positions, mask, cache, bias)
         if cache is not None:
             attended, cache = attended
@@ -64,7 +70,7 @@ class Block(nnx.Module):
         h = self.mlp_norm(x)
         h = self.moe(h, keys[2]) if moe else self.mlp(h)
         x = x + dropout(h, self.dropout_rate, keys[1])
-        return x if cache is None else (x, cache)
+        return x if cache is None else (x, (*cache, *cross_cache))
 
 
 class Stack(nnx.Module):
@@ -112,7 +118,8 @@ class Stack(nnx.Module):
         """x (B, T, D), positions (B, T), mask (B, 1, T, S) -> (B, T, D); bias, context and
         context_mask as in `Block`, the same for every layer.
 
-        With `cache` = (keys, values), each (L, B, S, K, H), returns (x, updated cache).
+        With `cache` = (keys, values), each (L, B, S, K, H), returns (x, updated cache); a
+        cross-attending stack's cache also holds (cross_keys, cross_values) (see `Block`).
         """
         cfg, period = self.cfg, self.period
         repeats = cfg.n_layers // period

@@ -97,8 +97,18 @@ def activation_bytes_per_token(m: ModelConfig, seq_len: int, remat: str | None =
 
 
 def kv_cache_bytes_per_token(m: ModelConfig) -> int:
-    """2 (keys and values) * n_layers * kv_heads * head_dim * bytes(model.dtype)."""
-    return 2 * m.n_layers * m.kv_heads * m.head_dim * DTYPE_BYTES[m.dtype]
+    """Decoding-cache bytes per cached position: 2 (keys and values) * decoding layers *
+    kv_heads * head_dim * bytes(model.dtype). Decoding layers: n_layers for a decoder,
+    n_decoder_layers for an encoder-decoder (whose cross-attention cache holds as much per
+    encoder position as its self-attention cache per target), none for an encoder."""
+    layers = {"decoder": m.n_layers, "encoder": 0, "encoder_decoder": m.decoder_layers}[m.family]
+    return 2 * layers * m.kv_heads * m.head_dim * DTYPE_BYTES[m.dtype]
+
+
+def kv_cache_positions(m: ModelConfig) -> int:
+    """Cached positions of one sequence of model.max_seq_len tokens: the context of a decoder;
+    the targets and the encoder inputs (cross-attention) of an encoder-decoder."""
+    return m.max_seq_len * (2 if m.family == "encoder_decoder" else 1)
 
 
 def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -> dict[str, float]:
@@ -112,7 +122,7 @@ def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -
     activations = activation_bytes_per_token(m, cfg.data.seq_len, tensor=sizes["tensor"]) * (
         micro_batch_tokens / batch_shards)
     kv_per_token = kv_cache_bytes_per_token(m)
-    kv_cache = kv_per_token * m.max_seq_len * inference_batch / sizes["tensor"]  # kv_heads split by tensor
+    kv_cache = kv_per_token * kv_cache_positions(m) * inference_batch / sizes["tensor"]  # kv_heads split by tensor
     return {
         "memory_weights_bytes": param_bytes,
         "memory_gradients_bytes": param_bytes,
@@ -120,6 +130,6 @@ def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -
         "memory_activations_bytes": activations,
         "memory_train_bytes": 4 * param_bytes + activations,
         "kv_cache_bytes_per_token": kv_per_token,
-        "kv_cache_bytes_per_sequence": kv_per_token * m.max_seq_len,
+        "kv_cache_bytes_per_sequence": kv_per_token * kv_cache_positions(m),
         "memory_inference_bytes": param_bytes + kv_cache,
     }
