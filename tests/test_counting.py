@@ -3,6 +3,7 @@ import pytest
 from flax import nnx
 
 from lmjax.config import ModelConfig, MoEConfig
+from lmjax.experiment import list_experiments, load_experiment, load_experiment_module
 from lmjax.models import DecoderLM
 from lmjax.scaling.counting import param_counts, train_flops_per_token
 
@@ -38,3 +39,24 @@ def test_train_flops_per_token_by_hand():
     nonembedding = 4 * per_layer + 128
     expected = 6 * (nonembedding + 128 * 384) + 6 * 4 * 64 * 128  # + output head; causal attention
     assert train_flops_per_token(cfg, seq_len=64) == expected
+
+
+@pytest.mark.parametrize("dense, moe", [("decoder_tiny", "moe_tiny"), ("decoder_narrow", "moe_narrow")])
+def test_moe_evidence_pairs_have_equal_active_params(dense, moe):
+    """docs/moe.md compares each pair at equal active parameters: the MoE's two experts per
+    token hold as many weights as the dense MLP, so the active counts differ by the routers
+    (d_model x n_experts per layer) alone; the MoE holds about 3x the weights in all."""
+    dense_cfg, moe_cfg = load_experiment(dense), load_experiment(moe)
+    assert dense_cfg.train == moe_cfg.train and dense_cfg.optim == moe_cfg.optim and dense_cfg.data == moe_cfg.data
+    d, counts = dense_cfg.model, param_counts(moe_cfg.model)
+    routers = d.n_layers * d.d_model * moe_cfg.model.moe.n_experts
+    assert counts["params_active"] - routers == param_counts(d)["params_active"] == built_param_count(d)
+    assert counts["params_total"] == built_param_count(moe_cfg.model)
+    assert 2.5 < counts["params_total"] / param_counts(d)["params_total"] < 3.5
+
+
+def test_every_shipped_experiment_builds_a_valid_config():
+    for name in list_experiments():
+        module = load_experiment_module(name, "unknown")[0]
+        if hasattr(module, "config"):  # sweep files define sweep() instead
+            assert load_experiment(name).name == name
