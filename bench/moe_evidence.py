@@ -91,7 +91,7 @@ def plot(out: Path, runs: list[str], path: Path) -> None:
     load_ax.axhline(2.0, color="grey", linestyle="--", linewidth=0.8)
     load_ax.set(title="busiest expert / fair share (worst layer, one batch)", xlabel="step")
     for ax in (loss_ax, gap_ax, load_ax):
-        if ax.has_data():
+        if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
