@@ -4,7 +4,7 @@ Checkpoints live in `<run_dir>/checkpoints/<step>/`. Saves are asynchronous (tra
 continues while arrays are written) and atomic: Orbax writes to a temporary directory
 and renames it when complete, so a save interrupted mid-write is never listed and never
 restored. Restoring takes an abstract state carrying the target shardings, so a
-checkpoint can be read onto any mesh (or one CPU).
+checkpoint can be read onto any mesh (or one CPU); `restore_some` reads only part of it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import orbax.checkpoint as ocp
+
+SKIP = ocp.PLACEHOLDER  # a leaf of an abstract state that `Checkpointer.restore_some` does not read
 
 
 class Checkpointer:
@@ -49,6 +51,15 @@ class Checkpointer:
             ),
         )
         return restored["state"], restored["data"], restored["config"]
+
+    def restore_some(self, abstract_state, step: int | None = None):
+        """The saved state of `step` (default: newest) without the leaves that `abstract_state`
+        marks `SKIP`: those are never read from disk and come back as `SKIP` (e.g. the Adam
+        moments, two thirds of a checkpoint, when only the weights are wanted)."""
+        step = self.latest_step() if step is None else step
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        item = ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args)
+        return self.manager.restore(step, args=ocp.args.Composite(state=item))["state"]
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are complete."""

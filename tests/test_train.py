@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lmjax.checkpoint import Checkpointer
+from lmjax.checkpoint import SKIP, Checkpointer
 from lmjax.parallel import make_mesh
 from lmjax.config import MeshConfig, OptimConfig
 from lmjax.train.loggers import read_metrics
 from lmjax.train.loop import train
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask
+from lmjax.train.run_eval import restore_weights
 from lmjax.train.state import abstract_train_state, init_train_state
 from lmjax.train.step import make_train_step
 
@@ -55,6 +56,23 @@ def test_resume_is_bitwise_exact(tmp_path, tiny):
     loss_a = [r["loss"] for r in read_metrics(tmp_path / "a") if "loss" in r]
     loss_b = [r["loss"] for r in read_metrics(tmp_path / "b") if "loss" in r]
     assert loss_a == loss_b
+
+
+def test_weights_restore_leaves_the_adam_moments_on_disk(tiny):
+    """Notebooks and `lmjax eval` restore the weights alone: the same arrays as a full restore,
+    while the optimizer state (2/3 of the checkpoint) is never materialised."""
+    cfg = tiny(steps=4, checkpoint_every=4, eval_every=4, eval_batches=1, sample_tokens=0)
+    train(cfg, cfg.train.run_dir)
+    full, _ = final_params(cfg, cfg.train.run_dir)
+    _, _, params, step, _ = restore_weights(Path(cfg.train.run_dir))
+    assert step == 4
+    for restored, expected in zip(jax.tree.leaves(params), jax.tree.leaves(full.params), strict=True):
+        np.testing.assert_array_equal(restored, expected)
+    _, abstract, _ = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, 4, p), make_mesh(MeshConfig()))
+    checkpointer = Checkpointer(cfg.train.run_dir, async_save=False)
+    partial = checkpointer.restore_some(abstract._replace(opt_state=jax.tree.map(lambda _: SKIP, abstract.opt_state)))
+    checkpointer.close()
+    assert all(leaf is SKIP for leaf in jax.tree.leaves(partial.opt_state)) and int(partial.step) == 4
 
 
 def test_gradient_accumulation_equals_full_batch(tiny):

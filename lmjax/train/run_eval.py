@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 
-from lmjax.checkpoint import Checkpointer
+from lmjax.checkpoint import SKIP, Checkpointer
 from lmjax.config import Config, ConfigError, MeshConfig, override
 from lmjax.data import DataError, PackedDataset, load_documents, load_from_run, tokenize
 from lmjax.data.denoising import make_dataset, window_length
@@ -26,11 +27,11 @@ def load_config(run_dir: Path) -> Config:
     return Config.from_dict(json.loads(config_file.read_text()))
 
 
-def restore_train_state(run_dir: Path, step: int | None = None, mesh_overrides: list[str] = ()):
-    """(config, graphdef, TrainState, step, mesh) of checkpoint `step` (default: newest),
-    laid out on a mesh over this process's devices: `mesh.data=-1` (all devices data
-    parallel) unless `mesh_overrides` such as ["fsdp=4", "tensor=2"] say otherwise,
-    whatever mesh wrote it."""
+def restore_weights(run_dir: Path, step: int | None = None, mesh_overrides: list[str] = ()):
+    """(config, graphdef, params, step, mesh): the model weights (nnx.State) of checkpoint
+    `step` (default: newest), laid out on a mesh over this process's devices: `mesh.data=-1`
+    (all devices data parallel) unless `mesh_overrides` such as ["fsdp=4", "tensor=2"] say
+    otherwise, whatever mesh wrote it. The optimizer state is not read."""
     cfg = load_config(run_dir)
     checkpointer = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints, async_save=False)
     step = checkpointer.latest_step() if step is None else step
@@ -40,14 +41,15 @@ def restore_train_state(run_dir: Path, step: int | None = None, mesh_overrides: 
     mesh = make_mesh(mesh_cfg)
     steps = total_steps(cfg)
     graphdef, abstract, _ = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, steps, p), mesh)
-    state, _, _ = checkpointer.restore(abstract, step)
+    state = checkpointer.restore_some(abstract._replace(opt_state=jax.tree.map(lambda _: SKIP, abstract.opt_state)),
+                                      step)
     checkpointer.close()
-    return cfg, graphdef, state, step, mesh
+    return cfg, graphdef, state.params, step, mesh
 
 
 def restore_params(run_dir: Path, step: int | None = None, mesh_overrides: list[str] = ()):
-    """The model weights (nnx.State) of a checkpoint; see `restore_train_state`."""
-    return restore_train_state(run_dir, step, mesh_overrides)[2].params
+    """The model weights (nnx.State) of a checkpoint; see `restore_weights`."""
+    return restore_weights(run_dir, step, mesh_overrides)[2]
 
 
 def load(run_dir: Path | str, step: int | None = None):
@@ -58,8 +60,8 @@ def load(run_dir: Path | str, step: int | None = None):
     """
     from flax import nnx
 
-    cfg, graphdef, state, _, _ = restore_train_state(Path(run_dir), step)
-    return nnx.merge(graphdef, state.params), cfg, load_from_run(Path(run_dir), cfg.data.tokenizer)
+    cfg, graphdef, params, _, _ = restore_weights(Path(run_dir), step)
+    return nnx.merge(graphdef, params), cfg, load_from_run(Path(run_dir), cfg.data.tokenizer)
 
 
 def evaluate_run(run_dir: Path, max_batches: int | None = None, data_source: str | None = None,
@@ -68,7 +70,7 @@ def evaluate_run(run_dir: Path, max_batches: int | None = None, data_source: str
     validation split, or on all of `data_source` (any `data.source`: "stdlib", a file, a
     directory, an HF dataset on disk). With `token_losses_file`, every position's loss is
     saved there (.npy, (sequences, seq_len) float32, nats, 0 where not counted)."""
-    cfg, graphdef, state, step, mesh = restore_train_state(run_dir)
+    cfg, graphdef, params, step, mesh = restore_weights(run_dir)
     tokenizer = load_from_run(run_dir, cfg.data.tokenizer)
     if data_source is None:
         _, dataset, tokenizer = load_datasets(cfg, tokenizer)
@@ -79,7 +81,7 @@ def evaluate_run(run_dir: Path, max_batches: int | None = None, data_source: str
         if len(dataset) < cfg.train.batch_size:
             raise DataError(f"{data_source} holds {len(dataset)} sequences of data.seq_len={cfg.data.seq_len}, "
                             f"fewer than one batch of train.batch_size={cfg.train.batch_size}.")
-    result = evaluate(graphdef, state.params, dataset, tokenizer, cfg.train.batch_size, max_batches,
+    result = evaluate(graphdef, params, dataset, tokenizer, cfg.train.batch_size, max_batches,
                       batch_sharding(mesh), keep_token_losses=token_losses_file is not None)
     if token_losses_file is not None:
         np.save(token_losses_file, result.pop("token_losses"))
