@@ -55,7 +55,9 @@ class Checkpointer:
     def restore_some(self, abstract_state, step: int | None = None):
         """The saved state of `step` (default: newest) without the leaves that `abstract_state`
         marks `SKIP`: those are never read from disk and come back as `SKIP` (e.g. the Adam
-        moments, two thirds of a checkpoint, when only the weights are wanted)."""
+        moments, two thirds of a checkpoint, when only the weights are wanted). It reads with
+        PyTreeRestore, which accepts SKIP where StandardRestore does not; a manager that then
+        saves (a resumed run) must keep to StandardRestore, hence the two methods."""
         step = self.latest_step() if step is None else step
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
         item = ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args)

@@ -178,7 +178,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
     compile_seconds = time.perf_counter() - compile_start
 
     lengths = example_lengths(cfg)  # tokens/s and MFU count encoder and decoder tokens
-    flops_per_token = run_flops_per_token(cfg)
+    flops_per_token, step_tokens = run_flops_per_token(cfg), tokens_per_step(cfg)
     peak = peak_flops_per_device(cfg.model.dtype) * len(jax.devices())
     logger = loggers.MetricsLogger(cfg, run_dir, resuming, enabled=main_process)
     start_step = int(state.step)
@@ -213,7 +213,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
             if step % cfg.train.log_every == 0 or step == halt:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - interval_start
-                tokens_per_second = (step - interval_step) * tokens_per_step(cfg) / elapsed
+                tokens_per_second = (step - interval_step) * step_tokens / elapsed
                 record = {"step": step, **metrics, "tokens_per_second": tokens_per_second,
                           "step_seconds": elapsed / (step - interval_step),
                           "mfu": mfu(tokens_per_second, flops_per_token, peak)}
