@@ -58,9 +58,9 @@ def mask_tokens(tokens, selectable, rng: np.random.Generator, mlm_probability: f
 
     tokens (T,) int; selectable (T,) bool: positions that may be chosen (not padding).
     round(mlm_probability * n_selectable) positions (at least one) are chosen uniformly; each is
-    replaced by `mask_id` with probability 0.8, by an id drawn uniformly from
-    `replacement_ids` (the tokenizer's ordinary ids) with probability 0.1, and kept otherwise. Returns (inputs (T,) int32, loss_mask (T,)
-    float32: 1 at the chosen positions).
+    replaced by `mask_id` with probability 0.8, by an id drawn uniformly from `replacement_ids`
+    (the tokenizer's ordinary ids) with probability 0.1, and kept otherwise. Returns
+    (inputs (T,) int32, loss_mask (T,) float32: 1 at the chosen positions).
     """
     if mask_id is None:
         raise ValueError("masked-LM needs a mask token, but the tokenizer has none (mask_id is None); "
