@@ -245,5 +245,5 @@ def fill_in_sample(model, example: dict, tokenizer, max_new_tokens: int) -> str:
     new_tokens = min(max_new_tokens, model.cfg.max_seq_len)
     generated = generate(model, [inputs], new_tokens, temperature=0.0, stop_tokens=(tokenizer.eos_id,),
                          start_token=tokenizer.bos_id)[0]
-    show = getattr(tokenizer, "decode_with_sentinels", tokenizer.decode)  # bytes: <extra_id_N>
+    show = tokenizer.decode_with_sentinels
     return f"input:     {show(inputs)}\npredicted: {show(generated)}\ntrue:      {show(targets)}\n"
