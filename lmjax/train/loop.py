@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import jax
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from lmjax.checkpoint import Checkpointer
@@ -29,7 +30,7 @@ from lmjax.train import loggers
 from lmjax.train.evaluate import evaluate
 from lmjax.train.metrics import mfu, peak_flops_per_device
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
-from lmjax.train.state import abstract_train_state, init_train_state
+from lmjax.train.state import abstract_model, abstract_train_state, init_train_state
 from lmjax.train.step import make_train_step
 
 
@@ -79,6 +80,22 @@ def check_resumable(cfg: Config, saved: dict) -> None:
     differences = [f"model.{k}: saved {v!r}, now {now.get(k)!r}" for k, v in saved["model"].items() if now.get(k) != v]
     if differences:
         raise ConfigError("cannot resume: the model shape differs from the saved run (" + "; ".join(differences) + ").")
+
+
+def check_init_from(cfg: Config, init_from: Path) -> None:
+    """Raise ConfigError unless the run `init_from` has a checkpoint of weights shaped like `cfg.model`'s."""
+    from lmjax.train.run_eval import load_config
+
+    source = load_config(init_from).model
+    _, mine = abstract_model(cfg.model)
+    _, theirs = abstract_model(source)
+    mine, theirs = (dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(s))[0]) for s in (mine, theirs))
+    differences = [f"{jax.tree_util.keystr(k)} {theirs.get(k) and theirs[k].shape} vs {v.shape}"
+                   for k, v in mine.items() if theirs.get(k) is None or theirs[k].shape != v.shape]
+    differences += [f"{jax.tree_util.keystr(k)} only in {init_from}" for k in theirs if k not in mine]
+    if differences:
+        raise ConfigError(f"--init-from {init_from}: its weights do not fit experiment {cfg.name!r} (saved vs now: "
+                          + "; ".join(differences[:3]) + "); give a run of the same model shape.")
 
 
 def _saved_tokenizers(run_dir: Path) -> list[Path]:
@@ -132,13 +149,17 @@ class _StopRequest:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def train(cfg: Config, run_dir: Path) -> dict:
+def train(cfg: Config, run_dir: Path, init_from: Path | None = None) -> dict:
     """Train (or resume) the run in `run_dir` on a mesh over all devices; returns the
-    final metrics. Every check that can fail on user input runs before compilation."""
+    final metrics. A new run with `init_from` (a run directory) starts from that run's newest
+    weights, with a fresh optimizer and step 0. Every check that can fail on user input runs
+    before compilation."""
     run_dir = Path(run_dir)
     steps = total_steps(cfg)
     mesh = make_mesh(cfg.mesh)
     validate_layout(cfg, mesh)
+    if init_from is not None:
+        check_init_from(cfg, Path(init_from))
     train_set, val_set, tokenizer = load_datasets(cfg, run_tokenizer(cfg, run_dir))
     main_process = jax.process_index() == 0
 
@@ -163,6 +184,11 @@ def train(cfg: Config, run_dir: Path) -> dict:
         batches.restore(data_state)
     else:
         graphdef, state, shardings, optimizer = init_train_state(cfg.model, optimizer_for, cfg.train.seed, mesh)
+        if init_from is not None:
+            from lmjax.train.run_eval import restore_weights_onto
+
+            params = restore_weights_onto(Path(init_from), mesh)[2]
+            state = state._replace(params=jax.tree.map(lambda p, s: p.astype(s.dtype), params, state.params))
 
     rows = batch_sharding(mesh)
     to_global = lambda batch: {k: jax.make_array_from_process_local_data(rows, v) for k, v in batch.items()}
