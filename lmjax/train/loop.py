@@ -22,7 +22,7 @@ from lmjax.config import Config, ConfigError
 from lmjax.data import (BatchIterator, Concat, DataError, Mixture, PackedDataset, Subset, load_documents,
                         load_tokenizer, padded_vocab_size, save_to_run, split_documents)
 from lmjax.data.denoising import make_dataset, window_length
-from lmjax.parallel import batch_sharding, local_batch_rows, make_mesh, validate_layout
+from lmjax.parallel import batch_sharding, global_batch, local_batch_rows, make_mesh, validate_layout
 from lmjax.scaling.counting import example_lengths, param_counts, run_flops_per_token, tokens_per_step
 from lmjax.scaling.plan import total_steps
 from lmjax.train import loggers
@@ -165,7 +165,6 @@ def train(cfg: Config, run_dir: Path) -> dict:
         graphdef, state, shardings, optimizer = init_train_state(cfg.model, optimizer_for, cfg.train.seed, mesh)
 
     rows = batch_sharding(mesh)
-    to_global = lambda batch: {k: jax.make_array_from_process_local_data(rows, v) for k, v in batch.items()}
     step_fn = make_train_step(graphdef, optimizer, learning_rate_schedule(cfg.optim, steps),
                               cfg.optim.grad_accum_steps, cfg.model.dropout > 0 or cfg.model.moe.router_jitter > 0,
                               cfg.model.moe)
@@ -207,7 +206,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
     step, last_val = start_step, None
     with _StopRequest() as stop:
         while step < halt and not stop.requested:
-            state, metrics, routing = train_step(state, to_global(next(batches)))
+            state, metrics, routing = train_step(state, global_batch(next(batches), rows, cfg.train.batch_size))
             step += 1
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == halt:
