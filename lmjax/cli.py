@@ -235,10 +235,7 @@ def fill_in_prompts(model, cfg, tokenizer, args) -> None:
     from lmjax.generate import generate
     from lmjax.objectives import fill_in_spans
 
-    # the byte tokenizer spells sentinels <extra_id_N> itself; subword tokenizers hold them as special tokens
-    encode = getattr(tokenizer, "encode_with_sentinels", tokenizer.encode)
-    show = getattr(tokenizer, "decode_with_sentinels", tokenizer.decode)
-    inputs = [np.append(encode(p), tokenizer.eos_id) for p in args.prompt]
+    inputs = [np.append(tokenizer.encode_with_sentinels(p), tokenizer.eos_id) for p in args.prompt]
     if max(len(i) for i in inputs) > cfg.model.max_seq_len or args.max_new_tokens > cfg.model.max_seq_len:
         raise ConfigError(f"prompts and --max-new-tokens must each fit in model.max_seq_len={cfg.model.max_seq_len}.")
     outputs = generate(model, inputs, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -247,7 +244,7 @@ def fill_in_prompts(model, cfg, tokenizer, args) -> None:
     sentinels = [tokenizer.sentinel_id(i) for i in range(tokenizer.num_sentinels)]
     for ids, targets in zip(inputs, outputs):
         targets = targets[:-1] if len(targets) and targets[-1] == tokenizer.eos_id else targets
-        print(f"targets: {show(targets)}")
+        print(f"targets: {tokenizer.decode_with_sentinels(targets)}")
         print(f"filled:  {tokenizer.decode(fill_in_spans(ids[:-1], targets, sentinels))}")
 def cmd_plan(args) -> None:
     from lmjax.scaling.counting import PETAFLOP_DAY

@@ -14,9 +14,10 @@ from lmjax.config import Config, ConfigError, MeshConfig, override
 from lmjax.data import DataError, PackedDataset, load_documents, load_from_run, tokenize
 from lmjax.data.denoising import make_dataset, window_length
 from lmjax.parallel import batch_sharding, make_mesh
+from lmjax.scaling.plan import total_steps
 from lmjax.train.evaluate import evaluate
-from lmjax.train.loop import load_datasets, total_steps
 from lmjax.train.optimizer import make_optimizer
+from lmjax.train.run import load_datasets
 from lmjax.train.state import abstract_train_state
 
 
