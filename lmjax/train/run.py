@@ -34,7 +34,7 @@ from lmjax.data import (
     split_documents,
 )
 from lmjax.data.denoising import make_dataset, window_length
-from lmjax.parallel import batch_sharding, local_batch_rows, make_mesh, validate_layout
+from lmjax.parallel import batch_sharding, global_batch, local_batch_rows, make_mesh, validate_layout
 from lmjax.scaling.plan import total_steps
 from lmjax.train import loggers
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -73,7 +73,7 @@ class Run:
 
     def next_batch(self) -> dict:
         """The next global batch: this process's rows, assembled into sharded jax.Arrays."""
-        return {k: jax.make_array_from_process_local_data(self.rows, v) for k, v in next(self.batches).items()}
+        return global_batch(next(self.batches), self.rows, self.cfg.train.batch_size)
 
 
 def setup(cfg: Config, run_dir: Path, init_from: Path | None = None) -> Run:
