@@ -175,17 +175,22 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_single_device_and_resume_in_one(tmp_path, single_device_losses):
+@pytest.mark.parametrize("axes", [
+    dict(data=2, fsdp=4, dcn_data=2),  # each process holds one contiguous half of every batch
+    dict(data=2, fsdp=4, dcn_fsdp=2),  # each process holds every other quarter: rows not one block
+])
+def test_two_processes_match_single_device_and_resume_in_one(tmp_path, single_device_losses, axes):
     run = tmp_path / "run"
     port = free_port()
     processes = [lmjax_subprocess(["train", *TINY, "--set", f"train.run_dir={run}", "--set", "train.halt_at_step=3",
-                                   "--set", "mesh.dcn_data=2",  # the data axis crosses the two processes
+                                   *mesh_args(**axes),  # the dcn factor crosses the two processes
                                    "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                    "--process-id", str(i)], devices=4) for i in range(2)]
     for p in processes:
         finish(p)
     # the 2 x 4-device run's checkpoint resumes in one process with one device
-    assert main(["train", "--resume", str(run), "--set", "train.halt_at_step=none", "--set", "mesh.dcn_data=1"]) == 0
+    assert main(["train", "--resume", str(run), "--set", "train.halt_at_step=none", *mesh_args(data=-1, fsdp=1),
+                 "--set", f"mesh.dcn_{'data' if 'dcn_data' in axes else 'fsdp'}=1"]) == 0
     np.testing.assert_allclose(losses(run), single_device_losses, rtol=1e-5)
 
 
