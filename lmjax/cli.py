@@ -1,6 +1,6 @@
 """The `lmjax` command: train, eval, generate and experiments.
 
-    lmjax train [EXPERIMENT] [--set section.field=value ...] [--resume RUN_DIR]
+    lmjax train [EXPERIMENT] [--set section.field=value ...] [--resume RUN_DIR | --init-from RUN_DIR]
     lmjax eval RUN_DIR [--json] [--max-batches N] [--data SOURCE] [--token-losses FILE.npy]
     lmjax generate RUN_DIR --prompt TEXT [--temperature T --top-k K --top-p P --max-new-tokens N]
         (an encoder_decoder run fills in each <extra_id_N> of the prompt)
@@ -11,6 +11,8 @@
     lmjax tokenizer train --data SOURCE --vocab-size N --out FILE [--kind bpe|unigram|sentencepiece-bpe|...]
     lmjax data prepare --data SOURCE --tokenizer FILE --out DIR [--workers N]
     lmjax data verify DIR --tokenizer FILE
+    lmjax convert from-hf HF_DIR --out RUN_DIR [--dtype float32|bfloat16] [--mesh fsdp=8 ...]
+    lmjax convert to-hf RUN_DIR --out HF_DIR [--step N]
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. model.d_model=256 (repeatable)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
+    train.add_argument("--init-from", metavar="RUN_DIR", help="start from the newest weights of RUN_DIR (e.g. one "
+                       "made by `lmjax convert from-hf`), with a fresh optimizer and step 0")
     cluster = train.add_argument_group("multi-process runs (SLURM, TPU VMs and GKE are detected without these)")
     cluster.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
     cluster.add_argument("--num-processes", type=int)
@@ -105,7 +109,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("experiments", help="list the experiments that `lmjax train` can run")
     add_data_commands(commands)
+    add_convert_commands(commands)
     return parser
+
+
+def add_convert_commands(commands) -> None:
+    """`lmjax convert from-hf | to-hf` (see docs/interop.md)."""
+    convert = commands.add_parser("convert", help="import or export Hugging Face transformers checkpoints")
+    actions = convert.add_subparsers(dest="action", required=True)
+    from_hf = actions.add_parser("from-hf", help="a transformers directory (config.json, safetensors, tokenizer.json) "
+                                 "-> an lmjax run directory")
+    from_hf.add_argument("hf_dir")
+    from_hf.add_argument("--out", required=True, metavar="RUN_DIR")
+    from_hf.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights' dtype")
+    from_hf.add_argument("--mesh", action="append", default=[], metavar="AXIS=SIZE",
+                         help="read the weights straight into this layout, e.g. fsdp=8 (default: data=-1)")
+    to_hf = actions.add_parser("to-hf", help="an lmjax run directory -> a transformers directory")
+    to_hf.add_argument("run_dir")
+    to_hf.add_argument("--out", required=True, metavar="HF_DIR")
+    to_hf.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+
+
+def cmd_convert(args) -> None:
+    from lmjax.interop.convert import from_hf, to_hf
+
+    if args.action == "from-hf":
+        mesh = override(Config(), [f"mesh.{o}" for o in args.mesh]).mesh
+        notes = from_hf(Path(args.hf_dir), Path(args.out), args.dtype, mesh)
+    else:
+        notes = to_hf(Path(args.run_dir), Path(args.out), args.step)
+    for note in notes:
+        print(f"not carried: {note}")
+    print(f"wrote {args.out}")
 
 
 def add_data_commands(commands) -> None:
@@ -187,8 +222,10 @@ def cmd_train(args) -> None:
 
     cfg, run_dir = resolve_train_config(args.experiment, args.overrides, args.resume)
     initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout)
+    if args.init_from and args.resume:
+        raise ConfigError("give --resume or --init-from, not both.")
     run_dir = Path(process_0_text(str(run_dir)))  # a timestamped name differs between processes
-    summary = train(cfg, run_dir)
+    summary = train(cfg, run_dir, Path(args.init_from) if args.init_from else None)
     state = "finished" if summary["finished"] else f"stopped at step {summary['step']}; resume with --resume"
     print(f"run {state}: {run_dir}")
 
@@ -326,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "plan": cmd_plan,
                     "sweep": cmd_sweep, "fit": cmd_fit, "experiments": cmd_experiments, "tokenizer": cmd_tokenizer,
-                    "data": cmd_data}
+                    "data": cmd_data, "convert": cmd_convert}
         commands[args.command](args)
     except (ConfigError, DataError) as e:
         print(f"lmjax: error: {e}", file=sys.stderr)

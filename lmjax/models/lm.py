@@ -50,6 +50,8 @@ class _TokenModel(nnx.Module):
     def _logits(self, x):
         x = self.final_norm(x)
         if self.cfg.tie_embeddings:
+            if self.cfg.tied_output_rescale:  # original T5
+                x = x * self.cfg.d_model**-0.5
             return self.embed.attend(x)
         return matmul(x, self.unembed[...], out_dtype=jnp.float32)
 
