@@ -136,14 +136,44 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     LMJAX_PROCESS_ID). Does nothing for a single process. CPU processes use gloo."""
     coordinator = coordinator or os.environ.get("LMJAX_COORDINATOR")
     if coordinator:
-        num_processes = num_processes or int(os.environ["LMJAX_NUM_PROCESSES"])
-        process_id = process_id if process_id is not None else int(os.environ["LMJAX_PROCESS_ID"])
+        num_processes = num_processes or _int_env("LMJAX_NUM_PROCESSES")
+        process_id = process_id if process_id is not None else _int_env("LMJAX_PROCESS_ID")
+        if num_processes is None or process_id is None:
+            raise ConfigError(f"--coordinator {coordinator} needs --num-processes and --process-id (or "
+                              "LMJAX_NUM_PROCESSES and LMJAX_PROCESS_ID).")
+        if not (num_processes >= 1 and 0 <= process_id < num_processes):
+            raise ConfigError(f"--process-id {process_id} is not one of the --num-processes {num_processes} "
+                              f"(0 to {num_processes - 1}).")
+    elif num_processes is not None or process_id is not None:
+        raise ConfigError("--num-processes and --process-id need --coordinator HOST:PORT (the address of process 0); "
+                          "without it the run would be single-process.")
     elif not _cluster_environment():
         return
     if coordinator and process_id != 0:
         _wait_for_coordinator(coordinator, timeout_seconds)  # jax aborts the process instead of raising
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_seconds)
+
+
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not an integer.") from None
+
+
+def process_0_text(text: str, max_bytes: int = 4096) -> str:
+    """`text` as process 0 has it, on every process (all must call this, after
+    `initialize_distributed`); `text` itself in a single-process run."""
+    if jax.process_count() == 1:
+        return text
+    encoded = text.encode()
+    if len(encoded) > max_bytes:
+        raise ConfigError(f"{text[:40]}... is longer than {max_bytes} bytes.")
+    buffer = np.zeros(max_bytes, np.uint8)
+    buffer[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).rstrip(b"\0").decode()
 
 
 def _wait_for_coordinator(address: str, timeout_seconds: int) -> None:
