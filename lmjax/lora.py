@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmjax.config import ConfigError, LoRAConfig
+from lmjax.config import ConfigError, LoRAConfig, ModelConfig
 
 ROLES = {"attention": ("wq", "wk", "wv", "wo"), "mlp": ("w_up", "w_gate", "w_down")}
 STACKED_AXES = ("layers", "expert")  # one matrix per layer and per expert
@@ -63,9 +64,9 @@ def targeted(cfg: LoRAConfig, params: nnx.State) -> dict[tuple, nnx.Variable]:
     Raises ConfigError when the targets match nothing, match a vector, or when `cfg.rank`
     exceeds the smaller side of a targeted matrix."""
     matchers = _matchers(cfg.targets)
-    chosen = {path: v for path, v in params.flat_state() if any(m(path_name(path)) for m in matchers)}
+    chosen = {path: v for path, v in nnx.to_flat_state(params) if any(m(path_name(path)) for m in matchers)}
     if not chosen:
-        names = ", ".join(path_name(p) for p, _ in list(params.flat_state())[:4])
+        names = ", ".join(path_name(p) for p, _ in list(nnx.to_flat_state(params))[:4])
         raise ConfigError(f"lora.targets={cfg.targets!r} matches no weight of this model; use roles "
                           f"({', '.join(ROLES)}) or a regex on parameter paths such as {names}.")
     for path, weight in chosen.items():
@@ -81,6 +82,22 @@ def targeted(cfg: LoRAConfig, params: nnx.State) -> dict[tuple, nnx.Variable]:
                               f"{n_out}); use lora.rank <= {min(n_in, n_out)} or leave that weight out of "
                               "lora.targets.")
     return chosen
+
+
+def adapted_sizes(cfg: LoRAConfig, model: ModelConfig) -> tuple[int, int]:
+    """(elements of the targeted weights, elements of their adapters) of `model`, exactly:
+    r (inputs + outputs) per targeted matrix, per layer and expert."""
+    from lmjax.models import build_model
+
+    params = nnx.state(nnx.eval_shape(lambda: build_model(model, nnx.Rngs(0))))
+    weights = adapters = 0
+    for weight in targeted(cfg, params).values():
+        stacked, inputs = matrix_split(tuple(weight.out_sharding))
+        n_in = math.prod(weight.shape[stacked:stacked + inputs])
+        n_out = math.prod(weight.shape[stacked + inputs:])
+        weights += math.prod(weight.shape)
+        adapters += math.prod(weight.shape[:stacked]) * cfg.rank * (n_in + n_out)
+    return weights, adapters
 
 
 def init_adapters(cfg: LoRAConfig, params: nnx.State, seed: int) -> nnx.State:
@@ -101,7 +118,7 @@ def init_adapters(cfg: LoRAConfig, params: nnx.State, seed: int) -> nnx.State:
         flat[(*path, "lora_b")] = nnx.Param(jnp.zeros(b_shape, weight.dtype),
                                             out_sharding=(*axes[:stacked], "lora_rank", *axes[split:]),
                                             eager_sharding=False)
-    return nnx.State.from_flat_path(flat)
+    return nnx.from_flat_state(flat)
 
 
 def fold(params: nnx.State, adapters: nnx.State, cfg: LoRAConfig) -> nnx.State:
@@ -109,10 +126,10 @@ def fold(params: nnx.State, adapters: nnx.State, cfg: LoRAConfig) -> nnx.State:
     float32 and stored in W's dtype (so B = 0 gives W exactly)."""
     scale = cfg.alpha / cfg.rank
     pairs: dict[tuple, dict] = {}
-    for path, variable in adapters.flat_state():
+    for path, variable in nnx.to_flat_state(adapters):
         pairs.setdefault(tuple(path[:-1]), {})[path[-1]] = variable[...]
     flat = []
-    for path, weight in params.flat_state():
+    for path, weight in nnx.to_flat_state(params):
         pair = pairs.get(tuple(path))
         if pair is not None:
             w = weight[...]
@@ -123,4 +140,39 @@ def fold(params: nnx.State, adapters: nnx.State, cfg: LoRAConfig) -> nnx.State:
                                b.reshape(*lead, cfg.rank, -1).astype(jnp.float32))  # (*stacked, inputs, outputs)
             weight = weight.replace((w.astype(jnp.float32) + scale * delta.reshape(w.shape)).astype(w.dtype))
         flat.append((path, weight))
-    return nnx.State.from_flat_path(flat)
+    return nnx.from_flat_state(flat)
+
+
+def merge_run(run_dir: Path, out_dir: Path) -> None:
+    """Write the LoRA run `run_dir`'s newest adapters folded into its base as an ordinary run
+    directory `out_dir` (config without `lora`, the tokenizer, a step-0 checkpoint with fresh
+    Adam moments), which `lmjax.load`, `eval`, `generate`, `train --init-from` and
+    `convert to-hf` accept. Checks run before anything is written."""
+    import dataclasses
+    import json
+
+    from lmjax.checkpoint import Checkpointer
+    from lmjax.data import load_from_run, save_to_run
+    from lmjax.train.optimizer import make_optimizer
+    from lmjax.train.run_eval import load_config, restore_weights
+    from lmjax.train.state import TrainState, train_state_shardings
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not load_config(run_dir).lora.enabled:
+        raise ConfigError(f"{run_dir} is not a LoRA run (lora.rank=0): there are no adapters to merge.")
+    if (out_dir / "checkpoints").exists():
+        raise ConfigError(f"{out_dir} already holds checkpoints; give a new --out directory.")
+    cfg, _, params, _, mesh = restore_weights(run_dir)
+    tokenizer = load_from_run(run_dir, cfg.data.tokenizer)
+    merged = dataclasses.replace(cfg, lora=LoRAConfig(), train=dataclasses.replace(cfg.train, run_dir=str(out_dir)))
+    optimizer = make_optimizer(merged.optim, 1, params)
+    state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32),
+                       jax.random.key_data(jax.random.key(merged.train.seed)))
+    state = jax.device_put(state, train_state_shardings(jax.eval_shape(lambda: state), mesh))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_to_run(tokenizer, out_dir)
+    (out_dir / "config.json").write_text(json.dumps(merged.to_dict(), indent=2))
+    checkpointer = Checkpointer(out_dir, async_save=False)
+    checkpointer.save(0, state, {}, merged.to_dict())
+    checkpointer.wait()
+    checkpointer.close()

@@ -25,6 +25,9 @@ Activation Recomputation in Large Transformer Models", sec. 4.1, which gives
 - remat "full": the block input d per layer, plus one layer's "none" activations while it
   is recomputed.
 
+A LoRA run (`lora.rank` > 0) holds gradients and Adam moments of its adapters alone
+(`lora_training_bytes`).
+
 Plus, once per token, the float32 logits and their gradient (2 * V * 4 bytes).
 Activations are per micro-batch (train.batch_size / optim.grad_accum_steps).
 """
@@ -111,6 +114,20 @@ def kv_cache_positions(m: ModelConfig) -> int:
     return m.max_seq_len * (2 if m.family == "encoder_decoder" else 1)
 
 
+def lora_training_bytes(cfg: Config, sizes: dict[str, int]) -> tuple[float, float]:
+    """(gradient bytes, Adam bytes) per device of a LoRA run (`lmjax.lora`). Adam keeps two
+    moments of the adapters alone. The step forms W + (alpha / r) A B of every targeted
+    weight W and its gradient, so the "gradients" are those two weight-sized arrays plus the
+    adapters' gradient, with the adapters themselves counted here too. Targeted weights are
+    divided by fsdp x tensor like other matrices; adapters are counted whole (an upper bound)."""
+    from lmjax.lora import adapted_sizes
+
+    targeted, adapters = adapted_sizes(cfg.lora, cfg.model)
+    element = DTYPE_BYTES[cfg.model.param_dtype]
+    targeted_bytes = targeted * element / (sizes["fsdp"] * sizes["tensor"])
+    return 2 * targeted_bytes + 2 * adapters * element, 2 * adapters * element
+
+
 def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -> dict[str, float]:
     """Bytes per device for training (weights, grads, Adam, activations) and for inference
     (weights + a KV cache of `inference_batch` sequences of model.max_seq_len tokens)."""
@@ -123,12 +140,15 @@ def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -
         micro_batch_tokens / batch_shards)
     kv_per_token = kv_cache_bytes_per_token(m)
     kv_cache = kv_per_token * kv_cache_positions(m) * inference_batch / sizes["tensor"]  # kv_heads split by tensor
+    gradient_bytes, adam_bytes = param_bytes, 2 * param_bytes
+    if cfg.lora.enabled:
+        gradient_bytes, adam_bytes = lora_training_bytes(cfg, sizes)
     return {
         "memory_weights_bytes": param_bytes,
-        "memory_gradients_bytes": param_bytes,
-        "memory_adam_bytes": 2 * param_bytes,
+        "memory_gradients_bytes": gradient_bytes,
+        "memory_adam_bytes": adam_bytes,
         "memory_activations_bytes": activations,
-        "memory_train_bytes": 4 * param_bytes + activations,
+        "memory_train_bytes": param_bytes + gradient_bytes + adam_bytes + activations,
         "kv_cache_bytes_per_token": kv_per_token,
         "kv_cache_bytes_per_sequence": kv_per_token * kv_cache_positions(m),
         "memory_inference_bytes": param_bytes + kv_cache,

@@ -19,7 +19,8 @@ class TrainState(NamedTuple):
     """Everything a training step reads and writes; checkpointed whole.
 
     params: nnx.State of the trained weights: the model's, or for a LoRA run its adapters
-    alone (`lmjax.lora`); opt_state: optax state (Adam moments mirror params); step: int32 scalar, optimizer updates done; rng: PRNG key for dropout.
+    alone (`lmjax.lora`); opt_state: optax state (Adam moments mirror params); step: int32
+    scalar, optimizer updates done; rng: PRNG key for dropout.
     """
 
     params: nnx.State
