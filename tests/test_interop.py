@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from lmjax.cli import main  # noqa: E402
-from lmjax.config import ConfigError  # noqa: E402
+from lmjax.config import ConfigError, MoEConfig  # noqa: E402
 from lmjax.generate import generate  # noqa: E402
 from lmjax.interop import llama  # noqa: E402
 from lmjax.interop.convert import from_hf, to_hf  # noqa: E402
@@ -33,6 +33,11 @@ def llama_config(**overrides):
                     num_key_value_heads=2, head_dim=32, intermediate_size=128, max_position_embeddings=64,
                     rms_norm_eps=1e-6, tie_word_embeddings=False)
     return transformers.LlamaConfig(**{**settings, **overrides})
+
+
+def mixtral_config():
+    return transformers.MixtralConfig(**llama_config().to_diff_dict() | {
+        "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 96, "initializer_range": 0.1})
 
 
 def load_run(run_dir):
@@ -65,8 +70,9 @@ def imported(tmp_path_factory):
                 "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
                     **llama_config().to_diff_dict() | {"sliding_window": None})),
                 "llama_decoding": lambda: transformers.LlamaForCausalLM(llama_config(initializer_range=0.2)),
+                "mixtral": lambda: transformers.MixtralForCausalLM(mixtral_config()),
             }[name]().eval()
-            hf.save_pretrained(root / "hf")
+            hf.save_pretrained(root / "hf")  # Mixtral: one w1/w2/w3 Linear per expert
             notes = from_hf(root / "hf", root / "run")
             model, cfg = load_run(root / "run")
             cache[name] = hf, model, cfg, notes, root
@@ -75,11 +81,42 @@ def imported(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name", ["llama_untied", "llama_tied", "mistral"])
+@pytest.mark.parametrize("name", ["llama_untied", "llama_tied", "mistral", "mixtral"])
 def test_import_gives_transformers_logits(imported, name):
     hf, model, cfg, _, _ = imported(name)
     ids = tokens()
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(hf, ids), atol=TOLERANCE, rtol=0)
+
+
+def test_mixtral_routes_each_token_to_the_same_experts(imported):
+    from lmjax.models.moe import pop_routing_statistics
+
+    hf, model, cfg, _, _ = imported("mixtral")
+    assert (cfg.model.moe.n_experts, cfg.model.moe.top_k, cfg.model.moe.dispatch) == (4, 2, "dropless")
+    ids = tokens(batch=2, length=16)
+    model(jnp.asarray(ids))
+    ours = np.sort(np.asarray(pop_routing_statistics(model)["experts"]), axis=-1)  # (L, B, T, 2)
+    with torch.no_grad():
+        router_logits = hf(torch.tensor(ids), output_router_logits=True).router_logits  # L x (B*T, E)
+    theirs = np.stack([np.sort(torch.topk(r, 2).indices.numpy(), axis=-1) for r in router_logits])
+    np.testing.assert_array_equal(ours.reshape(theirs.shape), theirs)
+    assert len(np.unique(theirs)) == 4  # every expert is used somewhere
+
+
+def test_mixtral_fused_expert_layout_imports(imported, tmp_path):
+    """transformers' in-memory layout: mlp.gate, mlp.experts.gate_up_proj (E, 2F, D), down_proj."""
+    from safetensors.torch import save_file
+
+    hf, model, _, _, root = imported("mixtral")
+    (tmp_path / "hf").mkdir()
+    shutil.copy(root / "hf" / "config.json", tmp_path / "hf")
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file(state, tmp_path / "hf" / "model.safetensors")
+    from_hf(tmp_path / "hf", tmp_path / "run")
+    fused, _ = load_run(tmp_path / "run")
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(fused, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_import_reads_the_config(imported):
@@ -151,13 +188,20 @@ def test_bf16_checkpoint_imports(imported, tmp_path):
     np.testing.assert_array_equal(ours, reference.T)  # bf16 -> bf16: the same bits
 
 
-def test_export_loads_in_transformers_with_the_same_logits_and_reimports_bit_for_bit(tiny, tmp_path):
-    """A decoder run trained a few steps by lmjax (tiny_config: GQA, tied, swiglu, rope)."""
+@pytest.mark.parametrize("moe", [None, MoEConfig(n_experts=4, top_k=2, d_ff=32)], ids=["llama", "mixtral"])
+def test_export_loads_in_transformers_with_the_same_logits_and_reimports_bit_for_bit(tiny, tmp_path, moe):
+    """A decoder run trained a few steps by lmjax (tiny_config: GQA, tied, swiglu, rope), dense
+    or MoE (moe_tiny's shape: experts narrower than d_ff)."""
+    import dataclasses
+
     from lmjax.train.loop import train
 
     cfg = tiny(steps=2, sample_tokens=0)
+    if moe is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe))
     train(cfg, tmp_path / "run")
-    assert to_hf(tmp_path / "run", tmp_path / "hf") == []
+    notes = to_hf(tmp_path / "run", tmp_path / "hf")
+    assert len(notes) == (moe is not None) and all("z_loss" in n for n in notes)  # z-loss: training only
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert all(not v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     model, _ = load_run(tmp_path / "run")
@@ -165,8 +209,8 @@ def test_export_loads_in_transformers_with_the_same_logits_and_reimports_bit_for
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(hf.eval(), ids), atol=TOLERANCE, rtol=0)
 
     from_hf(tmp_path / "hf", tmp_path / "again")
-    before = jax.tree.leaves(nnx.state(model))
-    after = jax.tree.leaves(nnx.state(load_run(tmp_path / "again")[0]))
+    before = jax.tree.leaves(nnx.state(model, nnx.Param))
+    after = jax.tree.leaves(nnx.state(load_run(tmp_path / "again")[0], nnx.Param))
     assert len(before) == len(after)
     for a, b in zip(before, after):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
