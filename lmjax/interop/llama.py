@@ -91,6 +91,11 @@ def hf_config(cfg: ModelConfig, notes: list[str]) -> dict:
     return config
 
 
+def tied_copies(cfg: ModelConfig) -> tuple[str, ...]:
+    """Names a checkpoint may hold as copies of another tensor: a tied head's lm_head.weight."""
+    return ("lm_head.weight",) if cfg.tie_embeddings else ()
+
+
 def tensor_rules(cfg: ModelConfig) -> dict[tuple[str, ...], object]:
     """{lmjax weight path: rule}; paths under `blocks` have a leading layer axis, `{i}` in names."""
     layer = "model.layers.{i}."
