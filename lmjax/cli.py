@@ -209,7 +209,7 @@ def resolve_train_config(experiment: str | None, overrides: list[str], resume: s
         saved = run_dir / "config.json"
         if not saved.is_file():
             raise ConfigError(f"--resume {resume}: no config.json there; is it a run directory?")
-        base = load_experiment(experiment) if experiment else Config.from_dict(json.loads(saved.read_text()))
+        base = load_experiment(experiment) if experiment else Config.load(saved)
         return override(base, overrides + [f"train.run_dir={run_dir}"]), run_dir
     cfg = override(load_experiment(experiment or DEFAULT_EXPERIMENT), overrides)
     run_dir = Path(cfg.train.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -217,13 +217,14 @@ def resolve_train_config(experiment: str | None, overrides: list[str], resume: s
 
 
 def cmd_train(args) -> None:
-    from lmjax.parallel import initialize_distributed
+    from lmjax.parallel import initialize_distributed, process_0_text
     from lmjax.train.loop import train
 
     cfg, run_dir = resolve_train_config(args.experiment, args.overrides, args.resume)
     initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout)
     if args.init_from and args.resume:
         raise ConfigError("give --resume or --init-from, not both.")
+    run_dir = Path(process_0_text(str(run_dir)))  # a timestamped name differs between processes
     summary = train(cfg, run_dir, Path(args.init_from) if args.init_from else None)
     state = "finished" if summary["finished"] else f"stopped at step {summary['step']}; resume with --resume"
     print(f"run {state}: {run_dir}")
@@ -232,6 +233,12 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from lmjax.train.run_eval import evaluate_run
 
+    if args.max_batches is not None and args.max_batches < 1:
+        raise ConfigError(f"--max-batches must be at least 1, got {args.max_batches}; leave it out for the whole "
+                          "validation split.")
+    if args.token_losses and not Path(args.token_losses).parent.is_dir():
+        raise ConfigError(f"--token-losses {args.token_losses}: the directory {Path(args.token_losses).parent} "
+                          "does not exist; create it first.")
     result = evaluate_run(Path(args.run_dir), args.max_batches, args.data,
                           Path(args.token_losses) if args.token_losses else None)
     if args.json:
@@ -245,6 +252,7 @@ def cmd_generate(args) -> None:
     from lmjax.scaling.memory import kv_cache_bytes_per_token
     from lmjax.train.run_eval import load
 
+    check_sampling_args(args)
     model, cfg, tokenizer = load(Path(args.run_dir))
     if cfg.model.family == "encoder_decoder":
         return fill_in_prompts(model, cfg, tokenizer, args)
@@ -264,6 +272,20 @@ def cmd_generate(args) -> None:
                        top_p=args.top_p, seed=args.seed, stop_tokens=(tokenizer.eos_id,))
     for prompt, ids in zip(args.prompt, outputs):
         print(prompt + tokenizer.decode(ids))
+
+
+def check_sampling_args(args) -> None:
+    """ConfigError for `lmjax generate` arguments that cannot sample, before anything is read."""
+    if any(p == "" for p in args.prompt):
+        raise ConfigError("--prompt is empty; give at least one character to continue.")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}.")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1 (1: greedy), got {args.top_k}; leave it out for no limit.")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}; leave it out for no limit.")
 
 
 def fill_in_prompts(model, cfg, tokenizer, args) -> None:
@@ -306,6 +328,9 @@ def cmd_sweep(args) -> None:
         print(slurm_script(args.sweep, sweep, sweep_dir), end="")
         return
     if args.commands:
+        if any(run.trunk for run in sweep.runs):
+            raise ConfigError(f"{args.sweep} has WSD branches, which must run after their trunk, not side by side; "
+                              "use --slurm (dependent jobs) or run the sweep without --commands.")
         for i, run in enumerate(sweep.runs):
             run_config(sweep, run, sweep_dir)  # validate before printing
             print(f"lmjax sweep {shlex.quote(args.sweep)} --dir {shlex.quote(str(sweep_dir))} --only-index {i}")

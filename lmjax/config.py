@@ -314,6 +314,8 @@ class TrainConfig:
             value = getattr(self, name)
             _require(value is None or value > 0, f"train.{name} must be positive, got {value}.")
         _require(self.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {self.sample_tokens}.")
+        _require(self.sample_tokens == 0 or self.sample_prompt != "",
+                 "train.sample_prompt is empty; give a prompt, or set train.sample_tokens=0 for no sample.")
         _require(self.sample_temperature >= 0, f"train.sample_temperature must be >= 0, got {self.sample_temperature}.")
 
 
@@ -399,6 +401,24 @@ class Config:
     def from_dict(cls, d: dict) -> Config:
         """Inverse of `to_dict`; unknown keys raise ConfigError."""
         return _from_dict(cls, d, "")
+
+    @classmethod
+    def load(cls, path) -> Config:
+        """The Config saved as JSON at `path` (a run's config.json); ConfigError when the file
+        is missing, is not JSON, or does not describe a Config."""
+        import json
+        from pathlib import Path
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path.parent} is not a run directory (no config.json).")
+        try:
+            saved = json.loads(path.read_text())
+            _require(isinstance(saved, dict), "it is not a JSON object")
+            return cls.from_dict(saved)
+        except (ValueError, TypeError) as e:  # JSONDecodeError and ConfigError are ValueErrors
+            raise ConfigError(f"{path} is corrupt ({str(e).rstrip('.')}); restore it from "
+                              "checkpoints/<step>/config, which every checkpoint keeps.") from None
 
 
 def _from_dict(cls, d: dict, prefix: str):

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmjax.axis_rules import constrain
 from lmjax.config import ModelConfig
 from lmjax.models.layers import MLP, Attention, make_norm
 from lmjax.models.moe import MoE
-from lmjax.parallel import constrain
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,

@@ -89,6 +89,7 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None) -> Run:
     if init_from is not None:
         check_init_from(cfg, Path(init_from))
     train_set, val_set, tokenizer = load_datasets(cfg, run_tokenizer(cfg, run_dir))
+    check_sample_prompt(cfg, tokenizer)
     main_process = jax.process_index() == 0
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -177,6 +178,15 @@ def load_datasets(cfg: Config, tokenizer=None) -> tuple[PackedDataset | Mixture,
                         f"fewer than train.batch_size={cfg.train.batch_size}; raise data.val_fraction or use more "
                         "data.")
     return train_set, val_set, tokenizer
+
+
+def check_sample_prompt(cfg: Config, tokenizer) -> None:
+    """Raise ConfigError if train.sample_prompt leaves no room in model.max_seq_len for the
+    sample drawn after training."""
+    length = len(tokenizer.encode(cfg.train.sample_prompt))
+    if cfg.train.sample_tokens and length >= cfg.model.max_seq_len:
+        raise ConfigError(f"train.sample_prompt is {length} tokens, which leaves no room for the sample in "
+                          f"model.max_seq_len={cfg.model.max_seq_len}; shorten it or set train.sample_tokens=0.")
 
 
 def check_resumable(cfg: Config, saved: dict) -> None:
