@@ -124,6 +124,8 @@ class ModelConfig:
         _require(self.d_head is None or self.d_head > 0, f"model.d_head must be positive or none, got {self.d_head}.")
         _require(self.attention_scale is None or self.attention_scale > 0,
                  f"model.attention_scale must be positive or none, got {self.attention_scale}.")
+        _require(not self.tied_output_rescale or self.tie_embeddings,
+                 "model.tied_output_rescale rescales a tied output head; set model.tie_embeddings=true too.")
         _require(
             self.d_head is not None or self.d_model % self.n_heads == 0,
             f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; "

@@ -299,6 +299,41 @@ def test_init_from_starts_training_from_the_imported_weights(imported, tiny, tmp
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-9)
 
 
+SHARDED_IMPORT = """
+import sys
+import jax, numpy as np
+from flax import nnx
+from lmjax.config import MeshConfig
+from lmjax.interop.convert import import_params, model_config_from_hf
+from lmjax.parallel import make_mesh
+
+hf_dir, ids_file, logits_file = sys.argv[1:]
+assert len(jax.devices()) == 8
+mesh = make_mesh(MeshConfig(data=1, fsdp=8))
+cfg = model_config_from_hf(hf_dir, [])
+params = import_params(hf_dir, cfg, mesh, [])
+wq = params["stack"]["blocks"]["attn"]["wq"][...]
+assert wq.sharding.spec[1] == "fsdp", wq.sharding.spec  # (layers, embed, heads, head_dim): embed split 8 ways
+assert wq.addressable_shards[0].data.shape[1] == cfg.d_model // 8
+from lmjax.train.state import abstract_model
+graphdef, _ = abstract_model(cfg)
+with jax.set_mesh(mesh):
+    logits = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, np.load(ids_file))
+np.save(logits_file, np.asarray(logits))
+"""
+
+
+def test_sharded_import_onto_8_devices_gives_the_same_logits(imported, tmp_path):
+    hf, _, _, _, root = imported("llama_untied")
+    ids = tokens()
+    np.save(tmp_path / "ids.npy", ids)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    process = subprocess.run([sys.executable, "-c", SHARDED_IMPORT, root / "hf", tmp_path / "ids.npy",
+                              tmp_path / "logits.npy"], env=env, capture_output=True, text=True)
+    assert process.returncode == 0, process.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), hf_logits(hf, ids), atol=TOLERANCE, rtol=0)
+
+
 def run_cli(capsys, *args):
     code = main(list(map(str, args)))
     return code, capsys.readouterr().err.strip().splitlines()
