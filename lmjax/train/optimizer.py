@@ -8,7 +8,11 @@ from flax import nnx
 
 from lmjax.config import OptimConfig
 
-NO_DECAY_PARAMS = ("table", "pos_embed")  # token and position embeddings
+# Weight decay by parameter role (`lmjax.models.layers.ROLES`): matrices that map activations
+# decay; looked-up rows (token and position embeddings, relative-bias tables) and vectors (norm
+# gains, biases) do not. The relative-bias table is an embedding of distance buckets: decaying it
+# would only pull every position bias toward "ignore position", for no capacity it controls.
+DECAYED_ROLES = ("hidden", "output")
 
 
 def wsd_decay_start(cfg: OptimConfig, total_steps: int) -> int:
@@ -42,14 +46,16 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
 
 
 def weight_decay_mask(params: nnx.State):
-    """True for weight matrices; False for norms, biases and embeddings.
-
-    A parameter is a matrix when it has two or more axes besides the stacked `layers` axis.
-    """
+    """True for the parameters whose role (their `role` metadata) is in DECAYED_ROLES: the
+    weight matrices of the stack, the output head and the router; False for embeddings,
+    relative-bias tables, norm gains and biases."""
 
     def decays(path, variable) -> bool:
-        names = [n for n in (variable.out_sharding or ()) if n != "layers"]
-        return len(names) >= 2 and str(path[-1].key) not in NO_DECAY_PARAMS
+        role = variable.get_metadata().get("role")
+        if role is None:
+            name = ".".join(str(getattr(p, "key", p)) for p in path)
+            raise ValueError(f"parameter {name} has no role; create it with lmjax.models.layers.param(..., role=...).")
+        return role in DECAYED_ROLES
 
     return jax.tree_util.tree_map_with_path(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
