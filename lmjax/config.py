@@ -285,6 +285,7 @@ class TrainConfig:
     sample_prompt: str = "def "
     sample_tokens: int = 200  # tokens generated after training (0: no sample)
     sample_temperature: float = 0.8
+    compilation_cache_dir: str | None = None  # JAX's persistent compilation cache here (None: off)
 
     def __post_init__(self):
         given = [n for n in ("steps", "tokens", "budget_flops") if getattr(self, n) is not None]

@@ -31,6 +31,7 @@ from lmjax.train.metrics import mfu, peak_flops_per_device
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
 from lmjax.train.state import abstract_train_state, init_train_state
 from lmjax.train.step import make_train_step
+from lmjax.xla_setup import enable_compilation_cache
 
 
 def load_datasets(cfg: Config, tokenizer=None) -> tuple[PackedDataset | Mixture, PackedDataset | Concat, object]:
@@ -136,6 +137,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
     """Train (or resume) the run in `run_dir` on a mesh over all devices; returns the
     final metrics. Every check that can fail on user input runs before compilation."""
     run_dir = Path(run_dir)
+    enable_compilation_cache(cfg.train.compilation_cache_dir)
     steps = total_steps(cfg)
     mesh = make_mesh(cfg.mesh)
     validate_layout(cfg, mesh)
