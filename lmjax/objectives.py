@@ -54,14 +54,14 @@ def predict(model, batch: dict, dropout_key=None):
 # ---------------------------------------------------------------- masked LM (BERT)
 
 def mask_tokens(tokens, selectable, rng: np.random.Generator, mlm_probability: float, mask_id: int | None,
-                random_token_range: int):
+                replacement_ids):
     """BERT masking of one sequence.
 
     tokens (T,) int; selectable (T,) bool: positions that may be chosen (not padding).
     round(mlm_probability * n_selectable) positions (at least one) are chosen uniformly; each is
-    replaced by `mask_id` with probability 0.8, by a uniform id in [0, random_token_range)
-    with probability 0.1, and kept otherwise. Returns (inputs (T,) int32, loss_mask (T,)
-    float32: 1 at the chosen positions).
+    replaced by `mask_id` with probability 0.8, by an id drawn uniformly from `replacement_ids`
+    (the tokenizer's ordinary ids) with probability 0.1, and kept otherwise. Returns
+    (inputs (T,) int32, loss_mask (T,) float32: 1 at the chosen positions).
     """
     if mask_id is None:
         raise ValueError("masked-LM needs a mask token, but the tokenizer has none (mask_id is None); "
@@ -76,7 +76,7 @@ def mask_tokens(tokens, selectable, rng: np.random.Generator, mlm_probability: f
     inputs = tokens.copy()
     masked, randomized = chosen[action < 0.8], chosen[(action >= 0.8) & (action < 0.9)]
     inputs[masked] = mask_id
-    inputs[randomized] = rng.integers(0, random_token_range, len(randomized))
+    inputs[randomized] = rng.choice(replacement_ids, len(randomized))
     loss_mask = np.zeros(len(tokens), np.float32)
     loss_mask[chosen] = 1.0
     return inputs, loss_mask

@@ -86,7 +86,8 @@ def test_span_corruption_bad_input_is_a_clear_error():
 def test_mlm_split_is_80_10_10_and_only_selected_positions_carry_loss():
     rng = np.random.default_rng(0)
     original = rng.integers(0, 256, 200_000)
-    inputs, loss_mask = mask_tokens(original, np.ones(len(original), bool), rng, 0.15, TOKENIZER.mask_id, 256)
+    inputs, loss_mask = mask_tokens(original, np.ones(len(original), bool), rng, 0.15, TOKENIZER.mask_id,
+                                    TOKENIZER.ordinary_ids())
     selected = loss_mask == 1
     assert selected.sum() == 30_000  # round(0.15 * 200,000)
     masked = (inputs == TOKENIZER.mask_id) & selected
@@ -109,7 +110,7 @@ def test_mlm_split_is_80_10_10_and_only_selected_positions_carry_loss():
 def test_mlm_skips_padding_and_needs_a_mask_token():
     rng = np.random.default_rng(1)
     selectable = np.arange(100) < 60
-    _, loss_mask = mask_tokens(np.zeros(100, int), selectable, rng, 0.15, TOKENIZER.mask_id, 256)
+    _, loss_mask = mask_tokens(np.zeros(100, int), selectable, rng, 0.15, TOKENIZER.mask_id, TOKENIZER.ordinary_ids())
     assert loss_mask[60:].sum() == 0 and loss_mask.sum() == 9  # round(0.15 * 60)
 
     class NoMask(ByteTokenizer):

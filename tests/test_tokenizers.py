@@ -10,7 +10,8 @@ from lmjax.data import (
     padded_vocab_size,
     save_to_run,
 )
-from lmjax.data.subword import KINDS, train_tokenizer
+from lmjax.data.denoising import MaskedLMDataset
+from lmjax.data.subword import BOS, EOS, KINDS, MASK, PAD, UNK, sentinel_token, train_tokenizer
 
 SAMPLE = "naïve café — 日本語のテキスト, ελληνικά, Grüße, emoji 🙂🎉 and\ttabs\n  two  spaces\r\nend"
 CORPUS = [SAMPLE, "def f(x):\n    return x + 1\n" * 8, "Привет, мир! 你好，世界。 ¿Qué tal?" * 4,
@@ -42,6 +43,9 @@ def test_round_trip_and_special_ids(trained, kind):
     ids = tok.encode(SAMPLE)
     assert tok.decode(np.concatenate([[tok.bos_id], ids, [tok.sentinel_id(3), tok.eos_id, tok.pad_id]])) == SAMPLE
     assert tok.vocab_size <= 400 and padded_vocab_size(tok.vocab_size) == 512
+    spans = "a cat<extra_id_0> on the mat<extra_id_7>."
+    assert tok.encode_with_sentinels(spans).tolist().count(tok.sentinel_id(7)) == 1
+    assert tok.decode_with_sentinels(np.append(tok.encode_with_sentinels(spans), tok.eos_id)) == spans
     with pytest.raises(ValueError):
         tok.sentinel_id(8)
 
@@ -80,3 +84,39 @@ def test_tokenizer_errors(tmp_path):
         train_tokenizer(CORPUS, tmp_path / "t.json", 400, "sentencepiece-bpe")
     with pytest.raises(DataError, match="kind 'wordpiece' is unknown"):
         train_tokenizer(CORPUS, tmp_path / "t.json", 400, "wordpiece")
+
+
+def _special_ids_by_name(tok, path) -> set[int]:
+    """pad/bos/eos/mask/unk and the sentinels, looked up by name in the library's own file."""
+    names = [PAD, BOS, EOS, MASK, UNK] + [sentinel_token(i) for i in range(8)]
+    if path.suffix == ".json":
+        from tokenizers import Tokenizer
+
+        library = Tokenizer.from_file(str(path))
+        return {library.token_to_id(n) for n in names}
+    import sentencepiece as spm
+
+    library = spm.SentencePieceProcessor(model_file=str(path))
+    return {library.piece_to_id(n) for n in names}
+
+
+@pytest.mark.parametrize("kind", ["bytes", *KINDS])
+def test_bert_replacements_are_uniform_over_the_ordinary_ids(trained, kind):
+    """Masking a long run of mask tokens at rate 1: every position that is not the mask token
+    afterwards holds a random replacement. ~10^5 of them must cover exactly the ids that are
+    not special (by name in the tokenizer file; for bytes the 256 bytes) and pass a chi-square
+    test for uniformity."""
+    from scipy.stats import chisquare
+
+    tok = load_tokenizer("bytes" if kind == "bytes" else str(trained[kind]))
+    expected = set(range(256)) if kind == "bytes" else set(range(tok.vocab_size)) - _special_ids_by_name(
+        tok, trained[kind])
+    n = 1_000_000
+    window = {"inputs": np.full(n, tok.mask_id, np.int32), "segment_ids": np.ones(n, np.int32),
+              "positions": np.arange(n, dtype=np.int32)}
+    inputs = MaskedLMDataset([window], tok, 1.0, seed=0)[0]["inputs"]
+    drawn = inputs[inputs != tok.mask_id]
+    assert 0.09 * n < len(drawn) < 0.11 * n
+    assert set(np.unique(drawn).tolist()) == expected
+    counts = np.bincount(drawn, minlength=tok.vocab_size)[sorted(expected)]
+    assert chisquare(counts).pvalue > 0.001

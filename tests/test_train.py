@@ -145,13 +145,34 @@ def test_stop_right_after_a_periodic_checkpoint_saves_once(tiny, monkeypatch):
         def __exit__(self, *exc):
             return False
 
-        @property
-        def requested(self):
+        def __call__(self, run):
             self.checks += 1
             return self.checks > 2
 
-    monkeypatch.setattr(loop, "_StopRequest", StopAfterTwoSteps)
+    monkeypatch.setattr(loop, "InterruptRequest", StopAfterTwoSteps)
     cfg = tiny(checkpoint_every=2, steps=6)
     result = train(cfg, Path(cfg.train.run_dir))
     assert result["step"] == 2 and not result["finished"]
     assert Checkpointer(Path(cfg.train.run_dir)).latest_step() == 2
+
+
+def test_step_loop_calls_hooks_when_due_and_asks_every_stop_signal():
+    """A plain counter for a run: hooks fire every `every` steps (the last step only with
+    at_halt), and every stop signal is asked before every step even once one says stop."""
+    from types import SimpleNamespace
+
+    from lmjax.train.loop import Hook, step_loop
+
+    run = SimpleNamespace(step=0, halt=5, state=0, next_batch=lambda: None,
+                          train_step=lambda state, batch: (state + 1, {"loss": state}, {}))
+    calls, asked = [], []
+    hooks = [Hook(lambda run, metrics, routing: calls.append(("every 2", run.step, metrics["loss"])), every=2),
+             Hook(lambda run, metrics, routing: calls.append(("at halt", run.step, metrics["loss"])), every=5,
+                  at_halt=True)]
+    step_loop(run, hooks, [lambda run: run.step == 9, lambda run: asked.append(run.step) or False])
+    assert run.step == run.state == 5 and asked == [0, 1, 2, 3, 4]
+    assert calls == [("every 2", 2, 1), ("every 2", 4, 3), ("at halt", 5, 4)]
+
+    run.step, run.halt, asked[:] = 0, 5, []
+    step_loop(run, [], [lambda run: run.step == 3, lambda run: asked.append(run.step) or False])
+    assert run.step == 3 and asked == [0, 1, 2, 3]

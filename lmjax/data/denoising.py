@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from lmjax.data.sources import DataError
+from lmjax.data.tokenizer import Tokenizer
 from lmjax.objectives import (
     check_sentinels,
     corrupt_spans,
@@ -31,13 +32,12 @@ class MaskedLMDataset:
     original ids), segment_ids and positions (as PackedDataset), loss_mask (float32, 1 at the
     selected positions only)."""
 
-    def __init__(self, windows, tokenizer, mlm_probability: float, seed: int):
-        if getattr(tokenizer, "mask_id", None) is None:
+    def __init__(self, windows, tokenizer: Tokenizer, mlm_probability: float, seed: int):
+        if tokenizer.mask_id is None:
             raise DataError("the masked-LM objective needs a mask token, but the tokenizer has none (mask_id); "
                             "use a tokenizer that reserves one.")
         self.windows, self.tokenizer, self.mlm_probability, self.seed = windows, tokenizer, mlm_probability, seed
-        # random replacements: ordinary ids (bytes for the byte tokenizer), never special ids or sentinels
-        self.random_token_range = 256 if tokenizer.name == "bytes" else tokenizer.vocab_size - tokenizer.num_sentinels
+        self.replacement_ids = tokenizer.ordinary_ids()  # never pad/bos/eos/mask/unk or a sentinel
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -46,7 +46,7 @@ class MaskedLMDataset:
         window = self.windows[i]
         rng = np.random.default_rng([self.seed, i])
         inputs, loss_mask = mask_tokens(window["inputs"], window["segment_ids"] != 0, rng, self.mlm_probability,
-                                        self.tokenizer.mask_id, self.random_token_range)
+                                        self.tokenizer.mask_id, self.replacement_ids)
         return {"inputs": inputs, "targets": window["inputs"], "segment_ids": window["segment_ids"],
                 "positions": window["positions"], "loss_mask": loss_mask}
 

@@ -61,6 +61,19 @@ class _Subword:
         ids = ids[(ids >= 0) & (ids < self.vocab_size)]
         return self._decode([int(i) for i in ids if not self._is_special[i]])
 
+    def encode_with_sentinels(self, text: str) -> np.ndarray:
+        """`encode`: the tokenizer holds `<extra_id_N>` as a token of its own."""
+        return self.encode(text)
+
+    def decode_with_sentinels(self, ids) -> str:
+        """Like `decode`, with sentinel N written as `<extra_id_N>`."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        keep = ~self._is_special[ids.clip(0, self.vocab_size - 1)] | np.isin(ids, self._sentinels)
+        return self._decode([int(i) for i in ids[keep & (ids >= 0) & (ids < self.vocab_size)]])
+
+    def ordinary_ids(self) -> np.ndarray:
+        return np.flatnonzero(~self._is_special).astype(np.int32)
+
     def token_byte_lengths(self) -> np.ndarray:
         return self._byte_lengths
 

@@ -1,10 +1,4 @@
-"""Tokenizers behind one interface, and how a run keeps its tokenizer.
-
-Every tokenizer has: `vocab_size` (ids in use, before the model pads its vocabulary),
-`pad_id`, `bos_id`, `eos_id`, `mask_id`, `num_sentinels`, `sentinel_id(i)`,
-`encode(text) -> (n,) ids`, `decode(ids) -> text`, `token_byte_lengths()` (UTF-8 bytes
-per id, for bits per byte), `path` (its file, None for bytes) and `sha256` (what
-prepared data and checkpoints record to catch a mismatch).
+"""Tokenizers behind one interface (`Tokenizer`), and how a run keeps its tokenizer.
 
 "bytes" (the default) needs no file. Subword tokenizers (`lmjax.data.subword`) are a
 Hugging Face `tokenizers` .json file or a SentencePiece .model file, trained locally by
@@ -17,12 +11,54 @@ import hashlib
 import re
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from lmjax.data.sources import DataError
 
 _SENTINEL = re.compile(r"<extra_id_(\d+)>")
+
+
+class Tokenizer(Protocol):
+    """What callers may ask of any tokenizer (bytes, `tokenizers` .json, SentencePiece .model).
+
+    Ids below `vocab_size` are either ordinary (`ordinary_ids()`: they stand for text) or
+    special: pad, bos, eos, mask, unk and the `num_sentinels` sentinels. `path` is the
+    tokenizer's file (None for bytes) and `sha256` what prepared data and checkpoints record
+    to catch a mismatch.
+    """
+
+    name: str
+    path: Path | None
+    sha256: str
+    vocab_size: int  # ids in use, before the model pads its vocabulary
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    mask_id: int | None
+    num_sentinels: int
+
+    def sentinel_id(self, i: int) -> int:
+        """The id of sentinel i (T5's `<extra_id_i>`), 0 <= i < num_sentinels."""
+
+    def ordinary_ids(self) -> np.ndarray:
+        """(n,) int32 sorted ids that stand for text: no pad/bos/eos/mask/unk or sentinel."""
+
+    def encode(self, text: str) -> np.ndarray:
+        """text -> (n,) unsigned int ids, no bos/eos added."""
+
+    def decode(self, ids) -> str:
+        """ids -> text; special and sentinel ids are dropped."""
+
+    def encode_with_sentinels(self, text: str) -> np.ndarray:
+        """Like `encode`, with each `<extra_id_N>` in the text as sentinel N."""
+
+    def decode_with_sentinels(self, ids) -> str:
+        """Like `decode`, with sentinel N written as `<extra_id_N>`."""
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """(vocab_size,) int32 UTF-8 bytes each id stands for (0 for special ids), for bits per byte."""
 
 
 class ByteTokenizer:
@@ -40,6 +76,10 @@ class ByteTokenizer:
         if not 0 <= i < self.num_sentinels:
             raise ValueError(f"sentinel index {i} is outside [0, {self.num_sentinels}).")
         return self.vocab_size - 1 - i
+
+    def ordinary_ids(self) -> np.ndarray:
+        """The 256 byte ids."""
+        return np.arange(256, dtype=np.int32)
 
     def encode(self, text: str) -> np.ndarray:
         """text -> (n_bytes,) uint16 ids, no bos/eos added."""
@@ -92,7 +132,7 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def load_tokenizer(spec: str):
+def load_tokenizer(spec: str) -> Tokenizer:
     """"bytes", a `tokenizers` .json file or a SentencePiece .model file -> a tokenizer."""
     if spec == "bytes":
         return ByteTokenizer()
@@ -110,7 +150,7 @@ def load_tokenizer(spec: str):
                     "tokenizers .json file or a SentencePiece .model file.")
 
 
-def save_to_run(tokenizer, run_dir: Path) -> None:
+def save_to_run(tokenizer: Tokenizer, run_dir: Path) -> None:
     """Copy a subword tokenizer's file into `run_dir` as tokenizer.json / tokenizer.model
     (nothing for bytes), so the run can be reloaded without the original file."""
     if tokenizer.path is None:
@@ -122,7 +162,7 @@ def save_to_run(tokenizer, run_dir: Path) -> None:
         temporary.replace(target)
 
 
-def load_from_run(run_dir: Path, spec: str):
+def load_from_run(run_dir: Path, spec: str) -> Tokenizer:
     """The tokenizer a run trained with: its saved copy, or bytes when `spec` is "bytes"."""
     if spec == "bytes":
         return ByteTokenizer()

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmjax.axis_rules import constrain
 from lmjax.config import ModelConfig
 from lmjax.models.layers import MLP, Attention, make_norm
 from lmjax.models.moe import MoE
-from lmjax.parallel import constrain
 
 _DOTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 _SAVE = jax.checkpoint_policies.save_only_these_names

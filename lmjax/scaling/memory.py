@@ -4,7 +4,7 @@ Everything is in bytes. Weights, gradients and the two Adam moments are stored i
 `model.param_dtype` (optax keeps the moments in the parameters' dtype); activations and
 the KV cache are in `model.dtype`.
 
-Sharding follows `lmjax.parallel.LOGICAL_AXIS_RULES`: weight matrices have an `embed`
+Sharding follows `lmjax.axis_rules.LOGICAL_AXIS_RULES`: weight matrices have an `embed`
 axis (fsdp) and a heads/mlp/vocab axis (tensor), so they are divided by fsdp x tensor;
 routed experts are further divided by the expert axis; norm scales, the router and the
 learned position table (`embed` only) by fsdp. The batch is divided by data x fsdp x
@@ -73,7 +73,7 @@ def activation_bytes_per_token(m: ModelConfig, seq_len: int, remat: str | None =
     remat = remat or m.remat
     b = DTYPE_BYTES[m.dtype]
     d, kv_width = m.d_model, 2 * m.kv_heads * m.head_dim
-    gated = m.mlp == "swiglu"
+    gated = m.gated_mlp
 
     def layer_bytes(layer: int, policy: str) -> float:
         if m.is_moe_layer(layer):

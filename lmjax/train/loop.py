@@ -1,120 +1,138 @@
-"""The training run: data, sharded state, the step loop, evaluation, checkpoints, sample.
+"""The training run: set up, a plain step loop that calls hooks, and the finish.
 
 `train(cfg, run_dir)` starts a run or, when `run_dir` holds checkpoints, continues it
 exactly where its newest checkpoint left off. Everything a run writes goes under
 `run_dir`: config.json, metrics.jsonl, checkpoints/, loss.png, sample.txt, wandb/.
+
+The parts: `setup` (lmjax.train.run) returns a `Run`; `step_loop` trains it, asking its
+stop signals before every step and calling each `Hook` that is due after a step
+(logging, evaluation, checkpointing); `finish` saves, evaluates and samples. A new
+periodic action is one more Hook; a new reason to stop (a signal, a preemption notice) is
+one more stop signal, a callable `(run) -> bool`.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import signal
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import jax
 from jax.experimental import multihost_utils
 
-from lmjax.checkpoint import Checkpointer
-from lmjax.config import Config, ConfigError
-from lmjax.data import (BatchIterator, Concat, DataError, Mixture, PackedDataset, Subset, load_documents,
-                        load_tokenizer, padded_vocab_size, save_to_run, split_documents)
-from lmjax.data.denoising import make_dataset, window_length
-from lmjax.parallel import batch_sharding, local_batch_rows, make_mesh, validate_layout
+from lmjax.config import Config
 from lmjax.scaling.counting import example_lengths, param_counts, run_flops_per_token, tokens_per_step
-from lmjax.scaling.plan import total_steps
 from lmjax.train import loggers
 from lmjax.train.evaluate import evaluate
 from lmjax.train.metrics import mfu, peak_flops_per_device
-from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
-from lmjax.train.state import abstract_train_state, init_train_state
-from lmjax.train.step import make_train_step
-from lmjax.xla_setup import enable_compilation_cache
+from lmjax.train.run import Run, setup
 
 
-def load_datasets(cfg: Config, tokenizer=None) -> tuple[PackedDataset | Mixture, PackedDataset | Concat, object]:
-    """(train, validation, tokenizer) or a DataError / ConfigError, before anything compiles.
+@dataclass(frozen=True)
+class Hook:
+    """`fn(run, metrics, routing)` after every `every`-th step, with that step's metrics and MoE
+    routing statistics (device arrays). The last step of the invocation (`run.halt`) is left
+    to `finish` unless `at_halt`."""
 
-    With `data.path` (prepared data, a Mixture when several directories are given) the
-    last `data.val_fraction` of each dataset's windows is held out for validation;
-    otherwise `data.source` is read and split by documents. `tokenizer` defaults to
-    `data.tokenizer`; pass a run's saved copy to reload a run."""
-    from lmjax.data.prepare import open_prepared
+    fn: Callable[[Run, dict, dict], None]
+    every: int
+    at_halt: bool = False
 
-    tokenizer = load_tokenizer(cfg.data.tokenizer) if tokenizer is None else tokenizer
-    if cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"{tokenizer.vocab_size} ids; set model.vocab_size={padded_vocab_size(tokenizer.vocab_size)} "
-                          "(padded to a multiple of 128).")
-    window = window_length(cfg)  # raw tokens per example (span corruption draws more than seq_len)
-    if cfg.data.path is None:
-        documents = load_documents(cfg.data.source, cfg.data.text_field, cfg.data.max_bytes)
-        train_stream, val_stream = split_documents(documents, tokenizer, cfg.data.val_fraction, cfg.data.seed)
-        train_set, val_set = PackedDataset(train_stream, window), PackedDataset(val_stream, window)
-    else:
-        parts, tails, weights = [], [], []
-        for directory, weight in cfg.data.mixture():
-            windows = open_prepared(directory, tokenizer, window, verify=cfg.data.verify_shards)
-            held_out = max(1, math.ceil(cfg.data.val_fraction * len(windows)))
-            if held_out >= len(windows):
-                raise DataError(f"data.path {directory} has {len(windows)} windows of data.seq_len="
-                                f"{cfg.data.seq_len}, too few to hold out validation; prepare more data.")
-            parts.append(Subset(windows, 0, len(windows) - held_out))
-            tails.append(Subset(windows, len(windows) - held_out, len(windows)))
-            weights.append(weight)
-        train_set = parts[0] if len(parts) == 1 else Mixture(parts, weights)
-        val_set = tails[0] if len(tails) == 1 else Concat(tails)
-    train_set = make_dataset(train_set, cfg, tokenizer, cfg.data.seed)  # the family's objective
-    val_set = make_dataset(val_set, cfg, tokenizer, cfg.data.seed + 1)
-    if len(val_set) < cfg.train.batch_size:
-        raise DataError(f"the validation split has {len(val_set)} sequences of data.seq_len={cfg.data.seq_len}, "
-                        f"fewer than train.batch_size={cfg.train.batch_size}; raise data.val_fraction or use more data.")
-    return train_set, val_set, tokenizer
+    def due(self, step: int, halt: int) -> bool:
+        return (step % self.every == 0 and step != halt) or (step == halt and self.at_halt)
 
 
-def check_resumable(cfg: Config, saved: dict) -> None:
-    """Raise ConfigError if `cfg.model` differs from the saved run's model config."""
-    now = cfg.to_dict()["model"]
-    differences = [f"model.{k}: saved {v!r}, now {now.get(k)!r}" for k, v in saved["model"].items() if now.get(k) != v]
-    if differences:
-        raise ConfigError("cannot resume: the model shape differs from the saved run (" + "; ".join(differences) + ").")
+def step_loop(run: Run, hooks: list[Hook], stop_signals: list[Callable[[Run], bool]]) -> None:
+    """Train `run` from `run.step` up to `run.halt`, calling the hooks that are due after each
+    step. Before every step every stop signal is asked (all of them, so a signal that must be
+    called on every process at every step, like a preemption sync point, always is); the
+    loop ends early when any says stop."""
+    while run.step < run.halt and not any([stop(run) for stop in stop_signals]):
+        run.state, metrics, routing = run.train_step(run.state, run.next_batch())
+        run.step += 1
+        for hook in hooks:
+            if hook.due(run.step, run.halt):
+                hook.fn(run, metrics, routing)
 
 
-def _saved_tokenizers(run_dir: Path) -> list[Path]:
-    """The tokenizer file a run saved (none for the byte tokenizer)."""
-    return [p for p in (run_dir / "tokenizer.json", run_dir / "tokenizer.model") if p.is_file()]
+class StepClock:
+    """Wall-clock seconds per training step between two laps, leaving out time spent inside
+    `paused()` (evaluation)."""
+
+    def __init__(self, step: int):
+        self.start, self.step, self.paused_seconds = time.perf_counter(), step, 0.0
+
+    @contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.perf_counter() - start
+
+    def lap(self, step: int) -> float:
+        """Seconds per step since the last lap (or the start), which ended at step `self.step`."""
+        now = time.perf_counter()
+        seconds = (now - self.start - self.paused_seconds) / (step - self.step)
+        self.start, self.step, self.paused_seconds = now, step, 0.0
+        return seconds
 
 
-def run_tokenizer(cfg: Config, run_dir: Path):
-    """`data.tokenizer`, or the run's saved copy when resuming after the original file is gone."""
-    spec = cfg.data.tokenizer
-    saved = _saved_tokenizers(run_dir)
-    if spec != "bytes" and not Path(spec).expanduser().is_file() and saved:
-        return load_tokenizer(str(saved[0]))
-    return load_tokenizer(spec)
+class LogMetrics:
+    """The logging hook: the step's metrics with tokens/s, seconds per step and MFU to
+    metrics.jsonl (and wandb), routing statistics to routing.jsonl, and the progress bar's
+    postfix. Fetching the metrics is the loop's one device-to-host sync."""
+
+    def __init__(self, run: Run, clock: StepClock, bar):
+        self.clock, self.bar = clock, bar
+        self.step_tokens, self.flops_per_token = tokens_per_step(run.cfg), run_flops_per_token(run.cfg)
+        self.peak_flops = peak_flops_per_device(run.cfg.model.dtype) * len(jax.devices())
+
+    def __call__(self, run: Run, metrics: dict, routing: dict) -> None:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        step_seconds = self.clock.lap(run.step)
+        tokens_per_second = self.step_tokens / step_seconds
+        record = {"step": run.step, **metrics, "tokens_per_second": tokens_per_second, "step_seconds": step_seconds,
+                  "mfu": mfu(tokens_per_second, self.flops_per_token, self.peak_flops)}
+        run.logger.log(record)
+        if routing:
+            run.logger.log_routing(run.step, jax.device_get(routing))
+        self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_second:,.0f}",
+                             mfu=f"{record['mfu']:.0%}")
 
 
-def check_same_tokenizer(tokenizer, run_dir: Path) -> None:
-    """Raise ConfigError if the run being resumed saved a different tokenizer."""
-    from lmjax.data.tokenizer import file_sha256
+class Validate:
+    """The evaluation hook: validation metrics of the current weights, logged with a `val_`
+    prefix and printed; `last` keeps the newest result. Its time is left out of the clock."""
 
-    saved = _saved_tokenizers(run_dir)
-    if (saved and file_sha256(saved[0]) != tokenizer.sha256) or (not saved and tokenizer.path is not None):
-        raise ConfigError(f"cannot resume: data.tokenizer={tokenizer.name!r} is not the tokenizer the run in "
-                          f"{run_dir} was trained with; use {saved[0] if saved else 'bytes'}.")
+    def __init__(self, clock: StepClock):
+        self.clock, self.last = clock, None
+
+    def __call__(self, run: Run, metrics: dict = None, routing: dict = None) -> dict:
+        with self.clock.paused():
+            cfg = run.cfg
+            result = evaluate(run.graphdef, run.state.params, run.val_set, run.tokenizer, cfg.train.batch_size,
+                              cfg.train.eval_batches, run.rows)
+            run.logger.log({"step": run.step, **{f"val_{k}": v for k, v in result.items()}})
+            loggers.console(f"step {run.step:>6}  val loss {result['loss']:.4f}  ppl {result['perplexity']:.2f}  "
+                            f"bpb {result['bits_per_byte']:.3f}")
+        self.last = result
+        return result
 
 
-def write_json_atomically(path: Path, data: dict) -> None:
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(data, indent=2))
-    os.replace(temporary, path)
+def save_checkpoint(run: Run, metrics: dict = None, routing: dict = None) -> None:
+    """The checkpointing hook: save the state and the data iterator's position at `run.step`
+    (asynchronously), unless that step is saved already."""
+    if run.checkpointer.latest_step() != run.step:  # a stop right after a periodic save has nothing new
+        run.checkpointer.save(run.step, run.state, run.batches.state(), run.cfg.to_dict())
 
 
-class _StopRequest:
-    """First Ctrl-C asks the loop to checkpoint and stop after the current step; a second
-    one interrupts at once."""
+class InterruptRequest:
+    """A stop signal: the first Ctrl-C asks the loop to checkpoint and stop after the current
+    step; a second one interrupts at once. Installed for the `with` block."""
 
     def __init__(self):
         self.requested = False
@@ -132,117 +150,62 @@ class _StopRequest:
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
 
+    def __call__(self, run: Run) -> bool:
+        return self.requested
 
-def train(cfg: Config, run_dir: Path) -> dict:
-    """Train (or resume) the run in `run_dir` on a mesh over all devices; returns the
-    final metrics. Every check that can fail on user input runs before compilation."""
-    run_dir = Path(run_dir)
-    enable_compilation_cache(cfg.train.compilation_cache_dir)
-    steps = total_steps(cfg)
-    mesh = make_mesh(cfg.mesh)
-    validate_layout(cfg, mesh)
-    train_set, val_set, tokenizer = load_datasets(cfg, run_tokenizer(cfg, run_dir))
-    main_process = jax.process_index() == 0
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpointer = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints)
-    resuming = checkpointer.latest_step() is not None
-    if resuming:
-        check_resumable(cfg, json.loads((run_dir / "config.json").read_text()))
-        check_same_tokenizer(tokenizer, run_dir)
-    if main_process:  # other processes may be reading config.json: replace it atomically
-        write_json_atomically(run_dir / "config.json", cfg.to_dict())
-        write_json_atomically(run_dir / "environment.json", loggers.environment())
-        save_to_run(tokenizer, run_dir)
-
-    optimizer_for = lambda params: make_optimizer(cfg.optim, steps, params)
-    batches = BatchIterator(train_set, cfg.train.batch_size, cfg.data.seed,
-                            rows=local_batch_rows(mesh, cfg.train.batch_size), workers=cfg.data.workers)
-    if resuming:  # restore straight into the sharded layout; nothing is initialised first
-        graphdef, abstract, optimizer = abstract_train_state(cfg.model, optimizer_for, mesh)
-        state, data_state, _ = checkpointer.restore(abstract)
-        shardings = jax.tree.map(lambda x: x.sharding, abstract)
-        batches.restore(data_state)
-    else:
-        graphdef, state, shardings, optimizer = init_train_state(cfg.model, optimizer_for, cfg.train.seed, mesh)
-
-    rows = batch_sharding(mesh)
-    to_global = lambda batch: {k: jax.make_array_from_process_local_data(rows, v) for k, v in batch.items()}
-    step_fn = make_train_step(graphdef, optimizer, learning_rate_schedule(cfg.optim, steps),
-                              cfg.optim.grad_accum_steps, cfg.model.dropout > 0 or cfg.model.moe.router_jitter > 0,
-                              cfg.model.moe)
-    compile_start = time.perf_counter()
-    batch_shape = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape), v.dtype, sharding=rows)
-                   for k, v in train_set[0].items()}
-    with jax.set_mesh(mesh):  # activation sharding constraints resolve against it while tracing
-        train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None, None)).lower(
-            state, batch_shape).compile()
-    compile_seconds = time.perf_counter() - compile_start
-
-    lengths = example_lengths(cfg)  # tokens/s and MFU count encoder and decoder tokens
-    flops_per_token, step_tokens = run_flops_per_token(cfg), tokens_per_step(cfg)
-    peak = peak_flops_per_device(cfg.model.dtype) * len(jax.devices())
-    logger = loggers.MetricsLogger(cfg, run_dir, resuming, enabled=main_process)
-    start_step = int(state.step)
-    if main_process:
-        counts = param_counts(cfg.model)
-        loggers.console(f"run {run_dir}  |  {counts['params_total']:,} params  |  {steps} steps of "
-                        f"{cfg.train.batch_size}x{'+'.join(str(n) for n in lengths if n)} tokens  |  "
-                        f"compiled in {compile_seconds:.1f}s"
-                        + (f"  |  resumed at step {start_step}" if resuming else ""))
-
-    def save():
-        if checkpointer.latest_step() != int(state.step):  # a stop right after a periodic save has nothing new
-            checkpointer.save(int(state.step), state, batches.state(), cfg.to_dict())
-
-    def run_eval(step):
-        result = evaluate(graphdef, state.params, val_set, tokenizer, cfg.train.batch_size, cfg.train.eval_batches,
-                          rows)
-        logger.log({"step": step, **{f"val_{k}": v for k, v in result.items()}})
-        loggers.console(f"step {step:>6}  val loss {result['loss']:.4f}  ppl {result['perplexity']:.2f}  "
-                        f"bpb {result['bits_per_byte']:.3f}")
-        return result
-
-    halt = min(steps, cfg.train.halt_at_step or steps)
-    bar = loggers.progress_bar(steps, start_step, main_process and cfg.log.progress_bar)
-    interval_start, interval_step = time.perf_counter(), start_step
-    step, last_val = start_step, None
-    with _StopRequest() as stop:
-        while step < halt and not stop.requested:
-            state, metrics, routing = train_step(state, to_global(next(batches)))
-            step += 1
-            bar.update(1)
-            if step % cfg.train.log_every == 0 or step == halt:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                elapsed = time.perf_counter() - interval_start
-                tokens_per_second = (step - interval_step) * step_tokens / elapsed
-                record = {"step": step, **metrics, "tokens_per_second": tokens_per_second,
-                          "step_seconds": elapsed / (step - interval_step),
-                          "mfu": mfu(tokens_per_second, flops_per_token, peak)}
-                logger.log(record)
-                if routing:
-                    logger.log_routing(step, jax.device_get(routing))
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_second:,.0f}",
-                                mfu=f"{record['mfu']:.0%}")
-                interval_start, interval_step = time.perf_counter(), step
-            if step % cfg.train.eval_every == 0 and step != halt:
-                last_val = run_eval(step)
-                interval_start = time.perf_counter()
-            if step % cfg.train.checkpoint_every == 0 and step != halt:
-                save()
+def train(cfg: Config, run_dir: Path, init_from: Path | None = None) -> dict:
+    """Train (or resume) the run in `run_dir` on a mesh over all devices; returns
+    {step, finished, val_*: the newest validation metrics}. A new run with `init_from` (a run
+    directory) starts from that run's weights (see `setup`). Every check that can fail on
+    user input runs before compilation."""
+    run = setup(cfg, run_dir, init_from)
+    announce(run)
+    bar = loggers.progress_bar(run.steps, run.step, run.main_process and cfg.log.progress_bar)
+    clock = StepClock(run.step)
+    validate = Validate(clock)
+    hooks = [Hook(lambda run, metrics, routing: bar.update(1), every=1, at_halt=True),
+             Hook(LogMetrics(run, clock, bar), cfg.train.log_every, at_halt=True),
+             Hook(validate, cfg.train.eval_every),
+             Hook(save_checkpoint, cfg.train.checkpoint_every)]
+    with InterruptRequest() as interrupt:
+        step_loop(run, hooks, stop_signals=[interrupt])
     bar.close()
-    save()
-    if step == steps:
-        last_val = run_eval(step)
-    checkpointer.wait()
-    checkpointer.close()
-    logger.close()
-    if step == steps:
+    return finish(run, validate)
+
+
+def announce(run: Run) -> None:
+    """One console line: the run, its size and length, compile time, where it resumed."""
+    if not run.main_process:
+        return
+    cfg = run.cfg
+    counts = param_counts(cfg.model)
+    lengths = example_lengths(cfg)  # tokens/s and MFU count encoder and decoder tokens
+    loggers.console(f"run {run.run_dir}  |  {counts['params_total']:,} params  |  {run.steps} steps of "
+                    f"{cfg.train.batch_size}x{'+'.join(str(n) for n in lengths if n)} tokens  |  "
+                    f"compiled in {run.compile_seconds:.1f}s"
+                    + (f"  |  resumed at step {run.step}" if run.resuming else ""))
+
+
+def finish(run: Run, validate: Validate) -> dict:
+    """End the invocation: save a checkpoint of the last step, evaluate once more and write
+    loss.png and a sample if the run is complete, close the checkpointer and loggers.
+    Returns {step, finished, val_*: the newest validation metrics, if any}."""
+    finished = run.step == run.steps
+    save_checkpoint(run)
+    if finished:
+        validate(run)
+    run.checkpointer.wait()
+    run.checkpointer.close()
+    run.logger.close()
+    if finished:
         # every process takes part in gathering the (possibly cross-host) weights for the sample
-        host_params = multihost_utils.process_allgather(state.params, tiled=True) if cfg.train.sample_tokens else None
-        if main_process:
-            finish_run(cfg, run_dir, graphdef, host_params, tokenizer, val_set)
-    return {"step": step, "finished": step == steps, **({f"val_{k}": v for k, v in last_val.items()} if last_val else {})}
+        sampling = run.cfg.train.sample_tokens > 0
+        host_params = multihost_utils.process_allgather(run.state.params, tiled=True) if sampling else None
+        if run.main_process:
+            finish_run(run.cfg, run.run_dir, run.graphdef, host_params, run.tokenizer, run.val_set)
+    return {"step": run.step, "finished": finished,
+            **({f"val_{k}": v for k, v in validate.last.items()} if validate.last else {})}
 
 
 def finish_run(cfg: Config, run_dir: Path, graphdef, host_params, tokenizer, val_set) -> None:
@@ -283,5 +246,5 @@ def fill_in_sample(model, example: dict, tokenizer, max_new_tokens: int) -> str:
     new_tokens = min(max_new_tokens, model.cfg.max_seq_len)
     generated = generate(model, [inputs], new_tokens, temperature=0.0, stop_tokens=(tokenizer.eos_id,),
                          start_token=tokenizer.bos_id)[0]
-    show = getattr(tokenizer, "decode_with_sentinels", tokenizer.decode)  # bytes: <extra_id_N>
+    show = tokenizer.decode_with_sentinels
     return f"input:     {show(inputs)}\npredicted: {show(generated)}\ntrue:      {show(targets)}\n"

@@ -1,0 +1,244 @@
+"""Setting a training run up: its data, its run directory and the compiled step, held in a `Run`.
+
+`setup(cfg, run_dir)` does every check that user input can fail before anything compiles,
+restores the newest checkpoint of `run_dir` when there is one, and compiles the train step
+ahead of time. The step loop (`lmjax.train.loop`) then only steps and calls hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from lmjax.checkpoint import Checkpointer
+from lmjax.config import Config, ConfigError
+from lmjax.data import (
+    BatchIterator,
+    Concat,
+    DataError,
+    Mixture,
+    PackedDataset,
+    Subset,
+    load_documents,
+    load_tokenizer,
+    padded_vocab_size,
+    save_to_run,
+    split_documents,
+)
+from lmjax.data.denoising import make_dataset, window_length
+from lmjax.parallel import batch_sharding, global_batch, local_batch_rows, make_mesh, validate_layout
+from lmjax.scaling.plan import total_steps
+from lmjax.train import loggers
+from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
+from lmjax.train.state import TrainState, abstract_model, abstract_train_state, init_train_state
+from lmjax.train.step import make_train_step
+from lmjax.xla_setup import enable_compilation_cache
+
+
+@dataclass
+class Run:
+    """One training run, set up: what the step loop, its hooks and `finish` share.
+
+    `state` and `step` advance as the loop trains; everything else is fixed by `setup`.
+    `train_step(state, batch) -> (state, metrics, routing)` is compiled for global batches
+    of `cfg.train.batch_size` rows; `next_batch()` gives this process's next one.
+    """
+
+    cfg: Config
+    run_dir: Path
+    mesh: Mesh
+    rows: NamedSharding  # the batch sharding: rows over the data-parallel axes
+    tokenizer: object
+    train_set: object
+    val_set: object
+    batches: BatchIterator
+    checkpointer: Checkpointer
+    logger: loggers.MetricsLogger
+    graphdef: object
+    train_step: object
+    state: TrainState
+    step: int
+    steps: int  # the run's length
+    halt: int  # where this invocation stops: steps, or train.halt_at_step
+    resuming: bool
+    compile_seconds: float
+    main_process: bool
+
+    def next_batch(self) -> dict:
+        """The next global batch: this process's rows, assembled into sharded jax.Arrays."""
+        return global_batch(next(self.batches), self.rows, self.cfg.train.batch_size)
+
+
+def setup(cfg: Config, run_dir: Path, init_from: Path | None = None) -> Run:
+    """Start the run in `run_dir` or, when it holds checkpoints, restore its newest one: check
+    the inputs, load the data, write config.json, environment.json and the tokenizer, build
+    (or restore) the sharded train state and compile the train step. A new run with
+    `init_from` (a run directory) starts from that run's newest weights, with a fresh
+    optimizer at step 0. Raises ConfigError or DataError before compiling."""
+    run_dir = Path(run_dir)
+    enable_compilation_cache(cfg.train.compilation_cache_dir)
+    steps = total_steps(cfg)
+    mesh = make_mesh(cfg.mesh)
+    validate_layout(cfg, mesh)
+    if init_from is not None:
+        check_init_from(cfg, Path(init_from))
+    train_set, val_set, tokenizer = load_datasets(cfg, run_tokenizer(cfg, run_dir))
+    check_sample_prompt(cfg, tokenizer)
+    main_process = jax.process_index() == 0
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpointer = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints)
+    resuming = checkpointer.latest_step() is not None
+    if resuming:
+        check_resumable(cfg, json.loads((run_dir / "config.json").read_text()))
+        check_same_tokenizer(tokenizer, run_dir)
+    if main_process:  # other processes may be reading config.json: replace it atomically
+        write_json_atomically(run_dir / "config.json", cfg.to_dict())
+        write_json_atomically(run_dir / "environment.json", loggers.environment())
+        save_to_run(tokenizer, run_dir)
+
+    def optimizer_for(params):
+        return make_optimizer(cfg.optim, steps, params)
+
+    batches = BatchIterator(train_set, cfg.train.batch_size, cfg.data.seed,
+                            rows=local_batch_rows(mesh, cfg.train.batch_size), workers=cfg.data.workers)
+    if resuming:  # restore straight into the sharded layout; nothing is initialised first
+        graphdef, abstract, optimizer = abstract_train_state(cfg.model, optimizer_for, mesh)
+        state, data_state, _ = checkpointer.restore(abstract)
+        shardings = jax.tree.map(lambda x: x.sharding, abstract)
+        batches.restore(data_state)
+    else:
+        graphdef, state, shardings, optimizer = init_train_state(cfg.model, optimizer_for, cfg.train.seed, mesh)
+        if init_from is not None:
+            from lmjax.train.run_eval import restore_weights_onto
+
+            params = restore_weights_onto(Path(init_from), mesh)[2]
+            state = state._replace(params=jax.tree.map(lambda p, s: p.astype(s.dtype), params, state.params))
+
+    rows = batch_sharding(mesh)
+    step_fn = make_train_step(graphdef, optimizer, learning_rate_schedule(cfg.optim, steps),
+                              cfg.optim.grad_accum_steps, cfg.model.dropout > 0 or cfg.model.moe.router_jitter > 0,
+                              cfg.model.moe)
+    compile_start = time.perf_counter()
+    batch_shape = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape), v.dtype, sharding=rows)
+                   for k, v in train_set[0].items()}
+    with jax.set_mesh(mesh):  # activation sharding constraints resolve against it while tracing
+        train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None, None)).lower(
+            state, batch_shape).compile()
+    return Run(cfg=cfg, run_dir=run_dir, mesh=mesh, rows=rows, tokenizer=tokenizer, train_set=train_set,
+               val_set=val_set, batches=batches, checkpointer=checkpointer,
+               logger=loggers.MetricsLogger(cfg, run_dir, resuming, enabled=main_process), graphdef=graphdef,
+               train_step=train_step, state=state, step=int(state.step), steps=steps,
+               halt=min(steps, cfg.train.halt_at_step or steps), resuming=resuming,
+               compile_seconds=time.perf_counter() - compile_start, main_process=main_process)
+
+
+def load_datasets(cfg: Config, tokenizer=None) -> tuple[PackedDataset | Mixture, PackedDataset | Concat, object]:
+    """(train, validation, tokenizer) or a DataError / ConfigError, before anything compiles.
+
+    With `data.path` (prepared data, a Mixture when several directories are given) the
+    last `data.val_fraction` of each dataset's windows is held out for validation;
+    otherwise `data.source` is read and split by documents. `tokenizer` defaults to
+    `data.tokenizer`; pass a run's saved copy to reload a run."""
+    from lmjax.data.prepare import open_prepared
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer) if tokenizer is None else tokenizer
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} ids; set model.vocab_size={padded_vocab_size(tokenizer.vocab_size)} "
+                          "(padded to a multiple of 128).")
+    window = window_length(cfg)  # raw tokens per example (span corruption draws more than seq_len)
+    if cfg.data.path is None:
+        documents = load_documents(cfg.data.source, cfg.data.text_field, cfg.data.max_bytes)
+        train_stream, val_stream = split_documents(documents, tokenizer, cfg.data.val_fraction, cfg.data.seed)
+        train_set, val_set = PackedDataset(train_stream, window), PackedDataset(val_stream, window)
+    else:
+        parts, tails, weights = [], [], []
+        for directory, weight in cfg.data.mixture():
+            windows = open_prepared(directory, tokenizer, window, verify=cfg.data.verify_shards)
+            held_out = max(1, math.ceil(cfg.data.val_fraction * len(windows)))
+            if held_out >= len(windows):
+                raise DataError(f"data.path {directory} has {len(windows)} windows of data.seq_len="
+                                f"{cfg.data.seq_len}, too few to hold out validation; prepare more data.")
+            parts.append(Subset(windows, 0, len(windows) - held_out))
+            tails.append(Subset(windows, len(windows) - held_out, len(windows)))
+            weights.append(weight)
+        train_set = parts[0] if len(parts) == 1 else Mixture(parts, weights)
+        val_set = tails[0] if len(tails) == 1 else Concat(tails)
+    train_set = make_dataset(train_set, cfg, tokenizer, cfg.data.seed)  # the family's objective
+    val_set = make_dataset(val_set, cfg, tokenizer, cfg.data.seed + 1)
+    if len(val_set) < cfg.train.batch_size:
+        raise DataError(f"the validation split has {len(val_set)} sequences of data.seq_len={cfg.data.seq_len}, "
+                        f"fewer than train.batch_size={cfg.train.batch_size}; raise data.val_fraction or use more "
+                        "data.")
+    return train_set, val_set, tokenizer
+
+
+def check_sample_prompt(cfg: Config, tokenizer) -> None:
+    """Raise ConfigError if train.sample_prompt leaves no room in model.max_seq_len for the
+    sample drawn after training."""
+    length = len(tokenizer.encode(cfg.train.sample_prompt))
+    if cfg.train.sample_tokens and length >= cfg.model.max_seq_len:
+        raise ConfigError(f"train.sample_prompt is {length} tokens, which leaves no room for the sample in "
+                          f"model.max_seq_len={cfg.model.max_seq_len}; shorten it or set train.sample_tokens=0.")
+
+
+def check_resumable(cfg: Config, saved: dict) -> None:
+    """Raise ConfigError if `cfg.model` differs from the saved run's model config."""
+    now = cfg.to_dict()["model"]
+    differences = [f"model.{k}: saved {v!r}, now {now.get(k)!r}" for k, v in saved["model"].items() if now.get(k) != v]
+    if differences:
+        raise ConfigError("cannot resume: the model shape differs from the saved run (" + "; ".join(differences) + ").")
+
+
+def check_init_from(cfg: Config, init_from: Path) -> None:
+    """Raise ConfigError unless the run `init_from` has weights shaped like those of `cfg.model`."""
+    from lmjax.train.run_eval import load_config
+
+    _, mine = abstract_model(cfg.model)
+    _, theirs = abstract_model(load_config(init_from).model)
+    mine, theirs = (dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(s))[0]) for s in (mine, theirs))
+    differences = [f"{jax.tree_util.keystr(k)} {theirs[k].shape if k in theirs else 'absent'} vs {v.shape}"
+                   for k, v in mine.items() if k not in theirs or theirs[k].shape != v.shape]
+    differences += [f"{jax.tree_util.keystr(k)} only in {init_from}" for k in theirs if k not in mine]
+    if differences:
+        raise ConfigError(f"--init-from {init_from}: its weights do not fit experiment {cfg.name!r} (saved vs now: "
+                          + "; ".join(differences[:3]) + "); give a run of the same model shape.")
+
+
+def _saved_tokenizers(run_dir: Path) -> list[Path]:
+    """The tokenizer file a run saved (none for the byte tokenizer)."""
+    return [p for p in (run_dir / "tokenizer.json", run_dir / "tokenizer.model") if p.is_file()]
+
+
+def run_tokenizer(cfg: Config, run_dir: Path):
+    """`data.tokenizer`, or the run's saved copy when resuming after the original file is gone."""
+    spec = cfg.data.tokenizer
+    saved = _saved_tokenizers(run_dir)
+    if spec != "bytes" and not Path(spec).expanduser().is_file() and saved:
+        return load_tokenizer(str(saved[0]))
+    return load_tokenizer(spec)
+
+
+def check_same_tokenizer(tokenizer, run_dir: Path) -> None:
+    """Raise ConfigError if the run being resumed saved a different tokenizer."""
+    from lmjax.data.tokenizer import file_sha256
+
+    saved = _saved_tokenizers(run_dir)
+    if (saved and file_sha256(saved[0]) != tokenizer.sha256) or (not saved and tokenizer.path is not None):
+        raise ConfigError(f"cannot resume: data.tokenizer={tokenizer.name!r} is not the tokenizer the run in "
+                          f"{run_dir} was trained with; use {saved[0] if saved else 'bytes'}.")
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(data, indent=2))
+    os.replace(temporary, path)
