@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec
 
 from lmjax.axis_rules import constrain, logical_to_mesh, mesh_axes
 from lmjax.config import ModelConfig
+from lmjax.models.kernels import select_grouped_matmul
 from lmjax.models.layers import MLP, param
 
 
@@ -280,9 +281,7 @@ class MoE(nnx.Module):
         return constrain(y, ("batch", "length", None)), kept
 
     def _dropless(self, x, experts, weights, w_gate):
-        kernel = self.grouped_matmul
-        if kernel == "auto":
-            kernel = "ragged_dot" if jax.default_backend() == "tpu" else "blocks"
+        kernel = select_grouped_matmul(self.grouped_matmul)
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty or math.prod(mesh.shape.values()) == 1:
             b, t, d = x.shape
