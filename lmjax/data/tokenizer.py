@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from lmjax.data.sources import DataError
+from lmjax.files import file_sha256, write_atomically
 
 _SENTINEL = re.compile(r"<extra_id_(\d+)>")
 
@@ -135,10 +136,6 @@ def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def load_tokenizer(spec: str) -> Tokenizer:
     """"bytes", a `tokenizers` .json file or a SentencePiece .model file -> a tokenizer."""
     if spec == "bytes":
@@ -169,9 +166,8 @@ def save_to_run(tokenizer: Tokenizer, run_dir: Path) -> None:
         copies.append((roles, Path(run_dir) / roles.name))
     for source, target in copies:
         if not target.exists() or file_sha256(target) != file_sha256(source):
-            temporary = target.with_name(target.name + ".tmp")
-            shutil.copyfile(source, temporary)
-            temporary.replace(target)
+            with source.open("rb") as f:
+                write_atomically(target, lambda out, f=f: shutil.copyfileobj(f, out))
 
 
 def load_from_run(run_dir: Path, spec: str) -> Tokenizer:
