@@ -14,8 +14,10 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from lmjax.config import ModelConfig
+from lmjax.models.kernels import AttentionMask, select_attention
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float | None, dtype) -> nnx.Param:
@@ -172,9 +174,9 @@ class Attention(nnx.Module):
     """Multi-head / grouped-query self- or cross-attention, with RoPE when the config asks
     for it (never in cross-attention, whose keys have no position relative to the queries).
 
-    (B, T, D) -> (B, T, D). `model.attention` picks the kernel: "dot_product" is
-    `jax.nn.dot_product_attention` (cuDNN flash attention on GPU where it applies),
-    "einsum" the written-out form; "auto" takes dot_product on GPU, einsum elsewhere.
+    (B, T, D) -> (B, T, D). `model.attention` picks the kernel (`lmjax.models.kernels`):
+    "einsum" the written-out form, "dot_product" `jax.nn.dot_product_attention` (XLA), "auto"
+    cuDNN flash attention on GPU where the mask allows it, XLA's otherwise, einsum off GPU.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, cross: bool = False):
@@ -195,11 +197,12 @@ class Attention(nnx.Module):
     def _project(self, x, positions, context):
         """Queries (B, T, N, H) of x, and keys and values (B, S, K, H) of x or `context`
         (see `__call__`), rotated by RoPE when the layer uses it."""
-        q = matmul(x, self.wq[...])
+        q = checkpoint_name(matmul(x, self.wq[...]), "query_proj")
         if isinstance(context, tuple):
             k, v = (a.astype(q.dtype) for a in context)
         else:
             k, v = self.keys_values(x if context is None else context)
+            k, v = checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj")
         if self.rotary:
             q, k = rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta)
         return q, k, v
@@ -208,10 +211,11 @@ class Attention(nnx.Module):
         """The attention probabilities (B, N, T, S) float32 that `__call__` (without a cache)
         computes for the same arguments (`attention_probabilities`)."""
         q, k, _ = self._project(x, positions, context)
-        return attention_probabilities(q, k, mask, bias, self.cfg.attention_logit_scale)
+        return attention_probabilities(q, k, AttentionMask.of(mask).dense, bias, self.cfg.attention_logit_scale)
 
     def __call__(self, x, positions, mask, cache=None, bias=None, context=None):
-        """x (B, T, D); positions (B, T) int; mask (B, 1, T, S) bool -> (B, T, D).
+        """x (B, T, D); positions (B, T) int; mask an `AttentionMask` or a bare (B, 1, T, S) bool
+        array -> (B, T, D).
 
         Keys and values come from x (self-attention, S = T) or from `context` (cross-attention):
         the encoder output (B, S, D), or its `keys_values` (k, v) already computed. `bias`
@@ -227,15 +231,18 @@ class Attention(nnx.Module):
             cache = (cache[0].at[rows, positions].set(k.astype(cache[0].dtype)),
                      cache[1].at[rows, positions].set(v.astype(cache[1].dtype)))
             k, v = cache[0].astype(q.dtype), cache[1].astype(q.dtype)
-        kernel = cfg.attention
-        if kernel == "auto":
-            kernel = "dot_product" if jax.default_backend() == "gpu" else "einsum"
-        if kernel == "dot_product":
-            out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask,
-                                               scale=cfg.attention_logit_scale)
+        mask = AttentionMask.of(mask)
+        kernel = select_attention(cfg.attention, mask, bias is not None, q.dtype, q.shape[-1])
+        if kernel == "cudnn":
+            out = jax.nn.dot_product_attention(q, k, v, scale=cfg.attention_logit_scale, is_causal=mask.causal,
+                                               query_seq_lengths=mask.query_lengths,
+                                               key_value_seq_lengths=mask.key_lengths, implementation="cudnn")
+        elif kernel == "xla":
+            out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),
+                                               mask=mask.dense, scale=cfg.attention_logit_scale, implementation="xla")
         else:
-            out = einsum_attention(q, k, v, mask, bias, cfg.attention_logit_scale)
-        out = matmul(out, self.wo[...], n_in=2)
+            out = einsum_attention(q, k, v, mask.dense, bias, cfg.attention_logit_scale)
+        out = checkpoint_name(matmul(checkpoint_name(out, "context"), self.wo[...], n_in=2), "out_proj")
         return out if cache is None else (out, cache)
 
 
@@ -260,12 +267,12 @@ class MLP(nnx.Module):
         self.w_down = param(rngs, (f, d), ("mlp", "embed"), out_std, cfg.param_dtype)
 
     def __call__(self, x):
-        up = matmul(x, self.w_up[...])
+        up = checkpoint_name(matmul(x, self.w_up[...]), "mlpwi")
         if self.gated:
-            hidden = self.activation(matmul(x, self.w_gate[...])) * up
+            hidden = self.activation(checkpoint_name(matmul(x, self.w_gate[...]), "mlpwi")) * up
         else:
             hidden = self.activation(up)
-        return matmul(hidden, self.w_down[...])
+        return checkpoint_name(matmul(hidden, self.w_down[...]), "mlpwo")
 
 
 class Embed(nnx.Module):

@@ -40,6 +40,7 @@ from lmjax.train import loggers
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
 from lmjax.train.state import TrainState, abstract_model, abstract_train_state, init_train_state
 from lmjax.train.step import make_train_step
+from lmjax.xla_setup import enable_compilation_cache
 
 
 @dataclass
@@ -86,6 +87,7 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
     changes to config_history.jsonl; config.json is rewritten only once the restore
     succeeded. Raises ConfigError or DataError before compiling."""
     run_dir = Path(run_dir)
+    enable_compilation_cache(cfg.train.compilation_cache_dir)
     steps = total_steps(cfg)
     mesh = make_mesh(cfg.mesh)
     validate_layout(cfg, mesh)
