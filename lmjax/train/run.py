@@ -221,7 +221,7 @@ def check_resumable(cfg: Config, saved: dict, new_data_order: bool = False) -> d
     setting of DATA_ORDER_SETTINGS does unless `new_data_order`."""
     now = _flatten(cfg.to_dict())
     before = _flatten(saved)
-    changes = {k: [before.get(k), v] for k, v in now.items() if before.get(k) != v and k != "train.run_dir"}
+    changes = {k: [before[k], v] for k, v in now.items() if k in before and before[k] != v and k != "train.run_dir"}
     model = [k for k in changes if k.startswith("model.")]
     if model:
         raise ConfigError("cannot resume: the model shape differs from the saved run ("
