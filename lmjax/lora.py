@@ -104,7 +104,7 @@ def init_adapters(cfg: LoRAConfig, params: nnx.State, seed: int) -> nnx.State:
     """Adapters for the weights of `params` (abstract or concrete) that `cfg` targets: at
     path p, `lora_a` normal(0, 1/rank) (PEFT's Gaussian init) and `lora_b` zeros, in the
     weight's dtype, with logical axes (*stacked, *inputs, "lora_rank") and
-    (*stacked, "lora_rank", *outputs). With B = 0 the adapted model is the base model."""
+    (*stacked, "lora_rank", *outputs) and the weight's role. With B = 0 the adapted model is the base model."""
     flat = {}
     for index, (path, weight) in enumerate(sorted(targeted(cfg, params).items(), key=lambda kv: path_name(kv[0]))):
         axes = tuple(weight.out_sharding or (None,) * len(weight.shape))
@@ -114,10 +114,12 @@ def init_adapters(cfg: LoRAConfig, params: nnx.State, seed: int) -> nnx.State:
         b_shape = (*weight.shape[:stacked], cfg.rank, *weight.shape[split:])
         key = jax.random.fold_in(jax.random.key(seed), index)
         a = jax.random.normal(key, a_shape, weight.dtype) / cfg.rank
-        flat[(*path, "lora_a")] = nnx.Param(a, out_sharding=(*axes[:split], "lora_rank"), eager_sharding=False)
+        role = weight.get_metadata().get("role")  # the optimizer treats an adapter like its weight
+        flat[(*path, "lora_a")] = nnx.Param(a, out_sharding=(*axes[:split], "lora_rank"), eager_sharding=False,
+                                            role=role)
         flat[(*path, "lora_b")] = nnx.Param(jnp.zeros(b_shape, weight.dtype),
                                             out_sharding=(*axes[:stacked], "lora_rank", *axes[split:]),
-                                            eager_sharding=False)
+                                            eager_sharding=False, role=role)
     return nnx.from_flat_state(flat)
 
 

@@ -33,7 +33,7 @@ LORA = LoRAConfig(rank=3, alpha=6.0)
 
 @functools.cache
 def family_params(family: str) -> nnx.State:
-    return nnx.state(build_model(FAMILIES[family], nnx.Rngs(0)))
+    return jax.jit(lambda: nnx.state(build_model(FAMILIES[family], nnx.Rngs(0))))()  # one compile, not per op
 
 
 def random_adapters(lora, params, seed=1):
