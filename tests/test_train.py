@@ -169,6 +169,9 @@ def test_stop_right_after_a_periodic_checkpoint_saves_once(tiny, monkeypatch):
     class StopAfterTwoSteps:
         checks = 0
 
+        def __init__(self, warning_signal):
+            pass
+
         def __enter__(self):
             return self
 
@@ -179,7 +182,7 @@ def test_stop_right_after_a_periodic_checkpoint_saves_once(tiny, monkeypatch):
             self.checks += 1
             return self.checks > 2
 
-    monkeypatch.setattr(loop, "InterruptRequest", StopAfterTwoSteps)
+    monkeypatch.setattr(loop, "StopRequest", StopAfterTwoSteps)
     cfg = tiny(checkpoint_every=2, steps=6)
     result = train(cfg, Path(cfg.train.run_dir))
     assert result["step"] == 2 and not result["finished"]
