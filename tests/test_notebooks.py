@@ -29,9 +29,10 @@ def runs(tmp_path_factory):
     args = ["train", "--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "model.n_heads=2",
             "--set", "model.d_ff=64", "--set", "model.max_seq_len=64",
             # MoE in the second layer (capacity routing), so every notebook meets both kinds of layer
-            "--set", "model.moe.n_experts=4", "--set", "model.moe.every=2", "--set", "model.moe.dispatch=capacity", "--set", "data.seq_len=32",
-            "--set", "data.max_bytes=200000", "--set", "train.batch_size=4", "--set", "train.steps=6",
-            "--set", "train.eval_every=3", "--set", "train.log_every=2", "--set", "train.eval_batches=2", "--set", "train.sample_tokens=4",
+            "--set", "model.moe.n_experts=4", "--set", "model.moe.every=2", "--set", "model.moe.dispatch=capacity",
+            "--set", "data.seq_len=32", "--set", "data.max_bytes=200000", "--set", "train.batch_size=4",
+            "--set", "train.steps=6", "--set", "train.eval_every=3", "--set", "train.log_every=2",
+            "--set", "train.eval_batches=2", "--set", "train.sample_tokens=4",
             "--set", "log.wandb=off", "--set", "log.progress_bar=false", "--set", f"train.run_dir={runs / 'tiny'}"]
     assert main(args) == 0
     return runs
