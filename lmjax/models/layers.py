@@ -4,7 +4,7 @@ Shapes use B = batch, T = query length, S = key length, D = d_model, N = query h
 K = key/value heads, H = head width, F = d_ff, V = vocabulary. Parameters are stored in
 `param_dtype` and cast to the compute `dtype` where they are used; every parameter carries
 logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, `length`),
-which `lmjax.parallel` maps to mesh axes.
+which `lmjax.axis_rules` maps to mesh axes, and a role (`ROLES`), which the optimizer reads.
 """
 
 from __future__ import annotations
@@ -19,14 +19,28 @@ from jax.ad_checkpoint import checkpoint_name
 from lmjax.config import ModelConfig
 from lmjax.models.kernels import AttentionMask, select_attention
 
+# What a parameter does, carried as its `role` metadata (like its logical axes); the optimizer
+# reads roles, never attribute names (weight decay: `lmjax.train.optimizer`).
+#   input:  rows looked up by an id: token embeddings, learned positions, relative-bias tables
+#   hidden: matrices inside the stack: attention, MLP and expert weights
+#   output: matrices whose outputs are scores over a choice: the output head, the MoE router
+#   vector: norm gains and biases
+ROLES = ("input", "hidden", "output", "vector")
 
-def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float | None, dtype) -> nnx.Param:
-    """A parameter with logical axis names: normal(0, std) init, or ones if std is None."""
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float | None, dtype, *,
+          role: str) -> nnx.Param:
+    """A parameter with logical axis names and a role (`ROLES`): normal(0, std) init, ones if
+    std is None, zeros if std is 0."""
+    if role not in ROLES:
+        raise ValueError(f"parameter role {role!r} is not one of {ROLES}.")
     if std is None:
         value = jnp.ones(shape, dtype)
+    elif std == 0:
+        value = jnp.zeros(shape, dtype)
     else:
         value = std * jax.random.normal(rngs.params(), shape, dtype)
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False, role=role)
 
 
 class RMSNorm(nnx.Module):
@@ -34,7 +48,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.eps = cfg.norm_eps
-        self.scale = param(rngs, (cfg.d_model,), ("embed",), None, cfg.param_dtype)
+        self.scale = param(rngs, (cfg.d_model,), ("embed",), None, cfg.param_dtype, role="vector")
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
@@ -47,8 +61,8 @@ class LayerNorm(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.eps = cfg.norm_eps
-        self.scale = param(rngs, (cfg.d_model,), ("embed",), None, cfg.param_dtype)
-        self.bias = nnx.Param(jnp.zeros((cfg.d_model,), cfg.param_dtype), out_sharding=("embed",), eager_sharding=False)
+        self.scale = param(rngs, (cfg.d_model,), ("embed",), None, cfg.param_dtype, role="vector")
+        self.bias = param(rngs, (cfg.d_model,), ("embed",), 0, cfg.param_dtype, role="vector")
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
@@ -117,7 +131,7 @@ class RelativePositionBias(nnx.Module):
     def __init__(self, cfg: ModelConfig, bidirectional: bool, *, rngs: nnx.Rngs):
         self.cfg, self.bidirectional = cfg, bidirectional
         self.table = param(rngs, (cfg.relative_buckets, cfg.n_heads), ("relative_buckets", "heads"), cfg.init_std,
-                           cfg.param_dtype)
+                           cfg.param_dtype, role="input")
 
     def __call__(self, query_positions, key_positions):
         relative = key_positions[:, None, :] - query_positions[:, :, None]  # (B, T, S)
@@ -184,10 +198,10 @@ class Attention(nnx.Module):
         self.rotary = cfg.position == "rope" and not cross
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
         std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.n_layers) ** 0.5
-        self.wq = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std, cfg.param_dtype)
-        self.wk = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype)
-        self.wv = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype)
-        self.wo = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, cfg.param_dtype)
+        self.wq = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std, cfg.param_dtype, role="hidden")
+        self.wk = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype, role="hidden")
+        self.wv = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype, role="hidden")
+        self.wo = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, cfg.param_dtype, role="hidden")
 
     def keys_values(self, source):
         """Keys and values (k, v), each (B, S, K, H), of `source` (B, S, D); for cross-attention
@@ -261,10 +275,10 @@ class MLP(nnx.Module):
         self.gated, self.activation = cfg.gated_mlp, _ACTIVATIONS[cfg.mlp]
         d, f = cfg.d_model, d_ff or cfg.d_ff
         std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.n_layers) ** 0.5
-        self.w_up = param(rngs, (d, f), ("embed", "mlp"), std, cfg.param_dtype)
+        self.w_up = param(rngs, (d, f), ("embed", "mlp"), std, cfg.param_dtype, role="hidden")
         if self.gated:
-            self.w_gate = param(rngs, (d, f), ("embed", "mlp"), std, cfg.param_dtype)
-        self.w_down = param(rngs, (f, d), ("mlp", "embed"), out_std, cfg.param_dtype)
+            self.w_gate = param(rngs, (d, f), ("embed", "mlp"), std, cfg.param_dtype, role="hidden")
+        self.w_down = param(rngs, (f, d), ("mlp", "embed"), out_std, cfg.param_dtype, role="hidden")
 
     def __call__(self, x):
         up = checkpoint_name(matmul(x, self.w_up[...]), "mlpwi")
@@ -279,7 +293,8 @@ class Embed(nnx.Module):
     """Token embedding (V, D): lookup ids -> vectors, and `attend` for a tied output head."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.table = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, cfg.param_dtype)
+        self.table = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, cfg.param_dtype,
+                           role="input")
 
     def __call__(self, ids, dtype):
         """ids (B, T) int -> (B, T, D) in `dtype`."""

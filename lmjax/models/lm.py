@@ -32,13 +32,13 @@ class _TokenModel(nnx.Module):
         self.embed = Embed(cfg, rngs=rngs)
         if cfg.position == "learned":
             self.pos_embed = param(rngs, (cfg.max_seq_len, cfg.d_model), ("length", "embed"), cfg.init_std,
-                                   cfg.param_dtype)
+                                   cfg.param_dtype, role="input")
 
     def _init_head(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.final_norm = make_norm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
-                                 cfg.param_dtype)
+                                 cfg.param_dtype, role="output")
 
     def _embed(self, tokens, positions, dropout_key):
         cfg = self.cfg

@@ -236,11 +236,11 @@ class MoE(nnx.Module):
         self.deterministic = False
         d, f, e = cfg.d_model, cfg.expert_d_ff, moe.n_experts
         std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.n_layers) ** 0.5
-        self.router = param(rngs, (d, e), ("embed", None), std, cfg.param_dtype)
-        self.w_up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, cfg.param_dtype)
+        self.router = param(rngs, (d, e), ("embed", None), std, cfg.param_dtype, role="output")
+        self.w_up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, cfg.param_dtype, role="hidden")
         if cfg.mlp == "swiglu":
-            self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, cfg.param_dtype)
-        self.w_down = param(rngs, (e, f, d), ("expert", "mlp", "embed"), out_std, cfg.param_dtype)
+            self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, cfg.param_dtype, role="hidden")
+        self.w_down = param(rngs, (e, f, d), ("expert", "mlp", "embed"), out_std, cfg.param_dtype, role="hidden")
         if moe.n_shared_experts:
             self.shared = MLP(cfg, rngs=rngs, d_ff=moe.n_shared_experts * f)
 
