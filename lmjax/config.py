@@ -227,6 +227,7 @@ class OptimConfig:
     weight_decay: float = 0.1  # applied to matrices only: never norms, biases or embeddings
     clip_norm: float | None = 1.0  # None: no clipping
     grad_accum_steps: int = 1  # micro-batches per optimizer step
+    master_weights: bool = False  # keep float32 master weights of bfloat16 params (model.param_dtype) in the optimizer
 
     def __post_init__(self):
         _require(self.lr > 0, f"optim.lr must be positive, got {self.lr}.")
@@ -412,6 +413,9 @@ class Config:
             f"train.batch_size={self.train.batch_size} is not divisible by optim.grad_accum_steps="
             f"{self.optim.grad_accum_steps}.",
         )
+        _require(not self.optim.master_weights or self.model.param_dtype == "bfloat16",
+                 "optim.master_weights keeps float32 copies of bfloat16 params; set model.param_dtype=bfloat16 "
+                 "or optim.master_weights=false.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
