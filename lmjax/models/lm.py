@@ -48,12 +48,17 @@ class _TokenModel(nnx.Module):
         return dropout(x, cfg.dropout, None if dropout_key is None else jax.random.split(dropout_key)[0])
 
     def _logits(self, x):
+        """(B, T, D) -> logits (B, T, V) float32, times `output_multiplier` under µP."""
         x = self.final_norm(x)
         if self.cfg.tie_embeddings:
             if self.cfg.tied_output_rescale:  # original T5
                 x = x * self.cfg.d_model**-0.5
-            return self.embed.attend(x)
-        return matmul(x, self.unembed[...], out_dtype=jnp.float32)
+            logits = self.embed.attend(x)
+        else:
+            logits = matmul(x, self.unembed[...], out_dtype=jnp.float32)
+        if self.cfg.parametrization == "mup":
+            logits = logits * self.cfg.output_multiplier
+        return logits
 
 
 class _SingleStackLM(_TokenModel):

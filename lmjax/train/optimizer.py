@@ -1,4 +1,5 @@
-"""AdamW with a warmup + decay learning-rate schedule, clipping and a weight-decay mask."""
+"""AdamW with a warmup + decay learning-rate schedule, clipping, a weight-decay mask and,
+under µP, per-parameter learning-rate multipliers read from the parameters' roles."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import jax
 import optax
 from flax import nnx
 
-from lmjax.config import OptimConfig
+from lmjax.config import ModelConfig, OptimConfig
 
 NO_DECAY_PARAMS = ("table", "pos_embed")  # token and position embeddings
 
@@ -53,8 +54,36 @@ def weight_decay_mask(params: nnx.State):
     return jax.tree_util.tree_map_with_path(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int, params: nnx.State) -> optax.GradientTransformation:
-    """optax chain: global-norm clip (optional) -> AdamW with decoupled, masked weight decay."""
+def parameter_roles(params: nnx.State):
+    """The tree of `params` with each parameter replaced by its role ("input", "hidden",
+    "output" or "vector": its `role` metadata, see `lmjax.models.layers`)."""
+
+    def role(path, variable) -> str:
+        name = variable.get_metadata().get("role")
+        if name is None:
+            dotted = ".".join(str(getattr(p, "key", p)) for p in path)
+            raise ValueError(f"parameter {dotted} has no role; create it with lmjax.models.layers.param(..., role=...).")
+        return name
+
+    return jax.tree_util.tree_map_with_path(role, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def mup_learning_rate_multipliers(model: ModelConfig) -> dict[str, float]:
+    """µP's learning-rate multiplier of each parameter role under Adam (Yang et al., Tensor
+    Programs V, Table 3): hidden matrices 1 / m (their fan-in grows by the width multiplier
+    m); input-like (embeddings, positions, relative-bias tables), output-like (the head,
+    whose logits are multiplied by 1 / m instead, and the MoE router) and vector-like
+    parameters 1. All 1.0 under the standard parametrization."""
+    hidden = 1.0 / model.width_multiplier if model.parametrization == "mup" else 1.0
+    return {"input": 1.0, "hidden": hidden, "output": 1.0, "vector": 1.0}
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int, params: nnx.State,
+                   model: ModelConfig | None = None) -> optax.GradientTransformation:
+    """optax chain: global-norm clip (optional) -> AdamW with decoupled, masked weight decay
+    -> under µP (`model.parametrization`), each parameter's update times its role's
+    `mup_learning_rate_multipliers`; the decay is part of the update, so it follows the
+    parameter's learning rate, as in optax's adamw."""
     adamw = optax.adamw(
         learning_rate=learning_rate_schedule(cfg, total_steps),
         b1=cfg.beta1,
@@ -63,6 +92,9 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, params: nnx.State) -> opt
         weight_decay=cfg.weight_decay,
         mask=weight_decay_mask(params),
     )
+    if model is not None and model.parametrization == "mup":
+        scales = {role: optax.scale(m) for role, m in mup_learning_rate_multipliers(model).items()}
+        adamw = optax.chain(adamw, optax.multi_transform(scales, parameter_roles(params)))
     if cfg.clip_norm is None:
         return adamw
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)

@@ -104,7 +104,7 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None) -> Run:
         save_to_run(tokenizer, run_dir)
 
     def optimizer_for(params):
-        return make_optimizer(cfg.optim, steps, params)
+        return make_optimizer(cfg.optim, steps, params, cfg.model)
 
     batches = BatchIterator(train_set, cfg.train.batch_size, cfg.data.seed,
                             rows=local_batch_rows(mesh, cfg.train.batch_size), workers=cfg.data.workers)
