@@ -358,6 +358,9 @@ def cmd_experiments(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from lmjax.xla_setup import apply_gpu_preset
+
+    apply_gpu_preset()  # before any backend starts; only on a GPU, never over the user's XLA_FLAGS
     from lmjax.data import DataError
 
     try:

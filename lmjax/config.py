@@ -42,7 +42,7 @@ class MoEConfig:
     top_k: int = 2
     d_ff: int | None = None  # hidden width of one expert (None: model.d_ff)
     dispatch: Literal["capacity", "dropless"] = "dropless"
-    grouped_matmul: Literal["auto", "blocks", "ragged_dot"] = "auto"  # dropless kernel; auto: ragged_dot on TPU only
+    grouped_matmul: Literal["auto", "blocks", "ragged_dot"] = "auto"  # dropless kernel; auto: models.kernels table
     capacity_factor: float = 1.25  # capacity dispatch, training: slots per expert = cf * k * tokens / E
     eval_capacity_factor: float = 2.0  # capacity dispatch, evaluation and generation
     every: int = 1  # MoE in every k-th layer
@@ -120,8 +120,10 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # stored weights
     scan_layers: bool = True  # one compiled layer body, looped; compile time flat in depth
     scan_unroll: int = 1  # layers per loop iteration when scanned (n_layers: fully unrolled)
-    remat: Literal["none", "dots", "full"] = "none"
-    attention: Literal["auto", "einsum", "dot_product"] = "auto"  # auto: dot_product (cuDNN) on GPU
+    # what each layer keeps for the backward pass (lmjax.models.transformer.REMAT_POLICIES)
+    remat: Literal["none", "dots", "full", "minimal_with_context", "save_dot_except_mlp", "save_qkv_proj",
+                   "save_out_proj"] = "none"
+    attention: Literal["auto", "einsum", "dot_product"] = "auto"  # auto: cuDNN on GPU where it can, see models.kernels
     parametrization: Literal["standard", "mup"] = "standard"
     mup_base_width: int | None = None  # mup: the d_model at which it equals the standard parametrization
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -166,7 +168,7 @@ class ModelConfig:
                  f"{self.relative_max_distance} larger than half of it (T5: 32 and 128).")
         _check_choice("model.dtype", self.dtype, ("float32", "bfloat16"))
         _check_choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
-        _check_choice("model.remat", self.remat, ("none", "dots", "full"))
+        _check_choice("model.remat", self.remat, typing.get_args(typing.get_type_hints(ModelConfig)["remat"]))
         _check_choice("model.attention", self.attention, ("auto", "einsum", "dot_product"))
         _require(not self.moe.enabled or self.n_layers % self.moe.every == 0,
                  f"model.moe.every={self.moe.every} does not divide model.n_layers={self.n_layers}.")
@@ -352,6 +354,7 @@ class TrainConfig:
     sample_prompt: str = "def "
     sample_tokens: int = 200  # tokens generated after training (0: no sample)
     sample_temperature: float = 0.8
+    compilation_cache_dir: str | None = None  # JAX's persistent compilation cache here (None: off)
 
     def __post_init__(self):
         given = [n for n in ("steps", "tokens", "budget_flops") if getattr(self, n) is not None]

@@ -40,14 +40,15 @@ def causal_lm_loss(logits, targets, loss_mask):
 def predict(model, batch: dict, dropout_key=None):
     """Logits (B, T, V) float32 of `model` on a batch of its family; T is the targets' length.
 
-    decoder and encoder batches: inputs, positions, segment_ids (B, T). encoder_decoder
+    decoder and encoder batches: inputs, positions, segment_ids (B, T) (segment_ids may be left
+    out when every row is one sequence: fused attention kernels then need no mask). encoder_decoder
     batches: encoder_inputs, encoder_segment_ids (B, S) and decoder_inputs,
     decoder_segment_ids (B, T).
     """
     if model.cfg.family == "encoder_decoder":
         return model(batch["encoder_inputs"], batch["decoder_inputs"], batch["encoder_segment_ids"],
                      batch["decoder_segment_ids"], dropout_key)
-    return model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key)
+    return model(batch["inputs"], batch["positions"], batch.get("segment_ids"), dropout_key)
 
 
 # ---------------------------------------------------------------- masked LM (BERT)

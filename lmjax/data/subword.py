@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from lmjax.data.sources import DataError
-from lmjax.data.tokenizer import file_sha256, token_dtype
+from lmjax.data.tokenizer import token_dtype
+from lmjax.files import file_sha256
 
 PAD, BOS, EOS, MASK, UNK = "<pad>", "<s>", "</s>", "<mask>", "<unk>"
 KINDS = ("bpe", "unigram", "sentencepiece-bpe", "sentencepiece-unigram")

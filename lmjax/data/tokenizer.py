@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from lmjax.data.sources import DataError
+from lmjax.files import file_sha256, write_atomically
 
 _SENTINEL = re.compile(r"<extra_id_(\d+)>")
 
@@ -128,10 +129,6 @@ def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def load_tokenizer(spec: str) -> Tokenizer:
     """"bytes", a `tokenizers` .json file or a SentencePiece .model file -> a tokenizer."""
     if spec == "bytes":
@@ -157,9 +154,8 @@ def save_to_run(tokenizer: Tokenizer, run_dir: Path) -> None:
         return
     target = Path(run_dir) / f"tokenizer{Path(tokenizer.path).suffix}"
     if not target.exists() or file_sha256(target) != tokenizer.sha256:
-        temporary = target.with_name(target.name + ".tmp")
-        shutil.copyfile(tokenizer.path, temporary)
-        temporary.replace(target)
+        with Path(tokenizer.path).open("rb") as source:
+            write_atomically(target, lambda f: shutil.copyfileobj(source, f))
 
 
 def load_from_run(run_dir: Path, spec: str) -> Tokenizer:

@@ -25,13 +25,13 @@ from flax import nnx
 
 from lmjax.checkpoint import Checkpointer
 from lmjax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig
-from lmjax.interop import llama
+from lmjax.interop import llama, t5
 from lmjax.interop.tensors import open_checkpoint, save_checkpoint
 from lmjax.parallel import make_mesh, state_shardings
 from lmjax.train.optimizer import make_optimizer
 from lmjax.train.state import TrainState, abstract_model, train_state_shardings
 
-_ARCHITECTURES = {name: llama for name in llama.ARCHITECTURES}
+_ARCHITECTURES = {name: module for module in (llama, t5) for name in module.ARCHITECTURES}
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size for save_pretrained
 
 
@@ -91,7 +91,8 @@ def model_config_from_hf(hf_dir: Path, notes: list[str]) -> ModelConfig:
 def import_params(hf_dir: Path, cfg: ModelConfig, mesh, notes: list[str]) -> nnx.State:
     """The model weights of `hf_dir` as an nnx.State sharded over `mesh` by their logical axes."""
     hf = json.loads((Path(hf_dir) / "config.json").read_text())
-    rules = architecture_of(hf).tensor_rules(cfg)
+    architecture = architecture_of(hf)
+    rules = architecture.tensor_rules(cfg)
     tensors = _Recording(open_checkpoint(hf_dir))
     _, abstract = abstract_model(cfg)
     shardings = _flat(nnx.to_pure_dict(state_shardings(abstract, mesh)))
@@ -99,7 +100,7 @@ def import_params(hf_dir: Path, cfg: ModelConfig, mesh, notes: list[str]) -> nnx
     for path, leaf in _flat(nnx.to_pure_dict(abstract)).items():
         arrays[path] = _read_weight(rules[path], tensors, leaf.shape, leaf.dtype, _layer_count(path, cfg),
                                     shardings[path])
-    unread = sorted(set(tensors) - tensors.read)
+    unread = sorted(set(tensors) - tensors.read - set(architecture.tied_copies(cfg)))
     if unread:
         notes.append(f"ignored {len(unread)} tensor(s) lmjax has no place for: {', '.join(unread)}.")
     pure = {}
@@ -149,12 +150,15 @@ def from_hf(hf_dir: Path, run_dir: Path, dtype: str = "float32", mesh_cfg: MeshC
 def _hf_architecture(cfg: ModelConfig):
     if cfg.family == "decoder":
         return llama
+    if cfg.family == "encoder_decoder":
+        return t5
     raise ConfigError(f"model.family={cfg.family!r} has no Hugging Face export yet.")
 
 
 def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
     """Write checkpoint `step` (default: newest) of `run_dir` as a transformers directory
     `hf_dir`; returns the notes on settings transformers does not carry."""
+    from lmjax.data import load_from_run
     from lmjax.train.run_eval import restore_weights
 
     run_dir, hf_dir = Path(run_dir), Path(hf_dir)
@@ -173,7 +177,11 @@ def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes:
         layers = _layer_count(path, cfg.model)
         for i in [None] if layers is None else range(layers):
             tensors.update(rules[path].write(array) if i is None else rules[path].write(array[i], i=i))
-    hf_config["dtype"] = cfg.model.param_dtype
+    tokenizer = load_from_run(run_dir, cfg.data.tokenizer)
+    hf_config.update(dtype=cfg.model.param_dtype, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                     pad_token_id=tokenizer.pad_id)
+    if cfg.model.family == "encoder_decoder":
+        hf_config["decoder_start_token_id"] = tokenizer.bos_id  # lmjax decodes targets from bos
     hf_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(tensors, hf_dir, max_shard_bytes)
     (hf_dir / "config.json").write_text(json.dumps(hf_config, indent=2))

@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec
 
 from lmjax.axis_rules import constrain, logical_to_mesh, mesh_axes
 from lmjax.config import ModelConfig
+from lmjax.models.kernels import select_grouped_matmul
 from lmjax.models.layers import MLP, param
 
 
@@ -237,11 +238,11 @@ class MoE(nnx.Module):
         self.router_multiplier = cfg.output_multiplier  # µP: the router is output-like
         d, f, e = cfg.d_model, cfg.expert_d_ff, moe.n_experts
         std, out_std = cfg.hidden_init_std, cfg.residual_init_std
-        self.router = param(rngs, (d, e), ("embed", None), cfg.init_std, cfg.param_dtype)
-        self.w_up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, cfg.param_dtype)
+        self.router = param(rngs, (d, e), ("embed", None), cfg.init_std, cfg.param_dtype, role="output")
+        self.w_up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, cfg.param_dtype, role="hidden")
         if cfg.mlp == "swiglu":
-            self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, cfg.param_dtype)
-        self.w_down = param(rngs, (e, f, d), ("expert", "mlp", "embed"), out_std, cfg.param_dtype)
+            self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, cfg.param_dtype, role="hidden")
+        self.w_down = param(rngs, (e, f, d), ("expert", "mlp", "embed"), out_std, cfg.param_dtype, role="hidden")
         if moe.n_shared_experts:
             self.shared = MLP(cfg, rngs=rngs, d_ff=moe.n_shared_experts * f)
 
@@ -284,9 +285,7 @@ class MoE(nnx.Module):
         return constrain(y, ("batch", "length", None)), kept
 
     def _dropless(self, x, experts, weights, w_gate):
-        kernel = self.grouped_matmul
-        if kernel == "auto":
-            kernel = "ragged_dot" if jax.default_backend() == "tpu" else "blocks"
+        kernel = select_grouped_matmul(self.grouped_matmul)
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty or math.prod(mesh.shape.values()) == 1:
             b, t, d = x.shape

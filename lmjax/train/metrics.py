@@ -26,6 +26,10 @@ PEAK_FLOPS = {
 }
 
 
+# Peak memory bandwidth per device (bytes/s), from the vendors' data sheets.
+PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+
+
 @functools.cache
 def measured_matmul_flops(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> float:
     """Best-of-`repeats` FLOP/s of one (size x size) @ (size x size) matmul on device 0."""

@@ -9,27 +9,32 @@ from flax import nnx
 
 from lmjax.config import ModelConfig, OptimConfig
 
-NO_DECAY_PARAMS = ("table", "pos_embed")  # token and position embeddings
+# Weight decay by parameter role (`lmjax.models.layers.ROLES`): matrices that map activations
+# decay; looked-up rows (token and position embeddings, relative-bias tables) and vectors (norm
+# gains, biases) do not. The relative-bias table is an embedding of distance buckets: decaying it
+# would only pull every position bias toward "ignore position", for no capacity it controls.
+DECAYED_ROLES = ("hidden", "output")
 
 
-def wsd_decay_steps(cfg: OptimConfig, total_steps: int) -> int:
-    """Steps of the final decay of a warmup-stable-decay schedule: round(decay_fraction * total), >= 1."""
-    return max(1, round(cfg.decay_fraction * total_steps))
+def wsd_decay_start(cfg: OptimConfig, total_steps: int) -> int:
+    """The step where a warmup-stable-decay schedule's final linear decay begins: the last
+    round(decay_fraction * total_steps) steps (at least 1) decay, but never before warmup ends."""
+    warmup = min(cfg.warmup_steps, total_steps)
+    return total_steps - min(max(1, round(cfg.decay_fraction * total_steps)), total_steps - warmup)
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `cfg.lr` over `warmup_steps`, then cosine/linear decay to
-    `lr * min_lr_ratio` at `total_steps` (or constant); "wsd" stays at `lr` until the last
-    `wsd_decay_steps` steps and decays linearly to `lr * min_lr_ratio` over them."""
+    `lr * min_lr_ratio` at `total_steps` (or constant); "wsd" stays at `lr` until
+    `wsd_decay_start` and decays linearly to `lr * min_lr_ratio` over the remaining steps."""
     warmup = min(cfg.warmup_steps, total_steps)
     decay_steps = max(total_steps - warmup, 1)
     end = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "wsd":
-        cooldown = min(wsd_decay_steps(cfg, total_steps), total_steps - warmup)
-        stable = total_steps - warmup - cooldown
+        start = wsd_decay_start(cfg, total_steps)
         pieces = [optax.linear_schedule(0.0, cfg.lr, warmup), optax.constant_schedule(cfg.lr),
-                  optax.linear_schedule(cfg.lr, end, max(cooldown, 1))]
-        return optax.join_schedules(pieces, [warmup, warmup + stable])
+                  optax.linear_schedule(cfg.lr, end, max(total_steps - start, 1))]
+        return optax.join_schedules(pieces, [warmup, start])
     if cfg.schedule == "cosine":
         decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
     elif cfg.schedule == "linear":
@@ -42,16 +47,10 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
 
 
 def weight_decay_mask(params: nnx.State):
-    """True for weight matrices; False for norms, biases and embeddings.
-
-    A parameter is a matrix when it has two or more axes besides the stacked `layers` axis.
-    """
-
-    def decays(path, variable) -> bool:
-        names = [n for n in (variable.out_sharding or ()) if n != "layers"]
-        return len(names) >= 2 and str(path[-1].key) not in NO_DECAY_PARAMS
-
-    return jax.tree_util.tree_map_with_path(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    """True for the parameters whose role (their `role` metadata) is in DECAYED_ROLES: the
+    weight matrices of the stack, the output head and the router; False for embeddings,
+    relative-bias tables, norm gains and biases."""
+    return jax.tree.map(lambda role: role in DECAYED_ROLES, parameter_roles(params))
 
 
 def parameter_roles(params: nnx.State):
@@ -62,7 +61,8 @@ def parameter_roles(params: nnx.State):
         name = variable.get_metadata().get("role")
         if name is None:
             dotted = ".".join(str(getattr(p, "key", p)) for p in path)
-            raise ValueError(f"parameter {dotted} has no role; create it with lmjax.models.layers.param(..., role=...).")
+            raise ValueError(f"parameter {dotted} has no role; create it with "
+                             "lmjax.models.layers.param(..., role=...).")
         return name
 
     return jax.tree_util.tree_map_with_path(role, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -74,8 +74,7 @@ def mup_learning_rate_multipliers(model: ModelConfig) -> dict[str, float]:
     m); input-like (embeddings, positions, relative-bias tables), output-like (the head,
     whose logits are multiplied by 1 / m instead, and the MoE router) and vector-like
     parameters 1. All 1.0 under the standard parametrization."""
-    hidden = 1.0 / model.width_multiplier if model.parametrization == "mup" else 1.0
-    return {"input": 1.0, "hidden": hidden, "output": 1.0, "vector": 1.0}
+    return {"input": 1.0, "hidden": 1.0 / model.width_multiplier, "output": 1.0, "vector": 1.0}
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int, params: nnx.State,

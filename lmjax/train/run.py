@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +33,14 @@ from lmjax.data import (
     split_documents,
 )
 from lmjax.data.denoising import make_dataset, window_length
+from lmjax.files import file_sha256, write_json_atomically
 from lmjax.parallel import batch_sharding, global_batch, local_batch_rows, make_mesh, validate_layout
 from lmjax.scaling.plan import total_steps
 from lmjax.train import loggers
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
 from lmjax.train.state import TrainState, abstract_model, abstract_train_state, init_train_state
 from lmjax.train.step import make_train_step
+from lmjax.xla_setup import enable_compilation_cache
 
 
 @dataclass
@@ -83,6 +84,7 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None) -> Run:
     `init_from` (a run directory) starts from that run's newest weights, with a fresh
     optimizer at step 0. Raises ConfigError or DataError before compiling."""
     run_dir = Path(run_dir)
+    enable_compilation_cache(cfg.train.compilation_cache_dir)
     steps = total_steps(cfg)
     mesh = make_mesh(cfg.mesh)
     validate_layout(cfg, mesh)
@@ -228,15 +230,7 @@ def run_tokenizer(cfg: Config, run_dir: Path):
 
 def check_same_tokenizer(tokenizer, run_dir: Path) -> None:
     """Raise ConfigError if the run being resumed saved a different tokenizer."""
-    from lmjax.data.tokenizer import file_sha256
-
     saved = _saved_tokenizers(run_dir)
     if (saved and file_sha256(saved[0]) != tokenizer.sha256) or (not saved and tokenizer.path is not None):
         raise ConfigError(f"cannot resume: data.tokenizer={tokenizer.name!r} is not the tokenizer the run in "
                           f"{run_dir} was trained with; use {saved[0] if saved else 'bytes'}.")
-
-
-def write_json_atomically(path: Path, data: dict) -> None:
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(data, indent=2))
-    os.replace(temporary, path)
