@@ -2,6 +2,7 @@
 multipliers by hand, the coordinate check, sharding, resume, and bad input."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ from test_parallel import TINY, finish, lmjax_subprocess, losses, mesh_args
 
 import lmjax
 from lmjax.cli import main
-from lmjax.config import ConfigError, ModelConfig, MoEConfig, OptimConfig
+from lmjax.config import Config, ConfigError, ModelConfig, MoEConfig, OptimConfig
 from lmjax.models import build_model
 from lmjax.scaling.coordinate_check import WIDTHS, coordinate_check, text_batch, width_slopes
 from lmjax.train.loggers import read_metrics
@@ -131,7 +132,7 @@ def test_coordinate_check():
     assert mup.shape == (5, 3)
     assert np.all(np.abs(mup) < 0.1), mup
     standard = coordinate_check("standard")
-    assert np.all(np.diff(standard[:, :, -1], axis=0) > 0)
+    assert np.all(standard[-1, :, -1] > 2 * standard[0, :, -1])  # 8x the width, over twice the logits
     assert np.all(width_slopes(standard, WIDTHS)[:, -1] > 0.3)
 
 
@@ -154,6 +155,38 @@ def test_bad_input_is_one_clear_line(capsys, tmp_path, changes, message):
 MUP = ["--set", "model.parametrization=mup", "--set", "model.mup_base_width=16"]
 
 
+def test_sweep_applies_one_tuned_learning_rate_under_mup_to_every_width(capsys, tmp_path):
+    """`lmjax sweep --set` reaches every run of an IsoFLOP grid that varies width (also in the
+    printed launch commands); each run keeps the tuned lr, and µP scales its hidden matrices'."""
+    from lmjax.scaling.sweep import load_sweep, run_config
+
+    tuned = ["model.parametrization=mup", "model.mup_base_width=32", "optim.lr=0.004"]
+    sweep_dir = tmp_path / "mup"
+    assert main(["sweep", "scaling_micro", "--dir", str(sweep_dir), "--commands",
+                 *[a for o in tuned for a in ("--set", o)]]) == 0
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == 18 and all(" --set optim.lr=0.004 " in c for c in commands)
+    sweep = load_sweep("scaling_micro")
+    sweep = dataclasses.replace(sweep, overrides=(*sweep.overrides, *tuned))
+    configs = [run_config(sweep, run, sweep_dir) for run in sweep.runs]
+    assert {(c.model.parametrization, c.model.mup_base_width, c.optim.lr) for c in configs} == {("mup", 32, 0.004)}
+    assert sorted({c.model.width_multiplier for c in configs}) == [0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
+
+
+def test_plan_shows_the_parametrization_and_export_refuses_mup_off_its_base_width(capsys, tmp_path):
+    assert main(["plan", *MUP, "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["parametrization"] == "mup" and planned["mup_width_multiplier"] == 256 / 16
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = Config(model=ModelConfig(d_model=64, n_heads=2, parametrization="mup", mup_base_width=32))
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    assert main(["convert", "to-hf", str(run), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "only a µP run at its base width exports" in err
+    assert not (tmp_path / "hf").exists()
+
+
 def test_sharded_mup_run_equals_one_device_and_resumes_as_mup(tmp_path):
     """fsdp 8 on CPU devices (a subprocess) equals the single-device run, which is halted at
     step 3 and resumed: the resumed run is µP again (its config and its optimizer)."""
@@ -161,7 +194,7 @@ def test_sharded_mup_run_equals_one_device_and_resumes_as_mup(tmp_path):
     process = lmjax_subprocess(["train", *TINY, *MUP, *mesh_args(data=1, fsdp=8), "--set", f"train.run_dir={sharded}"])
     single = tmp_path / "single"
     assert main(["train", *TINY, *MUP, "--set", f"train.run_dir={single}", "--set", "train.halt_at_step=3"]) == 0
-    assert main(["train", "--resume", str(single)]) == 0
+    assert main(["train", "--resume", str(single), "--set", "train.halt_at_step=none"]) == 0
     finish(process)
     assert [r["step"] for r in read_metrics(single) if "loss" in r] == [1, 2, 3, 4, 5]
     np.testing.assert_allclose(losses(sharded), losses(single), rtol=1e-5)
