@@ -140,6 +140,8 @@ class ModelConfig:
         _require(self.d_head is None or self.d_head > 0, f"model.d_head must be positive or none, got {self.d_head}.")
         _require(self.attention_scale is None or self.attention_scale > 0,
                  f"model.attention_scale must be positive or none, got {self.attention_scale}.")
+        _require(not self.tied_output_rescale or self.tie_embeddings,
+                 "model.tied_output_rescale rescales a tied output head; set model.tie_embeddings=true too.")
         _require(
             self.d_head is not None or self.d_model % self.n_heads == 0,
             f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; "
@@ -354,6 +356,7 @@ class TrainConfig:
     sample_prompt: str = "def "
     sample_tokens: int = 200  # tokens generated after training (0: no sample)
     sample_temperature: float = 0.8
+    warning_signal: str = "SIGUSR1"  # like SIGTERM: save and stop (SLURM's --signal=USR1@SECONDS warning)
     compilation_cache_dir: str | None = None  # JAX's persistent compilation cache here (None: off)
 
     def __post_init__(self):
@@ -365,6 +368,9 @@ class TrainConfig:
             value = getattr(self, name)
             _require(value is None or value > 0, f"train.{name} must be positive, got {value}.")
         _require(self.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {self.sample_tokens}.")
+        _require(self.warning_signal in ("SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGALRM"),
+                 f"train.warning_signal={self.warning_signal!r} is not one of SIGUSR1, SIGUSR2, SIGHUP, SIGQUIT, "
+                 "SIGALRM.")
         _require(self.sample_tokens == 0 or self.sample_prompt != "",
                  "train.sample_prompt is empty; give a prompt, or set train.sample_tokens=0 for no sample.")
         _require(self.sample_temperature >= 0, f"train.sample_temperature must be >= 0, got {self.sample_temperature}.")

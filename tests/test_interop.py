@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from lmjax.cli import main  # noqa: E402
 from lmjax.config import ConfigError  # noqa: E402
+from lmjax.data.tokenizer import ByteTokenizer  # noqa: E402
 from lmjax.generate import generate  # noqa: E402
 from lmjax.interop import llama  # noqa: E402
 from lmjax.interop.convert import from_hf, to_hf  # noqa: E402
@@ -257,6 +258,9 @@ def test_export_loads_in_transformers_with_the_same_logits_and_reimports_bit_for
     assert all("z_loss" in n for n in notes) and len(notes) == cfg.model.moe.enabled  # the z-loss: training only
     hf, info = getattr(transformers, hf_class).from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    text = "def f(x): <extra_id_0> + 1  # héllo"  # the byte tokenizer, as transformers reads it
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")(text).input_ids == \
+        list(ByteTokenizer().encode_with_sentinels(text))
     model, _ = load_run(tmp_path / "run")
     ids = tokens(vocab=cfg.model.vocab_size)
     if cfg.model.family == "encoder_decoder":
@@ -297,6 +301,41 @@ def test_init_from_starts_training_from_the_imported_weights(imported, tiny, tmp
     trained, _ = load_run(tmp_path / "run")
     for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(trained))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-9)
+
+
+SHARDED_IMPORT = """
+import sys
+import jax, numpy as np
+from flax import nnx
+from lmjax.config import MeshConfig
+from lmjax.interop.convert import import_params, model_config_from_hf
+from lmjax.parallel import make_mesh
+
+hf_dir, ids_file, logits_file = sys.argv[1:]
+assert len(jax.devices()) == 8
+mesh = make_mesh(MeshConfig(data=1, fsdp=8))
+cfg = model_config_from_hf(hf_dir, [])
+params = import_params(hf_dir, cfg, mesh, [])
+wq = params["stack"]["blocks"]["attn"]["wq"][...]
+assert wq.sharding.spec[1] == "fsdp", wq.sharding.spec  # (layers, embed, heads, head_dim): embed split 8 ways
+assert wq.addressable_shards[0].data.shape[1] == cfg.d_model // 8
+from lmjax.train.state import abstract_model
+graphdef, _ = abstract_model(cfg)
+with jax.set_mesh(mesh):
+    logits = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, np.load(ids_file))
+np.save(logits_file, np.asarray(logits))
+"""
+
+
+def test_sharded_import_onto_8_devices_gives_the_same_logits(imported, tmp_path):
+    hf, _, _, _, root = imported("llama_untied")
+    ids = tokens()
+    np.save(tmp_path / "ids.npy", ids)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    process = subprocess.run([sys.executable, "-c", SHARDED_IMPORT, root / "hf", tmp_path / "ids.npy",
+                              tmp_path / "logits.npy"], env=env, capture_output=True, text=True)
+    assert process.returncode == 0, process.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), hf_logits(hf, ids), atol=TOLERANCE, rtol=0)
 
 
 def run_cli(capsys, *args):
@@ -340,3 +379,96 @@ def test_importing_lmjax_never_imports_torch():
             "sys.exit('torch' in sys.modules or 'transformers' in sys.modules)")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+def corpus():
+    import inspect
+    import textwrap
+
+    return [inspect.getsource(m) for m in (json, shutil, textwrap)] + ["Héllo wörld, ça va? 🙂 Ünïcödé!"] * 20
+
+
+TEXTS = ["def f(x):\n    return x + 1  # ok", "Héllo wörld, ça va? 🙂", "  leading spaces and\ttabs\n\n", "ÆØÅ 漢字 ☃"]
+
+
+def llama_style():
+    """BPE with byte fallback over Metaspace pieces, BOS prepended (LLaMA's tokenizer.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tokenizer.train_from_iterator(corpus(), trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tokenizer, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def t5_style():
+    """Unigram over Metaspace pieces, </s> appended, sentinels at the top ids (T5's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+                                      show_progress=False)
+    tokenizer.train_from_iterator(corpus(), trainer)
+    tokenizer.add_special_tokens([f"<extra_id_{i}>" for i in reversed(range(10))])
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return tokenizer, {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+
+def bert_style():
+    """WordPiece over BERT's normalizer and pre-tokenizer, [CLS] ... [SEP] (BERT's)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+                                        show_progress=False)
+    tokenizer.train_from_iterator(corpus(), trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                             special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return tokenizer, {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "mask_token": "[MASK]",
+                       "unk_token": "[UNK]"}
+
+
+@pytest.mark.parametrize("style", [llama_style, t5_style, bert_style], ids=["llama", "t5", "bert"])
+def test_hf_tokenizers_encode_the_same_ids_as_transformers(style, tmp_path):
+    from lmjax.data.subword import HFTokenizer
+
+    tokenizer, roles = style()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, **roles).save_pretrained(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = HFTokenizer(tmp_path / "tokenizer.json")
+    for text in TEXTS:
+        assert list(ours.encode(text)) == theirs(text, add_special_tokens=False).input_ids
+        assert ours.decode(ours.encode(text)) == theirs.decode(ours.encode(text), skip_special_tokens=True)
+    assert ours.eos_id == (theirs.eos_token_id if theirs.eos_token_id is not None else theirs.sep_token_id)
+    assert ours.pad_id == theirs.pad_token_id and ours.mask_id == theirs.mask_token_id
+    start = {"llama": theirs.bos_token_id, "t5": theirs.pad_token_id, "bert": theirs.cls_token_id}[style.__name__[:-6]]
+    assert ours.bos_id == start  # T5 decodes from pad; BERT opens with [CLS]
+    opened = style is not t5_style  # the file's post-processor puts <s> / [CLS] first
+    assert list(ours.encode_prompt(TEXTS[0])) == [start] * opened + theirs(TEXTS[0], add_special_tokens=False).input_ids
+    if style is t5_style:
+        assert ours.num_sentinels == 10 and ours.sentinel_id(0) == theirs.convert_tokens_to_ids("<extra_id_0>")
+
+
+def test_import_carries_the_model_tokenizer(imported, tmp_path):
+    import lmjax
+
+    _, _, _, _, root = imported("llama_untied")
+    shutil.copytree(root / "hf", tmp_path / "hf")
+    tokenizer, roles = llama_style()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, **roles).save_pretrained(tmp_path / "hf")
+    assert from_hf(tmp_path / "hf", tmp_path / "run") == []
+    _, cfg, ours = lmjax.load(tmp_path / "run")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert list(ours.encode_prompt(TEXTS[1])) == theirs(TEXTS[1]).input_ids and ours.bos_id == 1
+    to_hf(tmp_path / "run", tmp_path / "back")
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert again(TEXTS[1]).input_ids == theirs(TEXTS[1]).input_ids

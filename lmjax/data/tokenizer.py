@@ -49,6 +49,9 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> np.ndarray:
         """text -> (n,) unsigned int ids, no bos/eos added."""
 
+    def encode_prompt(self, text: str) -> np.ndarray:
+        """A prompt to continue: `encode`, with bos first where the tokenizer's file says so (LLaMA)."""
+
     def decode(self, ids) -> str:
         """ids -> text; special and sentinel ids are dropped."""
 
@@ -85,6 +88,10 @@ class ByteTokenizer:
     def encode(self, text: str) -> np.ndarray:
         """text -> (n_bytes,) uint16 ids, no bos/eos added."""
         return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.uint16)
+
+    def encode_prompt(self, text: str) -> np.ndarray:
+        """`encode`: byte runs train without bos."""
+        return self.encode(text)
 
     def encode_with_sentinels(self, text: str) -> np.ndarray:
         """Like `encode`, with each `<extra_id_N>` in the text (T5's spelling) as sentinel N."""
@@ -149,13 +156,18 @@ def load_tokenizer(spec: str) -> Tokenizer:
 
 def save_to_run(tokenizer: Tokenizer, run_dir: Path) -> None:
     """Copy a subword tokenizer's file into `run_dir` as tokenizer.json / tokenizer.model
-    (nothing for bytes), so the run can be reloaded without the original file."""
+    (nothing for bytes), with the tokenizer_config.json beside it if there is one (the roles
+    of a Hugging Face tokenizer's special tokens), so the run can be reloaded without them."""
     if tokenizer.path is None:
         return
-    target = Path(run_dir) / f"tokenizer{Path(tokenizer.path).suffix}"
-    if not target.exists() or file_sha256(target) != tokenizer.sha256:
-        with Path(tokenizer.path).open("rb") as source:
-            write_atomically(target, lambda f: shutil.copyfileobj(source, f))
+    roles = Path(tokenizer.path).with_name("tokenizer_config.json")
+    copies = [(Path(tokenizer.path), Path(run_dir) / f"tokenizer{Path(tokenizer.path).suffix}")]
+    if roles.is_file():
+        copies.append((roles, Path(run_dir) / roles.name))
+    for source, target in copies:
+        if not target.exists() or file_sha256(target) != file_sha256(source):
+            with source.open("rb") as f:
+                write_atomically(target, lambda out, f=f: shutil.copyfileobj(f, out))
 
 
 def load_from_run(run_dir: Path, spec: str) -> Tokenizer:

@@ -27,6 +27,7 @@ from lmjax.checkpoint import Checkpointer
 from lmjax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig
 from lmjax.interop import llama, t5
 from lmjax.interop.tensors import open_checkpoint, save_checkpoint
+from lmjax.interop.tokenizer_files import write_tokenizer
 from lmjax.parallel import make_mesh, state_shardings
 from lmjax.train.optimizer import make_optimizer
 from lmjax.train.state import TrainState, abstract_model, train_state_shardings
@@ -122,6 +123,7 @@ def from_hf(hf_dir: Path, run_dir: Path, dtype: str = "float32", mesh_cfg: MeshC
     tokenizer = "bytes"
     if (hf_dir / "tokenizer.json").is_file():
         tokenizer = str((run_dir / "tokenizer.json").absolute())
+        _check_tokenizer(hf_dir, model, notes)
     else:
         notes.append("no tokenizer.json: the run records data.tokenizer='bytes'; copy the model's tokenizer.json "
                      "into the run directory and set data.tokenizer to it before using text.")
@@ -137,14 +139,30 @@ def from_hf(hf_dir: Path, run_dir: Path, dtype: str = "float32", mesh_cfg: MeshC
                        jax.random.key_data(jax.random.key(cfg.train.seed)))
     state = jax.device_put(state, train_state_shardings(jax.eval_shape(lambda: state), mesh))
     run_dir.mkdir(parents=True, exist_ok=True)
-    if tokenizer != "bytes":
-        shutil.copyfile(hf_dir / "tokenizer.json", run_dir / "tokenizer.json")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if tokenizer != "bytes" and (hf_dir / name).is_file():
+            shutil.copyfile(hf_dir / name, run_dir / name)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     checkpointer = Checkpointer(run_dir, async_save=False)
     checkpointer.save(0, state, {}, cfg.to_dict())
     checkpointer.wait()
     checkpointer.close()
     return notes
+
+
+def _check_tokenizer(hf_dir: Path, model: ModelConfig, notes: list[str]) -> None:
+    """Note when lmjax cannot use the directory's tokenizer.json (it is copied all the same)."""
+    from lmjax.data import DataError
+    from lmjax.data.subword import HFTokenizer
+
+    try:
+        tokenizer = HFTokenizer(hf_dir / "tokenizer.json")
+    except DataError as e:
+        notes.append(f"tokenizer.json is copied, but lmjax cannot use it: {e}")
+        return
+    if tokenizer.vocab_size > model.vocab_size:
+        raise ConfigError(f"tokenizer.json has {tokenizer.vocab_size} ids, more than the model's vocab_size="
+                          f"{model.vocab_size}; is it this model's tokenizer?")
 
 
 def _hf_architecture(cfg: ModelConfig):
@@ -187,6 +205,7 @@ def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes:
     if cfg.model.family == "encoder_decoder":
         hf_config["decoder_start_token_id"] = tokenizer.bos_id  # lmjax decodes targets from bos
     hf_dir.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(run_dir, tokenizer, hf_dir, cfg.model.max_seq_len, notes)
     save_checkpoint(tensors, hf_dir, max_shard_bytes)
     (hf_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
     return notes

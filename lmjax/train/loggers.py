@@ -23,14 +23,21 @@ from lmjax.config import Config
 
 class MetricsLogger:
     """Appends records to `<run_dir>/metrics.jsonl` and, unless log.wandb == "off", to wandb
-    (offline by default: files under `<run_dir>/wandb`, no account needed)."""
+    (offline by default: files under `<run_dir>/wandb`, no account needed).
 
-    def __init__(self, cfg: Config, run_dir: Path, resume: bool, enabled: bool = True):
+    A run continues from `start_step` (its restored checkpoint's step): the records of later
+    steps, logged before a crash or kill that lost them, are dropped from metrics.jsonl and
+    routing.jsonl first, so each step appears once. (wandb keeps them; it ignores a step
+    logged again.)"""
+
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool, enabled: bool = True, start_step: int = 0):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.wandb_run = None
         if not enabled:
             return
+        for path in (self.path, run_dir / "routing.jsonl"):
+            _drop_records_after(path, start_step)
         if cfg.log.wandb != "off":
             import wandb
 
@@ -85,17 +92,36 @@ def environment() -> dict:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """All records of `<run_dir>/metrics.jsonl`, in order."""
-    path = Path(run_dir) / "metrics.jsonl"
+    return _read_records(Path(run_dir) / "metrics.jsonl")
+
+
+def _read_records(path: Path) -> list[dict]:
+    """The JSON lines of `path`; a last line cut off mid-write (a killed run) is left out."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    try:
+        return records + [json.loads(line) for line in lines[-1:]]
+    except json.JSONDecodeError:
+        return records
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Rewrite the JSONL file `path` (atomically) without the records of steps after `step`."""
+    records = _read_records(path)
+    kept = [r for r in records if r["step"] <= step]
+    if len(kept) < len(records) or (path.exists() and not path.read_text().endswith("\n")):
+        temporary = path.with_suffix(".jsonl.tmp")
+        temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(temporary, path)
 
 
 def read_routing(run_dir: Path) -> dict:
     """`<run_dir>/routing.jsonl` of a MoE run as arrays: "step" (S,) and each routing
     statistic stacked over log steps, e.g. "load" (S, L_moe, E), "dropped" (S, L_moe)."""
     path = Path(run_dir) / "routing.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = _read_records(path)
     if not records:
         return {}
     return {key: np.asarray([r[key] for r in records]) for key in records[0]}
