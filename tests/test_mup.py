@@ -200,3 +200,33 @@ def test_sharded_mup_run_equals_one_device_and_resumes_as_mup(tmp_path):
     np.testing.assert_allclose(losses(sharded), losses(single), rtol=1e-5)
     model, cfg, _ = lmjax.load(single)
     assert (cfg.model.parametrization, cfg.model.mup_base_width, model.cfg.output_multiplier) == ("mup", 16, 0.5)
+
+
+def test_transfer_sweep_runs_resumably_at_a_tiny_size(tmp_path):
+    """experiments/mup_transfer.py: 48 runs (2 parametrizations x 4 widths x 6 learning rates
+    a factor 2 apart); one of them, cut to 2 steps, runs, and a second start skips it."""
+    from lmjax.scaling.sweep import load_sweep, run_sweep
+    from lmjax.scaling.transfer import read_transfer_results
+
+    sweep = load_sweep("mup_transfer")
+    assert len(sweep.runs) == 48 and sweep.runs[-1].name == "mup-w512-lr0.016"
+    tiny = dataclasses.replace(sweep, runs=sweep.runs[:1], overrides=(
+        *sweep.overrides, "train.steps=2", "data.max_bytes=100000", "train.eval_batches=1"))
+    log = []
+    results = run_sweep(tiny, tmp_path, log=log.append)
+    run_sweep(tiny, tmp_path, log=log.append)
+    assert log[-1] == "sweep: standard-w64-lr0.0005 finished already, skipped"
+    assert list(read_transfer_results(results)) == ["standard"]
+
+
+def test_optimal_learning_rate_per_width(tmp_path):
+    from lmjax.scaling.transfer import optimal_learning_rates, plot_learning_rate_transfer, read_transfer_results
+
+    rows = ["name,val_loss", "mup-w64-lr0.001,3.0", "mup-w64-lr0.002,2.5", "mup-w64-lr0.004,2.7",
+            "mup-w128-lr0.001,2.9", "mup-w128-lr0.002,2.4", "mup-w128-lr0.004,2.3", "standard-w64-lr0.001,3.1"]
+    (tmp_path / "results.csv").write_text("\n".join(rows) + "\n")
+    table = read_transfer_results(tmp_path / "results.csv")
+    assert table["mup"][64] == [(0.001, 3.0), (0.002, 2.5), (0.004, 2.7)]
+    assert optimal_learning_rates(table) == {"mup": {64: 0.002, 128: 0.004}, "standard": {64: 0.001}}
+    paths = plot_learning_rate_transfer(table, tmp_path / "plots")
+    assert [p.name for p in paths] == ["lr_transfer_mup.png", "lr_transfer_standard.png"] and paths[0].stat().st_size
