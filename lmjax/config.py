@@ -103,8 +103,13 @@ class ModelConfig:
     d_head: int | None = None  # width of one attention head; None: d_model // n_heads
     attention_scale: float | None = None  # attention logits = scale * q.k; None: 1 / sqrt(head width)
     d_ff: int = 1024
-    # swiglu: silu-gated (LLaMA); gelu: tanh GELU; relu: T5; geglu: tanh-GELU-gated (T5 v1.1)
-    mlp: Literal["swiglu", "gelu", "relu", "geglu"] = "swiglu"
+    # swiglu: silu-gated (LLaMA); gelu: tanh GELU; gelu_exact: erf GELU (BERT); relu: T5; geglu: tanh-GELU-gated (T5 v1.1)
+    mlp: Literal["swiglu", "gelu", "gelu_exact", "relu", "geglu"] = "swiglu"
+    norm_placement: Literal["pre", "post"] = "pre"  # post (BERT): x = Norm(x + f(x)) in each block, no final norm
+    bias: bool = False  # BERT: a bias on every attention and feed-forward projection
+    token_types: int = 0  # BERT: rows of a token-type (sentence A/B) embedding added to the input; 0: none
+    embed_norm: bool = False  # BERT: a norm over the summed input embeddings
+    mlm_head_transform: bool = False  # BERT: dense + activation + norm before the output head, and an output bias
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
     position: Literal["rope", "learned", "relative"] = "rope"
@@ -155,7 +160,12 @@ class ModelConfig:
         _require(self.position != "rope" or self.head_dim % 2 == 0,
                  f"RoPE needs an even head width, got {self.head_dim}.")
         _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}.")
-        _check_choice("model.mlp", self.mlp, ("swiglu", "gelu", "relu", "geglu"))
+        _check_choice("model.mlp", self.mlp, ("swiglu", "gelu", "gelu_exact", "relu", "geglu"))
+        _check_choice("model.norm_placement", self.norm_placement, ("pre", "post"))
+        _require(self.token_types >= 0, f"model.token_types must be >= 0, got {self.token_types}.")
+        _require(self.norm_placement == "pre" or self.family != "encoder_decoder",
+                 "model.norm_placement='post' is for decoder and encoder models (BERT); keep 'pre' here.")
+        _require(not (self.bias and self.moe.enabled), "model.bias has no MoE form; MoE experts have no biases.")
         _require(not self.moe.enabled or self.mlp in ("swiglu", "gelu"),
                  f"model.mlp={self.mlp!r} has no MoE form; MoE experts are swiglu or gelu.")
         _check_choice("model.norm", self.norm, ("rmsnorm", "layernorm"))
@@ -265,6 +275,7 @@ class OptimConfig:
     weight_decay: float = 0.1  # applied to matrices only: never norms, biases or embeddings
     clip_norm: float | None = 1.0  # None: no clipping
     grad_accum_steps: int = 1  # micro-batches per optimizer step
+    master_weights: bool = False  # keep float32 master weights of bfloat16 params (model.param_dtype) in the optimizer
 
     def __post_init__(self):
         _require(self.lr > 0, f"optim.lr must be positive, got {self.lr}.")
@@ -450,6 +461,9 @@ class Config:
             f"train.batch_size={self.train.batch_size} is not divisible by optim.grad_accum_steps="
             f"{self.optim.grad_accum_steps}.",
         )
+        _require(not self.optim.master_weights or self.model.param_dtype == "bfloat16",
+                 "optim.master_weights keeps float32 copies of bfloat16 params; set model.param_dtype=bfloat16 "
+                 "or optim.master_weights=false.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

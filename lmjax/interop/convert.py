@@ -25,14 +25,14 @@ from flax import nnx
 
 from lmjax.checkpoint import Checkpointer
 from lmjax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig
-from lmjax.interop import llama, t5
+from lmjax.interop import bert, llama, t5
 from lmjax.interop.tensors import open_checkpoint, save_checkpoint
 from lmjax.interop.tokenizer_files import write_tokenizer
 from lmjax.parallel import make_mesh, state_shardings
 from lmjax.train.optimizer import make_optimizer
 from lmjax.train.state import TrainState, abstract_model, train_state_shardings
 
-_ARCHITECTURES = {name: module for module in (llama, t5) for name in module.ARCHITECTURES}
+_ARCHITECTURES = {name: module for module in (llama, t5, bert) for name in module.ARCHITECTURES}
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size for save_pretrained
 
 
@@ -168,9 +168,7 @@ def _check_tokenizer(hf_dir: Path, model: ModelConfig, notes: list[str]) -> None
 def _hf_architecture(cfg: ModelConfig):
     if cfg.family == "decoder":
         return llama
-    if cfg.family == "encoder_decoder":
-        return t5
-    raise ConfigError(f"model.family={cfg.family!r} has no Hugging Face export yet.")
+    return t5 if cfg.family == "encoder_decoder" else bert
 
 
 def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:

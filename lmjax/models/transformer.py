@@ -39,11 +39,12 @@ def dropout(x, rate: float, key):
 
 class Block(nnx.Module):
     """x + Attn(Norm(x)), with `cross` then x + CrossAttn(Norm(x), context), then
-    x + FFN(Norm(x)), the FFN a dense MLP or, with `moe`, a mixture of experts.
+    x + FFN(Norm(x)), the FFN a dense MLP or, with `moe`, a mixture of experts; with
+    `model.norm_placement` "post" (BERT), each step is x = Norm(x + f(x)) instead.
     (B, T, D) -> (B, T, D)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False, cross: bool = False):
-        self.dropout_rate = cfg.dropout
+        self.dropout_rate, self.post_norm = cfg.dropout, cfg.norm_placement == "post"
         self.attn_norm = make_norm(cfg, rngs)
         self.attn = Attention(cfg, rngs=rngs)
         if cross:
@@ -68,16 +69,18 @@ class Block(nnx.Module):
         if cross and cache is not None:
             cache, cross_cache = cache[:2], cache[2:]
             context = cross_cache
-        attended = self.attn(self.attn_norm(x), positions, mask, cache, bias)
+        pre = (lambda norm, h: h) if self.post_norm else (lambda norm, h: norm(h))  # noqa: E731
+        post = (lambda norm, h: norm(h)) if self.post_norm else (lambda norm, h: h)  # noqa: E731
+        attended = self.attn(pre(self.attn_norm, x), positions, mask, cache, bias)
         if cache is not None:
             attended, cache = attended
-        x = x + dropout(attended, self.dropout_rate, keys[0])
+        x = post(self.attn_norm, x + dropout(attended, self.dropout_rate, keys[0]))
         if cross:
-            attended = self.cross_attn(self.cross_norm(x), positions, context_mask, context=context)
-            x = x + dropout(attended, self.dropout_rate, keys[-1])
-        h = self.mlp_norm(x)
+            attended = self.cross_attn(pre(self.cross_norm, x), positions, context_mask, context=context)
+            x = post(self.cross_norm, x + dropout(attended, self.dropout_rate, keys[-1]))
+        h = pre(self.mlp_norm, x)
         h = self.moe(h, keys[2]) if moe else self.mlp(h)
-        x = x + dropout(h, self.dropout_rate, keys[1])
+        x = post(self.mlp_norm, x + dropout(h, self.dropout_rate, keys[1]))
         return x if cache is None else (x, (*cache, *cross_cache))
 
 

@@ -1,8 +1,9 @@
 """Memory of a training step and of inference, per device, computed from a Config.
 
 Everything is in bytes. Weights, gradients and the two Adam moments are stored in
-`model.param_dtype` (optax keeps the moments in the parameters' dtype); activations and
-the KV cache are in `model.dtype`.
+`model.param_dtype` (optax keeps the moments in the parameters' dtype); with
+`optim.master_weights` the optimizer also holds a float32 copy of the weights, and the
+moments are float32 like it. Activations and the KV cache are in `model.dtype`.
 
 Sharding follows `lmjax.axis_rules.LOGICAL_AXIS_RULES`: weight matrices have an `embed`
 axis (fsdp) and a heads/mlp/vocab axis (tensor), so they are divided by fsdp x tensor;
@@ -126,7 +127,10 @@ def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -
     (weights + a KV cache of `inference_batch` sequences of model.max_seq_len tokens)."""
     m = cfg.model
     sizes = mesh_sizes(cfg, n_devices)
-    param_bytes = param_elements_per_device(m, sizes) * DTYPE_BYTES[m.param_dtype]
+    elements = param_elements_per_device(m, sizes)
+    param_bytes = elements * DTYPE_BYTES[m.param_dtype]
+    master_bytes = elements * 4 if cfg.optim.master_weights else 0  # float32 master copy
+    adam_bytes = 2 * (master_bytes or param_bytes)  # the moments mirror the weights being optimized
     batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     micro_batch_tokens = cfg.train.batch_size // cfg.optim.grad_accum_steps * cfg.data.seq_len
     activations = activation_bytes_per_token(m, cfg.data.seq_len, tensor=sizes["tensor"]) * (
@@ -136,9 +140,10 @@ def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -
     return {
         "memory_weights_bytes": param_bytes,
         "memory_gradients_bytes": param_bytes,
-        "memory_adam_bytes": 2 * param_bytes,
+        "memory_adam_bytes": adam_bytes,
+        "memory_master_weights_bytes": master_bytes,
         "memory_activations_bytes": activations,
-        "memory_train_bytes": 4 * param_bytes + activations,
+        "memory_train_bytes": 2 * param_bytes + master_bytes + adam_bytes + activations,
         "kv_cache_bytes_per_token": kv_per_token,
         "kv_cache_bytes_per_sequence": kv_per_token * kv_cache_positions(m),
         "memory_inference_bytes": param_bytes + kv_cache,

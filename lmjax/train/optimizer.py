@@ -1,9 +1,13 @@
-"""AdamW with a warmup + decay learning-rate schedule, clipping, a weight-decay mask and,
-under µP, per-parameter learning-rate multipliers read from the parameters' roles."""
+"""AdamW with a warmup + decay learning-rate schedule, clipping and a weight-decay mask;
+under µP, per-parameter learning-rate multipliers read from the parameters' roles; and
+optionally float32 master weights for bfloat16 parameters."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -94,6 +98,45 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, params: nnx.State,
     if model is not None and model.parametrization == "mup":
         scales = {role: optax.scale(m) for role, m in mup_learning_rate_multipliers(model).items()}
         adamw = optax.chain(adamw, optax.multi_transform(scales, parameter_roles(params)))
-    if cfg.clip_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
+    optimizer = adamw if cfg.clip_norm is None else optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
+    return with_master_weights(optimizer) if cfg.master_weights else optimizer
+
+
+class MasterWeightsState(NamedTuple):
+    """`master`: a float32 copy of the params (the weights being optimized); `inner`: the wrapped
+    optimizer's state, kept in float32 like the master copy."""
+
+    master: optax.Params
+    inner: optax.OptState
+
+
+def with_master_weights(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` run in float32 on a master copy of the params held in the optimizer state.
+
+    The gradients (in the params' dtype, e.g. bfloat16) are upcast, the update is added to the
+    master copy, and the stored params become the master rounded to their dtype: updates far
+    below one bfloat16 step accumulate instead of being rounded away. The returned updates are
+    that rounding minus the params, in float32; `updated_params` applies them exactly.
+    """
+
+    def init(params):
+        master = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+        return MasterWeightsState(master, inner.init(master))
+
+    def update(grads, state, params):
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        updates, inner_state = inner.update(grads, state.inner, state.master)
+        master = optax.apply_updates(state.master, updates)
+        rounded = jax.tree.map(lambda m, p: m.astype(p.dtype).astype(jnp.float32) - p.astype(jnp.float32), master,
+                               params)
+        return rounded, MasterWeightsState(master, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def updated_params(params, updates, opt_state):
+    """`optax.apply_updates`, except that with master weights the params are exactly the
+    master copy rounded to their dtype (never a rounding of params + updates)."""
+    if isinstance(opt_state, MasterWeightsState):
+        return jax.tree.map(lambda m, p: m.astype(p.dtype), opt_state.master, params)
+    return optax.apply_updates(params, updates)

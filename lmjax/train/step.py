@@ -10,6 +10,7 @@ from flax import nnx
 from lmjax.config import MoEConfig
 from lmjax.models.moe import pop_routing_statistics
 from lmjax.objectives import causal_lm_loss, predict, token_losses
+from lmjax.train.optimizer import updated_params
 from lmjax.train.state import TrainState
 
 
@@ -86,9 +87,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
         else:
             loss_sum, count, grads, routing = accumulate_gradients(state.params, batch, step_key)
         count = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
+        grads = jax.tree.map(lambda g: (g / count).astype(g.dtype), grads)  # bfloat16 params: bfloat16 grads
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = updated_params(state.params, updates, opt_state)
         metrics = {
             "loss": loss_sum / count,
             "grad_norm": optax.tree.norm(grads),
