@@ -47,8 +47,7 @@ class _TokenModel(nnx.Module):
             self.final_norm = make_norm(cfg, rngs)
         if cfg.mlm_head_transform:
             self.head_dense = param(rngs, (cfg.d_model, cfg.d_model), ("embed", None), cfg.hidden_init_std,
-                                    cfg.param_dtype,
-                                    role="hidden")
+                                    cfg.param_dtype, role="hidden")
             self.head_bias = param(rngs, (cfg.d_model,), (None,), 0, cfg.param_dtype, role="vector")
             self.head_norm = make_norm(cfg, rngs)
             self.output_bias = param(rngs, (cfg.vocab_size,), ("vocab",), 0, cfg.param_dtype, role="vector")
