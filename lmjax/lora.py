@@ -167,7 +167,7 @@ def merge_run(run_dir: Path, out_dir: Path) -> None:
     cfg, _, params, _, mesh = restore_weights(run_dir)
     tokenizer = load_from_run(run_dir, cfg.data.tokenizer)
     merged = dataclasses.replace(cfg, lora=LoRAConfig(), train=dataclasses.replace(cfg.train, run_dir=str(out_dir)))
-    optimizer = make_optimizer(merged.optim, 1, params)
+    optimizer = make_optimizer(merged.optim, 1, params, merged.model)
     state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32),
                        jax.random.key_data(jax.random.key(merged.train.seed)))
     state = jax.device_put(state, train_state_shardings(jax.eval_shape(lambda: state), mesh))

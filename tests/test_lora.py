@@ -138,7 +138,7 @@ def saved_state(run_dir):
     from lmjax.train.state import abstract_train_state
 
     cfg = lmjax.train.run_eval.load_config(run_dir)
-    _, abstract, _ = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, cfg.train.steps, p),
+    _, abstract, _ = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, cfg.train.steps, p, cfg.model),
                                           make_mesh(MeshConfig()), cfg.lora)
     checkpointer = Checkpointer(run_dir, async_save=False)
     state, _, _ = checkpointer.restore(abstract)

@@ -46,8 +46,8 @@ def restore_weights_onto(run_dir: Path, mesh, step: int | None = None):
     if step is None:
         raise ConfigError(f"{run_dir} has no checkpoint yet.")
     steps = total_steps(cfg)
-    graphdef, abstract, _ = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, steps, p), mesh,
-                                                 cfg.lora)
+    graphdef, abstract, _ = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, steps, p, cfg.model),
+                                                 mesh, cfg.lora)
     state = checkpointer.restore_some(abstract._replace(opt_state=jax.tree.map(lambda _: SKIP, abstract.opt_state)),
                                       step)
     checkpointer.close()
