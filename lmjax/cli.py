@@ -13,6 +13,7 @@
     lmjax data verify DIR --tokenizer FILE
     lmjax convert from-hf HF_DIR --out RUN_DIR [--dtype float32|bfloat16] [--mesh fsdp=8 ...]
     lmjax convert to-hf RUN_DIR --out HF_DIR [--step N]
+    lmjax lora merge RUN_DIR --out MERGED_RUN
 """
 
 from __future__ import annotations
@@ -117,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("experiments", help="list the experiments that `lmjax train` can run")
     add_data_commands(commands)
     add_convert_commands(commands)
+    lora = commands.add_parser("lora", help="LoRA runs (train with --init-from RUN_DIR --set lora.rank=R)")
+    merge = lora.add_subparsers(dest="action", required=True).add_parser(
+        "merge", help="fold a LoRA run's adapters into its base: an ordinary run directory")
+    merge.add_argument("run_dir")
+    merge.add_argument("--out", required=True, metavar="MERGED_RUN")
     return parser
 
 
@@ -147,6 +153,13 @@ def cmd_convert(args) -> None:
         notes = to_hf(Path(args.run_dir), Path(args.out), args.step)
     for note in notes:
         print(f"not carried: {note}")
+    print(f"wrote {args.out}")
+
+
+def cmd_lora(args) -> None:
+    from lmjax.lora import merge_run
+
+    merge_run(Path(args.run_dir), Path(args.out))
     print(f"wrote {args.out}")
 
 
@@ -376,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "plan": cmd_plan,
                     "sweep": cmd_sweep, "fit": cmd_fit, "experiments": cmd_experiments, "tokenizer": cmd_tokenizer,
-                    "data": cmd_data, "convert": cmd_convert}
+                    "data": cmd_data, "convert": cmd_convert, "lora": cmd_lora}
         commands[args.command](args)
     except (ConfigError, DataError) as e:
         print(f"lmjax: error: {e}", file=sys.stderr)
