@@ -104,6 +104,9 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
     steps = total_steps(cfg)
     mesh = make_mesh(cfg.mesh)
     validate_layout(cfg, mesh)
+    if cfg.quant.weights != "none":
+        raise ConfigError(f"quant.weights={cfg.quant.weights!r} marks a run written by lmjax quantize; training "
+                          "with quantized weights (QAT) is not offered: train in float, then run lmjax quantize.")
     if cfg.lora.enabled:
         cfg = lora_base(cfg, init_from)
         init_from = None
