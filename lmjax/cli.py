@@ -14,6 +14,7 @@
     lmjax convert from-hf HF_DIR --out RUN_DIR [--dtype float32|bfloat16] [--mesh fsdp=8 ...]
     lmjax convert to-hf RUN_DIR --out HF_DIR [--step N]
     lmjax lora merge RUN_DIR --out MERGED_RUN
+    lmjax lora export-peft RUN_DIR --out PEFT_DIR
 """
 
 from __future__ import annotations
@@ -119,10 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(commands)
     add_convert_commands(commands)
     lora = commands.add_parser("lora", help="LoRA runs (train with --init-from RUN_DIR --set lora.rank=R)")
-    merge = lora.add_subparsers(dest="action", required=True).add_parser(
+    actions = lora.add_subparsers(dest="action", required=True)
+    merge = actions.add_parser(
         "merge", help="fold a LoRA run's adapters into its base: an ordinary run directory")
     merge.add_argument("run_dir")
     merge.add_argument("--out", required=True, metavar="MERGED_RUN")
+    export = actions.add_parser("export-peft", help="a LoRA run's adapters as a PEFT directory (adapter_config.json, "
+                                "adapter_model.safetensors) for the base that `convert to-hf` exports")
+    export.add_argument("run_dir")
+    export.add_argument("--out", required=True, metavar="PEFT_DIR")
     return parser
 
 
@@ -157,9 +163,10 @@ def cmd_convert(args) -> None:
 
 
 def cmd_lora(args) -> None:
+    from lmjax.interop.peft import export_peft
     from lmjax.lora import merge_run
 
-    merge_run(Path(args.run_dir), Path(args.out))
+    (merge_run if args.action == "merge" else export_peft)(Path(args.run_dir), Path(args.out))
     print(f"wrote {args.out}")
 
 
