@@ -13,6 +13,8 @@
     lmjax data verify DIR --tokenizer FILE
     lmjax convert from-hf HF_DIR --out RUN_DIR [--dtype float32|bfloat16] [--mesh fsdp=8 ...]
     lmjax convert to-hf RUN_DIR --out HF_DIR [--step N]
+    lmjax lora merge RUN_DIR --out MERGED_RUN
+    lmjax lora export-peft RUN_DIR --out PEFT_DIR
 """
 
 from __future__ import annotations
@@ -119,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("experiments", help="list the experiments that `lmjax train` can run")
     add_data_commands(commands)
     add_convert_commands(commands)
+    lora = commands.add_parser("lora", help="LoRA runs (train with --init-from RUN_DIR --set lora.rank=R)")
+    actions = lora.add_subparsers(dest="action", required=True)
+    merge = actions.add_parser(
+        "merge", help="fold a LoRA run's adapters into its base: an ordinary run directory")
+    merge.add_argument("run_dir")
+    merge.add_argument("--out", required=True, metavar="MERGED_RUN")
+    export = actions.add_parser("export-peft", help="a LoRA run's adapters as a PEFT directory (adapter_config.json, "
+                                "adapter_model.safetensors) for the base that `convert to-hf` exports")
+    export.add_argument("run_dir")
+    export.add_argument("--out", required=True, metavar="PEFT_DIR")
     return parser
 
 
@@ -149,6 +161,14 @@ def cmd_convert(args) -> None:
         notes = to_hf(Path(args.run_dir), Path(args.out), args.step)
     for note in notes:
         print(f"not carried: {note}")
+    print(f"wrote {args.out}")
+
+
+def cmd_lora(args) -> None:
+    from lmjax.interop.peft import export_peft
+    from lmjax.lora import merge_run
+
+    (merge_run if args.action == "merge" else export_peft)(Path(args.run_dir), Path(args.out))
     print(f"wrote {args.out}")
 
 
@@ -381,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "plan": cmd_plan,
                     "sweep": cmd_sweep, "fit": cmd_fit, "experiments": cmd_experiments, "tokenizer": cmd_tokenizer,
-                    "data": cmd_data, "convert": cmd_convert}
+                    "data": cmd_data, "convert": cmd_convert, "lora": cmd_lora}
         commands[args.command](args)
     except (ConfigError, DataError) as e:
         print(f"lmjax: error: {e}", file=sys.stderr)

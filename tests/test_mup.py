@@ -75,10 +75,13 @@ def test_init_scales_hidden_matrices_only():
         np.testing.assert_allclose(mup[name], expected, rtol=1e-6, err_msg=name)
 
 
-def test_output_and_router_logits_are_multiplied_by_base_over_width():
+@pytest.mark.parametrize("family", ["decoder", "encoder", "encoder_decoder"])
+def test_output_and_router_logits_are_multiplied_by_base_over_width(family):
     """A µP model at twice the base width computes the standard model's function with the
     logits and router logits halved: checked by halving the standard model's head and router."""
-    cfg = model_config(64)
+    cfg = model_config(64, family=family, position="relative" if family == "encoder_decoder" else "learned")
+    if family != "decoder":  # the router is the decoder's to check; dense keeps these two cheap
+        cfg = dataclasses.replace(cfg, moe=MoEConfig())
     mup_cfg = dataclasses.replace(cfg, parametrization="mup", mup_base_width=32)
     standard, mup = build_model(cfg, nnx.Rngs(0)), build_model(mup_cfg, nnx.Rngs(1))
     params = nnx.to_pure_dict(nnx.state(standard, nnx.Param))
@@ -86,7 +89,8 @@ def test_output_and_router_logits_are_multiplied_by_base_over_width():
     nnx.update(standard, jax.tree_util.tree_map_with_path(
         lambda path, v: v * 0.5 if dotted(path).endswith(("unembed", "router")) else v, params))
     tokens = text_batch(2, 16)["inputs"]
-    np.testing.assert_allclose(mup(tokens), standard(tokens), rtol=1e-5, atol=1e-6)
+    inputs = (tokens, tokens[:, ::-1]) if family == "encoder_decoder" else (tokens,)
+    np.testing.assert_allclose(mup(*inputs), standard(*inputs), rtol=1e-5, atol=1e-6)
 
 
 def test_attention_scale():
