@@ -1,6 +1,6 @@
 """The `lmjax` command: train, eval, generate and experiments.
 
-    lmjax train [EXPERIMENT] [--set section.field=value ...] [--resume RUN_DIR | --init-from RUN_DIR]
+    lmjax train [EXPERIMENT] [--set section.field=value ...] [--resume RUN_DIR | --init-from RUN_DIR] [--fresh]
     lmjax eval RUN_DIR [--json] [--max-batches N] [--data SOURCE] [--token-losses FILE.npy]
     lmjax generate RUN_DIR --prompt TEXT [--temperature T --top-k K --top-p P --max-new-tokens N]
         (an encoder_decoder run fills in each <extra_id_N> of the prompt)
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--new-data-order", action="store_true",
                        help="let a resumed run change train.batch_size or the data (it then sees other batches than "
                             "an uninterrupted run would)")
+    train.add_argument("--fresh", action="store_true", help="start over in a run directory that already holds a "
+                       "run, deleting its checkpoints and records (without it the same command continues the run)")
     train.add_argument("--init-from", metavar="RUN_DIR", help="start from the newest weights of RUN_DIR (e.g. one "
                        "made by `lmjax convert from-hf`), with a fresh optimizer and step 0")
     cluster = train.add_argument_group("multi-process runs (SLURM, TPU VMs and GKE are detected without these)")
@@ -263,12 +265,17 @@ def resolve_train_config(experiment: str | None, overrides: list[str], resume: s
 def cmd_train(args) -> None:
     from lmjax.parallel import initialize_distributed, process_0_text
     from lmjax.train.loop import train
+    from lmjax.train.run import clear_run
 
     cfg, run_dir = resolve_train_config(args.experiment, args.overrides, args.resume)
     initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout)
     if args.init_from and args.resume:
         raise ConfigError("give --resume or --init-from, not both.")
+    if args.fresh and args.resume:
+        raise ConfigError("give --resume or --fresh, not both.")
     run_dir = Path(process_0_text(str(run_dir)))  # a timestamped name differs between processes
+    if args.fresh:
+        clear_run(run_dir)
     summary = train(cfg, run_dir, Path(args.init_from) if args.init_from else None, args.new_data_order)
     state = "finished" if summary["finished"] else f"stopped at step {summary['step']}; resume with --resume"
     print(f"run {state}: {run_dir}")
