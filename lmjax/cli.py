@@ -1,11 +1,11 @@
 """The `lmjax` command: train, eval, generate and experiments.
 
-    lmjax train [EXPERIMENT] [--set section.field=value ...] [--resume RUN_DIR | --init-from RUN_DIR]
+    lmjax train [EXPERIMENT] [--set section.field=value ...] [--resume RUN_DIR | --init-from RUN_DIR] [--fresh]
     lmjax eval RUN_DIR [--json] [--max-batches N] [--data SOURCE] [--token-losses FILE.npy]
     lmjax generate RUN_DIR --prompt TEXT [--temperature T --top-k K --top-p P --max-new-tokens N]
         (an encoder_decoder run fills in each <extra_id_N> of the prompt)
     lmjax plan [EXPERIMENT] [--set ...] [--budget-flops C | --budget-pfdays X] [--law LAW.json] [--json]
-    lmjax sweep SWEEP [--set section.field=value ...] [--dir DIR] [--slurm | --commands]
+    lmjax sweep SWEEP [--set section.field=value ...] [--dir DIR] [--slurm | --commands | --collect]
     lmjax fit RESULTS.csv [--n-column N --d-column D --c-column C --loss-column L] [--plots DIR] [--json]
     lmjax experiments
     lmjax tokenizer train --data SOURCE --vocab-size N --out FILE [--kind bpe|unigram|sentencepiece-bpe|...]
@@ -14,6 +14,8 @@
     lmjax convert from-hf HF_DIR --out RUN_DIR [--dtype float32|bfloat16] [--mesh fsdp=8 ...]
     lmjax convert to-hf RUN_DIR --out HF_DIR [--step N]
     lmjax lora merge RUN_DIR --out MERGED_RUN
+    lmjax lora export-peft RUN_DIR --out PEFT_DIR
+    lmjax quantize RUN_DIR --out RUN_Q [--bits 8] [--granularity channel|tensor]
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--new-data-order", action="store_true",
                        help="let a resumed run change train.batch_size or the data (it then sees other batches than "
                             "an uninterrupted run would)")
+    train.add_argument("--fresh", action="store_true", help="start over in a run directory that already holds a "
+                       "run, deleting its checkpoints and records (without it the same command continues the run)")
     train.add_argument("--init-from", metavar="RUN_DIR", help="start from the newest weights of RUN_DIR (e.g. one "
                        "made by `lmjax convert from-hf`), with a fresh optimizer and step 0")
     cluster = train.add_argument_group("multi-process runs (SLURM, TPU VMs and GKE are detected without these)")
@@ -103,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     emit = sweep.add_mutually_exclusive_group()
     emit.add_argument("--slurm", action="store_true", help="print a SLURM job-array script instead of running")
     emit.add_argument("--commands", action="store_true", help="print one launch command per run instead of running")
-    sweep.add_argument("--only-index", type=int, metavar="I", help="run only run number I (a SLURM array task)")
+    sweep.add_argument("--only-index", type=int, metavar="I", help="run only run number I (one SLURM job); "
+                       "results.csv is left to --collect")
+    emit.add_argument("--collect", action="store_true", help="only write results.csv from the finished runs")
 
     fit = commands.add_parser("fit", help="fit scaling laws (Approaches 2 and 3) to a sweep's results.csv")
     fit.add_argument("results", metavar="RESULTS.csv")
@@ -119,10 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(commands)
     add_convert_commands(commands)
     lora = commands.add_parser("lora", help="LoRA runs (train with --init-from RUN_DIR --set lora.rank=R)")
-    merge = lora.add_subparsers(dest="action", required=True).add_parser(
+    actions = lora.add_subparsers(dest="action", required=True)
+    merge = actions.add_parser(
         "merge", help="fold a LoRA run's adapters into its base: an ordinary run directory")
     merge.add_argument("run_dir")
     merge.add_argument("--out", required=True, metavar="MERGED_RUN")
+    export = actions.add_parser("export-peft", help="a LoRA run's adapters as a PEFT directory (adapter_config.json, "
+                                "adapter_model.safetensors) for the base that `convert to-hf` exports")
+    export.add_argument("run_dir")
+    export.add_argument("--out", required=True, metavar="PEFT_DIR")
+    quantize = commands.add_parser("quantize", help="post-training int8 weights (qwix): a run directory that load, "
+                                   "eval and generate accept")
+    quantize.add_argument("run_dir")
+    quantize.add_argument("--out", required=True, metavar="RUN_Q")
+    quantize.add_argument("--bits", type=int, default=8, help="8 (int8) only")
+    quantize.add_argument("--granularity", default="channel", choices=("channel", "tensor"),
+                          help="one scale per output unit (channel) or per matrix (tensor)")
     return parser
 
 
@@ -157,10 +175,18 @@ def cmd_convert(args) -> None:
 
 
 def cmd_lora(args) -> None:
+    from lmjax.interop.peft import export_peft
     from lmjax.lora import merge_run
 
-    merge_run(Path(args.run_dir), Path(args.out))
+    (merge_run if args.action == "merge" else export_peft)(Path(args.run_dir), Path(args.out))
     print(f"wrote {args.out}")
+
+
+def cmd_quantize(args) -> None:
+    from lmjax.quantize import quantize_run
+
+    saved = quantize_run(Path(args.run_dir), Path(args.out), args.bits, args.granularity)
+    print(f"wrote {args.out}: {saved / 2**20:.2f} MiB of weights (int8 matrices, float32 scales and vectors)")
 
 
 def add_data_commands(commands) -> None:
@@ -239,12 +265,17 @@ def resolve_train_config(experiment: str | None, overrides: list[str], resume: s
 def cmd_train(args) -> None:
     from lmjax.parallel import initialize_distributed, process_0_text
     from lmjax.train.loop import train
+    from lmjax.train.run import clear_run
 
     cfg, run_dir = resolve_train_config(args.experiment, args.overrides, args.resume)
     initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout)
     if args.init_from and args.resume:
         raise ConfigError("give --resume or --init-from, not both.")
+    if args.fresh and args.resume:
+        raise ConfigError("give --resume or --fresh, not both.")
     run_dir = Path(process_0_text(str(run_dir)))  # a timestamped name differs between processes
+    if args.fresh:
+        clear_run(run_dir)
     summary = train(cfg, run_dir, Path(args.init_from) if args.init_from else None, args.new_data_order)
     state = "finished" if summary["finished"] else f"stopped at step {summary['step']}; resume with --resume"
     print(f"run {state}: {run_dir}")
@@ -269,6 +300,7 @@ def cmd_eval(args) -> None:
 
 def cmd_generate(args) -> None:
     from lmjax.generate import generate
+    from lmjax.quantize import is_quantized, weight_bytes
     from lmjax.scaling.memory import kv_cache_bytes_per_token
     from lmjax.train.run_eval import load
 
@@ -288,6 +320,9 @@ def cmd_generate(args) -> None:
     per_token = kv_cache_bytes_per_token(cfg.model)
     print(f"KV cache: {per_token * cache_tokens / 2**20:.2f} MiB ({per_token:,} bytes per token x {cache_tokens} "
           "token slots)", file=sys.stderr)
+    if is_quantized(args.run_dir):
+        print(f"weights: {weight_bytes(args.run_dir) / 2**20:.2f} MiB saved in int8 (dequantized to "
+              f"{cfg.model.param_dtype} for decoding)", file=sys.stderr)
     outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, seed=args.seed, stop_tokens=(tokenizer.eos_id,))
     for prompt, ids in zip(args.prompt, outputs):
@@ -340,7 +375,7 @@ def cmd_plan(args) -> None:
 def cmd_sweep(args) -> None:
     import shlex
 
-    from lmjax.scaling.sweep import collect_results, load_sweep, only_run, run_config, run_sweep, slurm_script
+    from lmjax.scaling.sweep import collect_results, load_sweep, run_config, run_sweep, slurm_script
 
     sweep = load_sweep(args.sweep)
     sweep = dataclasses.replace(sweep, overrides=(*sweep.overrides, *args.overrides))
@@ -358,9 +393,12 @@ def cmd_sweep(args) -> None:
             print(f"lmjax sweep {shlex.quote(args.sweep)}{set_args} --dir {shlex.quote(str(sweep_dir))} "
                   f"--only-index {i}")
         return
-    part = sweep if args.only_index is None else only_run(sweep, args.only_index)
-    run_sweep(part, sweep_dir)
-    print(f"results: {collect_results(sweep, sweep_dir)}")
+    if args.collect:
+        print(f"results: {collect_results(sweep, sweep_dir)}")
+    elif args.only_index is None:
+        print(f"results: {run_sweep(sweep, sweep_dir)}")
+    else:  # one run of many (a SLURM job): results.csv is left to the collecting job
+        print(f"run: {run_sweep(sweep, sweep_dir, only=args.only_index)}")
 
 
 def cmd_fit(args) -> None:
@@ -389,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "plan": cmd_plan,
                     "sweep": cmd_sweep, "fit": cmd_fit, "experiments": cmd_experiments, "tokenizer": cmd_tokenizer,
-                    "data": cmd_data, "convert": cmd_convert, "lora": cmd_lora}
+                    "data": cmd_data, "convert": cmd_convert, "lora": cmd_lora,
+                    "quantize": cmd_quantize}
         commands[args.command](args)
     except (ConfigError, DataError) as e:
         print(f"lmjax: error: {e}", file=sys.stderr)
