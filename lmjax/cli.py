@@ -5,7 +5,7 @@
     lmjax generate RUN_DIR --prompt TEXT [--temperature T --top-k K --top-p P --max-new-tokens N]
         (an encoder_decoder run fills in each <extra_id_N> of the prompt)
     lmjax plan [EXPERIMENT] [--set ...] [--budget-flops C | --budget-pfdays X] [--law LAW.json] [--json]
-    lmjax sweep SWEEP [--dir DIR] [--slurm | --commands]
+    lmjax sweep SWEEP [--set section.field=value ...] [--dir DIR] [--slurm | --commands]
     lmjax fit RESULTS.csv [--n-column N --d-column D --c-column C --loss-column L] [--plots DIR] [--json]
     lmjax experiments
     lmjax tokenizer train --data SOURCE --vocab-size N --out FILE [--kind bpe|unigram|sentencepiece-bpe|...]
@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser("sweep", help="run a sweep (IsoFLOP grid, override grid, WSD branches) resumably")
     sweep.add_argument("sweep", help="sweep name (experiments/NAME.py defining sweep()) or .py file")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override applied to every run, before the run's own (e.g. a tuned optim.lr with "
+                            "model.parametrization=mup and model.mup_base_width)")
     sweep.add_argument("--dir", metavar="DIR", help="sweep directory (default: sweeps/NAME)")
     emit = sweep.add_mutually_exclusive_group()
     emit.add_argument("--slurm", action="store_true", help="print a SLURM job-array script instead of running")
@@ -326,9 +330,11 @@ def cmd_sweep(args) -> None:
     from lmjax.scaling.sweep import collect_results, load_sweep, only_run, run_config, run_sweep, slurm_script
 
     sweep = load_sweep(args.sweep)
+    sweep = dataclasses.replace(sweep, overrides=(*sweep.overrides, *args.overrides))
+    set_args = "".join(f" --set {shlex.quote(o)}" for o in args.overrides)
     sweep_dir = Path(args.dir or f"sweeps/{Path(args.sweep).stem}")
     if args.slurm:
-        print(slurm_script(args.sweep, sweep, sweep_dir), end="")
+        print(slurm_script(args.sweep, sweep, sweep_dir, set_args), end="")
         return
     if args.commands:
         if any(run.trunk for run in sweep.runs):
@@ -336,7 +342,8 @@ def cmd_sweep(args) -> None:
                               "use --slurm (dependent jobs) or run the sweep without --commands.")
         for i, run in enumerate(sweep.runs):
             run_config(sweep, run, sweep_dir)  # validate before printing
-            print(f"lmjax sweep {shlex.quote(args.sweep)} --dir {shlex.quote(str(sweep_dir))} --only-index {i}")
+            print(f"lmjax sweep {shlex.quote(args.sweep)}{set_args} --dir {shlex.quote(str(sweep_dir))} "
+                  f"--only-index {i}")
         return
     part = sweep if args.only_index is None else only_run(sweep, args.only_index)
     run_sweep(part, sweep_dir)

@@ -85,6 +85,12 @@ class ModelConfig:
     `attention_scale` (default 1/sqrt(head width); T5: 1.0). `position` "relative" is T5's bucketed relative position
     bias: `relative_buckets` buckets, logarithmic beyond half of them up to
     `relative_max_distance`, bidirectional in encoders and causal in decoders.
+
+    `parametrization` "mup" is the maximal-update parametrization (Yang et al., Tensor
+    Programs V) relative to lmjax's own init at d_model = `mup_base_width`: there the model
+    equals the standard one, and tuned learning rates transfer to other widths (docs/scaling.md).
+    Every hidden dimension (d_ff, expert d_ff, heads x head width) is taken to grow with
+    d_model, by `width_multiplier` = d_model / mup_base_width.
     """
 
     family: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
@@ -123,9 +129,17 @@ class ModelConfig:
     remat: Literal["none", "dots", "full", "minimal_with_context", "save_dot_except_mlp", "save_qkv_proj",
                    "save_out_proj"] = "none"
     attention: Literal["auto", "einsum", "dot_product"] = "auto"  # auto: cuDNN on GPU where it can, see models.kernels
+    parametrization: Literal["standard", "mup"] = "standard"
+    mup_base_width: int | None = None  # mup: the d_model at which it equals the standard parametrization
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self):
+        _check_choice("model.parametrization", self.parametrization, ("standard", "mup"))
+        _require(self.mup_base_width is None or self.mup_base_width > 0,
+                 f"model.mup_base_width must be positive, got {self.mup_base_width}.")
+        _require(self.parametrization != "mup" or self.mup_base_width is not None,
+                 "model.parametrization='mup' needs model.mup_base_width (the d_model whose learning rate was "
+                 "tuned); set it, e.g. model.mup_base_width=256.")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "scan_unroll"):
             _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}.")
         _require(self.d_head is None or self.d_head > 0, f"model.d_head must be positive or none, got {self.d_head}.")
@@ -189,8 +203,42 @@ class ModelConfig:
 
     @property
     def attention_logit_scale(self) -> float:
-        """What q.k is multiplied by before the softmax: attention_scale, or 1 / sqrt(head_dim)."""
-        return self.head_dim**-0.5 if self.attention_scale is None else self.attention_scale
+        """What q.k is multiplied by before the softmax: attention_scale, or 1 / sqrt(head_dim).
+
+        Under mup with the head width growing with d_model (d_head unset, so the head count is
+        fixed), µP's 1 / head_dim rule corrected to equal 1 / sqrt(head_dim) at the base width:
+        1 / sqrt(h) * sqrt(h_base / h), h_base = mup_base_width / n_heads. With d_head set the
+        head width is fixed (widen by adding heads) and the scale stays 1 / sqrt(d_head).
+        """
+        if self.attention_scale is not None:
+            return self.attention_scale
+        if self.parametrization == "mup" and self.d_head is None:
+            return self.head_dim**-0.5 * (self.mup_base_width / self.n_heads / self.head_dim) ** 0.5
+        return self.head_dim**-0.5
+
+    @property
+    def width_multiplier(self) -> float:
+        """µP's m = d_model / mup_base_width (1.0 under the standard parametrization)."""
+        return self.d_model / self.mup_base_width if self.parametrization == "mup" else 1.0
+
+    @property
+    def hidden_init_std(self) -> float:
+        """Init std of the stack's matrices: init_std, times sqrt(1 / m) under mup (their fan-in grows by m)."""
+        if self.parametrization == "mup":
+            return self.init_std * (self.mup_base_width / self.d_model) ** 0.5
+        return self.init_std
+
+    @property
+    def residual_init_std(self) -> float:
+        """Init std of the matrices that write into the residual stream (attention and MLP
+        outputs): hidden_init_std / sqrt(2 n_layers) (GPT-2)."""
+        return self.hidden_init_std / (2 * self.n_layers) ** 0.5
+
+    @property
+    def output_multiplier(self) -> float:
+        """What output-like layers (the logits, the MoE router's logits) are multiplied by:
+        1 / m under mup, 1.0 otherwise."""
+        return self.mup_base_width / self.d_model if self.parametrization == "mup" else 1.0
 
     @property
     def gated_mlp(self) -> bool:

@@ -31,19 +31,37 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     those factors of the data/fsdp axes cross hosts (or TPU slices).
     """
     devices = jax.devices() if devices is None else devices
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor, cfg.expert]
-    fixed = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if len(devices) % fixed:
-            raise ConfigError(f"mesh axes {dict(zip(MESH_AXES, sizes))} do not divide the {len(devices)} devices.")
-        sizes[sizes.index(-1)] = len(devices) // fixed
-    if math.prod(sizes) != len(devices):
-        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                          f"but {len(devices)} are available; make the product of mesh axes equal the device count.")
+    sizes = mesh_axis_sizes(cfg, len(devices))
     dcn = [cfg.dcn_data, cfg.dcn_fsdp, 1, 1]
     if math.prod(dcn) == 1:
         return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
     return Mesh(_hybrid_device_array(sizes, dcn, devices), MESH_AXES)
+
+
+def mesh_axis_sizes(cfg: MeshConfig, n_devices: int) -> list[int]:
+    """The sizes of MESH_AXES over `n_devices`, the -1 axis filled; ConfigError when they do
+    not multiply to the device count."""
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor, cfg.expert]
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % fixed:
+            raise ConfigError(f"mesh axes {dict(zip(MESH_AXES, sizes))} do not divide the {n_devices} devices.")
+        sizes[sizes.index(-1)] = n_devices // fixed
+    if math.prod(sizes) != n_devices:
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                          f"but {n_devices} are available; make the product of mesh axes equal the device count.")
+    return sizes
+
+
+def check_dcn(sizes: list[int], dcn: list[int], granules: int, unit: str) -> None:
+    """ConfigError unless the `dcn` factors divide the mesh axis `sizes` and multiply to the
+    number of `granules` (nodes or TPU slices) the devices span."""
+    for name, size, across in (("data", sizes[0], dcn[0]), ("fsdp", sizes[1], dcn[1])):
+        if size % across:
+            raise ConfigError(f"mesh.dcn_{name}={across} does not divide mesh.{name}={size}.")
+    if math.prod(dcn) != granules:
+        raise ConfigError(f"mesh.dcn_data x mesh.dcn_fsdp = {math.prod(dcn)}, but the devices span {granules} "
+                          f"{unit}; make the product equal that number.")
 
 
 def _hybrid_device_array(sizes: list[int], dcn: list[int], devices) -> np.ndarray:
@@ -51,14 +69,9 @@ def _hybrid_device_array(sizes: list[int], dcn: list[int], devices) -> np.ndarra
     Its units ("granules") are TPU slices, or for GPUs and CPUs nodes: the SLURM node of each
     process (SLURM_NODEID) under SLURM, whether it runs one process per GPU or per node, and
     otherwise each process (one per host)."""
-    for name, size, across in (("data", sizes[0], dcn[0]), ("fsdp", sizes[1], dcn[1])):
-        if size % across:
-            raise ConfigError(f"mesh.dcn_{name}={across} does not divide mesh.{name}={size}.")
     tpu = devices[0].platform == "tpu"
     granules = _granules(devices, tpu)
-    if math.prod(dcn) != len(granules):
-        raise ConfigError(f"mesh.dcn_data x mesh.dcn_fsdp = {math.prod(dcn)}, but the devices span {len(granules)} "
-                          f"{'TPU slices' if tpu else 'nodes'}; make the product equal that number.")
+    check_dcn(sizes, dcn, len(granules), "TPU slices" if tpu else "nodes")
     within = [s // d for s, d in zip(sizes, dcn)]
     blocks = np.empty(len(granules), dtype=object)
     blocks[:] = [mesh_utils.create_device_mesh(within, granule) for granule in granules]

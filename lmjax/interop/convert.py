@@ -183,6 +183,10 @@ def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes:
         else None
     if cfg is None:
         raise ConfigError(f"{run_dir} is not a run directory (no config.json).")
+    if cfg.model.width_multiplier != 1.0:
+        raise ConfigError(f"{run_dir} is a µP run at d_model={cfg.model.d_model} (model.mup_base_width="
+                          f"{cfg.model.mup_base_width}), whose logit and attention multipliers transformers' models "
+                          "do not have; only a µP run at its base width exports.")
     architecture = _hf_architecture(cfg.model)
     hf_config = architecture.hf_config(cfg.model, notes)
     rules = architecture.tensor_rules(cfg.model)

@@ -197,7 +197,7 @@ class Attention(nnx.Module):
         self.cfg = cfg
         self.rotary = cfg.position == "rope" and not cross
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        std, out_std = cfg.hidden_init_std, cfg.residual_init_std
         self.wq = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std, cfg.param_dtype, role="hidden")
         self.wk = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype, role="hidden")
         self.wv = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype, role="hidden")
@@ -292,7 +292,7 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, d_ff: int | None = None):
         self.gated, self.activation = cfg.gated_mlp, ACTIVATIONS[cfg.mlp]
         d, f = cfg.d_model, d_ff or cfg.d_ff
-        std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        std, out_std = cfg.hidden_init_std, cfg.residual_init_std
         self.w_up = param(rngs, (d, f), ("embed", "mlp"), std, cfg.param_dtype, role="hidden")
         if self.gated:
             self.w_gate = param(rngs, (d, f), ("embed", "mlp"), std, cfg.param_dtype, role="hidden")

@@ -46,8 +46,8 @@ class _TokenModel(nnx.Module):
         if cfg.norm_placement == "pre":
             self.final_norm = make_norm(cfg, rngs)
         if cfg.mlm_head_transform:
-            self.head_dense = param(rngs, (cfg.d_model, cfg.d_model), ("embed", None), cfg.init_std, cfg.param_dtype,
-                                    role="hidden")
+            self.head_dense = param(rngs, (cfg.d_model, cfg.d_model), ("embed", None), cfg.hidden_init_std,
+                                    cfg.param_dtype, role="hidden")
             self.head_bias = param(rngs, (cfg.d_model,), (None,), 0, cfg.param_dtype, role="vector")
             self.head_norm = make_norm(cfg, rngs)
             self.output_bias = param(rngs, (cfg.vocab_size,), ("vocab",), 0, cfg.param_dtype, role="vector")
@@ -70,6 +70,7 @@ class _TokenModel(nnx.Module):
         return dropout(x, cfg.dropout, None if dropout_key is None else jax.random.split(dropout_key)[0])
 
     def _logits(self, x):
+        """(B, T, D) -> logits (B, T, V) float32, times `output_multiplier` under µP."""
         cfg = self.cfg
         if cfg.norm_placement == "pre":
             x = self.final_norm(x)
@@ -82,6 +83,8 @@ class _TokenModel(nnx.Module):
             logits = self.embed.attend(x)
         else:
             logits = matmul(x, self.unembed[...], out_dtype=jnp.float32)
+        if cfg.parametrization == "mup":
+            logits = logits * cfg.output_multiplier
         return logits + self.output_bias[...].astype(jnp.float32) if cfg.mlm_head_transform else logits
 
 

@@ -1,4 +1,5 @@
-"""AdamW with a warmup + decay learning-rate schedule, clipping and a weight-decay mask, and
+"""AdamW with a warmup + decay learning-rate schedule, clipping and a weight-decay mask;
+under µP, per-parameter learning-rate multipliers read from the parameters' roles; and
 optionally float32 master weights for bfloat16 parameters."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lmjax.config import OptimConfig
+from lmjax.config import ModelConfig, OptimConfig
 
 # Weight decay by parameter role (`lmjax.models.layers.ROLES`): matrices that map activations
 # decay; looked-up rows (token and position embeddings, relative-bias tables) and vectors (norm
@@ -53,19 +54,39 @@ def weight_decay_mask(params: nnx.State):
     """True for the parameters whose role (their `role` metadata) is in DECAYED_ROLES: the
     weight matrices of the stack, the output head and the router; False for embeddings,
     relative-bias tables, norm gains and biases."""
-
-    def decays(path, variable) -> bool:
-        role = variable.get_metadata().get("role")
-        if role is None:
-            name = ".".join(str(getattr(p, "key", p)) for p in path)
-            raise ValueError(f"parameter {name} has no role; create it with lmjax.models.layers.param(..., role=...).")
-        return role in DECAYED_ROLES
-
-    return jax.tree_util.tree_map_with_path(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(lambda role: role in DECAYED_ROLES, parameter_roles(params))
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int, params: nnx.State) -> optax.GradientTransformation:
-    """optax chain: global-norm clip (optional) -> AdamW with decoupled, masked weight decay."""
+def parameter_roles(params: nnx.State):
+    """The tree of `params` with each parameter replaced by its role ("input", "hidden",
+    "output" or "vector": its `role` metadata, see `lmjax.models.layers`)."""
+
+    def role(path, variable) -> str:
+        name = variable.get_metadata().get("role")
+        if name is None:
+            dotted = ".".join(str(getattr(p, "key", p)) for p in path)
+            raise ValueError(f"parameter {dotted} has no role; create it with "
+                             "lmjax.models.layers.param(..., role=...).")
+        return name
+
+    return jax.tree_util.tree_map_with_path(role, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def mup_learning_rate_multipliers(model: ModelConfig) -> dict[str, float]:
+    """µP's learning-rate multiplier of each parameter role under Adam (Yang et al., Tensor
+    Programs V, Table 3): hidden matrices 1 / m (their fan-in grows by the width multiplier
+    m); input-like (embeddings, positions, relative-bias tables), output-like (the head,
+    whose logits are multiplied by 1 / m instead, and the MoE router) and vector-like
+    parameters 1. All 1.0 under the standard parametrization."""
+    return {"input": 1.0, "hidden": 1.0 / model.width_multiplier, "output": 1.0, "vector": 1.0}
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int, params: nnx.State,
+                   model: ModelConfig | None = None) -> optax.GradientTransformation:
+    """optax chain: global-norm clip (optional) -> AdamW with decoupled, masked weight decay
+    -> under µP (`model.parametrization`), each parameter's update times its role's
+    `mup_learning_rate_multipliers`; the decay is part of the update, so it follows the
+    parameter's learning rate, as in optax's adamw."""
     adamw = optax.adamw(
         learning_rate=learning_rate_schedule(cfg, total_steps),
         b1=cfg.beta1,
@@ -74,6 +95,9 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, params: nnx.State) -> opt
         weight_decay=cfg.weight_decay,
         mask=weight_decay_mask(params),
     )
+    if model is not None and model.parametrization == "mup":
+        scales = {role: optax.scale(m) for role, m in mup_learning_rate_multipliers(model).items()}
+        adamw = optax.chain(adamw, optax.multi_transform(scales, parameter_roles(params)))
     optimizer = adamw if cfg.clip_norm is None else optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
     return with_master_weights(optimizer) if cfg.master_weights else optimizer
 

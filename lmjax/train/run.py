@@ -108,7 +108,7 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
         check_same_tokenizer(tokenizer, run_dir)
 
     def optimizer_for(params):
-        return make_optimizer(cfg.optim, steps, params)
+        return make_optimizer(cfg.optim, steps, params, cfg.model)
 
     if resuming:  # restore straight into the sharded layout; nothing is initialised first
         graphdef, abstract, optimizer = abstract_train_state(cfg.model, optimizer_for, mesh)
