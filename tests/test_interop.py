@@ -322,7 +322,7 @@ def test_init_from_starts_training_from_the_imported_weights(imported, tiny, tmp
     cfg = dataclasses.replace(cfg, model=source.model, optim=dataclasses.replace(cfg.optim, lr=1e-12))
     train(cfg, tmp_path / "run", init_from=root / "run")
     trained, _ = load_run(tmp_path / "run")
-    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(trained))):
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(trained, nnx.Param))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-9)
 
 

@@ -175,14 +175,11 @@ def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes:
     """Write checkpoint `step` (default: newest) of `run_dir` as a transformers directory
     `hf_dir`; returns the notes on settings transformers does not carry."""
     from lmjax.data import load_from_run
-    from lmjax.train.run_eval import restore_weights
+    from lmjax.train.run_eval import load_config, restore_weights
 
     run_dir, hf_dir = Path(run_dir), Path(hf_dir)
     notes: list[str] = []
-    cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text())) if (run_dir / "config.json").is_file() \
-        else None
-    if cfg is None:
-        raise ConfigError(f"{run_dir} is not a run directory (no config.json).")
+    cfg = load_config(run_dir)
     if cfg.model.width_multiplier != 1.0:
         raise ConfigError(f"{run_dir} is a µP run at d_model={cfg.model.d_model} (model.mup_base_width="
                           f"{cfg.model.mup_base_width}), whose logit and attention multipliers transformers' models "
