@@ -5,7 +5,7 @@
     lmjax generate RUN_DIR --prompt TEXT [--temperature T --top-k K --top-p P --max-new-tokens N]
         (an encoder_decoder run fills in each <extra_id_N> of the prompt)
     lmjax plan [EXPERIMENT] [--set ...] [--budget-flops C | --budget-pfdays X] [--law LAW.json] [--json]
-    lmjax sweep SWEEP [--set section.field=value ...] [--dir DIR] [--slurm | --commands]
+    lmjax sweep SWEEP [--set section.field=value ...] [--dir DIR] [--slurm | --commands | --collect]
     lmjax fit RESULTS.csv [--n-column N --d-column D --c-column C --loss-column L] [--plots DIR] [--json]
     lmjax experiments
     lmjax tokenizer train --data SOURCE --vocab-size N --out FILE [--kind bpe|unigram|sentencepiece-bpe|...]
@@ -13,6 +13,8 @@
     lmjax data verify DIR --tokenizer FILE
     lmjax convert from-hf HF_DIR --out RUN_DIR [--dtype float32|bfloat16] [--mesh fsdp=8 ...]
     lmjax convert to-hf RUN_DIR --out HF_DIR [--step N]
+    lmjax lora merge RUN_DIR --out MERGED_RUN
+    lmjax lora export-peft RUN_DIR --out PEFT_DIR
 """
 
 from __future__ import annotations
@@ -102,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     emit = sweep.add_mutually_exclusive_group()
     emit.add_argument("--slurm", action="store_true", help="print a SLURM job-array script instead of running")
     emit.add_argument("--commands", action="store_true", help="print one launch command per run instead of running")
-    sweep.add_argument("--only-index", type=int, metavar="I", help="run only run number I (a SLURM array task)")
+    sweep.add_argument("--only-index", type=int, metavar="I", help="run only run number I (one SLURM job); "
+                       "results.csv is left to --collect")
+    emit.add_argument("--collect", action="store_true", help="only write results.csv from the finished runs")
 
     fit = commands.add_parser("fit", help="fit scaling laws (Approaches 2 and 3) to a sweep's results.csv")
     fit.add_argument("results", metavar="RESULTS.csv")
@@ -117,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("experiments", help="list the experiments that `lmjax train` can run")
     add_data_commands(commands)
     add_convert_commands(commands)
+    lora = commands.add_parser("lora", help="LoRA runs (train with --init-from RUN_DIR --set lora.rank=R)")
+    actions = lora.add_subparsers(dest="action", required=True)
+    merge = actions.add_parser(
+        "merge", help="fold a LoRA run's adapters into its base: an ordinary run directory")
+    merge.add_argument("run_dir")
+    merge.add_argument("--out", required=True, metavar="MERGED_RUN")
+    export = actions.add_parser("export-peft", help="a LoRA run's adapters as a PEFT directory (adapter_config.json, "
+                                "adapter_model.safetensors) for the base that `convert to-hf` exports")
+    export.add_argument("run_dir")
+    export.add_argument("--out", required=True, metavar="PEFT_DIR")
     return parser
 
 
@@ -147,6 +161,14 @@ def cmd_convert(args) -> None:
         notes = to_hf(Path(args.run_dir), Path(args.out), args.step)
     for note in notes:
         print(f"not carried: {note}")
+    print(f"wrote {args.out}")
+
+
+def cmd_lora(args) -> None:
+    from lmjax.interop.peft import export_peft
+    from lmjax.lora import merge_run
+
+    (merge_run if args.action == "merge" else export_peft)(Path(args.run_dir), Path(args.out))
     print(f"wrote {args.out}")
 
 
@@ -327,7 +349,7 @@ def cmd_plan(args) -> None:
 def cmd_sweep(args) -> None:
     import shlex
 
-    from lmjax.scaling.sweep import collect_results, load_sweep, only_run, run_config, run_sweep, slurm_script
+    from lmjax.scaling.sweep import collect_results, load_sweep, run_config, run_sweep, slurm_script
 
     sweep = load_sweep(args.sweep)
     sweep = dataclasses.replace(sweep, overrides=(*sweep.overrides, *args.overrides))
@@ -345,9 +367,12 @@ def cmd_sweep(args) -> None:
             print(f"lmjax sweep {shlex.quote(args.sweep)}{set_args} --dir {shlex.quote(str(sweep_dir))} "
                   f"--only-index {i}")
         return
-    part = sweep if args.only_index is None else only_run(sweep, args.only_index)
-    run_sweep(part, sweep_dir)
-    print(f"results: {collect_results(sweep, sweep_dir)}")
+    if args.collect:
+        print(f"results: {collect_results(sweep, sweep_dir)}")
+    elif args.only_index is None:
+        print(f"results: {run_sweep(sweep, sweep_dir)}")
+    else:  # one run of many (a SLURM job): results.csv is left to the collecting job
+        print(f"run: {run_sweep(sweep, sweep_dir, only=args.only_index)}")
 
 
 def cmd_fit(args) -> None:
@@ -376,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "plan": cmd_plan,
                     "sweep": cmd_sweep, "fit": cmd_fit, "experiments": cmd_experiments, "tokenizer": cmd_tokenizer,
-                    "data": cmd_data, "convert": cmd_convert}
+                    "data": cmd_data, "convert": cmd_convert, "lora": cmd_lora}
         commands[args.command](args)
     except (ConfigError, DataError) as e:
         print(f"lmjax: error: {e}", file=sys.stderr)

@@ -411,6 +411,34 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters trained on the frozen weights of another run (`rank` 0: off).
+
+    Each targeted weight W, viewed as a matrix (inputs x outputs, per layer and expert), is
+    used as W + (alpha / rank) A B with A (inputs, rank) Gaussian and B (rank, outputs) zero
+    at the start. `targets`: comma-separated module roles (`attention`: wq wk wv wo, self and
+    cross; `mlp`: w_up w_gate w_down, experts included) or regular expressions searched in
+    parameter paths such as `stack/blocks/attn/wq`. `base`: the run whose newest weights are
+    frozen under the adapters (`lmjax train --init-from RUN_DIR` sets it).
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: str = "attention,mlp"
+    base: str | None = None
+
+    def __post_init__(self):
+        _require(self.rank >= 0, f"lora.rank must be >= 0, got {self.rank}.")
+        _require(self.alpha > 0, f"lora.alpha must be positive, got {self.alpha}.")
+        _require(bool(self.targets.strip(",").strip()), "lora.targets is empty; name roles (attention,mlp) or a "
+                 "regex on parameter paths.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+@dataclass(frozen=True)
 class LogConfig:
     wandb: Literal["off", "offline", "online"] = "offline"
     wandb_project: str = "lmjax"
@@ -429,6 +457,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self):
         from lmjax.data.tokenizer import ByteTokenizer

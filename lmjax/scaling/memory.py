@@ -30,6 +30,9 @@ Activation Recomputation in Large Transformer Models", sec. 4.1, which gives
   respectively, q, k, v, the context and the attention output projection / q, k, v / the
   attention output projection, and (as "full") one layer's "none" activations while recomputed.
 
+A LoRA run (`lora.rank` > 0) holds gradients, master copy and Adam moments of its adapters
+alone (`lora_training_bytes`).
+
 Plus, once per token, the float32 logits and their gradient (2 * V * 4 bytes).
 Activations are per micro-batch (train.batch_size / optim.grad_accum_steps).
 """
@@ -122,6 +125,19 @@ def kv_cache_positions(m: ModelConfig) -> int:
     return m.max_seq_len * (2 if m.family == "encoder_decoder" else 1)
 
 
+def lora_training_bytes(cfg: Config, sizes: dict[str, int]) -> tuple[float, float]:
+    """(gradient bytes, adapter bytes) per device of a LoRA run (`lmjax.lora`). The step forms
+    W + (alpha / r) A B of every targeted weight W and its gradient, so the "gradients" are
+    those two weight-sized arrays plus the adapters and their gradient. Targeted weights are
+    divided by fsdp x tensor like other matrices; adapters are counted whole (an upper bound)."""
+    from lmjax.lora import adapted_sizes
+
+    targeted, adapters = adapted_sizes(cfg.lora, cfg.model)
+    element = DTYPE_BYTES[cfg.model.param_dtype]
+    targeted_bytes = targeted * element / (sizes["fsdp"] * sizes["tensor"])
+    return 2 * targeted_bytes + 2 * adapters * element, adapters * element
+
+
 def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -> dict[str, float]:
     """Bytes per device for training (weights, grads, Adam, activations) and for inference
     (weights + a KV cache of `inference_batch` sequences of model.max_seq_len tokens)."""
@@ -137,13 +153,18 @@ def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -
         micro_batch_tokens / batch_shards)
     kv_per_token = kv_cache_bytes_per_token(m)
     kv_cache = kv_per_token * kv_cache_positions(m) * inference_batch / sizes["tensor"]  # kv_heads split by tensor
+    gradient_bytes = param_bytes
+    if cfg.lora.enabled:  # gradients, master copy and moments of the adapters alone
+        gradient_bytes, adapter_bytes = lora_training_bytes(cfg, sizes)
+        master_bytes = adapter_bytes * 4 / DTYPE_BYTES[m.param_dtype] if cfg.optim.master_weights else 0
+        adam_bytes = 2 * (master_bytes or adapter_bytes)
     return {
         "memory_weights_bytes": param_bytes,
-        "memory_gradients_bytes": param_bytes,
+        "memory_gradients_bytes": gradient_bytes,
         "memory_adam_bytes": adam_bytes,
         "memory_master_weights_bytes": master_bytes,
         "memory_activations_bytes": activations,
-        "memory_train_bytes": 2 * param_bytes + master_bytes + adam_bytes + activations,
+        "memory_train_bytes": param_bytes + gradient_bytes + master_bytes + adam_bytes + activations,
         "kv_cache_bytes_per_token": kv_per_token,
         "kv_cache_bytes_per_sequence": kv_per_token * kv_cache_positions(m),
         "memory_inference_bytes": param_bytes + kv_cache,

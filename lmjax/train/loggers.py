@@ -19,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lmjax.config import Config
+from lmjax.files import write_atomically
 
 
 class MetricsLogger:
@@ -112,9 +113,7 @@ def _drop_records_after(path: Path, step: int) -> None:
     records = _read_records(path)
     kept = [r for r in records if r["step"] <= step]
     if len(kept) < len(records) or (path.exists() and not path.read_text().endswith("\n")):
-        temporary = path.with_suffix(".jsonl.tmp")
-        temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(temporary, path)
+        write_atomically(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
 
 
 def read_routing(run_dir: Path) -> dict:
