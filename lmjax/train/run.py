@@ -11,12 +11,14 @@ import dataclasses
 import functools
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from lmjax.checkpoint import Checkpointer
@@ -104,6 +106,9 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
     steps = total_steps(cfg)
     mesh = make_mesh(cfg.mesh)
     validate_layout(cfg, mesh)
+    if cfg.quant.weights != "none":
+        raise ConfigError(f"quant.weights={cfg.quant.weights!r} marks a run written by lmjax quantize; training "
+                          "with quantized weights (QAT) is not offered: train in float, then run lmjax quantize.")
     if cfg.lora.enabled:
         cfg = lora_base(cfg, init_from)
         init_from = None
@@ -200,6 +205,24 @@ def lora_base(cfg: Config, init_from: Path | None) -> Config:
         raise ConfigError(f"lora.rank={cfg.lora.rank} adapts a trained model; give --init-from RUN_DIR.")
     targeted(cfg.lora, abstract_model(cfg.model)[1])
     return cfg
+
+
+RUN_RECORDS = ("checkpoints", "metrics.jsonl", "routing.jsonl", "config_history.jsonl", "loss.png", "sample.txt")
+
+
+def clear_run(run_dir: Path) -> None:
+    """Delete what a run left in `run_dir` (its checkpoints and records, RUN_RECORDS) so that
+    training starts over there (`lmjax train --fresh`). Process 0 deletes; every process
+    waits for it."""
+    if jax.process_index() == 0:
+        for path in (Path(run_dir) / name for name in RUN_RECORDS):
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        loggers.console(f"--fresh: deleted the checkpoints and records in {run_dir}")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("lmjax clear_run")
 
 
 def load_datasets(cfg: Config, tokenizer=None) -> tuple[PackedDataset | Mixture, PackedDataset | Concat, object]:
