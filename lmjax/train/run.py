@@ -115,6 +115,8 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
     if init_from is not None or cfg.lora.enabled:
         check_init_from(cfg, Path(init_from or cfg.lora.base))
     train_set, val_set, tokenizer = load_datasets(cfg, run_tokenizer(cfg, run_dir))
+    if init_from is not None:
+        check_init_tokenizer(tokenizer, Path(init_from))
     check_sample_prompt(cfg, tokenizer)
     main_process = jax.process_index() == 0
 
@@ -342,9 +344,26 @@ def run_tokenizer(cfg: Config, run_dir: Path):
     return load_tokenizer(spec)
 
 
-def check_same_tokenizer(tokenizer, run_dir: Path) -> None:
-    """Raise ConfigError if the run being resumed saved a different tokenizer."""
+def _run_tokenizer_if_other(tokenizer, run_dir: Path) -> str | None:
+    """The tokenizer the run in `run_dir` saved ('bytes' or its file) when it is not `tokenizer`."""
     saved = _saved_tokenizers(run_dir)
     if (saved and file_sha256(saved[0]) != tokenizer.sha256) or (not saved and tokenizer.path is not None):
+        return str(saved[0]) if saved else "bytes"
+    return None
+
+
+def check_init_tokenizer(tokenizer, init_from: Path) -> None:
+    """Raise ConfigError unless `tokenizer` is the one the run `init_from` saved (its ids
+    mean the same tokens)."""
+    other = _run_tokenizer_if_other(tokenizer, init_from)
+    if other is not None:
+        raise ConfigError(f"--init-from {init_from}: data.tokenizer={tokenizer.name!r} is not that run's tokenizer; "
+                          f"set data.tokenizer={other}.")
+
+
+def check_same_tokenizer(tokenizer, run_dir: Path) -> None:
+    """Raise ConfigError if the run being resumed saved a different tokenizer."""
+    other = _run_tokenizer_if_other(tokenizer, run_dir)
+    if other is not None:
         raise ConfigError(f"cannot resume: data.tokenizer={tokenizer.name!r} is not the tokenizer the run in "
-                          f"{run_dir} was trained with; use {saved[0] if saved else 'bytes'}.")
+                          f"{run_dir} was trained with; use {other}.")
