@@ -52,6 +52,11 @@ class Checkpointer:
         )
         return restored["state"], restored["data"], restored["config"]
 
+    def restore_data(self, step: int | None = None) -> dict:
+        """The data-iterator state of `step` (default: newest), without reading any array."""
+        step = self.latest_step() if step is None else step
+        return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+
     def restore_some(self, abstract_state, step: int | None = None):
         """The saved state of `step` (default: newest) without the leaves that `abstract_state`
         marks `SKIP`: those are never read from disk and come back as `SKIP` (e.g. the Adam

@@ -83,7 +83,7 @@ def test_scanned_and_unrolled_layers_agree():
 
 
 def test_bfloat16_compute_close_to_float32():
-    from lmjax.objectives import causal_lm_loss
+    from lmjax.train.losses import causal_lm_loss
 
     x = tokens(4, 32)
     losses = {}

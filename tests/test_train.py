@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from lmjax.checkpoint import SKIP, Checkpointer
-from lmjax.parallel import make_mesh
 from lmjax.config import MeshConfig, OptimConfig
+from lmjax.parallel import make_mesh
 from lmjax.train.loggers import read_metrics
 from lmjax.train.loop import train
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask

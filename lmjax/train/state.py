@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmjax.config import ModelConfig
-from lmjax.models import build_model
+from lmjax.families import family_of
 from lmjax.parallel import state_shardings
 
 
@@ -30,7 +30,7 @@ class TrainState(NamedTuple):
 
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, abstract params) of the model of cfg.family, without allocating any weights."""
-    return nnx.split(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0))))
+    return nnx.split(nnx.eval_shape(lambda: family_of(cfg).build(cfg, nnx.Rngs(0))))
 
 
 def _init_fn(cfg: ModelConfig, make_optimizer):
@@ -42,7 +42,7 @@ def _init_fn(cfg: ModelConfig, make_optimizer):
     optimizer = make_optimizer(abstract_params)
 
     def init(seed):
-        params = nnx.state(build_model(cfg, nnx.Rngs(seed)))
+        params = nnx.state(family_of(cfg).build(cfg, nnx.Rngs(seed)))
         key = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
         return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key)
 
