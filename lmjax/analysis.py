@@ -1,4 +1,4 @@
-"""Looking inside a trained DecoderLM: attention probabilities, expert routing, parameter tables."""
+"""Looking inside a trained model: attention probabilities, expert routing, parameter tables."""
 
 from __future__ import annotations
 
@@ -7,29 +7,51 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lmjax.models.layers import attention_mask, matmul, rope
+from lmjax.models.lm import EncoderDecoderLM, cross_attention_mask
 
 
-def attention_maps(model, tokens) -> np.ndarray:
-    """Attention probabilities of every layer and head for one sequence of token ids:
-    (L, N, T, T) float32, row t = how query t spreads over keys 0..t."""
-    cfg = model.cfg
-    tokens = jnp.asarray(tokens, jnp.int32)[None]  # (1, T)
+def attention_maps(model, tokens, decoder_tokens=None):
+    """The attention probabilities of every layer and head for one sequence of token ids,
+    as the forward pass computes them (`Attention.probabilities`, with the model's own masks,
+    positions and relative position bias).
+
+    DecoderLM / EncoderLM: tokens (T,) -> (L, N, T, T) float32; row t is how query t spreads
+    over the keys (0..t for the causal decoder, all T for the encoder).
+    EncoderDecoderLM: encoder tokens (S,) and `decoder_tokens` (T,) -> {"encoder": (L, N, S, S),
+    "decoder": (L_dec, N, T, T) self-attention, "cross": (L_dec, N, T, S) over the encoder output}.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)[None]  # (1, S)
     positions = jnp.arange(tokens.shape[1])[None]
-    mask = attention_mask(jnp.ones_like(tokens), causal=True)  # (1, 1, T, T)
-    x = model._embed(tokens, positions, None)
-    maps = []
-    for layer in range(cfg.n_layers):
-        block = model.stack.layer(layer)
-        h, attn = block.attn_norm(x), block.attn
-        q, k = matmul(h, attn.wq[...]), matmul(h, attn.wk[...])  # (1, T, N, H), (1, T, K, H)
-        if cfg.position == "rope":
-            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-        k = jnp.repeat(k, cfg.n_heads // cfg.kv_heads, axis=2)
-        scores = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32) / np.sqrt(cfg.head_dim)
-        maps.append(jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)[0])
-        x = block(x, positions, mask)
-    return np.asarray(jnp.stack(maps))
+    if not isinstance(model, EncoderDecoderLM):
+        mask, bias = model.attention_inputs(positions, jnp.ones_like(tokens))
+        return _stack_maps(model.stack, model._embed(tokens, positions, None), positions, mask, bias)[0]
+    if decoder_tokens is None:
+        raise ValueError("attention_maps of an encoder-decoder needs decoder_tokens as well as the encoder tokens.")
+    mask, bias = model.encoder_attention_inputs(positions, jnp.ones_like(tokens))
+    encoder_maps = _stack_maps(model.encoder, model._embed(tokens, positions, None), positions, mask, bias)[0]
+    decoder_tokens = jnp.asarray(decoder_tokens, jnp.int32)[None]  # (1, T)
+    decoder_positions = jnp.arange(decoder_tokens.shape[1])[None]
+    mask, bias = model.decoder_attention_inputs(decoder_positions, jnp.ones_like(decoder_tokens))
+    decoder_maps, cross_maps = _stack_maps(
+        model.decoder, model._embed(decoder_tokens, decoder_positions, None), decoder_positions, mask, bias,
+        context=model.encode(tokens), context_mask=cross_attention_mask(jnp.ones_like(decoder_tokens),
+                                                                        jnp.ones_like(tokens)))
+    return {"encoder": encoder_maps, "decoder": decoder_maps, "cross": cross_maps}
+
+
+def _stack_maps(stack, x, positions, mask, bias, context=None, context_mask=None):
+    """Run x (1, T, D) through `stack` layer by layer (as `Block`, without dropout) and return
+    the self-attention maps (L, N, T, S) and, with a context, the cross-attention maps, as numpy."""
+    self_maps, cross_maps = [], []
+    for i in range(stack.cfg.n_layers):
+        block = stack.layer(i)
+        self_maps.append(block.attn.probabilities(block.attn_norm(x), positions, mask, bias)[0])
+        if context is not None:
+            attended = x + block.attn(block.attn_norm(x), positions, mask, bias=bias)
+            cross_maps.append(block.cross_attn.probabilities(block.cross_norm(attended), positions, context_mask,
+                                                             context=context)[0])
+        x = block(x, positions, mask, bias=bias, context=context, context_mask=context_mask)
+    return np.asarray(jnp.stack(self_maps)), np.asarray(jnp.stack(cross_maps)) if cross_maps else None
 
 
 def routing_assignments(model, tokens) -> dict:

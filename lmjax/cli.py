@@ -1,6 +1,6 @@
 """The `lmjax` command: train, eval, generate and experiments.
 
-    lmjax train [EXPERIMENT] [--set section.field=value ...] [--resume RUN_DIR]
+    lmjax train [EXPERIMENT] [--set section.field=value ...] [--resume RUN_DIR | --init-from RUN_DIR]
     lmjax eval RUN_DIR [--json] [--max-batches N] [--data SOURCE] [--token-losses FILE.npy]
     lmjax generate RUN_DIR --prompt TEXT [--temperature T --top-k K --top-p P --max-new-tokens N]
         (an encoder_decoder run fills in each <extra_id_N> of the prompt)
@@ -11,6 +11,8 @@
     lmjax tokenizer train --data SOURCE --vocab-size N --out FILE [--kind bpe|unigram|sentencepiece-bpe|...]
     lmjax data prepare --data SOURCE --tokenizer FILE --out DIR [--workers N]
     lmjax data verify DIR --tokenizer FILE
+    lmjax convert from-hf HF_DIR --out RUN_DIR [--dtype float32|bfloat16] [--mesh fsdp=8 ...]
+    lmjax convert to-hf RUN_DIR --out HF_DIR [--step N]
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. model.d_model=256 (repeatable)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
+    train.add_argument("--init-from", metavar="RUN_DIR", help="start from the newest weights of RUN_DIR (e.g. one "
+                       "made by `lmjax convert from-hf`), with a fresh optimizer and step 0")
     cluster = train.add_argument_group("multi-process runs (SLURM, TPU VMs and GKE are detected without these)")
     cluster.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
     cluster.add_argument("--num-processes", type=int)
@@ -103,7 +107,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("experiments", help="list the experiments that `lmjax train` can run")
     add_data_commands(commands)
+    add_convert_commands(commands)
     return parser
+
+
+def add_convert_commands(commands) -> None:
+    """`lmjax convert from-hf | to-hf` (see docs/interop.md)."""
+    convert = commands.add_parser("convert", help="import or export Hugging Face transformers checkpoints")
+    actions = convert.add_subparsers(dest="action", required=True)
+    from_hf = actions.add_parser("from-hf", help="a transformers directory (config.json, safetensors, tokenizer.json) "
+                                 "-> an lmjax run directory")
+    from_hf.add_argument("hf_dir")
+    from_hf.add_argument("--out", required=True, metavar="RUN_DIR")
+    from_hf.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights' dtype")
+    from_hf.add_argument("--mesh", action="append", default=[], metavar="AXIS=SIZE",
+                         help="read the weights straight into this layout, e.g. fsdp=8 (default: data=-1)")
+    to_hf = actions.add_parser("to-hf", help="an lmjax run directory -> a transformers directory")
+    to_hf.add_argument("run_dir")
+    to_hf.add_argument("--out", required=True, metavar="HF_DIR")
+    to_hf.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+
+
+def cmd_convert(args) -> None:
+    from lmjax.interop.convert import from_hf, to_hf
+
+    if args.action == "from-hf":
+        mesh = override(Config(), [f"mesh.{o}" for o in args.mesh]).mesh
+        notes = from_hf(Path(args.hf_dir), Path(args.out), args.dtype, mesh)
+    else:
+        notes = to_hf(Path(args.run_dir), Path(args.out), args.step)
+    for note in notes:
+        print(f"not carried: {note}")
+    print(f"wrote {args.out}")
 
 
 def add_data_commands(commands) -> None:
@@ -172,7 +207,7 @@ def resolve_train_config(experiment: str | None, overrides: list[str], resume: s
         saved = run_dir / "config.json"
         if not saved.is_file():
             raise ConfigError(f"--resume {resume}: no config.json there; is it a run directory?")
-        base = load_experiment(experiment) if experiment else Config.from_dict(json.loads(saved.read_text()))
+        base = load_experiment(experiment) if experiment else Config.load(saved)
         return override(base, overrides + [f"train.run_dir={run_dir}"]), run_dir
     cfg = override(load_experiment(experiment or DEFAULT_EXPERIMENT), overrides)
     run_dir = Path(cfg.train.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -180,12 +215,15 @@ def resolve_train_config(experiment: str | None, overrides: list[str], resume: s
 
 
 def cmd_train(args) -> None:
-    from lmjax.parallel import initialize_distributed
+    from lmjax.parallel import initialize_distributed, process_0_text
     from lmjax.train.loop import train
 
     cfg, run_dir = resolve_train_config(args.experiment, args.overrides, args.resume)
     initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout)
-    summary = train(cfg, run_dir)
+    if args.init_from and args.resume:
+        raise ConfigError("give --resume or --init-from, not both.")
+    run_dir = Path(process_0_text(str(run_dir)))  # a timestamped name differs between processes
+    summary = train(cfg, run_dir, Path(args.init_from) if args.init_from else None)
     state = "finished" if summary["finished"] else f"stopped at step {summary['step']}; resume with --resume"
     print(f"run {state}: {run_dir}")
 
@@ -193,6 +231,12 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from lmjax.train.run_eval import evaluate_run
 
+    if args.max_batches is not None and args.max_batches < 1:
+        raise ConfigError(f"--max-batches must be at least 1, got {args.max_batches}; leave it out for the whole "
+                          "validation split.")
+    if args.token_losses and not Path(args.token_losses).parent.is_dir():
+        raise ConfigError(f"--token-losses {args.token_losses}: the directory {Path(args.token_losses).parent} "
+                          "does not exist; create it first.")
     result = evaluate_run(Path(args.run_dir), args.max_batches, args.data,
                           Path(args.token_losses) if args.token_losses else None)
     if args.json:
@@ -206,20 +250,35 @@ def cmd_generate(args) -> None:
     from lmjax.scaling.memory import kv_cache_bytes_per_token
     from lmjax.train.run_eval import load
 
+    check_sampling_args(args)
     model, cfg, tokenizer = load(Path(args.run_dir))
-    family = family_of(cfg.model)
-    if family.generate is None:
+    spec = family_of(cfg.model)
+    if spec.generate is None:
         raise ConfigError(f"lmjax generate needs a family that generates (decoder, encoder_decoder); {args.run_dir} "
                           f"is a {cfg.model.family} (use lmjax eval).")
-    prompts = [family.encode_prompt(tokenizer, p) for p in args.prompt]
+    prompts = [spec.encode_prompt(tokenizer, p) for p in args.prompt]
     cache_tokens = len(prompts) * (max(len(p) for p in prompts) + args.max_new_tokens)
     per_token = kv_cache_bytes_per_token(cfg.model)
-    outputs = family.generate(model, prompts, args.max_new_tokens, tokenizer, temperature=args.temperature,
+    outputs = spec.generate(model, prompts, args.max_new_tokens, tokenizer, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(f"KV cache: {per_token * cache_tokens / 2**20:.2f} MiB ({per_token:,} bytes per token x {cache_tokens} "
           "token slots)", file=sys.stderr)
     for text, prompt, ids in zip(args.prompt, prompts, outputs):
-        print(family.show(tokenizer, text, prompt, ids))
+        print(spec.show(tokenizer, text, prompt, ids))
+
+
+def check_sampling_args(args) -> None:
+    """ConfigError for `lmjax generate` arguments that cannot sample, before anything is read."""
+    if any(p == "" for p in args.prompt):
+        raise ConfigError("--prompt is empty; give at least one character to continue.")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}.")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1 (1: greedy), got {args.top_k}; leave it out for no limit.")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}; leave it out for no limit.")
 
 
 def cmd_plan(args) -> None:
@@ -245,6 +304,9 @@ def cmd_sweep(args) -> None:
         print(slurm_script(args.sweep, sweep, sweep_dir), end="")
         return
     if args.commands:
+        if any(run.trunk for run in sweep.runs):
+            raise ConfigError(f"{args.sweep} has WSD branches, which must run after their trunk, not side by side; "
+                              "use --slurm (dependent jobs) or run the sweep without --commands.")
         for i, run in enumerate(sweep.runs):
             run_config(sweep, run, sweep_dir)  # validate before printing
             print(f"lmjax sweep {shlex.quote(args.sweep)} --dir {shlex.quote(str(sweep_dir))} --only-index {i}")
@@ -277,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "plan": cmd_plan,
                     "sweep": cmd_sweep, "fit": cmd_fit, "experiments": cmd_experiments, "tokenizer": cmd_tokenizer,
-                    "data": cmd_data}
+                    "data": cmd_data, "convert": cmd_convert}
         commands[args.command](args)
     except (ConfigError, DataError) as e:
         print(f"lmjax: error: {e}", file=sys.stderr)

@@ -86,8 +86,9 @@ class ModelConfig:
     `family`: "decoder" (causal LM), "encoder" (bidirectional, masked LM) or
     "encoder_decoder" (T5: `n_layers` encoder blocks, `n_decoder_layers` decoder blocks with
     cross-attention, one shared token embedding). Attention has `n_heads` query heads of
-    width `d_model // n_heads` and `n_kv_heads` key/value heads (grouped-query attention
-    when fewer than `n_heads`). `position` "relative" is T5's bucketed relative position
+    width `d_head` (default `d_model // n_heads`) and `n_kv_heads` key/value heads
+    (grouped-query attention when fewer than `n_heads`); its logits are q.k times
+    `attention_scale` (default 1/sqrt(head width); T5: 1.0). `position` "relative" is T5's bucketed relative position
     bias: `relative_buckets` buckets, logarithmic beyond half of them up to
     `relative_max_distance`, bidirectional in encoders and causal in decoders.
     """
@@ -99,8 +100,11 @@ class ModelConfig:
     n_decoder_layers: int | None = None  # encoder_decoder only; None: n_layers
     n_heads: int = 4
     n_kv_heads: int | None = None  # None: same as n_heads (multi-head attention)
+    d_head: int | None = None  # width of one attention head; None: d_model // n_heads
+    attention_scale: float | None = None  # attention logits = scale * q.k; None: 1 / sqrt(head width)
     d_ff: int = 1024
-    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    # swiglu: silu-gated (LLaMA); gelu: tanh GELU; relu: T5; geglu: tanh-GELU-gated (T5 v1.1)
+    mlp: Literal["swiglu", "gelu", "relu", "geglu"] = "swiglu"
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
     position: Literal["rope", "learned", "relative"] = "rope"
@@ -109,6 +113,7 @@ class ModelConfig:
     relative_max_distance: int = 128
     max_seq_len: int = 1024
     tie_embeddings: bool = True
+    tied_output_rescale: bool = False  # original T5: a tied head reads the final hidden state times d_model**-0.5
     dropout: float = 0.0
     init_std: float = 0.02
     dtype: Literal["float32", "bfloat16"] = "float32"  # activations and matmuls
@@ -122,10 +127,13 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "scan_unroll"):
             _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}.")
+        _require(self.d_head is None or self.d_head > 0, f"model.d_head must be positive or none, got {self.d_head}.")
+        _require(self.attention_scale is None or self.attention_scale > 0,
+                 f"model.attention_scale must be positive or none, got {self.attention_scale}.")
         _require(
-            self.d_model % self.n_heads == 0,
+            self.d_head is not None or self.d_model % self.n_heads == 0,
             f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; "
-            "pick a head count that divides the width.",
+            "pick a head count that divides the width, or set model.d_head.",
         )
         _require(
             self.kv_heads > 0 and self.n_heads % self.kv_heads == 0,
@@ -133,9 +141,11 @@ class ModelConfig:
             "grouped-query attention needs n_heads to be a multiple of n_kv_heads.",
         )
         _require(self.position != "rope" or self.head_dim % 2 == 0,
-                 f"RoPE needs an even head width, got d_model/n_heads={self.head_dim}.")
+                 f"RoPE needs an even head width, got {self.head_dim}.")
         _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}.")
-        _check_choice("model.mlp", self.mlp, ("swiglu", "gelu"))
+        _check_choice("model.mlp", self.mlp, ("swiglu", "gelu", "relu", "geglu"))
+        _require(not self.moe.enabled or self.mlp in ("swiglu", "gelu"),
+                 f"model.mlp={self.mlp!r} has no MoE form; MoE experts are swiglu or gelu.")
         _check_choice("model.norm", self.norm, ("rmsnorm", "layernorm"))
         _check_choice("model.family", self.family, ("decoder", "encoder", "encoder_decoder"))
         _check_choice("model.position", self.position, ("rope", "learned", "relative"))
@@ -166,7 +176,18 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        """Width of one attention head: d_head, or d_model // n_heads."""
+        return self.d_model // self.n_heads if self.d_head is None else self.d_head
+
+    @property
+    def attention_logit_scale(self) -> float:
+        """What q.k is multiplied by before the softmax: attention_scale, or 1 / sqrt(head_dim)."""
+        return self.head_dim**-0.5 if self.attention_scale is None else self.attention_scale
+
+    @property
+    def gated_mlp(self) -> bool:
+        """Whether the feed-forward has a gate matrix besides up and down (swiglu, geglu)."""
+        return self.mlp in ("swiglu", "geglu")
 
     @property
     def expert_d_ff(self) -> int:
@@ -299,6 +320,8 @@ class TrainConfig:
             value = getattr(self, name)
             _require(value is None or value > 0, f"train.{name} must be positive, got {value}.")
         _require(self.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {self.sample_tokens}.")
+        _require(self.sample_tokens == 0 or self.sample_prompt != "",
+                 "train.sample_prompt is empty; give a prompt, or set train.sample_tokens=0 for no sample.")
         _require(self.sample_temperature >= 0, f"train.sample_temperature must be >= 0, got {self.sample_temperature}.")
 
 
@@ -380,6 +403,24 @@ class Config:
     def from_dict(cls, d: dict) -> Config:
         """Inverse of `to_dict`; unknown keys raise ConfigError."""
         return _from_dict(cls, d, "")
+
+    @classmethod
+    def load(cls, path) -> Config:
+        """The Config saved as JSON at `path` (a run's config.json); ConfigError when the file
+        is missing, is not JSON, or does not describe a Config."""
+        import json
+        from pathlib import Path
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path.parent} is not a run directory (no config.json).")
+        try:
+            saved = json.loads(path.read_text())
+            _require(isinstance(saved, dict), "it is not a JSON object")
+            return cls.from_dict(saved)
+        except (ValueError, TypeError) as e:  # JSONDecodeError and ConfigError are ValueErrors
+            raise ConfigError(f"{path} is corrupt ({str(e).rstrip('.')}); restore it from "
+                              "checkpoints/<step>/config, which every checkpoint keeps.") from None
 
 
 def _from_dict(cls, d: dict, prefix: str):

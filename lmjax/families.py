@@ -25,6 +25,7 @@ from lmjax import generate
 from lmjax.config import Config, ConfigError, ModelConfig
 from lmjax.data.denoising import MaskedLMDataset, SpanCorruptionDataset
 from lmjax.data.objectives import fill_in_spans
+from lmjax.interop import llama
 from lmjax.models import DecoderLM, EncoderDecoderLM, EncoderLM
 from lmjax.spans import span_corruption_lengths
 
@@ -60,6 +61,8 @@ class Family:
     - `encode_prompt(tokenizer, text)`, `generate(model, prompts, max_new_tokens, tokenizer,
       **sampling)` and `show(tokenizer, text, prompt, new_ids)`: what `lmjax generate` does
       (prompt: the encoded text); None when the family does not generate.
+    - `hf_architecture`: the Hugging Face translator (`lmjax.interop`) that exports the
+      family's checkpoints; None: no export yet.
     """
 
     name: str
@@ -73,6 +76,7 @@ class Family:
     encode_prompt: Callable | None
     generate: Callable | None
     show: Callable | None
+    hf_architecture: object | None
 
 
 def family_of(cfg: ModelConfig) -> Family:
@@ -158,6 +162,7 @@ FAMILIES = {
         encode_prompt=lambda tokenizer, text: tokenizer.encode(text),
         generate=_generate_continuations,
         show=lambda tokenizer, text, prompt, new_ids: text + tokenizer.decode(new_ids),
+        hf_architecture=llama,
     ),
     "encoder": Family(
         name="encoder",
@@ -172,6 +177,7 @@ FAMILIES = {
         encode_prompt=None,
         generate=None,
         show=None,
+        hf_architecture=None,
     ),
     "encoder_decoder": Family(
         name="encoder_decoder",
@@ -187,5 +193,6 @@ FAMILIES = {
         encode_prompt=lambda tokenizer, text: np.append(tokenizer.encode_with_sentinels(text), tokenizer.eos_id),
         generate=_generate_spans,
         show=_show_filled_in,
+        hf_architecture=None,
     ),
 }

@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmjax.config import Config, ConfigError, MeshConfig
@@ -62,16 +62,44 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
 
 
 def _hybrid_device_array(sizes: list[int], dcn: list[int], devices) -> np.ndarray:
-    tpu = devices[0].platform == "tpu"
-    granules = len({d.slice_index for d in devices} if tpu else {d.process_index for d in devices})
+    """Devices arranged so that only the `dcn` factors of each axis cross the slow network.
+    Its units ("granules") are TPU slices, or for GPUs and CPUs nodes: the SLURM node of each
+    process (SLURM_NODEID) under SLURM, whether it runs one process per GPU or per node, and
+    otherwise each process (one per host)."""
     for name, size, across in (("data", sizes[0], dcn[0]), ("fsdp", sizes[1], dcn[1])):
         if size % across:
             raise ConfigError(f"mesh.dcn_{name}={across} does not divide mesh.{name}={size}.")
-    if math.prod(dcn) != granules:
-        raise ConfigError(f"mesh.dcn_data x mesh.dcn_fsdp = {math.prod(dcn)}, but the devices span {granules} "
-                          f"{'TPU slices' if tpu else 'processes'}; make the product equal that number.")
+    tpu = devices[0].platform == "tpu"
+    granules = _granules(devices, tpu)
+    if math.prod(dcn) != len(granules):
+        raise ConfigError(f"mesh.dcn_data x mesh.dcn_fsdp = {math.prod(dcn)}, but the devices span {len(granules)} "
+                          f"{'TPU slices' if tpu else 'nodes'}; make the product equal that number.")
     within = [s // d for s, d in zip(sizes, dcn)]
-    return mesh_utils.create_hybrid_device_mesh(within, dcn, devices, process_is_granule=not tpu)
+    blocks = np.empty(len(granules), dtype=object)
+    blocks[:] = [mesh_utils.create_device_mesh(within, granule) for granule in granules]
+    return np.block(blocks.reshape(dcn).tolist())
+
+
+def _granules(devices, tpu: bool) -> list[list]:
+    """The devices grouped by TPU slice, or by node (see `_hybrid_device_array`), in key order."""
+    if tpu:
+        key = {d: d.slice_index for d in devices}
+    else:
+        node_of_process = node_of_each_process()
+        key = {d: node_of_process[d.process_index] for d in devices}
+    groups: dict[int, list] = {}
+    for d in devices:
+        groups.setdefault(key[d], []).append(d)
+    return [groups[k] for k in sorted(groups)]
+
+
+def node_of_each_process() -> list[int]:
+    """For each process index, the node it runs on: SLURM_NODEID under SLURM, else the
+    process index itself. Every process must call this (it gathers across processes)."""
+    own = int(os.environ.get("SLURM_NODEID", jax.process_index()))
+    if jax.process_count() == 1:
+        return [own]
+    return [int(n) for n in multihost_utils.process_allgather(np.int32(own))]
 
 
 def validate_layout(cfg: Config, mesh: Mesh) -> None:
@@ -110,13 +138,18 @@ def constrain(x, logical_axes: tuple[str | None, ...]):
     return jax.lax.with_sharding_constraint(x, logical_to_mesh(logical_axes, mesh))
 
 
-def local_batch_rows(mesh: Mesh, batch_size: int) -> slice:
-    """The rows of each global (batch_size, ...) batch that this process must load: the
-    union of the blocks its devices hold under `batch_sharding(mesh)`."""
+def local_batch_rows(mesh: Mesh, batch_size: int) -> np.ndarray:
+    """The rows of each global (batch_size, ...) batch that this process must load, in
+    ascending order: the union of the blocks its devices hold under `batch_sharding(mesh)`.
+    On a hybrid mesh they need not be one contiguous block."""
     blocks = batch_sharding(mesh).addressable_devices_indices_map((batch_size, 1)).values()
-    starts = [b[0].start or 0 for b in blocks]
-    stops = [batch_size if b[0].stop is None else b[0].stop for b in blocks]
-    return slice(min(starts), max(stops))
+    return np.unique(np.concatenate([np.arange(batch_size)[b[0]] for b in blocks]))
+
+
+def global_batch(local: dict[str, np.ndarray], rows: NamedSharding, batch_size: int) -> dict[str, jax.Array]:
+    """Global (batch_size, ...) arrays sharded by `rows` from this process's rows of them
+    (`local_batch_rows`, in that order)."""
+    return {k: jax.make_array_from_process_local_data(rows, v, (batch_size, *v.shape[1:])) for k, v in local.items()}
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
@@ -127,14 +160,44 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     LMJAX_PROCESS_ID). Does nothing for a single process. CPU processes use gloo."""
     coordinator = coordinator or os.environ.get("LMJAX_COORDINATOR")
     if coordinator:
-        num_processes = num_processes or int(os.environ["LMJAX_NUM_PROCESSES"])
-        process_id = process_id if process_id is not None else int(os.environ["LMJAX_PROCESS_ID"])
+        num_processes = num_processes or _int_env("LMJAX_NUM_PROCESSES")
+        process_id = process_id if process_id is not None else _int_env("LMJAX_PROCESS_ID")
+        if num_processes is None or process_id is None:
+            raise ConfigError(f"--coordinator {coordinator} needs --num-processes and --process-id (or "
+                              "LMJAX_NUM_PROCESSES and LMJAX_PROCESS_ID).")
+        if not (num_processes >= 1 and 0 <= process_id < num_processes):
+            raise ConfigError(f"--process-id {process_id} is not one of the --num-processes {num_processes} "
+                              f"(0 to {num_processes - 1}).")
+    elif num_processes is not None or process_id is not None:
+        raise ConfigError("--num-processes and --process-id need --coordinator HOST:PORT (the address of process 0); "
+                          "without it the run would be single-process.")
     elif not _cluster_environment():
         return
     if coordinator and process_id != 0:
         _wait_for_coordinator(coordinator, timeout_seconds)  # jax aborts the process instead of raising
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_seconds)
+
+
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not an integer.") from None
+
+
+def process_0_text(text: str, max_bytes: int = 4096) -> str:
+    """`text` as process 0 has it, on every process (all must call this, after
+    `initialize_distributed`); `text` itself in a single-process run."""
+    if jax.process_count() == 1:
+        return text
+    encoded = text.encode()
+    if len(encoded) > max_bytes:
+        raise ConfigError(f"{text[:40]}... is longer than {max_bytes} bytes.")
+    buffer = np.zeros(max_bytes, np.uint8)
+    buffer[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).rstrip(b"\0").decode()
 
 
 def _wait_for_coordinator(address: str, timeout_seconds: int) -> None:

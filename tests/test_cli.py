@@ -106,3 +106,46 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
     assert "stopped at step" in output
     saved = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
     assert saved and max(saved) > 0
+
+
+WSD_SWEEP = '''
+from lmjax.scaling.sweep import wsd_branches
+
+def sweep():
+    return wsd_branches("decoder_tiny", [{"model.d_model": 32}], tokens=[1024, 2048])
+'''
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "{run}", "--prompt", "def ", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["generate", "{run}", "--prompt", ""], "--prompt is empty"),
+    (["generate", "{run}", "--prompt", "def ", "--top-k", "0"], "--top-k must be at least 1"),
+    (["generate", "{run}", "--prompt", "def ", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["generate", "{run}", "--prompt", "def ", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["eval", "{run}", "--max-batches", "0"], "--max-batches must be at least 1"),
+    (["eval", "{run}", "--token-losses", "{run}/missing/losses.npy"], "/missing does not exist; create it first"),
+    (["eval", "{run}"], "has no checkpoint yet"),
+    (["eval", "{corrupt}"], "config.json is corrupt"),
+    (["generate", "{corrupt}", "--prompt", "def "], "config.json is corrupt"),
+    (["train", "--resume", "{corrupt}"], "config.json is corrupt"),
+    (["train", "--coordinator", "127.0.0.1:1"], "needs --num-processes and --process-id"),
+    (["train", "--num-processes", "2", "--process-id", "0"], "need --coordinator HOST:PORT"),
+    (["train", "--set", "train.sample_prompt="], "train.sample_prompt is empty"),
+    (["train", *TINY, "--set", "train.sample_prompt=" + "x" * 40], "train.sample_prompt is 40 tokens"),
+    (["sweep", "{sweep}", "--commands"], "has WSD branches, which must run after their trunk"),
+])
+def test_more_bad_input_is_one_clear_error_and_changes_nothing(capsys, tmp_path, args, message):
+    from lmjax.config import Config
+
+    run, corrupt = tmp_path / "run", tmp_path / "corrupt"
+    run.mkdir()
+    corrupt.mkdir()
+    (run / "config.json").write_text(json.dumps(Config().to_dict()))  # a run with no checkpoint yet
+    (corrupt / "config.json").write_text('{"model": {"d_model": ')
+    (tmp_path / "wsd.py").write_text(WSD_SWEEP)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    args = [a.format(run=run, corrupt=corrupt, sweep=tmp_path / "wsd.py") for a in args]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2
+    assert err.startswith("lmjax: error: ") and message in err and err.count("\n") == 1, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing created or removed

@@ -19,7 +19,7 @@ def test_override_parses_by_field_type():
     ("modle.d_model=3", "unknown config key 'modle.d_model'"),
     ("model.d_model=abc", "model.d_model: cannot use 'abc'"),
     ("model.d_model=1.5", "expected an integer"),
-    ("model.mlp=relu", "expected one of"),
+    ("model.mlp=sigmoid", "expected one of"),
     ("model.tie_embeddings=maybe", "expected true or false"),
     ("model.d_model", "expects section.field=value"),
 ])

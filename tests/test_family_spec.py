@@ -27,17 +27,19 @@ TOKENIZER = ByteTokenizer()
 
 
 def _family_comparisons(tree: ast.AST) -> list[int]:
-    """Lines that compare a value with a family name, test membership in family names, or key
-    a dict by family names."""
+    """Lines that compare anything named `family` (`cfg.family == ...`, `family in (...)`) or
+    build a dict keyed by family names."""
     lines = []
     for node in ast.walk(tree):
-        names = []
         if isinstance(node, ast.Compare):
-            names = [n for n in (node.left, *node.comparators) for n in ast.walk(n)]
+            named = [n for operand in (node.left, *node.comparators) for n in ast.walk(operand)]
+            if any(isinstance(n, ast.Attribute) and n.attr == "family" or isinstance(n, ast.Name) and n.id == "family"
+                   for n in named):
+                lines.append(node.lineno)
         elif isinstance(node, ast.Dict):
-            names = [k for k in node.keys if k is not None]
-        if any(isinstance(n, ast.Constant) and n.value in FAMILY_NAMES for n in names):
-            lines.append(node.lineno)
+            keys = {k.value for k in node.keys if isinstance(k, ast.Constant)}
+            if len(keys) > 1 and keys <= FAMILY_NAMES and len(keys) == len(node.keys):
+                lines.append(node.lineno)
     return lines
 
 
@@ -52,7 +54,8 @@ def test_no_module_but_the_spec_and_the_config_compares_a_family_name():
         if lines:
             found[str(path.relative_to(LMJAX))] = lines
     assert found == {}
-    assert _family_comparisons(ast.parse("x = cfg.family == 'encoder'\ny = {'decoder': 1}"))  # the check can fail
+    example = "a = cfg.family == 'encoder'\nb = family in ('decoder',)\nc = {'decoder': 1, 'encoder': 2}\nd = {'x': 1}"
+    assert _family_comparisons(ast.parse(example)) == [1, 2, 3]  # the check can fail
 
 
 def test_config_imports_no_data_code():

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -30,11 +31,11 @@ TINY = ["--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "mode
         "--set", "train.sample_tokens=0", "--set", "log.wandb=off", "--set", "log.progress_bar=false"]
 
 
-def lmjax_subprocess(args, devices=8, **env):
+def lmjax_subprocess(args, devices=8, cwd=None, **env):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
            **env}
     return subprocess.Popen([sys.executable, "-m", "lmjax.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
 
 
 def finish(process, timeout=300):
@@ -175,17 +176,22 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_single_device_and_resume_in_one(tmp_path, single_device_losses):
+@pytest.mark.parametrize("axes", [
+    dict(data=2, fsdp=4, dcn_data=2),  # each process holds one contiguous half of every batch
+    dict(data=2, fsdp=4, dcn_fsdp=2),  # each process holds every other quarter: rows not one block
+])
+def test_two_processes_match_single_device_and_resume_in_one(tmp_path, single_device_losses, axes):
     run = tmp_path / "run"
     port = free_port()
     processes = [lmjax_subprocess(["train", *TINY, "--set", f"train.run_dir={run}", "--set", "train.halt_at_step=3",
-                                   "--set", "mesh.dcn_data=2",  # the data axis crosses the two processes
+                                   *mesh_args(**axes),  # the dcn factor crosses the two processes
                                    "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                    "--process-id", str(i)], devices=4) for i in range(2)]
     for p in processes:
         finish(p)
     # the 2 x 4-device run's checkpoint resumes in one process with one device
-    assert main(["train", "--resume", str(run), "--set", "train.halt_at_step=none", "--set", "mesh.dcn_data=1"]) == 0
+    assert main(["train", "--resume", str(run), "--set", "train.halt_at_step=none", *mesh_args(data=-1, fsdp=1),
+                 "--set", f"mesh.dcn_{'data' if 'dcn_data' in axes else 'fsdp'}=1"]) == 0
     np.testing.assert_allclose(losses(run), single_device_losses, rtol=1e-5)
 
 
@@ -201,6 +207,23 @@ def test_single_process_checkpoint_resumes_in_two_processes(tmp_path, single_dev
         finish(p)
     np.testing.assert_allclose(losses(run), single_device_losses, rtol=1e-5)
     assert (run / "sample.txt").exists()  # weights sharded across both processes are gathered for the sample
+
+
+def test_processes_started_apart_share_one_run_dir(tmp_path):
+    """The default run dir is named by the time; each process would pick its own, so process
+    0's name is sent to the others once jax.distributed is up."""
+    port = free_port()
+    processes = []
+    for i in range(2):
+        processes.append(lmjax_subprocess(["train", *TINY, "--set", "train.steps=2", "--coordinator",
+                                           f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                                          devices=1, cwd=tmp_path))
+        time.sleep(3)
+    for p in processes:
+        finish(p)
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1, runs
+    assert (runs[0] / "config.json").is_file() and (runs[0] / "checkpoints" / "2").is_dir()
 
 
 @pytest.mark.parametrize("axes, message", [

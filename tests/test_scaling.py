@@ -156,6 +156,29 @@ def test_fit_recovers_known_law():
     assert fit2["a"] == pytest.approx(0.28 / 0.62, abs=0.05)  # N_opt ~ C^(beta / (alpha + beta))
 
 
+def test_approach2_takes_the_trained_tokens_when_flops_per_token_are_not_6n():
+    """A sweep that spends 6 N (N / 10^6)^0.5 FLOPs per token (p = 1.5 instead of 1): each run
+    trains D = C / (6 N^1.5 / 10^3) tokens. For L = E + A/N^alpha + B/D^beta the optimum is then
+    N_opt ~ C^(beta / (alpha + p beta)) and D_opt ~ C^(alpha / (alpha + p beta)), where
+    C / (6 N_opt) would give D ~ C^(1 - a) instead (0.63 here, not 0.45)."""
+    alpha, beta, p, big_a, big_b = 0.34, 0.28, 1.5, 400.0, 410.0
+    kappa = 6 / 1e6 ** (p - 1)  # FLOPs per token = kappa N^p
+    n_list, c_list = [], []
+    for c in (1e18, 1e19, 1e20, 1e21):
+        # the true optimum: alpha A N^-alpha = p beta B (kappa N^p / C)^beta
+        n_opt = (alpha * big_a * c**beta / (p * beta * big_b * kappa**beta)) ** (1 / (alpha + p * beta))
+        n_list += list(n_opt * np.geomspace(1 / 30, 30, 9))
+        c_list += [c] * 9
+    n, c = np.array(n_list), np.array(c_list)
+    d = c / (kappa * n**p)
+    loss = (1.8 + big_a / n**alpha + big_b / d**beta) * np.exp(np.random.default_rng(0).normal(0, 0.002, len(n)))
+    fit = fit_approach2({"N": n, "D": d, "C": c, "loss": loss}, bootstrap=0)
+    assert fit["a"] == pytest.approx(beta / (alpha + p * beta), abs=0.03)
+    assert fit["b"] == pytest.approx(alpha / (alpha + p * beta), abs=0.03)
+    for minimum in fit["minima"]:  # D_opt is what a run of N_opt trains at that budget
+        assert minimum["D_opt"] == pytest.approx(minimum["C"] / (kappa * minimum["N_opt"] ** p), rel=0.1)
+
+
 def test_fit_bad_input(tmp_path):
     with pytest.raises(ConfigError, match="needs at least 6"):
         fit_approach3({k: v[:4] for k, v in synthetic_results(np.random.default_rng(0)).items()}, bootstrap=0)

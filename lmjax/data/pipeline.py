@@ -183,12 +183,12 @@ def _tag(dataset: int, index: int) -> tuple[int, int]:
 class _LocalBatch:
     """Global batch number -> this process's rows of it, stacked into arrays."""
 
-    def __init__(self, datasets: list, order: grain.MapDataset, global_batch_size: int, rows: slice):
+    def __init__(self, datasets: list, order: grain.MapDataset, global_batch_size: int, rows: np.ndarray):
         self.datasets, self.order, self.batch_size, self.rows = datasets, order, global_batch_size, rows
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        positions = range(step * self.batch_size, (step + 1) * self.batch_size)[self.rows]
-        return _stack([self.datasets[d][i] for d, i in (self.order[k] for k in positions)])
+        positions = step * self.batch_size + self.rows
+        return _stack([self.datasets[d][i] for d, i in (self.order[int(k)] for k in positions)])
 
 
 class BatchIterator:
@@ -198,13 +198,13 @@ class BatchIterator:
     Mixture (which carries its weights). Global
     batch s is elements [s*B, (s+1)*B) of `example_order`, and this process takes `rows`
     of it (all by default; `lmjax.parallel.local_batch_rows` gives each process its
-    block), so any number of processes sees the same global batches. Batches are read
+    rows), so any number of processes sees the same global batches. Batches are read
     ahead by grain: `threads` reader threads, or `workers` > 0 worker processes.
     `state()` / `restore()` checkpoint the position.
     """
 
-    def __init__(self, datasets, global_batch_size: int, seed: int, rows: slice | None = None, step: int = 0,
-                 weights: list[float] | None = None, threads: int = 2, workers: int = 0):
+    def __init__(self, datasets, global_batch_size: int, seed: int, rows: slice | np.ndarray | None = None,
+                 step: int = 0, weights: list[float] | None = None, threads: int = 2, workers: int = 0):
         if isinstance(datasets, Mixture):
             datasets, weights = datasets.datasets, datasets.weights
         datasets = list(datasets) if isinstance(datasets, (list, tuple)) else [datasets]
@@ -216,7 +216,7 @@ class BatchIterator:
         if any(len(d) == 0 for d in datasets):
             raise DataError("the training split has no sequences; use more data or a smaller data.seq_len.")
         self.datasets, self.batch_size, self.seed, self.weights = datasets, global_batch_size, seed, weights
-        self.local = slice(0, global_batch_size) if rows is None else rows
+        self.local = np.arange(global_batch_size)[slice(None) if rows is None else rows]
         self.threads, self.workers = threads, workers
         self.order = example_order([len(d) for d in datasets], weights, seed)
         self._start(int(step))

@@ -139,21 +139,32 @@ def matmul(x, w, n_in: int = 1, out_dtype=None):
     return flat.reshape(*lead, *outer)
 
 
-def einsum_attention(q, k, v, mask, bias=None):
-    """softmax(q k^T / sqrt(H) + bias) v with grouped-query heads, written out for XLA.
+def attention_probabilities(q, k, mask, bias=None, scale: float | None = None):
+    """softmax(scale * q k^T + bias) over the keys, with grouped-query heads.
 
-    q (B, T, N, H), k and v (B, S, K, H) with N a multiple of K; mask (B, 1, T, S) bool;
-    bias None or (B, N, T, S) float32. Scores and softmax in float32. Returns (B, T, N, H).
-    On CPU its backward pass runs ~2x faster than jax.nn.dot_product_attention's.
+    q (B, T, N, H), k (B, S, K, H) with N a multiple of K (query head n reads key head
+    n // (N / K)); mask (B, 1, T, S) bool; bias None or (B, N, T, S) float32; scale default
+    1/sqrt(H). Scores and softmax in float32. Returns (B, N, T, S) float32; masked keys get
+    probability 0.
     """
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h) * (1.0 / math.sqrt(h))
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scale = 1.0 / math.sqrt(h) if scale is None else scale
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h) * scale
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32).reshape(b, n, t, -1)
     if bias is not None:
-        scores = scores + bias.reshape(b, kv_heads, n // kv_heads, t, -1)
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        scores = scores + bias
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def einsum_attention(q, k, v, mask, bias=None, scale: float | None = None):
+    """`attention_probabilities` applied to the values v (B, S, K, H), written out for XLA.
+    Returns (B, T, N, H). On CPU its backward pass runs ~2x faster than
+    jax.nn.dot_product_attention's."""
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    probs = attention_probabilities(q, k, mask, bias, scale).astype(v.dtype).reshape(b, kv_heads, n // kv_heads, t, -1)
     return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
 
 
@@ -181,6 +192,24 @@ class Attention(nnx.Module):
         a decoder computes them from the encoder output once and passes them as `context`."""
         return matmul(source, self.wk[...]), matmul(source, self.wv[...])
 
+    def _project(self, x, positions, context):
+        """Queries (B, T, N, H) of x, and keys and values (B, S, K, H) of x or `context`
+        (see `__call__`), rotated by RoPE when the layer uses it."""
+        q = matmul(x, self.wq[...])
+        if isinstance(context, tuple):
+            k, v = (a.astype(q.dtype) for a in context)
+        else:
+            k, v = self.keys_values(x if context is None else context)
+        if self.rotary:
+            q, k = rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta)
+        return q, k, v
+
+    def probabilities(self, x, positions, mask, bias=None, context=None):
+        """The attention probabilities (B, N, T, S) float32 that `__call__` (without a cache)
+        computes for the same arguments (`attention_probabilities`)."""
+        q, k, _ = self._project(x, positions, context)
+        return attention_probabilities(q, k, mask, bias, self.cfg.attention_logit_scale)
+
     def __call__(self, x, positions, mask, cache=None, bias=None, context=None):
         """x (B, T, D); positions (B, T) int; mask (B, 1, T, S) bool -> (B, T, D).
 
@@ -192,13 +221,7 @@ class Attention(nnx.Module):
         is (output, updated cache).
         """
         cfg = self.cfg
-        q = matmul(x, self.wq[...])  # (B, T, N, H)
-        if isinstance(context, tuple):
-            k, v = (a.astype(q.dtype) for a in context)
-        else:
-            k, v = self.keys_values(x if context is None else context)  # (B, S, K, H)
-        if self.rotary:
-            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        q, k, v = self._project(x, positions, context)
         if cache is not None:
             rows = jnp.arange(x.shape[0])[:, None]
             cache = (cache[0].at[rows, positions].set(k.astype(cache[0].dtype)),
@@ -208,21 +231,27 @@ class Attention(nnx.Module):
         if kernel == "auto":
             kernel = "dot_product" if jax.default_backend() == "gpu" else "einsum"
         if kernel == "dot_product":
-            out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask)
+            out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask,
+                                               scale=cfg.attention_logit_scale)
         else:
-            out = einsum_attention(q, k, v, mask, bias)
+            out = einsum_attention(q, k, v, mask, bias, cfg.attention_logit_scale)
         out = matmul(out, self.wo[...], n_in=2)
         return out if cache is None else (out, cache)
 
 
+_ACTIVATIONS = {"swiglu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu, "geglu": jax.nn.gelu}
+
+
 class MLP(nnx.Module):
-    """Position-wise feed-forward: SwiGLU (w_down(silu(x w_gate) * x w_up)) or GELU.
+    """Position-wise feed-forward, by `model.mlp`: gated, w_down(act(x w_gate) * x w_up), with
+    act silu (swiglu) or tanh GELU (geglu, T5 v1.1); or plain, w_down(act(x w_up)), with tanh
+    GELU (gelu) or ReLU (relu, T5).
 
     (B, T, D) -> (B, T, D), hidden width F = `d_ff` (default cfg.d_ff).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, d_ff: int | None = None):
-        self.gated = cfg.mlp == "swiglu"
+        self.gated, self.activation = cfg.gated_mlp, _ACTIVATIONS[cfg.mlp]
         d, f = cfg.d_model, d_ff or cfg.d_ff
         std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.n_layers) ** 0.5
         self.w_up = param(rngs, (d, f), ("embed", "mlp"), std, cfg.param_dtype)
@@ -233,9 +262,9 @@ class MLP(nnx.Module):
     def __call__(self, x):
         up = matmul(x, self.w_up[...])
         if self.gated:
-            hidden = jax.nn.silu(matmul(x, self.w_gate[...])) * up
+            hidden = self.activation(matmul(x, self.w_gate[...])) * up
         else:
-            hidden = jax.nn.gelu(up)
+            hidden = self.activation(up)
         return matmul(hidden, self.w_down[...])
 
 

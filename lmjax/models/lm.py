@@ -50,6 +50,8 @@ class _TokenModel(nnx.Module):
     def _logits(self, x):
         x = self.final_norm(x)
         if self.cfg.tie_embeddings:
+            if self.cfg.tied_output_rescale:  # original T5
+                x = x * self.cfg.d_model**-0.5
             return self.embed.attend(x)
         return matmul(x, self.unembed[...], out_dtype=jnp.float32)
 
@@ -77,9 +79,15 @@ class _SingleStackLM(_TokenModel):
             segment_ids = jnp.ones_like(tokens)
         embed_key, stack_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         x = self._embed(tokens, positions, embed_key)
-        bias = self.relative_bias(positions, positions) if self.cfg.position == "relative" else None
-        x = self.stack(x, positions, attention_mask(segment_ids, causal=self.causal), stack_key, bias=bias)
+        mask, bias = self.attention_inputs(positions, segment_ids)
+        x = self.stack(x, positions, mask, stack_key, bias=bias)
         return self._logits(x)
+
+    def attention_inputs(self, positions, segment_ids):
+        """The stack's attention mask (B, 1, T, T) bool (causal or not) and relative position
+        bias (B, N, T, T) float32, None unless `position` is relative; positions, segment_ids (B, T)."""
+        bias = self.relative_bias(positions, positions) if self.cfg.position == "relative" else None
+        return attention_mask(segment_ids, causal=self.causal), bias
 
 
 class DecoderLM(_SingleStackLM):
@@ -153,9 +161,19 @@ class EncoderDecoderLM(_TokenModel):
         positions = _default_positions(tokens, None)
         embed_key, stack_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         x = self._embed(tokens, positions, embed_key)
-        bias = self.encoder_bias(positions, positions) if self.cfg.position == "relative" else None
-        x = self.encoder(x, positions, attention_mask(segment_ids, causal=False), stack_key, bias=bias)
+        mask, bias = self.encoder_attention_inputs(positions, segment_ids)
+        x = self.encoder(x, positions, mask, stack_key, bias=bias)
         return self.encoder_norm(x)
+
+    def encoder_attention_inputs(self, positions, segment_ids):
+        """The encoder's bidirectional mask (B, 1, S, S) and relative bias (B, N, S, S) or None."""
+        bias = self.encoder_bias(positions, positions) if self.cfg.position == "relative" else None
+        return attention_mask(segment_ids, causal=False), bias
+
+    def decoder_attention_inputs(self, positions, segment_ids):
+        """The decoder's causal self-attention mask (B, 1, T, T) and relative bias (B, N, T, T) or None."""
+        bias = self.decoder_bias(positions, positions) if self.cfg.position == "relative" else None
+        return attention_mask(segment_ids, causal=True), bias
 
     def __call__(self, encoder_tokens, decoder_tokens, encoder_segment_ids=None, decoder_segment_ids=None,
                  dropout_key=None):
@@ -165,9 +183,9 @@ class EncoderDecoderLM(_TokenModel):
         encoded = self.encode(encoder_tokens, encoder_segment_ids, encoder_key)
         positions = _default_positions(decoder_tokens, None)
         x = self._embed(decoder_tokens, positions, embed_key)
-        bias = self.decoder_bias(positions, positions) if self.cfg.position == "relative" else None
-        x = self.decoder(x, positions, attention_mask(decoder_segment_ids, causal=True), stack_key, bias=bias,
-                         context=encoded, context_mask=cross_attention_mask(decoder_segment_ids, encoder_segment_ids))
+        mask, bias = self.decoder_attention_inputs(positions, decoder_segment_ids)
+        x = self.decoder(x, positions, mask, stack_key, bias=bias, context=encoded,
+                         context_mask=cross_attention_mask(decoder_segment_ids, encoder_segment_ids))
         return self._logits(x)
 
     def init_cache(self, batch_size: int, length: int, encoded):

@@ -56,7 +56,7 @@ def attention_params(cfg: ModelConfig) -> int:
 
 def mlp_params(cfg: ModelConfig, d_ff: int) -> int:
     """One feed-forward of hidden width `d_ff`: SwiGLU has 3 matrices, GELU 2."""
-    return (3 if cfg.mlp == "swiglu" else 2) * cfg.d_model * d_ff
+    return (3 if cfg.gated_mlp else 2) * cfg.d_model * d_ff
 
 
 def moe_params(cfg: ModelConfig) -> tuple[int, int]:

@@ -1,9 +1,12 @@
 """Scaling-law fits to sweep results (Hoffmann et al. 2022, "Training Compute-Optimal LLMs").
 
 Approach 2 (IsoFLOP profiles): for each compute budget C, fit a parabola of loss in log N;
-its minimum is N_opt(C). Power laws N_opt = G * C^a and D_opt = H * C^b are then fitted
-by least squares in log-log (with D_opt = C / (6 N_opt)). Budgets whose parabola has no
-minimum inside the sizes tried are left out rather than extrapolated.
+its minimum is N_opt(C). D_opt(C) is the number of tokens the runs of that budget actually
+trained at N_opt: log D interpolated linearly over log N between the two runs around N_opt
+(not C / (6 N_opt): a run's FLOPs per token include embeddings, head and attention, so they
+are not 6N). Power laws N_opt = G * C^a and D_opt = H * C^b are then fitted separately by
+least squares in log-log. Budgets whose parabola has no minimum inside the sizes tried are
+left out rather than extrapolated.
 
 Approach 3 (parametric loss): L(N, D) = E + A / N^alpha + B / D^beta, fitted by minimising
 the Huber loss (delta = 1e-3) between log L_hat and log L, with
@@ -128,10 +131,11 @@ def fit_approach3(data: dict, bootstrap: int = 100, seed: int = 0) -> dict:
     return result
 
 
-def _isoflop_minima(data: dict) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """(budgets, N_opt per budget, parabola per budget) for the budgets with >= 3 distinct
-    sizes whose parabola has its minimum inside the sizes tried (no extrapolated minima)."""
-    budgets, minima, parabolas = [], [], []
+def _isoflop_minima(data: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
+    """(budgets, N_opt, D_opt, parabola) per budget, for the budgets with >= 3 distinct sizes
+    whose parabola has its minimum inside the sizes tried (no extrapolated minima). D_opt is
+    the trained tokens at N_opt: log D interpolated over log N (module docstring)."""
+    budgets, n_minima, d_minima, parabolas = [], [], [], []
     for c in np.unique(data["C"]):
         at = data["C"] == c
         log_n = np.log(data["N"][at])
@@ -143,35 +147,42 @@ def _isoflop_minima(data: dict) -> tuple[np.ndarray, np.ndarray, list[dict]]:
         log_n_opt = -coefficients[1] / (2 * coefficients[0])
         if not log_n.min() <= log_n_opt <= log_n.max():
             continue
+        order = np.argsort(log_n)
         budgets.append(c)
-        minima.append(math.exp(log_n_opt))
+        n_minima.append(math.exp(log_n_opt))
+        d_minima.append(math.exp(np.interp(log_n_opt, log_n[order], np.log(data["D"][at])[order])))
         parabolas.append({"C": float(c), "coefficients": coefficients.tolist()})
-    return np.array(budgets), np.array(minima), parabolas
+    return np.array(budgets), np.array(n_minima), np.array(d_minima), parabolas
+
+
+def _power_law(budgets, values) -> tuple[float, float]:
+    """(exponent, coefficient) of values = coefficient * budgets^exponent, least squares in log-log."""
+    exponent, log_coefficient = np.polyfit(np.log(budgets), np.log(values), 1)
+    return float(exponent), float(math.exp(log_coefficient))
 
 
 def fit_approach2(data: dict, bootstrap: int = 100, seed: int = 0) -> dict:
-    """N_opt(C) = G C^a and D_opt(C) = C / (6 N_opt) from IsoFLOP parabola minima."""
-    budgets, minima, parabolas = _isoflop_minima(data)
+    """N_opt(C) = G C^a and D_opt(C) = H C^b from IsoFLOP parabola minima, D_opt the tokens
+    the runs trained at N_opt (module docstring)."""
+    budgets, n_minima, d_minima, parabolas = _isoflop_minima(data)
     if len(budgets) < 2:
         raise ConfigError(f"Approach 2 needs at least 2 compute budgets with >= 3 model sizes and a loss minimum "
                           f"inside the sizes tried; found {len(budgets)}.")
-    exponent, log_g = np.polyfit(np.log(budgets), np.log(minima), 1)
-    result = {"a": float(exponent), "b": float(1 - exponent),
-              "n_opt": {"coefficient": float(math.exp(log_g)), "exponent": float(exponent)},
-              "d_opt": {"coefficient": float(math.exp(-log_g) / 6), "exponent": float(1 - exponent)},
-              "minima": [{"C": float(c), "N_opt": float(n), "D_opt": float(c / (6 * n))}
-                         for c, n in zip(budgets, minima)],
+    (a, g), (b, h) = _power_law(budgets, n_minima), _power_law(budgets, d_minima)
+    result = {"a": a, "b": b, "n_opt": {"coefficient": g, "exponent": a}, "d_opt": {"coefficient": h, "exponent": b},
+              "minima": [{"C": float(c), "N_opt": float(n), "D_opt": float(d)}
+                         for c, n, d in zip(budgets, n_minima, d_minima)],
               "parabolas": parabolas}
     rng = np.random.default_rng(seed)
     exponents = []
     for _ in range(bootstrap):
         rows = rng.integers(0, len(data["loss"]), len(data["loss"]))
-        b, m, _ = _isoflop_minima({k: v[rows] for k, v in data.items()})
-        if len(b) >= 2:
-            exponents.append(np.polyfit(np.log(b), np.log(m), 1)[0])
+        c, n, d, _ = _isoflop_minima({k: v[rows] for k, v in data.items()})
+        if len(c) >= 2:
+            exponents.append((_power_law(c, n)[0], _power_law(c, d)[0]))
     if exponents:
-        low, high = np.percentile(exponents, [2.5, 97.5])
-        result["ci95"] = {"a": [float(low), float(high)], "b": [float(1 - high), float(1 - low)]}
+        result["ci95"] = {name: np.percentile(column, [2.5, 97.5]).tolist()
+                          for name, column in zip(("a", "b"), np.array(exponents).T)}
     return result
 
 

@@ -79,7 +79,7 @@ def activation_bytes_per_token(m: ModelConfig, seq_len: int, remat: str | None =
     remat = remat or m.remat
     b = DTYPE_BYTES[m.dtype]
     d, kv_width = m.d_model, 2 * m.kv_heads * m.head_dim
-    gated = m.mlp == "swiglu"
+    gated = m.gated_mlp
 
     def layer_bytes(layer: int, policy: str) -> float:
         if m.is_moe_layer(layer):

@@ -11,7 +11,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from lmjax.data import PackedDataset, eval_batches
-from lmjax.parallel import local_batch_rows
+from lmjax.parallel import global_batch, local_batch_rows
 from lmjax.train.step import eval_step
 
 _eval_step = jax.jit(eval_step, static_argnums=0)
@@ -25,11 +25,12 @@ def evaluate(graphdef, params, dataset: PackedDataset, tokenizer, batch_size: in
     "token_losses": (sequences, T) float32 numpy array of every position's loss (0 where
     masked), gathered from all processes."""
     token_bytes = jnp.asarray(tokenizer.token_byte_lengths(), jnp.float32)
-    local_rows = local_batch_rows(rows.mesh, batch_size)
     loss_sum = count = byte_count = 0.0
     kept = []
     for batch in eval_batches(dataset, batch_size, max_batches):
-        batch = {k: jax.make_array_from_process_local_data(rows, v[local_rows]) for k, v in batch.items()}
+        size = len(next(iter(batch.values())))  # batch_size, or fewer when the dataset is smaller
+        local_rows = local_batch_rows(rows.mesh, size)
+        batch = global_batch({k: v[local_rows] for k, v in batch.items()}, rows, size)
         with jax.set_mesh(rows.mesh):
             sums = _eval_step(graphdef, params, batch, token_bytes)
         if keep_token_losses:

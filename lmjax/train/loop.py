@@ -156,11 +156,12 @@ class InterruptRequest:
         return self.requested
 
 
-def train(cfg: Config, run_dir: Path) -> dict:
+def train(cfg: Config, run_dir: Path, init_from: Path | None = None) -> dict:
     """Train (or resume) the run in `run_dir` on a mesh over all devices; returns
-    {step, finished, val_*: the newest validation metrics}. Every check that can fail on
+    {step, finished, val_*: the newest validation metrics}. A new run with `init_from` (a run
+    directory) starts from that run's weights (see `setup`). Every check that can fail on
     user input runs before compilation."""
-    run = setup(cfg, run_dir)
+    run = setup(cfg, run_dir, init_from)
     announce(run)
     bar = loggers.progress_bar(run.steps, run.step, run.main_process and cfg.log.progress_bar)
     clock = StepClock(run.step)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from lmjax.checkpoint import Checkpointer
@@ -33,11 +34,11 @@ from lmjax.data import (
     split_documents,
 )
 from lmjax.families import family_of
-from lmjax.parallel import batch_sharding, local_batch_rows, make_mesh, validate_layout
+from lmjax.parallel import batch_sharding, global_batch, local_batch_rows, make_mesh, validate_layout
 from lmjax.scaling.plan import total_steps
 from lmjax.train import loggers
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
-from lmjax.train.state import TrainState, abstract_train_state, init_train_state
+from lmjax.train.state import TrainState, abstract_model, abstract_train_state, init_train_state
 from lmjax.train.step import make_train_step
 
 # How examples are built from the data, recorded with every checkpoint. 2: a mixture's parts are
@@ -80,19 +81,23 @@ class Run:
 
     def next_batch(self) -> dict:
         """The next global batch: this process's rows, assembled into sharded jax.Arrays."""
-        return {k: jax.make_array_from_process_local_data(self.rows, v) for k, v in next(self.batches).items()}
+        return global_batch(next(self.batches), self.rows, self.cfg.train.batch_size)
 
 
-def setup(cfg: Config, run_dir: Path) -> Run:
+def setup(cfg: Config, run_dir: Path, init_from: Path | None = None) -> Run:
     """Start the run in `run_dir` or, when it holds checkpoints, restore its newest one: check
     the inputs, load the data, write config.json, environment.json and the tokenizer, build
-    (or restore) the sharded train state and compile the train step. Raises ConfigError or
-    DataError before compiling."""
+    (or restore) the sharded train state and compile the train step. A new run with
+    `init_from` (a run directory) starts from that run's newest weights, with a fresh
+    optimizer at step 0. Raises ConfigError or DataError before compiling."""
     run_dir = Path(run_dir)
     steps = total_steps(cfg)
     mesh = make_mesh(cfg.mesh)
     validate_layout(cfg, mesh)
+    if init_from is not None:
+        check_init_from(cfg, Path(init_from))
     train_set, val_set, tokenizer = load_datasets(cfg, run_tokenizer(cfg, run_dir))
+    check_sample_prompt(cfg, tokenizer)
     main_process = jax.process_index() == 0
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -119,6 +124,11 @@ def setup(cfg: Config, run_dir: Path) -> Run:
         batches.restore(data_state)
     else:
         graphdef, state, shardings, optimizer = init_train_state(cfg.model, optimizer_for, cfg.train.seed, mesh)
+        if init_from is not None:
+            from lmjax.train.run_eval import restore_weights_onto
+
+            params = restore_weights_onto(Path(init_from), mesh)[2]
+            state = state._replace(params=jax.tree.map(lambda p, s: p.astype(s.dtype), params, state.params))
 
     rows = batch_sharding(mesh)
     step_fn = make_train_step(graphdef, optimizer, learning_rate_schedule(cfg.optim, steps),
@@ -201,12 +211,36 @@ def check_data_order(cfg: Config, data_state: dict) -> None:
                           "so start a new run.")
 
 
+def check_sample_prompt(cfg: Config, tokenizer) -> None:
+    """Raise ConfigError if train.sample_prompt leaves no room in model.max_seq_len for the
+    sample drawn after training."""
+    length = len(tokenizer.encode(cfg.train.sample_prompt))
+    if cfg.train.sample_tokens and length >= cfg.model.max_seq_len:
+        raise ConfigError(f"train.sample_prompt is {length} tokens, which leaves no room for the sample in "
+                          f"model.max_seq_len={cfg.model.max_seq_len}; shorten it or set train.sample_tokens=0.")
+
+
 def check_resumable(cfg: Config, saved: dict) -> None:
     """Raise ConfigError if `cfg.model` differs from the saved run's model config."""
     now = cfg.to_dict()["model"]
     differences = [f"model.{k}: saved {v!r}, now {now.get(k)!r}" for k, v in saved["model"].items() if now.get(k) != v]
     if differences:
         raise ConfigError("cannot resume: the model shape differs from the saved run (" + "; ".join(differences) + ").")
+
+
+def check_init_from(cfg: Config, init_from: Path) -> None:
+    """Raise ConfigError unless the run `init_from` has weights shaped like those of `cfg.model`."""
+    from lmjax.train.run_eval import load_config
+
+    _, mine = abstract_model(cfg.model)
+    _, theirs = abstract_model(load_config(init_from).model)
+    mine, theirs = (dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(s))[0]) for s in (mine, theirs))
+    differences = [f"{jax.tree_util.keystr(k)} {theirs[k].shape if k in theirs else 'absent'} vs {v.shape}"
+                   for k, v in mine.items() if k not in theirs or theirs[k].shape != v.shape]
+    differences += [f"{jax.tree_util.keystr(k)} only in {init_from}" for k in theirs if k not in mine]
+    if differences:
+        raise ConfigError(f"--init-from {init_from}: its weights do not fit experiment {cfg.name!r} (saved vs now: "
+                          + "; ".join(differences[:3]) + "); give a run of the same model shape.")
 
 
 def _saved_tokenizers(run_dir: Path) -> list[Path]:

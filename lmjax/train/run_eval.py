@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -22,10 +21,7 @@ from lmjax.train.state import abstract_train_state
 
 
 def load_config(run_dir: Path) -> Config:
-    config_file = Path(run_dir) / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.json).")
-    return Config.from_dict(json.loads(config_file.read_text()))
+    return Config.load(Path(run_dir) / "config.json")
 
 
 def restore_weights(run_dir: Path, step: int | None = None, mesh_overrides: list[str] = ()):
@@ -33,19 +29,27 @@ def restore_weights(run_dir: Path, step: int | None = None, mesh_overrides: list
     `step` (default: newest), laid out on a mesh over this process's devices: `mesh.data=-1`
     (all devices data parallel) unless `mesh_overrides` such as ["fsdp=4", "tensor=2"] say
     otherwise, whatever mesh wrote it. The optimizer state is not read."""
+    mesh_cfg = override(Config(), [f"mesh.{o}" for o in mesh_overrides]).mesh if mesh_overrides else MeshConfig()
+    mesh = make_mesh(mesh_cfg)
+    return (*restore_weights_onto(run_dir, mesh, step), mesh)
+
+
+def restore_weights_onto(run_dir: Path, mesh, step: int | None = None):
+    """(config, graphdef, params, step): the model weights of checkpoint `step` (default:
+    newest) of `run_dir`, sharded over `mesh` by their logical axes; the optimizer state is not read."""
     cfg = load_config(run_dir)
+    if not (Path(run_dir) / "checkpoints").is_dir():  # opening a Checkpointer would create the folder
+        raise ConfigError(f"{run_dir} has no checkpoint yet.")
     checkpointer = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints, async_save=False)
     step = checkpointer.latest_step() if step is None else step
     if step is None:
         raise ConfigError(f"{run_dir} has no checkpoint yet.")
-    mesh_cfg = override(Config(), [f"mesh.{o}" for o in mesh_overrides]).mesh if mesh_overrides else MeshConfig()
-    mesh = make_mesh(mesh_cfg)
     steps = total_steps(cfg)
     graphdef, abstract, _ = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, steps, p), mesh)
     state = checkpointer.restore_some(abstract._replace(opt_state=jax.tree.map(lambda _: SKIP, abstract.opt_state)),
                                       step)
     checkpointer.close()
-    return cfg, graphdef, state.params, step, mesh
+    return cfg, graphdef, state.params, step
 
 
 def restore_params(run_dir: Path, step: int | None = None, mesh_overrides: list[str] = ()):

@@ -1,0 +1,1 @@
+"""Hugging Face interop: transformers checkpoints and tokenizers <-> lmjax runs (docs/interop.md)."""

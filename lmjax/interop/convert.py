@@ -1,0 +1,182 @@
+"""`lmjax convert from-hf | to-hf`: a transformers directory <-> an lmjax run directory.
+
+Import reads config.json into a `Config`, then streams every weight from the memory-mapped
+safetensors straight into its sharded layout: `jax.make_array_from_callback` asks, per
+device, for the slice that device holds, and only that slice is read from disk and cast.
+Host memory stays near one layer's tensor plus this process's share of the model. The run
+directory gets config.json, the tokenizer and a step-0 checkpoint (fresh Adam moments), so
+`lmjax.load`, `generate`, `eval`, `train --resume` and `train --init-from` all accept it.
+
+Export gathers the weights of a checkpoint onto the host and writes config.json and
+safetensors that `transformers.AutoModelFor*.from_pretrained` loads. See docs/interop.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lmjax.checkpoint import Checkpointer
+from lmjax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig
+from lmjax.families import family_of
+from lmjax.interop import llama
+from lmjax.interop.tensors import open_checkpoint, save_checkpoint
+from lmjax.parallel import make_mesh, state_shardings
+from lmjax.train.optimizer import make_optimizer
+from lmjax.train.state import TrainState, abstract_model, train_state_shardings
+
+_ARCHITECTURES = {name: llama for name in llama.ARCHITECTURES}
+MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size for save_pretrained
+
+
+class _Recording(dict):
+    """The checkpoint's tensors, remembering which names were read."""
+
+    def __init__(self, tensors):
+        super().__init__(tensors)
+        self.read = set()
+
+    def __getitem__(self, name):
+        self.read.add(name)
+        return super().__getitem__(name)
+
+
+def architecture_of(hf: dict):
+    """The translator module for config.json's `architectures` entry (ConfigError if none)."""
+    names = hf.get("architectures") or []
+    for name in names:
+        if name in _ARCHITECTURES:
+            return _ARCHITECTURES[name]
+    raise ConfigError(f"config.json architectures {names} is not one lmjax converts; supported: "
+                      f"{', '.join(_ARCHITECTURES)}.")
+
+
+def _layer_count(path: tuple[str, ...], cfg: ModelConfig) -> int | None:
+    """Layers stacked on the leading axis of the weight at `path` (None: not per layer)."""
+    if "blocks" not in path:
+        return None
+    return cfg.decoder_layers if path[0] == "decoder" else cfg.n_layers
+
+
+def _flat(tree) -> dict[tuple[str, ...], object]:
+    return {tuple(str(k.key) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _read_weight(rule, tensors, shape, dtype, layers: int | None, sharding):
+    """The sharded jax.Array of one lmjax weight, each device's block read from disk alone."""
+
+    def block(index):
+        if layers is None:
+            return np.asarray(rule.read(tensors, shape)[index], dtype)
+        return np.stack([np.asarray(rule.read(tensors, shape[1:], i=i)[index[1:]], dtype)
+                         for i in range(layers)[index[0]]])
+
+    return jax.make_array_from_callback(shape, sharding, block)
+
+
+def model_config_from_hf(hf_dir: Path, notes: list[str]) -> ModelConfig:
+    config_file = Path(hf_dir) / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"{hf_dir} has no config.json; give a directory written by transformers' save_pretrained.")
+    hf = json.loads(config_file.read_text())
+    return architecture_of(hf).model_config(hf, notes)
+
+
+def import_params(hf_dir: Path, cfg: ModelConfig, mesh, notes: list[str]) -> nnx.State:
+    """The model weights of `hf_dir` as an nnx.State sharded over `mesh` by their logical axes."""
+    hf = json.loads((Path(hf_dir) / "config.json").read_text())
+    rules = architecture_of(hf).tensor_rules(cfg)
+    tensors = _Recording(open_checkpoint(hf_dir))
+    _, abstract = abstract_model(cfg)
+    shardings = _flat(nnx.to_pure_dict(state_shardings(abstract, mesh)))
+    arrays = {}
+    for path, leaf in _flat(nnx.to_pure_dict(abstract)).items():
+        arrays[path] = _read_weight(rules[path], tensors, leaf.shape, leaf.dtype, _layer_count(path, cfg),
+                                    shardings[path])
+    unread = sorted(set(tensors) - tensors.read)
+    if unread:
+        notes.append(f"ignored {len(unread)} tensor(s) lmjax has no place for: {', '.join(unread)}.")
+    pure = {}
+    for path, array in arrays.items():
+        node = pure
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = array
+    nnx.replace_by_pure_dict(abstract, pure)
+    return abstract
+
+
+def from_hf(hf_dir: Path, run_dir: Path, dtype: str = "float32", mesh_cfg: MeshConfig = MeshConfig()) -> list[str]:
+    """Convert the transformers directory `hf_dir` into the lmjax run directory `run_dir`
+    (weights in `dtype`); returns the notes on settings lmjax does not carry."""
+    hf_dir, run_dir = Path(hf_dir), Path(run_dir)
+    notes: list[str] = []
+    model = dataclasses.replace(model_config_from_hf(hf_dir, notes), dtype=dtype, param_dtype=dtype)
+    tokenizer = "bytes"
+    if (hf_dir / "tokenizer.json").is_file():
+        tokenizer = str((run_dir / "tokenizer.json").absolute())
+    else:
+        notes.append("no tokenizer.json: the run records data.tokenizer='bytes'; copy the model's tokenizer.json "
+                     "into the run directory and set data.tokenizer to it before using text.")
+    cfg = Config(name=f"hf-{hf_dir.name}", model=model,
+                 data=DataConfig(tokenizer=tokenizer, seq_len=min(256, model.max_seq_len)),
+                 train=TrainConfig(steps=1, run_dir=str(run_dir)))
+    if (run_dir / "checkpoints").exists():
+        raise ConfigError(f"{run_dir} already holds checkpoints; give a new --out directory.")
+    mesh = make_mesh(mesh_cfg)
+    params = import_params(hf_dir, model, mesh, notes)  # every check on the input runs before anything is written
+    optimizer = make_optimizer(cfg.optim, 1, params)
+    state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32),
+                       jax.random.key_data(jax.random.key(cfg.train.seed)))
+    state = jax.device_put(state, train_state_shardings(jax.eval_shape(lambda: state), mesh))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer != "bytes":
+        shutil.copyfile(hf_dir / "tokenizer.json", run_dir / "tokenizer.json")
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    checkpointer = Checkpointer(run_dir, async_save=False)
+    checkpointer.save(0, state, {}, cfg.to_dict())
+    checkpointer.wait()
+    checkpointer.close()
+    return notes
+
+
+def _hf_architecture(cfg: ModelConfig):
+    architecture = family_of(cfg).hf_architecture
+    if architecture is not None:
+        return architecture
+    raise ConfigError(f"model.family={cfg.family!r} has no Hugging Face export yet.")
+
+
+def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """Write checkpoint `step` (default: newest) of `run_dir` as a transformers directory
+    `hf_dir`; returns the notes on settings transformers does not carry."""
+    from lmjax.train.run_eval import restore_weights
+
+    run_dir, hf_dir = Path(run_dir), Path(hf_dir)
+    notes: list[str] = []
+    cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text())) if (run_dir / "config.json").is_file() \
+        else None
+    if cfg is None:
+        raise ConfigError(f"{run_dir} is not a run directory (no config.json).")
+    architecture = _hf_architecture(cfg.model)
+    hf_config = architecture.hf_config(cfg.model, notes)
+    rules = architecture.tensor_rules(cfg.model)
+    cfg, _, params, step, _ = restore_weights(run_dir, step)
+    tensors = {}
+    for path, array in _flat(nnx.to_pure_dict(params)).items():
+        array = np.asarray(jax.device_get(array))
+        layers = _layer_count(path, cfg.model)
+        for i in [None] if layers is None else range(layers):
+            tensors.update(rules[path].write(array) if i is None else rules[path].write(array[i], i=i))
+    hf_config["dtype"] = cfg.model.param_dtype
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(tensors, hf_dir, max_shard_bytes)
+    (hf_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
+    return notes
