@@ -231,6 +231,10 @@ class OptimConfig:
         _require(self.clip_norm is None or self.clip_norm > 0, f"optim.clip_norm must be positive or none, got {self.clip_norm}.")
         _require(self.grad_accum_steps >= 1, f"optim.grad_accum_steps must be >= 1, got {self.grad_accum_steps}.")
 
+    def wsd_decay_steps(self, total_steps: int) -> int:
+        """Steps of the final decay of a warmup-stable-decay schedule: round(decay_fraction * total), >= 1."""
+        return max(1, round(self.decay_fraction * total_steps))
+
 
 @dataclass(frozen=True)
 class DataConfig:

@@ -66,6 +66,21 @@ def test_config_imports_no_data_code():
     assert out.strip() == "[]"
 
 
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+
+def test_layers_point_one_way():
+    """config imports no lmjax module but the span arithmetic; scaling needs nothing from train
+    but the sweep's call to run training."""
+    assert {m for m in _imports(LMJAX / "config.py") if m.startswith("lmjax")} == {"lmjax.spans"}
+    from_train = {(p.name, m) for p in (LMJAX / "scaling").glob("*.py") for m in _imports(p)
+                  if m.startswith("lmjax.train")}
+    assert from_train == {("sweep.py", "lmjax.train.loop")}
+
+
 def _config(family: str) -> Config:
     return Config(model=ModelConfig(family=family, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64),
                   data=DataConfig(seq_len=32))

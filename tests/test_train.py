@@ -10,7 +10,7 @@ from flax import nnx
 from lmjax.checkpoint import SKIP, Checkpointer
 from lmjax.config import MeshConfig, OptimConfig
 from lmjax.parallel import make_mesh
-from lmjax.train.loggers import read_metrics
+from lmjax.records import read_metrics
 from lmjax.train.loop import train
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask
 from lmjax.train.run_eval import restore_weights

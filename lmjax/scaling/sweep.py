@@ -25,6 +25,7 @@ from pathlib import Path
 
 from lmjax.config import Config, ConfigError, override
 from lmjax.experiment import load_experiment, load_experiment_module
+from lmjax.records import read_metrics
 from lmjax.scaling.counting import param_counts, run_flops_per_token, tokens_per_step
 from lmjax.scaling.plan import total_steps
 
@@ -136,13 +137,11 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, log=print) -> Path:
 def _grow_trunk(sweep, run, cfg, sweep_dir, configs, train, log) -> None:
     """Train `run.trunk` (a WSD run as long as the longest branch) up to where `run` starts
     decaying, then copy its checkpoint into `run`'s directory."""
-    from lmjax.train.optimizer import wsd_decay_steps
-
     branches = [r for r in sweep.runs if r.trunk == run.trunk]
     longest = max((configs[r.name] for r in branches), key=total_steps)
     trunk_dir = sweep_dir / run.trunk
     steps = total_steps(cfg)
-    branch_step = steps - min(wsd_decay_steps(cfg.optim, steps), steps - min(cfg.optim.warmup_steps, steps))
+    branch_step = steps - min(cfg.optim.wsd_decay_steps(steps), steps - min(cfg.optim.warmup_steps, steps))
     if branch_step == 0:
         return
     trunk_cfg = override(longest, [f"train.run_dir={trunk_dir}", f"train.halt_at_step={branch_step}",
@@ -160,8 +159,6 @@ def _grow_trunk(sweep, run, cfg, sweep_dir, configs, train, log) -> None:
 
 
 def _write_result(cfg: Config, run_dir: Path, summary: dict) -> None:
-    from lmjax.train.loggers import read_metrics
-
     counts = param_counts(cfg.model)
     steps = total_steps(cfg)
     tokens = steps * tokens_per_step(cfg)

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
 from lmjax.config import Config
@@ -81,24 +80,6 @@ def environment() -> dict:
         "process_count": jax.process_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """All records of `<run_dir>/metrics.jsonl`, in order."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def read_routing(run_dir: Path) -> dict:
-    """`<run_dir>/routing.jsonl` of a MoE run as arrays: "step" (S,) and each routing
-    statistic stacked over log steps, e.g. "load" (S, L_moe, E), "dropped" (S, L_moe)."""
-    path = Path(run_dir) / "routing.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    if not records:
-        return {}
-    return {key: np.asarray([r[key] for r in records]) for key in records[0]}
 
 
 def progress_bar(total: int, initial: int, enabled: bool):

@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 
 from lmjax.config import Config
 from lmjax.families import family_of
+from lmjax.records import read_metrics
 from lmjax.scaling.counting import example_lengths, param_counts, run_flops_per_token, tokens_per_step
 from lmjax.train import loggers
 from lmjax.train.evaluate import evaluate
@@ -215,7 +216,7 @@ def finish_run(cfg: Config, run_dir: Path, graphdef, host_params, tokenizer, val
     weights `host_params` are numpy arrays on this host (none: no sample)."""
     from lmjax.train.plots import plot_loss_curves
 
-    plot_loss_curves(loggers.read_metrics(run_dir), run_dir / "loss.png")
+    plot_loss_curves(read_metrics(run_dir), run_dir / "loss.png")
     loggers.console(f"loss curve: {run_dir / 'loss.png'}")
     sample = family_of(cfg.model).sample
     if host_params is None or sample is None:

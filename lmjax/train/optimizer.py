@@ -11,20 +11,15 @@ from lmjax.config import OptimConfig
 NO_DECAY_PARAMS = ("table", "pos_embed")  # token and position embeddings
 
 
-def wsd_decay_steps(cfg: OptimConfig, total_steps: int) -> int:
-    """Steps of the final decay of a warmup-stable-decay schedule: round(decay_fraction * total), >= 1."""
-    return max(1, round(cfg.decay_fraction * total_steps))
-
-
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `cfg.lr` over `warmup_steps`, then cosine/linear decay to
     `lr * min_lr_ratio` at `total_steps` (or constant); "wsd" stays at `lr` until the last
-    `wsd_decay_steps` steps and decays linearly to `lr * min_lr_ratio` over them."""
+    `optim.wsd_decay_steps(total_steps)` steps and decays linearly to `lr * min_lr_ratio` over them."""
     warmup = min(cfg.warmup_steps, total_steps)
     decay_steps = max(total_steps - warmup, 1)
     end = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "wsd":
-        cooldown = min(wsd_decay_steps(cfg, total_steps), total_steps - warmup)
+        cooldown = min(cfg.wsd_decay_steps(total_steps), total_steps - warmup)
         stable = total_steps - warmup - cooldown
         pieces = [optax.linear_schedule(0.0, cfg.lr, warmup), optax.constant_schedule(cfg.lr),
                   optax.linear_schedule(cfg.lr, end, max(cooldown, 1))]
