@@ -17,10 +17,9 @@ import jax
 import numpy as np
 
 from lmjax.generate import generate
+from lmjax.hardware import PEAK_BANDWIDTH
 from lmjax.scaling.counting import param_counts
 from lmjax.train.run_eval import load
-
-BANDWIDTH_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
 
 def timed(fn):
@@ -50,7 +49,7 @@ def main():
     weight_bytes = 4 * param_counts(m)["params_total"]
     kv_bytes = 2 * m.n_layers * m.kv_heads * m.head_dim * 4 * args.batch * (args.prompt_tokens + args.new_tokens // 2)
     kind = jax.devices()[0].device_kind
-    bandwidth = next((b for name, b in BANDWIDTH_BYTES_PER_S.items() if name in kind), None)
+    bandwidth = next((b for name, b in PEAK_BANDWIDTH.items() if name in kind), None)
     bound = None if bandwidth is None else args.batch * bandwidth / (weight_bytes + kv_bytes)
     print(json.dumps({
         "device": kind, "batch": args.batch, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,

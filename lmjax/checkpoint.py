@@ -57,6 +57,11 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
 
+    def saved_config(self, step: int | None = None) -> dict:
+        """The config saved with checkpoint `step` (default: newest), as a dict."""
+        step = self.latest_step() if step is None else step
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
     def restore_some(self, abstract_state, step: int | None = None):
         """The saved state of `step` (default: newest) without the leaves that `abstract_state`
         marks `SKIP`: those are never read from disk and come back as `SKIP` (e.g. the Adam
@@ -67,6 +72,11 @@ class Checkpointer:
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
         item = ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args)
         return self.manager.restore(step, args=ocp.args.Composite(state=item))["state"]
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process at the same step once any process received SIGTERM (JAX's
+        preemption sync point; False in a single process). Call it at every step, on every process."""
+        return self.manager.reached_preemption(step)
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are complete."""

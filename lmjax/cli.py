@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. model.d_model=256 (repeatable)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
+    train.add_argument("--new-data-order", action="store_true",
+                       help="let a resumed run change train.batch_size or the data (it then sees other batches than "
+                            "an uninterrupted run would)")
     train.add_argument("--init-from", metavar="RUN_DIR", help="start from the newest weights of RUN_DIR (e.g. one "
                        "made by `lmjax convert from-hf`), with a fresh optimizer and step 0")
     cluster = train.add_argument_group("multi-process runs (SLURM, TPU VMs and GKE are detected without these)")
@@ -223,7 +226,7 @@ def cmd_train(args) -> None:
     if args.init_from and args.resume:
         raise ConfigError("give --resume or --init-from, not both.")
     run_dir = Path(process_0_text(str(run_dir)))  # a timestamped name differs between processes
-    summary = train(cfg, run_dir, Path(args.init_from) if args.init_from else None)
+    summary = train(cfg, run_dir, Path(args.init_from) if args.init_from else None, args.new_data_order)
     state = "finished" if summary["finished"] else f"stopped at step {summary['step']}; resume with --resume"
     print(f"run {state}: {run_dir}")
 
@@ -334,6 +337,9 @@ def cmd_experiments(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from lmjax.xla_setup import apply_gpu_preset
+
+    apply_gpu_preset()  # before any backend starts; only on a GPU, never over the user's XLA_FLAGS
     from lmjax.data import DataError
 
     try:

@@ -48,7 +48,7 @@ class MoEConfig:
     top_k: int = 2
     d_ff: int | None = None  # hidden width of one expert (None: model.d_ff)
     dispatch: Literal["capacity", "dropless"] = "dropless"
-    grouped_matmul: Literal["auto", "blocks", "ragged_dot"] = "auto"  # dropless kernel; auto: ragged_dot on TPU only
+    grouped_matmul: Literal["auto", "blocks", "ragged_dot"] = "auto"  # dropless kernel; auto: models.kernels table
     capacity_factor: float = 1.25  # capacity dispatch, training: slots per expert = cf * k * tokens / E
     eval_capacity_factor: float = 2.0  # capacity dispatch, evaluation and generation
     every: int = 1  # MoE in every k-th layer
@@ -120,8 +120,10 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # stored weights
     scan_layers: bool = True  # one compiled layer body, looped; compile time flat in depth
     scan_unroll: int = 1  # layers per loop iteration when scanned (n_layers: fully unrolled)
-    remat: Literal["none", "dots", "full"] = "none"
-    attention: Literal["auto", "einsum", "dot_product"] = "auto"  # auto: dot_product (cuDNN) on GPU
+    # what each layer keeps for the backward pass (lmjax.models.transformer.REMAT_POLICIES)
+    remat: Literal["none", "dots", "full", "minimal_with_context", "save_dot_except_mlp", "save_qkv_proj",
+                   "save_out_proj"] = "none"
+    attention: Literal["auto", "einsum", "dot_product"] = "auto"  # auto: cuDNN on GPU where it can, see models.kernels
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self):
@@ -130,6 +132,8 @@ class ModelConfig:
         _require(self.d_head is None or self.d_head > 0, f"model.d_head must be positive or none, got {self.d_head}.")
         _require(self.attention_scale is None or self.attention_scale > 0,
                  f"model.attention_scale must be positive or none, got {self.attention_scale}.")
+        _require(not self.tied_output_rescale or self.tie_embeddings,
+                 "model.tied_output_rescale rescales a tied output head; set model.tie_embeddings=true too.")
         _require(
             self.d_head is not None or self.d_model % self.n_heads == 0,
             f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; "
@@ -158,7 +162,7 @@ class ModelConfig:
                  f"{self.relative_max_distance} larger than half of it (T5: 32 and 128).")
         _check_choice("model.dtype", self.dtype, ("float32", "bfloat16"))
         _check_choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
-        _check_choice("model.remat", self.remat, ("none", "dots", "full"))
+        _check_choice("model.remat", self.remat, typing.get_args(typing.get_type_hints(ModelConfig)["remat"]))
         _check_choice("model.attention", self.attention, ("auto", "einsum", "dot_product"))
         _require(not self.moe.enabled or self.n_layers % self.moe.every == 0,
                  f"model.moe.every={self.moe.every} does not divide model.n_layers={self.n_layers}.")
@@ -231,9 +235,11 @@ class OptimConfig:
         _require(self.clip_norm is None or self.clip_norm > 0, f"optim.clip_norm must be positive or none, got {self.clip_norm}.")
         _require(self.grad_accum_steps >= 1, f"optim.grad_accum_steps must be >= 1, got {self.grad_accum_steps}.")
 
-    def wsd_decay_steps(self, total_steps: int) -> int:
-        """Steps of the final decay of a warmup-stable-decay schedule: round(decay_fraction * total), >= 1."""
-        return max(1, round(self.decay_fraction * total_steps))
+    def wsd_decay_start(self, total_steps: int) -> int:
+        """The step where a warmup-stable-decay schedule's final linear decay begins: the last
+        round(decay_fraction * total_steps) steps (at least 1) decay, but never before warmup ends."""
+        warmup = min(self.warmup_steps, total_steps)
+        return total_steps - min(max(1, round(self.decay_fraction * total_steps)), total_steps - warmup)
 
 
 @dataclass(frozen=True)
@@ -314,6 +320,8 @@ class TrainConfig:
     sample_prompt: str = "def "
     sample_tokens: int = 200  # tokens generated after training (0: no sample)
     sample_temperature: float = 0.8
+    warning_signal: str = "SIGUSR1"  # like SIGTERM: save and stop (SLURM's --signal=USR1@SECONDS warning)
+    compilation_cache_dir: str | None = None  # JAX's persistent compilation cache here (None: off)
 
     def __post_init__(self):
         given = [n for n in ("steps", "tokens", "budget_flops") if getattr(self, n) is not None]
@@ -324,6 +332,9 @@ class TrainConfig:
             value = getattr(self, name)
             _require(value is None or value > 0, f"train.{name} must be positive, got {value}.")
         _require(self.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {self.sample_tokens}.")
+        _require(self.warning_signal in ("SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGALRM"),
+                 f"train.warning_signal={self.warning_signal!r} is not one of SIGUSR1, SIGUSR2, SIGHUP, SIGQUIT, "
+                 "SIGALRM.")
         _require(self.sample_tokens == 0 or self.sample_prompt != "",
                  "train.sample_prompt is empty; give a prompt, or set train.sample_tokens=0 for no sample.")
         _require(self.sample_temperature >= 0, f"train.sample_temperature must be >= 0, got {self.sample_temperature}.")

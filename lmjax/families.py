@@ -8,6 +8,10 @@ windows become its examples, how its model turns a batch into logits, and what t
 finish, `lmjax generate` and generation do for it. `family_of(model_cfg)` picks the spec once;
 no other module compares a family name.
 
+The data side (`lmjax.data`, which loads Grain) and generation are imported inside the
+functions that read data or sample, so that building, counting and training-step code
+(`bench/gpu_suite.py`) runs without Grain installed.
+
 Adding a family (a prefix LM, say): a model class in `lmjax/models/lm.py`, its dataset in
 `lmjax/data/denoising.py` if its examples are not the packed windows, one `Family` here
 and its name in `ModelConfig.family`'s choices (docs/design.md, "Adding a family").
@@ -21,11 +25,8 @@ from typing import Callable
 import numpy as np
 from flax import nnx
 
-from lmjax import generate
 from lmjax.config import Config, ConfigError, ModelConfig
-from lmjax.data.denoising import MaskedLMDataset, SpanCorruptionDataset
-from lmjax.data.objectives import fill_in_spans
-from lmjax.interop import llama
+from lmjax.interop import llama, t5
 from lmjax.models import DecoderLM, EncoderDecoderLM, EncoderLM
 from lmjax.spans import span_corruption_lengths
 
@@ -61,6 +62,8 @@ class Family:
     - `encode_prompt(tokenizer, text)`, `generate(model, prompts, max_new_tokens, tokenizer,
       **sampling)` and `show(tokenizer, text, prompt, new_ids)`: what `lmjax generate` does
       (prompt: the encoded text); None when the family does not generate.
+    - `decoder_start(tokenizer)`: the id a decoder of targets starts from (an encoder-decoder's
+      bos, as in training); None for families without one.
     - `hf_architecture`: the Hugging Face translator (`lmjax.interop`) that exports the
       family's checkpoints; None: no export yet.
     """
@@ -76,6 +79,7 @@ class Family:
     encode_prompt: Callable | None
     generate: Callable | None
     show: Callable | None
+    decoder_start: Callable | None
     hf_architecture: object | None
 
 
@@ -85,14 +89,28 @@ def family_of(cfg: ModelConfig) -> Family:
 
 
 def _single_stack_predict(model, batch: dict, dropout_key=None):
-    """Decoder and encoder batches: inputs, positions, segment_ids (B, T)."""
-    return model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key)
+    """Decoder and encoder batches: inputs, positions, segment_ids (B, T) (segment_ids may be left
+    out when every row is one sequence: fused attention kernels then need no mask)."""
+    return model(batch["inputs"], batch["positions"], batch.get("segment_ids"), dropout_key)
 
 
 def _encoder_decoder_predict(model, batch: dict, dropout_key=None):
     """encoder_inputs, encoder_segment_ids (B, S) and decoder_inputs, decoder_segment_ids (B, T)."""
     return model(batch["encoder_inputs"], batch["decoder_inputs"], batch["encoder_segment_ids"],
                  batch["decoder_segment_ids"], dropout_key)
+
+
+def _masked_lm_examples(windows, cfg: Config, tokenizer, seed: int):
+    from lmjax.data.denoising import MaskedLMDataset
+
+    return MaskedLMDataset(windows, tokenizer, cfg.data.mlm_probability, seed)
+
+
+def _span_corruption_examples(windows, cfg: Config, tokenizer, seed: int):
+    from lmjax.data.denoising import SpanCorruptionDataset
+
+    return SpanCorruptionDataset(windows, cfg.data.seq_len, tokenizer, cfg.data.noise_density,
+                                 cfg.data.mean_noise_span_length, seed)
 
 
 def _span_lengths(cfg: Config) -> tuple[int, int]:
@@ -105,6 +123,8 @@ def _span_lengths(cfg: Config) -> tuple[int, int]:
 
 def _continue_prompt(model, cfg: Config, tokenizer, val_set) -> str:
     """train.sample_prompt and the model's continuation of it."""
+    from lmjax import generate
+
     prompt = tokenizer.encode(cfg.train.sample_prompt)
     new_tokens = min(cfg.train.sample_tokens, cfg.model.max_seq_len - len(prompt))
     ids = generate.generate(model, [prompt], new_tokens, seed=cfg.train.seed,
@@ -115,6 +135,8 @@ def _continue_prompt(model, cfg: Config, tokenizer, val_set) -> str:
 def _fill_in_sample(model, cfg: Config, tokenizer, val_set) -> str:
     """The first validation example's corrupted input, the model's greedy targets and the
     true ones, as text with sentinels spelled <extra_id_N>."""
+    from lmjax import generate
+
     example = val_set[0]
     inputs = example["encoder_inputs"][example["encoder_segment_ids"] == 1]
     targets = example["targets"][example["loss_mask"] == 1]
@@ -126,6 +148,8 @@ def _fill_in_sample(model, cfg: Config, tokenizer, val_set) -> str:
 
 
 def _generate_continuations(model, prompts, max_new_tokens: int, tokenizer, **sampling):
+    from lmjax import generate
+
     room = model.cfg.max_seq_len - max(len(p) for p in prompts)
     if max_new_tokens > room:
         raise ConfigError(f"--max-new-tokens {max_new_tokens} does not fit: the longest prompt leaves "
@@ -134,6 +158,8 @@ def _generate_continuations(model, prompts, max_new_tokens: int, tokenizer, **sa
 
 
 def _generate_spans(model, prompts, max_new_tokens: int, tokenizer, **sampling):
+    from lmjax import generate
+
     limit = model.cfg.max_seq_len
     if max(len(p) for p in prompts) > limit or max_new_tokens > limit:
         raise ConfigError(f"prompts and --max-new-tokens must each fit in model.max_seq_len={limit}.")
@@ -143,6 +169,8 @@ def _generate_spans(model, prompts, max_new_tokens: int, tokenizer, **sampling):
 
 def _show_filled_in(tokenizer, text, prompt, targets) -> str:
     """The generated targets, and the prompt (without its eos) with the spans filled in."""
+    from lmjax.data.objectives import fill_in_spans
+
     targets = targets[:-1] if len(targets) and targets[-1] == tokenizer.eos_id else targets
     sentinels = [tokenizer.sentinel_id(i) for i in range(tokenizer.num_sentinels)]
     return (f"targets: {tokenizer.decode_with_sentinels(targets)}\n"
@@ -162,6 +190,7 @@ FAMILIES = {
         encode_prompt=lambda tokenizer, text: tokenizer.encode(text),
         generate=_generate_continuations,
         show=lambda tokenizer, text, prompt, new_ids: text + tokenizer.decode(new_ids),
+        decoder_start=None,
         hf_architecture=llama,
     ),
     "encoder": Family(
@@ -169,14 +198,14 @@ FAMILIES = {
         stacks=lambda m: (StackShape(m.n_layers, causal=False),),
         example_lengths=lambda cfg: (cfg.data.seq_len, 0),
         window_length=lambda cfg: cfg.data.seq_len,
-        examples=lambda windows, cfg, tokenizer, seed: MaskedLMDataset(windows, tokenizer, cfg.data.mlm_probability,
-                                                                       seed),
+        examples=_masked_lm_examples,
         build=lambda m, rngs: EncoderLM(m, rngs=rngs),
         predict=_single_stack_predict,
         sample=None,
         encode_prompt=None,
         generate=None,
         show=None,
+        decoder_start=None,
         hf_architecture=None,
     ),
     "encoder_decoder": Family(
@@ -185,14 +214,14 @@ FAMILIES = {
                           StackShape(m.decoder_layers, causal=True, cross=True, over_targets=True)),
         example_lengths=lambda cfg: (cfg.data.seq_len, _span_lengths(cfg)[1]),
         window_length=lambda cfg: _span_lengths(cfg)[0],
-        examples=lambda windows, cfg, tokenizer, seed: SpanCorruptionDataset(
-            windows, cfg.data.seq_len, tokenizer, cfg.data.noise_density, cfg.data.mean_noise_span_length, seed),
+        examples=_span_corruption_examples,
         build=lambda m, rngs: EncoderDecoderLM(m, rngs=rngs),
         predict=_encoder_decoder_predict,
         sample=_fill_in_sample,
         encode_prompt=lambda tokenizer, text: np.append(tokenizer.encode_with_sentinels(text), tokenizer.eos_id),
         generate=_generate_spans,
         show=_show_filled_in,
-        hf_architecture=None,
+        decoder_start=lambda tokenizer: tokenizer.bos_id,
+        hf_architecture=t5,
     ),
 }

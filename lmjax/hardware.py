@@ -1,4 +1,5 @@
-"""Peak FLOP/s of known accelerators, read by MFU (`lmjax.train.metrics`) and by `lmjax plan`."""
+"""Peak FLOP/s and memory bandwidth of known accelerators, read by MFU (`lmjax.train.metrics`),
+`lmjax plan` and the benchmarks."""
 
 # Dense peak FLOP/s per device (bfloat16 / float32 matmul), from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -11,3 +12,6 @@ PEAK_FLOPS = {
     "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
     "TPU v5": {"bfloat16": 459e12, "float32": 459e12},
 }
+
+# Peak memory bandwidth per device (bytes/s), from the vendors' data sheets.
+PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}

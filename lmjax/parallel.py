@@ -1,7 +1,8 @@
-"""Device mesh and the one table that maps the model's logical axis names to mesh axes.
+"""Device mesh, shardings of state and batches, and multi-host start-up.
 
 The model names axes by meaning (`batch`, `embed`, `heads`, ...); which mesh axis shards
-each one is decided here alone, so changing the parallelism never touches model code.
+each one is decided by the rules table in `lmjax.axis_rules` alone, so changing the
+parallelism never touches model code.
 """
 
 from __future__ import annotations
@@ -15,28 +16,12 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils, multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
+from lmjax.axis_rules import logical_to_mesh
 from lmjax.config import Config, ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
-
-# logical axis -> mesh axes that shard it (None: replicated).
-LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp", "expert"),  # data parallelism: each replica sees its own rows
-    "embed": ("fsdp",),  # FSDP: weights and Adam moments split along the model width
-    "heads": ("tensor",),  # tensor parallelism: attention heads split across devices
-    "kv_heads": ("tensor",),
-    "mlp": ("tensor",),  # tensor parallelism: MLP hidden units split across devices
-    "vocab": ("tensor",),  # output logits split by vocabulary
-    "expert": ("expert",),  # expert parallelism: each device holds E / expert of the experts
-    "expert_batch": ("data", "fsdp"),  # rows of the expert inputs (E, B, C, D): batch without the expert axis
-    "head_dim": None,
-    "length": None,
-    "relative_buckets": None,  # T5 relative position bias table: tiny, replicated
-    "layers": None,  # scanned layer axis stays whole on every device
-}
-
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     """A mesh over `devices` (default: all) with axes MESH_AXES, sized by `cfg`.
@@ -129,15 +114,6 @@ def validate_layout(cfg: Config, mesh: Mesh) -> None:
                           "(mesh.data x mesh.fsdp x mesh.expert); make it a multiple.")
 
 
-def constrain(x, logical_axes: tuple[str | None, ...]):
-    """Pin activation x's sharding by logical axis names under the current mesh
-    (`jax.set_mesh`); a no-op outside one."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    return jax.lax.with_sharding_constraint(x, logical_to_mesh(logical_axes, mesh))
-
-
 def local_batch_rows(mesh: Mesh, batch_size: int) -> np.ndarray:
     """The rows of each global (batch_size, ...) batch that this process must load, in
     ascending order: the union of the blocks its devices hold under `batch_sharding(mesh)`.
@@ -221,20 +197,6 @@ def _cluster_environment() -> bool:
     tpu_pod = "," in env.get("TPU_WORKER_HOSTNAMES", "")
     jobset = "JOBSET_NAME" in env or "MEGASCALE_COORDINATOR_ADDRESS" in env
     return slurm or tpu_pod or jobset or env.get("LMJAX_DISTRIBUTED") == "auto"
-
-
-def logical_to_mesh(logical_axes: tuple[str | None, ...], mesh: Mesh) -> PartitionSpec:
-    """PartitionSpec for an array whose dimensions have these logical names.
-
-    Mesh axes of size 1 are dropped, and a mesh axis is used at most once per array.
-    """
-    used: set[str] = set()
-    spec = []
-    for name in logical_axes:
-        axes = tuple(a for a in (LOGICAL_AXIS_RULES.get(name) or ()) if mesh.shape[a] > 1 and a not in used)
-        used.update(axes)
-        spec.append(axes if len(axes) > 1 else (axes[0] if axes else None))
-    return PartitionSpec(*spec)
 
 
 def state_shardings(abstract_state, mesh: Mesh):

@@ -13,17 +13,25 @@ import numpy as np
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """All records of `<run_dir>/metrics.jsonl`, in order."""
-    path = Path(run_dir) / "metrics.jsonl"
+    return read_records(Path(run_dir) / "metrics.jsonl")
+
+
+def read_records(path: Path) -> list[dict]:
+    """The JSON lines of `path`; a last line cut off mid-write (a killed run) is left out."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    try:
+        return records + [json.loads(line) for line in lines[-1:]]
+    except json.JSONDecodeError:
+        return records
 
 
 def read_routing(run_dir: Path) -> dict:
     """`<run_dir>/routing.jsonl` of a MoE run as arrays: "step" (S,) and each routing
     statistic stacked over log steps, e.g. "load" (S, L_moe, E), "dropped" (S, L_moe)."""
-    path = Path(run_dir) / "routing.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = read_records(Path(run_dir) / "routing.jsonl")
     if not records:
         return {}
     return {key: np.asarray([r[key] for r in records]) for key in records[0]}

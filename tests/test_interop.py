@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from lmjax.cli import main  # noqa: E402
 from lmjax.config import ConfigError  # noqa: E402
+from lmjax.data.tokenizer import ByteTokenizer  # noqa: E402
 from lmjax.generate import generate  # noqa: E402
 from lmjax.interop import llama  # noqa: E402
 from lmjax.interop.convert import from_hf, to_hf  # noqa: E402
@@ -33,6 +34,19 @@ def llama_config(**overrides):
                     num_key_value_heads=2, head_dim=32, intermediate_size=128, max_position_embeddings=64,
                     rms_norm_eps=1e-6, tie_word_embeddings=False)
     return transformers.LlamaConfig(**{**settings, **overrides})
+
+
+def mixtral_config():
+    return transformers.MixtralConfig(**llama_config().to_diff_dict() | {
+        "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 96, "initializer_range": 0.1})
+
+
+def t5_config(feed_forward_proj, tied, **overrides):
+    """A T5 with 2 encoder and 3 decoder layers and heads of width d_kv=32 != d_model/heads."""
+    return transformers.T5Config(**{
+        "vocab_size": VOCAB, "d_model": 64, "d_kv": 32, "d_ff": 96, "num_layers": 2, "num_decoder_layers": 3,
+        "num_heads": 4, "relative_attention_num_buckets": 8, "relative_attention_max_distance": 20,
+        "dropout_rate": 0.0, "feed_forward_proj": feed_forward_proj, "tie_word_embeddings": tied} | overrides)
 
 
 def load_run(run_dir):
@@ -65,8 +79,13 @@ def imported(tmp_path_factory):
                 "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
                     **llama_config().to_diff_dict() | {"sliding_window": None})),
                 "llama_decoding": lambda: transformers.LlamaForCausalLM(llama_config(initializer_range=0.2)),
+                "mixtral": lambda: transformers.MixtralForCausalLM(mixtral_config()),
+                "t5_relu": lambda: transformers.T5ForConditionalGeneration(t5_config("relu", tied=True)),
+                "t5_gated": lambda: transformers.T5ForConditionalGeneration(t5_config("gated-gelu", tied=False)),
+                "t5_decoding": lambda: transformers.T5ForConditionalGeneration(
+                    t5_config("gated-gelu", tied=False, initializer_factor=8.0)),
             }[name]().eval()
-            hf.save_pretrained(root / "hf")
+            hf.save_pretrained(root / "hf")  # Mixtral: one w1/w2/w3 Linear per expert
             notes = from_hf(root / "hf", root / "run")
             model, cfg = load_run(root / "run")
             cache[name] = hf, model, cfg, notes, root
@@ -75,11 +94,78 @@ def imported(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name", ["llama_untied", "llama_tied", "mistral"])
+@pytest.mark.parametrize("name", ["llama_untied", "llama_tied", "mistral", "mixtral"])
 def test_import_gives_transformers_logits(imported, name):
     hf, model, cfg, _, _ = imported(name)
     ids = tokens()
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(hf, ids), atol=TOLERANCE, rtol=0)
+
+
+def t5_inputs(seed=0):
+    """Encoder ids (2, 14), the second row padded after 9 tokens, and decoder ids (2, 6)."""
+    rng = np.random.default_rng(seed)
+    encoder, decoder = rng.integers(2, VOCAB, (2, 14)), rng.integers(2, VOCAB, (2, 6))
+    mask = np.ones_like(encoder)
+    mask[1, 9:] = 0
+    return np.where(mask == 1, encoder, 0), mask, decoder
+
+
+@pytest.mark.parametrize("name", ["t5_relu", "t5_gated"])
+def test_t5_import_gives_transformers_logits(imported, name):
+    hf, model, cfg, _, _ = imported(name)
+    assert cfg.model.tied_output_rescale == (name == "t5_relu") and cfg.model.attention_scale == 1.0
+    encoder, mask, decoder = t5_inputs()
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(encoder), attention_mask=torch.tensor(mask),
+                    decoder_input_ids=torch.tensor(decoder)).logits.numpy()
+    ours = model(jnp.asarray(encoder), jnp.asarray(decoder), encoder_segment_ids=jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=TOLERANCE, rtol=0)
+
+
+def test_t5_greedy_decoding_matches_transformers_generate(imported):
+    hf, model, _, _, _ = imported("t5_decoding")
+    encoder, mask, _ = t5_inputs(seed=1)
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor(encoder), attention_mask=torch.tensor(mask), do_sample=False,
+                          max_new_tokens=8, eos_token_id=None, decoder_start_token_id=0, pad_token_id=0,
+                          output_scores=True, return_dict_in_generate=True,
+                          use_cache=False)  # transformers' cache assumes as many decoder as encoder layers
+    top2 = np.sort(torch.stack(out.scores).numpy(), axis=-1)[..., -2:]
+    assert (top2[..., 1] - top2[..., 0]).min() > 1e-3, "a near tie would let rounding decide"
+    prompts = [row[m == 1] for row, m in zip(encoder, mask)]
+    ours = generate(model, prompts, 8, temperature=0.0, start_token=0)
+    np.testing.assert_array_equal(np.stack(ours), out.sequences[:, 1:].numpy())
+
+
+def test_mixtral_routes_each_token_to_the_same_experts(imported):
+    from lmjax.models.moe import pop_routing_statistics
+
+    hf, model, cfg, _, _ = imported("mixtral")
+    assert (cfg.model.moe.n_experts, cfg.model.moe.top_k, cfg.model.moe.dispatch) == (4, 2, "dropless")
+    ids = tokens(batch=2, length=16)
+    model(jnp.asarray(ids))
+    ours = np.sort(np.asarray(pop_routing_statistics(model)["experts"]), axis=-1)  # (L, B, T, 2)
+    with torch.no_grad():
+        router_logits = hf(torch.tensor(ids), output_router_logits=True).router_logits  # L x (B*T, E)
+    theirs = np.stack([np.sort(torch.topk(r, 2).indices.numpy(), axis=-1) for r in router_logits])
+    np.testing.assert_array_equal(ours.reshape(theirs.shape), theirs)
+    assert len(np.unique(theirs)) == 4  # every expert is used somewhere
+
+
+def test_mixtral_fused_expert_layout_imports(imported, tmp_path):
+    """transformers' in-memory layout: mlp.gate, mlp.experts.gate_up_proj (E, 2F, D), down_proj."""
+    from safetensors.torch import save_file
+
+    hf, model, _, _, root = imported("mixtral")
+    (tmp_path / "hf").mkdir()
+    shutil.copy(root / "hf" / "config.json", tmp_path / "hf")
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file(state, tmp_path / "hf" / "model.safetensors")
+    from_hf(tmp_path / "hf", tmp_path / "run")
+    fused, _ = load_run(tmp_path / "run")
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(fused, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_import_reads_the_config(imported):
@@ -151,22 +237,43 @@ def test_bf16_checkpoint_imports(imported, tmp_path):
     np.testing.assert_array_equal(ours, reference.T)  # bf16 -> bf16: the same bits
 
 
-def test_export_loads_in_transformers_with_the_same_logits_and_reimports_bit_for_bit(tiny, tmp_path):
-    """A decoder run trained a few steps by lmjax (tiny_config: GQA, tied, swiglu, rope)."""
+TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=64", "model.max_seq_len=64",
+        "data.seq_len=32", "data.max_bytes=300000", "train.batch_size=8", "train.steps=2", "train.eval_every=2",
+        "train.eval_batches=1", "train.sample_tokens=0", "log.wandb=off", "log.progress_bar=false"]
+
+
+@pytest.mark.parametrize("experiment, hf_class", [
+    ("llama_tiny", "AutoModelForCausalLM"), ("moe_tiny", "AutoModelForCausalLM"),
+    ("t5_tiny_hf", "AutoModelForSeq2SeqLM")])
+def test_export_loads_in_transformers_with_the_same_logits_and_reimports_bit_for_bit(tmp_path, experiment, hf_class):
+    """Each HF-representable experiment, shrunk, trained two steps by lmjax, exported."""
+    from lmjax.config import override
+    from lmjax.experiment import load_experiment
     from lmjax.train.loop import train
 
-    cfg = tiny(steps=2, sample_tokens=0)
+    cfg = override(load_experiment(experiment), TINY + [f"train.run_dir={tmp_path / 'run'}"]
+                   + (["model.moe.d_ff=32"] if experiment == "moe_tiny" else []))
     train(cfg, tmp_path / "run")
-    assert to_hf(tmp_path / "run", tmp_path / "hf") == []
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
-    assert all(not v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    notes = to_hf(tmp_path / "run", tmp_path / "hf")
+    assert all("z_loss" in n for n in notes) and len(notes) == cfg.model.moe.enabled  # the z-loss: training only
+    hf, info = getattr(transformers, hf_class).from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    text = "def f(x): <extra_id_0> + 1  # héllo"  # the byte tokenizer, as transformers reads it
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")(text).input_ids == \
+        list(ByteTokenizer().encode_with_sentinels(text))
     model, _ = load_run(tmp_path / "run")
     ids = tokens(vocab=cfg.model.vocab_size)
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(hf.eval(), ids), atol=TOLERANCE, rtol=0)
+    if cfg.model.family == "encoder_decoder":
+        ours = model(jnp.asarray(ids), jnp.asarray(ids[:, :5]))
+        with torch.no_grad():
+            theirs = hf.eval()(input_ids=torch.tensor(ids), decoder_input_ids=torch.tensor(ids[:, :5])).logits.numpy()
+    else:
+        ours, theirs = model(jnp.asarray(ids)), hf_logits(hf.eval(), ids)
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=TOLERANCE, rtol=0)
 
     from_hf(tmp_path / "hf", tmp_path / "again")
-    before = jax.tree.leaves(nnx.state(model))
-    after = jax.tree.leaves(nnx.state(load_run(tmp_path / "again")[0]))
+    before = jax.tree.leaves(nnx.state(model, nnx.Param))
+    after = jax.tree.leaves(nnx.state(load_run(tmp_path / "again")[0], nnx.Param))
     assert len(before) == len(after)
     for a, b in zip(before, after):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -194,6 +301,41 @@ def test_init_from_starts_training_from_the_imported_weights(imported, tiny, tmp
     trained, _ = load_run(tmp_path / "run")
     for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(trained))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-9)
+
+
+SHARDED_IMPORT = """
+import sys
+import jax, numpy as np
+from flax import nnx
+from lmjax.config import MeshConfig
+from lmjax.interop.convert import import_params, model_config_from_hf
+from lmjax.parallel import make_mesh
+
+hf_dir, ids_file, logits_file = sys.argv[1:]
+assert len(jax.devices()) == 8
+mesh = make_mesh(MeshConfig(data=1, fsdp=8))
+cfg = model_config_from_hf(hf_dir, [])
+params = import_params(hf_dir, cfg, mesh, [])
+wq = params["stack"]["blocks"]["attn"]["wq"][...]
+assert wq.sharding.spec[1] == "fsdp", wq.sharding.spec  # (layers, embed, heads, head_dim): embed split 8 ways
+assert wq.addressable_shards[0].data.shape[1] == cfg.d_model // 8
+from lmjax.train.state import abstract_model
+graphdef, _ = abstract_model(cfg)
+with jax.set_mesh(mesh):
+    logits = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, np.load(ids_file))
+np.save(logits_file, np.asarray(logits))
+"""
+
+
+def test_sharded_import_onto_8_devices_gives_the_same_logits(imported, tmp_path):
+    hf, _, _, _, root = imported("llama_untied")
+    ids = tokens()
+    np.save(tmp_path / "ids.npy", ids)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    process = subprocess.run([sys.executable, "-c", SHARDED_IMPORT, root / "hf", tmp_path / "ids.npy",
+                              tmp_path / "logits.npy"], env=env, capture_output=True, text=True)
+    assert process.returncode == 0, process.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), hf_logits(hf, ids), atol=TOLERANCE, rtol=0)
 
 
 def run_cli(capsys, *args):
@@ -237,3 +379,96 @@ def test_importing_lmjax_never_imports_torch():
             "sys.exit('torch' in sys.modules or 'transformers' in sys.modules)")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+def corpus():
+    import inspect
+    import textwrap
+
+    return [inspect.getsource(m) for m in (json, shutil, textwrap)] + ["Héllo wörld, ça va? 🙂 Ünïcödé!"] * 20
+
+
+TEXTS = ["def f(x):\n    return x + 1  # ok", "Héllo wörld, ça va? 🙂", "  leading spaces and\ttabs\n\n", "ÆØÅ 漢字 ☃"]
+
+
+def llama_style():
+    """BPE with byte fallback over Metaspace pieces, BOS prepended (LLaMA's tokenizer.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tokenizer.train_from_iterator(corpus(), trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tokenizer, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def t5_style():
+    """Unigram over Metaspace pieces, </s> appended, sentinels at the top ids (T5's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+                                      show_progress=False)
+    tokenizer.train_from_iterator(corpus(), trainer)
+    tokenizer.add_special_tokens([f"<extra_id_{i}>" for i in reversed(range(10))])
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return tokenizer, {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+
+def bert_style():
+    """WordPiece over BERT's normalizer and pre-tokenizer, [CLS] ... [SEP] (BERT's)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+                                        show_progress=False)
+    tokenizer.train_from_iterator(corpus(), trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                             special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return tokenizer, {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "mask_token": "[MASK]",
+                       "unk_token": "[UNK]"}
+
+
+@pytest.mark.parametrize("style", [llama_style, t5_style, bert_style], ids=["llama", "t5", "bert"])
+def test_hf_tokenizers_encode_the_same_ids_as_transformers(style, tmp_path):
+    from lmjax.data.subword import HFTokenizer
+
+    tokenizer, roles = style()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, **roles).save_pretrained(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = HFTokenizer(tmp_path / "tokenizer.json")
+    for text in TEXTS:
+        assert list(ours.encode(text)) == theirs(text, add_special_tokens=False).input_ids
+        assert ours.decode(ours.encode(text)) == theirs.decode(ours.encode(text), skip_special_tokens=True)
+    assert ours.eos_id == (theirs.eos_token_id if theirs.eos_token_id is not None else theirs.sep_token_id)
+    assert ours.pad_id == theirs.pad_token_id and ours.mask_id == theirs.mask_token_id
+    start = {"llama": theirs.bos_token_id, "t5": theirs.pad_token_id, "bert": theirs.cls_token_id}[style.__name__[:-6]]
+    assert ours.bos_id == start  # T5 decodes from pad; BERT opens with [CLS]
+    opened = style is not t5_style  # the file's post-processor puts <s> / [CLS] first
+    assert list(ours.encode_prompt(TEXTS[0])) == [start] * opened + theirs(TEXTS[0], add_special_tokens=False).input_ids
+    if style is t5_style:
+        assert ours.num_sentinels == 10 and ours.sentinel_id(0) == theirs.convert_tokens_to_ids("<extra_id_0>")
+
+
+def test_import_carries_the_model_tokenizer(imported, tmp_path):
+    import lmjax
+
+    _, _, _, _, root = imported("llama_untied")
+    shutil.copytree(root / "hf", tmp_path / "hf")
+    tokenizer, roles = llama_style()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, **roles).save_pretrained(tmp_path / "hf")
+    assert from_hf(tmp_path / "hf", tmp_path / "run") == []
+    _, cfg, ours = lmjax.load(tmp_path / "run")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert list(ours.encode_prompt(TEXTS[1])) == theirs(TEXTS[1]).input_ids and ours.bos_id == 1
+    to_hf(tmp_path / "run", tmp_path / "back")
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert again(TEXTS[1]).input_ids == theirs(TEXTS[1]).input_ids

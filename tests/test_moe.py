@@ -1,6 +1,9 @@
 """The MoE layer against a naive per-token loop, capacity drops, gradients, training."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -210,3 +213,56 @@ def test_router_jitter_only_while_training_with_a_key():
     assert not np.allclose(layer(x, jax.random.key(0)), plain)
     layer.eval()
     np.testing.assert_array_equal(layer(x, jax.random.key(0)), plain)
+
+
+REMAPPED_RULES = """
+import numpy as np, jax, jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from lmjax import axis_rules
+from lmjax.config import ModelConfig, MoEConfig
+from lmjax.models.moe import MoE
+from lmjax.parallel import MESH_AXES, state_shardings
+
+cfg = ModelConfig(d_model=16, n_layers=2, n_heads=2, d_ff=24, param_dtype="float32", dtype="float32",
+                  moe=MoEConfig(n_experts=8, top_k=2, dispatch="dropless", grouped_matmul="blocks"))
+graphdef, params = nnx.split(MoE(cfg, rngs=nnx.Rngs(0)))
+x = jax.random.normal(jax.random.key(1), (8, 12, 16))
+probe = jax.random.normal(jax.random.key(2), x.shape)
+
+def output_and_grads(params, x):
+    def objective(params):
+        y = nnx.merge(graphdef, params)(x)
+        return jnp.sum(y * probe), y
+    (_, y), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return y, grads
+
+reference = jax.jit(output_and_grads)(params, x)  # one device, no mesh
+default = dict(axis_rules.LOGICAL_AXIS_RULES)
+for expert_rule, sizes in [(("expert",), (2, 1, 2, 2)), (("data",), (4, 1, 2, 1)), (("tensor",), (2, 2, 2, 1)),
+                           (("expert", "fsdp"), (2, 2, 1, 2))]:
+    axis_rules.LOGICAL_AXIS_RULES.update(default, expert=expert_rule)
+    mesh = Mesh(np.asarray(jax.devices()).reshape(sizes), MESH_AXES)
+    with jax.set_mesh(mesh):
+        sharded = jax.device_put(params, state_shardings(params, mesh))
+        tokens = jax.device_put(x, NamedSharding(mesh, axis_rules.logical_to_mesh(("batch", "length", None), mesh)))
+        y, grads = jax.jit(output_and_grads)(sharded, tokens)
+    np.testing.assert_allclose(y, reference[0], rtol=1e-5, atol=1e-6)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(reference[1])):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    print("equal", expert_rule, sizes, sharded["w_up"].sharding.spec)
+"""
+
+
+def test_expert_parallel_follows_the_rules_table():
+    """The dropless layer's shard_map takes its mesh axes from the logical-axis rules: with the
+    `expert` logical axis sent to another mesh axis (data, which also splits the tokens; tensor,
+    which does not; two axes at once), the sharded layer's output and gradients equal one device's."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", REMAPPED_RULES], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("equal") == 4, result.stdout
+    for axes in ("P('expert'", "P('data'", "P('tensor'",
+                 "P(('expert', 'fsdp')"):
+        assert axes in result.stdout, result.stdout

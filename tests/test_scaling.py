@@ -20,7 +20,7 @@ from lmjax.config import Config, ConfigError, MeshConfig, ModelConfig, MoEConfig
 from lmjax.experiment import load_experiment
 from lmjax.scaling.counting import param_counts, to_petaflop_days, train_flops_per_example, train_flops_per_token
 from lmjax.scaling.fit import fit_approach2, fit_approach3, read_results
-from lmjax.scaling.memory import kv_cache_bytes_per_token, memory_estimate
+from lmjax.scaling.memory import activation_bytes_per_token, kv_cache_bytes_per_token, memory_estimate
 from lmjax.scaling.plan import chinchilla_optimal, total_steps
 from lmjax.scaling.sweep import run_sweep, wsd_branches
 from lmjax.train.optimizer import learning_rate_schedule
@@ -112,6 +112,12 @@ def test_memory_by_hand():
     one_layer = 5 * 64 * 2 + (64 + 2 * 2 * 16 + 3 * 128) * 2 + 4 * 256 * (4 + 2)
     per_token = 2 * 64 * 2 + one_layer + 2 * 384 * 4
     assert memory["memory_activations_bytes"] == pytest.approx(per_token * 8 * 256 / 4)
+    # save_qkv_proj: also q (64) and k, v (2 * 2 * 16) per layer; minimal_with_context: dots + the context (64)
+    qkv = dataclasses.replace(model, remat="save_qkv_proj")
+    assert activation_bytes_per_token(qkv, 256) == pytest.approx(per_token + 2 * (64 + 2 * 2 * 16) * 2)
+    with_context = dataclasses.replace(model, remat="minimal_with_context")
+    dots = 4 * 64 * 2 + (2 * 2 * 16 + 2 * 128) * 2
+    assert activation_bytes_per_token(with_context, 256) == pytest.approx(2 * (dots + 64 * 2) + 2 * 384 * 4)
 
 
 def test_wsd_schedule_by_hand():
@@ -119,6 +125,8 @@ def test_wsd_schedule_by_hand():
     lr = learning_rate_schedule(cfg, 12)
     expected = [0.0, 0.5] + [1.0] * 8 + [1.0 - 0.9 / 3, 1.0 - 1.8 / 3, 0.1]
     assert [float(lr(i)) for i in range(13)] == pytest.approx(expected)
+    assert cfg.wsd_decay_start(12) == 9  # the last lr == 1.0: the sweep branches WSD runs off there
+    assert cfg.wsd_decay_start(3) == 2  # decay never starts before warmup ends
     with pytest.raises(ConfigError, match="decay_fraction"):
         OptimConfig(schedule="wsd", decay_fraction=0.0)
 

@@ -8,11 +8,11 @@ import pytest
 from flax import nnx
 
 from lmjax.checkpoint import SKIP, Checkpointer
-from lmjax.config import MeshConfig, OptimConfig
+from lmjax.config import MeshConfig, MoEConfig, OptimConfig
 from lmjax.parallel import make_mesh
 from lmjax.records import read_metrics
 from lmjax.train.loop import train
-from lmjax.train.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask
+from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
 from lmjax.train.run_eval import restore_weights
 from lmjax.train.state import abstract_train_state, init_train_state
 from lmjax.train.step import make_train_step
@@ -107,15 +107,33 @@ def test_schedule_shape():
     assert float(linear(50)) == pytest.approx(0.5)
 
 
-def test_weight_decay_only_on_matrices(tiny):
-    from lmjax.models import DecoderLM
+@pytest.mark.parametrize("family", ["decoder", "encoder_decoder"])
+def test_weight_decay_by_parameter_role(tiny, family):
+    """One AdamW step with zero gradients moves exactly the decayed parameters, by lr * wd * p:
+    the stack's matrices, the output head and the router; never embeddings, learned positions,
+    relative-bias tables (deliberately: an embedding of distance buckets), norm gains or biases."""
+    from lmjax.models.lm import build_model
 
-    cfg = dataclasses.replace(tiny().model, tie_embeddings=False, position="learned", norm="layernorm")
-    params = nnx.state(nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0))))
-    flat = {"/".join(map(str, path)): v for path, v in jax.tree_util.tree_leaves_with_path(weight_decay_mask(params))}
-    decayed = sorted(k.split("/")[-1].strip("[]'.") for k, v in flat.items() if v)
-    assert not any(v for k, v in flat.items() if "norm" in k or "table" in k or "pos_embed" in k)
-    assert len(decayed) == 8  # wq wk wv wo, w_up w_down, unembed ... and nothing else
+    model_cfg = dataclasses.replace(tiny().model, family=family, tie_embeddings=False, norm="layernorm",
+                                    position="learned" if family == "decoder" else "relative",
+                                    moe=MoEConfig(n_experts=2, n_shared_experts=1))
+    params = nnx.state(build_model(model_cfg, nnx.Rngs(0)), nnx.Param)
+    optim = OptimConfig(lr=0.5, warmup_steps=0, schedule="constant", weight_decay=0.1, clip_norm=None)
+    optimizer = make_optimizer(optim, 10, params)
+    ones = jax.tree.map(jnp.ones_like, params)  # (zero-initialised biases would not show their decay)
+    updates, _ = optimizer.update(jax.tree.map(jnp.zeros_like, params), optimizer.init(params), ones)
+    dotted = lambda path: ".".join(str(getattr(p, "key", p)) for p in path)  # noqa: E731
+    moved = {dotted(path): bool(jnp.any(u != 0))
+             for path, u in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(updates))}
+    roles = {dotted(path): v.get_metadata()["role"]
+             for path, v in jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable))}
+    not_decayed = {name for name in moved if name.split(".")[-1] in ("table", "pos_embed", "scale", "bias")}
+    assert {name for name, m in moved.items() if not m} == not_decayed
+    assert any("relative_bias" in n or "encoder_bias" in n for n in not_decayed) == (family == "encoder_decoder")
+    assert {roles[n] for n in not_decayed} <= {"input", "vector"}
+    assert {n.split(".")[-1] for n, m in moved.items() if m} == {"wq", "wk", "wv", "wo", "w_up", "w_gate", "w_down",
+                                                                 "router", "unembed"}
+    np.testing.assert_allclose(nnx.to_pure_dict(updates)["unembed"], -0.5 * 0.1, rtol=1e-6)
 
 
 def test_wandb_offline_needs_no_account(tiny, tmp_path, monkeypatch):
@@ -139,6 +157,9 @@ def test_stop_right_after_a_periodic_checkpoint_saves_once(tiny, monkeypatch):
     class StopAfterTwoSteps:
         checks = 0
 
+        def __init__(self, warning_signal):
+            pass
+
         def __enter__(self):
             return self
 
@@ -149,7 +170,7 @@ def test_stop_right_after_a_periodic_checkpoint_saves_once(tiny, monkeypatch):
             self.checks += 1
             return self.checks > 2
 
-    monkeypatch.setattr(loop, "InterruptRequest", StopAfterTwoSteps)
+    monkeypatch.setattr(loop, "StopRequest", StopAfterTwoSteps)
     cfg = tiny(checkpoint_every=2, steps=6)
     result = train(cfg, Path(cfg.train.run_dir))
     assert result["step"] == 2 and not result["finished"]

@@ -17,10 +17,8 @@ invalid UTF-8 is replaced by U+FFFD; both are counted in the manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
-import os
 import shutil
 from collections import Counter
 from collections.abc import Iterator
@@ -29,26 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lmjax.data.pipeline import PackedDataset, TokenStream
+from lmjax.data.pipeline import PackedDataset, TokenStream, tokenize
 from lmjax.data.sources import DataError, iter_documents
 from lmjax.data.tokenizer import load_tokenizer, token_dtype
+from lmjax.files import file_sha256, write_atomically, write_json_atomically
 
 FORMAT = "lmjax-tokens-v1"
-
-
-def _write_atomically(path: Path, write) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("wb") as f:
-        write(f)
-    os.replace(temporary, path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _chunks(source: str, text_field: str, shard_bytes: int) -> Iterator[tuple[list[str], Counter]]:
@@ -80,23 +64,16 @@ def _init_worker(tokenizer_spec: str) -> None:
 
 def _write_shard(out: Path, index: int, documents: list[str], counts: dict) -> dict:
     """Tokenize one chunk and write its three files (the .json last); return its entry."""
-    tokenizer = _worker_tokenizer
-    dtype = token_dtype(tokenizer.vocab_size)
-    pieces, starts, offset = [], [], 0
-    for doc in documents:
-        ids = tokenizer.encode(doc)
-        pieces += [ids.astype(dtype, copy=False), np.array([tokenizer.eos_id], dtype)]
-        starts.append(offset)
-        offset += len(ids) + 1
-    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
+    stream = tokenize(documents, _worker_tokenizer)
     name = f"shard-{index:05d}"
-    _write_atomically(out / f"{name}.tokens.npy", lambda f: np.save(f, tokens))
-    _write_atomically(out / f"{name}.docs.npy", lambda f: np.save(f, np.asarray(starts, np.int64)))
-    entry = {"name": name, "documents": len(documents), "tokens": len(tokens),
+    write_atomically(out / f"{name}.tokens.npy", lambda f: np.save(f, stream.tokens))
+    write_atomically(out / f"{name}.docs.npy", lambda f: np.save(f, stream.doc_starts))
+    entry = {"name": name, "documents": len(documents), "tokens": len(stream.tokens),
              "bytes": sum(len(d.encode("utf-8")) for d in documents),
              "empty_documents": counts.get("empty", 0), "invalid_utf8_documents": counts.get("invalid_utf8", 0),
-             "tokens_sha256": _sha256(out / f"{name}.tokens.npy"), "docs_sha256": _sha256(out / f"{name}.docs.npy")}
-    _write_atomically(out / f"{name}.json", lambda f: f.write(json.dumps(entry, indent=1).encode()))
+             "tokens_sha256": file_sha256(out / f"{name}.tokens.npy"),
+             "docs_sha256": file_sha256(out / f"{name}.docs.npy")}
+    write_json_atomically(out / f"{name}.json", entry)
     return entry
 
 
@@ -123,7 +100,7 @@ def prepare(source: str, tokenizer_spec: str, out: Path, text_field: str = "text
     if plan.exists() and json.loads(plan.read_text()) != settings:
         raise DataError(f"--out {out} holds an unfinished prepare with other settings (source, tokenizer or shard "
                         "size); rerun it with those settings or choose a new --out.")
-    _write_atomically(plan, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+    write_json_atomically(plan, settings)
     if tokenizer.path is not None:
         shutil.copyfile(tokenizer.path, out / f"tokenizer{tokenizer.path.suffix}")
 
@@ -161,7 +138,7 @@ def prepare(source: str, tokenizer_spec: str, out: Path, text_field: str = "text
         raise DataError(f"--data {source!r} contains no text (every document is empty); check --text-field.")
     manifest = {"settings": settings, **totals, "eos_id": tokenizer.eos_id, "shards": shards,
                 "tokenizer_file": None if tokenizer.path is None else f"tokenizer{tokenizer.path.suffix}"}
-    _write_atomically(out / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    write_json_atomically(out / "manifest.json", manifest)
     plan.unlink()
     return manifest
 
@@ -203,8 +180,9 @@ def open_prepared(path: str | Path, tokenizer, seq_len: int, verify: bool = Fals
     if settings.get("format") != FORMAT:
         raise DataError(f"data.path {path} has format {settings.get('format')!r}, not {FORMAT!r}; prepare it again.")
     if settings["tokenizer_sha256"] != tokenizer.sha256:
-        raise DataError(f"data.path {path} was prepared with another tokenizer (hash {settings['tokenizer_sha256'][:12]}"
-                        f", data.tokenizer={tokenizer.name!r} has {tokenizer.sha256[:12]}); set data.tokenizer to "
+        raise DataError(f"data.path {path} was prepared with another tokenizer (hash "
+                        f"{settings['tokenizer_sha256'][:12]}, data.tokenizer={tokenizer.name!r} has "
+                        f"{tokenizer.sha256[:12]}); set data.tokenizer to "
                         f"{path / (manifest['tokenizer_file'] or 'bytes')} or prepare the data again.")
     arrays, doc_starts, base = [], [], 0
     for shard in manifest["shards"]:
@@ -226,7 +204,7 @@ def _load_shard_file(path: Path, shard: dict, kind: str, verify: bool) -> np.nda
     file = path / f"{shard['name']}.{kind}.npy"
     if not file.is_file():
         raise DataError(f"shard file {file} is missing; prepare the data again.")
-    if verify and _sha256(file) != shard[f"{kind}_sha256"]:
+    if verify and file_sha256(file) != shard[f"{kind}_sha256"]:
         raise DataError(f"shard file {file} fails its checksum (corrupt); prepare the data again.")
     try:
         return np.load(file, mmap_mode="r")

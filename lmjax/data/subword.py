@@ -9,18 +9,25 @@ Two libraries, one interface (see `lmjax.data.tokenizer`):
 Special tokens are reserved at training time, at the lowest ids: <pad>, <s>, </s>,
 <mask>, <unk>, then the sentinels <extra_id_0> ... <extra_id_{n-1}> (T5's names), so
 masked-LM and span corruption work with any trained tokenizer.
+
+A `tokenizers` file from elsewhere (a Hugging Face model's tokenizer.json: LLaMA's BPE with
+byte fallback, T5's Unigram, BERT's WordPiece) is used as is. Its special tokens' roles come
+from the `tokenizer_config.json` beside it (`bos_token`, `eos_token`, ...), as in transformers.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from lmjax.data.sources import DataError
-from lmjax.data.tokenizer import file_sha256, token_dtype
+from lmjax.data.tokenizer import token_dtype
+from lmjax.files import file_sha256
 
 PAD, BOS, EOS, MASK, UNK = "<pad>", "<s>", "</s>", "<mask>", "<unk>"
 KINDS = ("bpe", "unigram", "sentencepiece-bpe", "sentencepiece-unigram")
@@ -33,13 +40,28 @@ def sentinel_token(i: int) -> str:
 class _Subword:
     """Shared behaviour; subclasses set `_id(token)`, `vocab_size`, `_encode`, `_decode`."""
 
-    def _init_specials(self, path: Path) -> None:
+    prepends_bos = False  # whether `encode_prompt` starts with bos
+
+    def _init_specials(self, path: Path, roles: dict[str, str] | None = None) -> None:
+        """Ids of pad, bos, eos and mask: lmjax's reserved tokens, or, given `roles` (a
+        tokenizer_config.json's {"bos_token": "<s>", ...}), the tokens it names (None if absent)."""
         self.path, self.sha256 = Path(path), file_sha256(path)
-        missing = [t for t in (PAD, BOS, EOS, MASK) if self._id(t) is None]
-        if missing:
-            raise DataError(f"tokenizer {path} lacks the special token(s) {', '.join(missing)}; train it with "
-                            "`lmjax tokenizer train`, which reserves them.")
-        self.pad_id, self.bos_id, self.eos_id, self.mask_id = (self._id(t) for t in (PAD, BOS, EOS, MASK))
+        if roles is None:
+            missing = [t for t in (PAD, BOS, EOS, MASK) if self._id(t) is None]
+            if missing:
+                raise DataError(f"tokenizer {path} lacks the special token(s) {', '.join(missing)}; train it with "
+                                "`lmjax tokenizer train`, which reserves them.")
+            self.pad_id, self.bos_id, self.eos_id, self.mask_id = (self._id(t) for t in (PAD, BOS, EOS, MASK))
+        else:
+            role = {name: None if roles.get(name) is None else self._id(roles[name]) for name in roles}
+            self.pad_id, self.mask_id = role.get("pad_token"), role.get("mask_token")
+            # BERT: [CLS] opens and [SEP] ends a sequence; T5 has no bos and starts decoding from pad
+            self.bos_id = next((role[r] for r in ("bos_token", "cls_token", "pad_token") if role.get(r) is not None),
+                               None)
+            self.eos_id = role.get("eos_token") if role.get("eos_token") is not None else role.get("sep_token")
+            if self.eos_id is None:
+                raise DataError(f"tokenizer {path}: its tokenizer_config.json names no eos_token or sep_token, "
+                                "which lmjax ends documents with.")
         self._sentinels = []
         while self._id(sentinel_token(len(self._sentinels))) is not None:
             self._sentinels.append(self._id(sentinel_token(len(self._sentinels))))
@@ -54,6 +76,11 @@ class _Subword:
     def encode(self, text: str) -> np.ndarray:
         """text -> (n,) uint16 (uint32 past 65,536 ids) ids, no bos/eos added."""
         return np.asarray(self._encode(text), self._dtype)
+
+    def encode_prompt(self, text: str) -> np.ndarray:
+        """`encode`, with bos first when the tokenizer's file says so (LLaMA's does)."""
+        ids = self.encode(text)
+        return np.concatenate([np.array([self.bos_id], ids.dtype), ids]) if self.prepends_bos else ids
 
     def decode(self, ids) -> str:
         """ids -> text; special, sentinel and out-of-vocabulary ids are dropped."""
@@ -78,8 +105,25 @@ class _Subword:
         return self._byte_lengths
 
 
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+ROLES = ("bos_token", "eos_token", "pad_token", "mask_token", "cls_token", "sep_token", "unk_token")
+
+
+def token_roles(config_file: Path) -> dict[str, str] | None:
+    """{role: token} of a transformers tokenizer_config.json (None if there is no such file)."""
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    roles = {}
+    for role in ROLES:
+        token = config.get(role)
+        roles[role] = token.get("content") if isinstance(token, dict) else token
+    return roles
+
+
 class HFTokenizer(_Subword):
-    """A Hugging Face `tokenizers` file (.json) trained by `train_tokenizer`."""
+    """A Hugging Face `tokenizers` file (.json): trained by `train_tokenizer`, or a model's own
+    (roles of its special tokens from the tokenizer_config.json beside it)."""
 
     def __init__(self, path: Path):
         from tokenizers import Tokenizer
@@ -89,14 +133,16 @@ class HFTokenizer(_Subword):
         except Exception as e:  # noqa: BLE001 (the library raises a bare Exception on malformed files)
             raise DataError(f"tokenizer {path} is not a readable `tokenizers` file ({e}).") from None
         self.name, self.vocab_size = Path(path).name, self._tokenizer.get_vocab_size()
-        self._init_specials(path)
+        self._init_specials(path, token_roles(Path(path).with_name("tokenizer_config.json")))
+        with_specials = self._tokenizer.encode("a", add_special_tokens=True).ids
+        self.prepends_bos = self.bos_id is not None and with_specials[:1] == [self.bos_id]
         special = {t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special}
-        vocab = self._tokenizer.get_vocab()
+        byte_level = "ByteLevel" in self._tokenizer.to_str()
         self._is_special = np.zeros(self.vocab_size, bool)
         self._byte_lengths = np.zeros(self.vocab_size, np.int32)
-        for token, i in vocab.items():  # byte-level symbols: one character per UTF-8 byte
+        for token, i in self._tokenizer.get_vocab().items():
             self._is_special[i] = token in special
-            self._byte_lengths[i] = 0 if token in special else len(token)
+            self._byte_lengths[i] = 0 if token in special else _byte_length(token, byte_level)
 
     def _id(self, token: str) -> int | None:
         return self._tokenizer.token_to_id(token)
@@ -106,6 +152,17 @@ class HFTokenizer(_Subword):
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def _byte_length(token: str, byte_level: bool) -> int:
+    """UTF-8 bytes of text a vocabulary entry stands for: byte-level symbols are one byte
+    each; a byte-fallback token <0xHH> is one byte; otherwise the text itself, with
+    SentencePiece's ▁ a space and WordPiece's ## continuation prefix dropped."""
+    if byte_level:
+        return len(token)
+    if _BYTE_FALLBACK.fullmatch(token):
+        return 1
+    return len(token.removeprefix("##").replace("\u2581", " ").encode())
 
 
 class SentencePieceTokenizer(_Subword):

@@ -17,6 +17,7 @@ import numpy as np
 
 from lmjax.config import BYTE_VOCAB_SIZE
 from lmjax.data.sources import DataError
+from lmjax.files import file_sha256, write_atomically
 
 _SENTINEL = re.compile(r"<extra_id_(\d+)>")
 
@@ -48,6 +49,9 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> np.ndarray:
         """text -> (n,) unsigned int ids, no bos/eos added."""
+
+    def encode_prompt(self, text: str) -> np.ndarray:
+        """A prompt to continue: `encode`, with bos first where the tokenizer's file says so (LLaMA)."""
 
     def decode(self, ids) -> str:
         """ids -> text; special and sentinel ids are dropped."""
@@ -85,6 +89,10 @@ class ByteTokenizer:
     def encode(self, text: str) -> np.ndarray:
         """text -> (n_bytes,) uint16 ids, no bos/eos added."""
         return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.uint16)
+
+    def encode_prompt(self, text: str) -> np.ndarray:
+        """`encode`: byte runs train without bos."""
+        return self.encode(text)
 
     def encode_with_sentinels(self, text: str) -> np.ndarray:
         """Like `encode`, with each `<extra_id_N>` in the text (T5's spelling) as sentinel N."""
@@ -129,10 +137,6 @@ def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def load_tokenizer(spec: str) -> Tokenizer:
     """"bytes", a `tokenizers` .json file or a SentencePiece .model file -> a tokenizer."""
     if spec == "bytes":
@@ -153,14 +157,18 @@ def load_tokenizer(spec: str) -> Tokenizer:
 
 def save_to_run(tokenizer: Tokenizer, run_dir: Path) -> None:
     """Copy a subword tokenizer's file into `run_dir` as tokenizer.json / tokenizer.model
-    (nothing for bytes), so the run can be reloaded without the original file."""
+    (nothing for bytes), with the tokenizer_config.json beside it if there is one (the roles
+    of a Hugging Face tokenizer's special tokens), so the run can be reloaded without them."""
     if tokenizer.path is None:
         return
-    target = Path(run_dir) / f"tokenizer{Path(tokenizer.path).suffix}"
-    if not target.exists() or file_sha256(target) != tokenizer.sha256:
-        temporary = target.with_name(target.name + ".tmp")
-        shutil.copyfile(tokenizer.path, temporary)
-        temporary.replace(target)
+    roles = Path(tokenizer.path).with_name("tokenizer_config.json")
+    copies = [(Path(tokenizer.path), Path(run_dir) / f"tokenizer{Path(tokenizer.path).suffix}")]
+    if roles.is_file():
+        copies.append((roles, Path(run_dir) / roles.name))
+    for source, target in copies:
+        if not target.exists() or file_sha256(target) != file_sha256(source):
+            with source.open("rb") as f:
+                write_atomically(target, lambda out, f=f: shutil.copyfileobj(f, out))
 
 
 def load_from_run(run_dir: Path, spec: str) -> Tokenizer:

@@ -26,13 +26,14 @@ from flax import nnx
 from lmjax.checkpoint import Checkpointer
 from lmjax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig
 from lmjax.families import family_of
-from lmjax.interop import llama
+from lmjax.interop import llama, t5
 from lmjax.interop.tensors import open_checkpoint, save_checkpoint
+from lmjax.interop.tokenizer_files import write_tokenizer
 from lmjax.parallel import make_mesh, state_shardings
 from lmjax.train.optimizer import make_optimizer
 from lmjax.train.state import TrainState, abstract_model, train_state_shardings
 
-_ARCHITECTURES = {name: llama for name in llama.ARCHITECTURES}
+_ARCHITECTURES = {name: module for module in (llama, t5) for name in module.ARCHITECTURES}
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size for save_pretrained
 
 
@@ -92,7 +93,8 @@ def model_config_from_hf(hf_dir: Path, notes: list[str]) -> ModelConfig:
 def import_params(hf_dir: Path, cfg: ModelConfig, mesh, notes: list[str]) -> nnx.State:
     """The model weights of `hf_dir` as an nnx.State sharded over `mesh` by their logical axes."""
     hf = json.loads((Path(hf_dir) / "config.json").read_text())
-    rules = architecture_of(hf).tensor_rules(cfg)
+    architecture = architecture_of(hf)
+    rules = architecture.tensor_rules(cfg)
     tensors = _Recording(open_checkpoint(hf_dir))
     _, abstract = abstract_model(cfg)
     shardings = _flat(nnx.to_pure_dict(state_shardings(abstract, mesh)))
@@ -100,7 +102,7 @@ def import_params(hf_dir: Path, cfg: ModelConfig, mesh, notes: list[str]) -> nnx
     for path, leaf in _flat(nnx.to_pure_dict(abstract)).items():
         arrays[path] = _read_weight(rules[path], tensors, leaf.shape, leaf.dtype, _layer_count(path, cfg),
                                     shardings[path])
-    unread = sorted(set(tensors) - tensors.read)
+    unread = sorted(set(tensors) - tensors.read - set(architecture.tied_copies(cfg)))
     if unread:
         notes.append(f"ignored {len(unread)} tensor(s) lmjax has no place for: {', '.join(unread)}.")
     pure = {}
@@ -122,6 +124,7 @@ def from_hf(hf_dir: Path, run_dir: Path, dtype: str = "float32", mesh_cfg: MeshC
     tokenizer = "bytes"
     if (hf_dir / "tokenizer.json").is_file():
         tokenizer = str((run_dir / "tokenizer.json").absolute())
+        _check_tokenizer(hf_dir, model, notes)
     else:
         notes.append("no tokenizer.json: the run records data.tokenizer='bytes'; copy the model's tokenizer.json "
                      "into the run directory and set data.tokenizer to it before using text.")
@@ -137,14 +140,30 @@ def from_hf(hf_dir: Path, run_dir: Path, dtype: str = "float32", mesh_cfg: MeshC
                        jax.random.key_data(jax.random.key(cfg.train.seed)))
     state = jax.device_put(state, train_state_shardings(jax.eval_shape(lambda: state), mesh))
     run_dir.mkdir(parents=True, exist_ok=True)
-    if tokenizer != "bytes":
-        shutil.copyfile(hf_dir / "tokenizer.json", run_dir / "tokenizer.json")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if tokenizer != "bytes" and (hf_dir / name).is_file():
+            shutil.copyfile(hf_dir / name, run_dir / name)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     checkpointer = Checkpointer(run_dir, async_save=False)
     checkpointer.save(0, state, {}, cfg.to_dict())
     checkpointer.wait()
     checkpointer.close()
     return notes
+
+
+def _check_tokenizer(hf_dir: Path, model: ModelConfig, notes: list[str]) -> None:
+    """Note when lmjax cannot use the directory's tokenizer.json (it is copied all the same)."""
+    from lmjax.data import DataError
+    from lmjax.data.subword import HFTokenizer
+
+    try:
+        tokenizer = HFTokenizer(hf_dir / "tokenizer.json")
+    except DataError as e:
+        notes.append(f"tokenizer.json is copied, but lmjax cannot use it: {e}")
+        return
+    if tokenizer.vocab_size > model.vocab_size:
+        raise ConfigError(f"tokenizer.json has {tokenizer.vocab_size} ids, more than the model's vocab_size="
+                          f"{model.vocab_size}; is it this model's tokenizer?")
 
 
 def _hf_architecture(cfg: ModelConfig):
@@ -157,6 +176,7 @@ def _hf_architecture(cfg: ModelConfig):
 def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
     """Write checkpoint `step` (default: newest) of `run_dir` as a transformers directory
     `hf_dir`; returns the notes on settings transformers does not carry."""
+    from lmjax.data import load_from_run
     from lmjax.train.run_eval import restore_weights
 
     run_dir, hf_dir = Path(run_dir), Path(hf_dir)
@@ -175,8 +195,14 @@ def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes:
         layers = _layer_count(path, cfg.model)
         for i in [None] if layers is None else range(layers):
             tensors.update(rules[path].write(array) if i is None else rules[path].write(array[i], i=i))
-    hf_config["dtype"] = cfg.model.param_dtype
+    tokenizer = load_from_run(run_dir, cfg.data.tokenizer)
+    hf_config.update(dtype=cfg.model.param_dtype, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                     pad_token_id=tokenizer.pad_id)
+    decoder_start = family_of(cfg.model).decoder_start
+    if decoder_start is not None:
+        hf_config["decoder_start_token_id"] = decoder_start(tokenizer)  # lmjax decodes targets from bos
     hf_dir.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(run_dir, tokenizer, hf_dir, cfg.model.max_seq_len, notes)
     save_checkpoint(tensors, hf_dir, max_shard_bytes)
     (hf_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
     return notes

@@ -65,15 +65,15 @@ def hf_config(cfg: ModelConfig, notes: list[str]) -> dict:
     if cfg.attention_scale is not None and cfg.attention_scale != cfg.head_dim**-0.5:
         problems.append(f"model.attention_scale={cfg.attention_scale} (needs 1/sqrt(head width))")
     moe = cfg.moe
-    if moe.enabled and (moe.every != 1 or moe.n_shared_experts or not moe.renormalize or moe.d_ff):
-        problems.append("model.moe with every != 1, shared experts, renormalize=false or its own d_ff "
-                        "(Mixtral: every layer, no shared experts, renormalised top-k, d_ff)")
+    if moe.enabled and (moe.every != 1 or moe.n_shared_experts or not moe.renormalize):
+        problems.append("model.moe with every != 1, shared experts or renormalize=false "
+                        "(Mixtral: MoE in every layer, no shared experts, renormalised top-k)")
     if problems:
         raise ConfigError("no Hugging Face architecture holds this decoder: " + "; ".join(problems) + ".")
     config = {
         "architectures": ["MixtralForCausalLM" if moe.enabled else "LlamaForCausalLM"],
         "model_type": "mixtral" if moe.enabled else "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.expert_d_ff,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
         "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
         "initializer_range": cfg.init_std, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
@@ -89,6 +89,11 @@ def hf_config(cfg: ModelConfig, notes: list[str]) -> dict:
         config.update(num_local_experts=moe.n_experts, num_experts_per_tok=moe.top_k,
                       router_aux_loss_coef=moe.load_balance_coef, router_jitter_noise=moe.router_jitter)
     return config
+
+
+def tied_copies(cfg: ModelConfig) -> tuple[str, ...]:
+    """Names a checkpoint may hold as copies of another tensor: a tied head's lm_head.weight."""
+    return ("lm_head.weight",) if cfg.tie_embeddings else ()
 
 
 def tensor_rules(cfg: ModelConfig) -> dict[tuple[str, ...], object]:

@@ -4,7 +4,7 @@ Shapes use B = batch, T = query length, S = key length, D = d_model, N = query h
 K = key/value heads, H = head width, F = d_ff, V = vocabulary. Parameters are stored in
 `param_dtype` and cast to the compute `dtype` where they are used; every parameter carries
 logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, `length`),
-which `lmjax.parallel` maps to mesh axes.
+which `lmjax.axis_rules` maps to mesh axes, and a role (`ROLES`), which the optimizer reads.
 """
 
 from __future__ import annotations
@@ -14,17 +14,33 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from lmjax.config import ModelConfig
+from lmjax.models.kernels import AttentionMask, select_attention
+
+# What a parameter does, carried as its `role` metadata (like its logical axes); the optimizer
+# reads roles, never attribute names (weight decay: `lmjax.train.optimizer`).
+#   input:  rows looked up by an id: token embeddings, learned positions, relative-bias tables
+#   hidden: matrices inside the stack: attention, MLP and expert weights
+#   output: matrices whose outputs are scores over a choice: the output head, the MoE router
+#   vector: norm gains and biases
+ROLES = ("input", "hidden", "output", "vector")
 
 
-def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float | None, dtype) -> nnx.Param:
-    """A parameter with logical axis names: normal(0, std) init, or ones if std is None."""
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float | None, dtype, *,
+          role: str) -> nnx.Param:
+    """A parameter with logical axis names and a role (`ROLES`): normal(0, std) init, ones if
+    std is None, zeros if std is 0."""
+    if role not in ROLES:
+        raise ValueError(f"parameter role {role!r} is not one of {ROLES}.")
     if std is None:
         value = jnp.ones(shape, dtype)
+    elif std == 0:
+        value = jnp.zeros(shape, dtype)
     else:
         value = std * jax.random.normal(rngs.params(), shape, dtype)
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False, role=role)
 
 
 class RMSNorm(nnx.Module):
@@ -32,7 +48,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.eps = cfg.norm_eps
-        self.scale = param(rngs, (cfg.d_model,), ("embed",), None, cfg.param_dtype)
+        self.scale = param(rngs, (cfg.d_model,), ("embed",), None, cfg.param_dtype, role="vector")
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
@@ -45,8 +61,8 @@ class LayerNorm(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.eps = cfg.norm_eps
-        self.scale = param(rngs, (cfg.d_model,), ("embed",), None, cfg.param_dtype)
-        self.bias = nnx.Param(jnp.zeros((cfg.d_model,), cfg.param_dtype), out_sharding=("embed",), eager_sharding=False)
+        self.scale = param(rngs, (cfg.d_model,), ("embed",), None, cfg.param_dtype, role="vector")
+        self.bias = param(rngs, (cfg.d_model,), ("embed",), 0, cfg.param_dtype, role="vector")
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
@@ -115,7 +131,7 @@ class RelativePositionBias(nnx.Module):
     def __init__(self, cfg: ModelConfig, bidirectional: bool, *, rngs: nnx.Rngs):
         self.cfg, self.bidirectional = cfg, bidirectional
         self.table = param(rngs, (cfg.relative_buckets, cfg.n_heads), ("relative_buckets", "heads"), cfg.init_std,
-                           cfg.param_dtype)
+                           cfg.param_dtype, role="input")
 
     def __call__(self, query_positions, key_positions):
         relative = key_positions[:, None, :] - query_positions[:, :, None]  # (B, T, S)
@@ -172,9 +188,9 @@ class Attention(nnx.Module):
     """Multi-head / grouped-query self- or cross-attention, with RoPE when the config asks
     for it (never in cross-attention, whose keys have no position relative to the queries).
 
-    (B, T, D) -> (B, T, D). `model.attention` picks the kernel: "dot_product" is
-    `jax.nn.dot_product_attention` (cuDNN flash attention on GPU where it applies),
-    "einsum" the written-out form; "auto" takes dot_product on GPU, einsum elsewhere.
+    (B, T, D) -> (B, T, D). `model.attention` picks the kernel (`lmjax.models.kernels`):
+    "einsum" the written-out form, "dot_product" `jax.nn.dot_product_attention` (XLA), "auto"
+    cuDNN flash attention on GPU where the mask allows it, XLA's otherwise, einsum off GPU.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, cross: bool = False):
@@ -182,10 +198,10 @@ class Attention(nnx.Module):
         self.rotary = cfg.position == "rope" and not cross
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
         std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.n_layers) ** 0.5
-        self.wq = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std, cfg.param_dtype)
-        self.wk = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype)
-        self.wv = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype)
-        self.wo = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, cfg.param_dtype)
+        self.wq = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std, cfg.param_dtype, role="hidden")
+        self.wk = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype, role="hidden")
+        self.wv = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype, role="hidden")
+        self.wo = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, cfg.param_dtype, role="hidden")
 
     def keys_values(self, source):
         """Keys and values (k, v), each (B, S, K, H), of `source` (B, S, D); for cross-attention
@@ -195,11 +211,12 @@ class Attention(nnx.Module):
     def _project(self, x, positions, context):
         """Queries (B, T, N, H) of x, and keys and values (B, S, K, H) of x or `context`
         (see `__call__`), rotated by RoPE when the layer uses it."""
-        q = matmul(x, self.wq[...])
+        q = checkpoint_name(matmul(x, self.wq[...]), "query_proj")
         if isinstance(context, tuple):
             k, v = (a.astype(q.dtype) for a in context)
         else:
             k, v = self.keys_values(x if context is None else context)
+            k, v = checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj")
         if self.rotary:
             q, k = rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta)
         return q, k, v
@@ -208,10 +225,11 @@ class Attention(nnx.Module):
         """The attention probabilities (B, N, T, S) float32 that `__call__` (without a cache)
         computes for the same arguments (`attention_probabilities`)."""
         q, k, _ = self._project(x, positions, context)
-        return attention_probabilities(q, k, mask, bias, self.cfg.attention_logit_scale)
+        return attention_probabilities(q, k, AttentionMask.of(mask).dense, bias, self.cfg.attention_logit_scale)
 
     def __call__(self, x, positions, mask, cache=None, bias=None, context=None):
-        """x (B, T, D); positions (B, T) int; mask (B, 1, T, S) bool -> (B, T, D).
+        """x (B, T, D); positions (B, T) int; mask an `AttentionMask` or a bare (B, 1, T, S) bool
+        array -> (B, T, D).
 
         Keys and values come from x (self-attention, S = T) or from `context` (cross-attention):
         the encoder output (B, S, D), or its `keys_values` (k, v) already computed. `bias`
@@ -227,15 +245,18 @@ class Attention(nnx.Module):
             cache = (cache[0].at[rows, positions].set(k.astype(cache[0].dtype)),
                      cache[1].at[rows, positions].set(v.astype(cache[1].dtype)))
             k, v = cache[0].astype(q.dtype), cache[1].astype(q.dtype)
-        kernel = cfg.attention
-        if kernel == "auto":
-            kernel = "dot_product" if jax.default_backend() == "gpu" else "einsum"
-        if kernel == "dot_product":
-            out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask,
-                                               scale=cfg.attention_logit_scale)
+        mask = AttentionMask.of(mask)
+        kernel = select_attention(cfg.attention, mask, bias is not None, q.dtype, q.shape[-1])
+        if kernel == "cudnn":
+            out = jax.nn.dot_product_attention(q, k, v, scale=cfg.attention_logit_scale, is_causal=mask.causal,
+                                               query_seq_lengths=mask.query_lengths,
+                                               key_value_seq_lengths=mask.key_lengths, implementation="cudnn")
+        elif kernel == "xla":
+            out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),
+                                               mask=mask.dense, scale=cfg.attention_logit_scale, implementation="xla")
         else:
-            out = einsum_attention(q, k, v, mask, bias, cfg.attention_logit_scale)
-        out = matmul(out, self.wo[...], n_in=2)
+            out = einsum_attention(q, k, v, mask.dense, bias, cfg.attention_logit_scale)
+        out = checkpoint_name(matmul(checkpoint_name(out, "context"), self.wo[...], n_in=2), "out_proj")
         return out if cache is None else (out, cache)
 
 
@@ -254,25 +275,26 @@ class MLP(nnx.Module):
         self.gated, self.activation = cfg.gated_mlp, _ACTIVATIONS[cfg.mlp]
         d, f = cfg.d_model, d_ff or cfg.d_ff
         std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.n_layers) ** 0.5
-        self.w_up = param(rngs, (d, f), ("embed", "mlp"), std, cfg.param_dtype)
+        self.w_up = param(rngs, (d, f), ("embed", "mlp"), std, cfg.param_dtype, role="hidden")
         if self.gated:
-            self.w_gate = param(rngs, (d, f), ("embed", "mlp"), std, cfg.param_dtype)
-        self.w_down = param(rngs, (f, d), ("mlp", "embed"), out_std, cfg.param_dtype)
+            self.w_gate = param(rngs, (d, f), ("embed", "mlp"), std, cfg.param_dtype, role="hidden")
+        self.w_down = param(rngs, (f, d), ("mlp", "embed"), out_std, cfg.param_dtype, role="hidden")
 
     def __call__(self, x):
-        up = matmul(x, self.w_up[...])
+        up = checkpoint_name(matmul(x, self.w_up[...]), "mlpwi")
         if self.gated:
-            hidden = self.activation(matmul(x, self.w_gate[...])) * up
+            hidden = self.activation(checkpoint_name(matmul(x, self.w_gate[...]), "mlpwi")) * up
         else:
             hidden = self.activation(up)
-        return matmul(hidden, self.w_down[...])
+        return checkpoint_name(matmul(hidden, self.w_down[...]), "mlpwo")
 
 
 class Embed(nnx.Module):
     """Token embedding (V, D): lookup ids -> vectors, and `attend` for a tied output head."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.table = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, cfg.param_dtype)
+        self.table = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, cfg.param_dtype,
+                           role="input")
 
     def __call__(self, ids, dtype):
         """ids (B, T) int -> (B, T, D) in `dtype`."""

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmjax.config import ModelConfig
+from lmjax.models.kernels import AttentionMask, right_padding_lengths
 from lmjax.models.layers import Embed, RelativePositionBias, attention_mask, make_norm, matmul, param
 from lmjax.models.transformer import Stack, dropout
 
@@ -31,13 +32,13 @@ class _TokenModel(nnx.Module):
         self.embed = Embed(cfg, rngs=rngs)
         if cfg.position == "learned":
             self.pos_embed = param(rngs, (cfg.max_seq_len, cfg.d_model), ("length", "embed"), cfg.init_std,
-                                   cfg.param_dtype)
+                                   cfg.param_dtype, role="input")
 
     def _init_head(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.final_norm = make_norm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
-                                 cfg.param_dtype)
+                                 cfg.param_dtype, role="output")
 
     def _embed(self, tokens, positions, dropout_key):
         cfg = self.cfg
@@ -61,7 +62,8 @@ class _SingleStackLM(_TokenModel):
 
     `__call__(tokens, positions, segment_ids) -> logits (B, T, V) float32`, where
     tokens, positions and segment_ids are (B, T) int arrays. Tokens attend only within their
-    segment (packed documents); segment id 0 marks padding.
+    segment (packed documents); segment id 0 marks padding. Without segment ids each row is one
+    sequence, which fused attention kernels can take without a mask.
     """
 
     causal: bool
@@ -75,11 +77,14 @@ class _SingleStackLM(_TokenModel):
 
     def __call__(self, tokens, positions=None, segment_ids=None, dropout_key=None):
         positions = _default_positions(tokens, positions)
-        if segment_ids is None:
+        packed = segment_ids is not None
+        if not packed:
             segment_ids = jnp.ones_like(tokens)
         embed_key, stack_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         x = self._embed(tokens, positions, embed_key)
         mask, bias = self.attention_inputs(positions, segment_ids)
+        mask = AttentionMask(mask, causal=self.causal,
+                             not_fusable="segment ids (packed documents need a segment mask)" if packed else None)
         x = self.stack(x, positions, mask, stack_key, bias=bias)
         return self._logits(x)
 
@@ -109,10 +114,10 @@ class DecoderLM(_SingleStackLM):
         return self._logits(x), cache
 
     def _cache_mask_and_bias(self, positions, cache):
-        slots = jnp.arange(cache[0].shape[2])
-        mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+        mask = _cache_mask(positions, cache[0].shape[2])
         bias = None
         if self.cfg.position == "relative":
+            slots = jnp.arange(cache[0].shape[2])
             bias = self.relative_bias(positions, jnp.broadcast_to(slots, (positions.shape[0], len(slots))))
         return mask, bias
 
@@ -124,14 +129,30 @@ class EncoderLM(_SingleStackLM):
     causal = False
 
 
+def _cache_mask(positions, n_slots: int) -> AttentionMask:
+    """Queries at positions (B, T) see the cache slots 0..position of their row."""
+    dense = (jnp.arange(n_slots)[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+    return AttentionMask(dense, not_fusable="KV-cache decoding (a mask by position over the cache)")
+
+
 def _empty_cache(cfg: ModelConfig, n_layers: int, batch_size: int, length: int):
     shape = (n_layers, batch_size, length, cfg.kv_heads, cfg.head_dim)
     return jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)
 
 
-def cross_attention_mask(decoder_segment_ids, encoder_segment_ids):
-    """(B, 1, T, S) bool: decoder token t may look at encoder token s unless either is padding (id 0)."""
-    return ((decoder_segment_ids != 0)[:, :, None] & (encoder_segment_ids != 0)[:, None, :])[:, None]
+def cross_attention_mask(decoder_segment_ids, encoder_segment_ids) -> AttentionMask:
+    """Decoder token t may look at encoder token s unless either is padding (id 0); (B, 1, T, S)
+    densely, or as the right-padded lengths of both."""
+    dense = ((decoder_segment_ids != 0)[:, :, None] & (encoder_segment_ids != 0)[:, None, :])[:, None]
+    return AttentionMask(dense, query_lengths=right_padding_lengths(decoder_segment_ids),
+                         key_lengths=right_padding_lengths(encoder_segment_ids))
+
+
+def padded_mask(dense, segment_ids, causal: bool) -> AttentionMask:
+    """The self-attention mask `dense` (B, 1, T, T) of right-padded rows (segment ids (B, T): 1 on
+    tokens, 0 on padding), with the rows' lengths for fused kernels."""
+    lengths = right_padding_lengths(segment_ids)
+    return AttentionMask(dense, causal=causal, query_lengths=lengths, key_lengths=lengths)
 
 
 class EncoderDecoderLM(_TokenModel):
@@ -140,7 +161,9 @@ class EncoderDecoderLM(_TokenModel):
     output. One token embedding serves both stacks (and the output head when tied).
 
     `__call__(encoder_tokens (B, S), decoder_tokens (B, T), encoder_segment_ids, decoder_segment_ids)
-    -> logits (B, T, V) float32`; segment id 0 marks padding (default: none).
+    -> logits (B, T, V) float32`; segment ids mark right padding: 1 on each row's tokens, then 0
+    on its padding (default: none), as span-corruption batches and `generate` build them. So each
+    row is one sequence of known length, which fused attention kernels take without a mask.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -162,7 +185,7 @@ class EncoderDecoderLM(_TokenModel):
         embed_key, stack_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         x = self._embed(tokens, positions, embed_key)
         mask, bias = self.encoder_attention_inputs(positions, segment_ids)
-        x = self.encoder(x, positions, mask, stack_key, bias=bias)
+        x = self.encoder(x, positions, padded_mask(mask, segment_ids, causal=False), stack_key, bias=bias)
         return self.encoder_norm(x)
 
     def encoder_attention_inputs(self, positions, segment_ids):
@@ -184,8 +207,8 @@ class EncoderDecoderLM(_TokenModel):
         positions = _default_positions(decoder_tokens, None)
         x = self._embed(decoder_tokens, positions, embed_key)
         mask, bias = self.decoder_attention_inputs(positions, decoder_segment_ids)
-        x = self.decoder(x, positions, mask, stack_key, bias=bias, context=encoded,
-                         context_mask=cross_attention_mask(decoder_segment_ids, encoder_segment_ids))
+        x = self.decoder(x, positions, padded_mask(mask, decoder_segment_ids, causal=True), stack_key, bias=bias,
+                         context=encoded, context_mask=cross_attention_mask(decoder_segment_ids, encoder_segment_ids))
         return self._logits(x)
 
     def init_cache(self, batch_size: int, length: int, encoded):
@@ -204,7 +227,7 @@ class EncoderDecoderLM(_TokenModel):
         return (logits (B, T, V) float32, updated cache). Queries at position p see cache slots
         0..p, and every encoder position whose `encoder_segment_ids` (B, S) is not 0."""
         slots = jnp.arange(cache[0].shape[2])
-        mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+        mask = _cache_mask(positions, len(slots))
         bias = None
         if self.cfg.position == "relative":
             bias = self.decoder_bias(positions, jnp.broadcast_to(slots, (positions.shape[0], len(slots))))

@@ -15,10 +15,11 @@ Dispatch strategies (same interface, same result when nothing is dropped):
 - "dropless" (MegaBlocks-style): the N * k assignments are sorted by expert and run
   through grouped matmuls; nothing is dropped. Two kernels: `jax.lax.ragged_dot`, or
   "blocks": groups padded to whole blocks of rows, each block multiplied by its expert's
-  weights in one batched matmul (faster than ragged_dot on CPU, see docs/benchmarks.md). Under a mesh with an
-  `expert` axis the experts are split across its devices: each device gathers the tokens
-  of its expert-axis group, runs its own experts on the assignments routed to them, and
-  the partial outputs are summed back onto the tokens' devices with a reduce-scatter.
+  weights in one batched matmul (faster than ragged_dot on CPU, see docs/benchmarks.md). Under a mesh whose
+  rules shard the `expert` logical axis the experts are split across those devices: each
+  device gathers the tokens of its expert group, runs its own experts on the assignments
+  routed to them, and the partial outputs are summed back onto the tokens' devices with a
+  reduce-scatter.
 
 Statistics kept per layer as an `nnx.Intermediate` "routing" (`pop_routing_statistics` collects them):
 `load` (E,) share of assignments each expert received (sums to 1), `dropped` share of
@@ -37,9 +38,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from lmjax.axis_rules import constrain, logical_to_mesh, mesh_axes
 from lmjax.config import ModelConfig
+from lmjax.models.kernels import select_grouped_matmul
 from lmjax.models.layers import MLP, param
-from lmjax.parallel import constrain, logical_to_mesh
 
 
 def route(logits, top_k: int, renormalize: bool):
@@ -143,8 +145,11 @@ def _blocked_combine(x, token, scale, group_sizes, w_up, w_gate, w_down):
     row_scale = jnp.where(valid, scale[sorted_row], 0).astype(x.dtype)
     x_blocks = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[row_token].reshape(n_blocks, b, d)
     block_expert = expert[::b]
-    gather = lambda w: jnp.take(w, block_expert, axis=0).astype(x.dtype)
-    out = _expert_mlp(x_blocks, gather(w_up), None if w_gate is None else gather(w_gate), gather(w_down),
+
+    def per_block(w):  # (E, ...) -> (n_blocks, ...): each block's expert's weights
+        return jnp.take(w, block_expert, axis=0).astype(x.dtype)
+
+    out = _expert_mlp(x_blocks, per_block(w_up), None if w_gate is None else per_block(w_gate), per_block(w_down),
                       "nbd,ndf->nbf", "nbf,nfd->nbd").reshape(n_blocks * b, d)
     return jnp.zeros((n + 1, d), x.dtype).at[row_token].add(out * row_scale[:, None])[:n]
 
@@ -171,23 +176,40 @@ def dropless_combine(x, experts, weights, w_up, w_gate, w_down, first_expert=0, 
 
 
 def _expert_parallel_dropless(x, experts, weights, w_up, w_gate, w_down, mesh, grouped_matmul: str):
-    """`dropless_combine` with experts split over the mesh's `expert` axis (see module
-    docstring); x (B, T, D) and the routing (B, T, k) are sharded like activations."""
-    batch_spec = logical_to_mesh(("batch", "length", None), mesh)
+    """`dropless_combine` with the experts split over the mesh axes that shard the `expert`
+    logical axis (see module docstring); x (B, T, D) and the routing (B, T, k) are sharded like
+    activations. Every mesh axis named here comes from the logical-axis rules."""
+    activation_axes = ("batch", "length", None)
+    (token_axes, _, _), (expert_axes, embed_axes, mlp_axes) = (mesh_axes(activation_axes, mesh),
+                                                               mesh_axes(("expert", "embed", "mlp"), mesh))
+    # expert axes that also split the tokens: gather the tokens over them, reduce-scatter the outputs back;
+    # expert axes that do not: every device there already holds the same tokens, so the outputs are summed
+    gathered = tuple(a for a in expert_axes if a in token_axes)
+    summed = tuple(a for a in expert_axes if a not in token_axes) + mlp_axes  # + partial sums over hidden units
+    batch_spec = logical_to_mesh(activation_axes, mesh)
     up_spec = logical_to_mesh(("expert", "embed", "mlp"), mesh)
     down_spec = logical_to_mesh(("expert", "mlp", "embed"), mesh)
     gated = w_gate is not None
 
+    def all_gather(a, axes, axis):
+        return jax.lax.all_gather(a, axes, axis=axis, tiled=True) if axes else a
+
     def local(x, experts, weights, w_up, w_gate, w_down):
         b, t, d = x.shape
-        gather = lambda a: jax.lax.all_gather(a.reshape(b * t, *a.shape[2:]), "expert", tiled=True)
-        w_up = jax.lax.all_gather(w_up, "fsdp", axis=1, tiled=True)
-        w_gate = jax.lax.all_gather(w_gate, "fsdp", axis=1, tiled=True) if gated else None
-        w_down = jax.lax.all_gather(w_down, "fsdp", axis=2, tiled=True)
-        first = jax.lax.axis_index("expert") * w_up.shape[0]
-        y = dropless_combine(gather(x), gather(experts), gather(weights), w_up, w_gate, w_down, first, grouped_matmul)
-        y = jax.lax.psum(y, "tensor")
-        return jax.lax.psum_scatter(y, "expert", tiled=True).reshape(b, t, d)
+
+        def tokens(a):  # (B, T, ...) -> (B * T * gathered devices, ...): the tokens of this expert group
+            return all_gather(a.reshape(b * t, *a.shape[2:]), gathered, 0)
+
+        w_up, w_down = all_gather(w_up, embed_axes, 1), all_gather(w_down, embed_axes, 2)
+        w_gate = all_gather(w_gate, embed_axes, 1) if gated else None
+        first = jax.lax.axis_index(expert_axes) * w_up.shape[0] if expert_axes else 0
+        y = dropless_combine(tokens(x), tokens(experts), tokens(weights), w_up, w_gate, w_down, first,
+                             grouped_matmul)
+        if summed:
+            y = jax.lax.psum(y, summed)
+        if gathered:
+            y = jax.lax.psum_scatter(y, gathered, tiled=True)
+        return y.reshape(b, t, d)
 
     w_gate_arg = w_gate if gated else jnp.zeros(())
     specs = (batch_spec, batch_spec, batch_spec, up_spec, up_spec if gated else PartitionSpec(), down_spec)
@@ -214,11 +236,11 @@ class MoE(nnx.Module):
         self.deterministic = False
         d, f, e = cfg.d_model, cfg.expert_d_ff, moe.n_experts
         std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.n_layers) ** 0.5
-        self.router = param(rngs, (d, e), ("embed", None), std, cfg.param_dtype)
-        self.w_up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, cfg.param_dtype)
+        self.router = param(rngs, (d, e), ("embed", None), std, cfg.param_dtype, role="output")
+        self.w_up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, cfg.param_dtype, role="hidden")
         if cfg.mlp == "swiglu":
-            self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, cfg.param_dtype)
-        self.w_down = param(rngs, (e, f, d), ("expert", "mlp", "embed"), out_std, cfg.param_dtype)
+            self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, cfg.param_dtype, role="hidden")
+        self.w_down = param(rngs, (e, f, d), ("expert", "mlp", "embed"), out_std, cfg.param_dtype, role="hidden")
         if moe.n_shared_experts:
             self.shared = MLP(cfg, rngs=rngs, d_ff=moe.n_shared_experts * f)
 
@@ -259,9 +281,7 @@ class MoE(nnx.Module):
         return constrain(y, ("batch", "length", None)), kept
 
     def _dropless(self, x, experts, weights, w_gate):
-        kernel = self.grouped_matmul
-        if kernel == "auto":
-            kernel = "ragged_dot" if jax.default_backend() == "tpu" else "blocks"
+        kernel = select_grouped_matmul(self.grouped_matmul)
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty or math.prod(mesh.shape.values()) == 1:
             b, t, d = x.shape

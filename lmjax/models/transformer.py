@@ -10,14 +10,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmjax.axis_rules import constrain
 from lmjax.config import ModelConfig
 from lmjax.models.layers import MLP, Attention, make_norm
 from lmjax.models.moe import MoE
-from lmjax.parallel import constrain
 
-_REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+_DOTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+_SAVE = jax.checkpoint_policies.save_only_these_names
+# What each layer keeps for the backward pass (the rest is recomputed), by the names that
+# `layers.Attention` and `layers.MLP` give their outputs; MaxText's policies of the same names.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # the layer input only
+    "dots": _DOTS,  # every matmul output without batch dimensions (MaxText's "minimal")
+    "minimal_with_context": jax.checkpoint_policies.save_from_both_policies(_DOTS, _SAVE("context")),
+    "save_dot_except_mlp": _SAVE("query_proj", "key_proj", "value_proj", "context", "out_proj"),
+    "save_qkv_proj": _SAVE("query_proj", "key_proj", "value_proj"),
+    "save_out_proj": _SAVE("out_proj"),
 }
 
 
@@ -157,7 +165,7 @@ class Stack(nnx.Module):
             return h, (new_cache, stats[-1])
 
         if cfg.remat != "none":
-            apply_layer = jax.checkpoint(apply_layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+            apply_layer = jax.checkpoint(apply_layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         unroll = cfg.scan_unroll if cfg.scan_layers else True
         x, (cache, stats) = jax.lax.scan(apply_layer, x, (weights, layer_keys, repeat_cache), unroll=unroll)
         if cfg.moe.enabled and cache is None:  # not while decoding: a cache update is not a forward pass

@@ -4,7 +4,7 @@ Everything is in bytes. Weights, gradients and the two Adam moments are stored i
 `model.param_dtype` (optax keeps the moments in the parameters' dtype); activations and
 the KV cache are in `model.dtype`.
 
-Sharding follows `lmjax.parallel.LOGICAL_AXIS_RULES`: weight matrices have an `embed`
+Sharding follows `lmjax.axis_rules.LOGICAL_AXIS_RULES`: weight matrices have an `embed`
 axis (fsdp) and a heads/mlp/vocab axis (tensor), so they are divided by fsdp x tensor;
 routed experts are further divided by the expert axis; norm scales, the router and the
 learned position table (`embed` only) by fsdp; the relative-bias tables (`heads`) by
@@ -26,6 +26,10 @@ Activation Recomputation in Large Transformer Models", sec. 4.1, which gives
   (2*d), the feed-forward matmul outputs (SwiGLU 2*f, GELU f) and the block input d.
 - remat "full": the block input d per layer, plus one layer's "none" activations while it
   is recomputed.
+- remat "minimal_with_context": as "dots", plus the attention context (n_heads * head_dim).
+- remat "save_dot_except_mlp" / "save_qkv_proj" / "save_out_proj": the block input plus,
+  respectively, q, k, v, the context and the attention output projection / q, k, v / the
+  attention output projection, and (as "full") one layer's "none" activations while recomputed.
 
 Plus, once per token, the float32 logits and their gradient (2 * V * 4 bytes).
 Activations are per micro-batch (train.batch_size / optim.grad_accum_steps).
@@ -78,7 +82,7 @@ def activation_bytes_per_token(m: ModelConfig, seq_len: int, remat: str | None =
     (all layers and the logits), with the tensor-sharded parts divided by `tensor`."""
     remat = remat or m.remat
     b = DTYPE_BYTES[m.dtype]
-    d, kv_width = m.d_model, 2 * m.kv_heads * m.head_dim
+    d, q_width, kv_width = m.d_model, m.n_heads * m.head_dim, 2 * m.kv_heads * m.head_dim
     gated = m.gated_mlp
 
     def layer_bytes(layer: int, policy: str) -> float:
@@ -91,12 +95,18 @@ def activation_bytes_per_token(m: ModelConfig, seq_len: int, remat: str | None =
             probs = m.n_heads * seq_len * (4 + b)
             per_tensor = (d + kv_width + (3 if gated else 2) * f) * b + probs  # heads and mlp parts
             return 5 * d * b + router + per_tensor / tensor
-        if policy == "dots":
-            return 4 * d * b + router + (kv_width + (2 if gated else 1) * f) * b / tensor
-        return d * b  # full: the block input only
+        dots = 4 * d * b + router + (kv_width + (2 if gated else 1) * f) * b / tensor
+        saved = {  # the block input, plus what each policy keeps (lmjax.models.transformer.REMAT_POLICIES)
+            "dots": dots,
+            "minimal_with_context": dots + q_width * b / tensor,
+            "save_dot_except_mlp": 2 * d * b + (2 * q_width + kv_width) * b / tensor,
+            "save_qkv_proj": d * b + (q_width + kv_width) * b / tensor,
+            "save_out_proj": 2 * d * b,
+        }
+        return saved.get(policy, d * b)  # full: the block input only
 
     layers = sum(layer_bytes(i, remat) for i in range(m.n_layers))
-    if remat == "full":
+    if remat in ("full", "save_dot_except_mlp", "save_qkv_proj", "save_out_proj"):  # one layer recomputed at a time
         layers += max(layer_bytes(i, "none") for i in range(m.n_layers))
     logits = 2 * m.vocab_size * 4 / tensor
     return layers + logits

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from lmjax.config import Config, ConfigError, override
 from lmjax.experiment import load_experiment, load_experiment_module
+from lmjax.files import write_json_atomically
 from lmjax.records import read_metrics
 from lmjax.scaling.counting import param_counts, run_flops_per_token, tokens_per_step
 from lmjax.scaling.plan import total_steps
@@ -141,7 +142,7 @@ def _grow_trunk(sweep, run, cfg, sweep_dir, configs, train, log) -> None:
     longest = max((configs[r.name] for r in branches), key=total_steps)
     trunk_dir = sweep_dir / run.trunk
     steps = total_steps(cfg)
-    branch_step = steps - min(cfg.optim.wsd_decay_steps(steps), steps - min(cfg.optim.warmup_steps, steps))
+    branch_step = cfg.optim.wsd_decay_start(steps)
     if branch_step == 0:
         return
     trunk_cfg = override(longest, [f"train.run_dir={trunk_dir}", f"train.halt_at_step={branch_step}",
@@ -173,9 +174,7 @@ def _write_result(cfg: Config, run_dir: Path, summary: dict) -> None:
         "train_loss": train_losses[-1] if train_losses else float("nan"),
         "val_loss": summary["val_loss"],
     }
-    temporary = run_dir / "result.json.tmp"
-    temporary.write_text(json.dumps(result, indent=2))
-    temporary.replace(run_dir / "result.json")
+    write_json_atomically(run_dir / "result.json", result)
 
 
 def collect_results(sweep: Sweep, sweep_dir: Path) -> Path:

@@ -18,18 +18,26 @@ import jax
 from tqdm.auto import tqdm
 
 from lmjax.config import Config
+from lmjax.records import read_records
 
 
 class MetricsLogger:
     """Appends records to `<run_dir>/metrics.jsonl` and, unless log.wandb == "off", to wandb
-    (offline by default: files under `<run_dir>/wandb`, no account needed)."""
+    (offline by default: files under `<run_dir>/wandb`, no account needed).
 
-    def __init__(self, cfg: Config, run_dir: Path, resume: bool, enabled: bool = True):
+    A run continues from `start_step` (its restored checkpoint's step): the records of later
+    steps, logged before a crash or kill that lost them, are dropped from metrics.jsonl and
+    routing.jsonl first, so each step appears once. (wandb keeps them; it ignores a step
+    logged again.)"""
+
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool, enabled: bool = True, start_step: int = 0):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.wandb_run = None
         if not enabled:
             return
+        for path in (self.path, run_dir / "routing.jsonl"):
+            _drop_records_after(path, start_step)
         if cfg.log.wandb != "off":
             import wandb
 
@@ -80,6 +88,16 @@ def environment() -> dict:
         "process_count": jax.process_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Rewrite the JSONL file `path` (atomically) without the records of steps after `step`."""
+    records = read_records(path)
+    kept = [r for r in records if r["step"] <= step]
+    if len(kept) < len(records) or (path.exists() and not path.read_text().endswith("\n")):
+        temporary = path.with_suffix(".jsonl.tmp")
+        temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(temporary, path)
 
 
 def progress_bar(total: int, initial: int, enabled: bool):

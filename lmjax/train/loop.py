@@ -13,6 +13,7 @@ one more stop signal, a callable `(run) -> bool`.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from contextlib import contextmanager
@@ -133,36 +134,60 @@ def save_checkpoint(run: Run, metrics: dict = None, routing: dict = None) -> Non
         run.checkpointer.save(run.step, run.state, run.data_state(), run.cfg.to_dict())
 
 
-class InterruptRequest:
-    """A stop signal: the first Ctrl-C asks the loop to checkpoint and stop after the current
-    step; a second one interrupts at once. Installed for the `with` block."""
+class StopRequest:
+    """A stop signal: SIGTERM (a scheduler's time limit, scancel, preemption, maintenance),
+    SIGINT (Ctrl-C) or `train.warning_signal` (SLURM's early warning) make every process stop
+    after the same step; `finish` then saves it, skips the final evaluation and sample, and the
+    run exits 0. A second Ctrl-C interrupts at once; a second SIGTERM and SIGCONT (what SLURM
+    sends at a time limit) change nothing. Installed for the `with` block.
 
-    def __init__(self):
-        self.requested = False
+    In one process, Python handlers set a flag. Once jax.distributed is up, JAX's preemption
+    notifier owns SIGTERM (a Python handler would replace it), so SIGINT and the warning signal
+    re-send SIGTERM to their own process, and every process asks Orbax's `reached_preemption`
+    (JAX's preemption sync point) before each step: it says stop on all of them at one step.
+    """
+
+    def __init__(self, warning_signal: str = "SIGUSR1"):
+        self.requested, self.interrupts = False, 0
+        self.distributed = jax.process_count() > 1
+        own = [signal.SIGINT, signal.Signals[warning_signal]] + ([] if self.distributed else [signal.SIGTERM])
+        self.signals = list(dict.fromkeys(own))
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        self.previous = {s: signal.signal(s, self._handle) for s in self.signals}
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        loggers.console("interrupt: saving a checkpoint after this step (Ctrl-C again to abort)")
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt
+        if self.distributed:
+            os.kill(os.getpid(), signal.SIGTERM)  # to JAX's notifier, which tells every process
+        elif not self.requested:
+            self.requested = True
+            loggers.console(f"{signal.Signals(signum).name}: saving a checkpoint after this step and stopping "
+                            "(Ctrl-C twice aborts)")
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for s, previous in self.previous.items():
+            signal.signal(s, previous)
 
     def __call__(self, run: Run) -> bool:
+        if self.distributed and run.checkpointer.reached_preemption(run.step):
+            if run.main_process:
+                loggers.console(f"stop requested: every process saves step {run.step} and stops")
+            self.requested = True
         return self.requested
 
 
-def train(cfg: Config, run_dir: Path, init_from: Path | None = None) -> dict:
+def train(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_order: bool = False) -> dict:
     """Train (or resume) the run in `run_dir` on a mesh over all devices; returns
     {step, finished, val_*: the newest validation metrics}. A new run with `init_from` (a run
-    directory) starts from that run's weights (see `setup`). Every check that can fail on
+    directory) starts from that run's weights; `new_data_order` lets a resumed run change its
+    batch or data (see `setup`). Every check that can fail on
     user input runs before compilation."""
-    run = setup(cfg, run_dir, init_from)
+    run = setup(cfg, run_dir, init_from, new_data_order)
     announce(run)
     bar = loggers.progress_bar(run.steps, run.step, run.main_process and cfg.log.progress_bar)
     clock = StepClock(run.step)
@@ -171,8 +196,8 @@ def train(cfg: Config, run_dir: Path, init_from: Path | None = None) -> dict:
              Hook(LogMetrics(run, clock, bar), cfg.train.log_every, at_halt=True),
              Hook(validate, cfg.train.eval_every),
              Hook(save_checkpoint, cfg.train.checkpoint_every)]
-    with InterruptRequest() as interrupt:
-        step_loop(run, hooks, stop_signals=[interrupt])
+    with StopRequest(cfg.train.warning_signal) as stop:
+        step_loop(run, hooks, stop_signals=[stop])
     bar.close()
     return finish(run, validate)
 

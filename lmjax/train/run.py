@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +33,14 @@ from lmjax.data import (
     split_documents,
 )
 from lmjax.families import family_of
+from lmjax.files import file_sha256, write_json_atomically
 from lmjax.parallel import batch_sharding, global_batch, local_batch_rows, make_mesh, validate_layout
 from lmjax.scaling.plan import total_steps
 from lmjax.train import loggers
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
 from lmjax.train.state import TrainState, abstract_model, abstract_train_state, init_train_state
 from lmjax.train.step import make_train_step
+from lmjax.xla_setup import enable_compilation_cache
 
 # How examples are built from the data, recorded with every checkpoint. 2: a mixture's parts are
 # wrapped in the family's objective one by one, so the mixture weights apply to examples.
@@ -84,13 +85,17 @@ class Run:
         return global_batch(next(self.batches), self.rows, self.cfg.train.batch_size)
 
 
-def setup(cfg: Config, run_dir: Path, init_from: Path | None = None) -> Run:
+def setup(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_order: bool = False) -> Run:
     """Start the run in `run_dir` or, when it holds checkpoints, restore its newest one: check
     the inputs, load the data, write config.json, environment.json and the tokenizer, build
     (or restore) the sharded train state and compile the train step. A new run with
     `init_from` (a run directory) starts from that run's newest weights, with a fresh
-    optimizer at step 0. Raises ConfigError or DataError before compiling."""
+    optimizer at step 0. Resuming checks the settings against the checkpoint's (see
+    `check_resumable`; `new_data_order` accepts a changed batch or data) and appends the
+    changes to config_history.jsonl; config.json is rewritten only once the restore
+    succeeded. Raises ConfigError or DataError before compiling."""
     run_dir = Path(run_dir)
+    enable_compilation_cache(cfg.train.compilation_cache_dir)
     steps = total_steps(cfg)
     mesh = make_mesh(cfg.mesh)
     validate_layout(cfg, mesh)
@@ -104,24 +109,26 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None) -> Run:
     checkpointer = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints)
     resuming = checkpointer.latest_step() is not None
     if resuming:
-        check_resumable(cfg, json.loads((run_dir / "config.json").read_text()))
+        saved = checkpointer.saved_config()  # the settings the newest checkpoint was written with
+        changes = check_resumable(cfg, saved, new_data_order)
         check_same_tokenizer(tokenizer, run_dir)
-        check_data_order(cfg, checkpointer.restore_data())
-    if main_process:  # other processes may be reading config.json: replace it atomically
-        write_json_atomically(run_dir / "config.json", cfg.to_dict())
-        write_json_atomically(run_dir / "environment.json", loggers.environment())
-        save_to_run(tokenizer, run_dir)
+        if not new_data_order:
+            check_data_order(cfg, checkpointer.restore_data())
 
     def optimizer_for(params):
         return make_optimizer(cfg.optim, steps, params)
 
-    batches = BatchIterator(train_set, cfg.train.batch_size, cfg.data.seed,
-                            rows=local_batch_rows(mesh, cfg.train.batch_size), workers=cfg.data.workers)
     if resuming:  # restore straight into the sharded layout; nothing is initialised first
         graphdef, abstract, optimizer = abstract_train_state(cfg.model, optimizer_for, mesh)
-        state, data_state, _ = checkpointer.restore(abstract)
+        try:
+            state, data_state, _ = checkpointer.restore(abstract)
+        except ValueError as e:
+            if "tree structures do not match" not in str(e):
+                raise
+            raise ConfigError(f"cannot resume {run_dir}: the saved optimizer state has another structure; resume "
+                              f"with the settings it was saved with ({_differences(saved['optim'], cfg, 'optim')})."
+                              ) from None
         shardings = jax.tree.map(lambda x: x.sharding, abstract)
-        batches.restore(data_state)
     else:
         graphdef, state, shardings, optimizer = init_train_state(cfg.model, optimizer_for, cfg.train.seed, mesh)
         if init_from is not None:
@@ -129,6 +136,19 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None) -> Run:
 
             params = restore_weights_onto(Path(init_from), mesh)[2]
             state = state._replace(params=jax.tree.map(lambda p, s: p.astype(s.dtype), params, state.params))
+
+    batches = BatchIterator(train_set, cfg.train.batch_size, cfg.data.seed, step=int(state.step),
+                            rows=local_batch_rows(mesh, cfg.train.batch_size), workers=cfg.data.workers)
+    if resuming and not new_data_order:
+        batches.restore(data_state)  # also checks data.seed and the mixture weights against the checkpoint's
+    if main_process:  # written only now that the restore succeeded; replaced atomically (others may read it)
+        write_json_atomically(run_dir / "config.json", cfg.to_dict())
+        write_json_atomically(run_dir / "environment.json", loggers.environment())
+        save_to_run(tokenizer, run_dir)
+        if resuming and changes:
+            with (run_dir / "config_history.jsonl").open("a") as f:
+                f.write(json.dumps({"step": int(state.step), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                    "changes": changes}) + "\n")
 
     rows = batch_sharding(mesh)
     step_fn = make_train_step(graphdef, optimizer, learning_rate_schedule(cfg.optim, steps),
@@ -142,8 +162,8 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None) -> Run:
             state, batch_shape).compile()
     return Run(cfg=cfg, run_dir=run_dir, mesh=mesh, rows=rows, tokenizer=tokenizer, train_set=train_set,
                val_set=val_set, batches=batches, checkpointer=checkpointer,
-               logger=loggers.MetricsLogger(cfg, run_dir, resuming, enabled=main_process), graphdef=graphdef,
-               train_step=train_step, state=state, step=int(state.step), steps=steps,
+               logger=loggers.MetricsLogger(cfg, run_dir, resuming, main_process, start_step=int(state.step)),
+               graphdef=graphdef, train_step=train_step, state=state, step=int(state.step), steps=steps,
                halt=min(steps, cfg.train.halt_at_step or steps), resuming=resuming,
                compile_seconds=time.perf_counter() - compile_start, main_process=main_process)
 
@@ -207,8 +227,8 @@ def check_data_order(cfg: Config, data_state: dict) -> None:
     saved = data_state.get("data_order", 1)
     if saved < DATA_ORDER_VERSION and family_of(cfg.model).examples is not None and len(cfg.data.mixture()) > 1:
         raise ConfigError(f"cannot resume: this {cfg.model.family} run on a data.path mixture was saved with data "
-                          f"order version {saved}, which ignored the mixture weights; its data order would change, "
-                          "so start a new run.")
+                          f"order version {saved}, which ignored the mixture weights; its data order would change: "
+                          "start a new run, or accept a new data order with --new-data-order.")
 
 
 def check_sample_prompt(cfg: Config, tokenizer) -> None:
@@ -220,12 +240,44 @@ def check_sample_prompt(cfg: Config, tokenizer) -> None:
                           f"model.max_seq_len={cfg.model.max_seq_len}; shorten it or set train.sample_tokens=0.")
 
 
-def check_resumable(cfg: Config, saved: dict) -> None:
-    """Raise ConfigError if `cfg.model` differs from the saved run's model config."""
-    now = cfg.to_dict()["model"]
-    differences = [f"model.{k}: saved {v!r}, now {now.get(k)!r}" for k, v in saved["model"].items() if now.get(k) != v]
-    if differences:
-        raise ConfigError("cannot resume: the model shape differs from the saved run (" + "; ".join(differences) + ").")
+# settings that decide which examples each step trains on: changing them on resume breaks
+# exact data continuation (the family's objective settings are among them)
+DATA_ORDER_SETTINGS = ("train.batch_size", "data.source", "data.text_field", "data.max_bytes", "data.path",
+                       "data.seq_len", "data.mlm_probability", "data.noise_density", "data.mean_noise_span_length",
+                       "data.val_fraction", "data.seed")
+
+
+def check_resumable(cfg: Config, saved: dict, new_data_order: bool = False) -> dict:
+    """The settings of `cfg` that differ from `saved` (the checkpoint's config), as
+    {"section.field": [saved, now]}. Raise ConfigError if the model differs, or if a
+    setting of DATA_ORDER_SETTINGS does unless `new_data_order`."""
+    now = _flatten(cfg.to_dict())
+    before = _flatten(saved)
+    changes = {k: [before[k], v] for k, v in now.items() if k in before and before[k] != v and k != "train.run_dir"}
+    model = [k for k in changes if k.startswith("model.")]
+    if model:
+        raise ConfigError("cannot resume: the model shape differs from the saved run ("
+                          + "; ".join(f"{k}: saved {changes[k][0]!r}, now {changes[k][1]!r}" for k in model) + ").")
+    data = [k for k in changes if k in DATA_ORDER_SETTINGS]
+    if data and not new_data_order:
+        raise ConfigError("cannot resume with " + ", ".join(f"{k}={changes[k][1]!r} (saved {changes[k][0]!r})"
+                                                            for k in data)
+                          + ": the data order would not continue exactly; resume with the saved values, or accept "
+                          "a new data order with --new-data-order.")
+    return changes
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        flat.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return flat
+
+
+def _differences(saved_section: dict, cfg: Config, section: str) -> str:
+    now = cfg.to_dict()[section]
+    changed = [f"{section}.{k}={v!r}, now {now[k]!r}" for k, v in saved_section.items() if now.get(k) != v]
+    return "; ".join(changed) or "no setting differs"
 
 
 def check_init_from(cfg: Config, init_from: Path) -> None:
@@ -259,15 +311,7 @@ def run_tokenizer(cfg: Config, run_dir: Path):
 
 def check_same_tokenizer(tokenizer, run_dir: Path) -> None:
     """Raise ConfigError if the run being resumed saved a different tokenizer."""
-    from lmjax.data.tokenizer import file_sha256
-
     saved = _saved_tokenizers(run_dir)
     if (saved and file_sha256(saved[0]) != tokenizer.sha256) or (not saved and tokenizer.path is not None):
         raise ConfigError(f"cannot resume: data.tokenizer={tokenizer.name!r} is not the tokenizer the run in "
                           f"{run_dir} was trained with; use {saved[0] if saved else 'bytes'}.")
-
-
-def write_json_atomically(path: Path, data: dict) -> None:
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(data, indent=2))
-    os.replace(temporary, path)

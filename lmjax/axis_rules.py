@@ -1,0 +1,58 @@
+"""The one table that maps the model's logical axis names to mesh axes, and what models use
+of it: a leaf module (it imports nothing from lmjax), so models may import it.
+
+The model names axes by meaning (`batch`, `embed`, `heads`, ...); which mesh axis shards
+each one is decided here alone (MaxText's `logical_axis_rules`, T5X's
+`standard_logical_axis_rules`), so changing the parallelism never touches model code. The
+mesh axes themselves (`data`, `fsdp`, `tensor`, `expert`) are made by `lmjax.parallel`.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import Mesh, PartitionSpec
+
+# logical axis -> mesh axes that shard it (None: replicated).
+LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp", "expert"),  # data parallelism: each replica sees its own rows
+    "embed": ("fsdp",),  # FSDP: weights and Adam moments split along the model width
+    "heads": ("tensor",),  # tensor parallelism: attention heads split across devices
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),  # tensor parallelism: MLP hidden units split across devices
+    "vocab": ("tensor",),  # output logits split by vocabulary
+    "expert": ("expert",),  # expert parallelism: each device holds E / expert of the experts
+    "expert_batch": ("data", "fsdp"),  # rows of the expert inputs (E, B, C, D): batch without the expert axis
+    "head_dim": None,
+    "length": None,
+    "relative_buckets": None,  # T5 relative position bias table: tiny, replicated
+    "layers": None,  # scanned layer axis stays whole on every device
+}
+
+
+def mesh_axes(logical_axes: tuple[str | None, ...], mesh: Mesh) -> tuple[tuple[str, ...], ...]:
+    """For each dimension of an array with these logical names, the mesh axes that shard it
+    under `mesh`, in the rules' order. Mesh axes of size 1 are dropped, and a mesh axis is
+    used at most once per array. A `shard_map` body passes these to its collectives
+    (as Levanter derives `pspec_for_axis` from its axis mapping)."""
+    used: set[str] = set()
+    out = []
+    for name in logical_axes:
+        axes = tuple(a for a in (LOGICAL_AXIS_RULES.get(name) or ()) if mesh.shape[a] > 1 and a not in used)
+        used.update(axes)
+        out.append(axes)
+    return tuple(out)
+
+
+def logical_to_mesh(logical_axes: tuple[str | None, ...], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for an array whose dimensions have these logical names (`mesh_axes`)."""
+    return PartitionSpec(*(axes if len(axes) > 1 else (axes[0] if axes else None)
+                           for axes in mesh_axes(logical_axes, mesh)))
+
+
+def constrain(x, logical_axes: tuple[str | None, ...]):
+    """Pin activation x's sharding by logical axis names under the current mesh
+    (`jax.set_mesh`); a no-op outside one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_mesh(logical_axes, mesh))

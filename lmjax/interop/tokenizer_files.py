@@ -1,0 +1,69 @@
+"""A run's tokenizer as the files transformers reads: tokenizer.json and tokenizer_config.json.
+
+lmjax's byte tokenizer becomes a `tokenizers` byte-level BPE with no merges: the 256 byte
+symbols at ids 0..255 (GPT-2's byte-to-character table), then <pad>, <s>, </s>, <mask> at
+256..259 and the sentinels <extra_id_123> ... <extra_id_0> at 260..383, so that
+`transformers.AutoTokenizer` encodes every text to the ids lmjax does.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from lmjax.data.subword import BOS, EOS, MASK, PAD, sentinel_token
+from lmjax.data.tokenizer import ByteTokenizer
+
+
+def _byte_symbols() -> list[str]:
+    """The character GPT-2's byte-level alphabet uses for each byte 0..255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    symbols, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            symbols[byte] = chr(byte)
+        else:
+            symbols[byte] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
+def byte_tokenizer_json() -> str:
+    """tokenizer.json text of lmjax's byte tokenizer (same ids for every text)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(_byte_symbols())}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    byte = ByteTokenizer()
+    sentinels = [sentinel_token(byte.vocab_size - 1 - token_id) for token_id in range(260, byte.vocab_size)]
+    specials = [PAD, BOS, EOS, MASK] + sentinels  # ids 256, 257, ... in this order
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tokenizer.to_str()
+
+
+def _config(roles: dict[str, str | None], max_length: int) -> str:
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length}
+    return json.dumps(config | {k: v for k, v in roles.items() if v is not None}, indent=2)
+
+
+def write_tokenizer(run_dir: Path, tokenizer, hf_dir: Path, max_length: int, notes: list[str]) -> None:
+    """Write `tokenizer` (a run's) into `hf_dir` as tokenizer.json + tokenizer_config.json."""
+    if tokenizer.path is None:
+        (hf_dir / "tokenizer.json").write_text(byte_tokenizer_json())
+        (hf_dir / "tokenizer_config.json").write_text(_config(
+            {"pad_token": PAD, "bos_token": BOS, "eos_token": EOS, "mask_token": MASK}, max_length))
+        return
+    if Path(tokenizer.path).suffix != ".json":
+        notes.append(f"the run's SentencePiece tokenizer {tokenizer.path} is not exported; transformers needs a "
+                     "tokenizer.json (train one with `lmjax tokenizer train --kind bpe`).")
+        return
+    shutil.copyfile(tokenizer.path, hf_dir / "tokenizer.json")
+    if (Path(run_dir) / "tokenizer_config.json").is_file():
+        shutil.copyfile(Path(run_dir) / "tokenizer_config.json", hf_dir / "tokenizer_config.json")
+    else:  # trained by `lmjax tokenizer train`, with lmjax's reserved names
+        (hf_dir / "tokenizer_config.json").write_text(_config(
+            {"pad_token": PAD, "bos_token": BOS, "eos_token": EOS, "mask_token": MASK, "unk_token": "<unk>"},
+            max_length))

@@ -1,0 +1,37 @@
+"""bench/gpu_suite.py --smoke: every row runs and is written, with grain and wandb unimportable
+(the GPU image lacks them)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_suite_smoke_writes_every_row_without_grain_or_wandb(tmp_path):
+    code = ("import runpy, sys; sys.modules['grain'] = None; sys.modules['wandb'] = None; "
+            f"sys.argv = ['gpu_suite.py', '--smoke', '--out', {str(tmp_path)!r}]; "
+            "runpy.run_path('bench/gpu_suite.py', run_name='__main__')")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_suite.json").read_text())
+    rows = {(r["section"], r["variant"]): r for r in report["rows"]}
+    assert [s for s, _ in rows] == ["peak"] + ["compile"] * 2 + ["dense"] + ["decode"] * 2 + ["moe"] * 3 + [
+        "dense"] * 2
+    assert not [r for r in report["rows"] if "error" in r or "skipped" in r]
+    for (section, _), row in rows.items():
+        if section in ("dense", "moe"):  # random tokens: the loss of an untrained model is about ln(V)
+            assert abs(row["loss"] - math.log(report["dense_config"]["vocab_size"])) < 0.2
+            assert row["step_ms"] > 0 and 0 < row["mfu"] and 0 < row["fraction_of_matmul_peak"]
+        if section == "moe":
+            assert row["step_over_dense"] > 0 and row["params_active"] < row["params_total"]
+        if section == "decode":
+            assert 0 < row["fraction_of_measured_bound"] and row["kv_cache_read"].startswith("whole buffer")
+    assert rows[("dense", "attention=dot_product")]["kernel"] == "xla"
+    table = (tmp_path / "gpu_suite.md").read_text()
+    assert all(f"## {s}" in table for s in ("peak", "compile", "dense", "moe", "decode"))
