@@ -49,7 +49,8 @@ def main():
         cfg = override(load_experiment(args.experiment), args.overrides + [f"model.remat={remat}"])
         estimate = memory_estimate(cfg, len(jax.devices()))
         xla = compiled_memory(cfg)
-        state = estimate["memory_weights_bytes"] + estimate["memory_adam_bytes"]
+        state = (estimate["memory_weights_bytes"] + estimate["memory_master_weights_bytes"]
+                 + estimate["memory_adam_bytes"])
         temporaries = estimate["memory_gradients_bytes"] + estimate["memory_activations_bytes"]
         print(json.dumps({
             "experiment": args.experiment, "remat": remat, "device": jax.devices()[0].device_kind, **xla,

@@ -26,6 +26,7 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
     "length": None,
     "relative_buckets": None,  # T5 relative position bias table: tiny, replicated
     "layers": None,  # scanned layer axis stays whole on every device
+    "lora_rank": None,  # LoRA adapters' rank: a few columns, never split
 }
 
 

@@ -5,7 +5,7 @@
     lmjax generate RUN_DIR --prompt TEXT [--temperature T --top-k K --top-p P --max-new-tokens N]
         (an encoder_decoder run fills in each <extra_id_N> of the prompt)
     lmjax plan [EXPERIMENT] [--set ...] [--budget-flops C | --budget-pfdays X] [--law LAW.json] [--json]
-    lmjax sweep SWEEP [--dir DIR] [--slurm | --commands]
+    lmjax sweep SWEEP [--set section.field=value ...] [--dir DIR] [--slurm | --commands]
     lmjax fit RESULTS.csv [--n-column N --d-column D --c-column C --loss-column L] [--plots DIR] [--json]
     lmjax experiments
     lmjax tokenizer train --data SOURCE --vocab-size N --out FILE [--kind bpe|unigram|sentencepiece-bpe|...]
@@ -13,11 +13,13 @@
     lmjax data verify DIR --tokenizer FILE
     lmjax convert from-hf HF_DIR --out RUN_DIR [--dtype float32|bfloat16] [--mesh fsdp=8 ...]
     lmjax convert to-hf RUN_DIR --out HF_DIR [--step N]
+    lmjax lora merge RUN_DIR --out MERGED_RUN
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -92,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser("sweep", help="run a sweep (IsoFLOP grid, override grid, WSD branches) resumably")
     sweep.add_argument("sweep", help="sweep name (experiments/NAME.py defining sweep()) or .py file")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override applied to every run, before the run's own (e.g. a tuned optim.lr with "
+                            "model.parametrization=mup and model.mup_base_width)")
     sweep.add_argument("--dir", metavar="DIR", help="sweep directory (default: sweeps/NAME)")
     emit = sweep.add_mutually_exclusive_group()
     emit.add_argument("--slurm", action="store_true", help="print a SLURM job-array script instead of running")
@@ -111,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("experiments", help="list the experiments that `lmjax train` can run")
     add_data_commands(commands)
     add_convert_commands(commands)
+    lora = commands.add_parser("lora", help="LoRA runs (train with --init-from RUN_DIR --set lora.rank=R)")
+    merge = lora.add_subparsers(dest="action", required=True).add_parser(
+        "merge", help="fold a LoRA run's adapters into its base: an ordinary run directory")
+    merge.add_argument("run_dir")
+    merge.add_argument("--out", required=True, metavar="MERGED_RUN")
     return parser
 
 
@@ -141,6 +151,13 @@ def cmd_convert(args) -> None:
         notes = to_hf(Path(args.run_dir), Path(args.out), args.step)
     for note in notes:
         print(f"not carried: {note}")
+    print(f"wrote {args.out}")
+
+
+def cmd_lora(args) -> None:
+    from lmjax.lora import merge_run
+
+    merge_run(Path(args.run_dir), Path(args.out))
     print(f"wrote {args.out}")
 
 
@@ -302,9 +319,11 @@ def cmd_sweep(args) -> None:
     from lmjax.scaling.sweep import collect_results, load_sweep, only_run, run_config, run_sweep, slurm_script
 
     sweep = load_sweep(args.sweep)
+    sweep = dataclasses.replace(sweep, overrides=(*sweep.overrides, *args.overrides))
+    set_args = "".join(f" --set {shlex.quote(o)}" for o in args.overrides)
     sweep_dir = Path(args.dir or f"sweeps/{Path(args.sweep).stem}")
     if args.slurm:
-        print(slurm_script(args.sweep, sweep, sweep_dir), end="")
+        print(slurm_script(args.sweep, sweep, sweep_dir, set_args), end="")
         return
     if args.commands:
         if any(run.trunk for run in sweep.runs):
@@ -312,7 +331,8 @@ def cmd_sweep(args) -> None:
                               "use --slurm (dependent jobs) or run the sweep without --commands.")
         for i, run in enumerate(sweep.runs):
             run_config(sweep, run, sweep_dir)  # validate before printing
-            print(f"lmjax sweep {shlex.quote(args.sweep)} --dir {shlex.quote(str(sweep_dir))} --only-index {i}")
+            print(f"lmjax sweep {shlex.quote(args.sweep)}{set_args} --dir {shlex.quote(str(sweep_dir))} "
+                  f"--only-index {i}")
         return
     part = sweep if args.only_index is None else only_run(sweep, args.only_index)
     run_sweep(part, sweep_dir)
@@ -345,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "plan": cmd_plan,
                     "sweep": cmd_sweep, "fit": cmd_fit, "experiments": cmd_experiments, "tokenizer": cmd_tokenizer,
-                    "data": cmd_data, "convert": cmd_convert}
+                    "data": cmd_data, "convert": cmd_convert, "lora": cmd_lora}
         commands[args.command](args)
     except (ConfigError, DataError) as e:
         print(f"lmjax: error: {e}", file=sys.stderr)

@@ -91,6 +91,12 @@ class ModelConfig:
     `attention_scale` (default 1/sqrt(head width); T5: 1.0). `position` "relative" is T5's bucketed relative position
     bias: `relative_buckets` buckets, logarithmic beyond half of them up to
     `relative_max_distance`, bidirectional in encoders and causal in decoders.
+
+    `parametrization` "mup" is the maximal-update parametrization (Yang et al., Tensor
+    Programs V) relative to lmjax's own init at d_model = `mup_base_width`: there the model
+    equals the standard one, and tuned learning rates transfer to other widths (docs/scaling.md).
+    Every hidden dimension (d_ff, expert d_ff, heads x head width) is taken to grow with
+    d_model, by `width_multiplier` = d_model / mup_base_width.
     """
 
     family: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
@@ -103,8 +109,13 @@ class ModelConfig:
     d_head: int | None = None  # width of one attention head; None: d_model // n_heads
     attention_scale: float | None = None  # attention logits = scale * q.k; None: 1 / sqrt(head width)
     d_ff: int = 1024
-    # swiglu: silu-gated (LLaMA); gelu: tanh GELU; relu: T5; geglu: tanh-GELU-gated (T5 v1.1)
-    mlp: Literal["swiglu", "gelu", "relu", "geglu"] = "swiglu"
+    # swiglu: silu-gated (LLaMA); gelu: tanh GELU; gelu_exact: erf GELU (BERT); relu: T5; geglu: tanh-GELU-gated (T5 v1.1)
+    mlp: Literal["swiglu", "gelu", "gelu_exact", "relu", "geglu"] = "swiglu"
+    norm_placement: Literal["pre", "post"] = "pre"  # post (BERT): x = Norm(x + f(x)) in each block, no final norm
+    bias: bool = False  # BERT: a bias on every attention and feed-forward projection
+    token_types: int = 0  # BERT: rows of a token-type (sentence A/B) embedding added to the input; 0: none
+    embed_norm: bool = False  # BERT: a norm over the summed input embeddings
+    mlm_head_transform: bool = False  # BERT: dense + activation + norm before the output head, and an output bias
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
     position: Literal["rope", "learned", "relative"] = "rope"
@@ -124,9 +135,17 @@ class ModelConfig:
     remat: Literal["none", "dots", "full", "minimal_with_context", "save_dot_except_mlp", "save_qkv_proj",
                    "save_out_proj"] = "none"
     attention: Literal["auto", "einsum", "dot_product"] = "auto"  # auto: cuDNN on GPU where it can, see models.kernels
+    parametrization: Literal["standard", "mup"] = "standard"
+    mup_base_width: int | None = None  # mup: the d_model at which it equals the standard parametrization
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self):
+        _check_choice("model.parametrization", self.parametrization, ("standard", "mup"))
+        _require(self.mup_base_width is None or self.mup_base_width > 0,
+                 f"model.mup_base_width must be positive, got {self.mup_base_width}.")
+        _require(self.parametrization != "mup" or self.mup_base_width is not None,
+                 "model.parametrization='mup' needs model.mup_base_width (the d_model whose learning rate was "
+                 "tuned); set it, e.g. model.mup_base_width=256.")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "scan_unroll"):
             _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}.")
         _require(self.d_head is None or self.d_head > 0, f"model.d_head must be positive or none, got {self.d_head}.")
@@ -147,7 +166,12 @@ class ModelConfig:
         _require(self.position != "rope" or self.head_dim % 2 == 0,
                  f"RoPE needs an even head width, got {self.head_dim}.")
         _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}.")
-        _check_choice("model.mlp", self.mlp, ("swiglu", "gelu", "relu", "geglu"))
+        _check_choice("model.mlp", self.mlp, ("swiglu", "gelu", "gelu_exact", "relu", "geglu"))
+        _check_choice("model.norm_placement", self.norm_placement, ("pre", "post"))
+        _require(self.token_types >= 0, f"model.token_types must be >= 0, got {self.token_types}.")
+        _require(self.norm_placement == "pre" or self.family != "encoder_decoder",
+                 "model.norm_placement='post' is for decoder and encoder models (BERT); keep 'pre' here.")
+        _require(not (self.bias and self.moe.enabled), "model.bias has no MoE form; MoE experts have no biases.")
         _require(not self.moe.enabled or self.mlp in ("swiglu", "gelu"),
                  f"model.mlp={self.mlp!r} has no MoE form; MoE experts are swiglu or gelu.")
         _check_choice("model.norm", self.norm, ("rmsnorm", "layernorm"))
@@ -185,8 +209,42 @@ class ModelConfig:
 
     @property
     def attention_logit_scale(self) -> float:
-        """What q.k is multiplied by before the softmax: attention_scale, or 1 / sqrt(head_dim)."""
-        return self.head_dim**-0.5 if self.attention_scale is None else self.attention_scale
+        """What q.k is multiplied by before the softmax: attention_scale, or 1 / sqrt(head_dim).
+
+        Under mup with the head width growing with d_model (d_head unset, so the head count is
+        fixed), µP's 1 / head_dim rule corrected to equal 1 / sqrt(head_dim) at the base width:
+        1 / sqrt(h) * sqrt(h_base / h), h_base = mup_base_width / n_heads. With d_head set the
+        head width is fixed (widen by adding heads) and the scale stays 1 / sqrt(d_head).
+        """
+        if self.attention_scale is not None:
+            return self.attention_scale
+        if self.parametrization == "mup" and self.d_head is None:
+            return self.head_dim**-0.5 * (self.mup_base_width / self.n_heads / self.head_dim) ** 0.5
+        return self.head_dim**-0.5
+
+    @property
+    def width_multiplier(self) -> float:
+        """µP's m = d_model / mup_base_width (1.0 under the standard parametrization)."""
+        return self.d_model / self.mup_base_width if self.parametrization == "mup" else 1.0
+
+    @property
+    def hidden_init_std(self) -> float:
+        """Init std of the stack's matrices: init_std, times sqrt(1 / m) under mup (their fan-in grows by m)."""
+        if self.parametrization == "mup":
+            return self.init_std * (self.mup_base_width / self.d_model) ** 0.5
+        return self.init_std
+
+    @property
+    def residual_init_std(self) -> float:
+        """Init std of the matrices that write into the residual stream (attention and MLP
+        outputs): hidden_init_std / sqrt(2 n_layers) (GPT-2)."""
+        return self.hidden_init_std / (2 * self.n_layers) ** 0.5
+
+    @property
+    def output_multiplier(self) -> float:
+        """What output-like layers (the logits, the MoE router's logits) are multiplied by:
+        1 / m under mup, 1.0 otherwise."""
+        return self.mup_base_width / self.d_model if self.parametrization == "mup" else 1.0
 
     @property
     def gated_mlp(self) -> bool:
@@ -223,6 +281,7 @@ class OptimConfig:
     weight_decay: float = 0.1  # applied to matrices only: never norms, biases or embeddings
     clip_norm: float | None = 1.0  # None: no clipping
     grad_accum_steps: int = 1  # micro-batches per optimizer step
+    master_weights: bool = False  # keep float32 master weights of bfloat16 params (model.param_dtype) in the optimizer
 
     def __post_init__(self):
         _require(self.lr > 0, f"optim.lr must be positive, got {self.lr}.")
@@ -364,6 +423,34 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters trained on the frozen weights of another run (`rank` 0: off).
+
+    Each targeted weight W, viewed as a matrix (inputs x outputs, per layer and expert), is
+    used as W + (alpha / rank) A B with A (inputs, rank) Gaussian and B (rank, outputs) zero
+    at the start. `targets`: comma-separated module roles (`attention`: wq wk wv wo, self and
+    cross; `mlp`: w_up w_gate w_down, experts included) or regular expressions searched in
+    parameter paths such as `stack/blocks/attn/wq`. `base`: the run whose newest weights are
+    frozen under the adapters (`lmjax train --init-from RUN_DIR` sets it).
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: str = "attention,mlp"
+    base: str | None = None
+
+    def __post_init__(self):
+        _require(self.rank >= 0, f"lora.rank must be >= 0, got {self.rank}.")
+        _require(self.alpha > 0, f"lora.alpha must be positive, got {self.alpha}.")
+        _require(bool(self.targets.strip(",").strip()), "lora.targets is empty; name roles (attention,mlp) or a "
+                 "regex on parameter paths.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+@dataclass(frozen=True)
 class LogConfig:
     wandb: Literal["off", "offline", "online"] = "offline"
     wandb_project: str = "lmjax"
@@ -382,6 +469,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self):
         # a tokenizer file's vocabulary is checked when it is loaded, still before compiling
@@ -410,6 +498,9 @@ class Config:
             f"train.batch_size={self.train.batch_size} is not divisible by optim.grad_accum_steps="
             f"{self.optim.grad_accum_steps}.",
         )
+        _require(not self.optim.master_weights or self.model.param_dtype == "bfloat16",
+                 "optim.master_weights keeps float32 copies of bfloat16 params; set model.param_dtype=bfloat16 "
+                 "or optim.master_weights=false.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

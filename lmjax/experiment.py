@@ -1,22 +1,26 @@
 """Named experiments: Python files in `experiments/`, each defining `config() -> Config`.
 
 `lmjax train NAME` looks for `NAME.py` in `./experiments/` (the current directory's),
-then in the `experiments/` folder of this checkout; a path to a .py file also works.
+then in the `experiments/` folder of this checkout, then in `<prefix>/share/lmjax/experiments`
+where a wheel (a non-editable install, a container image) puts them; a path to a .py file
+also works.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import sys
 from pathlib import Path
 
 from lmjax.config import Config, ConfigError
 
 PACKAGE_EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+INSTALLED_EXPERIMENTS = Path(sys.prefix) / "share" / "lmjax" / "experiments"
 
 
 def experiment_dirs() -> list[Path]:
-    dirs = [Path.cwd() / "experiments", PACKAGE_EXPERIMENTS]
+    dirs = [Path.cwd() / "experiments", PACKAGE_EXPERIMENTS, INSTALLED_EXPERIMENTS]
     unique = []
     for d in dirs:
         if d.is_dir() and d.resolve() not in [u.resolve() for u in unique]:

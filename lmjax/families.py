@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from lmjax.config import Config, ConfigError, ModelConfig
-from lmjax.interop import llama, t5
+from lmjax.interop import bert, llama, t5
 from lmjax.models import DecoderLM, EncoderDecoderLM, EncoderLM
 from lmjax.spans import span_corruption_lengths
 
@@ -65,7 +65,7 @@ class Family:
     - `decoder_start(tokenizer)`: the id a decoder of targets starts from (an encoder-decoder's
       bos, as in training); None for families without one.
     - `hf_architecture`: the Hugging Face translator (`lmjax.interop`) that exports the
-      family's checkpoints; None: no export yet.
+      family's checkpoints.
     """
 
     name: str
@@ -80,7 +80,7 @@ class Family:
     generate: Callable | None
     show: Callable | None
     decoder_start: Callable | None
-    hf_architecture: object | None
+    hf_architecture: object
 
 
 def family_of(cfg: ModelConfig) -> Family:
@@ -206,7 +206,7 @@ FAMILIES = {
         generate=None,
         show=None,
         decoder_start=None,
-        hf_architecture=None,
+        hf_architecture=bert,
     ),
     "encoder_decoder": Family(
         name="encoder_decoder",

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from lmjax.axis_rules import logical_to_mesh
+from lmjax.axis_rules import logical_to_mesh, mesh_axes
 from lmjax.config import Config, ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -31,19 +31,37 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     those factors of the data/fsdp axes cross hosts (or TPU slices).
     """
     devices = jax.devices() if devices is None else devices
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor, cfg.expert]
-    fixed = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if len(devices) % fixed:
-            raise ConfigError(f"mesh axes {dict(zip(MESH_AXES, sizes))} do not divide the {len(devices)} devices.")
-        sizes[sizes.index(-1)] = len(devices) // fixed
-    if math.prod(sizes) != len(devices):
-        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                          f"but {len(devices)} are available; make the product of mesh axes equal the device count.")
+    sizes = mesh_axis_sizes(cfg, len(devices))
     dcn = [cfg.dcn_data, cfg.dcn_fsdp, 1, 1]
     if math.prod(dcn) == 1:
         return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
     return Mesh(_hybrid_device_array(sizes, dcn, devices), MESH_AXES)
+
+
+def mesh_axis_sizes(cfg: MeshConfig, n_devices: int) -> list[int]:
+    """The sizes of MESH_AXES over `n_devices`, the -1 axis filled; ConfigError when they do
+    not multiply to the device count."""
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor, cfg.expert]
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % fixed:
+            raise ConfigError(f"mesh axes {dict(zip(MESH_AXES, sizes))} do not divide the {n_devices} devices.")
+        sizes[sizes.index(-1)] = n_devices // fixed
+    if math.prod(sizes) != n_devices:
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                          f"but {n_devices} are available; make the product of mesh axes equal the device count.")
+    return sizes
+
+
+def check_dcn(sizes: list[int], dcn: list[int], granules: int, unit: str) -> None:
+    """ConfigError unless the `dcn` factors divide the mesh axis `sizes` and multiply to the
+    number of `granules` (nodes or TPU slices) the devices span."""
+    for name, size, across in (("data", sizes[0], dcn[0]), ("fsdp", sizes[1], dcn[1])):
+        if size % across:
+            raise ConfigError(f"mesh.dcn_{name}={across} does not divide mesh.{name}={size}.")
+    if math.prod(dcn) != granules:
+        raise ConfigError(f"mesh.dcn_data x mesh.dcn_fsdp = {math.prod(dcn)}, but the devices span {granules} "
+                          f"{unit}; make the product equal that number.")
 
 
 def _hybrid_device_array(sizes: list[int], dcn: list[int], devices) -> np.ndarray:
@@ -51,14 +69,9 @@ def _hybrid_device_array(sizes: list[int], dcn: list[int], devices) -> np.ndarra
     Its units ("granules") are TPU slices, or for GPUs and CPUs nodes: the SLURM node of each
     process (SLURM_NODEID) under SLURM, whether it runs one process per GPU or per node, and
     otherwise each process (one per host)."""
-    for name, size, across in (("data", sizes[0], dcn[0]), ("fsdp", sizes[1], dcn[1])):
-        if size % across:
-            raise ConfigError(f"mesh.dcn_{name}={across} does not divide mesh.{name}={size}.")
     tpu = devices[0].platform == "tpu"
     granules = _granules(devices, tpu)
-    if math.prod(dcn) != len(granules):
-        raise ConfigError(f"mesh.dcn_data x mesh.dcn_fsdp = {math.prod(dcn)}, but the devices span {len(granules)} "
-                          f"{'TPU slices' if tpu else 'nodes'}; make the product equal that number.")
+    check_dcn(sizes, dcn, len(granules), "TPU slices" if tpu else "nodes")
     within = [s // d for s, d in zip(sizes, dcn)]
     blocks = np.empty(len(granules), dtype=object)
     blocks[:] = [mesh_utils.create_device_mesh(within, granule) for granule in granules]
@@ -87,31 +100,36 @@ def node_of_each_process() -> list[int]:
     return [int(n) for n in multihost_utils.process_allgather(np.int32(own))]
 
 
+def _splitting(logical_axes: tuple[str | None, ...], dim: int, mesh: Mesh) -> tuple[int, str]:
+    """How many devices split dimension `dim` of an array with these logical axes under the
+    rules, and how to name them in an error ("mesh.tensor=4", "mesh.data x mesh.fsdp=4")."""
+    axes = mesh_axes(logical_axes, mesh)[dim]
+    size = math.prod(mesh.shape[a] for a in axes)
+    return size, f"{' x '.join(f'mesh.{a}' for a in axes)}={size}"
+
+
 def validate_layout(cfg: Config, mesh: Mesh) -> None:
-    """Raise ConfigError when the model or batch does not split evenly over `mesh`."""
-    tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
-    data_parallel = mesh.shape["data"] * fsdp * mesh.shape["expert"]
+    """Raise ConfigError when the model or batch does not split evenly over `mesh`, with the
+    mesh axes that split each dimension taken from the logical-axis rules."""
     m = cfg.model
-    for name, size in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads), ("model.d_ff", m.d_ff),
-                       ("model.vocab_size", m.vocab_size)):
-        if size % tensor:
-            raise ConfigError(f"mesh.tensor={tensor} does not divide {name}={size}; pick a tensor-parallel size "
-                              "that divides the heads, kv heads, d_ff and vocabulary.")
+    checks = [(("embed", "heads", "head_dim"), 1, "model.n_heads", m.n_heads),
+              (("embed", "kv_heads", "head_dim"), 1, "model.n_kv_heads", m.kv_heads),
+              (("embed", "mlp"), 1, "model.d_ff", m.d_ff), (("vocab", "embed"), 0, "model.vocab_size", m.vocab_size),
+              (("vocab", "embed"), 1, "model.d_model", m.d_model)]
     if m.moe.enabled:
-        experts = mesh.shape["expert"]
-        if m.moe.n_experts % experts:
-            raise ConfigError(f"mesh.expert={experts} does not divide model.moe.n_experts={m.moe.n_experts}; "
-                              "each expert-parallel device must hold the same number of experts.")
-        if m.expert_d_ff % tensor:
-            raise ConfigError(f"mesh.tensor={tensor} does not divide the expert width {m.expert_d_ff} "
-                              "(model.moe.d_ff, or model.d_ff when unset).")
-    if m.d_model % fsdp:
-        raise ConfigError(f"mesh.fsdp={fsdp} does not divide model.d_model={m.d_model}.")
+        checks += [(("expert", "embed", "mlp"), 0, "model.moe.n_experts", m.moe.n_experts),
+                   (("expert", "embed", "mlp"), 2, "model.moe.d_ff" if m.moe.d_ff else "model.d_ff", m.expert_d_ff)]
+    for logical_axes, dim, name, size in checks:
+        devices, named = _splitting(logical_axes, dim, mesh)
+        if size % devices:
+            raise ConfigError(f"{named} does not divide {name}={size}; pick mesh sizes that split it evenly "
+                              "(each device must hold an equal share).")
     micro_batch = cfg.train.batch_size // cfg.optim.grad_accum_steps
-    if micro_batch % data_parallel:
+    devices, named = _splitting(("batch", "length"), 0, mesh)
+    if micro_batch % devices:
         raise ConfigError(f"the batch of {micro_batch} sequences per micro-step (train.batch_size / "
-                          f"optim.grad_accum_steps) does not split over the {data_parallel} data-parallel devices "
-                          "(mesh.data x mesh.fsdp x mesh.expert); make it a multiple.")
+                          f"optim.grad_accum_steps) does not split over the {devices} data-parallel devices "
+                          f"({named}); make it a multiple.")
 
 
 def local_batch_rows(mesh: Mesh, batch_size: int) -> np.ndarray:

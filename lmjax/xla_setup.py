@@ -21,6 +21,7 @@ import logging
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,8 @@ def default_cache_file() -> Path:
 
 def supported_flags(flags, cache_file: Path | None = None) -> list[str]:
     """The `flags` the installed jaxlib accepts, in order. Verdicts are cached in `cache_file`
-    per jaxlib version; new flags are probed together, and one by one only if that fails."""
+    per jaxlib version; new flags are probed together, and one by one (concurrently) only if
+    that fails."""
     cache_file = cache_file or default_cache_file()
     version = importlib.metadata.version("jaxlib")
     try:
@@ -95,8 +97,11 @@ def supported_flags(flags, cache_file: Path | None = None) -> list[str]:
     verdicts = cache.setdefault(version, {})
     new = [f for f in flags if f not in verdicts]
     if new:
-        together = probe(new)
-        verdicts.update({f: together or probe([f]) for f in new})
+        if probe(new):
+            verdicts.update(dict.fromkeys(new, True))
+        else:
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                verdicts.update(zip(new, pool.map(lambda flag: probe([flag]), new)))
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             cache_file.write_text(json.dumps(cache, indent=1))

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from lmjax.cli import main
+from lmjax.records import read_metrics
 
 TINY = ["--set", "model.d_model=32", "--set", "model.n_layers=1", "--set", "model.n_heads=2", "--set", "model.d_ff=64",
         "--set", "model.max_seq_len=32", "--set", "data.seq_len=32", "--set", "data.max_bytes=200000",
@@ -23,7 +25,8 @@ def run_cli(capsys, *args):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["train", "no_such_experiment"], "unknown experiment 'no_such_experiment'; known experiments: decoder_narrow, decoder_tiny"),
+    (["train", "no_such_experiment"],
+     "unknown experiment 'no_such_experiment'; known experiments: decoder_narrow, decoder_tiny"),
     (["train", "--set", "model.colour=red"], "unknown config key 'model.colour'"),
     (["train", "--set", "model.d_model=wide"], "model.d_model: cannot use 'wide'"),
     (["train", "--set", "model.n_heads=3"], "does not divide model.d_model"),
@@ -103,9 +106,11 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
-    assert "stopped at step" in output
+    stop = int(re.search(r"stopped at step (\d+)", output)[1])
     saved = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
-    assert saved and max(saved) > 0
+    assert stop > 0 and max(saved) == stop  # the checkpoint is the stop step itself
+    # every step up to the stop was logged (log_every=1), and none after it
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, stop + 1))
 
 
 WSD_SWEEP = '''

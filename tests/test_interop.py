@@ -41,6 +41,12 @@ def mixtral_config():
         "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 96, "initializer_range": 0.1})
 
 
+def bert_config():
+    return transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=96, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                   attention_probs_dropout_prob=0.0)
+
+
 def t5_config(feed_forward_proj, tied, **overrides):
     """A T5 with 2 encoder and 3 decoder layers and heads of width d_kv=32 != d_model/heads."""
     return transformers.T5Config(**{
@@ -80,6 +86,8 @@ def imported(tmp_path_factory):
                     **llama_config().to_diff_dict() | {"sliding_window": None})),
                 "llama_decoding": lambda: transformers.LlamaForCausalLM(llama_config(initializer_range=0.2)),
                 "mixtral": lambda: transformers.MixtralForCausalLM(mixtral_config()),
+                "bert": lambda: transformers.BertForMaskedLM(bert_config()),
+                "bert_pretraining": lambda: transformers.BertForPreTraining(bert_config()),
                 "t5_relu": lambda: transformers.T5ForConditionalGeneration(t5_config("relu", tied=True)),
                 "t5_gated": lambda: transformers.T5ForConditionalGeneration(t5_config("gated-gelu", tied=False)),
                 "t5_decoding": lambda: transformers.T5ForConditionalGeneration(
@@ -135,6 +143,21 @@ def test_t5_greedy_decoding_matches_transformers_generate(imported):
     prompts = [row[m == 1] for row, m in zip(encoder, mask)]
     ours = generate_targets(model, prompts, 8, temperature=0.0, start_token=0)
     np.testing.assert_array_equal(np.stack(ours), out.sequences[:, 1:].numpy())
+
+
+@pytest.mark.parametrize("name", ["bert", "bert_pretraining"])
+def test_bert_import_gives_transformers_logits_at_non_padding_positions(imported, name):
+    hf, model, cfg, notes, _ = imported(name)
+    ids, mask, _ = t5_inputs()
+    types = np.zeros_like(ids)
+    types[:, 5:] = 1  # sentence B
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), token_type_ids=torch.tensor(types))
+    theirs = (out.logits if name == "bert" else out.prediction_logits).numpy()
+    ours = np.asarray(model(jnp.asarray(ids), segment_ids=jnp.asarray(mask), token_types=jnp.asarray(types)))
+    np.testing.assert_allclose(ours[mask == 1], theirs[mask == 1], atol=TOLERANCE, rtol=0)
+    if name == "bert_pretraining":  # the pooler and next-sentence head are left out, with a note
+        assert any("bert.pooler.dense.weight" in n and "cls.seq_relationship.weight" in n for n in notes), notes
 
 
 def test_mixtral_routes_each_token_to_the_same_experts(imported):
@@ -244,7 +267,7 @@ TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=6
 
 @pytest.mark.parametrize("experiment, hf_class", [
     ("llama_tiny", "AutoModelForCausalLM"), ("moe_tiny", "AutoModelForCausalLM"),
-    ("t5_tiny_hf", "AutoModelForSeq2SeqLM")])
+    ("t5_tiny_hf", "AutoModelForSeq2SeqLM"), ("bert_tiny", "AutoModelForMaskedLM")])
 def test_export_loads_in_transformers_with_the_same_logits_and_reimports_bit_for_bit(tmp_path, experiment, hf_class):
     """Each HF-representable experiment, shrunk, trained two steps by lmjax, exported."""
     from lmjax.config import override

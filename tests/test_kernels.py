@@ -8,6 +8,7 @@ are checked against the dense masks they replace.
 
 import dataclasses
 import logging
+import re
 import typing
 
 import jax
@@ -15,9 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 from lmjax.config import ModelConfig
 from lmjax.models import DecoderLM, EncoderDecoderLM, kernels
+from lmjax.models.layers import attention_mask
+from lmjax.models.transformer import REMAT_POLICIES, Block
 from lmjax.train.losses import causal_lm_loss
 
 CFG = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32,
@@ -140,3 +144,24 @@ def test_every_remat_policy_gives_the_loss_and_gradients_of_none():
         policy_loss, policy_grads = loss_and_grads(dataclasses.replace(cfg, remat=policy), x)
         np.testing.assert_allclose(policy_loss, loss, rtol=1e-6, err_msg=policy)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, err_msg=policy), policy_grads, grads)
+
+
+@pytest.mark.parametrize("policy, named", [
+    ("save_qkv_proj", {"query_proj", "key_proj", "value_proj"}),
+    ("save_out_proj", {"out_proj"}),
+    ("save_dot_except_mlp", {"query_proj", "key_proj", "value_proj", "context", "out_proj"}),
+    ("minimal_with_context", {"context"}),
+])
+def test_named_policies_keep_the_outputs_they_name(policy, named, capsys):
+    cfg = dataclasses.replace(CFG, dtype="float32", attention="einsum")
+    graphdef, params = nnx.split(Block(cfg, rngs=nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(1), (2, 8, cfg.d_model))
+    positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    mask = attention_mask(jnp.ones((2, 8), jnp.int32), causal=True)
+
+    def loss(params, x):
+        return jnp.sum(nnx.merge(graphdef, params)(x, positions, mask))
+
+    print_saved_residuals(jax.checkpoint(loss, policy=REMAT_POLICIES[policy]), params, x)
+    saved = set(re.findall(r"named '(\w+)'", capsys.readouterr().out))
+    assert named <= saved and (policy == "minimal_with_context" or saved == named), saved

@@ -190,18 +190,22 @@ def test_moe_config_errors():
         override(Config(), ["model.moe.n_experts=4", "model.moe.capacity_factor=0"])
 
 
-def test_layout_errors_before_compiling():
+def test_layout_errors_before_compiling(monkeypatch):
     from types import SimpleNamespace
 
+    from lmjax.axis_rules import LOGICAL_AXIS_RULES
     from lmjax.config import ConfigError
     from lmjax.parallel import validate_layout
 
     cfg = override(Config(), ["model.moe.n_experts=8", "model.moe.d_ff=100", "train.batch_size=12"])
     with pytest.raises(ConfigError, match="mesh.expert=3 does not divide model.moe.n_experts=8"):
         validate_layout(cfg, SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1, "expert": 3}))
-    with pytest.raises(ConfigError, match="mesh.tensor=8 does not divide the expert width 100"):
+    with pytest.raises(ConfigError, match="mesh.tensor=8 does not divide model.moe.d_ff=100"):
         validate_layout(override(cfg, ["model.d_ff=1024", "model.n_heads=8"]),
                         SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 8, "expert": 1}))
+    monkeypatch.setitem(LOGICAL_AXIS_RULES, "expert", ("data",))  # the check follows the rules table
+    with pytest.raises(ConfigError, match="mesh.data=3 does not divide model.moe.n_experts=8"):
+        validate_layout(cfg, SimpleNamespace(shape={"data": 3, "fsdp": 1, "tensor": 1, "expert": 1}))
 
 
 def test_router_jitter_only_while_training_with_a_key():

@@ -38,7 +38,8 @@ def test_refused_resume_changes_nothing_and_allowed_changes_are_recorded(capsys,
     assert code == 0 and "resumed at step 2" in out and "run finished" in out
     history = [json.loads(line) for line in (run / "config_history.jsonl").read_text().splitlines()]
     assert history[-1]["step"] == 2
-    assert history[-1]["changes"] == {"train.steps": [6, 7], "train.halt_at_step": [2, None], "optim.lr": [0.003, 0.001]}
+    assert history[-1]["changes"] == {"train.steps": [6, 7], "train.halt_at_step": [2, None],
+                                      "optim.lr": [0.003, 0.001]}
     # a new data order when asked for
     code, out, _ = run_cli(capsys, "train", "--resume", str(run), "--set", "train.steps=8", "--set",
                            "train.batch_size=8", "--new-data-order")

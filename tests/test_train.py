@@ -12,6 +12,7 @@ from lmjax.config import MeshConfig, MoEConfig, OptimConfig
 from lmjax.parallel import make_mesh
 from lmjax.records import read_metrics
 from lmjax.train.loop import train
+from lmjax.train.metrics import peak_flops_per_device
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
 from lmjax.train.run_eval import restore_weights
 from lmjax.train.state import abstract_train_state, init_train_state
@@ -37,6 +38,17 @@ def test_loss_falls_and_run_writes_its_files(tiny):
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])  # from ~ln(384) = 5.95 towards byte statistics
     assert val[-1] < 0.7 * losses[0]
     assert all(k in records[-2] for k in ("tokens_per_second", "mfu", "grad_norm", "lr", "step_seconds"))
+    # MFU by hand for this model (d 32, 2 layers, 4 heads of 8, 2 kv heads, SwiGLU d_ff 64, 384-id tied head,
+    # 32-token windows): 6 N per token with N = per layer q, k, v, o (32*32 + 2 * 32*16 + 32*32) + MLP 3*32*64
+    # + two norms (2*32), the final norm (32) and the head (32*384); plus attention 6 * L * T * heads * head_dim
+    n = 2 * (32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64 + 2 * 32) + 32 + 32 * 384
+    flops_per_token = 6 * n + 6 * 2 * 32 * 4 * 8
+    assert flops_per_token == 197_568
+    peak = peak_flops_per_device("float32") * jax.device_count()  # the CPU probe, cached: the value train() used
+    for record in (r for r in records if "mfu" in r):
+        expected = record["tokens_per_second"] * flops_per_token / peak
+        assert record["mfu"] == pytest.approx(expected, rel=1e-12)
+        assert record["tokens_per_second"] == pytest.approx(8 * 32 / record["step_seconds"], rel=1e-12)
     for name in ("config.json", "metrics.jsonl", "loss.png", "sample.txt", "environment.json"):
         assert (Path(cfg.train.run_dir) / name).exists()
 

@@ -26,14 +26,14 @@ from flax import nnx
 from lmjax.checkpoint import Checkpointer
 from lmjax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig
 from lmjax.families import family_of
-from lmjax.interop import llama, t5
+from lmjax.interop import bert, llama, t5
 from lmjax.interop.tensors import open_checkpoint, save_checkpoint
 from lmjax.interop.tokenizer_files import write_tokenizer
 from lmjax.parallel import make_mesh, state_shardings
 from lmjax.train.optimizer import make_optimizer
 from lmjax.train.state import TrainState, abstract_model, train_state_shardings
 
-_ARCHITECTURES = {name: module for module in (llama, t5) for name in module.ARCHITECTURES}
+_ARCHITECTURES = {name: module for module in (llama, t5, bert) for name in module.ARCHITECTURES}
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size for save_pretrained
 
 
@@ -167,10 +167,7 @@ def _check_tokenizer(hf_dir: Path, model: ModelConfig, notes: list[str]) -> None
 
 
 def _hf_architecture(cfg: ModelConfig):
-    architecture = family_of(cfg).hf_architecture
-    if architecture is not None:
-        return architecture
-    raise ConfigError(f"model.family={cfg.family!r} has no Hugging Face export yet.")
+    return family_of(cfg).hf_architecture
 
 
 def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
@@ -185,6 +182,10 @@ def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes:
         else None
     if cfg is None:
         raise ConfigError(f"{run_dir} is not a run directory (no config.json).")
+    if cfg.model.width_multiplier != 1.0:
+        raise ConfigError(f"{run_dir} is a µP run at d_model={cfg.model.d_model} (model.mup_base_width="
+                          f"{cfg.model.mup_base_width}), whose logit and attention multipliers transformers' models "
+                          "do not have; only a µP run at its base width exports.")
     architecture = _hf_architecture(cfg.model)
     hf_config = architecture.hf_config(cfg.model, notes)
     rules = architecture.tensor_rules(cfg.model)

@@ -43,6 +43,24 @@ class Same:
 
 
 @dataclass(frozen=True)
+class Flat:
+    """A bias stored flat in HF, split into heads in lmjax: query.bias (N*H,) <-> bq (N, H)."""
+
+    name: str
+
+    def read(self, tensors: dict, shape: tuple[int, ...], **ids) -> np.ndarray:
+        name = self.name.format(**ids)
+        array = _get(tensors, name)
+        if tuple(array.shape) != (math.prod(shape),):
+            raise ConfigError(f"tensor {name} has shape {tuple(array.shape)}, but config.json implies "
+                              f"({math.prod(shape)},); the config and the weights disagree.")
+        return array.reshape(shape)
+
+    def write(self, array: np.ndarray, **ids) -> dict[str, np.ndarray]:
+        return {self.name.format(**ids): array.reshape(-1)}
+
+
+@dataclass(frozen=True)
 class Linear:
     """A torch Linear weight (out, in) <-> lmjax (*in, *out) with `n_in` input axes. `names`
     are alternative HF names (the first present is read; the first is written)."""

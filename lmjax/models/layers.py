@@ -197,21 +197,26 @@ class Attention(nnx.Module):
         self.cfg = cfg
         self.rotary = cfg.position == "rope" and not cross
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        std, out_std = cfg.hidden_init_std, cfg.residual_init_std
         self.wq = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std, cfg.param_dtype, role="hidden")
         self.wk = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype, role="hidden")
         self.wv = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype, role="hidden")
         self.wo = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, cfg.param_dtype, role="hidden")
+        if cfg.bias:
+            self.bq = zero_bias(cfg, rngs, (n, h), ("heads", "head_dim"))
+            self.bk = zero_bias(cfg, rngs, (k, h), ("kv_heads", "head_dim"))
+            self.bv = zero_bias(cfg, rngs, (k, h), ("kv_heads", "head_dim"))
+            self.bo = zero_bias(cfg, rngs, (d,), ("embed",))
 
     def keys_values(self, source):
         """Keys and values (k, v), each (B, S, K, H), of `source` (B, S, D); for cross-attention
         a decoder computes them from the encoder output once and passes them as `context`."""
-        return matmul(source, self.wk[...]), matmul(source, self.wv[...])
+        return add_bias(self, "bk", matmul(source, self.wk[...])), add_bias(self, "bv", matmul(source, self.wv[...]))
 
     def _project(self, x, positions, context):
         """Queries (B, T, N, H) of x, and keys and values (B, S, K, H) of x or `context`
         (see `__call__`), rotated by RoPE when the layer uses it."""
-        q = checkpoint_name(matmul(x, self.wq[...]), "query_proj")
+        q = checkpoint_name(add_bias(self, "bq", matmul(x, self.wq[...])), "query_proj")
         if isinstance(context, tuple):
             k, v = (a.astype(q.dtype) for a in context)
         else:
@@ -256,37 +261,56 @@ class Attention(nnx.Module):
                                                mask=mask.dense, scale=cfg.attention_logit_scale, implementation="xla")
         else:
             out = einsum_attention(q, k, v, mask.dense, bias, cfg.attention_logit_scale)
-        out = checkpoint_name(matmul(checkpoint_name(out, "context"), self.wo[...], n_in=2), "out_proj")
+        out = add_bias(self, "bo", matmul(checkpoint_name(out, "context"), self.wo[...], n_in=2))
+        out = checkpoint_name(out, "out_proj")
         return out if cache is None else (out, cache)
 
 
-_ACTIVATIONS = {"swiglu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu, "geglu": jax.nn.gelu}
+ACTIVATIONS = {"swiglu": jax.nn.silu, "gelu": jax.nn.gelu, "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+               "relu": jax.nn.relu, "geglu": jax.nn.gelu}
+
+
+def zero_bias(cfg: ModelConfig, rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...]) -> nnx.Param:
+    """A bias initialised to zeros (`model.bias`, BERT's projections)."""
+    return param(rngs, shape, axes, 0, cfg.param_dtype, role="vector")
+
+
+def add_bias(module: nnx.Module, name: str, y):
+    """y + module.<name> when the module has that bias, else y."""
+    return y + getattr(module, name)[...].astype(y.dtype) if hasattr(module, name) else y
 
 
 class MLP(nnx.Module):
     """Position-wise feed-forward, by `model.mlp`: gated, w_down(act(x w_gate) * x w_up), with
     act silu (swiglu) or tanh GELU (geglu, T5 v1.1); or plain, w_down(act(x w_up)), with tanh
-    GELU (gelu) or ReLU (relu, T5).
+    GELU (gelu), erf GELU (gelu_exact, BERT) or ReLU (relu, T5); with `model.bias`, each
+    projection adds a bias.
 
     (B, T, D) -> (B, T, D), hidden width F = `d_ff` (default cfg.d_ff).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, d_ff: int | None = None):
-        self.gated, self.activation = cfg.gated_mlp, _ACTIVATIONS[cfg.mlp]
+        self.gated, self.activation = cfg.gated_mlp, ACTIVATIONS[cfg.mlp]
         d, f = cfg.d_model, d_ff or cfg.d_ff
-        std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        std, out_std = cfg.hidden_init_std, cfg.residual_init_std
         self.w_up = param(rngs, (d, f), ("embed", "mlp"), std, cfg.param_dtype, role="hidden")
         if self.gated:
             self.w_gate = param(rngs, (d, f), ("embed", "mlp"), std, cfg.param_dtype, role="hidden")
         self.w_down = param(rngs, (f, d), ("mlp", "embed"), out_std, cfg.param_dtype, role="hidden")
+        if cfg.bias:
+            self.b_up = zero_bias(cfg, rngs, (f,), ("mlp",))
+            if self.gated:
+                self.b_gate = zero_bias(cfg, rngs, (f,), ("mlp",))
+            self.b_down = zero_bias(cfg, rngs, (d,), ("embed",))
 
     def __call__(self, x):
-        up = checkpoint_name(matmul(x, self.w_up[...]), "mlpwi")
+        up = checkpoint_name(add_bias(self, "b_up", matmul(x, self.w_up[...])), "mlpwi")
         if self.gated:
-            hidden = self.activation(checkpoint_name(matmul(x, self.w_gate[...]), "mlpwi")) * up
+            gate = checkpoint_name(add_bias(self, "b_gate", matmul(x, self.w_gate[...])), "mlpwi")
+            hidden = self.activation(gate) * up
         else:
             hidden = self.activation(up)
-        return checkpoint_name(matmul(hidden, self.w_down[...]), "mlpwo")
+        return checkpoint_name(add_bias(self, "b_down", matmul(hidden, self.w_down[...])), "mlpwo")
 
 
 class Embed(nnx.Module):

@@ -16,7 +16,7 @@ from flax import nnx
 
 from lmjax.config import ModelConfig
 from lmjax.models.kernels import AttentionMask, right_padding_lengths
-from lmjax.models.layers import Embed, RelativePositionBias, attention_mask, make_norm, matmul, param
+from lmjax.models.layers import ACTIVATIONS, Embed, RelativePositionBias, attention_mask, make_norm, matmul, param
 from lmjax.models.transformer import Stack, dropout
 
 
@@ -25,7 +25,10 @@ def _default_positions(tokens, positions):
 
 
 class _TokenModel(nnx.Module):
-    """Token (+ learned position) embedding and the output head, shared by the families."""
+    """Token (+ learned position, + token-type) embedding and the output head, shared by the
+    families. BERT's pieces are config switches: `embed_norm` (a norm over the summed input
+    embeddings), post-norm blocks (then no final norm) and `mlm_head_transform` (dense,
+    activation and norm before the output, which adds a bias)."""
 
     def _init_embeddings(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -33,35 +36,63 @@ class _TokenModel(nnx.Module):
         if cfg.position == "learned":
             self.pos_embed = param(rngs, (cfg.max_seq_len, cfg.d_model), ("length", "embed"), cfg.init_std,
                                    cfg.param_dtype, role="input")
+        if cfg.token_types:
+            self.type_embed = param(rngs, (cfg.token_types, cfg.d_model), (None, "embed"), cfg.init_std,
+                                    cfg.param_dtype, role="input")
+        if cfg.embed_norm:
+            self.embed_norm = make_norm(cfg, rngs)
 
     def _init_head(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.final_norm = make_norm(cfg, rngs)
+        if cfg.norm_placement == "pre":
+            self.final_norm = make_norm(cfg, rngs)
+        if cfg.mlm_head_transform:
+            self.head_dense = param(rngs, (cfg.d_model, cfg.d_model), ("embed", None), cfg.hidden_init_std,
+                                    cfg.param_dtype, role="hidden")
+            self.head_bias = param(rngs, (cfg.d_model,), (None,), 0, cfg.param_dtype, role="vector")
+            self.head_norm = make_norm(cfg, rngs)
+            self.output_bias = param(rngs, (cfg.vocab_size,), ("vocab",), 0, cfg.param_dtype, role="vector")
         if not cfg.tie_embeddings:
             self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
                                  cfg.param_dtype, role="output")
 
-    def _embed(self, tokens, positions, dropout_key):
+    def _embed(self, tokens, positions, dropout_key, token_types=None):
+        """Input vectors (B, T, D) of tokens, positions and token types (B, T) (default: type 0)."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         x = self.embed(tokens, dtype)  # (B, T, D)
         if cfg.position == "learned":
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dtype)
+        if cfg.token_types:
+            types = jnp.zeros_like(tokens) if token_types is None else token_types
+            x = x + jnp.take(self.type_embed[...], types, axis=0).astype(dtype)
+        if cfg.embed_norm:
+            x = self.embed_norm(x)
         return dropout(x, cfg.dropout, None if dropout_key is None else jax.random.split(dropout_key)[0])
 
     def _logits(self, x):
-        x = self.final_norm(x)
-        if self.cfg.tie_embeddings:
-            if self.cfg.tied_output_rescale:  # original T5
-                x = x * self.cfg.d_model**-0.5
-            return self.embed.attend(x)
-        return matmul(x, self.unembed[...], out_dtype=jnp.float32)
+        """(B, T, D) -> logits (B, T, V) float32, times `output_multiplier` under µP."""
+        cfg = self.cfg
+        if cfg.norm_placement == "pre":
+            x = self.final_norm(x)
+        if cfg.mlm_head_transform:
+            x = ACTIVATIONS[cfg.mlp](matmul(x, self.head_dense[...]) + self.head_bias[...].astype(x.dtype))
+            x = self.head_norm(x)
+        if cfg.tie_embeddings:
+            if cfg.tied_output_rescale:  # original T5
+                x = x * cfg.d_model**-0.5
+            logits = self.embed.attend(x)
+        else:
+            logits = matmul(x, self.unembed[...], out_dtype=jnp.float32)
+        if cfg.parametrization == "mup":
+            logits = logits * cfg.output_multiplier
+        return logits + self.output_bias[...].astype(jnp.float32) if cfg.mlm_head_transform else logits
 
 
 class _SingleStackLM(_TokenModel):
     """Embedding -> scanned pre-norm blocks -> norm -> logits, causal or bidirectional.
 
-    `__call__(tokens, positions, segment_ids) -> logits (B, T, V) float32`, where
-    tokens, positions and segment_ids are (B, T) int arrays. Tokens attend only within their
+    `__call__(tokens, positions, segment_ids, token_types=None) -> logits (B, T, V) float32`,
+    where tokens, positions, segment_ids and token_types are (B, T) int arrays. Tokens attend only within their
     segment (packed documents); segment id 0 marks padding. Without segment ids each row is one
     sequence, which fused attention kernels can take without a mask.
     """
@@ -75,13 +106,13 @@ class _SingleStackLM(_TokenModel):
         self.stack = Stack(cfg, rngs=rngs)
         self._init_head(cfg, rngs)
 
-    def __call__(self, tokens, positions=None, segment_ids=None, dropout_key=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, dropout_key=None, token_types=None):
         positions = _default_positions(tokens, positions)
         packed = segment_ids is not None
         if not packed:
             segment_ids = jnp.ones_like(tokens)
         embed_key, stack_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        x = self._embed(tokens, positions, embed_key)
+        x = self._embed(tokens, positions, embed_key, token_types)
         mask, bias = self.attention_inputs(positions, segment_ids)
         mask = AttentionMask(mask, causal=self.causal,
                              not_fusable="segment ids (packed documents need a segment mask)" if packed else None)

@@ -223,8 +223,9 @@ class MoE(nnx.Module):
 
     Expert weights are (E, D, F) / (E, F, D) with logical axes (expert, embed, mlp), so the
     `expert` mesh axis splits the experts, fsdp the width and tensor the hidden units. The
-    router (D, E) is replicated. `deterministic` (set by `model.eval()`) switches to the
-    evaluation capacity factor and turns router jitter off.
+    router (D, E) is replicated; its logits are multiplied by `model.output_multiplier` (µP).
+    `deterministic` (set by `model.eval()`) switches to the evaluation capacity factor and
+    turns router jitter off.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -234,9 +235,10 @@ class MoE(nnx.Module):
         self.capacity_factor, self.eval_capacity_factor = moe.capacity_factor, moe.eval_capacity_factor
         self.jitter, self.renormalize = moe.router_jitter, moe.renormalize
         self.deterministic = False
+        self.router_multiplier = cfg.output_multiplier  # µP: the router is output-like
         d, f, e = cfg.d_model, cfg.expert_d_ff, moe.n_experts
-        std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.n_layers) ** 0.5
-        self.router = param(rngs, (d, e), ("embed", None), std, cfg.param_dtype, role="output")
+        std, out_std = cfg.hidden_init_std, cfg.residual_init_std
+        self.router = param(rngs, (d, e), ("embed", None), cfg.init_std, cfg.param_dtype, role="output")
         self.w_up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, cfg.param_dtype, role="hidden")
         if cfg.mlp == "swiglu":
             self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, cfg.param_dtype, role="hidden")
@@ -252,6 +254,8 @@ class MoE(nnx.Module):
             router_in = router_in * jax.random.uniform(jitter_key, x.shape, router_dtype, 1 - self.jitter,
                                                        1 + self.jitter)
         logits = jnp.einsum("btd,de->bte", router_in, self.router[...].astype(router_dtype))
+        if self.router_multiplier != 1.0:
+            logits = logits * self.router_multiplier
         probs, weights, experts = route(logits.reshape(b * t, -1), self.top_k, self.renormalize)
         stats = router_statistics(logits.reshape(b * t, -1), probs, experts, self.n_experts)
         experts, weights = experts.reshape(b, t, -1), weights.reshape(b, t, -1)

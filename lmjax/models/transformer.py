@@ -39,11 +39,12 @@ def dropout(x, rate: float, key):
 
 class Block(nnx.Module):
     """x + Attn(Norm(x)), with `cross` then x + CrossAttn(Norm(x), context), then
-    x + FFN(Norm(x)), the FFN a dense MLP or, with `moe`, a mixture of experts.
+    x + FFN(Norm(x)), the FFN a dense MLP or, with `moe`, a mixture of experts; with
+    `model.norm_placement` "post" (BERT), each step is x = Norm(x + f(x)) instead.
     (B, T, D) -> (B, T, D)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False, cross: bool = False):
-        self.dropout_rate = cfg.dropout
+        self.dropout_rate, self.post_norm = cfg.dropout, cfg.norm_placement == "post"
         self.attn_norm = make_norm(cfg, rngs)
         self.attn = Attention(cfg, rngs=rngs)
         if cross:
@@ -68,16 +69,18 @@ class Block(nnx.Module):
         if cross and cache is not None:
             cache, cross_cache = cache[:2], cache[2:]
             context = cross_cache
-        attended = self.attn(self.attn_norm(x), positions, mask, cache, bias)
+        pre = (lambda norm, h: h) if self.post_norm else (lambda norm, h: norm(h))  # noqa: E731
+        post = (lambda norm, h: norm(h)) if self.post_norm else (lambda norm, h: h)  # noqa: E731
+        attended = self.attn(pre(self.attn_norm, x), positions, mask, cache, bias)
         if cache is not None:
             attended, cache = attended
-        x = x + dropout(attended, self.dropout_rate, keys[0])
+        x = post(self.attn_norm, x + dropout(attended, self.dropout_rate, keys[0]))
         if cross:
-            attended = self.cross_attn(self.cross_norm(x), positions, context_mask, context=context)
-            x = x + dropout(attended, self.dropout_rate, keys[-1])
-        h = self.mlp_norm(x)
+            attended = self.cross_attn(pre(self.cross_norm, x), positions, context_mask, context=context)
+            x = post(self.cross_norm, x + dropout(attended, self.dropout_rate, keys[-1]))
+        h = pre(self.mlp_norm, x)
         h = self.moe(h, keys[2]) if moe else self.mlp(h)
-        x = x + dropout(h, self.dropout_rate, keys[1])
+        x = post(self.mlp_norm, x + dropout(h, self.dropout_rate, keys[1]))
         return x if cache is None else (x, (*cache, *cross_cache))
 
 
@@ -88,7 +91,9 @@ class Stack(nnx.Module):
     of `every - 1` dense blocks then one MoE block: `blocks` holds the dense ones (in layer
     order) and `moe_blocks` the MoE ones; with every == 1 all of `blocks` are of one kind.
     A forward pass without a cache keeps the MoE layers' routing statistics as the
-    `nnx.Intermediate` "routing", each statistic stacked over MoE layers (L_moe, ...).
+    `nnx.Intermediate` "routing", each statistic stacked over MoE layers (L_moe, ...), and
+    the root-mean-square of every block's output as "activation_rms" (L,) float32 (the µP
+    coordinate check reads it; unused, the compiler drops it).
     With `cross`, every block also cross-attends to a context (an encoder's output).
     """
 
@@ -149,7 +154,7 @@ class Stack(nnx.Module):
 
         def apply_layer(h, layer):
             layer_weights, keys, layer_cache = layer
-            stats, new_cache = [], []
+            stats, new_cache, rms = [], [], []
             for j in range(period):
                 block = nnx.merge(graphdefs[j], layer_weights[j])
                 cache_j = None if layer_cache is None else jax.tree.map(lambda c, j=j: c[j], layer_cache)
@@ -158,18 +163,20 @@ class Stack(nnx.Module):
                 h = constrain(h, ("batch", "length", None))
                 stats.append(nnx.pop(block, nnx.Intermediate))
                 new_cache.append(cache_j)
+                rms.append(jnp.sqrt(jnp.mean(jnp.square(h.astype(jnp.float32)))))
             if layer_cache is not None:
                 new_cache = jax.tree.map(lambda *c: jnp.stack(c), *new_cache)
             else:
                 new_cache = None
-            return h, (new_cache, stats[-1])
+            return h, (new_cache, stats[-1], jnp.stack(rms))
 
         if cfg.remat != "none":
             apply_layer = jax.checkpoint(apply_layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         unroll = cfg.scan_unroll if cfg.scan_layers else True
-        x, (cache, stats) = jax.lax.scan(apply_layer, x, (weights, layer_keys, repeat_cache), unroll=unroll)
-        if cfg.moe.enabled and cache is None:  # not while decoding: a cache update is not a forward pass
-            self.routing = nnx.Intermediate(nnx.to_pure_dict(stats)["moe"]["routing"])
-        if cache is None:
+        x, (cache, stats, rms) = jax.lax.scan(apply_layer, x, (weights, layer_keys, repeat_cache), unroll=unroll)
+        if cache is None:  # not while decoding: a cache update is not a forward pass
+            self.activation_rms = nnx.Intermediate(rms.reshape(cfg.n_layers))
+            if cfg.moe.enabled:
+                self.routing = nnx.Intermediate(nnx.to_pure_dict(stats)["moe"]["routing"])
             return x
         return x, jax.tree.map(lambda c: c.reshape(cfg.n_layers, *c.shape[2:]), cache)

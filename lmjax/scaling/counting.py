@@ -50,13 +50,19 @@ def kv_params(cfg: ModelConfig) -> int:
 
 
 def attention_params(cfg: ModelConfig) -> int:
-    """wq, wo (d_model x n_heads*head_dim) and wk, wv (d_model x kv_heads*head_dim)."""
-    return 2 * cfg.d_model * cfg.n_heads * cfg.head_dim + kv_params(cfg)
+    """wq, wo (d_model x n_heads*head_dim) and wk, wv (d_model x kv_heads*head_dim), and
+    with `bias` their biases."""
+    q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    biases = q_width + 2 * kv_width + cfg.d_model if cfg.bias else 0
+    return 2 * cfg.d_model * q_width + kv_params(cfg) + biases
 
 
 def mlp_params(cfg: ModelConfig, d_ff: int) -> int:
-    """One feed-forward of hidden width `d_ff`: SwiGLU has 3 matrices, GELU 2."""
-    return (3 if cfg.gated_mlp else 2) * cfg.d_model * d_ff
+    """One feed-forward of hidden width `d_ff`: gated (swiglu, geglu) 3 matrices, else 2; and
+    with `bias` their biases."""
+    matrices = 3 if cfg.gated_mlp else 2
+    biases = (matrices - 1) * d_ff + cfg.d_model if cfg.bias else 0
+    return matrices * cfg.d_model * d_ff + biases
 
 
 def moe_params(cfg: ModelConfig) -> tuple[int, int]:
@@ -85,9 +91,11 @@ def params_per_layer(cfg: ModelConfig, layer: int = 0, cross: bool = False) -> t
 
 
 def stack_params(cfg: ModelConfig, n_layers: int, cross: bool = False) -> tuple[int, int]:
-    """(total, active) weights of `n_layers` blocks and the stack's final norm."""
+    """(total, active) weights of `n_layers` blocks and the stack's final norm (none after
+    post-norm blocks)."""
     per_layer = [params_per_layer(cfg, i, cross) for i in range(n_layers)]
-    return (sum(t for t, _ in per_layer) + norm_params(cfg), sum(a for _, a in per_layer) + norm_params(cfg))
+    final = norm_params(cfg) if cfg.norm_placement == "pre" else 0
+    return sum(t for t, _ in per_layer) + final, sum(a for _, a in per_layer) + final
 
 
 def relative_bias_params(cfg: ModelConfig) -> int:
@@ -97,9 +105,16 @@ def relative_bias_params(cfg: ModelConfig) -> int:
 
 
 def embedding_params(cfg: ModelConfig) -> int:
-    """Token table, learned position table, and one relative-bias table per stack."""
+    """Token table, learned position table, one relative-bias table per stack, token-type
+    table and the norm over the input embeddings."""
     learned = cfg.max_seq_len * cfg.d_model if cfg.position == "learned" else 0
-    return cfg.vocab_size * cfg.d_model + learned + relative_bias_params(cfg)
+    extras = cfg.token_types * cfg.d_model + (norm_params(cfg) if cfg.embed_norm else 0)
+    return cfg.vocab_size * cfg.d_model + learned + relative_bias_params(cfg) + extras
+
+
+def head_transform_params(cfg: ModelConfig) -> int:
+    """BERT's MLM head transform (dense d_model x d_model and bias, norm) and output bias."""
+    return cfg.d_model * cfg.d_model + cfg.d_model + norm_params(cfg) + cfg.vocab_size if cfg.mlm_head_transform else 0
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -109,7 +124,8 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     embedding = embedding_params(cfg)
     output_head = 0 if cfg.tie_embeddings else cfg.d_model * cfg.vocab_size
     stacks = [stack_params(cfg, stack.n_layers, stack.cross) for stack in family_of(cfg).stacks(cfg)]
-    total, active = sum(t for t, _ in stacks), sum(a for _, a in stacks)
+    total = sum(t for t, _ in stacks) + head_transform_params(cfg)
+    active = sum(a for _, a in stacks) + head_transform_params(cfg)
     return {
         "params_total": embedding + output_head + total,
         "params_active": embedding + output_head + active,

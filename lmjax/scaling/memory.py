@@ -1,8 +1,9 @@
 """Memory of a training step and of inference, per device, computed from a Config.
 
 Everything is in bytes. Weights, gradients and the two Adam moments are stored in
-`model.param_dtype` (optax keeps the moments in the parameters' dtype); activations and
-the KV cache are in `model.dtype`.
+`model.param_dtype` (optax keeps the moments in the parameters' dtype); with
+`optim.master_weights` the optimizer also holds a float32 copy of the weights, and the
+moments are float32 like it. Activations and the KV cache are in `model.dtype`.
 
 Sharding follows `lmjax.axis_rules.LOGICAL_AXIS_RULES`: weight matrices have an `embed`
 axis (fsdp) and a heads/mlp/vocab axis (tensor), so they are divided by fsdp x tensor;
@@ -30,6 +31,9 @@ Activation Recomputation in Large Transformer Models", sec. 4.1, which gives
 - remat "save_dot_except_mlp" / "save_qkv_proj" / "save_out_proj": the block input plus,
   respectively, q, k, v, the context and the attention output projection / q, k, v / the
   attention output projection, and (as "full") one layer's "none" activations while recomputed.
+
+A LoRA run (`lora.rank` > 0) holds gradients, master copy and Adam moments of its adapters
+alone (`lora_training_bytes`).
 
 Plus, once per token, the float32 logits and their gradient (2 * V * 4 bytes).
 Activations are per micro-batch (train.batch_size / optim.grad_accum_steps).
@@ -129,24 +133,46 @@ def kv_cache_positions(m: ModelConfig) -> int:
     return m.max_seq_len * (2 if cross else 1)
 
 
+def lora_training_bytes(cfg: Config, sizes: dict[str, int]) -> tuple[float, float]:
+    """(gradient bytes, adapter bytes) per device of a LoRA run (`lmjax.lora`). The step forms
+    W + (alpha / r) A B of every targeted weight W and its gradient, so the "gradients" are
+    those two weight-sized arrays plus the adapters and their gradient. Targeted weights are
+    divided by fsdp x tensor like other matrices; adapters are counted whole (an upper bound)."""
+    from lmjax.lora import adapted_sizes
+
+    targeted, adapters = adapted_sizes(cfg.lora, cfg.model)
+    element = DTYPE_BYTES[cfg.model.param_dtype]
+    targeted_bytes = targeted * element / (sizes["fsdp"] * sizes["tensor"])
+    return 2 * targeted_bytes + 2 * adapters * element, adapters * element
+
+
 def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -> dict[str, float]:
     """Bytes per device for training (weights, grads, Adam, activations) and for inference
     (weights + a KV cache of `inference_batch` sequences of model.max_seq_len tokens)."""
     m = cfg.model
     sizes = mesh_sizes(cfg, n_devices)
-    param_bytes = param_elements_per_device(m, sizes) * DTYPE_BYTES[m.param_dtype]
+    elements = param_elements_per_device(m, sizes)
+    param_bytes = elements * DTYPE_BYTES[m.param_dtype]
+    master_bytes = elements * 4 if cfg.optim.master_weights else 0  # float32 master copy
+    adam_bytes = 2 * (master_bytes or param_bytes)  # the moments mirror the weights being optimized
     batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     micro_batch_tokens = cfg.train.batch_size // cfg.optim.grad_accum_steps * cfg.data.seq_len
     activations = activation_bytes_per_token(m, cfg.data.seq_len, tensor=sizes["tensor"]) * (
         micro_batch_tokens / batch_shards)
     kv_per_token = kv_cache_bytes_per_token(m)
     kv_cache = kv_per_token * kv_cache_positions(m) * inference_batch / sizes["tensor"]  # kv_heads split by tensor
+    gradient_bytes = param_bytes
+    if cfg.lora.enabled:  # gradients, master copy and moments of the adapters alone
+        gradient_bytes, adapter_bytes = lora_training_bytes(cfg, sizes)
+        master_bytes = adapter_bytes * 4 / DTYPE_BYTES[m.param_dtype] if cfg.optim.master_weights else 0
+        adam_bytes = 2 * (master_bytes or adapter_bytes)
     return {
         "memory_weights_bytes": param_bytes,
-        "memory_gradients_bytes": param_bytes,
-        "memory_adam_bytes": 2 * param_bytes,
+        "memory_gradients_bytes": gradient_bytes,
+        "memory_adam_bytes": adam_bytes,
+        "memory_master_weights_bytes": master_bytes,
         "memory_activations_bytes": activations,
-        "memory_train_bytes": 4 * param_bytes + activations,
+        "memory_train_bytes": param_bytes + gradient_bytes + master_bytes + adam_bytes + activations,
         "kv_cache_bytes_per_token": kv_per_token,
         "kv_cache_bytes_per_sequence": kv_per_token * kv_cache_positions(m),
         "memory_inference_bytes": param_bytes + kv_cache,

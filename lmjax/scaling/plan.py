@@ -95,6 +95,8 @@ def plan(cfg: Config, budget_flops: float | None = None, law: dict | None = None
     flops_per_token = run_flops_per_token(cfg)
     step_tokens = tokens_per_step(cfg)
     result = {
+        "parametrization": cfg.model.parametrization,
+        **({"mup_width_multiplier": cfg.model.width_multiplier} if cfg.model.parametrization == "mup" else {}),
         **counts,
         "flops_per_token_train": flops_per_token,
         "flops_per_token_forward": forward_flops_per_token(cfg.model, *example_lengths(cfg)),

@@ -195,15 +195,16 @@ SLURM_TEMPLATE = """#!/bin/bash
 #SBATCH --array=0-{last}
 #SBATCH --output={sweep_dir}/slurm-%A_%a.out
 # One array task per sweep run; resubmitting skips finished runs and resumes the others.
-lmjax sweep {sweep} --dir {sweep_dir} --only-index $SLURM_ARRAY_TASK_ID
+lmjax sweep {sweep}{set_args} --dir {sweep_dir} --only-index $SLURM_ARRAY_TASK_ID
 """
 
 
-def slurm_script(sweep_name: str, sweep: Sweep, sweep_dir: Path) -> str:
-    """A SLURM job-array script running each run of the sweep as one array task."""
+def slurm_script(sweep_name: str, sweep: Sweep, sweep_dir: Path, set_args: str = "") -> str:
+    """A SLURM job-array script running each run of the sweep as one array task; `set_args`
+    (" --set KEY=VALUE ...") is passed to every task's `lmjax sweep`."""
     if any(run.trunk for run in sweep.runs):
         raise ConfigError("WSD-branch sweeps run their branches in order from one trunk; run them without --slurm.")
-    return SLURM_TEMPLATE.format(sweep=sweep_name, last=len(sweep.runs) - 1, sweep_dir=sweep_dir)
+    return SLURM_TEMPLATE.format(sweep=sweep_name, set_args=set_args, last=len(sweep.runs) - 1, sweep_dir=sweep_dir)
 
 
 def only_run(sweep: Sweep, index: int) -> Sweep:

@@ -118,7 +118,7 @@ class Validate:
     def __call__(self, run: Run, metrics: dict = None, routing: dict = None) -> dict:
         with self.clock.paused():
             cfg = run.cfg
-            result = evaluate(run.graphdef, run.state.params, run.val_set, run.tokenizer, cfg.train.batch_size,
+            result = evaluate(run.graphdef, run.model_params(), run.val_set, run.tokenizer, cfg.train.batch_size,
                               cfg.train.eval_batches, run.rows)
             run.logger.log({"step": run.step, **{f"val_{k}": v for k, v in result.items()}})
             loggers.console(f"step {run.step:>6}  val loss {result['loss']:.4f}  ppl {result['perplexity']:.2f}  "
@@ -229,7 +229,7 @@ def finish(run: Run, validate: Validate) -> dict:
     if finished:
         # every process takes part in gathering the (possibly cross-host) weights for the sample
         sampling = run.cfg.train.sample_tokens > 0
-        host_params = multihost_utils.process_allgather(run.state.params, tiled=True) if sampling else None
+        host_params = multihost_utils.process_allgather(run.model_params(), tiled=True) if sampling else None
         if run.main_process:
             finish_run(run.cfg, run.run_dir, run.graphdef, host_params, run.tokenizer, run.val_set)
     return {"step": run.step, "finished": finished,

@@ -7,6 +7,8 @@ ahead of time. The step loop (`lmjax.train.loop`) then only steps and calls hook
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import time
@@ -75,6 +77,7 @@ class Run:
     resuming: bool
     compile_seconds: float
     main_process: bool
+    frozen: nnx.State | None = None  # a LoRA run's base weights, which `state.params` adapts
 
     def data_state(self) -> dict:
         """The data iterator's position, and how examples are built (DATA_ORDER_VERSION)."""
@@ -84,13 +87,23 @@ class Run:
         """The next global batch: this process's rows, assembled into sharded jax.Arrays."""
         return global_batch(next(self.batches), self.rows, self.cfg.train.batch_size)
 
+    def model_params(self) -> nnx.State:
+        """The model's current weights: `state.params`, or for a LoRA run the frozen base with
+        the adapters folded in."""
+        if self.frozen is None:
+            return self.state.params
+        from lmjax.lora import fold
+
+        return fold(self.frozen, self.state.params, self.cfg.lora)
+
 
 def setup(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_order: bool = False) -> Run:
     """Start the run in `run_dir` or, when it holds checkpoints, restore its newest one: check
     the inputs, load the data, write config.json, environment.json and the tokenizer, build
     (or restore) the sharded train state and compile the train step. A new run with
     `init_from` (a run directory) starts from that run's newest weights, with a fresh
-    optimizer at step 0. Resuming checks the settings against the checkpoint's (see
+    optimizer at step 0; with `lora.rank` > 0 those weights stay frozen and only adapters
+    train (`lora.base` records the run). Resuming checks the settings against the checkpoint's (see
     `check_resumable`; `new_data_order` accepts a changed batch or data) and appends the
     changes to config_history.jsonl; config.json is rewritten only once the restore
     succeeded. Raises ConfigError or DataError before compiling."""
@@ -99,8 +112,11 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
     steps = total_steps(cfg)
     mesh = make_mesh(cfg.mesh)
     validate_layout(cfg, mesh)
-    if init_from is not None:
-        check_init_from(cfg, Path(init_from))
+    if cfg.lora.enabled:
+        cfg = lora_base(cfg, init_from)
+        init_from = None
+    if init_from is not None or cfg.lora.enabled:
+        check_init_from(cfg, Path(init_from or cfg.lora.base))
     train_set, val_set, tokenizer = load_datasets(cfg, run_tokenizer(cfg, run_dir))
     check_sample_prompt(cfg, tokenizer)
     main_process = jax.process_index() == 0
@@ -116,10 +132,10 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
             check_data_order(cfg, checkpointer.restore_data())
 
     def optimizer_for(params):
-        return make_optimizer(cfg.optim, steps, params)
+        return make_optimizer(cfg.optim, steps, params, cfg.model)
 
     if resuming:  # restore straight into the sharded layout; nothing is initialised first
-        graphdef, abstract, optimizer = abstract_train_state(cfg.model, optimizer_for, mesh)
+        graphdef, abstract, optimizer = abstract_train_state(cfg.model, optimizer_for, mesh, cfg.lora)
         try:
             state, data_state, _ = checkpointer.restore(abstract)
         except ValueError as e:
@@ -130,12 +146,19 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
                               ) from None
         shardings = jax.tree.map(lambda x: x.sharding, abstract)
     else:
-        graphdef, state, shardings, optimizer = init_train_state(cfg.model, optimizer_for, cfg.train.seed, mesh)
-        if init_from is not None:
-            from lmjax.train.run_eval import restore_weights_onto
+        graphdef, state, shardings, optimizer = init_train_state(cfg.model, optimizer_for, cfg.train.seed, mesh,
+                                                                 cfg.lora)
+    frozen = None
+    if (init_from is not None and not resuming) or cfg.lora.enabled:
+        from lmjax.train.run_eval import restore_weights_onto
 
-            params = restore_weights_onto(Path(init_from), mesh)[2]
-            state = state._replace(params=jax.tree.map(lambda p, s: p.astype(s.dtype), params, state.params))
+        params = restore_weights_onto(Path(init_from or cfg.lora.base), mesh)[2]
+        model_params = abstract_model(cfg.model)[1]
+        params = jax.tree.map(lambda p, s: p.astype(s.dtype), params, model_params)
+        if cfg.lora.enabled:
+            frozen = params
+        else:
+            state = state._replace(params=params)
 
     batches = BatchIterator(train_set, cfg.train.batch_size, cfg.data.seed, step=int(state.step),
                             rows=local_batch_rows(mesh, cfg.train.batch_size), workers=cfg.data.workers)
@@ -151,21 +174,40 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
                                     "changes": changes}) + "\n")
 
     rows = batch_sharding(mesh)
+    fold = None
+    if cfg.lora.enabled:
+        from lmjax.lora import fold as fold_adapters
+
+        fold = functools.partial(fold_adapters, cfg=cfg.lora)
     step_fn = make_train_step(graphdef, optimizer, learning_rate_schedule(cfg.optim, steps),
                               cfg.optim.grad_accum_steps, cfg.model.dropout > 0 or cfg.model.moe.router_jitter > 0,
-                              cfg.model.moe)
+                              cfg.model.moe, fold)
     compile_start = time.perf_counter()
     batch_shape = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape), v.dtype, sharding=rows)
                    for k, v in train_set[0].items()}
     with jax.set_mesh(mesh):  # activation sharding constraints resolve against it while tracing
-        train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None, None)).lower(
-            state, batch_shape).compile()
+        compiled = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None, None)).lower(
+            state, batch_shape, *([] if frozen is None else [frozen])).compile()
+    train_step = compiled if frozen is None else lambda state, batch: compiled(state, batch, frozen)
     return Run(cfg=cfg, run_dir=run_dir, mesh=mesh, rows=rows, tokenizer=tokenizer, train_set=train_set,
                val_set=val_set, batches=batches, checkpointer=checkpointer,
                logger=loggers.MetricsLogger(cfg, run_dir, resuming, main_process, start_step=int(state.step)),
                graphdef=graphdef, train_step=train_step, state=state, step=int(state.step), steps=steps,
                halt=min(steps, cfg.train.halt_at_step or steps), resuming=resuming,
-               compile_seconds=time.perf_counter() - compile_start, main_process=main_process)
+               compile_seconds=time.perf_counter() - compile_start, main_process=main_process, frozen=frozen)
+
+
+def lora_base(cfg: Config, init_from: Path | None) -> Config:
+    """`cfg` with `lora.base` set to `init_from` (absolute), the run whose weights the adapters
+    adapt; ConfigError when there is neither, or when `lora.targets` does not fit the model."""
+    from lmjax.lora import targeted
+
+    if init_from is not None:
+        cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, base=str(Path(init_from).absolute())))
+    if cfg.lora.base is None:
+        raise ConfigError(f"lora.rank={cfg.lora.rank} adapts a trained model; give --init-from RUN_DIR.")
+    targeted(cfg.lora, abstract_model(cfg.model)[1])
+    return cfg
 
 
 def load_datasets(cfg: Config, tokenizer=None) -> tuple[PackedDataset | Mixture, PackedDataset | Concat, object]:
@@ -254,9 +296,9 @@ def check_resumable(cfg: Config, saved: dict, new_data_order: bool = False) -> d
     now = _flatten(cfg.to_dict())
     before = _flatten(saved)
     changes = {k: [before[k], v] for k, v in now.items() if k in before and before[k] != v and k != "train.run_dir"}
-    model = [k for k in changes if k.startswith("model.")]
+    model = [k for k in changes if k.startswith(("model.", "lora."))]
     if model:
-        raise ConfigError("cannot resume: the model shape differs from the saved run ("
+        raise ConfigError("cannot resume: the model shape or its LoRA adapters differ from the saved run ("
                           + "; ".join(f"{k}: saved {changes[k][0]!r}, now {changes[k][1]!r}" for k in model) + ").")
     data = [k for k in changes if k in DATA_ORDER_SETTINGS]
     if data and not new_data_order:

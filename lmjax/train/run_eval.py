@@ -36,7 +36,8 @@ def restore_weights(run_dir: Path, step: int | None = None, mesh_overrides: list
 
 def restore_weights_onto(run_dir: Path, mesh, step: int | None = None):
     """(config, graphdef, params, step): the model weights of checkpoint `step` (default:
-    newest) of `run_dir`, sharded over `mesh` by their logical axes; the optimizer state is not read."""
+    newest) of `run_dir`, sharded over `mesh` by their logical axes; the optimizer state is not read.
+    A LoRA run's weights are its base run's newest ones with the run's adapters folded in."""
     cfg = load_config(run_dir)
     if not (Path(run_dir) / "checkpoints").is_dir():  # opening a Checkpointer would create the folder
         raise ConfigError(f"{run_dir} has no checkpoint yet.")
@@ -45,10 +46,16 @@ def restore_weights_onto(run_dir: Path, mesh, step: int | None = None):
     if step is None:
         raise ConfigError(f"{run_dir} has no checkpoint yet.")
     steps = total_steps(cfg)
-    graphdef, abstract, _ = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, steps, p), mesh)
+    graphdef, abstract, _ = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, steps, p, cfg.model),
+                                                 mesh, cfg.lora)
     state = checkpointer.restore_some(abstract._replace(opt_state=jax.tree.map(lambda _: SKIP, abstract.opt_state)),
                                       step)
     checkpointer.close()
+    if cfg.lora.enabled:  # a LoRA run saves its adapters alone: fold them into its base run's weights
+        from lmjax.lora import fold
+
+        base = restore_weights_onto(Path(cfg.lora.base), mesh)[2]
+        return cfg, graphdef, fold(base, state.params, cfg.lora), step
     return cfg, graphdef, state.params, step
 
 

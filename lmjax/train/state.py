@@ -10,7 +10,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lmjax.config import ModelConfig
+from lmjax.config import LoRAConfig, ModelConfig
 from lmjax.families import family_of
 from lmjax.parallel import state_shardings
 
@@ -18,8 +18,9 @@ from lmjax.parallel import state_shardings
 class TrainState(NamedTuple):
     """Everything a training step reads and writes; checkpointed whole.
 
-    params: nnx.State of the model's weights; opt_state: optax state (Adam moments mirror
-    params); step: int32 scalar, optimizer updates done; rng: PRNG key for dropout.
+    params: nnx.State of the trained weights: the model's, or for a LoRA run its adapters
+    alone (`lmjax.lora`); opt_state: optax state (Adam moments mirror params); step: int32
+    scalar, optimizer updates done; rng: PRNG key for dropout.
     """
 
     params: nnx.State
@@ -33,38 +34,47 @@ def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(nnx.eval_shape(lambda: family_of(cfg).build(cfg, nnx.Rngs(0))))
 
 
-def _init_fn(cfg: ModelConfig, make_optimizer):
-    """(graphdef, optimizer, init(seed) -> TrainState) for the model of `cfg`.
+def _init_fn(cfg: ModelConfig, make_optimizer, lora: LoRAConfig | None = None):
+    """(graphdef, optimizer, init(seed) -> TrainState) for the model of `cfg`, or with an
+    enabled `lora` for that model's adapters (its weights are not part of the state).
 
     `make_optimizer(params) -> optax.GradientTransformation` may read the params' metadata.
     """
     graphdef, abstract_params = abstract_model(cfg)
-    optimizer = make_optimizer(abstract_params)
+    if lora is not None and lora.enabled:
+        from lmjax.lora import init_adapters
+
+        def build(seed):
+            return init_adapters(lora, abstract_params, seed)
+    else:
+        def build(seed):
+            return nnx.state(family_of(cfg).build(cfg, nnx.Rngs(seed)))
+    optimizer = make_optimizer(jax.eval_shape(lambda: build(0)))
 
     def init(seed):
-        params = nnx.state(family_of(cfg).build(cfg, nnx.Rngs(seed)))
+        params = build(seed)
         key = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
         return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key)
 
     return graphdef, optimizer, init
 
 
-def init_train_state(cfg: ModelConfig, make_optimizer, seed: int, mesh: Mesh):
+def init_train_state(cfg: ModelConfig, make_optimizer, seed: int, mesh: Mesh, lora: LoRAConfig | None = None):
     """Initialise params and optimizer state inside one jit whose outputs are already
     sharded over `mesh` (no device ever holds unsharded weights).
 
     Returns (graphdef, state: TrainState, shardings: TrainState of NamedShardings, optimizer).
     """
-    graphdef, optimizer, init = _init_fn(cfg, make_optimizer)
+    graphdef, optimizer, init = _init_fn(cfg, make_optimizer, lora)
     shardings = train_state_shardings(jax.eval_shape(lambda: init(seed)), mesh)
     state = jax.jit(lambda: init(seed), out_shardings=shardings)()
     return graphdef, state, shardings, optimizer
 
 
-def abstract_train_state(cfg: ModelConfig, make_optimizer, mesh: Mesh):
+def abstract_train_state(cfg: ModelConfig, make_optimizer, mesh: Mesh, lora: LoRAConfig | None = None):
     """(graphdef, TrainState of jax.ShapeDtypeStruct carrying shardings over `mesh`, optimizer):
     the target a checkpoint is restored into, allocated nowhere."""
-    graphdef, optimizer, init = _init_fn(cfg, make_optimizer)
+    graphdef, optimizer, init = _init_fn(cfg, make_optimizer, lora)
     shapes = jax.eval_shape(lambda: init(0))
     shardings = train_state_shardings(shapes, mesh)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)

@@ -11,19 +11,21 @@ from lmjax.config import MoEConfig
 from lmjax.families import family_of
 from lmjax.models.moe import pop_routing_statistics
 from lmjax.train.losses import causal_lm_loss, token_losses
+from lmjax.train.optimizer import updated_params
 from lmjax.train.state import TrainState
 
 
-def _loss_sum(params, graphdef, batch, dropout_key, moe: MoEConfig):
+def _loss_sum(params, graphdef, batch, dropout_key, moe: MoEConfig, frozen=None, fold=None):
     """Differentiated objective of one (micro-)batch of (B, T) arrays, and its parts.
 
     Returns (objective, (loss_sum, count, routing)): loss_sum is the family's summed token loss
     (nats; next token, masked tokens or span targets, see the family spec's `predict`) over `count`
     tokens; for MoE models the objective adds count * (load_balance_coef *
     balancing loss + z_loss_coef * z loss), each averaged over MoE layers, and `routing` holds
-    the routing statistics stacked over MoE layers (empty for dense models).
+    the routing statistics stacked over MoE layers (empty for dense models). With `fold`, the
+    model's weights are `fold(frozen, params)` (LoRA: frozen base weights, trained adapters).
     """
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, params if fold is None else fold(frozen, params))
     logits = family_of(model.cfg).predict(model, batch, dropout_key)
     loss_sum, count = causal_lm_loss(logits, batch["targets"], batch["loss_mask"])
     routing = pop_routing_statistics(model) or {}
@@ -54,25 +56,26 @@ def routing_metrics(routing: dict) -> dict:
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule, grad_accum_steps: int,
-                    use_rng: bool, moe: MoEConfig = MoEConfig()):
-    """`train_step(state, batch) -> (state, metrics, routing)`.
+                    use_rng: bool, moe: MoEConfig = MoEConfig(), fold=None):
+    """`train_step(state, batch, frozen=None) -> (state, metrics, routing)`.
 
     The batch (B, T) is split into `grad_accum_steps` micro-batches whose gradients of the
     summed loss are added, then divided by the total token count: the update equals the one
     computed on the whole batch at once. metrics: loss (nats/token), grad_norm, lr, tokens,
     and for MoE models `routing_metrics`; routing: the per-layer routing statistics averaged
     over micro-batches (empty for dense models). `use_rng` passes a per-step key to the model
-    (dropout, router jitter).
+    (dropout, router jitter). With `fold(frozen, params) -> model weights` the step trains
+    `state.params` alone (LoRA adapters) and `frozen` (the base weights) gets no update.
     """
     grad_fn = jax.value_and_grad(_loss_sum, has_aux=True)
 
-    def accumulate_gradients(params, batch, step_key):
+    def accumulate_gradients(params, batch, step_key, frozen):
         micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
 
         def add_micro_batch(carry, inputs):
             index, micro_batch = inputs
             key = None if step_key is None else jax.random.fold_in(step_key, index)
-            (_, (loss_sum, count, routing)), grads = grad_fn(params, graphdef, micro_batch, key, moe)
+            (_, (loss_sum, count, routing)), grads = grad_fn(params, graphdef, micro_batch, key, moe, frozen, fold)
             total_loss, total_count, total_grads = carry
             return (total_loss + loss_sum, total_count + count, jax.tree.map(jnp.add, total_grads, grads)), routing
 
@@ -80,16 +83,16 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
         (loss_sum, count, grads), routing = jax.lax.scan(add_micro_batch, init, (jnp.arange(grad_accum_steps), micro))
         return loss_sum, count, grads, jax.tree.map(lambda r: jnp.mean(r, axis=0), routing)
 
-    def train_step(state: TrainState, batch):
+    def train_step(state: TrainState, batch, frozen=None):
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step) if use_rng else None
         if grad_accum_steps == 1:
-            (_, (loss_sum, count, routing)), grads = grad_fn(state.params, graphdef, batch, step_key, moe)
+            (_, (loss_sum, count, routing)), grads = grad_fn(state.params, graphdef, batch, step_key, moe, frozen, fold)
         else:
-            loss_sum, count, grads, routing = accumulate_gradients(state.params, batch, step_key)
+            loss_sum, count, grads, routing = accumulate_gradients(state.params, batch, step_key, frozen)
         count = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
+        grads = jax.tree.map(lambda g: (g / count).astype(g.dtype), grads)  # bfloat16 params: bfloat16 grads
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = updated_params(state.params, updates, opt_state)
         metrics = {
             "loss": loss_sum / count,
             "grad_norm": optax.tree.norm(grads),

@@ -1,0 +1,180 @@
+"""LoRA: low-rank adapters trained on a run's frozen weights (Hu et al. 2021).
+
+A targeted weight W is read as a matrix from its inputs to its outputs, one per layer and
+expert (the leading `layers` and `expert` axes are kept): wq (L, D, N, H) is L matrices of
+D x N*H, wo (L, N, H, D) is L matrices of N*H x D. Its adapter is A (*stacked, *inputs, r)
+and B (*stacked, r, *outputs), and the model uses W + (alpha / r) A B. `fold` forms that sum
+once per forward pass and hands the model ordinary weights, so every family, MoE experts,
+scanned stacks, decoding and evaluation run unchanged; A B costs r (inputs + outputs) per
+matrix to store and inputs x outputs x r FLOPs to form. The adapters carry logical axes
+(their weight's, plus `lora_rank`) and are sharded like any weight.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmjax.config import ConfigError, LoRAConfig, ModelConfig
+
+ROLES = {"attention": ("wq", "wk", "wv", "wo"), "mlp": ("w_up", "w_gate", "w_down")}
+STACKED_AXES = ("layers", "expert")  # one matrix per layer and per expert
+
+
+def path_name(path: tuple) -> str:
+    """A parameter path as text, e.g. `stack/blocks/attn/wq`."""
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def matrix_split(axes: tuple) -> tuple[int, int]:
+    """(stacked, inputs): how many leading axes are per-layer/per-expert copies, and how many
+    of the rest are the matrix's inputs. A weight that reads the model width (`embed` first)
+    maps it to the other axes; one that writes it (`embed` last) maps the other axes to it."""
+    stacked = 0
+    while stacked < len(axes) and axes[stacked] in STACKED_AXES:
+        stacked += 1
+    rest = axes[stacked:]
+    inputs = len(rest) - 1 if rest and rest[-1] == "embed" and rest[0] != "embed" else 1
+    return stacked, inputs
+
+
+def _matchers(targets: str):
+    matchers = []
+    for target in (t.strip() for t in targets.split(",") if t.strip()):
+        if target in ROLES:
+            matchers.append(lambda name, names=ROLES[target]: name.rsplit("/", 1)[-1] in names)
+            continue
+        try:
+            pattern = re.compile(target)
+        except re.error as e:
+            raise ConfigError(f"lora.targets: {target!r} is neither a role ({', '.join(ROLES)}) nor a valid regular "
+                              f"expression ({e}).") from None
+        matchers.append(lambda name, pattern=pattern: pattern.search(name) is not None)
+    return matchers
+
+
+def targeted(cfg: LoRAConfig, params: nnx.State) -> dict[tuple, nnx.Variable]:
+    """path -> weight (a Variable, possibly abstract) of every weight `cfg.targets` selects.
+
+    Raises ConfigError when the targets match nothing, match a vector, or when `cfg.rank`
+    exceeds the smaller side of a targeted matrix."""
+    matchers = _matchers(cfg.targets)
+    chosen = {path: v for path, v in nnx.to_flat_state(params) if any(m(path_name(path)) for m in matchers)}
+    if not chosen:
+        names = ", ".join(path_name(p) for p, _ in list(nnx.to_flat_state(params))[:4])
+        raise ConfigError(f"lora.targets={cfg.targets!r} matches no weight of this model; use roles "
+                          f"({', '.join(ROLES)}) or a regex on parameter paths such as {names}.")
+    for path, weight in chosen.items():
+        axes = tuple(weight.out_sharding or (None,) * len(weight.shape))
+        stacked, inputs = matrix_split(axes)
+        if len(axes) - stacked < 2:
+            raise ConfigError(f"lora.targets={cfg.targets!r} matches {path_name(path)} {weight.shape}, which is not "
+                              "a matrix; narrow the regex to weight matrices.")
+        n_in = math.prod(weight.shape[stacked:stacked + inputs])
+        n_out = math.prod(weight.shape[stacked + inputs:])
+        if cfg.rank > min(n_in, n_out):
+            raise ConfigError(f"lora.rank={cfg.rank} exceeds the smaller side of {path_name(path)} ({n_in} x "
+                              f"{n_out}); use lora.rank <= {min(n_in, n_out)} or leave that weight out of "
+                              "lora.targets.")
+    return chosen
+
+
+def adapted_sizes(cfg: LoRAConfig, model: ModelConfig) -> tuple[int, int]:
+    """(elements of the targeted weights, elements of their adapters) of `model`, exactly:
+    r (inputs + outputs) per targeted matrix, per layer and expert."""
+    from lmjax.families import family_of
+
+    params = nnx.state(nnx.eval_shape(lambda: family_of(model).build(model, nnx.Rngs(0))))
+    weights = adapters = 0
+    for weight in targeted(cfg, params).values():
+        stacked, inputs = matrix_split(tuple(weight.out_sharding))
+        n_in = math.prod(weight.shape[stacked:stacked + inputs])
+        n_out = math.prod(weight.shape[stacked + inputs:])
+        weights += math.prod(weight.shape)
+        adapters += math.prod(weight.shape[:stacked]) * cfg.rank * (n_in + n_out)
+    return weights, adapters
+
+
+def init_adapters(cfg: LoRAConfig, params: nnx.State, seed: int) -> nnx.State:
+    """Adapters for the weights of `params` (abstract or concrete) that `cfg` targets: at
+    path p, `lora_a` normal(0, 1/rank) (PEFT's Gaussian init) and `lora_b` zeros, in the
+    weight's dtype, with logical axes (*stacked, *inputs, "lora_rank") and
+    (*stacked, "lora_rank", *outputs) and the weight's role. With B = 0 the adapted model is the base model."""
+    flat = {}
+    for index, (path, weight) in enumerate(sorted(targeted(cfg, params).items(), key=lambda kv: path_name(kv[0]))):
+        axes = tuple(weight.out_sharding or (None,) * len(weight.shape))
+        stacked, inputs = matrix_split(axes)
+        split = stacked + inputs
+        a_shape = (*weight.shape[:split], cfg.rank)
+        b_shape = (*weight.shape[:stacked], cfg.rank, *weight.shape[split:])
+        key = jax.random.fold_in(jax.random.key(seed), index)
+        a = jax.random.normal(key, a_shape, weight.dtype) / cfg.rank
+        role = weight.get_metadata().get("role")  # the optimizer treats an adapter like its weight
+        flat[(*path, "lora_a")] = nnx.Param(a, out_sharding=(*axes[:split], "lora_rank"), eager_sharding=False,
+                                            role=role)
+        flat[(*path, "lora_b")] = nnx.Param(jnp.zeros(b_shape, weight.dtype),
+                                            out_sharding=(*axes[:stacked], "lora_rank", *axes[split:]),
+                                            eager_sharding=False, role=role)
+    return nnx.from_flat_state(flat)
+
+
+def fold(params: nnx.State, adapters: nnx.State, cfg: LoRAConfig) -> nnx.State:
+    """`params` with every adapted weight W replaced by W + (alpha / rank) A B, summed in
+    float32 and stored in W's dtype (so B = 0 gives W exactly)."""
+    scale = cfg.alpha / cfg.rank
+    pairs: dict[tuple, dict] = {}
+    for path, variable in nnx.to_flat_state(adapters):
+        pairs.setdefault(tuple(path[:-1]), {})[path[-1]] = variable[...]
+    flat = []
+    for path, weight in nnx.to_flat_state(params):
+        pair = pairs.get(tuple(path))
+        if pair is not None:
+            w = weight[...]
+            a, b = pair["lora_a"], pair["lora_b"]
+            stacked = b.ndim - (w.ndim - a.ndim + 1) - 1  # a: stacked + inputs + 1; b: stacked + 1 + outputs
+            lead = w.shape[:stacked]
+            delta = jnp.matmul(a.reshape(*lead, -1, cfg.rank).astype(jnp.float32),
+                               b.reshape(*lead, cfg.rank, -1).astype(jnp.float32))  # (*stacked, inputs, outputs)
+            weight = weight.replace((w.astype(jnp.float32) + scale * delta.reshape(w.shape)).astype(w.dtype))
+        flat.append((path, weight))
+    return nnx.from_flat_state(flat)
+
+
+def merge_run(run_dir: Path, out_dir: Path) -> None:
+    """Write the LoRA run `run_dir`'s newest adapters folded into its base as an ordinary run
+    directory `out_dir` (config without `lora`, the tokenizer, a step-0 checkpoint with fresh
+    Adam moments), which `lmjax.load`, `eval`, `generate`, `train --init-from` and
+    `convert to-hf` accept. Checks run before anything is written."""
+    import dataclasses
+    import json
+
+    from lmjax.checkpoint import Checkpointer
+    from lmjax.data import load_from_run, save_to_run
+    from lmjax.train.optimizer import make_optimizer
+    from lmjax.train.run_eval import load_config, restore_weights
+    from lmjax.train.state import TrainState, train_state_shardings
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not load_config(run_dir).lora.enabled:
+        raise ConfigError(f"{run_dir} is not a LoRA run (lora.rank=0): there are no adapters to merge.")
+    if (out_dir / "checkpoints").exists():
+        raise ConfigError(f"{out_dir} already holds checkpoints; give a new --out directory.")
+    cfg, _, params, _, mesh = restore_weights(run_dir)
+    tokenizer = load_from_run(run_dir, cfg.data.tokenizer)
+    merged = dataclasses.replace(cfg, lora=LoRAConfig(), train=dataclasses.replace(cfg.train, run_dir=str(out_dir)))
+    optimizer = make_optimizer(merged.optim, 1, params, merged.model)
+    state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32),
+                       jax.random.key_data(jax.random.key(merged.train.seed)))
+    state = jax.device_put(state, train_state_shardings(jax.eval_shape(lambda: state), mesh))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_to_run(tokenizer, out_dir)
+    (out_dir / "config.json").write_text(json.dumps(merged.to_dict(), indent=2))
+    checkpointer = Checkpointer(out_dir, async_save=False)
+    checkpointer.save(0, state, {}, merged.to_dict())
+    checkpointer.wait()
+    checkpointer.close()

@@ -1,0 +1,122 @@
+"""µP's coordinate check: does the size of every activation stay the same as the model widens?
+
+Models of widths 64 ... 512 (2 layers, head width 32, d_ff = 4 x width) train a few steps
+from the same seeds on the same batch; after every step, the root-mean-square of each
+block's output (`activation_rms`, sown by the block stack inside its scan) and of the logits
+is recorded. Under µP each curve is flat in width: the least-squares slope of log RMS on
+log width is near 0. Under the standard parametrization the updates grow with the fan-in,
+so the logits' RMS grows with width. (Yang et al., Tensor Programs V, Appendix D; Microsoft
+`mup`'s `get_coord_data` does the same with forward hooks.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lmjax.config import ModelConfig, OptimConfig
+from lmjax.data.tokenizer import ByteTokenizer
+from lmjax.families import family_of
+from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
+from lmjax.train.state import TrainState
+from lmjax.train.step import make_train_step
+
+WIDTHS = (64, 128, 256, 512)
+HEAD_DIM = 32
+
+
+def check_model_config(width: int, parametrization: str, base_width: int = WIDTHS[0], n_layers: int = 2,
+                       seq_len: int = 32) -> ModelConfig:
+    """The coordinate check's decoder of d_model `width`: `n_layers` blocks, heads of width 32
+    (the head count grows with width), d_ff = 4 x width, tied embeddings, byte vocabulary."""
+    return ModelConfig(vocab_size=ByteTokenizer().vocab_size, d_model=width, n_layers=n_layers,
+                       n_heads=width // HEAD_DIM, d_head=HEAD_DIM, d_ff=4 * width, max_seq_len=seq_len,
+                       parametrization=parametrization, mup_base_width=base_width)
+
+
+def text_batch(batch_size: int, seq_len: int) -> dict[str, jax.Array]:
+    """A fixed decoder batch (B, T) of byte tokens from a standard-library source file
+    (json/decoder.py): the same data for every width and seed."""
+    text = (Path(json.__file__).parent / "decoder.py").read_bytes()
+    tokens = np.frombuffer(text, np.uint8)[: batch_size * (seq_len + 1)]
+    tokens = jnp.asarray(tokens.reshape(batch_size, seq_len + 1), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(seq_len), (batch_size, seq_len))
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions,
+            "segment_ids": jnp.ones_like(positions), "loss_mask": jnp.ones((batch_size, seq_len), jnp.float32)}
+
+
+def activation_rms(model: nnx.Module, batch: dict) -> jax.Array:
+    """RMS of every block's output and of the logits of one forward pass: (n_layers + 1,) float32."""
+    logits = family_of(model.cfg).predict(model, batch)
+    sown = nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))
+    return jnp.append(sown["stack"]["activation_rms"], jnp.sqrt(jnp.mean(jnp.square(logits))))
+
+
+def coordinate_check(parametrization: str, widths=WIDTHS, seeds=(0, 1, 2), steps: int = 5, lr: float = 1e-2,
+                     batch_size: int = 4, seq_len: int = 32) -> np.ndarray:
+    """RMS (widths, steps, n_layers + 1) averaged over `seeds`: of each block's output and
+    (last) of the logits, on one fixed batch, after each of `steps` AdamW steps on that batch
+    (constant `lr`, no warmup, clipping or weight decay). After updates rather than at init:
+    µP's logits start at O(1 / sqrt(width)) (a readout of O(1) features by O(1) weights, times
+    1 / m) and become O(1) at the first update."""
+    optim = OptimConfig(lr=lr, schedule="constant", warmup_steps=0, weight_decay=0.0, clip_norm=None)
+    batch = text_batch(batch_size, seq_len)
+    table = []
+    for width in widths:
+        cfg = check_model_config(width, parametrization, widths[0], seq_len=seq_len)
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda cfg=cfg: family_of(cfg).build(cfg, nnx.Rngs(0))))
+        optimizer = make_optimizer(optim, steps, abstract, cfg)
+        train_step = make_train_step(graphdef, optimizer, learning_rate_schedule(optim, steps), 1, use_rng=False)
+
+        def measured_steps(seed, cfg=cfg, graphdef=graphdef, optimizer=optimizer, train_step=train_step):
+            params = nnx.state(family_of(cfg).build(cfg, nnx.Rngs(jax.random.key(seed))))
+            state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), jnp.zeros((2,), jnp.uint32))
+
+            def step(state, _):
+                state = train_step(state, batch)[0]
+                return state, activation_rms(nnx.merge(graphdef, state.params), batch)
+
+            return jax.lax.scan(step, state, length=steps)[1]
+
+        run = jax.jit(measured_steps)
+        table.append(np.mean([run(seed) for seed in seeds], axis=0))
+    return np.stack(table)
+
+
+def width_slopes(rms: np.ndarray, widths=WIDTHS) -> np.ndarray:
+    """Least-squares slope of log RMS on log width, per step and layer: (steps, n_layers + 1)."""
+    x = np.log(np.asarray(widths, float))
+    y = np.log(rms).reshape(len(widths), -1)
+    slopes = np.polyfit(x, y, 1)[0]
+    return slopes.reshape(rms.shape[1:])
+
+
+def plot_coordinate_check(results: dict[str, np.ndarray], path, widths=WIDTHS) -> None:
+    """One panel per parametrization ({name: rms}): RMS against width, a line per (layer, step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), sharey=True, squeeze=False)
+    for ax, (name, rms) in zip(axes[0], results.items()):
+        n_steps, n_outputs = rms.shape[1:]
+        colours = plt.cm.viridis(np.linspace(0, 0.9, n_steps))
+        for step in range(n_steps):
+            for output in range(n_outputs):
+                label = f"step {step + 1}" if output == n_outputs - 1 else None
+                ax.plot(widths, rms[:, step, output], "-o" if output == n_outputs - 1 else "--", color=colours[step],
+                        markersize=3, label=label)
+        ax.set(xscale="log", yscale="log", xlabel="width (d_model)", title=f"{name}: blocks (dashed), logits (solid)")
+        ax.set_xticks(widths, [str(w) for w in widths])
+    axes[0][0].set_ylabel("RMS of the output")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+

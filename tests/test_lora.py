@@ -1,0 +1,205 @@
+"""LoRA: adapters on frozen weights, for every family; training, resume and merge of a tiny run."""
+
+import dataclasses
+import functools
+import hashlib
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+from flax import nnx
+
+import lmjax
+from lmjax.cli import main
+from lmjax.config import ConfigError, LoRAConfig, ModelConfig, MoEConfig
+from lmjax.lora import fold, init_adapters, matrix_split, path_name, targeted
+from lmjax.models import build_model
+from lmjax.train.loop import train
+from lmjax.train.run_eval import restore_weights
+
+BASE = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=32)
+FAMILIES = {
+    "decoder": BASE,
+    "encoder": dataclasses.replace(BASE, family="encoder", position="learned", norm="layernorm", mlp="gelu"),
+    "encoder_decoder": dataclasses.replace(BASE, family="encoder_decoder", n_decoder_layers=1, position="relative"),
+    "moe": dataclasses.replace(BASE, moe=MoEConfig(n_experts=4, top_k=2, every=2)),
+}
+LORA = LoRAConfig(rank=3, alpha=6.0)
+
+
+@functools.cache
+def family_params(family: str) -> nnx.State:
+    return jax.jit(lambda: nnx.state(build_model(FAMILIES[family], nnx.Rngs(0))))()  # one compile, not per op
+
+
+def random_adapters(lora, params, seed=1):
+    """Adapters with A and B both drawn at random, as after some training."""
+    adapters = init_adapters(lora, params, seed)
+    keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(adapters))))
+    return jax.tree.map(lambda x: 0.3 * jax.random.normal(next(keys), x.shape, x.dtype), adapters)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_with_b_zero_the_lora_model_is_the_base_model(family):
+    """Every weight the model reads is the base's, bit for bit, so its outputs are the base's."""
+    params = family_params(family)
+    folded = fold(params, init_adapters(LORA, params, 0), LORA)
+    assert jax.tree.structure(folded) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(folded)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_folded_weight_applies_base_plus_scaled_low_rank_update_at_every_position(family):
+    """Reference: x W + (alpha / r) (x A) B in float64, per layer and expert, for every targeted weight."""
+    params = family_params(family)
+    adapters = random_adapters(LORA, params)
+    folded = dict(nnx.to_flat_state(fold(params, adapters, LORA)))
+    pairs = dict(nnx.to_flat_state(adapters))
+    chosen = targeted(LORA, params)
+    for path, weight in chosen.items():
+        stacked, inputs = matrix_split(weight.out_sharding)
+        w = np.asarray(weight[...], np.float64)
+        lead, n_in = w.shape[:stacked], int(np.prod(w.shape[stacked:stacked + inputs]))
+        w = w.reshape(-1, n_in, w.size // (int(np.prod(lead)) * n_in))
+        merged = np.asarray(folded[path][...], np.float64).reshape(w.shape)
+        a = np.asarray(pairs[(*path, "lora_a")][...], np.float64).reshape(w.shape[0], n_in, LORA.rank)
+        b = np.asarray(pairs[(*path, "lora_b")][...], np.float64).reshape(w.shape[0], LORA.rank, -1)
+        x = np.random.default_rng(2).normal(size=(5, n_in))  # five positions
+        for i in range(w.shape[0]):
+            np.testing.assert_allclose(x @ merged[i], x @ w[i] + LORA.alpha / LORA.rank * (x @ a[i]) @ b[i],
+                                       atol=1e-5, rtol=0)
+    untouched = [p for p, _ in nnx.to_flat_state(params) if p not in chosen]
+    assert untouched and all(np.array_equal(folded[p][...], dict(nnx.to_flat_state(params))[p][...]) for p in untouched)
+
+
+def test_roles_reach_experts_and_cross_attention_and_regex_picks_paths():
+    names = {f: sorted(path_name(p) for p in targeted(LORA, family_params(f))) for f in FAMILIES}
+    assert "stack/moe_blocks/moe/w_up" in names["moe"] and "stack/moe_blocks/moe/router" not in names["moe"]
+    assert "decoder/blocks/cross_attn/wq" in names["encoder_decoder"]
+    assert len(names["decoder"]) == 7  # wq wk wv wo w_up w_gate w_down
+    only_q = targeted(LoRAConfig(rank=2, targets=r"attn/wq$"), family_params("decoder"))
+    assert [path_name(p) for p in only_q] == ["stack/blocks/attn/wq"]
+    params = family_params("decoder")
+    adapters = dict(nnx.to_flat_state(init_adapters(LORA, params, 0)))
+    wo_a, wo_b = adapters[("stack", "blocks", "attn", "wo", "lora_a")], adapters[("stack", "blocks", "attn", "wo",
+                                                                                    "lora_b")]
+    assert wo_a.shape == (2, 4, 8, 3) and wo_a.out_sharding == ("layers", "heads", "head_dim", "lora_rank")
+    assert wo_b.shape == (2, 3, 32) and wo_b.out_sharding == ("layers", "lora_rank", "embed")
+
+
+@pytest.mark.parametrize("lora, message", [
+    (LoRAConfig(rank=2, targets="nothing_here"), "matches no weight"),
+    (LoRAConfig(rank=33), "exceeds the smaller side"),
+    (LoRAConfig(rank=2, targets="norm"), "not a matrix"),
+    (LoRAConfig(rank=2, targets="attn/w[q"), "valid regular expression"),
+])
+def test_bad_targets_and_ranks_are_one_clear_error(lora, message):
+    with pytest.raises(ConfigError, match=message):
+        targeted(lora, family_params("decoder"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny base run and a LoRA run on it, trained straight and with a stop and resume."""
+    root = tmp_path_factory.mktemp("lora")
+    base = tiny_config(root / "base", steps=2, eval_every=100, eval_batches=1, sample_tokens=0)
+    train(base, root / "base")
+    checksum = checkpoint_checksum(root / "base")
+    lora = dataclasses.replace(tiny_config(root / "lora", steps=4, eval_every=100, eval_batches=1, sample_tokens=0,
+                                           checkpoint_every=2),
+                               lora=LoRAConfig(rank=4, alpha=8.0))
+    train(lora, root / "lora", init_from=root / "base")
+    shutil.copytree(root / "lora", root / "resumed")  # then drop the last checkpoint and resume from step 2
+    shutil.rmtree(root / "resumed" / "checkpoints" / "4")
+    resumed = lmjax.train.run_eval.load_config(root / "resumed")  # as `lmjax train --resume` reads it
+    assert train(dataclasses.replace(resumed, train=dataclasses.replace(resumed.train, run_dir=str(root / "resumed"))),
+                 root / "resumed")["finished"]
+    return root, checksum
+
+
+def checkpoint_checksum(run_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted((run_dir / "checkpoints").rglob("*")):
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def saved_state(run_dir):
+    from lmjax.checkpoint import Checkpointer
+    from lmjax.config import MeshConfig
+    from lmjax.parallel import make_mesh
+    from lmjax.train.optimizer import make_optimizer
+    from lmjax.train.state import abstract_train_state
+
+    cfg = lmjax.train.run_eval.load_config(run_dir)
+    _, abstract, _ = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, cfg.train.steps, p, cfg.model),
+                                          make_mesh(MeshConfig()), cfg.lora)
+    checkpointer = Checkpointer(run_dir, async_save=False)
+    state, _, _ = checkpointer.restore(abstract)
+    checkpointer.close()
+    return state
+
+
+def test_only_the_adapters_train_and_are_saved(runs):
+    root, checksum = runs
+    assert checkpoint_checksum(root / "base") == checksum  # the base run is bit-identical
+    state = saved_state(root / "lora")
+    paths = [path_name(p) for p, _ in nnx.to_flat_state(state.params)]
+    assert paths and all(p.endswith(("/lora_a", "/lora_b")) for p in paths)
+    adapter_count = sum(x.size for x in jax.tree.leaves(state.params))
+    optimizer_count = sum(x.size for x in jax.tree.leaves(state.opt_state))
+    assert optimizer_count <= 2 * adapter_count + 16  # Adam's two moments of the adapters, and counters
+    assert all(np.abs(np.asarray(v[...])).max() > 0 for p, v in nnx.to_flat_state(state.params) if p[-1] == "lora_b")
+    cfg, _, merged, _, _ = restore_weights(root / "lora")
+    _, _, base, _, _ = restore_weights(root / "base")
+    chosen = targeted(cfg.lora, base)
+    for path, weight in nnx.to_flat_state(base):
+        after = np.asarray(dict(nnx.to_flat_state(merged))[path][...])
+        assert np.array_equal(after, np.asarray(weight[...])) == (path not in chosen)
+
+
+def test_a_lora_run_resumes_exactly(runs):
+    root, _ = runs
+    straight, resumed = saved_state(root / "lora"), saved_state(root / "resumed")
+    assert int(straight.step) == int(resumed.step) == 4
+    for x, y in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_merge_writes_a_run_with_the_lora_models_logits(runs, capsys):
+    root, _ = runs
+    assert main(["lora", "merge", str(root / "lora"), "--out", str(root / "merged")]) == 0
+    lora_model, cfg, _ = lmjax.load(root / "lora")
+    merged_model, merged_cfg, _ = lmjax.load(root / "merged")
+    assert not merged_cfg.lora.enabled and merged_cfg.model == cfg.model
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.model.vocab_size, (2, 16)))
+    np.testing.assert_allclose(np.asarray(merged_model(ids)), np.asarray(lora_model(ids)), atol=1e-5, rtol=0)
+    assert main(["lora", "merge", str(root / "merged"), "--out", str(root / "again")]) == 2
+    assert "not a LoRA run" in capsys.readouterr().err
+    assert not (root / "again").exists()
+
+
+def test_lora_without_a_base_run_is_one_clear_error(capsys, tmp_path):
+    assert main(["train", "--set", "lora.rank=4", "--set", f"train.run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "give --init-from RUN_DIR" in err and len(err.strip().splitlines()) == 1
+
+
+def test_plan_counts_the_adapters_memory_by_hand(tmp_path):
+    from lmjax.scaling.plan import plan
+
+    full = tiny_config(tmp_path)  # d_model 32, 2 layers, 4 heads of 8, 2 kv heads, d_ff 64, swiglu
+    lora = dataclasses.replace(full, lora=LoRAConfig(rank=4))
+    per_layer = 4 * ((32 + 32) + 2 * (32 + 16) + (32 + 32) + 2 * (32 + 64) + (64 + 32))  # wq wk wv wo up gate down
+    targeted_per_layer = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64
+    a, b = plan(full), plan(lora)
+    assert b["memory_adam_bytes"] == 2 * 2 * per_layer * 4
+    assert b["memory_gradients_bytes"] == 2 * 2 * targeted_per_layer * 4 + 2 * 2 * per_layer * 4
+    assert b["memory_weights_bytes"] == a["memory_weights_bytes"]
+    assert b["memory_train_bytes"] < a["memory_train_bytes"]

@@ -1,0 +1,233 @@
+"""µP (model.parametrization="mup"): equal to the standard parametrization at the base width,
+multipliers by hand, the coordinate check, sharding, resume, and bad input."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from test_parallel import TINY, finish, lmjax_subprocess, losses, mesh_args
+
+import lmjax
+from lmjax.cli import main
+from lmjax.config import Config, ConfigError, ModelConfig, MoEConfig, OptimConfig
+from lmjax.families import family_of
+from lmjax.records import read_metrics
+from lmjax.scaling.coordinate_check import WIDTHS, coordinate_check, text_batch, width_slopes
+from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
+from lmjax.train.state import TrainState
+from lmjax.train.step import make_train_step
+
+
+def dotted(path) -> str:
+    return ".".join(str(getattr(p, "key", p)) for p in path)
+
+
+def model_config(width=64, parametrization="standard", base=64, **changes) -> ModelConfig:
+    """A decoder touching every role: untied head, learned positions, layernorm biases, MoE
+    with a shared expert every second layer (so the stack has dense and MoE blocks)."""
+    cfg = ModelConfig(vocab_size=272, d_model=width, n_layers=2, n_heads=width // 16, d_head=16, d_ff=2 * width,
+                      max_seq_len=16, tie_embeddings=False, position="learned", norm="layernorm", mlp="gelu",
+                      moe=MoEConfig(n_experts=4, top_k=2, every=2, n_shared_experts=1),
+                      parametrization=parametrization, mup_base_width=base)
+    return dataclasses.replace(cfg, **changes)
+
+
+def leaves(state) -> dict:
+    return {dotted(path): np.asarray(v) for path, v in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))}
+
+
+def train_three_steps(cfg: ModelConfig):
+    """Params after init and after each of 3 AdamW steps (clipping and weight decay on)."""
+    optim = OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.1, clip_norm=1.0)
+    graphdef, params = nnx.split(family_of(cfg).build(cfg, nnx.Rngs(0)), nnx.Param)
+    optimizer = make_optimizer(optim, 3, params, cfg)
+    step = jax.jit(make_train_step(graphdef, optimizer, learning_rate_schedule(optim, 3), 1, use_rng=False,
+                                   moe=cfg.moe))
+    batch = text_batch(2, 16)
+    state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), jnp.zeros((2,), jnp.uint32))
+    history = [leaves(state.params)]
+    for _ in range(3):
+        state = step(state, batch)[0]
+        history.append(leaves(state.params))
+    return history
+
+
+def test_base_width_equals_standard_within_one_ulp():
+    standard, mup = train_three_steps(model_config()), train_three_steps(model_config(parametrization="mup"))
+    for before, after in zip(standard, mup):
+        assert before.keys() == after.keys()
+        for name in before:
+            np.testing.assert_array_max_ulp(before[name], after[name], maxulp=1)
+
+
+def test_init_scales_hidden_matrices_only():
+    """At 4x the base width: the same random draws, hidden matrices times sqrt(1/4) (the
+    residual-writing ones keep their extra 1/sqrt(2L)); embeddings, head, router, norms unchanged."""
+    standard_cfg, mup_cfg = model_config(128), model_config(128, "mup", base=32)
+    standard = leaves(nnx.state(family_of(standard_cfg).build(standard_cfg, nnx.Rngs(0)), nnx.Param))
+    mup = leaves(nnx.state(family_of(mup_cfg).build(mup_cfg, nnx.Rngs(0)), nnx.Param))
+    hidden = ("wq", "wk", "wv", "wo", "w_up", "w_down", "w_gate")
+    for name, value in standard.items():
+        expected = value * 0.5 if name.split(".")[-1] in hidden else value
+        np.testing.assert_allclose(mup[name], expected, rtol=1e-6, err_msg=name)
+
+
+def test_output_and_router_logits_are_multiplied_by_base_over_width():
+    """A µP model at twice the base width computes the standard model's function with the
+    logits and router logits halved: checked by halving the standard model's head and router."""
+    cfg = model_config(64)
+    mup_cfg = dataclasses.replace(cfg, parametrization="mup", mup_base_width=32)
+    standard, mup = family_of(cfg).build(cfg, nnx.Rngs(0)), family_of(mup_cfg).build(mup_cfg, nnx.Rngs(1))
+    params = nnx.to_pure_dict(nnx.state(standard, nnx.Param))
+    nnx.update(mup, params)
+    nnx.update(standard, jax.tree_util.tree_map_with_path(
+        lambda path, v: v * 0.5 if dotted(path).endswith(("unembed", "router")) else v, params))
+    tokens = text_batch(2, 16)["inputs"]
+    np.testing.assert_allclose(mup(tokens), standard(tokens), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_scale():
+    fixed_head = ModelConfig(d_model=256, n_heads=8, d_head=32, parametrization="mup", mup_base_width=64)
+    assert fixed_head.attention_logit_scale == 32**-0.5
+    growing_head = ModelConfig(d_model=256, n_heads=4, parametrization="mup", mup_base_width=64)  # h = 64, base 16
+    assert growing_head.attention_logit_scale == pytest.approx(16**0.5 / 64)
+    at_base = ModelConfig(d_model=64, n_heads=4, parametrization="mup", mup_base_width=64)
+    assert at_base.attention_logit_scale == ModelConfig(d_model=64, n_heads=4).attention_logit_scale
+    assert dataclasses.replace(growing_head, attention_scale=0.5).attention_logit_scale == 0.5
+
+
+def test_learning_rate_multipliers_equal_a_hand_written_table():
+    """Width 128 on base 32 (m = 4): hidden matrices 1/4, all else 1; and one optimizer step
+    moves each parameter by exactly its multiplier times the standard step."""
+    cfg = model_config(128, "mup", base=32)
+    expected = {
+        "embed.table": 1, "pos_embed": 1, "unembed": 1, "final_norm.scale": 1, "final_norm.bias": 1,
+        **{f"stack.blocks.{w}": 1 / 4 for w in ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w_up", "mlp.w_down")},
+        **{f"stack.moe_blocks.{w}": 1 / 4 for w in ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "moe.w_up",
+                                                    "moe.w_down", "moe.shared.w_up", "moe.shared.w_down")},
+        "stack.moe_blocks.moe.router": 1,
+        **{f"stack.{blocks}.{norm}.{v}": 1 for blocks in ("blocks", "moe_blocks") for norm in ("attn_norm", "mlp_norm")
+           for v in ("scale", "bias")},
+    }
+    params = nnx.state(family_of(cfg).build(cfg, nnx.Rngs(0)), nnx.Param)
+    optim = OptimConfig(lr=0.1, warmup_steps=0, schedule="constant", weight_decay=0.1, clip_norm=None)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    updates = {}
+    for name, parametrization in (("standard", "standard"), ("mup", "mup")):
+        optimizer = make_optimizer(optim, 10, params, dataclasses.replace(cfg, parametrization=parametrization))
+        updates[name] = leaves(optimizer.update(grads, optimizer.init(params), params)[0])
+    assert updates["mup"].keys() == expected.keys()
+    for name, multiplier in expected.items():
+        np.testing.assert_array_equal(updates["mup"][name], updates["standard"][name] * multiplier, err_msg=name)
+
+
+def test_coordinate_check():
+    """Widths 64-512, 2 layers, head width 32, d_ff 4x width, 5 steps, 3 seeds: under µP every
+    block output's and the logits' RMS is flat in width (|log-log slope| < 0.1 at every step);
+    under the standard parametrization the logits' RMS grows with width at every step."""
+    mup = width_slopes(coordinate_check("mup"), WIDTHS)
+    assert mup.shape == (5, 3)
+    assert np.all(np.abs(mup) < 0.1), mup
+    standard = coordinate_check("standard")
+    assert np.all(standard[-1, :, -1] > 2 * standard[0, :, -1])  # 8x the width, over twice the logits
+    assert np.all(width_slopes(standard, WIDTHS)[:, -1] > 0.3)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (["model.parametrization=mup"], "model.parametrization='mup' needs model.mup_base_width"),
+    (["model.parametrization=mup", "model.mup_base_width=0"], "model.mup_base_width must be positive, got 0"),
+    (["model.mup_base_width=-64"], "model.mup_base_width must be positive, got -64"),
+    (["model.parametrization=mu-p"], "model.parametrization: cannot use 'mu-p'"),
+])
+def test_bad_input_is_one_clear_line(capsys, tmp_path, changes, message):
+    args = [a for change in changes for a in ("--set", change)]
+    assert main(["train", *args, "--set", f"train.run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmjax: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="needs model.mup_base_width"):
+        ModelConfig(parametrization="mup")
+
+
+MUP = ["--set", "model.parametrization=mup", "--set", "model.mup_base_width=16"]
+
+
+def test_sweep_applies_one_tuned_learning_rate_under_mup_to_every_width(capsys, tmp_path):
+    """`lmjax sweep --set` reaches every run of an IsoFLOP grid that varies width (also in the
+    printed launch commands); each run keeps the tuned lr, and µP scales its hidden matrices'."""
+    from lmjax.scaling.sweep import load_sweep, run_config
+
+    tuned = ["model.parametrization=mup", "model.mup_base_width=32", "optim.lr=0.004"]
+    sweep_dir = tmp_path / "mup"
+    assert main(["sweep", "scaling_micro", "--dir", str(sweep_dir), "--commands",
+                 *[a for o in tuned for a in ("--set", o)]]) == 0
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == 18 and all(" --set optim.lr=0.004 " in c for c in commands)
+    sweep = load_sweep("scaling_micro")
+    sweep = dataclasses.replace(sweep, overrides=(*sweep.overrides, *tuned))
+    configs = [run_config(sweep, run, sweep_dir) for run in sweep.runs]
+    assert {(c.model.parametrization, c.model.mup_base_width, c.optim.lr) for c in configs} == {("mup", 32, 0.004)}
+    assert sorted({c.model.width_multiplier for c in configs}) == [0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
+
+
+def test_plan_shows_the_parametrization_and_export_refuses_mup_off_its_base_width(capsys, tmp_path):
+    assert main(["plan", *MUP, "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["parametrization"] == "mup" and planned["mup_width_multiplier"] == 256 / 16
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = Config(model=ModelConfig(d_model=64, n_heads=2, parametrization="mup", mup_base_width=32))
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    assert main(["convert", "to-hf", str(run), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "only a µP run at its base width exports" in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_sharded_mup_run_equals_one_device_and_resumes_as_mup(tmp_path):
+    """fsdp 8 on CPU devices (a subprocess) equals the single-device run, which is halted at
+    step 3 and resumed: the resumed run is µP again (its config and its optimizer)."""
+    sharded = tmp_path / "sharded"
+    process = lmjax_subprocess(["train", *TINY, *MUP, *mesh_args(data=1, fsdp=8), "--set", f"train.run_dir={sharded}"])
+    single = tmp_path / "single"
+    assert main(["train", *TINY, *MUP, "--set", f"train.run_dir={single}", "--set", "train.halt_at_step=3"]) == 0
+    assert main(["train", "--resume", str(single), "--set", "train.halt_at_step=none"]) == 0
+    finish(process)
+    assert [r["step"] for r in read_metrics(single) if "loss" in r] == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose(losses(sharded), losses(single), rtol=1e-5)
+    model, cfg, _ = lmjax.load(single)
+    assert (cfg.model.parametrization, cfg.model.mup_base_width, model.cfg.output_multiplier) == ("mup", 16, 0.5)
+
+
+def test_transfer_sweep_runs_resumably_at_a_tiny_size(tmp_path):
+    """experiments/mup_transfer.py: 48 runs (2 parametrizations x 4 widths x 6 learning rates
+    a factor 2 apart); one of them, cut to 2 steps, runs, and a second start skips it."""
+    from lmjax.scaling.sweep import load_sweep, run_sweep
+    from lmjax.scaling.transfer import read_transfer_results
+
+    sweep = load_sweep("mup_transfer")
+    assert len(sweep.runs) == 48 and sweep.runs[-1].name == "mup-w512-lr0.016"
+    tiny = dataclasses.replace(sweep, runs=sweep.runs[:1], overrides=(
+        *sweep.overrides, "train.steps=2", "data.max_bytes=100000", "train.eval_batches=1"))
+    log = []
+    results = run_sweep(tiny, tmp_path, log=log.append)
+    run_sweep(tiny, tmp_path, log=log.append)
+    assert log[-1] == "sweep: standard-w64-lr0.0005 finished already, skipped"
+    assert list(read_transfer_results(results)) == ["standard"]
+
+
+def test_optimal_learning_rate_per_width(tmp_path):
+    from lmjax.scaling.transfer import optimal_learning_rates, plot_learning_rate_transfer, read_transfer_results
+
+    rows = ["name,val_loss", "mup-w64-lr0.001,3.0", "mup-w64-lr0.002,2.5", "mup-w64-lr0.004,2.7",
+            "mup-w128-lr0.001,2.9", "mup-w128-lr0.002,2.4", "mup-w128-lr0.004,2.3", "standard-w64-lr0.001,3.1"]
+    (tmp_path / "results.csv").write_text("\n".join(rows) + "\n")
+    table = read_transfer_results(tmp_path / "results.csv")
+    assert table["mup"][64] == [(0.001, 3.0), (0.002, 2.5), (0.004, 2.7)]
+    assert optimal_learning_rates(table) == {"mup": {64: 0.002, 128: 0.004}, "standard": {64: 0.001}}
+    paths = plot_learning_rate_transfer(table, tmp_path / "plots")
+    assert [p.name for p in paths] == ["lr_transfer_mup.png", "lr_transfer_standard.png"] and paths[0].stat().st_size
