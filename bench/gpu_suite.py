@@ -16,7 +16,8 @@ Rows (all steps on random tokens, one sequence per row, no data loading in the t
   (JAX's persistent compilation cache is on, in --cache-dir; these rows run first, cold on a
   fresh machine, and the dense row of the same shape then reads its executable from the cache).
 - dense: a ~1.3B decoder (d_model 2048, 24 layers, 16 heads, d_ff 5632, vocab 32000, seq 2048,
-  bf16 compute, fp32 params, remat minimal_with_context), per `model.attention` setting; step
+  bf16 compute, fp32 params, remat minimal_with_context), per `model.attention` setting, and
+  once more (last) with bf16 params and fp32 master weights in the optimizer; step
   time, tokens/s, MFU against the vendor's bf16 peak (989 TFLOP/s on H100/H200) and the achieved
   FLOP/s as a fraction of the measured matmul peak. FLOPs: `train_flops_per_token` (6N + attention).
 - moe: 8 experts, top-2, expert d_ff = d_ff / 2 (active parameters equal to the dense model's),
@@ -80,7 +81,7 @@ def measure_peaks(shapes: dict) -> dict:
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
     matmul = jax.jit(lambda x, y: x @ y)
     matmul_seconds = timed(lambda: matmul(a, b), 10)
-    x = jnp.zeros(shapes["copy_bytes"] // 2, jnp.bfloat16)
+    x = jnp.zeros((shapes["copy_bytes"] // 2 // 1024, 1024), jnp.bfloat16)  # 2-D: no 2**31-element axis
     copy = jax.jit(lambda v: v + 1)
     copy_seconds = timed(lambda: copy(x), 10)
     return {"matmul_bf16_flops": 2 * n**3 / matmul_seconds, "matmul_size": n,
@@ -114,7 +115,7 @@ def _step_function(model, mesh):
     from lmjax.train.state import abstract_train_state
     from lmjax.train.step import make_train_step
 
-    optim = OptimConfig(warmup_steps=10)
+    optim = OptimConfig(warmup_steps=10, master_weights=model.param_dtype == "bfloat16")
     make = lambda params: make_optimizer(optim, 1000, params)  # noqa: E731
     graphdef, abstract, optimizer = abstract_train_state(model, make, mesh)
     step = make_train_step(graphdef, optimizer, learning_rate_schedule(optim, 1000), 1, False, model.moe)
@@ -243,11 +244,11 @@ def plan_rows(shapes: dict, dense, moe_layers: int) -> list[tuple[str, str, call
         return lambda c: {"layers": layers, "compile_s": compile_training(model, shapes["batch"], shapes["seq"],
                                                                           c["mesh"])}
 
-    def dense_row(attention, reference=False):
-        model = dataclasses.replace(dense, attention=attention)
+    def dense_row(attention, reference=False, **change):
+        model = dataclasses.replace(dense, attention=attention, **change)
 
         def run(c):
-            row = {"attention": attention, "kernel": attention_kernel(model),
+            row = {"attention": attention, "kernel": attention_kernel(model), "param_dtype": model.param_dtype,
                    **time_training(model, shapes, c["mesh"], c["peaks"])}
             if reference:
                 c["dense_step_ms"] = row["step_ms"]
@@ -277,6 +278,7 @@ def plan_rows(shapes: dict, dense, moe_layers: int) -> list[tuple[str, str, call
         rows.append(("moe", f"dense reference, {moe_layers} layers", moe_reference))
     rows += [("moe", f"{dispatch} {kernel}", moe_row(dispatch, kernel)) for dispatch, kernel in MOE_DISPATCH]
     rows += [("dense", f"attention={a}", dense_row(a)) for a in ATTENTION if a != "auto"]
+    rows.append(("dense", "attention=auto, bf16 params + fp32 master", dense_row("auto", param_dtype="bfloat16")))
     return rows
 
 
@@ -291,7 +293,8 @@ def _cell(value) -> str:
 TABLE_COLUMNS = {
     "peak": ("matmul_bf16_flops", "copy_bytes_per_s"),
     "compile": ("layers", "compile_s"),
-    "dense": ("kernel", "layers", "step_ms", "tokens_per_s", "mfu", "fraction_of_matmul_peak", "compile_s", "loss"),
+    "dense": ("kernel", "param_dtype", "layers", "step_ms", "tokens_per_s", "mfu", "fraction_of_matmul_peak",
+              "compile_s", "loss"),
     "moe": ("layers", "step_ms", "step_over_dense", "tokens_per_s", "mfu", "fraction_of_matmul_peak", "compile_s",
             "loss"),
     "decode": ("tokens_per_s", "bound_spec_tokens_per_s", "fraction_of_spec_bound", "bound_measured_tokens_per_s",
@@ -314,6 +317,10 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {r['variant']} | {r.get('error') or r['skipped']} |" + " |" * (len(columns) - 1))
             else:
                 lines.append(f"| {r['variant']} | " + " | ".join(_cell(r.get(c)) for c in columns) + " |")
+        if section == "moe" and report["moe_layers"] != report["dense_config"]["n_layers"]:
+            memory_gb = report["device_memory_bytes"] / 1e9
+            lines += ["", f"MoE rows and their dense reference use {report['moe_layers']} layers: the "
+                      f"{report['dense_config']['n_layers']}-layer MoE does not fit {memory_gb:.0f} GB."]
         lines.append("")
     lines.append("The decode bound counts the whole KV-cache buffer read at every step (lmjax reads all of it).")
     return "\n".join(lines) + "\n"

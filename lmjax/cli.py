@@ -5,7 +5,7 @@
     lmjax generate RUN_DIR --prompt TEXT [--temperature T --top-k K --top-p P --max-new-tokens N]
         (an encoder_decoder run fills in each <extra_id_N> of the prompt)
     lmjax plan [EXPERIMENT] [--set ...] [--budget-flops C | --budget-pfdays X] [--law LAW.json] [--json]
-    lmjax sweep SWEEP [--set section.field=value ...] [--dir DIR] [--slurm | --commands]
+    lmjax sweep SWEEP [--set section.field=value ...] [--dir DIR] [--slurm | --commands | --collect]
     lmjax fit RESULTS.csv [--n-column N --d-column D --c-column C --loss-column L] [--plots DIR] [--json]
     lmjax experiments
     lmjax tokenizer train --data SOURCE --vocab-size N --out FILE [--kind bpe|unigram|sentencepiece-bpe|...]
@@ -14,6 +14,7 @@
     lmjax convert from-hf HF_DIR --out RUN_DIR [--dtype float32|bfloat16] [--mesh fsdp=8 ...]
     lmjax convert to-hf RUN_DIR --out HF_DIR [--step N]
     lmjax lora merge RUN_DIR --out MERGED_RUN
+    lmjax lora export-peft RUN_DIR --out PEFT_DIR
 """
 
 from __future__ import annotations
@@ -101,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     emit = sweep.add_mutually_exclusive_group()
     emit.add_argument("--slurm", action="store_true", help="print a SLURM job-array script instead of running")
     emit.add_argument("--commands", action="store_true", help="print one launch command per run instead of running")
-    sweep.add_argument("--only-index", type=int, metavar="I", help="run only run number I (a SLURM array task)")
+    sweep.add_argument("--only-index", type=int, metavar="I", help="run only run number I (one SLURM job); "
+                       "results.csv is left to --collect")
+    emit.add_argument("--collect", action="store_true", help="only write results.csv from the finished runs")
 
     fit = commands.add_parser("fit", help="fit scaling laws (Approaches 2 and 3) to a sweep's results.csv")
     fit.add_argument("results", metavar="RESULTS.csv")
@@ -117,10 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(commands)
     add_convert_commands(commands)
     lora = commands.add_parser("lora", help="LoRA runs (train with --init-from RUN_DIR --set lora.rank=R)")
-    merge = lora.add_subparsers(dest="action", required=True).add_parser(
+    actions = lora.add_subparsers(dest="action", required=True)
+    merge = actions.add_parser(
         "merge", help="fold a LoRA run's adapters into its base: an ordinary run directory")
     merge.add_argument("run_dir")
     merge.add_argument("--out", required=True, metavar="MERGED_RUN")
+    export = actions.add_parser("export-peft", help="a LoRA run's adapters as a PEFT directory (adapter_config.json, "
+                                "adapter_model.safetensors) for the base that `convert to-hf` exports")
+    export.add_argument("run_dir")
+    export.add_argument("--out", required=True, metavar="PEFT_DIR")
     return parser
 
 
@@ -155,9 +163,10 @@ def cmd_convert(args) -> None:
 
 
 def cmd_lora(args) -> None:
+    from lmjax.interop.peft import export_peft
     from lmjax.lora import merge_run
 
-    merge_run(Path(args.run_dir), Path(args.out))
+    (merge_run if args.action == "merge" else export_peft)(Path(args.run_dir), Path(args.out))
     print(f"wrote {args.out}")
 
 
@@ -316,7 +325,7 @@ def cmd_plan(args) -> None:
 def cmd_sweep(args) -> None:
     import shlex
 
-    from lmjax.scaling.sweep import collect_results, load_sweep, only_run, run_config, run_sweep, slurm_script
+    from lmjax.scaling.sweep import collect_results, load_sweep, run_config, run_sweep, slurm_script
 
     sweep = load_sweep(args.sweep)
     sweep = dataclasses.replace(sweep, overrides=(*sweep.overrides, *args.overrides))
@@ -334,9 +343,12 @@ def cmd_sweep(args) -> None:
             print(f"lmjax sweep {shlex.quote(args.sweep)}{set_args} --dir {shlex.quote(str(sweep_dir))} "
                   f"--only-index {i}")
         return
-    part = sweep if args.only_index is None else only_run(sweep, args.only_index)
-    run_sweep(part, sweep_dir)
-    print(f"results: {collect_results(sweep, sweep_dir)}")
+    if args.collect:
+        print(f"results: {collect_results(sweep, sweep_dir)}")
+    elif args.only_index is None:
+        print(f"results: {run_sweep(sweep, sweep_dir)}")
+    else:  # one run of many (a SLURM job): results.csv is left to the collecting job
+        print(f"run: {run_sweep(sweep, sweep_dir, only=args.only_index)}")
 
 
 def cmd_fit(args) -> None:

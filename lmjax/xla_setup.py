@@ -124,10 +124,10 @@ def apply_gpu_preset(environ=os.environ, cache_file: Path | None = None) -> list
 
 
 def enable_compilation_cache(directory: str | None) -> None:
-    """Turn on JAX's persistent compilation cache in `directory` (None: leave it off)."""
+    """Turn on JAX's persistent compilation cache in `directory` (None: leave it off). JAX
+    stores programs that took over `jax_persistent_cache_min_compile_time_secs` (1 s) to compile."""
     if directory is None:
         return
     import jax
 
     jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

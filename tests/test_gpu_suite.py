@@ -4,6 +4,7 @@
 import json
 import math
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ def test_gpu_suite_smoke_writes_every_row_without_grain_or_wandb(tmp_path):
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
     rows = {(r["section"], r["variant"]): r for r in report["rows"]}
     assert [s for s, _ in rows] == ["peak"] + ["compile"] * 2 + ["dense"] + ["decode"] * 2 + ["moe"] * 3 + [
-        "dense"] * 2
+        "dense"] * 3
     assert not [r for r in report["rows"] if "error" in r or "skipped" in r]
     for (section, _), row in rows.items():
         if section in ("dense", "moe"):  # random tokens: the loss of an untrained model is about ln(V)
@@ -33,5 +34,18 @@ def test_gpu_suite_smoke_writes_every_row_without_grain_or_wandb(tmp_path):
         if section == "decode":
             assert 0 < row["fraction_of_measured_bound"] and row["kv_cache_read"].startswith("whole buffer")
     assert rows[("dense", "attention=dot_product")]["kernel"] == "xla"
+    assert rows[("dense", "attention=auto, bf16 params + fp32 master")]["param_dtype"] == "bfloat16"
     table = (tmp_path / "gpu_suite.md").read_text()
     assert all(f"## {s}" in table for s in ("peak", "compile", "dense", "moe", "decode"))
+
+
+def test_markdown_says_when_the_moe_rows_use_fewer_layers_and_which_rows_were_skipped():
+    suite = runpy.run_path(str(REPO / "bench" / "gpu_suite.py"))
+    report = {"device": "NVIDIA H100 80GB HBM3", "jax": "0.11.2", "date": "2026-12-01", "xla_flags": "",
+              "device_memory_bytes": 80e9, "dense_config": {"n_layers": 24}, "moe_layers": 12, "rows": [
+                  {"section": "moe", "variant": "dropless ragged_dot", "layers": 12, "step_over_dense": 1.2},
+                  {"section": "dense", "variant": "attention=einsum", "skipped": "skipped: 340 s > budget 330 s"}]}
+    table = suite["markdown"](report)
+    assert "| dropless ragged_dot | 12 | — | 1.2 |" in table
+    assert "use 12 layers: the 24-layer MoE does not fit 80 GB" in table
+    assert "| attention=einsum | skipped: 340 s > budget 330 s |" in table

@@ -16,8 +16,8 @@ from flax import nnx
 import lmjax
 from lmjax.cli import main
 from lmjax.config import ConfigError, LoRAConfig, ModelConfig, MoEConfig
+from lmjax.families import family_of
 from lmjax.lora import fold, init_adapters, matrix_split, path_name, targeted
-from lmjax.models import build_model
 from lmjax.train.loop import train
 from lmjax.train.run_eval import restore_weights
 
@@ -33,7 +33,8 @@ LORA = LoRAConfig(rank=3, alpha=6.0)
 
 @functools.cache
 def family_params(family: str) -> nnx.State:
-    return jax.jit(lambda: nnx.state(build_model(FAMILIES[family], nnx.Rngs(0))))()  # one compile, not per op
+    cfg = FAMILIES[family]
+    return jax.jit(lambda: nnx.state(family_of(cfg).build(cfg, nnx.Rngs(0))))()  # one compile, not per op
 
 
 def random_adapters(lora, params, seed=1):
@@ -203,3 +204,37 @@ def test_plan_counts_the_adapters_memory_by_hand(tmp_path):
     assert b["memory_gradients_bytes"] == 2 * 2 * targeted_per_layer * 4 + 2 * 2 * per_layer * 4
     assert b["memory_weights_bytes"] == a["memory_weights_bytes"]
     assert b["memory_train_bytes"] < a["memory_train_bytes"]
+
+
+def test_peft_export_on_the_exported_base_gives_the_lmjax_logits(tmp_path):
+    """A tiny random Llama from transformers, imported; a LoRA run on it; its base exported with
+    to-hf and its adapters with export-peft; peft's model within 1e-4 of lmjax's."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from lmjax.config import Config
+    from lmjax.interop.convert import from_hf
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=384, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=False))
+    hf.save_pretrained(tmp_path / "hf")
+    from_hf(tmp_path / "hf", tmp_path / "base")
+    imported = Config.load(tmp_path / "base" / "config.json")
+    tiny = tiny_config(tmp_path / "lora", steps=2, eval_every=100, eval_batches=1, sample_tokens=0, batch_size=4)
+    cfg = dataclasses.replace(tiny, model=imported.model, lora=LoRAConfig(rank=4, alpha=32.0),
+                              optim=dataclasses.replace(tiny.optim, lr=0.05, warmup_steps=0))
+    train(cfg, tmp_path / "lora", init_from=tmp_path / "base")
+    assert main(["convert", "to-hf", str(tmp_path / "base"), "--out", str(tmp_path / "hf_base")]) == 0
+    assert main(["lora", "export-peft", str(tmp_path / "lora"), "--out", str(tmp_path / "peft")]) == 0
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_base")
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    ids = np.random.default_rng(0).integers(0, 384, (2, 16))
+    with torch.no_grad():
+        theirs = adapted(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(lmjax.load(tmp_path / "lora")[0](jnp.asarray(ids)))
+    before = np.asarray(lmjax.load(tmp_path / "base")[0](jnp.asarray(ids)))
+    assert np.abs(ours - before).max() > 1e-2  # the adapters matter, so dropping them would fail below
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)

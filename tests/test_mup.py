@@ -76,10 +76,13 @@ def test_init_scales_hidden_matrices_only():
         np.testing.assert_allclose(mup[name], expected, rtol=1e-6, err_msg=name)
 
 
-def test_output_and_router_logits_are_multiplied_by_base_over_width():
+@pytest.mark.parametrize("family", ["decoder", "encoder", "encoder_decoder"])
+def test_output_and_router_logits_are_multiplied_by_base_over_width(family):
     """A µP model at twice the base width computes the standard model's function with the
     logits and router logits halved: checked by halving the standard model's head and router."""
-    cfg = model_config(64)
+    cfg = model_config(64, family=family, position="relative" if family == "encoder_decoder" else "learned")
+    if family != "decoder":  # the router is the decoder's to check; dense keeps these two cheap
+        cfg = dataclasses.replace(cfg, moe=MoEConfig())
     mup_cfg = dataclasses.replace(cfg, parametrization="mup", mup_base_width=32)
     standard, mup = family_of(cfg).build(cfg, nnx.Rngs(0)), family_of(mup_cfg).build(mup_cfg, nnx.Rngs(1))
     params = nnx.to_pure_dict(nnx.state(standard, nnx.Param))
@@ -87,7 +90,8 @@ def test_output_and_router_logits_are_multiplied_by_base_over_width():
     nnx.update(standard, jax.tree_util.tree_map_with_path(
         lambda path, v: v * 0.5 if dotted(path).endswith(("unembed", "router")) else v, params))
     tokens = text_batch(2, 16)["inputs"]
-    np.testing.assert_allclose(mup(tokens), standard(tokens), rtol=1e-5, atol=1e-6)
+    inputs = (tokens, tokens[:, ::-1]) if family == "encoder_decoder" else (tokens,)
+    np.testing.assert_allclose(mup(*inputs), standard(*inputs), rtol=1e-5, atol=1e-6)
 
 
 def test_attention_scale():
@@ -174,7 +178,7 @@ def test_sweep_applies_one_tuned_learning_rate_under_mup_to_every_width(capsys, 
     assert sorted({c.model.width_multiplier for c in configs}) == [0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
 
 
-def test_plan_shows_the_parametrization_and_export_refuses_mup_off_its_base_width(capsys, tmp_path):
+def test_plan_shows_the_parametrization_and_export_refuses_a_tied_mup_head_off_its_base_width(capsys, tmp_path):
     assert main(["plan", *MUP, "--json"]) == 0
     planned = json.loads(capsys.readouterr().out)
     assert planned["parametrization"] == "mup" and planned["mup_width_multiplier"] == 256 / 16
@@ -184,8 +188,27 @@ def test_plan_shows_the_parametrization_and_export_refuses_mup_off_its_base_widt
     (run / "config.json").write_text(json.dumps(cfg.to_dict()))
     assert main(["convert", "to-hf", str(run), "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "only a µP run at its base width exports" in err
+    assert err.count("\n") == 1 and "which a tied transformers head cannot hold" in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_export_folds_the_multipliers_into_the_weights():
+    """The standard model of the same shape, its head, router and queries multiplied by
+    `mup_folding_factors`, computes the µP model's logits (here with a growing head width, so
+    the 1/d_head attention scale is folded too)."""
+    from lmjax.interop.convert import mup_folding_factors
+
+    mup_cfg = model_config(64, "mup", base=32, d_head=None, n_heads=4, position="rope", norm="rmsnorm")
+    assert mup_cfg.attention_logit_scale != 16**-0.5
+    factors = mup_folding_factors(mup_cfg)
+    standard_cfg = dataclasses.replace(mup_cfg, parametrization="standard")
+    mup = family_of(mup_cfg).build(mup_cfg, nnx.Rngs(0))
+    standard = family_of(standard_cfg).build(standard_cfg, nnx.Rngs(1))
+    nnx.update(standard, jax.tree_util.tree_map_with_path(lambda path, w: w * factors.get(path[-1].key, 1.0),
+                                                          nnx.to_pure_dict(nnx.state(mup, nnx.Param))))
+    tokens = text_batch(2, 16)["inputs"]
+    np.testing.assert_allclose(standard(tokens), mup(tokens), rtol=1e-5, atol=1e-6)
+    assert mup_folding_factors(dataclasses.replace(mup_cfg, d_model=32)) == {"unembed": 1, "router": 1, "wq": 1}
 
 
 def test_sharded_mup_run_equals_one_device_and_resumes_as_mup(tmp_path):

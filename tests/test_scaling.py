@@ -292,7 +292,7 @@ def test_sweep_emits_cluster_commands(tmp_path, capsys):
         (tmp_path / name).write_text(textwrap.dedent(text))
     assert main(["sweep", str(tmp_path / "grid.py"), "--dir", "out", "--slurm"]) == 0
     script = capsys.readouterr().out
-    assert "#SBATCH --array=0-1" in script and "--only-index $SLURM_ARRAY_TASK_ID" in script
+    assert "--array=0,1" in script and "--only-index $SLURM_ARRAY_TASK_ID" in script and "--collect" in script
     assert main(["sweep", str(tmp_path / "grid.py"), "--dir", "out", "--commands"]) == 0
     assert capsys.readouterr().out.splitlines()[1].endswith("--dir out --only-index 1")
     assert main(["sweep", str(tmp_path / "grid.py"), "--only-index", "2"]) == 2

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from lmjax.checkpoint import Checkpointer
-from lmjax.train.loggers import read_metrics
+from lmjax.records import read_metrics
 from lmjax.train.run_eval import restore_params
 
 LAUNCHER = Path(__file__).resolve().parent.parent / "launch" / "slurm_gpu.sbatch"
@@ -174,3 +174,63 @@ def test_slurm_job_trains_stops_on_scancel_and_resubmission_ends_bit_for_bit_equ
     resumed, reference = restore_params(run), restore_params(tmp_path / "uninterrupted")
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+SWEEP = '''
+from lmjax.config import Config, DataConfig, LogConfig, ModelConfig, OptimConfig, TrainConfig
+from lmjax.scaling.sweep import Sweep, grid_sweep, wsd_branches
+
+
+def config():
+    return Config(model=ModelConfig(d_model=32, n_layers=1, n_heads=4, d_ff=64, max_seq_len=32),
+                  optim=OptimConfig(lr=3e-3, warmup_steps=1),
+                  data=DataConfig(source="stdlib", seq_len=32, max_bytes=100_000, val_fraction=0.05),
+                  train=TrainConfig(batch_size=4, steps=2, eval_every=100, eval_batches=1, log_every=1,
+                                    sample_tokens=0),
+                  log=LogConfig(wandb="off", progress_bar=False))
+
+
+def sweep():
+    grid = grid_sweep(__file__, {"model.d_model": [16, 24, 32], "train.steps": [2, 3]})
+    branches = wsd_branches(__file__, [{"model.d_model": 16}], tokens=[4 * 32 * 4, 4 * 32 * 8])
+    return Sweep(__file__, grid.runs + (branches.runs if WSD else ()))
+
+
+WSD = WSD_PLACEHOLDER
+'''
+
+
+def test_wsd_branches_are_submitted_as_dependent_jobs(tmp_path):
+    """The submission script with a stand-in `sbatch` that records its arguments: the grid is
+    one array, each trunk's branches a chain (shortest first), the collection after all."""
+    (tmp_path / "sweep.py").write_text(SWEEP.replace("WSD_PLACEHOLDER", "True"))
+    script = subprocess.run([sys.executable, "-m", "lmjax.cli", "sweep", str(tmp_path / "sweep.py"), "--dir",
+                             str(tmp_path / "out"), "--slurm"], capture_output=True, text=True, check=True).stdout
+    fake = tmp_path / "bin" / "sbatch"
+    fake.parent.mkdir()
+    fake.write_text('#!/usr/bin/env bash\nn=$(( $(wc -l < "$LOG" 2>/dev/null || echo 0) + 100 ))\n'
+                    'echo "$n $*" >> "$LOG"\necho "$n"\n')
+    fake.chmod(0o755)
+    log = tmp_path / "sbatch.log"
+    subprocess.run(["bash", "-c", script], check=True, capture_output=True,
+                   env={**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "LOG": str(log)})
+    jobs = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    assert "--array=0,1,2,3,4,5" in jobs[0][1]
+    assert "--only-index 6" in jobs[1][1] and "--dependency" not in jobs[1][1]  # the shorter branch first
+    assert "--dependency=afterok:101" in jobs[2][1] and "--only-index 7" in jobs[2][1]
+    assert "--dependency=afterok:100:102" in jobs[3][1] and "--collect" in jobs[3][1]
+
+
+def test_slurm_sweep_job_array_through_to_fit(slurm, tmp_path):
+    (tmp_path / "sweep.py").write_text(SWEEP.replace("WSD_PLACEHOLDER", "False"))
+    env = {**slurm, "JAX_PLATFORMS": "cpu"}
+    script = subprocess.run(["lmjax", "sweep", str(tmp_path / "sweep.py"), "--dir", str(tmp_path / "out"),
+                             "--slurm"], env=env, capture_output=True, text=True, check=True).stdout
+    submitted = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    collect = int(re.search(r"job (\d+) writes", submitted).group(1))
+    wait_for(slurm, collect)
+    results = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    assert len(results) == 7, results + [p.read_text() for p in (tmp_path / "out").glob("slurm-*.out")]
+    fit = subprocess.run(["lmjax", "fit", str(tmp_path / "out" / "results.csv"), "--bootstrap", "0"], env=env,
+                         capture_output=True, text=True)
+    assert fit.returncode == 0, fit.stdout + fit.stderr

@@ -170,6 +170,25 @@ def _hf_architecture(cfg: ModelConfig):
     return family_of(cfg).hf_architecture
 
 
+def mup_folding_factors(cfg: ModelConfig) -> dict[str, float]:
+    """{weight name: factor}: multiplied by these, the weights of a µP model `cfg` make the
+    standard-parametrization model of the same shape compute the same function, which is what
+    transformers' models are. The untied head and the router take the output multiplier 1/m;
+    the attention queries take µP's attention scale over the standard one (1.0 unless the
+    head width grows). Empty for a standard model. A tied head cannot take 1/m without the
+    embedding taking it too: ConfigError off the base width."""
+    if cfg.parametrization != "mup":
+        return {}
+    if cfg.tie_embeddings and cfg.output_multiplier != 1.0:
+        raise ConfigError(f"a µP model with tied embeddings at d_model={cfg.d_model} (model.mup_base_width="
+                          f"{cfg.mup_base_width}) multiplies its logits by {cfg.output_multiplier:g}, which a tied "
+                          "transformers head cannot hold; export at the base width, or train with "
+                          "model.tie_embeddings=false.")
+    standard = dataclasses.replace(cfg, parametrization="standard")
+    return {"unembed": cfg.output_multiplier, "router": cfg.output_multiplier,
+            "wq": cfg.attention_logit_scale / standard.attention_logit_scale}
+
+
 def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
     """Write checkpoint `step` (default: newest) of `run_dir` as a transformers directory
     `hf_dir`; returns the notes on settings transformers does not carry."""
@@ -182,17 +201,17 @@ def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes:
         else None
     if cfg is None:
         raise ConfigError(f"{run_dir} is not a run directory (no config.json).")
-    if cfg.model.width_multiplier != 1.0:
-        raise ConfigError(f"{run_dir} is a µP run at d_model={cfg.model.d_model} (model.mup_base_width="
-                          f"{cfg.model.mup_base_width}), whose logit and attention multipliers transformers' models "
-                          "do not have; only a µP run at its base width exports.")
-    architecture = _hf_architecture(cfg.model)
-    hf_config = architecture.hf_config(cfg.model, notes)
-    rules = architecture.tensor_rules(cfg.model)
+    factors = mup_folding_factors(cfg.model)
+    standard = dataclasses.replace(cfg.model, parametrization="standard")
+    architecture = _hf_architecture(standard)
+    hf_config = architecture.hf_config(standard, notes)
+    rules = architecture.tensor_rules(standard)
     cfg, _, params, step, _ = restore_weights(run_dir, step)
     tensors = {}
     for path, array in _flat(nnx.to_pure_dict(params)).items():
         array = np.asarray(jax.device_get(array))
+        if path[-1] in factors:
+            array = array * factors[path[-1]]
         layers = _layer_count(path, cfg.model)
         for i in [None] if layers is None else range(layers):
             tensors.update(rules[path].write(array) if i is None else rules[path].write(array[i], i=i))

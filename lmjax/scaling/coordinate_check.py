@@ -114,6 +114,7 @@ def plot_coordinate_check(results: dict[str, np.ndarray], path, widths=WIDTHS) -
                         markersize=3, label=label)
         ax.set(xscale="log", yscale="log", xlabel="width (d_model)", title=f"{name}: blocks (dashed), logits (solid)")
         ax.set_xticks(widths, [str(w) for w in widths])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     axes[0][0].set_ylabel("RMS of the output")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()

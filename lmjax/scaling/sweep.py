@@ -16,7 +16,7 @@ its own decay. This equals training each branch from scratch, at a fraction of t
 from __future__ import annotations
 
 import csv
-import dataclasses
+import io
 import itertools
 import json
 import shutil
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lmjax.config import Config, ConfigError, override
 from lmjax.experiment import load_experiment, load_experiment_module
-from lmjax.files import write_json_atomically
+from lmjax.files import write_atomically, write_json_atomically
 from lmjax.records import read_metrics
 from lmjax.scaling.counting import param_counts, run_flops_per_token, tokens_per_step
 from lmjax.scaling.plan import total_steps
@@ -109,17 +109,20 @@ def _is_finished(run_dir: Path) -> bool:
     return (run_dir / "result.json").is_file()
 
 
-def run_sweep(sweep: Sweep, sweep_dir: Path, log=print) -> Path:
-    """Run every unfinished run in order (WSD branches via their trunk); returns results.csv.
-    All configs are built (and validated) before the first run starts."""
+def run_sweep(sweep: Sweep, sweep_dir: Path, log=print, only: int | None = None) -> Path:
+    """Run every unfinished run in order (WSD branches via their trunk) and return results.csv,
+    or run only run number `only` (one SLURM job) and return its directory, leaving
+    results.csv alone. All configs are built (and validated) before the first run starts."""
     from lmjax.train.loop import train
 
+    if only is not None and not 0 <= only < len(sweep.runs):
+        raise ConfigError(f"--only-index {only} is out of range: the sweep has {len(sweep.runs)} runs.")
     sweep_dir = Path(sweep_dir)
     configs = {run.name: run_config(sweep, run, sweep_dir) for run in sweep.runs}
     for cfg in configs.values():
         total_steps(cfg)  # a budget too small for one step fails here, before any training
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    for run in sweep.runs:
+    for run in sweep.runs if only is None else sweep.runs[only:only + 1]:
         run_dir, cfg = sweep_dir / run.name, configs[run.name]
         if _is_finished(run_dir):
             log(f"sweep: {run.name} finished already, skipped")
@@ -132,12 +135,14 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, log=print) -> Path:
             log(f"sweep: {run.name} stopped at step {summary['step']}; run the sweep again to continue")
             break
         _write_result(cfg, run_dir, summary)
-    return collect_results(sweep, sweep_dir)
+    return collect_results(sweep, sweep_dir) if only is None else sweep_dir / sweep.runs[only].name
 
 
 def _grow_trunk(sweep, run, cfg, sweep_dir, configs, train, log) -> None:
     """Train `run.trunk` (a WSD run as long as the longest branch) up to where `run` starts
-    decaying, then copy its checkpoint into `run`'s directory."""
+    decaying, then copy that step's checkpoint into `run`'s directory. The trunk keeps the
+    checkpoint of every branch point (and saves no others), so a branch can start from it
+    whichever branch grew the trunk further first."""
     branches = [r for r in sweep.runs if r.trunk == run.trunk]
     longest = max((configs[r.name] for r in branches), key=total_steps)
     trunk_dir = sweep_dir / run.trunk
@@ -146,17 +151,20 @@ def _grow_trunk(sweep, run, cfg, sweep_dir, configs, train, log) -> None:
     if branch_step == 0:
         return
     trunk_cfg = override(longest, [f"train.run_dir={trunk_dir}", f"train.halt_at_step={branch_step}",
-                                   f"name={run.trunk}", "train.sample_tokens=0"])
-    log(f"sweep: growing trunk {run.trunk} to step {branch_step} for {run.name}")
-    train(trunk_cfg, trunk_dir)
-    (sweep_dir / run.name).mkdir(parents=True, exist_ok=True)
-    for item in ("checkpoints", "metrics.jsonl", "config.json"):
-        source = trunk_dir / item
-        target = sweep_dir / run.name / item
-        if source.is_dir():
-            shutil.copytree(source, target, dirs_exist_ok=True)
-        elif source.is_file():
-            shutil.copy2(source, target)
+                                   f"name={run.trunk}", "train.sample_tokens=0",
+                                   f"train.keep_checkpoints={len(branches) + 1}",
+                                   f"train.checkpoint_every={total_steps(longest)}"])
+    saved = trunk_dir / "checkpoints" / str(branch_step)
+    if not saved.is_dir():
+        log(f"sweep: growing trunk {run.trunk} to step {branch_step} for {run.name}")
+        train(trunk_cfg, trunk_dir)
+    if not saved.is_dir():
+        raise ConfigError(f"trunk {trunk_dir} has no checkpoint at step {branch_step}, where {run.name} branches "
+                          "off (it was grown past it with other settings); delete the trunk and run the sweep again.")
+    shutil.copytree(saved, sweep_dir / run.name / "checkpoints" / str(branch_step))
+    for item in ("metrics.jsonl", "config.json"):  # records after the branch point are dropped on resume
+        if (trunk_dir / item).is_file():
+            shutil.copy2(trunk_dir / item, sweep_dir / run.name / item)
 
 
 def _write_result(cfg: Config, run_dir: Path, summary: dict) -> None:
@@ -178,37 +186,57 @@ def _write_result(cfg: Config, run_dir: Path, summary: dict) -> None:
 
 
 def collect_results(sweep: Sweep, sweep_dir: Path) -> Path:
-    """Write SWEEP_DIR/results.csv from the finished runs' result.json files."""
+    """Write SWEEP_DIR/results.csv (atomically) from the finished runs' result.json files."""
     path = Path(sweep_dir) / "results.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, RESULT_COLUMNS)
-        writer.writeheader()
-        for run in sweep.runs:
-            result_file = Path(sweep_dir) / run.name / "result.json"
-            if result_file.is_file():
-                writer.writerow(json.loads(result_file.read_text()))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, RESULT_COLUMNS)
+    writer.writeheader()
+    for run in sweep.runs:
+        result_file = Path(sweep_dir) / run.name / "result.json"
+        if result_file.is_file():
+            writer.writerow(json.loads(result_file.read_text()))
+    write_atomically(path, lambda f: f.write(table.getvalue().encode()))
     return path
 
 
-SLURM_TEMPLATE = """#!/bin/bash
-#SBATCH --job-name=lmjax-{sweep}
-#SBATCH --array=0-{last}
-#SBATCH --output={sweep_dir}/slurm-%A_%a.out
-# One array task per sweep run; resubmitting skips finished runs and resumes the others.
-lmjax sweep {sweep}{set_args} --dir {sweep_dir} --only-index $SLURM_ARRAY_TASK_ID
+SLURM_SUBMISSION = """#!/usr/bin/env bash
+# Submits sweep {sweep} to SLURM: run this with bash (not sbatch) where `sbatch` works.
+# One job per run (a job array; the WSD branches of one trunk as a chain of dependent jobs,
+# shortest first, since each grows the trunk that the next continues), then one job that
+# writes {sweep_dir}/results.csv once every run has finished. Resources come from sbatch's
+# environment (SBATCH_PARTITION, SBATCH_TIMELIMIT, ...). Submitting again skips finished runs
+# and resumes the others.
+set -euo pipefail
+mkdir -p {sweep_dir_q}
+submit() {{ sbatch --parsable --job-name={job_name} "$@" | cut -d';' -f1; }}
+after=""
 """
 
 
 def slurm_script(sweep_name: str, sweep: Sweep, sweep_dir: Path, set_args: str = "") -> str:
-    """A SLURM job-array script running each run of the sweep as one array task; `set_args`
-    (" --set KEY=VALUE ...") is passed to every task's `lmjax sweep`."""
-    if any(run.trunk for run in sweep.runs):
-        raise ConfigError("WSD-branch sweeps run their branches in order from one trunk; run them without --slurm.")
-    return SLURM_TEMPLATE.format(sweep=sweep_name, set_args=set_args, last=len(sweep.runs) - 1, sweep_dir=sweep_dir)
+    """A bash script that submits the sweep as SLURM jobs (see SLURM_SUBMISSION); `set_args`
+    (" --set KEY=VALUE ...") is passed to every job's `lmjax sweep`."""
+    import shlex
 
-
-def only_run(sweep: Sweep, index: int) -> Sweep:
-    """The sweep reduced to its run number `index` (0-based), for one SLURM array task."""
-    if not 0 <= index < len(sweep.runs):
-        raise ConfigError(f"--only-index {index} is out of range: the sweep has {len(sweep.runs)} runs.")
-    return dataclasses.replace(sweep, runs=(sweep.runs[index],))
+    command = f"lmjax sweep {shlex.quote(sweep_name)}{set_args} --dir {shlex.quote(str(sweep_dir))}"
+    output = shlex.quote(str(Path(sweep_dir) / "slurm-%j.out"))
+    lines = [SLURM_SUBMISSION.format(sweep=sweep_name, sweep_dir=sweep_dir, sweep_dir_q=shlex.quote(str(sweep_dir)),
+                                     job_name=shlex.quote(f"lmjax-{Path(sweep_name).stem}"))]
+    alone = [i for i, run in enumerate(sweep.runs) if run.trunk is None]
+    if alone:
+        array_output = shlex.quote(str(Path(sweep_dir) / "slurm-%A_%a.out"))
+        lines.append(f"jobs=$(submit --array={','.join(map(str, alone))} --output={array_output} "
+                     f"--wrap {shlex.quote(command + ' --only-index $SLURM_ARRAY_TASK_ID')})")
+        lines.append('after="$after:$jobs"')
+    for trunk in dict.fromkeys(run.trunk for run in sweep.runs if run.trunk):
+        chain = sorted((i for i, run in enumerate(sweep.runs) if run.trunk == trunk),
+                       key=lambda i: total_steps(run_config(sweep, sweep.runs[i], Path(sweep_dir))))
+        lines.append("previous=\"\"")
+        for i in chain:
+            lines.append(f"previous=$(submit ${{previous:+--dependency=afterok:$previous}} --output={output} "
+                         f"--wrap {shlex.quote(f'{command} --only-index {i}')})")
+        lines.append('after="$after:$previous"')
+    lines.append(f"collect=$(submit --dependency=afterok$after --output={output} "
+                 f"--wrap {shlex.quote(command + ' --collect')})")
+    lines.append(f'echo "submitted {len(sweep.runs)} runs; job $collect writes {Path(sweep_dir) / "results.csv"}"')
+    return "\n".join(lines) + "\n"

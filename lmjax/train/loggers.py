@@ -18,6 +18,7 @@ import jax
 from tqdm.auto import tqdm
 
 from lmjax.config import Config
+from lmjax.files import write_atomically
 from lmjax.records import read_records
 
 
@@ -95,9 +96,7 @@ def _drop_records_after(path: Path, step: int) -> None:
     records = read_records(path)
     kept = [r for r in records if r["step"] <= step]
     if len(kept) < len(records) or (path.exists() and not path.read_text().endswith("\n")):
-        temporary = path.with_suffix(".jsonl.tmp")
-        temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(temporary, path)
+        write_atomically(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
 
 
 def progress_bar(total: int, initial: int, enabled: bool):

@@ -38,6 +38,18 @@ def restore_weights_onto(run_dir: Path, mesh, step: int | None = None):
     """(config, graphdef, params, step): the model weights of checkpoint `step` (default:
     newest) of `run_dir`, sharded over `mesh` by their logical axes; the optimizer state is not read.
     A LoRA run's weights are its base run's newest ones with the run's adapters folded in."""
+    cfg, graphdef, trained, step = restore_trained_onto(run_dir, mesh, step)
+    if cfg.lora.enabled:  # a LoRA run saves its adapters alone: fold them into its base run's weights
+        from lmjax.lora import fold
+
+        base = restore_weights_onto(Path(cfg.lora.base), mesh)[2]
+        return cfg, graphdef, fold(base, trained, cfg.lora), step
+    return cfg, graphdef, trained, step
+
+
+def restore_trained_onto(run_dir: Path, mesh, step: int | None = None):
+    """(config, graphdef, trained params, step) of checkpoint `step` (default: newest): the
+    state's params, which for a LoRA run are its adapters alone; the optimizer state is not read."""
     cfg = load_config(run_dir)
     if not (Path(run_dir) / "checkpoints").is_dir():  # opening a Checkpointer would create the folder
         raise ConfigError(f"{run_dir} has no checkpoint yet.")
@@ -51,11 +63,6 @@ def restore_weights_onto(run_dir: Path, mesh, step: int | None = None):
     state = checkpointer.restore_some(abstract._replace(opt_state=jax.tree.map(lambda _: SKIP, abstract.opt_state)),
                                       step)
     checkpointer.close()
-    if cfg.lora.enabled:  # a LoRA run saves its adapters alone: fold them into its base run's weights
-        from lmjax.lora import fold
-
-        base = restore_weights_onto(Path(cfg.lora.base), mesh)[2]
-        return cfg, graphdef, fold(base, state.params, cfg.lora), step
     return cfg, graphdef, state.params, step
 
 
