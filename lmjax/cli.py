@@ -1,6 +1,6 @@
 """The `lmjax` command: train, eval, generate and experiments.
 
-    lmjax train [EXPERIMENT] [--set section.field=value ...] [--resume RUN_DIR | --init-from RUN_DIR]
+    lmjax train [EXPERIMENT] [--set section.field=value ...] [--resume RUN_DIR | --init-from RUN_DIR] [--fresh]
     lmjax eval RUN_DIR [--json] [--max-batches N] [--data SOURCE] [--token-losses FILE.npy]
     lmjax generate RUN_DIR --prompt TEXT [--temperature T --top-k K --top-p P --max-new-tokens N]
         (an encoder_decoder run fills in each <extra_id_N> of the prompt)
@@ -15,6 +15,7 @@
     lmjax convert to-hf RUN_DIR --out HF_DIR [--step N]
     lmjax lora merge RUN_DIR --out MERGED_RUN
     lmjax lora export-peft RUN_DIR --out PEFT_DIR
+    lmjax quantize RUN_DIR --out RUN_Q [--bits 8] [--granularity channel|tensor]
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--new-data-order", action="store_true",
                        help="let a resumed run change train.batch_size or the data (it then sees other batches than "
                             "an uninterrupted run would)")
+    train.add_argument("--fresh", action="store_true", help="start over in a run directory that already holds a "
+                       "run, deleting its checkpoints and records (without it the same command continues the run)")
     train.add_argument("--init-from", metavar="RUN_DIR", help="start from the newest weights of RUN_DIR (e.g. one "
                        "made by `lmjax convert from-hf`), with a fresh optimizer and step 0")
     cluster = train.add_argument_group("multi-process runs (SLURM, TPU VMs and GKE are detected without these)")
@@ -129,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 "adapter_model.safetensors) for the base that `convert to-hf` exports")
     export.add_argument("run_dir")
     export.add_argument("--out", required=True, metavar="PEFT_DIR")
+    quantize = commands.add_parser("quantize", help="post-training int8 weights (qwix): a run directory that load, "
+                                   "eval and generate accept")
+    quantize.add_argument("run_dir")
+    quantize.add_argument("--out", required=True, metavar="RUN_Q")
+    quantize.add_argument("--bits", type=int, default=8, help="8 (int8) only")
+    quantize.add_argument("--granularity", default="channel", choices=("channel", "tensor"),
+                          help="one scale per output unit (channel) or per matrix (tensor)")
     return parser
 
 
@@ -168,6 +178,13 @@ def cmd_lora(args) -> None:
 
     (merge_run if args.action == "merge" else export_peft)(Path(args.run_dir), Path(args.out))
     print(f"wrote {args.out}")
+
+
+def cmd_quantize(args) -> None:
+    from lmjax.quantize import quantize_run
+
+    saved = quantize_run(Path(args.run_dir), Path(args.out), args.bits, args.granularity)
+    print(f"wrote {args.out}: {saved / 2**20:.2f} MiB of weights (int8 matrices, float32 scales and vectors)")
 
 
 def add_data_commands(commands) -> None:
@@ -246,12 +263,17 @@ def resolve_train_config(experiment: str | None, overrides: list[str], resume: s
 def cmd_train(args) -> None:
     from lmjax.parallel import initialize_distributed, process_0_text
     from lmjax.train.loop import train
+    from lmjax.train.run import clear_run
 
     cfg, run_dir = resolve_train_config(args.experiment, args.overrides, args.resume)
     initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout)
     if args.init_from and args.resume:
         raise ConfigError("give --resume or --init-from, not both.")
+    if args.fresh and args.resume:
+        raise ConfigError("give --resume or --fresh, not both.")
     run_dir = Path(process_0_text(str(run_dir)))  # a timestamped name differs between processes
+    if args.fresh:
+        clear_run(run_dir)
     summary = train(cfg, run_dir, Path(args.init_from) if args.init_from else None, args.new_data_order)
     state = "finished" if summary["finished"] else f"stopped at step {summary['step']}; resume with --resume"
     print(f"run {state}: {run_dir}")
@@ -276,6 +298,7 @@ def cmd_eval(args) -> None:
 
 def cmd_generate(args) -> None:
     from lmjax.families import family_of
+    from lmjax.quantize import is_quantized, weight_bytes
     from lmjax.scaling.memory import kv_cache_bytes_per_token
     from lmjax.train.run_eval import load
 
@@ -289,9 +312,12 @@ def cmd_generate(args) -> None:
     cache_tokens = len(prompts) * (max(len(p) for p in prompts) + args.max_new_tokens)
     per_token = kv_cache_bytes_per_token(cfg.model)
     outputs = spec.generate(model, prompts, args.max_new_tokens, tokenizer, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(f"KV cache: {per_token * cache_tokens / 2**20:.2f} MiB ({per_token:,} bytes per token x {cache_tokens} "
           "token slots)", file=sys.stderr)
+    if is_quantized(args.run_dir):
+        print(f"weights: {weight_bytes(args.run_dir) / 2**20:.2f} MiB saved in int8 (dequantized to "
+              f"{cfg.model.param_dtype} for decoding)", file=sys.stderr)
     for text, prompt, ids in zip(args.prompt, prompts, outputs):
         print(spec.show(tokenizer, text, prompt, ids))
 
@@ -377,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "plan": cmd_plan,
                     "sweep": cmd_sweep, "fit": cmd_fit, "experiments": cmd_experiments, "tokenizer": cmd_tokenizer,
-                    "data": cmd_data, "convert": cmd_convert, "lora": cmd_lora}
+                    "data": cmd_data, "convert": cmd_convert, "lora": cmd_lora,
+                    "quantize": cmd_quantize}
         commands[args.command](args)
     except (ConfigError, DataError) as e:
         print(f"lmjax: error: {e}", file=sys.stderr)

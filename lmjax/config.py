@@ -451,6 +451,21 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class QuantConfig:
+    """How a run's weights are stored. `weights` "int8" marks a run written by `lmjax quantize`
+    (post-training, weights only, with qwix): its matrices are int8 with float32 scales, one
+    per output unit (`granularity` "channel") or per matrix ("tensor"). Training with it
+    (quantization-aware training) is not offered; see docs/after_pretraining.md."""
+
+    weights: Literal["none", "int8"] = "none"
+    granularity: Literal["channel", "tensor"] = "channel"
+
+    def __post_init__(self):
+        _check_choice("quant.weights", self.weights, ("none", "int8"))
+        _check_choice("quant.granularity", self.granularity, ("channel", "tensor"))
+
+
+@dataclass(frozen=True)
 class LogConfig:
     wandb: Literal["off", "offline", "online"] = "offline"
     wandb_project: str = "lmjax"
@@ -470,6 +485,7 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     log: LogConfig = field(default_factory=LogConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
     def __post_init__(self):
         # a tokenizer file's vocabulary is checked when it is loaded, still before compiling

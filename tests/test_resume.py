@@ -44,6 +44,10 @@ def test_refused_resume_changes_nothing_and_allowed_changes_are_recorded(capsys,
     code, out, _ = run_cli(capsys, "train", "--resume", str(run), "--set", "train.steps=8", "--set",
                            "train.batch_size=8", "--new-data-order")
     assert code == 0 and "resumed at step 7" in out
+    # starting over in the same directory takes a flag; the run then holds each step once
+    code, out, _ = run_cli(capsys, "train", *TINY, "--set", f"train.run_dir={run}", "--fresh")
+    assert code == 0 and "resumed" not in out and "--fresh: deleted" in out
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
 def test_after_a_crash_and_resume_each_step_appears_once(capsys, tmp_path):

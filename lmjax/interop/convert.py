@@ -193,14 +193,11 @@ def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes:
     """Write checkpoint `step` (default: newest) of `run_dir` as a transformers directory
     `hf_dir`; returns the notes on settings transformers does not carry."""
     from lmjax.data import load_from_run
-    from lmjax.train.run_eval import restore_weights
+    from lmjax.train.run_eval import load_config, restore_weights
 
     run_dir, hf_dir = Path(run_dir), Path(hf_dir)
     notes: list[str] = []
-    cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text())) if (run_dir / "config.json").is_file() \
-        else None
-    if cfg is None:
-        raise ConfigError(f"{run_dir} is not a run directory (no config.json).")
+    cfg = load_config(run_dir)
     factors = mup_folding_factors(cfg.model)
     standard = dataclasses.replace(cfg.model, parametrization="standard")
     architecture = _hf_architecture(standard)

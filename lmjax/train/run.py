@@ -11,12 +11,14 @@ import dataclasses
 import functools
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from lmjax.checkpoint import Checkpointer
@@ -112,12 +114,17 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
     steps = total_steps(cfg)
     mesh = make_mesh(cfg.mesh)
     validate_layout(cfg, mesh)
+    if cfg.quant.weights != "none":
+        raise ConfigError(f"quant.weights={cfg.quant.weights!r} marks a run written by lmjax quantize; training "
+                          "with quantized weights (QAT) is not offered: train in float, then run lmjax quantize.")
     if cfg.lora.enabled:
         cfg = lora_base(cfg, init_from)
         init_from = None
     if init_from is not None or cfg.lora.enabled:
         check_init_from(cfg, Path(init_from or cfg.lora.base))
     train_set, val_set, tokenizer = load_datasets(cfg, run_tokenizer(cfg, run_dir))
+    if init_from is not None:
+        check_init_tokenizer(tokenizer, Path(init_from))
     check_sample_prompt(cfg, tokenizer)
     main_process = jax.process_index() == 0
 
@@ -208,6 +215,24 @@ def lora_base(cfg: Config, init_from: Path | None) -> Config:
         raise ConfigError(f"lora.rank={cfg.lora.rank} adapts a trained model; give --init-from RUN_DIR.")
     targeted(cfg.lora, abstract_model(cfg.model)[1])
     return cfg
+
+
+RUN_RECORDS = ("checkpoints", "metrics.jsonl", "routing.jsonl", "config_history.jsonl", "loss.png", "sample.txt")
+
+
+def clear_run(run_dir: Path) -> None:
+    """Delete what a run left in `run_dir` (its checkpoints and records, RUN_RECORDS) so that
+    training starts over there (`lmjax train --fresh`). Process 0 deletes; every process
+    waits for it."""
+    if jax.process_index() == 0:
+        for path in (Path(run_dir) / name for name in RUN_RECORDS):
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        loggers.console(f"--fresh: deleted the checkpoints and records in {run_dir}")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("lmjax clear_run")
 
 
 def load_datasets(cfg: Config, tokenizer=None) -> tuple[PackedDataset | Mixture, PackedDataset | Concat, object]:
@@ -351,9 +376,26 @@ def run_tokenizer(cfg: Config, run_dir: Path):
     return load_tokenizer(spec)
 
 
-def check_same_tokenizer(tokenizer, run_dir: Path) -> None:
-    """Raise ConfigError if the run being resumed saved a different tokenizer."""
+def _run_tokenizer_if_other(tokenizer, run_dir: Path) -> str | None:
+    """The tokenizer the run in `run_dir` saved ('bytes' or its file) when it is not `tokenizer`."""
     saved = _saved_tokenizers(run_dir)
     if (saved and file_sha256(saved[0]) != tokenizer.sha256) or (not saved and tokenizer.path is not None):
+        return str(saved[0]) if saved else "bytes"
+    return None
+
+
+def check_init_tokenizer(tokenizer, init_from: Path) -> None:
+    """Raise ConfigError unless `tokenizer` is the one the run `init_from` saved (its ids
+    mean the same tokens)."""
+    other = _run_tokenizer_if_other(tokenizer, init_from)
+    if other is not None:
+        raise ConfigError(f"--init-from {init_from}: data.tokenizer={tokenizer.name!r} is not that run's tokenizer; "
+                          f"set data.tokenizer={other}.")
+
+
+def check_same_tokenizer(tokenizer, run_dir: Path) -> None:
+    """Raise ConfigError if the run being resumed saved a different tokenizer."""
+    other = _run_tokenizer_if_other(tokenizer, run_dir)
+    if other is not None:
         raise ConfigError(f"cannot resume: data.tokenizer={tokenizer.name!r} is not the tokenizer the run in "
-                          f"{run_dir} was trained with; use {saved[0] if saved else 'bytes'}.")
+                          f"{run_dir} was trained with; use {other}.")

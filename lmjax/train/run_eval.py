@@ -37,7 +37,12 @@ def restore_weights(run_dir: Path, step: int | None = None, mesh_overrides: list
 def restore_weights_onto(run_dir: Path, mesh, step: int | None = None):
     """(config, graphdef, params, step): the model weights of checkpoint `step` (default:
     newest) of `run_dir`, sharded over `mesh` by their logical axes; the optimizer state is not read.
-    A LoRA run's weights are its base run's newest ones with the run's adapters folded in."""
+    A LoRA run's weights are its base run's newest ones with the run's adapters folded in; a
+    quantized run's (`lmjax quantize`) are dequantized."""
+    from lmjax.quantize import is_quantized, restore_quantized_onto
+
+    if is_quantized(run_dir):
+        return restore_quantized_onto(run_dir, mesh)
     cfg, graphdef, trained, step = restore_trained_onto(run_dir, mesh, step)
     if cfg.lora.enabled:  # a LoRA run saves its adapters alone: fold them into its base run's weights
         from lmjax.lora import fold
