@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import importlib.metadata
 import json
 import statistics
 import sys
@@ -356,6 +357,7 @@ def main(argv=None) -> int:
     memory = (device.memory_stats() or {}).get("bytes_limit", float("inf"))
     moe_layers = dense.n_layers if args.smoke or memory >= 100e9 else dense.n_layers // 2
     report = {"device": device.device_kind, "devices": jax.device_count(), "jax": jax.__version__,
+              "versions": {name: importlib.metadata.version(name) for name in ("jaxlib", "flax", "optax")},
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "smoke": args.smoke,
               "xla_flags": " ".join(xla_flags), "device_memory_bytes": memory, "dense_config": shapes["dense"],
               "moe_layers": moe_layers, "rows": []}
