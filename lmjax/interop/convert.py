@@ -100,6 +100,11 @@ def import_params(hf_dir: Path, cfg: ModelConfig, mesh, notes: list[str]) -> nnx
     shardings = _flat(nnx.to_pure_dict(state_shardings(abstract, mesh)))
     arrays = {}
     for path, leaf in _flat(nnx.to_pure_dict(abstract)).items():
+        try:
+            shardings[path].shard_shape(leaf.shape)
+        except ValueError:
+            raise ConfigError(f"the mesh {dict(mesh.shape)} does not split weight {'.'.join(path)} {leaf.shape} "
+                              "evenly; pick mesh sizes that divide the model's widths.") from None
         arrays[path] = _read_weight(rules[path], tensors, leaf.shape, leaf.dtype, _layer_count(path, cfg),
                                     shardings[path])
     unread = sorted(set(tensors) - tensors.read - set(architecture.tied_copies(cfg)))
