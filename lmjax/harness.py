@@ -36,12 +36,16 @@ class LmjaxLM(LM):
     trained, LoRA, merged, imported or quantized). Requests are scored `batch_size` at a time."""
 
     def __init__(self, model, cfg, tokenizer, batch_size: int = 8):
+        from lmjax.families import family_of
+
         super().__init__()
         self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
-        self.family, self.batch_size, self.max_length = cfg.model.family, batch_size, cfg.model.max_seq_len
-        if self.family == "encoder":
-            raise ConfigError(f"{cfg.name} is a masked-LM encoder, which has no next-token probabilities; lm-eval "
-                              "tasks need a decoder or encoder_decoder run.")
+        self.spec, self.batch_size, self.max_length = family_of(cfg.model), batch_size, cfg.model.max_seq_len
+        if self.spec.generate is None:
+            raise ConfigError(f"{cfg.name} is a masked-LM {self.spec.name}, which has no next-token probabilities; "
+                              "lm-eval tasks need a decoder or encoder_decoder run.")
+        # an encoder-decoder scores continuations through its decoder, started as in training
+        self.decoder_start = None if self.spec.decoder_start is None else self.spec.decoder_start(tokenizer)
 
     @classmethod
     def from_run(cls, run_dir: Path | str, batch_size: int = 8) -> LmjaxLM:
@@ -57,9 +61,9 @@ class LmjaxLM(LM):
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]
             chunk = chunk + [chunk[-1]] * (self.batch_size - len(chunk))  # one compiled shape
-            if self.family == "encoder_decoder":
+            if self.decoder_start is not None:
                 encoder, encoder_ids = _pad([c[-length:] for c, _ in chunk], length)
-                decoder, decoder_ids = _pad([([self.tokenizer.bos_id] + t)[:length] for _, t in chunk], length)
+                decoder, decoder_ids = _pad([([self.decoder_start] + t)[:length] for _, t in chunk], length)
                 targets, _ = _pad([t[:length] for _, t in chunk], length)
                 logits = self.model(jnp.asarray(encoder), jnp.asarray(decoder), jnp.asarray(encoder_ids),
                                     jnp.asarray(decoder_ids))
@@ -80,7 +84,7 @@ class LmjaxLM(LM):
         for request in requests:
             context, continuation = request.args
             context_ids = list(self.tokenizer.encode(context))
-            if not context_ids and self.family == "decoder":  # the first token needs something to follow
+            if not context_ids and self.decoder_start is None:  # a decoder's first token needs something to follow
                 context_ids = [self.tokenizer.eos_id]
             rows.append((context_ids, list(self.tokenizer.encode(continuation))))
         return self._forward(rows)
@@ -97,25 +101,17 @@ class LmjaxLM(LM):
         return totals
 
     def generate_until(self, requests) -> list[str]:
-        from lmjax.generate import generate
-
         outputs = []
         for request in requests:
             context, options = request.args
             stops = options.get("until") or []
             stops = [stops] if isinstance(stops, str) else list(stops)
             temperature = float(options.get("temperature", 0.0)) if options.get("do_sample", False) else 0.0
-            prompt = list(self.tokenizer.encode(context))
-            if self.family == "encoder_decoder":
-                room = self.max_length
-                ids = generate(self.model, [prompt[-self.max_length:]], min(options.get("max_gen_toks", 64), room),
-                               temperature=temperature, stop_tokens=(self.tokenizer.eos_id,),
-                               start_token=self.tokenizer.bos_id)[0]
-            else:
-                prompt = prompt[-(self.max_length - 1):]
-                room = self.max_length - len(prompt)
-                ids = generate(self.model, [prompt], min(options.get("max_gen_toks", 64), room),
-                               temperature=temperature, stop_tokens=(self.tokenizer.eos_id,))[0]
+            new_tokens = min(int(options.get("max_gen_toks", 64)), self.max_length - 1)
+            prompt = self.spec.encode_prompt(self.tokenizer, context)
+            keep = self.max_length - (new_tokens if self.decoder_start is None else 0)
+            ids = self.spec.generate(self.model, [prompt[-keep:]], new_tokens, self.tokenizer,
+                                     temperature=temperature)[0]
             text = self.tokenizer.decode([int(i) for i in ids if int(i) != self.tokenizer.eos_id])
             cut = min([text.index(s) for s in stops if s in text], default=len(text))
             outputs.append(text[:cut])

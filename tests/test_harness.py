@@ -18,8 +18,8 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lmjax.cli import main  # noqa: E402
 from lmjax.config import Config, ConfigError, DataConfig, ModelConfig  # noqa: E402
 from lmjax.data.tokenizer import ByteTokenizer  # noqa: E402
+from lmjax.families import family_of  # noqa: E402
 from lmjax.harness import LmjaxLM  # noqa: E402
-from lmjax.models import build_model  # noqa: E402
 from lmjax.train.loop import train  # noqa: E402
 from lmjax.train.run_eval import evaluate_run  # noqa: E402
 
@@ -34,7 +34,7 @@ def request(*args):
 
 def harness(family):
     cfg = dataclasses.replace(MODEL, family=family, **({"n_decoder_layers": 1} if family == "encoder_decoder" else {}))
-    model = build_model(cfg, nnx.Rngs(0))
+    model = family_of(cfg).build(cfg, nnx.Rngs(0))
     return LmjaxLM(model, Config(model=cfg, data=DataConfig(seq_len=16)), ByteTokenizer(), batch_size=3), model
 
 
