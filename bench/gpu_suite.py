@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import importlib.metadata
 import json
 import statistics
 import sys
@@ -176,13 +177,13 @@ def time_decode(model, batch: int, shapes: dict, peaks: dict) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from lmjax.models import build_model
+    from lmjax.families import family_of
+    from lmjax.hardware import PEAK_BANDWIDTH
     from lmjax.scaling.counting import embedding_params, param_counts
     from lmjax.scaling.memory import DTYPE_BYTES, kv_cache_bytes_per_token
-    from lmjax.train.metrics import PEAK_BANDWIDTH
 
     prompt, new = shapes["decode_prompt"], shapes["decode_new"]
-    graphdef, params = nnx.split(build_model(model, nnx.Rngs(0)))
+    graphdef, params = nnx.split(family_of(model).build(model, nnx.Rngs(0)))
     tokens = jax.random.randint(jax.random.key(0), (batch, prompt), 0, model.vocab_size)
 
     @jax.jit
@@ -356,6 +357,7 @@ def main(argv=None) -> int:
     memory = (device.memory_stats() or {}).get("bytes_limit", float("inf"))
     moe_layers = dense.n_layers if args.smoke or memory >= 100e9 else dense.n_layers // 2
     report = {"device": device.device_kind, "devices": jax.device_count(), "jax": jax.__version__,
+              "versions": {name: importlib.metadata.version(name) for name in ("jaxlib", "flax", "optax")},
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "smoke": args.smoke,
               "xla_flags": " ".join(xla_flags), "device_memory_bytes": memory, "dense_config": shapes["dense"],
               "moe_layers": moe_layers, "rows": []}

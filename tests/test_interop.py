@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 from lmjax.cli import main  # noqa: E402
 from lmjax.config import ConfigError  # noqa: E402
 from lmjax.data.tokenizer import ByteTokenizer  # noqa: E402
-from lmjax.generate import generate  # noqa: E402
+from lmjax.generate import generate, generate_targets  # noqa: E402
 from lmjax.interop import llama  # noqa: E402
 from lmjax.interop.convert import from_hf, to_hf  # noqa: E402
 from lmjax.train.run_eval import restore_weights  # noqa: E402
@@ -141,7 +141,7 @@ def test_t5_greedy_decoding_matches_transformers_generate(imported):
     top2 = np.sort(torch.stack(out.scores).numpy(), axis=-1)[..., -2:]
     assert (top2[..., 1] - top2[..., 0]).min() > 1e-3, "a near tie would let rounding decide"
     prompts = [row[m == 1] for row, m in zip(encoder, mask)]
-    ours = generate(model, prompts, 8, temperature=0.0, start_token=0)
+    ours = generate_targets(model, prompts, 8, temperature=0.0, start_token=0)
     np.testing.assert_array_equal(np.stack(ours), out.sequences[:, 1:].numpy())
 
 
@@ -322,7 +322,7 @@ def test_init_from_starts_training_from_the_imported_weights(imported, tiny, tmp
     cfg = dataclasses.replace(cfg, model=source.model, optim=dataclasses.replace(cfg.optim, lr=1e-12))
     train(cfg, tmp_path / "run", init_from=root / "run")
     trained, _ = load_run(tmp_path / "run")
-    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(trained))):
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(trained, nnx.Param))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-9)
 
 
@@ -481,8 +481,11 @@ def test_hf_tokenizers_encode_the_same_ids_as_transformers(style, tmp_path):
         assert ours.num_sentinels == 10 and ours.sentinel_id(0) == theirs.convert_tokens_to_ids("<extra_id_0>")
 
 
-def test_import_carries_the_model_tokenizer(imported, tmp_path):
+def test_import_carries_the_model_tokenizer(imported, tiny, tmp_path):
+    import dataclasses
+
     import lmjax
+    from lmjax.train.loop import train
 
     _, _, _, _, root = imported("llama_untied")
     shutil.copytree(root / "hf", tmp_path / "hf")
@@ -495,3 +498,8 @@ def test_import_carries_the_model_tokenizer(imported, tmp_path):
     to_hf(tmp_path / "run", tmp_path / "back")
     again = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
     assert again(TEXTS[1]).input_ids == theirs(TEXTS[1]).input_ids
+
+    bytes_run = dataclasses.replace(tiny(steps=1), model=cfg.model)  # the shapes fit, the tokenizer does not
+    with pytest.raises(ConfigError, match="--init-from .* set data.tokenizer=.*tokenizer.json"):
+        train(bytes_run, tmp_path / "finetune", init_from=tmp_path / "run")
+    assert not (tmp_path / "finetune").exists()

@@ -25,7 +25,7 @@ from lmjax.cli import main
 from lmjax.config import ConfigError, MeshConfig
 from lmjax.generate import generate
 from lmjax.parallel import initialize_distributed, make_mesh
-from lmjax.train.loggers import read_metrics
+from lmjax.records import read_metrics
 
 TINY = ["--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "model.n_heads=4",
         "--set", "model.n_kv_heads=4", "--set", "model.d_ff=64", "--set", "model.max_seq_len=32",

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from lmjax.checkpoint import Checkpointer
-from lmjax.train.loggers import read_metrics
+from lmjax.records import read_metrics
 from lmjax.train.run_eval import restore_params
 
 LAUNCHER = Path(__file__).resolve().parent.parent / "launch" / "slurm_gpu.sbatch"

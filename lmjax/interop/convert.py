@@ -25,6 +25,7 @@ from flax import nnx
 
 from lmjax.checkpoint import Checkpointer
 from lmjax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig
+from lmjax.families import family_of
 from lmjax.interop import bert, llama, t5
 from lmjax.interop.tensors import open_checkpoint, save_checkpoint
 from lmjax.interop.tokenizer_files import write_tokenizer
@@ -99,6 +100,11 @@ def import_params(hf_dir: Path, cfg: ModelConfig, mesh, notes: list[str]) -> nnx
     shardings = _flat(nnx.to_pure_dict(state_shardings(abstract, mesh)))
     arrays = {}
     for path, leaf in _flat(nnx.to_pure_dict(abstract)).items():
+        try:
+            shardings[path].shard_shape(leaf.shape)
+        except ValueError:
+            raise ConfigError(f"the mesh {dict(mesh.shape)} does not split weight {'.'.join(path)} {leaf.shape} "
+                              "evenly; pick mesh sizes that divide the model's widths.") from None
         arrays[path] = _read_weight(rules[path], tensors, leaf.shape, leaf.dtype, _layer_count(path, cfg),
                                     shardings[path])
     unread = sorted(set(tensors) - tensors.read - set(architecture.tied_copies(cfg)))
@@ -166,9 +172,7 @@ def _check_tokenizer(hf_dir: Path, model: ModelConfig, notes: list[str]) -> None
 
 
 def _hf_architecture(cfg: ModelConfig):
-    if cfg.family == "decoder":
-        return llama
-    return t5 if cfg.family == "encoder_decoder" else bert
+    return family_of(cfg).hf_architecture
 
 
 def mup_folding_factors(cfg: ModelConfig) -> dict[str, float]:
@@ -194,14 +198,11 @@ def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes:
     """Write checkpoint `step` (default: newest) of `run_dir` as a transformers directory
     `hf_dir`; returns the notes on settings transformers does not carry."""
     from lmjax.data import load_from_run
-    from lmjax.train.run_eval import restore_weights
+    from lmjax.train.run_eval import load_config, restore_weights
 
     run_dir, hf_dir = Path(run_dir), Path(hf_dir)
     notes: list[str] = []
-    cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text())) if (run_dir / "config.json").is_file() \
-        else None
-    if cfg is None:
-        raise ConfigError(f"{run_dir} is not a run directory (no config.json).")
+    cfg = load_config(run_dir)
     factors = mup_folding_factors(cfg.model)
     standard = dataclasses.replace(cfg.model, parametrization="standard")
     architecture = _hf_architecture(standard)
@@ -219,8 +220,9 @@ def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes:
     tokenizer = load_from_run(run_dir, cfg.data.tokenizer)
     hf_config.update(dtype=cfg.model.param_dtype, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                      pad_token_id=tokenizer.pad_id)
-    if cfg.model.family == "encoder_decoder":
-        hf_config["decoder_start_token_id"] = tokenizer.bos_id  # lmjax decodes targets from bos
+    decoder_start = family_of(cfg.model).decoder_start
+    if decoder_start is not None:
+        hf_config["decoder_start_token_id"] = decoder_start(tokenizer)  # lmjax decodes targets from bos
     hf_dir.mkdir(parents=True, exist_ok=True)
     write_tokenizer(run_dir, tokenizer, hf_dir, cfg.model.max_seq_len, notes)
     save_checkpoint(tensors, hf_dir, max_shard_bytes)

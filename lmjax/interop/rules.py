@@ -24,6 +24,15 @@ def _get(tensors: dict, name: str) -> np.ndarray:
     return tensors[name]
 
 
+def _shaped(tensors: dict, name: str, expected: tuple[int, ...]) -> np.ndarray:
+    """Tensor `name`, which must have the shape config.json implies (ConfigError otherwise)."""
+    array = _get(tensors, name)
+    if tuple(array.shape) != tuple(expected):
+        raise ConfigError(f"tensor {name} has shape {tuple(array.shape)}, but config.json implies {tuple(expected)}; "
+                          "the config and the weights disagree.")
+    return array
+
+
 @dataclass(frozen=True)
 class Same:
     """A tensor stored alike in both (embeddings, norm scales, biases, position tables)."""
@@ -31,12 +40,7 @@ class Same:
     name: str
 
     def read(self, tensors: dict, shape: tuple[int, ...], **ids) -> np.ndarray:
-        name = self.name.format(**ids)
-        array = _get(tensors, name)
-        if tuple(array.shape) != tuple(shape):
-            raise ConfigError(f"tensor {name} has shape {tuple(array.shape)}, but config.json implies {shape}; "
-                              "the config and the weights disagree.")
-        return array
+        return _shaped(tensors, self.name.format(**ids), shape)
 
     def write(self, array: np.ndarray, **ids) -> dict[str, np.ndarray]:
         return {self.name.format(**ids): array}
@@ -49,12 +53,7 @@ class Flat:
     name: str
 
     def read(self, tensors: dict, shape: tuple[int, ...], **ids) -> np.ndarray:
-        name = self.name.format(**ids)
-        array = _get(tensors, name)
-        if tuple(array.shape) != (math.prod(shape),):
-            raise ConfigError(f"tensor {name} has shape {tuple(array.shape)}, but config.json implies "
-                              f"({math.prod(shape)},); the config and the weights disagree.")
-        return array.reshape(shape)
+        return _shaped(tensors, self.name.format(**ids), (math.prod(shape),)).reshape(shape)
 
     def write(self, array: np.ndarray, **ids) -> dict[str, np.ndarray]:
         return {self.name.format(**ids): array.reshape(-1)}
@@ -71,12 +70,8 @@ class Linear:
     def read(self, tensors: dict, shape: tuple[int, ...], **ids) -> np.ndarray:
         names = [n.format(**ids) for n in self.names]
         name = next((n for n in names if n in tensors), names[0])
-        weight = _get(tensors, name)
         expected = (math.prod(shape[self.n_in:]), math.prod(shape[:self.n_in]))
-        if tuple(weight.shape) != expected:
-            raise ConfigError(f"tensor {name} has shape {tuple(weight.shape)}, but config.json implies {expected}; "
-                              "the config and the weights disagree.")
-        return weight.T.reshape(shape)
+        return _shaped(tensors, name, expected).T.reshape(shape)
 
     def write(self, array: np.ndarray, **ids) -> dict[str, np.ndarray]:
         flat_in = math.prod(array.shape[:self.n_in])
@@ -103,12 +98,9 @@ class MixtralExperts:
             rule = Linear((self._per_expert(),))
             return np.stack([rule.read(tensors, shape[1:], i=i, e=e) for e in range(n_experts)])
         fused = f"model.layers.{i}.mlp.experts." + ("down_proj" if self.part == "down" else "gate_up_proj")
-        weight = _get(tensors, fused)
         f = shape[1] if self.part == "down" else shape[2]
         expected = (n_experts, shape[2], f) if self.part == "down" else (n_experts, 2 * f, shape[1])
-        if tuple(weight.shape) != expected:
-            raise ConfigError(f"tensor {fused} has shape {tuple(weight.shape)}, but config.json implies {expected}; "
-                              "the config and the weights disagree.")
+        weight = _shaped(tensors, fused, expected)
         if self.part != "down":
             weight = weight[:, :f] if self.part == "gate" else weight[:, f:]
         return weight.swapaxes(1, 2)

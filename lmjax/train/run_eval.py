@@ -11,12 +11,12 @@ import numpy as np
 from lmjax.checkpoint import SKIP, Checkpointer
 from lmjax.config import Config, ConfigError, MeshConfig, override
 from lmjax.data import DataError, PackedDataset, load_documents, load_from_run, tokenize
-from lmjax.data.denoising import make_dataset, window_length
+from lmjax.families import family_of
 from lmjax.parallel import batch_sharding, make_mesh
 from lmjax.scaling.plan import total_steps
 from lmjax.train.evaluate import evaluate
 from lmjax.train.optimizer import make_optimizer
-from lmjax.train.run import load_datasets
+from lmjax.train.run import family_examples, load_datasets
 from lmjax.train.state import abstract_train_state
 
 
@@ -37,7 +37,12 @@ def restore_weights(run_dir: Path, step: int | None = None, mesh_overrides: list
 def restore_weights_onto(run_dir: Path, mesh, step: int | None = None):
     """(config, graphdef, params, step): the model weights of checkpoint `step` (default:
     newest) of `run_dir`, sharded over `mesh` by their logical axes; the optimizer state is not read.
-    A LoRA run's weights are its base run's newest ones with the run's adapters folded in."""
+    A LoRA run's weights are its base run's newest ones with the run's adapters folded in; a
+    quantized run's (`lmjax quantize`) are dequantized."""
+    from lmjax.quantize import is_quantized, restore_quantized_onto
+
+    if is_quantized(run_dir):
+        return restore_quantized_onto(run_dir, mesh)
     cfg, graphdef, trained, step = restore_trained_onto(run_dir, mesh, step)
     if cfg.lora.enabled:  # a LoRA run saves its adapters alone: fold them into its base run's weights
         from lmjax.lora import fold
@@ -95,8 +100,8 @@ def evaluate_run(run_dir: Path, max_batches: int | None = None, data_source: str
         _, dataset, tokenizer = load_datasets(cfg, tokenizer)
     else:
         documents = load_documents(data_source, cfg.data.text_field, cfg.data.max_bytes)
-        windows = PackedDataset(tokenize(documents, tokenizer), window_length(cfg))
-        dataset = make_dataset(windows, cfg, tokenizer, cfg.data.seed + 1)
+        windows = PackedDataset(tokenize(documents, tokenizer), family_of(cfg.model).window_length(cfg))
+        dataset = family_examples(windows, cfg, tokenizer, cfg.data.seed + 1)
         if len(dataset) < cfg.train.batch_size:
             raise DataError(f"{data_source} holds {len(dataset)} sequences of data.seq_len={cfg.data.seq_len}, "
                             f"fewer than one batch of train.batch_size={cfg.train.batch_size}.")
