@@ -17,8 +17,8 @@ import jax
 import numpy as np
 
 from lmjax.generate import generate
+from lmjax.hardware import PEAK_BANDWIDTH
 from lmjax.scaling.counting import param_counts
-from lmjax.train.metrics import PEAK_BANDWIDTH
 from lmjax.train.run_eval import load
 
 

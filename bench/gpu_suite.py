@@ -177,13 +177,13 @@ def time_decode(model, batch: int, shapes: dict, peaks: dict) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from lmjax.models import build_model
+    from lmjax.families import family_of
+    from lmjax.hardware import PEAK_BANDWIDTH
     from lmjax.scaling.counting import embedding_params, param_counts
     from lmjax.scaling.memory import DTYPE_BYTES, kv_cache_bytes_per_token
-    from lmjax.train.metrics import PEAK_BANDWIDTH
 
     prompt, new = shapes["decode_prompt"], shapes["decode_new"]
-    graphdef, params = nnx.split(build_model(model, nnx.Rngs(0)))
+    graphdef, params = nnx.split(family_of(model).build(model, nnx.Rngs(0)))
     tokens = jax.random.randint(jax.random.key(0), (batch, prompt), 0, model.vocab_size)
 
     @jax.jit

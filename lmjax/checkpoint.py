@@ -52,6 +52,11 @@ class Checkpointer:
         )
         return restored["state"], restored["data"], restored["config"]
 
+    def restore_data(self, step: int | None = None) -> dict:
+        """The data-iterator state of `step` (default: newest), without reading any array."""
+        step = self.latest_step() if step is None else step
+        return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+
     def saved_config(self, step: int | None = None) -> dict:
         """The config saved with checkpoint `step` (default: newest), as a dict."""
         step = self.latest_step() if step is None else step

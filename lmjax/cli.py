@@ -2,6 +2,7 @@
 
     lmjax train [EXPERIMENT] [--set section.field=value ...] [--resume RUN_DIR | --init-from RUN_DIR] [--fresh]
     lmjax eval RUN_DIR [--json] [--max-batches N] [--data SOURCE] [--token-losses FILE.npy]
+    lmjax eval RUN_DIR --tasks NAME_OR_YAML[,...] [--limit N] [--json]   (lm-evaluation-harness)
     lmjax generate RUN_DIR --prompt TEXT [--temperature T --top-k K --top-p P --max-new-tokens N]
         (an encoder_decoder run fills in each <extra_id_N> of the prompt)
     lmjax plan [EXPERIMENT] [--set ...] [--budget-flops C | --budget-pfdays X] [--law LAW.json] [--json]
@@ -26,8 +27,6 @@ import json
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 from lmjax.config import Config, ConfigError, override
 from lmjax.experiment import experiment_summary, list_experiments, load_experiment
@@ -73,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", metavar="SOURCE", help="evaluate on all of this data source instead of the "
                           "run's validation split (stdlib, a file, a directory, an HF dataset on disk)")
     evaluate.add_argument("--token-losses", metavar="FILE.npy", help="save every position's loss (nats)")
+    evaluate.add_argument("--tasks", metavar="NAME_OR_YAML[,...]", help="run lm-evaluation-harness tasks instead: "
+                          "task YAML files whose data are on disk (e.g. experiments/lm_eval/python_stdlib/"
+                          "python_stdlib.yaml) or names of tasks lm-eval knows")
+    evaluate.add_argument("--limit", type=int, default=None, help="with --tasks: the first N examples of each task")
 
     generate = commands.add_parser("generate", help="continue prompts with a trained model (KV-cache decoding); "
                                    "an encoder_decoder run fills in the prompt's <extra_id_0>, <extra_id_1>, ...")
@@ -282,6 +285,8 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    if args.tasks is not None:
+        return cmd_eval_tasks(args)
     from lmjax.train.run_eval import evaluate_run
 
     if args.max_batches is not None and args.max_batches < 1:
@@ -298,35 +303,43 @@ def cmd_eval(args) -> None:
         print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
 
 
+def cmd_eval_tasks(args) -> None:
+    from lmjax.harness import evaluate_tasks
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {args.limit}.")
+    results = evaluate_tasks(Path(args.run_dir), args.tasks, args.limit)
+    if args.json:
+        print(json.dumps(results, default=str))
+        return
+    for task, metrics in results.items():
+        print(task + "  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+
+
 def cmd_generate(args) -> None:
-    from lmjax.generate import generate
+    from lmjax.families import family_of
     from lmjax.quantize import is_quantized, weight_bytes
     from lmjax.scaling.memory import kv_cache_bytes_per_token
     from lmjax.train.run_eval import load
 
     check_sampling_args(args)
     model, cfg, tokenizer = load(Path(args.run_dir))
-    if cfg.model.family == "encoder_decoder":
-        return fill_in_prompts(model, cfg, tokenizer, args)
-    if cfg.model.family != "decoder":
-        raise ConfigError(f"lmjax generate needs a decoder or encoder_decoder run; {args.run_dir} is a "
-                          f"{cfg.model.family} (use lmjax eval).")
-    prompts = [tokenizer.encode(p) for p in args.prompt]
-    room = cfg.model.max_seq_len - max(len(p) for p in prompts)
-    if args.max_new_tokens > room:
-        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} does not fit: the longest prompt leaves "
-                          f"{room} of model.max_seq_len={cfg.model.max_seq_len} tokens.")
+    spec = family_of(cfg.model)
+    if spec.generate is None:
+        raise ConfigError(f"lmjax generate needs a family that generates (decoder, encoder_decoder); {args.run_dir} "
+                          f"is a {cfg.model.family} (use lmjax eval).")
+    prompts = [spec.encode_prompt(tokenizer, p) for p in args.prompt]
     cache_tokens = len(prompts) * (max(len(p) for p in prompts) + args.max_new_tokens)
     per_token = kv_cache_bytes_per_token(cfg.model)
+    outputs = spec.generate(model, prompts, args.max_new_tokens, tokenizer, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(f"KV cache: {per_token * cache_tokens / 2**20:.2f} MiB ({per_token:,} bytes per token x {cache_tokens} "
           "token slots)", file=sys.stderr)
     if is_quantized(args.run_dir):
         print(f"weights: {weight_bytes(args.run_dir) / 2**20:.2f} MiB saved in int8 (dequantized to "
               f"{cfg.model.param_dtype} for decoding)", file=sys.stderr)
-    outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed, stop_tokens=(tokenizer.eos_id,))
-    for prompt, ids in zip(args.prompt, outputs):
-        print(prompt + tokenizer.decode(ids))
+    for text, prompt, ids in zip(args.prompt, prompts, outputs):
+        print(spec.show(tokenizer, text, prompt, ids))
 
 
 def check_sampling_args(args) -> None:
@@ -343,23 +356,6 @@ def check_sampling_args(args) -> None:
         raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}; leave it out for no limit.")
 
 
-def fill_in_prompts(model, cfg, tokenizer, args) -> None:
-    """Span infilling with an encoder-decoder: each prompt's `<extra_id_N>` markers are
-    sentinels; print the generated targets and the prompt with the spans filled in."""
-    from lmjax.generate import generate
-    from lmjax.objectives import fill_in_spans
-
-    inputs = [np.append(tokenizer.encode_with_sentinels(p), tokenizer.eos_id) for p in args.prompt]
-    if max(len(i) for i in inputs) > cfg.model.max_seq_len or args.max_new_tokens > cfg.model.max_seq_len:
-        raise ConfigError(f"prompts and --max-new-tokens must each fit in model.max_seq_len={cfg.model.max_seq_len}.")
-    outputs = generate(model, inputs, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed, stop_tokens=(tokenizer.eos_id,),
-                       start_token=tokenizer.bos_id)
-    sentinels = [tokenizer.sentinel_id(i) for i in range(tokenizer.num_sentinels)]
-    for ids, targets in zip(inputs, outputs):
-        targets = targets[:-1] if len(targets) and targets[-1] == tokenizer.eos_id else targets
-        print(f"targets: {tokenizer.decode_with_sentinels(targets)}")
-        print(f"filled:  {tokenizer.decode(fill_in_spans(ids[:-1], targets, sentinels))}")
 def cmd_plan(args) -> None:
     from lmjax.scaling.counting import PETAFLOP_DAY
     from lmjax.scaling.plan import format_plan, load_law, plan

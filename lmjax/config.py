@@ -15,6 +15,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lmjax.spans import span_corruption_lengths
+
+# Ids of the byte tokenizer (lmjax.data.tokenizer.ByteTokenizer): 256 bytes, the special ids
+# and the sentinels, a multiple of 128. Written here so that checking a config needs no data code.
+BYTE_VOCAB_SIZE = 384
+
 
 class ConfigError(ValueError):
     """A user-facing configuration mistake; the message names the field and the fix."""
@@ -288,6 +294,12 @@ class OptimConfig:
         _require(self.clip_norm is None or self.clip_norm > 0, f"optim.clip_norm must be positive or none, got {self.clip_norm}.")
         _require(self.grad_accum_steps >= 1, f"optim.grad_accum_steps must be >= 1, got {self.grad_accum_steps}.")
 
+    def wsd_decay_start(self, total_steps: int) -> int:
+        """The step where a warmup-stable-decay schedule's final linear decay begins: the last
+        round(decay_fraction * total_steps) steps (at least 1) decay, but never before warmup ends."""
+        warmup = min(self.warmup_steps, total_steps)
+        return total_steps - min(max(1, round(self.decay_fraction * total_steps)), total_steps - warmup)
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -476,10 +488,8 @@ class Config:
     quant: QuantConfig = field(default_factory=QuantConfig)
 
     def __post_init__(self):
-        from lmjax.data.tokenizer import ByteTokenizer
-
         # a tokenizer file's vocabulary is checked when it is loaded, still before compiling
-        tokenizer_vocab = ByteTokenizer().vocab_size if self.data.tokenizer == "bytes" else 0
+        tokenizer_vocab = BYTE_VOCAB_SIZE if self.data.tokenizer == "bytes" else 0
         _require(
             self.model.vocab_size >= tokenizer_vocab,
             f"model.vocab_size={self.model.vocab_size} is smaller than the {self.data.tokenizer} tokenizer's "
@@ -491,8 +501,6 @@ class Config:
             "shorten the sequences or raise model.max_seq_len.",
         )
         if self.model.family == "encoder_decoder":
-            from lmjax.objectives import span_corruption_lengths
-
             try:
                 _, targets_length = span_corruption_lengths(self.data.seq_len, self.data.noise_density,
                                                             self.data.mean_noise_span_length)

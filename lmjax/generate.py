@@ -1,7 +1,8 @@
 """Text generation with a KV cache: prefill the prompts, then one token per step inside
 one jit. Greedy, temperature, top-k and top-p (nucleus) sampling; a batch of prompts of
-different lengths; stop tokens. A DecoderLM continues its prompts; an EncoderDecoderLM
-encodes its inputs once and decodes targets from a start token (`generate` picks by family).
+different lengths; stop tokens. `generate` continues the prompts of a DecoderLM;
+`generate_targets` encodes an EncoderDecoderLM's inputs once and decodes targets from a
+start token. A family's spec (`lmjax.families`) says which one it uses.
 """
 
 from __future__ import annotations
@@ -84,21 +85,12 @@ def _generate_encoder_decoder(graphdef, params, inputs, input_segments, start, m
 
 def generate(model: nnx.Module, prompts: list, max_new_tokens: int, *, temperature: float = 0.8,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             stop_tokens: tuple[int, ...] = (), start_token: int = ByteTokenizer.bos_id) -> list[np.ndarray]:
-    """Continue each prompt (a 1-D sequence of token ids) by up to `max_new_tokens` tokens;
-    for an encoder-decoder, the prompts are encoder inputs and the new tokens its targets,
-    decoded after `start_token` (the tokenizer's bos, as in training).
-
-    Returns the new ids per prompt, cut after the first stop token (which is kept). The
-    longest prompt + max_new_tokens (encoder-decoder: each of them) must fit in model.cfg.max_seq_len.
+             stop_tokens: tuple[int, ...] = ()) -> list[np.ndarray]:
+    """Continue each prompt (a 1-D sequence of token ids) of a DecoderLM by up to
+    `max_new_tokens` tokens. Returns the new ids per prompt, cut after the first stop token
+    (which is kept). The longest prompt + max_new_tokens must fit in model.cfg.max_seq_len.
     """
     prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
-    if model.cfg.family == "encoder_decoder":
-        return _generate_targets(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens,
-                                 start_token)
-    if model.cfg.family != "decoder":
-        raise ValueError(f"generation needs a decoder or encoder_decoder model, not model.family="
-                         f"{model.cfg.family!r}.")
     longest = max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0 or max_new_tokens < 1 or longest + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"prompts of 1..{longest} tokens + max_new_tokens={max_new_tokens} must fit in "
@@ -113,7 +105,14 @@ def generate(model: nnx.Module, prompts: list, max_new_tokens: int, *, temperatu
     return _cut_at_stop(out, stop_tokens)
 
 
-def _generate_targets(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, start_token):
+def generate_targets(model: nnx.Module, prompts: list, max_new_tokens: int, *, temperature: float = 0.8,
+                     top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                     stop_tokens: tuple[int, ...] = (), start_token: int = ByteTokenizer.bos_id) -> list[np.ndarray]:
+    """The targets of an EncoderDecoderLM for each prompt (a 1-D sequence of encoder input
+    ids): up to `max_new_tokens` tokens decoded after `start_token` (the tokenizer's bos, as
+    in training), with the same sampling as `generate`. Each prompt and max_new_tokens must
+    fit in model.cfg.max_seq_len."""
+    prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
     longest, limit = max(len(p) for p in prompts), model.cfg.max_seq_len
     if min(len(p) for p in prompts) == 0 or not 1 <= max_new_tokens <= limit or longest > limit:
         raise ValueError(f"inputs of 1..{longest} tokens and max_new_tokens={max_new_tokens} must each fit in "

@@ -87,9 +87,9 @@ def targeted(cfg: LoRAConfig, params: nnx.State) -> dict[tuple, nnx.Variable]:
 def adapted_sizes(cfg: LoRAConfig, model: ModelConfig) -> tuple[int, int]:
     """(elements of the targeted weights, elements of their adapters) of `model`, exactly:
     r (inputs + outputs) per targeted matrix, per layer and expert."""
-    from lmjax.models import build_model
+    from lmjax.families import family_of
 
-    params = nnx.state(nnx.eval_shape(lambda: build_model(model, nnx.Rngs(0))))
+    params = nnx.state(nnx.eval_shape(lambda: family_of(model).build(model, nnx.Rngs(0))))
     weights = adapters = 0
     for weight in targeted(cfg, params).values():
         stacked, inputs = matrix_split(tuple(weight.out_sharding))

@@ -7,8 +7,8 @@ from flax import nnx
 
 from lmjax.analysis import attention_maps, parameter_table
 from lmjax.config import ModelConfig
+from lmjax.families import family_of
 from lmjax.models import DecoderLM, layers
-from lmjax.models.lm import build_model
 from lmjax.scaling.counting import param_counts
 
 CFG = ModelConfig(vocab_size=384, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32)
@@ -36,7 +36,7 @@ def forward_pass_probabilities(monkeypatch, run):
 def test_attention_maps_are_the_forward_pass_probabilities(monkeypatch, family, position):
     cfg = dataclasses.replace(CFG, family=family, position=position, attention="einsum", dtype="float32",
                               n_decoder_layers=3 if family == "encoder_decoder" else None)
-    model = build_model(cfg, nnx.Rngs(0))
+    model = family_of(cfg).build(cfg, nnx.Rngs(0))
     tokens, decoder_tokens = np.arange(10) * 7, np.arange(6) * 5 + 1
     if family == "encoder_decoder":
         forward = forward_pass_probabilities(monkeypatch, lambda: model(tokens[None], decoder_tokens[None]))

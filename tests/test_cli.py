@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lmjax.cli import main
-from lmjax.train.loggers import read_metrics
+from lmjax.records import read_metrics
 
 TINY = ["--set", "model.d_model=32", "--set", "model.n_layers=1", "--set", "model.n_heads=2", "--set", "model.d_ff=64",
         "--set", "model.max_seq_len=32", "--set", "data.seq_len=32", "--set", "data.max_bytes=200000",

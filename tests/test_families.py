@@ -11,8 +11,9 @@ import pytest
 from flax import nnx
 
 from lmjax.config import ModelConfig, MoEConfig
-from lmjax.generate import generate
-from lmjax.models import EncoderDecoderLM, EncoderLM, build_model
+from lmjax.families import family_of
+from lmjax.generate import generate_targets
+from lmjax.models import EncoderDecoderLM, EncoderLM
 from lmjax.models.layers import relative_position_bucket
 from lmjax.scaling.counting import param_counts, train_flops_per_token
 
@@ -118,7 +119,7 @@ def test_encoder_decoder_cached_greedy_equals_full_forward_greedy(position):
     cfg = dataclasses.replace(ENC_DEC, position=position, init_std=0.3, tie_embeddings=False)
     model = EncoderDecoderLM(cfg, rngs=nnx.Rngs(1))
     prompts = [np.arange(40, 51), np.arange(100, 105)]  # batched, different lengths (padding)
-    cached = generate(model, prompts, 10, temperature=0.0, start_token=257)
+    cached = generate_targets(model, prompts, 10, temperature=0.0, start_token=257)
     for prompt, got in zip(prompts, cached):
         expected = greedy_by_full_forward(model, prompt, 10, 257)
         np.testing.assert_array_equal(got, expected)
@@ -126,7 +127,7 @@ def test_encoder_decoder_cached_greedy_equals_full_forward_greedy(position):
 
 
 def built_param_count(cfg: ModelConfig) -> int:
-    model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: family_of(cfg).build(cfg, nnx.Rngs(0)))
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from lmjax.cli import main
 from lmjax.config import MoEConfig
-from lmjax.train.loggers import read_metrics
+from lmjax.records import read_metrics
 from lmjax.train.loop import train
 
 

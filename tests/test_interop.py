@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 from lmjax.cli import main  # noqa: E402
 from lmjax.config import ConfigError  # noqa: E402
 from lmjax.data.tokenizer import ByteTokenizer  # noqa: E402
-from lmjax.generate import generate  # noqa: E402
+from lmjax.generate import generate, generate_targets  # noqa: E402
 from lmjax.interop import llama  # noqa: E402
 from lmjax.interop.convert import from_hf, to_hf  # noqa: E402
 from lmjax.train.run_eval import restore_weights  # noqa: E402
@@ -141,7 +141,7 @@ def test_t5_greedy_decoding_matches_transformers_generate(imported):
     top2 = np.sort(torch.stack(out.scores).numpy(), axis=-1)[..., -2:]
     assert (top2[..., 1] - top2[..., 0]).min() > 1e-3, "a near tie would let rounding decide"
     prompts = [row[m == 1] for row, m in zip(encoder, mask)]
-    ours = generate(model, prompts, 8, temperature=0.0, start_token=0)
+    ours = generate_targets(model, prompts, 8, temperature=0.0, start_token=0)
     np.testing.assert_array_equal(np.stack(ours), out.sequences[:, 1:].numpy())
 
 

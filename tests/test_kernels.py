@@ -22,7 +22,7 @@ from lmjax.config import ModelConfig
 from lmjax.models import DecoderLM, EncoderDecoderLM, kernels
 from lmjax.models.layers import attention_mask
 from lmjax.models.transformer import REMAT_POLICIES, Block
-from lmjax.objectives import causal_lm_loss
+from lmjax.train.losses import causal_lm_loss
 
 CFG = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32,
                   dtype="bfloat16")

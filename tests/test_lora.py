@@ -16,8 +16,8 @@ from flax import nnx
 import lmjax
 from lmjax.cli import main
 from lmjax.config import ConfigError, LoRAConfig, ModelConfig, MoEConfig
+from lmjax.families import family_of
 from lmjax.lora import fold, init_adapters, matrix_split, path_name, targeted
-from lmjax.models import build_model
 from lmjax.train.loop import train
 from lmjax.train.run_eval import restore_weights
 
@@ -33,7 +33,8 @@ LORA = LoRAConfig(rank=3, alpha=6.0)
 
 @functools.cache
 def family_params(family: str) -> nnx.State:
-    return jax.jit(lambda: nnx.state(build_model(FAMILIES[family], nnx.Rngs(0))))()  # one compile, not per op
+    cfg = FAMILIES[family]
+    return jax.jit(lambda: nnx.state(family_of(cfg).build(cfg, nnx.Rngs(0))))()  # one compile, not per op
 
 
 def random_adapters(lora, params, seed=1):

@@ -89,7 +89,7 @@ def test_bfloat16_compute_matches_float32_on_trained_weights():
     every loss near log V, so there a broken bf16 path could not show.)"""
     import optax
 
-    from lmjax.objectives import token_losses
+    from lmjax.train.losses import token_losses
 
     rows = jnp.arange(8)[:, None]
     x = (rows * 7 + jnp.arange(33)[None] * (rows + 1)) % 256

@@ -82,10 +82,10 @@ def test_tied_output_rescale_multiplies_the_logits_by_d_model_to_the_minus_half(
 
 def test_bert_switches_are_counted():
     """Post-norm blocks (no final norm), biases, token types, embedding norm, MLM head transform."""
-    from lmjax.models import build_model
+    from lmjax.families import family_of
 
     cfg = dataclasses.replace(CFG, family="encoder", n_kv_heads=None, mlp="gelu_exact", norm="layernorm",
                               norm_placement="post", bias=True, token_types=2, embed_norm=True, mlm_head_transform=True)
-    model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: family_of(cfg).build(cfg, nnx.Rngs(0)))
     assert not hasattr(model, "final_norm")
     assert param_counts(cfg)["params_total"] == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

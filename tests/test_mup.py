@@ -14,9 +14,9 @@ from test_parallel import TINY, finish, lmjax_subprocess, losses, mesh_args
 import lmjax
 from lmjax.cli import main
 from lmjax.config import Config, ConfigError, ModelConfig, MoEConfig, OptimConfig
-from lmjax.models import build_model
+from lmjax.families import family_of
+from lmjax.records import read_metrics
 from lmjax.scaling.coordinate_check import WIDTHS, coordinate_check, text_batch, width_slopes
-from lmjax.train.loggers import read_metrics
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
 from lmjax.train.state import TrainState
 from lmjax.train.step import make_train_step
@@ -43,7 +43,7 @@ def leaves(state) -> dict:
 def train_three_steps(cfg: ModelConfig):
     """Params after init and after each of 3 AdamW steps (clipping and weight decay on)."""
     optim = OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.1, clip_norm=1.0)
-    graphdef, params = nnx.split(build_model(cfg, nnx.Rngs(0)), nnx.Param)
+    graphdef, params = nnx.split(family_of(cfg).build(cfg, nnx.Rngs(0)), nnx.Param)
     optimizer = make_optimizer(optim, 3, params, cfg)
     step = jax.jit(make_train_step(graphdef, optimizer, learning_rate_schedule(optim, 3), 1, use_rng=False,
                                    moe=cfg.moe))
@@ -67,8 +67,9 @@ def test_base_width_equals_standard_within_one_ulp():
 def test_init_scales_hidden_matrices_only():
     """At 4x the base width: the same random draws, hidden matrices times sqrt(1/4) (the
     residual-writing ones keep their extra 1/sqrt(2L)); embeddings, head, router, norms unchanged."""
-    standard = leaves(nnx.state(build_model(model_config(128), nnx.Rngs(0)), nnx.Param))
-    mup = leaves(nnx.state(build_model(model_config(128, "mup", base=32), nnx.Rngs(0)), nnx.Param))
+    standard_cfg, mup_cfg = model_config(128), model_config(128, "mup", base=32)
+    standard = leaves(nnx.state(family_of(standard_cfg).build(standard_cfg, nnx.Rngs(0)), nnx.Param))
+    mup = leaves(nnx.state(family_of(mup_cfg).build(mup_cfg, nnx.Rngs(0)), nnx.Param))
     hidden = ("wq", "wk", "wv", "wo", "w_up", "w_down", "w_gate")
     for name, value in standard.items():
         expected = value * 0.5 if name.split(".")[-1] in hidden else value
@@ -83,7 +84,7 @@ def test_output_and_router_logits_are_multiplied_by_base_over_width(family):
     if family != "decoder":  # the router is the decoder's to check; dense keeps these two cheap
         cfg = dataclasses.replace(cfg, moe=MoEConfig())
     mup_cfg = dataclasses.replace(cfg, parametrization="mup", mup_base_width=32)
-    standard, mup = build_model(cfg, nnx.Rngs(0)), build_model(mup_cfg, nnx.Rngs(1))
+    standard, mup = family_of(cfg).build(cfg, nnx.Rngs(0)), family_of(mup_cfg).build(mup_cfg, nnx.Rngs(1))
     params = nnx.to_pure_dict(nnx.state(standard, nnx.Param))
     nnx.update(mup, params)
     nnx.update(standard, jax.tree_util.tree_map_with_path(
@@ -116,7 +117,7 @@ def test_learning_rate_multipliers_equal_a_hand_written_table():
         **{f"stack.{blocks}.{norm}.{v}": 1 for blocks in ("blocks", "moe_blocks") for norm in ("attn_norm", "mlp_norm")
            for v in ("scale", "bias")},
     }
-    params = nnx.state(build_model(cfg, nnx.Rngs(0)), nnx.Param)
+    params = nnx.state(family_of(cfg).build(cfg, nnx.Rngs(0)), nnx.Param)
     optim = OptimConfig(lr=0.1, warmup_steps=0, schedule="constant", weight_decay=0.1, clip_norm=None)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
     updates = {}
@@ -201,7 +202,8 @@ def test_export_folds_the_multipliers_into_the_weights():
     assert mup_cfg.attention_logit_scale != 16**-0.5
     factors = mup_folding_factors(mup_cfg)
     standard_cfg = dataclasses.replace(mup_cfg, parametrization="standard")
-    mup, standard = build_model(mup_cfg, nnx.Rngs(0)), build_model(standard_cfg, nnx.Rngs(1))
+    mup = family_of(mup_cfg).build(mup_cfg, nnx.Rngs(0))
+    standard = family_of(standard_cfg).build(standard_cfg, nnx.Rngs(1))
     nnx.update(standard, jax.tree_util.tree_map_with_path(lambda path, w: w * factors.get(path[-1].key, 1.0),
                                                           nnx.to_pure_dict(nnx.state(mup, nnx.Param))))
     tokens = text_batch(2, 16)["inputs"]

@@ -9,16 +9,9 @@ import pytest
 from lmjax.config import Config, ConfigError, DataConfig, ModelConfig
 from lmjax.data import ByteTokenizer, DataError, PackedDataset, tokenize
 from lmjax.data.denoising import MaskedLMDataset, SpanCorruptionDataset
-from lmjax.objectives import (
-    causal_lm_loss,
-    check_sentinels,
-    corrupt_spans,
-    fill_in_spans,
-    mask_tokens,
-    noise_span_counts,
-    random_spans_noise_mask,
-    span_corruption_lengths,
-)
+from lmjax.data.objectives import check_sentinels, corrupt_spans, fill_in_spans, mask_tokens, random_spans_noise_mask
+from lmjax.spans import noise_span_counts, span_corruption_lengths
+from lmjax.train.losses import causal_lm_loss
 
 TOKENIZER = ByteTokenizer()
 

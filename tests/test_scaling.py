@@ -23,7 +23,7 @@ from lmjax.scaling.fit import fit_approach2, fit_approach3, read_results
 from lmjax.scaling.memory import activation_bytes_per_token, kv_cache_bytes_per_token, memory_estimate
 from lmjax.scaling.plan import chinchilla_optimal, total_steps
 from lmjax.scaling.sweep import run_sweep, wsd_branches
-from lmjax.train.optimizer import learning_rate_schedule, wsd_decay_start
+from lmjax.train.optimizer import learning_rate_schedule
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -125,8 +125,8 @@ def test_wsd_schedule_by_hand():
     lr = learning_rate_schedule(cfg, 12)
     expected = [0.0, 0.5] + [1.0] * 8 + [1.0 - 0.9 / 3, 1.0 - 1.8 / 3, 0.1]
     assert [float(lr(i)) for i in range(13)] == pytest.approx(expected)
-    assert wsd_decay_start(cfg, 12) == 9  # the last lr == 1.0: the sweep branches WSD runs off there
-    assert wsd_decay_start(cfg, 3) == 2  # decay never starts before warmup ends
+    assert cfg.wsd_decay_start(12) == 9  # the last lr == 1.0: the sweep branches WSD runs off there
+    assert cfg.wsd_decay_start(3) == 2  # decay never starts before warmup ends
     with pytest.raises(ConfigError, match="decay_fraction"):
         OptimConfig(schedule="wsd", decay_fraction=0.0)
 

@@ -10,7 +10,7 @@ from flax import nnx
 from lmjax.checkpoint import SKIP, Checkpointer
 from lmjax.config import MeshConfig, MoEConfig, OptimConfig
 from lmjax.parallel import make_mesh
-from lmjax.train.loggers import read_metrics
+from lmjax.records import read_metrics
 from lmjax.train.loop import train
 from lmjax.train.metrics import peak_flops_per_device
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -124,12 +124,12 @@ def test_weight_decay_by_parameter_role(tiny, family):
     """One AdamW step with zero gradients moves exactly the decayed parameters, by lr * wd * p:
     the stack's matrices, the output head and the router; never embeddings, learned positions,
     relative-bias tables (deliberately: an embedding of distance buckets), norm gains or biases."""
-    from lmjax.models.lm import build_model
+    from lmjax.families import family_of
 
     model_cfg = dataclasses.replace(tiny().model, family=family, tie_embeddings=False, norm="layernorm",
                                     position="learned" if family == "decoder" else "relative",
                                     moe=MoEConfig(n_experts=2, n_shared_experts=1))
-    params = nnx.state(build_model(model_cfg, nnx.Rngs(0)), nnx.Param)
+    params = nnx.state(family_of(model_cfg).build(model_cfg, nnx.Rngs(0)), nnx.Param)
     optim = OptimConfig(lr=0.5, warmup_steps=0, schedule="constant", weight_decay=0.1, clip_norm=None)
     optimizer = make_optimizer(optim, 10, params)
     ones = jax.tree.map(jnp.ones_like, params)  # (zero-initialised biases would not show their decay)

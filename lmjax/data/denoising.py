@@ -15,16 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from lmjax.data.objectives import check_sentinels, corrupt_spans, mask_tokens, random_spans_noise_mask
 from lmjax.data.sources import DataError
 from lmjax.data.tokenizer import Tokenizer
-from lmjax.objectives import (
-    check_sentinels,
-    corrupt_spans,
-    mask_tokens,
-    noise_span_counts,
-    random_spans_noise_mask,
-    span_corruption_lengths,
-)
+from lmjax.spans import noise_span_counts, span_corruption_lengths
 
 
 class MaskedLMDataset:
@@ -95,23 +89,3 @@ def _pad(ids: np.ndarray, length: int, pad_id: int) -> tuple[np.ndarray, np.ndar
     out = np.full(length, pad_id, np.int32)
     out[: len(ids)] = ids
     return out, (np.arange(length) < len(ids)).astype(np.int32)
-
-
-def window_length(cfg) -> int:
-    """Raw tokens per example of the run (cfg: Config): data.seq_len, or for span corruption
-    the longer raw length that corrupts into data.seq_len inputs."""
-    if cfg.model.family != "encoder_decoder":
-        return cfg.data.seq_len
-    return span_corruption_lengths(cfg.data.seq_len, cfg.data.noise_density, cfg.data.mean_noise_span_length)[0]
-
-
-def make_dataset(windows, cfg, tokenizer, seed: int):
-    """The dataset of `cfg.model.family`'s objective over raw `windows` of `window_length(cfg)`
-    tokens (cfg: Config): the windows themselves for the decoder."""
-    family, data = cfg.model.family, cfg.data
-    if family == "encoder":
-        return MaskedLMDataset(windows, tokenizer, data.mlm_probability, seed)
-    if family == "encoder_decoder":
-        return SpanCorruptionDataset(windows, data.seq_len, tokenizer, data.noise_density,
-                                     data.mean_noise_span_length, seed)
-    return windows

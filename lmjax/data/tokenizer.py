@@ -15,6 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
+from lmjax.config import BYTE_VOCAB_SIZE
 from lmjax.data.sources import DataError
 from lmjax.files import file_sha256, write_atomically
 
@@ -72,7 +73,7 @@ class ByteTokenizer:
     name = "bytes"
     path = None
     sha256 = hashlib.sha256(b"lmjax-bytes-v1").hexdigest()
-    vocab_size = 384  # a multiple of 128
+    vocab_size = BYTE_VOCAB_SIZE  # a multiple of 128
     pad_id, bos_id, eos_id, mask_id = 256, 257, 258, 259
     num_sentinels = 124
 

@@ -15,6 +15,7 @@ from lmjax.config import ConfigError, ModelConfig
 from lmjax.interop.rules import Flat, Linear, Same
 
 ARCHITECTURES = ("BertForMaskedLM", "BertForPreTraining")
+PEFT_TASK_TYPE = None  # PEFT has no masked-LM task type
 
 
 def model_config(hf: dict, notes: list[str]) -> ModelConfig:

@@ -25,6 +25,7 @@ from flax import nnx
 
 from lmjax.checkpoint import Checkpointer
 from lmjax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig
+from lmjax.families import family_of
 from lmjax.interop import bert, llama, t5
 from lmjax.interop.tensors import open_checkpoint, save_checkpoint
 from lmjax.interop.tokenizer_files import write_tokenizer
@@ -171,9 +172,7 @@ def _check_tokenizer(hf_dir: Path, model: ModelConfig, notes: list[str]) -> None
 
 
 def _hf_architecture(cfg: ModelConfig):
-    if cfg.family == "decoder":
-        return llama
-    return t5 if cfg.family == "encoder_decoder" else bert
+    return family_of(cfg).hf_architecture
 
 
 def mup_folding_factors(cfg: ModelConfig) -> dict[str, float]:
@@ -221,8 +220,9 @@ def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes:
     tokenizer = load_from_run(run_dir, cfg.data.tokenizer)
     hf_config.update(dtype=cfg.model.param_dtype, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                      pad_token_id=tokenizer.pad_id)
-    if cfg.model.family == "encoder_decoder":
-        hf_config["decoder_start_token_id"] = tokenizer.bos_id  # lmjax decodes targets from bos
+    decoder_start = family_of(cfg.model).decoder_start
+    if decoder_start is not None:
+        hf_config["decoder_start_token_id"] = decoder_start(tokenizer)  # lmjax decodes targets from bos
     hf_dir.mkdir(parents=True, exist_ok=True)
     write_tokenizer(run_dir, tokenizer, hf_dir, cfg.model.max_seq_len, notes)
     save_checkpoint(tensors, hf_dir, max_shard_bytes)

@@ -11,6 +11,7 @@ from lmjax.config import ConfigError, ModelConfig, MoEConfig
 from lmjax.interop.rules import Linear, MixtralExperts, Same
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
+PEFT_TASK_TYPE = "CAUSAL_LM"  # adapter_config.json's task_type (lmjax lora export-peft)
 
 
 def rope_theta(hf: dict) -> float:

@@ -23,8 +23,6 @@ from lmjax.interop.convert import _hf_architecture, _layer_count
 from lmjax.interop.rules import Linear
 from lmjax.lora import path_name
 
-TASK_TYPES = {"decoder": "CAUSAL_LM", "encoder_decoder": "SEQ_2_SEQ_LM"}
-
 
 def export_peft(run_dir: Path, out_dir: Path) -> None:
     """Write `out_dir`/adapter_config.json and adapter_model.safetensors from the newest
@@ -39,7 +37,8 @@ def export_peft(run_dir: Path, out_dir: Path) -> None:
     cfg = load_config(run_dir)
     if not cfg.lora.enabled:
         raise ConfigError(f"{run_dir} is not a LoRA run (lora.rank=0): there are no adapters to export.")
-    rules = _hf_architecture(cfg.model).tensor_rules(cfg.model)
+    architecture = _hf_architecture(cfg.model)
+    rules = architecture.tensor_rules(cfg.model)
     adapters = restore_trained_onto(run_dir, make_mesh(MeshConfig()))[2]
     factors: dict[tuple, dict] = {}
     for path, variable in nnx.to_flat_state(adapters):
@@ -60,7 +59,7 @@ def export_peft(run_dir: Path, out_dir: Path) -> None:
             modules.add(module)
             tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(lora_a)
             tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(lora_b)
-    adapter_config = {"peft_type": "LORA", "task_type": TASK_TYPES.get(cfg.model.family), "r": cfg.lora.rank,
+    adapter_config = {"peft_type": "LORA", "task_type": architecture.PEFT_TASK_TYPE, "r": cfg.lora.rank,
                       "lora_alpha": cfg.lora.alpha, "target_modules": sorted(modules), "lora_dropout": 0.0,
                       "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,
                       "base_model_name_or_path": None, "inference_mode": True}

@@ -15,6 +15,7 @@ from lmjax.config import ConfigError, ModelConfig
 from lmjax.interop.rules import Linear, Same
 
 ARCHITECTURES = ("T5ForConditionalGeneration",)
+PEFT_TASK_TYPE = "SEQ_2_SEQ_LM"  # adapter_config.json's task_type (lmjax lora export-peft)
 _MLP = {"relu": "relu", "gated-gelu": "geglu"}
 
 

@@ -1,6 +1,6 @@
-"""Model families: DecoderLM (causal LM), EncoderLM (masked LM), EncoderDecoderLM (T5).
-Layers and the block stack are shared; `build_model` picks the family of a config."""
+"""The three model families (decoder, encoder, encoder-decoder) and their building blocks.
+Layers and the block stack are shared; `lmjax.families` says which model a config builds."""
 
-from lmjax.models.lm import DecoderLM, EncoderDecoderLM, EncoderLM, build_model
+from lmjax.models.lm import DecoderLM, EncoderDecoderLM, EncoderLM
 
-__all__ = ["DecoderLM", "EncoderDecoderLM", "EncoderLM", "build_model"]
+__all__ = ["DecoderLM", "EncoderDecoderLM", "EncoderLM"]

@@ -266,9 +266,3 @@ class EncoderDecoderLM(_TokenModel):
         x, cache = self.decoder(self._embed(tokens, positions, None), positions, mask, cache=cache, bias=bias,
                                 context_mask=context_mask)
         return self._logits(x), cache
-
-
-def build_model(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
-    """The model of `cfg.family`."""
-    family = {"decoder": DecoderLM, "encoder": EncoderLM, "encoder_decoder": EncoderDecoderLM}[cfg.family]
-    return family(cfg, rngs=rngs)

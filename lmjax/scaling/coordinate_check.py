@@ -21,8 +21,7 @@ from flax import nnx
 
 from lmjax.config import ModelConfig, OptimConfig
 from lmjax.data.tokenizer import ByteTokenizer
-from lmjax.models import build_model
-from lmjax.objectives import predict
+from lmjax.families import family_of
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
 from lmjax.train.state import TrainState
 from lmjax.train.step import make_train_step
@@ -53,7 +52,7 @@ def text_batch(batch_size: int, seq_len: int) -> dict[str, jax.Array]:
 
 def activation_rms(model: nnx.Module, batch: dict) -> jax.Array:
     """RMS of every block's output and of the logits of one forward pass: (n_layers + 1,) float32."""
-    logits = predict(model, batch)
+    logits = family_of(model.cfg).predict(model, batch)
     sown = nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))
     return jnp.append(sown["stack"]["activation_rms"], jnp.sqrt(jnp.mean(jnp.square(logits))))
 
@@ -70,12 +69,12 @@ def coordinate_check(parametrization: str, widths=WIDTHS, seeds=(0, 1, 2), steps
     table = []
     for width in widths:
         cfg = check_model_config(width, parametrization, widths[0], seq_len=seq_len)
-        graphdef, abstract = nnx.split(nnx.eval_shape(lambda cfg=cfg: build_model(cfg, nnx.Rngs(0))))
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda cfg=cfg: family_of(cfg).build(cfg, nnx.Rngs(0))))
         optimizer = make_optimizer(optim, steps, abstract, cfg)
         train_step = make_train_step(graphdef, optimizer, learning_rate_schedule(optim, steps), 1, use_rng=False)
 
         def measured_steps(seed, cfg=cfg, graphdef=graphdef, optimizer=optimizer, train_step=train_step):
-            params = nnx.state(build_model(cfg, nnx.Rngs(jax.random.key(seed))))
+            params = nnx.state(family_of(cfg).build(cfg, nnx.Rngs(jax.random.key(seed))))
             state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), jnp.zeros((2,), jnp.uint32))
 
             def step(state, _):

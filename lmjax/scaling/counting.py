@@ -1,5 +1,9 @@
 """Parameter and FLOP counts computed from a ModelConfig, without building the model.
 
+Every family is counted the same way, from the block stacks its spec lists
+(`lmjax.families.Family.stacks`): embeddings, one final norm (and relative-bias table)
+per stack, each stack's blocks, the output head.
+
 Conventions (also in docs/scaling.md):
 - `params_total` counts every stored weight, tied embeddings once.
 - `params_embedding` counts the token embedding table and learned position table; an
@@ -31,6 +35,7 @@ are counted as embedding parameters):
 from __future__ import annotations
 
 from lmjax.config import Config, ModelConfig
+from lmjax.families import family_of
 
 PETAFLOP_DAY = 1e15 * 24 * 3600  # FLOPs in one petaFLOP/s-day
 
@@ -93,15 +98,18 @@ def stack_params(cfg: ModelConfig, n_layers: int, cross: bool = False) -> tuple[
     return sum(t for t, _ in per_layer) + final, sum(a for _, a in per_layer) + final
 
 
+def relative_bias_params(cfg: ModelConfig) -> int:
+    """The relative-bias tables: (relative_buckets, n_heads) per stack, with position=relative."""
+    tables = len(family_of(cfg).stacks(cfg))
+    return tables * cfg.relative_buckets * cfg.n_heads if cfg.position == "relative" else 0
+
+
 def embedding_params(cfg: ModelConfig) -> int:
     """Token table, learned position table, one relative-bias table per stack, token-type
     table and the norm over the input embeddings."""
-    d = cfg.d_model
-    learned = cfg.max_seq_len * d if cfg.position == "learned" else 0
-    tables = 2 if cfg.family == "encoder_decoder" else 1
-    relative = tables * cfg.relative_buckets * cfg.n_heads if cfg.position == "relative" else 0
-    extras = cfg.token_types * d + (norm_params(cfg) if cfg.embed_norm else 0)
-    return cfg.vocab_size * d + learned + relative + extras
+    learned = cfg.max_seq_len * cfg.d_model if cfg.position == "learned" else 0
+    extras = cfg.token_types * cfg.d_model + (norm_params(cfg) if cfg.embed_norm else 0)
+    return cfg.vocab_size * cfg.d_model + learned + relative_bias_params(cfg) + extras
 
 
 def head_transform_params(cfg: ModelConfig) -> int:
@@ -115,11 +123,9 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     params_active_nonembedding."""
     embedding = embedding_params(cfg)
     output_head = 0 if cfg.tie_embeddings else cfg.d_model * cfg.vocab_size
-    total, active = stack_params(cfg, cfg.n_layers)  # the decoder, or the encoder
-    total, active = total + head_transform_params(cfg), active + head_transform_params(cfg)
-    if cfg.family == "encoder_decoder":
-        decoder_total, decoder_active = stack_params(cfg, cfg.decoder_layers, cross=True)
-        total, active = total + decoder_total, active + decoder_active
+    stacks = [stack_params(cfg, stack.n_layers, stack.cross) for stack in family_of(cfg).stacks(cfg)]
+    total = sum(t for t, _ in stacks) + head_transform_params(cfg)
+    active = sum(a for _, a in stacks) + head_transform_params(cfg)
     return {
         "params_total": embedding + output_head + total,
         "params_active": embedding + output_head + active,
@@ -130,30 +136,17 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     }
 
 
-def _matmul_params_per_token(cfg: ModelConfig) -> int:
-    """Weights one token multiplies by: active non-embedding plus the D x V output head."""
-    return param_counts(cfg)["params_active_nonembedding"] + cfg.d_model * cfg.vocab_size
-
-
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int, decoder_len: int = 0) -> float:
-    """Forward-only model FLOPs per token, a third of `train_flops_per_token`. Decoder, a causal
-    context of `seq_len` tokens: 2 * N_matmul + 2 * L * T * n_heads * head_dim (see the module
-    docstring); encoder and encoder-decoder: a third of `train_flops_per_example` per token."""
-    if cfg.family != "decoder":
-        return train_flops_per_example(cfg, seq_len, decoder_len) / (3 * (seq_len + decoder_len))
-    attention = 2 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
-    return 2.0 * _matmul_params_per_token(cfg) + attention
+    """Forward-only model FLOPs per token, a third of `train_flops_per_token`: for a decoder
+    over a causal context of `seq_len` tokens, 2 * N_matmul + 2 * L * T * n_heads * head_dim
+    (see the module docstring)."""
+    return train_flops_per_example(cfg, seq_len, decoder_len) / (3 * (seq_len + decoder_len))
 
 
 def example_lengths(cfg: Config) -> tuple[int, int]:
     """(encoder or decoder tokens, decoder target tokens) of one training example of the run:
     (seq_len, 0) for the decoder and encoder, (inputs, targets) lengths for span corruption."""
-    if cfg.model.family != "encoder_decoder":
-        return cfg.data.seq_len, 0
-    from lmjax.objectives import span_corruption_lengths
-
-    return cfg.data.seq_len, span_corruption_lengths(cfg.data.seq_len, cfg.data.noise_density,
-                                                     cfg.data.mean_noise_span_length)[1]
+    return family_of(cfg.model).example_lengths(cfg)
 
 
 def tokens_per_step(cfg: Config) -> int:
@@ -168,29 +161,32 @@ def run_flops_per_token(cfg: Config) -> float:
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, decoder_len: int = 0) -> float:
-    """Model FLOPs to train on one token: 3x `forward_flops_per_token`. Decoder at context
-    `seq_len`: 6 * N_matmul + 6 * L * T * n_heads * head_dim (see the module docstring).
-    Encoder and encoder-decoder: `train_flops_per_example`, for an encoder-decoder averaged
-    over the `seq_len` input and `decoder_len` target tokens of one example."""
+    """Model FLOPs to train on one token: `train_flops_per_example` averaged over its
+    `seq_len` + `decoder_len` tokens. Decoder at context `seq_len`: 6 * N_matmul +
+    6 * L * T * n_heads * head_dim (see the module docstring)."""
     return 3.0 * forward_flops_per_token(cfg, seq_len, decoder_len)
 
 
-def train_flops_per_example(cfg: ModelConfig, encoder_len: int, decoder_len: int = 0) -> float:
-    """Training FLOPs of one encoder sequence of `encoder_len` tokens, or one
-    encoder-decoder pair of `encoder_len` inputs and `decoder_len` targets (see the module
-    docstring)."""
-    attention_width = cfg.n_heads * cfg.head_dim
-    head = cfg.d_model * cfg.vocab_size
-    if cfg.family == "encoder":
-        active = param_counts(cfg)["params_active_nonembedding"]
-        return 6.0 * encoder_len * (active + head) + 12.0 * cfg.n_layers * encoder_len**2 * attention_width
-    s, t = encoder_len, decoder_len
-    encoder = stack_params(cfg, cfg.n_layers)[1]
-    cross_kv = cfg.decoder_layers * kv_params(cfg)
-    decoder = stack_params(cfg, cfg.decoder_layers, cross=True)[1] - cross_kv
-    matmuls = 6.0 * (s * encoder + t * (decoder + head) + s * cross_kv)
-    attention = 12 * cfg.n_layers * s * s + 6 * cfg.decoder_layers * t * t + 12 * cfg.decoder_layers * t * s
-    return matmuls + attention * attention_width
+def train_flops_per_example(cfg: ModelConfig, first_len: int, second_len: int = 0) -> float:
+    """Training FLOPs of one example of `first_len` (a decoder's or encoder's sequence, an
+    encoder-decoder's inputs) and `second_len` tokens (an encoder-decoder's targets): for
+    every stack, 6 FLOPs per weight and token it runs over (cross-attention keys and values
+    per context token), attention 12 * L * n * context * D_attn (6 * L * n^2 when causal),
+    and the output head over the last stack's tokens (see the module docstring)."""
+    lengths, width = (first_len, second_len), cfg.n_heads * cfg.head_dim
+    stacks = family_of(cfg).stacks(cfg)
+    flops = 6.0 * lengths[stacks[-1].over_targets] * cfg.d_model * cfg.vocab_size  # the output head
+    for stack in stacks:
+        n = lengths[stack.over_targets]
+        weights = stack_params(cfg, stack.n_layers, stack.cross)[1]
+        attention = (6 if stack.causal else 12) * n * n
+        if stack.cross:  # keys and values of the context (the first stack's output), once per context token
+            cross_kv = stack.n_layers * kv_params(cfg)
+            weights -= cross_kv
+            flops += 6.0 * first_len * cross_kv
+            attention += 12 * n * first_len
+        flops += 6.0 * n * weights + stack.n_layers * attention * width
+    return flops
 
 
 def to_petaflop_days(flops: float) -> float:

@@ -8,8 +8,10 @@ moments are float32 like it. Activations and the KV cache are in `model.dtype`.
 Sharding follows `lmjax.axis_rules.LOGICAL_AXIS_RULES`: weight matrices have an `embed`
 axis (fsdp) and a heads/mlp/vocab axis (tensor), so they are divided by fsdp x tensor;
 routed experts are further divided by the expert axis; norm scales, the router and the
-learned position table (`embed` only) by fsdp. The batch is divided by data x fsdp x
-expert. Rounding of uneven shards is ignored.
+learned position table (`embed` only) by fsdp; the relative-bias tables (`heads`) by
+tensor. The blocks are those of every stack the family spec lists (an encoder-decoder's
+decoder blocks with their cross-attention included). The batch is divided by data x fsdp
+x expert. Rounding of uneven shards is ignored.
 
 Activations saved for the backward pass, per layer and per token, in elements (our own
 count for lmjax's block, following the method of Korthikanti et al. 2022, "Reducing
@@ -42,7 +44,8 @@ from __future__ import annotations
 import math
 
 from lmjax.config import Config, ModelConfig
-from lmjax.scaling.counting import attention_params, mlp_params, norm_params
+from lmjax.families import family_of
+from lmjax.scaling.counting import attention_params, mlp_params, norm_params, relative_bias_params
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -61,18 +64,21 @@ def param_elements_per_device(m: ModelConfig, sizes: dict[str, int]) -> float:
     """Weights each device stores under the sharding rules (see the module docstring)."""
     fsdp, tensor, expert = sizes["fsdp"], sizes["tensor"], sizes["expert"]
     matrices = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
-    vectors = norm_params(m) + (m.max_seq_len * m.d_model if m.position == "learned" else 0)
+    vectors = m.max_seq_len * m.d_model if m.position == "learned" else 0
     experts = 0
-    for layer in range(m.n_layers):
-        matrices += attention_params(m)
-        vectors += 2 * norm_params(m)
-        if m.is_moe_layer(layer):
-            vectors += m.d_model * m.moe.n_experts  # router
-            experts += m.moe.n_experts * mlp_params(m, m.expert_d_ff)
-            matrices += m.moe.n_shared_experts * mlp_params(m, m.expert_d_ff)
-        else:
-            matrices += mlp_params(m, m.d_ff)
-    return matrices / (fsdp * tensor) + experts / (fsdp * tensor * expert) + vectors / fsdp
+    for stack in family_of(m).stacks(m):
+        vectors += norm_params(m)  # the stack's final norm
+        for layer in range(stack.n_layers):
+            matrices += attention_params(m) * (2 if stack.cross else 1)
+            vectors += (3 if stack.cross else 2) * norm_params(m)
+            if m.is_moe_layer(layer):
+                vectors += m.d_model * m.moe.n_experts  # router
+                experts += m.moe.n_experts * mlp_params(m, m.expert_d_ff)
+                matrices += m.moe.n_shared_experts * mlp_params(m, m.expert_d_ff)
+            else:
+                matrices += mlp_params(m, m.d_ff)
+    return (matrices / (fsdp * tensor) + experts / (fsdp * tensor * expert) + vectors / fsdp
+            + relative_bias_params(m) / tensor)
 
 
 def activation_bytes_per_token(m: ModelConfig, seq_len: int, remat: str | None = None, tensor: int = 1) -> float:
@@ -114,15 +120,17 @@ def kv_cache_bytes_per_token(m: ModelConfig) -> int:
     """Decoding-cache bytes per cached position: 2 (keys and values) * decoding layers *
     kv_heads * head_dim * bytes(model.dtype). Decoding layers: n_layers for a decoder,
     n_decoder_layers for an encoder-decoder (whose cross-attention cache holds as much per
-    encoder position as its self-attention cache per target), none for an encoder."""
-    layers = {"decoder": m.n_layers, "encoder": 0, "encoder_decoder": m.decoder_layers}[m.family]
+    encoder position as its self-attention cache per target), none for an encoder: the layers
+    of the family's causal stacks."""
+    layers = sum(stack.n_layers for stack in family_of(m).stacks(m) if stack.causal)
     return 2 * layers * m.kv_heads * m.head_dim * DTYPE_BYTES[m.dtype]
 
 
 def kv_cache_positions(m: ModelConfig) -> int:
     """Cached positions of one sequence of model.max_seq_len tokens: the context of a decoder;
     the targets and the encoder inputs (cross-attention) of an encoder-decoder."""
-    return m.max_seq_len * (2 if m.family == "encoder_decoder" else 1)
+    cross = any(stack.cross for stack in family_of(m).stacks(m) if stack.causal)
+    return m.max_seq_len * (2 if cross else 1)
 
 
 def lora_training_bytes(cfg: Config, sizes: dict[str, int]) -> tuple[float, float]:

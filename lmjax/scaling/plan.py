@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from lmjax.config import Config, ConfigError
+from lmjax.hardware import PEAK_FLOPS
 from lmjax.scaling.counting import (
     example_lengths,
     forward_flops_per_token,
@@ -72,9 +73,7 @@ def load_law(path: str | Path) -> dict:
 
 
 def peak_flops(hardware: str, dtype: str) -> float:
-    """Dense peak FLOP/s of one device of the named hardware (lmjax.train.metrics.PEAK_FLOPS)."""
-    from lmjax.train.metrics import PEAK_FLOPS
-
+    """Dense peak FLOP/s of one device of the named hardware (lmjax.hardware.PEAK_FLOPS)."""
     for name, peaks in PEAK_FLOPS.items():
         if name.lower() == hardware.lower():
             return peaks[dtype]

@@ -26,6 +26,7 @@ from pathlib import Path
 from lmjax.config import Config, ConfigError, override
 from lmjax.experiment import load_experiment, load_experiment_module
 from lmjax.files import write_atomically, write_json_atomically
+from lmjax.records import read_metrics
 from lmjax.scaling.counting import param_counts, run_flops_per_token, tokens_per_step
 from lmjax.scaling.plan import total_steps
 
@@ -142,13 +143,11 @@ def _grow_trunk(sweep, run, cfg, sweep_dir, configs, train, log) -> None:
     decaying, then copy that step's checkpoint into `run`'s directory. The trunk keeps the
     checkpoint of every branch point (and saves no others), so a branch can start from it
     whichever branch grew the trunk further first."""
-    from lmjax.train.optimizer import wsd_decay_start
-
     branches = [r for r in sweep.runs if r.trunk == run.trunk]
     longest = max((configs[r.name] for r in branches), key=total_steps)
     trunk_dir = sweep_dir / run.trunk
     steps = total_steps(cfg)
-    branch_step = wsd_decay_start(cfg.optim, steps)
+    branch_step = cfg.optim.wsd_decay_start(steps)
     if branch_step == 0:
         return
     trunk_cfg = override(longest, [f"train.run_dir={trunk_dir}", f"train.halt_at_step={branch_step}",
@@ -169,8 +168,6 @@ def _grow_trunk(sweep, run, cfg, sweep_dir, configs, train, log) -> None:
 
 
 def _write_result(cfg: Config, run_dir: Path, summary: dict) -> None:
-    from lmjax.train.loggers import read_metrics
-
     counts = param_counts(cfg.model)
     steps = total_steps(cfg)
     tokens = steps * tokens_per_step(cfg)

@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
 from lmjax.config import Config
 from lmjax.files import write_atomically
+from lmjax.records import read_records
 
 
 class MetricsLogger:
@@ -91,39 +91,12 @@ def environment() -> dict:
     }
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """All records of `<run_dir>/metrics.jsonl`, in order."""
-    return _read_records(Path(run_dir) / "metrics.jsonl")
-
-
-def _read_records(path: Path) -> list[dict]:
-    """The JSON lines of `path`; a last line cut off mid-write (a killed run) is left out."""
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = [json.loads(line) for line in lines[:-1]]
-    try:
-        return records + [json.loads(line) for line in lines[-1:]]
-    except json.JSONDecodeError:
-        return records
-
-
 def _drop_records_after(path: Path, step: int) -> None:
     """Rewrite the JSONL file `path` (atomically) without the records of steps after `step`."""
-    records = _read_records(path)
+    records = read_records(path)
     kept = [r for r in records if r["step"] <= step]
     if len(kept) < len(records) or (path.exists() and not path.read_text().endswith("\n")):
         write_atomically(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
-
-
-def read_routing(run_dir: Path) -> dict:
-    """`<run_dir>/routing.jsonl` of a MoE run as arrays: "step" (S,) and each routing
-    statistic stacked over log steps, e.g. "load" (S, L_moe, E), "dropped" (S, L_moe)."""
-    path = Path(run_dir) / "routing.jsonl"
-    records = _read_records(path)
-    if not records:
-        return {}
-    return {key: np.asarray([r[key] for r in records]) for key in records[0]}
 
 
 def progress_bar(total: int, initial: int, enabled: bool):

@@ -22,9 +22,12 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from lmjax.config import Config
+from lmjax.families import family_of
+from lmjax.records import read_metrics
 from lmjax.scaling.counting import example_lengths, param_counts, run_flops_per_token, tokens_per_step
 from lmjax.train import loggers
 from lmjax.train.evaluate import evaluate
@@ -128,7 +131,7 @@ def save_checkpoint(run: Run, metrics: dict = None, routing: dict = None) -> Non
     """The checkpointing hook: save the state and the data iterator's position at `run.step`
     (asynchronously), unless that step is saved already."""
     if run.checkpointer.latest_step() != run.step:  # a stop right after a periodic save has nothing new
-        run.checkpointer.save(run.step, run.state, run.batches.state(), run.cfg.to_dict())
+        run.checkpointer.save(run.step, run.state, run.data_state(), run.cfg.to_dict())
 
 
 class StopRequest:
@@ -234,42 +237,15 @@ def finish(run: Run, validate: Validate) -> dict:
 
 
 def finish_run(cfg: Config, run_dir: Path, graphdef, host_params, tokenizer, val_set) -> None:
-    """Write loss.png and print (and save) a sample from the trained model, whose weights
-    `host_params` are numpy arrays on this host: a continuation of train.sample_prompt for
-    a decoder, the spans of the first validation example filled in for an encoder-decoder,
-    none for an encoder."""
-    from flax import nnx
-
-    from lmjax.generate import generate
+    """Write loss.png and print (and save) the family's sample from the trained model, whose
+    weights `host_params` are numpy arrays on this host (none: no sample)."""
     from lmjax.train.plots import plot_loss_curves
 
-    plot_loss_curves(loggers.read_metrics(run_dir), run_dir / "loss.png")
+    plot_loss_curves(read_metrics(run_dir), run_dir / "loss.png")
     loggers.console(f"loss curve: {run_dir / 'loss.png'}")
-    if cfg.train.sample_tokens == 0 or cfg.model.family == "encoder":
+    sample = family_of(cfg.model).sample
+    if host_params is None or sample is None:
         return
-    if cfg.model.family == "encoder_decoder":
-        text = fill_in_sample(nnx.merge(graphdef, host_params), val_set[0], tokenizer, cfg.train.sample_tokens)
-        (run_dir / "sample.txt").write_text(text)
-        loggers.console("sample:\n" + text)
-        return
-    prompt = tokenizer.encode(cfg.train.sample_prompt)
-    new_tokens = min(cfg.train.sample_tokens, cfg.model.max_seq_len - len(prompt))
-    model = nnx.merge(graphdef, host_params)
-    ids = generate(model, [prompt], new_tokens, seed=cfg.train.seed, temperature=cfg.train.sample_temperature)[0]
-    text = cfg.train.sample_prompt + tokenizer.decode(ids)
+    text = sample(nnx.merge(graphdef, host_params), cfg, tokenizer, val_set)
     (run_dir / "sample.txt").write_text(text)
     loggers.console("sample:\n" + text)
-
-
-def fill_in_sample(model, example: dict, tokenizer, max_new_tokens: int) -> str:
-    """A span-corruption example's corrupted input, the model's greedy targets and the true
-    ones, as text with sentinels spelled <extra_id_N>."""
-    from lmjax.generate import generate
-
-    inputs = example["encoder_inputs"][example["encoder_segment_ids"] == 1]
-    targets = example["targets"][example["loss_mask"] == 1]
-    new_tokens = min(max_new_tokens, model.cfg.max_seq_len)
-    generated = generate(model, [inputs], new_tokens, temperature=0.0, stop_tokens=(tokenizer.eos_id,),
-                         start_token=tokenizer.bos_id)[0]
-    show = tokenizer.decode_with_sentinels
-    return f"input:     {show(inputs)}\npredicted: {show(generated)}\ntrue:      {show(targets)}\n"

@@ -2,7 +2,8 @@
 
 MFU = model FLOPs per second / (peak FLOP/s per device x devices), with model FLOPs from
 `lmjax.scaling.counting.train_flops_per_token`. Peaks are the vendors' dense numbers for
-known accelerators; for a CPU, the peak is measured once by a float32 matmul probe.
+known accelerators (`lmjax.hardware.PEAK_FLOPS`); for a CPU, the peak is measured once by a
+float32 matmul probe.
 """
 
 from __future__ import annotations
@@ -13,21 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-# Dense peak FLOP/s per device (bfloat16 / float32 matmul), from the vendors' data sheets.
-PEAK_FLOPS = {
-    "H100": {"bfloat16": 989e12, "float32": 494e12},  # SXM; fp32 via TF32 tensor cores
-    "H200": {"bfloat16": 989e12, "float32": 494e12},
-    "A100": {"bfloat16": 312e12, "float32": 156e12},
-    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
-    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},  # v5e
-    "TPU v5e": {"bfloat16": 197e12, "float32": 197e12},
-    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
-    "TPU v5": {"bfloat16": 459e12, "float32": 459e12},
-}
-
-
-# Peak memory bandwidth per device (bytes/s), from the vendors' data sheets.
-PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+from lmjax.hardware import PEAK_FLOPS
 
 
 @functools.cache

@@ -20,22 +20,15 @@ from lmjax.config import ModelConfig, OptimConfig
 DECAYED_ROLES = ("hidden", "output")
 
 
-def wsd_decay_start(cfg: OptimConfig, total_steps: int) -> int:
-    """The step where a warmup-stable-decay schedule's final linear decay begins: the last
-    round(decay_fraction * total_steps) steps (at least 1) decay, but never before warmup ends."""
-    warmup = min(cfg.warmup_steps, total_steps)
-    return total_steps - min(max(1, round(cfg.decay_fraction * total_steps)), total_steps - warmup)
-
-
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `cfg.lr` over `warmup_steps`, then cosine/linear decay to
     `lr * min_lr_ratio` at `total_steps` (or constant); "wsd" stays at `lr` until
-    `wsd_decay_start` and decays linearly to `lr * min_lr_ratio` over the remaining steps."""
+    `optim.wsd_decay_start(total_steps)` and decays linearly to `lr * min_lr_ratio` over the remaining steps."""
     warmup = min(cfg.warmup_steps, total_steps)
     decay_steps = max(total_steps - warmup, 1)
     end = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "wsd":
-        start = wsd_decay_start(cfg, total_steps)
+        start = cfg.wsd_decay_start(total_steps)
         pieces = [optax.linear_schedule(0.0, cfg.lr, warmup), optax.constant_schedule(cfg.lr),
                   optax.linear_schedule(cfg.lr, end, max(total_steps - start, 1))]
         return optax.join_schedules(pieces, [warmup, start])

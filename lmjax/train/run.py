@@ -36,7 +36,7 @@ from lmjax.data import (
     save_to_run,
     split_documents,
 )
-from lmjax.data.denoising import make_dataset, window_length
+from lmjax.families import family_of
 from lmjax.files import file_sha256, write_json_atomically
 from lmjax.parallel import batch_sharding, global_batch, local_batch_rows, make_mesh, validate_layout
 from lmjax.scaling.plan import total_steps
@@ -45,6 +45,10 @@ from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
 from lmjax.train.state import TrainState, abstract_model, abstract_train_state, init_train_state
 from lmjax.train.step import make_train_step
 from lmjax.xla_setup import enable_compilation_cache
+
+# How examples are built from the data, recorded with every checkpoint. 2: a mixture's parts are
+# wrapped in the family's objective one by one, so the mixture weights apply to examples.
+DATA_ORDER_VERSION = 2
 
 
 @dataclass
@@ -76,6 +80,10 @@ class Run:
     compile_seconds: float
     main_process: bool
     frozen: nnx.State | None = None  # a LoRA run's base weights, which `state.params` adapts
+
+    def data_state(self) -> dict:
+        """The data iterator's position, and how examples are built (DATA_ORDER_VERSION)."""
+        return {**self.batches.state(), "data_order": DATA_ORDER_VERSION}
 
     def next_batch(self) -> dict:
         """The next global batch: this process's rows, assembled into sharded jax.Arrays."""
@@ -127,6 +135,8 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
         saved = checkpointer.saved_config()  # the settings the newest checkpoint was written with
         changes = check_resumable(cfg, saved, new_data_order)
         check_same_tokenizer(tokenizer, run_dir)
+        if not new_data_order:
+            check_data_order(cfg, checkpointer.restore_data())
 
     def optimizer_for(params):
         return make_optimizer(cfg.optim, steps, params, cfg.model)
@@ -239,7 +249,7 @@ def load_datasets(cfg: Config, tokenizer=None) -> tuple[PackedDataset | Mixture,
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} ids; set model.vocab_size={padded_vocab_size(tokenizer.vocab_size)} "
                           "(padded to a multiple of 128).")
-    window = window_length(cfg)  # raw tokens per example (span corruption draws more than seq_len)
+    window = family_of(cfg.model).window_length(cfg)  # raw tokens per example (span corruption draws more)
     if cfg.data.path is None:
         documents = load_documents(cfg.data.source, cfg.data.text_field, cfg.data.max_bytes)
         train_stream, val_stream = split_documents(documents, tokenizer, cfg.data.val_fraction, cfg.data.seed)
@@ -257,13 +267,35 @@ def load_datasets(cfg: Config, tokenizer=None) -> tuple[PackedDataset | Mixture,
             weights.append(weight)
         train_set = parts[0] if len(parts) == 1 else Mixture(parts, weights)
         val_set = tails[0] if len(tails) == 1 else Concat(tails)
-    train_set = make_dataset(train_set, cfg, tokenizer, cfg.data.seed)  # the family's objective
-    val_set = make_dataset(val_set, cfg, tokenizer, cfg.data.seed + 1)
+    train_set, val_set = family_examples(train_set, cfg, tokenizer, cfg.data.seed), family_examples(
+        val_set, cfg, tokenizer, cfg.data.seed + 1)
     if len(val_set) < cfg.train.batch_size:
         raise DataError(f"the validation split has {len(val_set)} sequences of data.seq_len={cfg.data.seq_len}, "
                         f"fewer than train.batch_size={cfg.train.batch_size}; raise data.val_fraction or use more "
                         "data.")
     return train_set, val_set, tokenizer
+
+
+def family_examples(windows, cfg: Config, tokenizer, seed: int):
+    """The examples of the family's objective over raw `windows` (a dataset or a Mixture): a
+    Mixture's parts are wrapped one by one, so that its weights still apply to examples."""
+    examples = family_of(cfg.model).examples
+    if examples is None:
+        return windows
+    if isinstance(windows, Mixture):
+        return windows.map(lambda part: examples(part, cfg, tokenizer, seed))
+    return examples(windows, cfg, tokenizer, seed)
+
+
+def check_data_order(cfg: Config, data_state: dict) -> None:
+    """Raise ConfigError if the checkpoint's data order was built otherwise than now: before
+    DATA_ORDER_VERSION 2 a mixture was wrapped whole in the family's objective, so its
+    weights were ignored and resuming would draw other examples."""
+    saved = data_state.get("data_order", 1)
+    if saved < DATA_ORDER_VERSION and family_of(cfg.model).examples is not None and len(cfg.data.mixture()) > 1:
+        raise ConfigError(f"cannot resume: this {cfg.model.family} run on a data.path mixture was saved with data "
+                          f"order version {saved}, which ignored the mixture weights; its data order would change: "
+                          "start a new run, or accept a new data order with --new-data-order.")
 
 
 def check_sample_prompt(cfg: Config, tokenizer) -> None:

@@ -11,12 +11,12 @@ import numpy as np
 from lmjax.checkpoint import SKIP, Checkpointer
 from lmjax.config import Config, ConfigError, MeshConfig, override
 from lmjax.data import DataError, PackedDataset, load_documents, load_from_run, tokenize
-from lmjax.data.denoising import make_dataset, window_length
+from lmjax.families import family_of
 from lmjax.parallel import batch_sharding, make_mesh
 from lmjax.scaling.plan import total_steps
 from lmjax.train.evaluate import evaluate
 from lmjax.train.optimizer import make_optimizer
-from lmjax.train.run import load_datasets
+from lmjax.train.run import family_examples, load_datasets
 from lmjax.train.state import abstract_train_state
 
 
@@ -100,8 +100,8 @@ def evaluate_run(run_dir: Path, max_batches: int | None = None, data_source: str
         _, dataset, tokenizer = load_datasets(cfg, tokenizer)
     else:
         documents = load_documents(data_source, cfg.data.text_field, cfg.data.max_bytes)
-        windows = PackedDataset(tokenize(documents, tokenizer), window_length(cfg))
-        dataset = make_dataset(windows, cfg, tokenizer, cfg.data.seed + 1)
+        windows = PackedDataset(tokenize(documents, tokenizer), family_of(cfg.model).window_length(cfg))
+        dataset = family_examples(windows, cfg, tokenizer, cfg.data.seed + 1)
         if len(dataset) < cfg.train.batch_size:
             raise DataError(f"{data_source} holds {len(dataset)} sequences of data.seq_len={cfg.data.seq_len}, "
                             f"fewer than one batch of train.batch_size={cfg.train.batch_size}.")

@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmjax.config import LoRAConfig, ModelConfig
-from lmjax.models import build_model
+from lmjax.families import family_of
 from lmjax.parallel import state_shardings
 
 
@@ -31,7 +31,7 @@ class TrainState(NamedTuple):
 
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, abstract params) of the model of cfg.family, without allocating any weights."""
-    return nnx.split(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0))))
+    return nnx.split(nnx.eval_shape(lambda: family_of(cfg).build(cfg, nnx.Rngs(0))))
 
 
 def _init_fn(cfg: ModelConfig, make_optimizer, lora: LoRAConfig | None = None):
@@ -48,7 +48,7 @@ def _init_fn(cfg: ModelConfig, make_optimizer, lora: LoRAConfig | None = None):
             return init_adapters(lora, abstract_params, seed)
     else:
         def build(seed):
-            return nnx.state(build_model(cfg, nnx.Rngs(seed)))
+            return nnx.state(family_of(cfg).build(cfg, nnx.Rngs(seed)))
     optimizer = make_optimizer(jax.eval_shape(lambda: build(0)))
 
     def init(seed):

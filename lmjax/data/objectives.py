@@ -1,55 +1,23 @@
-"""Training objectives of the three families, as pure numpy batch builders and one loss.
+"""Batch builders of the encoder objectives, as pure numpy on one sequence.
 
-- causal LM (decoder): predict token t + 1 from tokens <= t.
+- causal LM (decoder): predict token t + 1 from tokens <= t; its batches are the packed
+  windows themselves (`lmjax.data.pipeline.PackedDataset`).
 - masked LM (encoder, BERT): select a share of the tokens; of those, replace 80% by the
   mask token, 10% by a random token, keep 10%; predict the originals at the selected
   positions only.
 - span corruption (encoder-decoder, T5): replace random spans of the raw tokens by
-  sentinels in the inputs; the targets list each span after its sentinel.
+  sentinels in the inputs; the targets list each span after its sentinel. The lengths
+  are `lmjax.spans`.
 
-All three end in the same masked cross-entropy over (targets, loss_mask); `predict` runs
-the model of any family on its batch.
+All three end in the same masked cross-entropy over (targets, loss_mask)
+(`lmjax.train.losses`).
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-
-def token_losses(logits, targets, loss_mask):
-    """Cross-entropy (nats) of every position, 0 where loss_mask is 0.
-
-    logits (B, T, V) float32; targets (B, T) int; loss_mask (B, T) float -> (B, T) float32.
-    """
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    return losses * loss_mask
-
-
-def causal_lm_loss(logits, targets, loss_mask):
-    """Summed cross-entropy and the number of tokens it covers (every family's loss).
-
-    logits (B, T, V) float32; targets (B, T) int; loss_mask (B, T) float (1 = counts).
-    Returns (loss_sum in nats, token_count), both float32 scalars, so callers can average
-    exactly across micro-batches and devices.
-    """
-    return jnp.sum(token_losses(logits, targets, loss_mask)), jnp.sum(loss_mask)
-
-
-def predict(model, batch: dict, dropout_key=None):
-    """Logits (B, T, V) float32 of `model` on a batch of its family; T is the targets' length.
-
-    decoder and encoder batches: inputs, positions, segment_ids (B, T) (segment_ids may be left
-    out when every row is one sequence: fused attention kernels then need no mask). encoder_decoder
-    batches: encoder_inputs, encoder_segment_ids (B, S) and decoder_inputs,
-    decoder_segment_ids (B, T).
-    """
-    if model.cfg.family == "encoder_decoder":
-        return model(batch["encoder_inputs"], batch["decoder_inputs"], batch["encoder_segment_ids"],
-                     batch["decoder_segment_ids"], dropout_key)
-    return model(batch["inputs"], batch["positions"], batch.get("segment_ids"), dropout_key)
-
+from lmjax.spans import noise_span_counts
 
 # ---------------------------------------------------------------- masked LM (BERT)
 
@@ -83,52 +51,6 @@ def mask_tokens(tokens, selectable, rng: np.random.Generator, mlm_probability: f
 
 
 # ---------------------------------------------------------------- span corruption (T5)
-
-def noise_span_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
-    """(noise tokens, noise spans) of a raw sequence of `length` tokens, as T5 counts them:
-    round(length * density) noise tokens in round(noise tokens / mean span length) spans
-    (at least one). Raises ValueError when the sequence cannot hold one noise span."""
-    n_noise, n_spans = _span_counts(length, noise_density, mean_noise_span_length)
-    if n_noise < 1:
-        raise ValueError(f"a sequence of {length} tokens is too short to hold one noise span at noise density "
-                         f"{noise_density} (it rounds to 0 noise tokens); use longer sequences (data.seq_len) or "
-                         "a higher data.noise_density.")
-    if length - n_noise < n_spans:
-        raise ValueError(f"{n_spans} noise spans of {length} tokens at noise density {noise_density} leave only "
-                         f"{length - n_noise} kept tokens, too few to separate them; lower data.noise_density or "
-                         "raise data.mean_noise_span_length.")
-    return n_noise, n_spans
-
-
-def _span_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
-    n_noise = round(length * noise_density)
-    return n_noise, max(1, round(n_noise / mean_noise_span_length))
-
-
-def _corrupted_lengths(raw_length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
-    """(inputs, targets) lengths after corrupting `raw_length` tokens: the kept tokens plus one
-    sentinel per span plus eos; the noise tokens plus one sentinel per span plus eos."""
-    n_noise, n_spans = _span_counts(raw_length, noise_density, mean_noise_span_length)
-    return raw_length - n_noise + n_spans + 1, n_noise + n_spans + 1
-
-
-def span_corruption_lengths(inputs_length: int, noise_density: float,
-                            mean_noise_span_length: float) -> tuple[int, int]:
-    """(raw tokens to draw, targets length) so that corrupted inputs fit in `inputs_length`.
-
-    The largest raw length whose corrupted inputs (eos included) still fit, as T5's
-    `random_spans_helper` finds it: 512 inputs at density 0.15 and mean span 3 take 568 raw
-    tokens and give 114 targets. (T5's adjustment for density 0.5 is applied too.)
-    """
-    raw = inputs_length - 1
-    while _corrupted_lengths(raw + 1, noise_density, mean_noise_span_length)[0] <= inputs_length:
-        raw += 1
-    _, targets_length = _corrupted_lengths(raw, noise_density, mean_noise_span_length)
-    if noise_density == 0.5 and targets_length > inputs_length:
-        raw, targets_length = raw - 1, targets_length - 1
-    noise_span_counts(raw, noise_density, mean_noise_span_length)  # raises if no noise span fits
-    return raw, targets_length
-
 
 def _random_partition(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
     """`parts` positive integers summing to `total`, every such composition equally likely."""
