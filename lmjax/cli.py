@@ -2,6 +2,7 @@
 
     lmjax train [EXPERIMENT] [--set section.field=value ...] [--resume RUN_DIR | --init-from RUN_DIR] [--fresh]
     lmjax eval RUN_DIR [--json] [--max-batches N] [--data SOURCE] [--token-losses FILE.npy]
+    lmjax eval RUN_DIR --tasks NAME_OR_YAML[,...] [--limit N] [--json]   (lm-evaluation-harness)
     lmjax generate RUN_DIR --prompt TEXT [--temperature T --top-k K --top-p P --max-new-tokens N]
         (an encoder_decoder run fills in each <extra_id_N> of the prompt)
     lmjax plan [EXPERIMENT] [--set ...] [--budget-flops C | --budget-pfdays X] [--law LAW.json] [--json]
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", metavar="SOURCE", help="evaluate on all of this data source instead of the "
                           "run's validation split (stdlib, a file, a directory, an HF dataset on disk)")
     evaluate.add_argument("--token-losses", metavar="FILE.npy", help="save every position's loss (nats)")
+    evaluate.add_argument("--tasks", metavar="NAME_OR_YAML[,...]", help="run lm-evaluation-harness tasks instead: "
+                          "task YAML files whose data are on disk (e.g. experiments/lm_eval/python_stdlib/"
+                          "python_stdlib.yaml) or names of tasks lm-eval knows")
+    evaluate.add_argument("--limit", type=int, default=None, help="with --tasks: the first N examples of each task")
 
     generate = commands.add_parser("generate", help="continue prompts with a trained model (KV-cache decoding); "
                                    "an encoder_decoder run fills in the prompt's <extra_id_0>, <extra_id_1>, ...")
@@ -280,6 +285,8 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    if args.tasks is not None:
+        return cmd_eval_tasks(args)
     from lmjax.train.run_eval import evaluate_run
 
     if args.max_batches is not None and args.max_batches < 1:
@@ -294,6 +301,19 @@ def cmd_eval(args) -> None:
         print(json.dumps(result))
     else:
         print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+
+
+def cmd_eval_tasks(args) -> None:
+    from lmjax.harness import evaluate_tasks
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {args.limit}.")
+    results = evaluate_tasks(Path(args.run_dir), args.tasks, args.limit)
+    if args.json:
+        print(json.dumps(results, default=str))
+        return
+    for task, metrics in results.items():
+        print(task + "  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
 
 def cmd_generate(args) -> None:

@@ -26,7 +26,7 @@ def run_cli(capsys, *args):
 
 @pytest.mark.parametrize("args, message", [
     (["train", "no_such_experiment"],
-     "unknown experiment 'no_such_experiment'; known experiments: decoder_narrow, decoder_tiny"),
+     "unknown experiment 'no_such_experiment'; known experiments: bert_tiny, decoder_narrow, decoder_tiny"),
     (["train", "--set", "model.colour=red"], "unknown config key 'model.colour'"),
     (["train", "--set", "model.d_model=wide"], "model.d_model: cannot use 'wide'"),
     (["train", "--set", "model.n_heads=3"], "does not divide model.d_model"),

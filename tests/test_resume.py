@@ -20,7 +20,7 @@ def run_cli(capsys, *args):
     return code, out.out, out.err
 
 
-def test_refused_resume_changes_nothing_and_allowed_changes_are_recorded(capsys, tmp_path):
+def test_resume_refuses_without_changing_anything_records_changes_and_keeps_each_step_once(capsys, tmp_path):
     run = tmp_path / "run"
     assert run_cli(capsys, "train", *TINY, "--set", f"train.run_dir={run}", "--set", "train.halt_at_step=2")[0] == 0
     saved = (run / "config.json").read_bytes()
@@ -48,16 +48,12 @@ def test_refused_resume_changes_nothing_and_allowed_changes_are_recorded(capsys,
     code, out, _ = run_cli(capsys, "train", *TINY, "--set", f"train.run_dir={run}", "--fresh")
     assert code == 0 and "resumed" not in out and "--fresh: deleted" in out
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
-
-
-def test_after_a_crash_and_resume_each_step_appears_once(capsys, tmp_path):
-    run = tmp_path / "run"
-    assert run_cli(capsys, "train", *TINY, "--set", f"train.run_dir={run}", "--set", "train.halt_at_step=5")[0] == 0
-    # as if the process had died after logging step 5, its newest save being step 4 (a cut-off line too)
-    shutil.rmtree(run / "checkpoints" / "5")
+    # as if the process had died after logging step 6, its newest save being step 4 (a cut-off line too):
+    # the same command continues from step 4, and each step appears once
+    shutil.rmtree(run / "checkpoints" / "6")
     with (run / "metrics.jsonl").open("a") as f:
-        f.write('{"step": 6, "lo')
-    code, out, _ = run_cli(capsys, "train", "--resume", str(run), "--set", "train.halt_at_step=none")
+        f.write('{"step": 7, "lo')
+    code, out, _ = run_cli(capsys, "train", *TINY, "--set", f"train.run_dir={run}")
     assert code == 0 and "resumed at step 4" in out
     records = read_metrics(run)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]

@@ -144,14 +144,15 @@ def launch(env, tmp_path, name: str) -> int:
                   f"--output={tmp_path}/{name}-%j.out", str(LAUNCHER), *TINY)
 
 
-def test_slurm_job_trains_stops_on_scancel_and_resubmission_ends_bit_for_bit_equal(slurm, tmp_path):
+def test_slurm_job_stops_on_sigterm_requeues_when_warned_and_ends_bit_for_bit_equal(slurm, tmp_path):
     uninterrupted = launch(slurm, tmp_path, "uninterrupted")
     stopped = launch(slurm, tmp_path, "stopped")
     run = tmp_path / "stopped"
     deadline = time.time() + 300
     while time.time() < deadline and max([0] + [r["step"] for r in read_metrics(run)]) < 3:
         time.sleep(0.1)
-    subprocess.run(["scancel", "--signal=TERM", str(stopped)], env=slurm, check=True)
+    for sig in ("TERM", "TERM", "CONT"):  # what a time limit sends (scancel --signal signals the tasks alone)
+        subprocess.run(["scancel", f"--signal={sig}", str(stopped)], env=slurm, check=True)
     wait_for(slurm, stopped)
     output = (tmp_path / f"stopped-{stopped}.out").read_text()
     steps = re.findall(r"run stopped at step (\d+)", output)
