@@ -70,7 +70,8 @@ def main():
         corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
         start = time.perf_counter()
         bpe = train_tokenizer(documents[: len(documents) // 4], root / "bpe.json", args.vocab_size, "bpe")
-        print(f"tokenizer: trained a {args.vocab_size}-id BPE on {args.mb // 4} MiB in {time.perf_counter() - start:.1f} s")
+        seconds = time.perf_counter() - start
+        print(f"tokenizer: trained a {args.vocab_size}-id BPE on {args.mb // 4} MiB in {seconds:.1f} s")
         for tokenizer in ("bytes", str(bpe)):
             for workers in sorted({1, cores}):
                 bench_prepare(str(corpus), tokenizer, root / f"{Path(tokenizer).stem}-{workers}", workers)

@@ -26,10 +26,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from moe_vs_dense import PAIRS  # noqa: E402  (bench/, the script's folder)
 
 from lmjax.cli import main as lmjax  # noqa: E402
 from lmjax.records import read_metrics, read_routing  # noqa: E402
-from moe_vs_dense import PAIRS  # noqa: E402  (bench/, the script's folder)
 
 RUNS = ("dense", "moe", "moe_no_balance")
 

@@ -16,7 +16,6 @@ import json
 import statistics
 
 import jax
-
 from train_step import StepRunner
 
 PAIRS = {"tiny": ("decoder_tiny", "moe_tiny"), "narrow": ("decoder_narrow", "moe_narrow")}

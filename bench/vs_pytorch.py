@@ -17,7 +17,6 @@ import time
 
 import torch
 from torch import nn
-
 from train_step import StepRunner
 
 

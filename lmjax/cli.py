@@ -198,7 +198,8 @@ def add_data_commands(commands) -> None:
     train = tokenizer.add_subparsers(dest="action", required=True).add_parser(
         "train", help="train a tokenizer file with HF tokenizers or SentencePiece (no download)")
     train.add_argument("--data", required=True, metavar="SOURCE", help="stdlib, a file, a directory, an HF dataset")
-    train.add_argument("--out", required=True, help="tokenizer.json (bpe, unigram) or tokenizer.model (sentencepiece-*)")
+    train.add_argument("--out", required=True,
+                       help="tokenizer.json (bpe, unigram) or tokenizer.model (sentencepiece-*)")
     train.add_argument("--vocab-size", type=int, default=32000)
     train.add_argument("--kind", default="bpe", help="bpe (default), unigram, sentencepiece-bpe, sentencepiece-unigram")
     train.add_argument("--sentinels", type=int, default=100, help="reserved <extra_id_i> tokens for span corruption")

@@ -109,7 +109,8 @@ class ModelConfig:
     d_head: int | None = None  # width of one attention head; None: d_model // n_heads
     attention_scale: float | None = None  # attention logits = scale * q.k; None: 1 / sqrt(head width)
     d_ff: int = 1024
-    # swiglu: silu-gated (LLaMA); gelu: tanh GELU; gelu_exact: erf GELU (BERT); relu: T5; geglu: tanh-GELU-gated (T5 v1.1)
+    # swiglu: silu-gated (LLaMA); gelu: tanh GELU; gelu_exact: erf GELU (BERT); relu: T5;
+    # geglu: tanh-GELU-gated (T5 v1.1)
     mlp: Literal["swiglu", "gelu", "gelu_exact", "relu", "geglu"] = "swiglu"
     norm_placement: Literal["pre", "post"] = "pre"  # post (BERT): x = Norm(x + f(x)) in each block, no final norm
     bias: bool = False  # BERT: a bias on every attention and feed-forward projection
@@ -286,12 +287,14 @@ class OptimConfig:
     def __post_init__(self):
         _require(self.lr > 0, f"optim.lr must be positive, got {self.lr}.")
         _check_choice("optim.schedule", self.schedule, ("cosine", "linear", "constant", "wsd"))
-        _require(0.0 < self.decay_fraction <= 1.0, f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}.")
+        _require(0.0 < self.decay_fraction <= 1.0,
+                 f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}.")
         _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}.")
         _require(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
         _require(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "optim.beta1 and optim.beta2 must be in [0, 1).")
         _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}.")
-        _require(self.clip_norm is None or self.clip_norm > 0, f"optim.clip_norm must be positive or none, got {self.clip_norm}.")
+        _require(self.clip_norm is None or self.clip_norm > 0,
+                 f"optim.clip_norm must be positive or none, got {self.clip_norm}.")
         _require(self.grad_accum_steps >= 1, f"optim.grad_accum_steps must be >= 1, got {self.grad_accum_steps}.")
 
     def wsd_decay_start(self, total_steps: int) -> int:
@@ -341,7 +344,8 @@ class DataConfig:
         _require(bool(self.source), "data.source is empty; give 'stdlib' or a path to your text.")
         _require(self.seq_len > 0, f"data.seq_len must be positive, got {self.seq_len}.")
         _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction}.")
-        _require(self.max_bytes is None or self.max_bytes > 0, f"data.max_bytes must be positive or none, got {self.max_bytes}.")
+        _require(self.max_bytes is None or self.max_bytes > 0,
+                 f"data.max_bytes must be positive or none, got {self.max_bytes}.")
         _require(bool(self.tokenizer), "data.tokenizer is empty; give 'bytes' or a tokenizer file.")
         _require(self.workers >= 0, f"data.workers must be >= 0, got {self.workers}.")
         if self.path is not None:
@@ -384,7 +388,8 @@ class TrainConfig:
 
     def __post_init__(self):
         given = [n for n in ("steps", "tokens", "budget_flops") if getattr(self, n) is not None]
-        _require(len(given) <= 1, f"give only one of train.steps, train.tokens, train.budget_flops (got {', '.join(given)}).")
+        _require(len(given) <= 1,
+                 f"give only one of train.steps, train.tokens, train.budget_flops (got {', '.join(given)}).")
         for name in ("batch_size", "eval_every", "eval_batches", "log_every", "checkpoint_every", "keep_checkpoints"):
             _require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}.")
         for name in ("steps", "tokens", "budget_flops", "halt_at_step"):

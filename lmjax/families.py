@@ -47,7 +47,7 @@ class StackShape:
 
 @dataclass(frozen=True)
 class Family:
-    """What a model family is and does.
+    """What a model family is and does (the fields that may be None default to None).
 
     - `stacks(model_cfg)`: its block stacks, in order (see StackShape).
     - `example_lengths(cfg)`: (first, second) tokens of one example: (seq_len, 0) when the
@@ -72,15 +72,15 @@ class Family:
     stacks: Callable[[ModelConfig], tuple[StackShape, ...]]
     example_lengths: Callable[[Config], tuple[int, int]]
     window_length: Callable[[Config], int]
-    examples: Callable | None
     build: Callable[[ModelConfig, nnx.Rngs], nnx.Module]
     predict: Callable
-    sample: Callable | None
-    encode_prompt: Callable | None
-    generate: Callable | None
-    show: Callable | None
-    decoder_start: Callable | None
     hf_architecture: object
+    examples: Callable | None = None
+    sample: Callable | None = None
+    encode_prompt: Callable | None = None
+    generate: Callable | None = None
+    show: Callable | None = None
+    decoder_start: Callable | None = None
 
 
 def family_of(cfg: ModelConfig) -> Family:
@@ -177,37 +177,24 @@ def _show_filled_in(tokenizer, text, prompt, targets) -> str:
             f"filled:  {tokenizer.decode(fill_in_spans(prompt[:-1], targets, sentinels))}")
 
 
+def _single_stack(name: str, causal: bool, model: type, hf_architecture, **behaviour) -> Family:
+    """A family of one block stack over the packed windows' data.seq_len tokens."""
+    return Family(name=name, stacks=lambda m: (StackShape(m.n_layers, causal=causal),),
+                  example_lengths=lambda cfg: (cfg.data.seq_len, 0), window_length=lambda cfg: cfg.data.seq_len,
+                  build=lambda m, rngs: model(m, rngs=rngs), predict=_single_stack_predict,
+                  hf_architecture=hf_architecture, **behaviour)
+
+
 FAMILIES = {
-    "decoder": Family(
-        name="decoder",
-        stacks=lambda m: (StackShape(m.n_layers, causal=True),),
-        example_lengths=lambda cfg: (cfg.data.seq_len, 0),
-        window_length=lambda cfg: cfg.data.seq_len,
-        examples=None,
-        build=lambda m, rngs: DecoderLM(m, rngs=rngs),
-        predict=_single_stack_predict,
+    "decoder": _single_stack(
+        "decoder", causal=True, model=DecoderLM, hf_architecture=llama,
         sample=_continue_prompt,
         encode_prompt=lambda tokenizer, text: tokenizer.encode(text),
         generate=_generate_continuations,
         show=lambda tokenizer, text, prompt, new_ids: text + tokenizer.decode(new_ids),
-        decoder_start=None,
-        hf_architecture=llama,
     ),
-    "encoder": Family(
-        name="encoder",
-        stacks=lambda m: (StackShape(m.n_layers, causal=False),),
-        example_lengths=lambda cfg: (cfg.data.seq_len, 0),
-        window_length=lambda cfg: cfg.data.seq_len,
-        examples=_masked_lm_examples,
-        build=lambda m, rngs: EncoderLM(m, rngs=rngs),
-        predict=_single_stack_predict,
-        sample=None,
-        encode_prompt=None,
-        generate=None,
-        show=None,
-        decoder_start=None,
-        hf_architecture=bert,
-    ),
+    "encoder": _single_stack("encoder", causal=False, model=EncoderLM, hf_architecture=bert,
+                             examples=_masked_lm_examples),
     "encoder_decoder": Family(
         name="encoder_decoder",
         stacks=lambda m: (StackShape(m.n_layers, causal=False),

@@ -7,8 +7,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lmjax.data import (BatchIterator, ByteTokenizer, DataError, PackedDataset, eval_batches, load_documents,
-                        split_documents, tokenize)
+from lmjax.data import (
+    BatchIterator,
+    ByteTokenizer,
+    DataError,
+    PackedDataset,
+    eval_batches,
+    load_documents,
+    split_documents,
+    tokenize,
+)
 from lmjax.data.sources import stdlib_files
 
 TOK = ByteTokenizer()
@@ -19,7 +27,8 @@ def test_byte_tokenizer_round_trip_multilingual():
     ids = TOK.encode(text)
     assert ids.dtype == np.uint16 and ids.tolist() == list(text.encode("utf-8"))
     assert TOK.decode(ids) == text
-    specials = {TOK.pad_id, TOK.bos_id, TOK.eos_id, TOK.mask_id} | {TOK.sentinel_id(i) for i in range(TOK.num_sentinels)}
+    sentinels = {TOK.sentinel_id(i) for i in range(TOK.num_sentinels)}
+    specials = {TOK.pad_id, TOK.bos_id, TOK.eos_id, TOK.mask_id} | sentinels
     assert len(specials) == 4 + TOK.num_sentinels and min(specials) >= 256 and max(specials) == TOK.vocab_size - 1
     assert TOK.vocab_size % 128 == 0
     assert TOK.decode(np.concatenate([[TOK.bos_id], ids, [TOK.eos_id, TOK.sentinel_id(0)]])) == text
@@ -40,7 +49,8 @@ def test_stdlib_source_is_deterministic_bounded_and_shuffled():
     assert docs == load_documents("stdlib", max_bytes=2_000_000)
     sizes = [len(d.encode()) for d in docs]
     assert sum(sizes[:-1]) < 2_000_000 <= sum(sizes)  # stops at the first document that reaches the limit
-    nonempty = [text for text in (f.read_text(encoding="utf-8", errors="replace") for f in files[:2 * len(docs)]) if text]
+    texts = (f.read_text(encoding="utf-8", errors="replace") for f in files[:2 * len(docs)])
+    nonempty = [text for text in texts if text]
     assert docs == nonempty[: len(docs)]
     train, val = split_documents(docs, TOK, 0.05, seed=0)
     assert len(train.tokens) + len(val.tokens) == sum(sizes) + len(docs)  # one byte per token, one eos per document

@@ -35,18 +35,17 @@ def tokens(batch, length, seed):
 @pytest.mark.parametrize("position", ["rope", "relative"])
 def test_encoder_is_bidirectional_and_ignores_padding(position):
     model = jitted(EncoderLM(dataclasses.replace(ENCODER, position=position), rngs=nnx.Rngs(0)))
-    ones = lambda x: jnp.ones_like(x)
     x = tokens(2, 12, 0)
     later_changed = x.at[:, 9].set((x[:, 9] + 7) % 256)
     positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
-    before, after = model(x, positions, ones(x)), model(later_changed, positions, ones(x))
+    before, after = model(x, positions, jnp.ones_like(x)), model(later_changed, positions, jnp.ones_like(x))
     assert not np.allclose(before[:, 2], after[:, 2])  # position 2 sees position 9
     # 4 padding tokens (segment 0) of any value change nothing at the real positions
     padded = jnp.concatenate([x, tokens(2, 4, 1)], axis=1)
     segments = jnp.concatenate([jnp.ones((2, 12), int), jnp.zeros((2, 4), int)], axis=1)
     other_padding = padded.at[:, 12:].set(tokens(2, 4, 2))
     positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
-    alone = model(x, positions[:, :12], ones(x))
+    alone = model(x, positions[:, :12], jnp.ones_like(x))
     np.testing.assert_allclose(model(padded, positions, segments)[:, :12], alone, atol=1e-5)
     np.testing.assert_allclose(model(other_padding, positions, segments)[:, :12], alone, atol=1e-5)
 
@@ -54,8 +53,10 @@ def test_encoder_is_bidirectional_and_ignores_padding(position):
 @pytest.mark.parametrize("position", ["rope", "relative"])
 def test_encoder_decoder_causal_decoder_and_cross_attention_over_unpadded_inputs(position):
     full = jitted(EncoderDecoderLM(dataclasses.replace(ENC_DEC, position=position), rngs=nnx.Rngs(0)))
-    model = lambda enc, dec, segments=None: full(enc, dec, jnp.ones_like(enc) if segments is None else segments,
-                                                 jnp.ones_like(dec))
+
+    def model(enc, dec, segments=None):
+        return full(enc, dec, jnp.ones_like(enc) if segments is None else segments, jnp.ones_like(dec))
+
     enc, dec = tokens(2, 10, 0), tokens(2, 8, 1)
     base = model(enc, dec)
     t = 4  # decoder: changing tokens after t leaves logits up to t unchanged

@@ -52,7 +52,10 @@ def test_top_k_1_and_tiny_temperature_are_greedy():
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = jnp.array([[0.05, 0.5, 0.15, 0.3]])
     logits = jnp.log(probs)
-    kept = lambda p: set(np.flatnonzero(np.isfinite(filter_logits(logits, 1.0, top_p=p)[0])).tolist())
+
+    def kept(p):
+        return set(np.flatnonzero(np.isfinite(filter_logits(logits, 1.0, top_p=p)[0])).tolist())
+
     assert kept(0.5) == {1}  # 0.5 alone reaches 0.5
     assert kept(0.51) == {1, 3}  # 0.5 + 0.3
     assert kept(0.8) == {1, 3}

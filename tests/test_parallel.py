@@ -283,8 +283,9 @@ def test_layout_errors_before_compiling(tmp_path, args, message):
 
 def test_unreachable_coordinator_is_a_clear_error():
     port = free_port()  # nothing listens there
-    output, _ = lmjax_subprocess(["train", *TINY, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                                  "--process-id", "1", "--coordinator-timeout", "3"], devices=1).communicate(timeout=120)
+    args = ["train", *TINY, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1",
+            "--coordinator-timeout", "3"]
+    output, _ = lmjax_subprocess(args, devices=1).communicate(timeout=120)
     assert f"could not join the multi-process run at coordinator 127.0.0.1:{port} within 3 s" in output
 
 

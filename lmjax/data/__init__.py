@@ -1,7 +1,16 @@
 """Data: tokenizers, document sources, prepared shards, packing and the deterministic batch order."""
 
-from lmjax.data.pipeline import (BatchIterator, Concat, Mixture, PackedDataset, Subset, TokenStream, eval_batches,
-                                 split_documents, tokenize)
+from lmjax.data.pipeline import (
+    BatchIterator,
+    Concat,
+    Mixture,
+    PackedDataset,
+    Subset,
+    TokenStream,
+    eval_batches,
+    split_documents,
+    tokenize,
+)
 from lmjax.data.sources import DataError, iter_documents, load_documents
 from lmjax.data.tokenizer import ByteTokenizer, load_from_run, load_tokenizer, padded_vocab_size, save_to_run
 
