@@ -22,10 +22,13 @@ from lmjax.checkpoint import Checkpointer
 from lmjax.records import read_metrics
 from lmjax.train.run_eval import restore_params
 
+# long enough that a signal sent after step 3 (through slurmctld, slurmd and the batch script)
+# always arrives before the run ends, on an idle machine too
+STEPS = 400
 LAUNCHER = Path(__file__).resolve().parent.parent / "launch" / "slurm_gpu.sbatch"
 TINY = ["--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "model.n_heads=4",
         "--set", "model.d_ff=64", "--set", "model.max_seq_len=32", "--set", "data.seq_len=32",
-        "--set", "data.max_bytes=200000", "--set", "train.batch_size=8", "--set", "train.steps=60",
+        "--set", "data.max_bytes=200000", "--set", "train.batch_size=8", "--set", f"train.steps={STEPS}",
         "--set", "train.log_every=1", "--set", "train.eval_batches=1", "--set", "train.checkpoint_every=1000",
         "--set", "train.sample_tokens=0", "--set", "log.wandb=off", "--set", "log.progress_bar=false"]
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -156,7 +159,7 @@ def test_slurm_job_stops_on_sigterm_requeues_when_warned_and_ends_bit_for_bit_eq
     wait_for(slurm, stopped)
     output = (tmp_path / f"stopped-{stopped}.out").read_text()
     steps = re.findall(r"run stopped at step (\d+)", output)
-    assert len(steps) == 2 and steps[0] == steps[1] and 3 <= int(steps[0]) < 60, output  # both tasks, one step
+    assert len(steps) == 2 and steps[0] == steps[1] and 3 <= int(steps[0]) < STEPS, output  # both tasks, one step
     assert Checkpointer(run).latest_step() == int(steps[0])
     resubmitted = launch(slurm, tmp_path, "stopped")  # the same command again
     while time.time() < deadline and max([0] + [r["step"] for r in read_metrics(run)]) < int(steps[0]) + 3:
@@ -171,7 +174,7 @@ def test_slurm_job_stops_on_sigterm_requeues_when_warned_and_ends_bit_for_bit_eq
     for job, name in ((resubmitted, "stopped"), (uninterrupted, "uninterrupted")):
         output = (tmp_path / f"{name}-{job}.out").read_text()
         assert output.count("run finished") == 2, output
-    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 61))
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, STEPS + 1))
     resumed, reference = restore_params(run), restore_params(tmp_path / "uninterrupted")
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
