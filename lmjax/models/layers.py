@@ -9,6 +9,8 @@ which `lmjax.axis_rules` maps to mesh axes, and a role (`ROLES`), which the opti
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
@@ -137,18 +139,67 @@ class RelativePositionBias(nnx.Module):
         relative = key_positions[:, None, :] - query_positions[:, :, None]  # (B, T, S)
         buckets = relative_position_bucket(relative, self.bidirectional, self.cfg.relative_buckets,
                                            self.cfg.relative_max_distance)
-        bias = jnp.take(self.table[...].astype(jnp.float32), buckets, axis=0)  # (B, T, S, N)
+        bias = jnp.take(as_array(self.table[...]).astype(jnp.float32), buckets, axis=0)  # (B, T, S, N)
         return jnp.transpose(bias, (0, 3, 1, 2))
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["base", "a", "b"], meta_fields=["scale"])
+@dataclasses.dataclass(frozen=True)
+class LowRankWeight:
+    """A frozen weight W with a low-rank adapter (LoRA, `lmjax.lora`), read as W + scale A B
+    without ever forming that sum: `matmul` and the MoE expert products compute
+    x W + scale (x A) B, so a training step differentiates A and B alone and holds no
+    weight-sized copy or gradient.
+
+    base W (*stacked, *in, *out), a A (*stacked, *in, r), b B (*stacked, r, *out); the
+    leading `stacked` axes (layers, experts) are one matrix each, so slicing every leaf along
+    them (a layer scan, an expert gather) slices the adapted weight. It stands where a
+    parameter's array stands (a `Param`'s value); readers that need the weight as one array
+    (embedding lookups, the router) call `as_array`.
+    """
+
+    base: jax.Array
+    a: jax.Array
+    b: jax.Array
+    scale: float
+
+    def __getitem__(self, index):
+        """`variable[...]`, how modules read a parameter, gives the weight itself."""
+        if index is not Ellipsis:
+            raise TypeError("a LowRankWeight is read whole (`[...]`); slice its leaves with jax.tree.map.")
+        return self
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.base.shape
+
+    def folded(self) -> jax.Array:
+        """W + scale A B, summed in float32 and stored in W's dtype (so B = 0 gives W exactly)."""
+        w, a, b = self.base, self.a, self.b
+        outputs = w.ndim - a.ndim + 1
+        lead = w.shape[:b.ndim - outputs - 1]
+        rank = a.shape[-1]
+        delta = jnp.matmul(a.reshape(*lead, -1, rank).astype(jnp.float32),
+                           b.reshape(*lead, rank, -1).astype(jnp.float32))  # (*stacked, inputs, outputs)
+        return (w.astype(jnp.float32) + self.scale * delta.reshape(w.shape)).astype(w.dtype)
+
+
+def as_array(w) -> jax.Array:
+    """A weight as one array: a `LowRankWeight` folded, an array as it is."""
+    return w.folded() if isinstance(w, LowRankWeight) else w
 
 
 def matmul(x, w, n_in: int = 1, out_dtype=None):
     """Contract the last `n_in` axes of x with the first `n_in` axes of w, as a 2-D matmul.
 
     x (..., *in), w (*in, *out) -> (..., *out) in `out_dtype` (default x's dtype); w is
-    cast to x's dtype. Flattening to
+    cast to x's dtype. A `LowRankWeight` gives x W + scale (x A) B. Flattening to
     2-D keeps XLA's backward matmuls canonical: 3-D einsums' weight gradients ran ~1.7x
     slower on CPU.
     """
+    if isinstance(w, LowRankWeight):
+        low_rank = matmul(matmul(x, w.a, n_in), w.b, out_dtype=out_dtype)
+        return matmul(x, w.base, n_in, out_dtype) + w.scale * low_rank
     lead, inner, outer = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
     flat = jnp.matmul(x.reshape(-1, math.prod(inner)), w.astype(x.dtype).reshape(math.prod(inner), -1),
                       preferred_element_type=out_dtype)
@@ -322,8 +373,8 @@ class Embed(nnx.Module):
 
     def __call__(self, ids, dtype):
         """ids (B, T) int -> (B, T, D) in `dtype`."""
-        return jnp.take(self.table[...], ids, axis=0).astype(dtype)
+        return jnp.take(as_array(self.table[...]), ids, axis=0).astype(dtype)
 
     def attend(self, x):
         """x (B, T, D) -> logits (B, T, V) in float32."""
-        return matmul(x, self.table[...].T, out_dtype=jnp.float32)
+        return matmul(x, as_array(self.table[...]).T, out_dtype=jnp.float32)
