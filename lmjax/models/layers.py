@@ -193,17 +193,19 @@ def matmul(x, w, n_in: int = 1, out_dtype=None):
     """Contract the last `n_in` axes of x with the first `n_in` axes of w, as a 2-D matmul.
 
     x (..., *in), w (*in, *out) -> (..., *out) in `out_dtype` (default x's dtype); w is
-    cast to x's dtype. A `LowRankWeight` gives x W + scale (x A) B. Flattening to
-    2-D keeps XLA's backward matmuls canonical: 3-D einsums' weight gradients ran ~1.7x
-    slower on CPU.
+    cast to x's dtype. A `LowRankWeight` gives x W + scale (x A) B. Flattening x's leading
+    axes into one keeps XLA's backward matmuls canonical (3-D einsums' weight gradients ran
+    ~1.7x slower on CPU); w is contracted unreshaped, so the backward pass of a layer scan
+    reads each layer's slice of the weights instead of saving a reshaped copy of them all.
     """
     if isinstance(w, LowRankWeight):
         low_rank = matmul(matmul(x, w.a, n_in), w.b, out_dtype=out_dtype)
         return matmul(x, w.base, n_in, out_dtype) + w.scale * low_rank
-    lead, inner, outer = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
-    flat = jnp.matmul(x.reshape(-1, math.prod(inner)), w.astype(x.dtype).reshape(math.prod(inner), -1),
-                      preferred_element_type=out_dtype)
-    return flat.reshape(*lead, *outer)
+    lead, inner = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in:]
+    contract = (tuple(range(1, n_in + 1)), tuple(range(n_in)))
+    flat = jax.lax.dot_general(x.reshape(-1, *inner), w.astype(x.dtype), (contract, ((), ())),
+                               preferred_element_type=out_dtype)
+    return flat.reshape(*lead, *w.shape[n_in:])
 
 
 def attention_probabilities(q, k, mask, bias=None, scale: float | None = None):
