@@ -13,6 +13,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import qwix
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -26,6 +27,24 @@ from lmjax.models.kernels import AttentionMask, select_attention
 #   output: matrices whose outputs are scores over a choice: the output head, the MoE router
 #   vector: norm gains and biases
 ROLES = ("input", "hidden", "output", "vector")
+
+
+def weight(w, dtype):
+    """A parameter's value `w` in the compute `dtype`: an int8 `qwix.QArray` (a run written by
+    `lmjax quantize`, int8 values times float32 scales) is dequantized here, where it is used, so
+    the weights stay int8 in memory; any other array is cast."""
+    return qwix.dequantize(w).astype(dtype) if isinstance(w, qwix.QArray) else w.astype(dtype)
+
+
+def take_rows(table, ids, dtype):
+    """Rows `ids` (int, any shape I) of `table` (R, ...) -> (*I, ...) in `dtype`. An int8
+    `qwix.QArray` table gives up only the rows taken, with their scales (one per row, or one
+    for the whole table)."""
+    if not isinstance(table, qwix.QArray):
+        return jnp.take(table, ids, axis=0).astype(dtype)
+    scale = table.scale
+    scale = jnp.take(scale, ids, axis=0) if scale.shape[0] > 1 else scale.reshape((1,) * ids.ndim + scale.shape[1:])
+    return weight(qwix.QArray(jnp.take(table.qvalue, ids, axis=0), scale), dtype)
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float | None, dtype, *,
@@ -137,7 +156,7 @@ class RelativePositionBias(nnx.Module):
         relative = key_positions[:, None, :] - query_positions[:, :, None]  # (B, T, S)
         buckets = relative_position_bucket(relative, self.bidirectional, self.cfg.relative_buckets,
                                            self.cfg.relative_max_distance)
-        bias = jnp.take(self.table[...].astype(jnp.float32), buckets, axis=0)  # (B, T, S, N)
+        bias = take_rows(self.table[...], buckets, jnp.float32)  # (B, T, S, N)
         return jnp.transpose(bias, (0, 3, 1, 2))
 
 
@@ -145,12 +164,12 @@ def matmul(x, w, n_in: int = 1, out_dtype=None):
     """Contract the last `n_in` axes of x with the first `n_in` axes of w, as a 2-D matmul.
 
     x (..., *in), w (*in, *out) -> (..., *out) in `out_dtype` (default x's dtype); w is
-    cast to x's dtype. Flattening to
+    read in x's dtype (`weight`). Flattening to
     2-D keeps XLA's backward matmuls canonical: 3-D einsums' weight gradients ran ~1.7x
     slower on CPU.
     """
     lead, inner, outer = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
-    flat = jnp.matmul(x.reshape(-1, math.prod(inner)), w.astype(x.dtype).reshape(math.prod(inner), -1),
+    flat = jnp.matmul(x.reshape(-1, math.prod(inner)), weight(w, x.dtype).reshape(math.prod(inner), -1),
                       preferred_element_type=out_dtype)
     return flat.reshape(*lead, *outer)
 
@@ -322,7 +341,7 @@ class Embed(nnx.Module):
 
     def __call__(self, ids, dtype):
         """ids (B, T) int -> (B, T, D) in `dtype`."""
-        return jnp.take(self.table[...], ids, axis=0).astype(dtype)
+        return take_rows(self.table[...], ids, dtype)
 
     def attend(self, x):
         """x (B, T, D) -> logits (B, T, V) in float32."""
