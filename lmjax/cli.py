@@ -318,8 +318,10 @@ def cmd_eval_tasks(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    from flax import nnx
+
     from lmjax.families import family_of
-    from lmjax.quantize import is_quantized, weight_bytes
+    from lmjax.quantize import int8_weight_bytes, is_quantized, resident_bytes
     from lmjax.scaling.memory import kv_cache_bytes_per_token
     from lmjax.train.run_eval import load
 
@@ -337,8 +339,9 @@ def cmd_generate(args) -> None:
     print(f"KV cache: {per_token * cache_tokens / 2**20:.2f} MiB ({per_token:,} bytes per token x {cache_tokens} "
           "token slots)", file=sys.stderr)
     if is_quantized(args.run_dir):
-        print(f"weights: {weight_bytes(args.run_dir) / 2**20:.2f} MiB saved in int8 (dequantized to "
-              f"{cfg.model.param_dtype} for decoding)", file=sys.stderr)
+        print(f"weights: {resident_bytes(nnx.state(model, nnx.Param)) / 2**20:.2f} MiB resident (int8 matrices with "
+              f"float32 scales; {int8_weight_bytes(cfg.model)[1] / 2**20:.2f} MiB in {cfg.model.param_dtype})",
+              file=sys.stderr)
     for text, prompt, ids in zip(args.prompt, prompts, outputs):
         print(spec.show(tokenizer, text, prompt, ids))
 

@@ -7,8 +7,9 @@ round(w / scale)); norm gains and biases stay in float. `granularity` "channel" 
 scale per output unit of each matrix, per layer and expert (per row for the looked-up tables:
 token and position embeddings, relative-bias tables); "tensor" one per matrix, per layer and
 expert. The quantized run directory holds config.json (with `quant` set), the tokenizer and
-`quantized.safetensors`; loading it (`lmjax.load`, `eval`, `generate`) dequantizes the
-weights with `qwix.dequantize` into the model's parameter dtype.
+`quantized.safetensors`; loading it (`lmjax.load`, `eval`, `generate`, the lm-eval harness)
+keeps each matrix in memory as a `qwix.QArray` (int8 values, float32 scales), which the model
+dequantizes where it reads it (`lmjax.models.layers.weight`, `take_rows`).
 
 Error bound, per matmul: rounding moves each weight by at most scale / 2 = max|w| / 254 of its
 group, so for y = sum_i x_i w_ij the quantized result differs by at most
@@ -19,15 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from lmjax.config import ConfigError, QuantConfig
+from lmjax.config import ConfigError, ModelConfig, QuantConfig
 from lmjax.lora import matrix_split, path_name
+from lmjax.parallel import state_shardings
 
 QUANTIZED_FILE = "quantized.safetensors"
 
@@ -37,7 +41,7 @@ def groups(weight: nnx.Variable, granularity: str) -> tuple[int, ...] | None:
     the weight is not a matrix and stays in float."""
     axes = tuple(weight.out_sharding or (None,) * len(weight.shape))
     stacked, inputs = matrix_split(axes)
-    if len(axes) - stacked < 2:
+    if len(axes) - stacked < 2 or weight.get_metadata().get("role") == "vector":  # biases such as bq (heads, head_dim)
         return None
     if granularity == "tensor":
         return tuple(range(stacked))
@@ -63,30 +67,63 @@ def quantize_params(params: nnx.State, granularity: str) -> dict[str, np.ndarray
     return tensors
 
 
-def dequantize_params(tensors: dict[str, np.ndarray], abstract: nnx.State) -> nnx.State:
-    """The model weights (in `abstract`'s dtypes) from the saved `tensors`."""
+def scale_sharding(sharding: NamedSharding, scale_shape: tuple[int, ...]) -> NamedSharding:
+    """The sharding of a matrix's scales, given the matrix's: the same mesh axes, except on the
+    axes where the scales have size 1 (one scale for the whole axis), which are not split."""
+    spec = tuple(sharding.spec) + (None,) * (len(scale_shape) - len(sharding.spec))
+    return NamedSharding(sharding.mesh, PartitionSpec(*(None if n == 1 else a for a, n in zip(spec, scale_shape))))
+
+
+def load_params(tensors: dict[str, np.ndarray], abstract: nnx.State, mesh, keep_int8: bool = True) -> nnx.State:
+    """The model weights from the saved `tensors`, sharded over `mesh` by their logical axes.
+    With `keep_int8` each matrix's value is a `qwix.QArray` (int8 values, float32 scales), read
+    by the model through `lmjax.models.layers.weight`; otherwise it is dequantized into
+    `abstract`'s dtype (for code that changes weights: `--init-from`, LoRA, `convert to-hf`)."""
     import qwix
 
+    shardings = dict(nnx.to_flat_state(state_shardings(abstract, mesh)))
     flat = []
     for path, variable in nnx.to_flat_state(abstract):
-        name = path_name(path)
+        name, sharding = path_name(path), shardings[path].get_value()
         if name in tensors:
-            value = jnp.asarray(tensors[name])
+            value = jax.device_put(tensors[name], sharding)
+        elif keep_int8:
+            qvalue, scale = tensors[f"{name}.qvalue"], tensors[f"{name}.scale"]
+            value = qwix.QArray(jax.device_put(qvalue, sharding),
+                                jax.device_put(scale, scale_sharding(sharding, scale.shape)))
         else:
             value = qwix.dequantize(qwix.QArray(jnp.asarray(tensors[f"{name}.qvalue"]),
                                                 jnp.asarray(tensors[f"{name}.scale"])))
-        flat.append((path, variable.replace(value.astype(variable.dtype))))
+            value = jax.device_put(value.astype(variable.dtype), sharding)
+        flat.append((path, variable.replace(value)))
     return nnx.from_flat_state(flat)
+
+
+def resident_bytes(params: nnx.State) -> int:
+    """Bytes the weights `params` hold on their devices (every shard counted once)."""
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+
+
+def int8_weight_bytes(cfg: ModelConfig, granularity: str = "channel") -> tuple[int, int]:
+    """(bytes of the model's weights as `lmjax quantize` stores them: int8 values, float32
+    scales, vectors in `param_dtype`; bytes of the same weights in `param_dtype`), counted on the
+    abstract model (nothing allocated)."""
+    from lmjax.train.state import abstract_model
+
+    quantized = unquantized = 0
+    for _, weight in nnx.to_flat_state(abstract_model(cfg)[1]):
+        size, itemsize = math.prod(weight.shape), jnp.dtype(weight.dtype).itemsize
+        unquantized += size * itemsize
+        channelwise = groups(weight, granularity)
+        if channelwise is None:
+            quantized += size * itemsize
+        else:
+            quantized += size + 4 * math.prod(n for a, n in enumerate(weight.shape) if a in channelwise)
+    return quantized, unquantized
 
 
 def is_quantized(run_dir: Path) -> bool:
     return (Path(run_dir) / QUANTIZED_FILE).is_file()
-
-
-def weight_bytes(run_dir: Path) -> int:
-    """Bytes of a quantized run's weights file: int8 values, scales, float vectors and a small
-    JSON header."""
-    return (Path(run_dir) / QUANTIZED_FILE).stat().st_size
 
 
 def quantize_run(run_dir: Path, out_dir: Path, bits: int = 8, granularity: str = "channel") -> int:
@@ -117,16 +154,15 @@ def quantize_run(run_dir: Path, out_dir: Path, bits: int = 8, granularity: str =
     return sum(a.nbytes for a in tensors.values())
 
 
-def restore_quantized_onto(run_dir: Path, mesh):
-    """(config, graphdef, params, step 0) of a quantized run: its weights dequantized into the
-    model's parameter dtype, sharded over `mesh` by their logical axes."""
+def restore_quantized_onto(run_dir: Path, mesh, keep_int8: bool = True):
+    """(config, graphdef, params, step 0) of a quantized run, sharded over `mesh` by their
+    logical axes: the matrices int8 `qwix.QArray`s, or with `keep_int8` False dequantized into
+    the model's parameter dtype (`load_params`)."""
     from safetensors.numpy import load_file
 
-    from lmjax.parallel import state_shardings
     from lmjax.train.run_eval import load_config
     from lmjax.train.state import abstract_model
 
     cfg = load_config(run_dir)
     graphdef, abstract = abstract_model(cfg.model)
-    params = dequantize_params(load_file(str(Path(run_dir) / QUANTIZED_FILE)), abstract)
-    return cfg, graphdef, jax.device_put(params, state_shardings(abstract, mesh)), 0
+    return cfg, graphdef, load_params(load_file(str(Path(run_dir) / QUANTIZED_FILE)), abstract, mesh, keep_int8), 0

@@ -117,8 +117,13 @@ def family_batch(model: ModelConfig, rows: int = 2, seq_len: int = 16) -> dict:
 @pytest.mark.parametrize("family", [f for f in BRANCH_MODELS if f != "decoder"])
 def test_branch_form_gives_the_folded_forms_loss_and_adapter_gradients(family):
     """Training applies x W + (alpha / r) (x A) B (`low_rank`); the reference folds
-    W + (alpha / r) A B first (`fold`). Loss and gradients of A and B agree in float32."""
+    W + (alpha / r) A B first (`fold`). Loss and gradients of A and B agree in float32. Beside
+    attention and MLP (experts included), the targets take in what is read otherwise: embedding
+    tables (rows looked up, and the tied output head), learned positions, relative-bias tables
+    and the router."""
     from lmjax.train.losses import causal_lm_loss
+
+    lora = dataclasses.replace(LORA, targets="attention,mlp,table,router,pos_embed")
 
     model_cfg, params = BRANCH_MODELS[family], family_params(family)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: family_of(model_cfg).build(model_cfg, nnx.Rngs(0))))
@@ -126,15 +131,15 @@ def test_branch_form_gives_the_folded_forms_loss_and_adapter_gradients(family):
     key = jax.random.key(3) if model_cfg.dropout else None
 
     def loss(adapters, form):
-        model = nnx.merge(graphdef, form(params, adapters, LORA))
+        model = nnx.merge(graphdef, form(params, adapters, lora))
         loss_sum, count = causal_lm_loss(family_of(model_cfg).predict(model, batch, key), batch["targets"],
                                          batch["loss_mask"])
         return loss_sum / count
 
     both = jax.jit(lambda a: [jax.value_and_grad(loss)(a, form) for form in (low_rank, fold)])
-    (branch_loss, branch_grads), (folded_loss, folded_grads) = both(random_adapters(LORA, params))
+    (branch_loss, branch_grads), (folded_loss, folded_grads) = both(random_adapters(lora, params))
     np.testing.assert_allclose(branch_loss, folded_loss, rtol=1e-6)
-    assert len(jax.tree.leaves(branch_grads)) == 2 * len(targeted(LORA, params))
+    assert len(jax.tree.leaves(branch_grads)) == 2 * len(targeted(lora, params))
     for got, want in zip(jax.tree.leaves(branch_grads), jax.tree.leaves(folded_grads)):
         assert np.abs(want).max() > 0
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -1,17 +1,32 @@
-"""int8 post-training weight quantization with qwix: error bound, perplexity, bytes, CLI."""
+"""int8 post-training weight quantization with qwix: error bound, perplexity, bytes, int8 in
+memory, CLI."""
 
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import qwix
 from conftest import tiny_config
 from flax import nnx
 from safetensors.numpy import load_file
 
 import lmjax
+from lmjax import generate
 from lmjax.cli import main
+from lmjax.config import MeshConfig, QuantConfig
+from lmjax.families import family_of
 from lmjax.lora import path_name
-from lmjax.quantize import QUANTIZED_FILE, groups
+from lmjax.parallel import make_mesh
+from lmjax.quantize import QUANTIZED_FILE, groups, load_params, quantize_params, resident_bytes
+from lmjax.scaling.plan import plan
 from lmjax.train.loop import train
-from lmjax.train.run_eval import evaluate_run, restore_weights
+from lmjax.train.run_eval import evaluate_run, load_config, restore_weights
+from lmjax.train.state import abstract_model
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +88,7 @@ def test_load_generate_and_eval_accept_a_quantized_run(runs, capsys):
     model, cfg, _ = lmjax.load(runs / "int8")
     assert cfg.quant.weights == "int8" and cfg.quant.granularity == "channel"
     assert main(["generate", str(runs / "int8"), "--prompt", "def ", "--max-new-tokens", "4"]) == 0
-    assert "saved in int8" in capsys.readouterr().err
+    assert "MiB resident (int8 matrices" in capsys.readouterr().err
     assert main(["eval", str(runs / "int8"), "--max-batches", "1", "--json"]) == 0
 
 
@@ -88,3 +103,95 @@ def test_bad_input_is_one_clear_line(runs, capsys, tmp_path, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not any(tmp_path.iterdir())
+
+
+def _family_configs():
+    """One tiny model per family and feature the int8 path reads differently: RoPE and a tied
+    head; BERT's learned positions, token types and MLM head; T5's relative-bias tables and an
+    untied head; MoE router and experts (read once at the layer's entry, before any dispatch)
+    and a shared expert beside a dense layer."""
+    base = tiny_config("unused").model
+    return {
+        "decoder": base,
+        "encoder": dataclasses.replace(base, family="encoder", position="learned", token_types=2, bias=True,
+                                       norm="layernorm", norm_placement="post", embed_norm=True,
+                                       mlm_head_transform=True),
+        "encoder_decoder": dataclasses.replace(base, family="encoder_decoder", position="relative",
+                                               tie_embeddings=False, n_decoder_layers=1),
+        "moe": dataclasses.replace(base, moe=dataclasses.replace(base.moe, n_experts=4, top_k=2, every=2,
+                                                                 n_shared_experts=1)),
+    }
+
+
+def _forward(model, tokens):
+    if model.cfg.family == "encoder_decoder":
+        return model(tokens, tokens[:, ::-1])
+    return model(tokens)
+
+
+@pytest.mark.parametrize("name", list(_family_configs()))
+def test_int8_weights_stay_int8_in_memory_and_give_the_dequantized_logits(name):
+    """Loaded with `keep_int8`, every matrix is a qwix.QArray of int8 values (exactly 1/4 of its
+    float32 bytes) and float32 scales, and the model's logits (forward and KV-cache decoding)
+    equal those of the same weights dequantized on load into float32."""
+    cfg = _family_configs()[name]
+    spec = family_of(cfg)
+    params = nnx.state(spec.build(cfg, nnx.Rngs(0)))
+    tensors = quantize_params(params, "channel")
+    graphdef, abstract = abstract_model(cfg)
+    mesh = make_mesh(MeshConfig())
+    int8, dequantized = (load_params(tensors, abstract, mesh, keep_int8=k) for k in (True, False))
+    matrices = [v.get_value() for _, v in nnx.to_flat_state(int8) if isinstance(v.get_value(), qwix.QArray)]
+    assert len(matrices) == sum(groups(v, "channel") is not None for _, v in nnx.to_flat_state(params))
+    assert all(m.qvalue.dtype == jnp.int8 and m.scale.dtype == jnp.float32 for m in matrices)
+    assert 4 * sum(m.qvalue.nbytes for m in matrices) == sum(
+        v.get_value().nbytes for _, v in nnx.to_flat_state(params) if groups(v, "channel") is not None)
+    assert resident_bytes(int8) < 0.4 * resident_bytes(dequantized)
+
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (2, 16)))
+    forward = jax.jit(lambda p, t: _forward(nnx.merge(graphdef, p), t))
+    expected = np.asarray(forward(dequantized, tokens))
+    np.testing.assert_allclose(np.asarray(forward(int8, tokens)), expected, rtol=1e-5, atol=1e-5)
+    if name != "moe" and spec.generate is not None:  # KV-cache decoding: prefill, then one token per step
+        decode = generate.generate if cfg.family == "decoder" else generate.generate_targets
+        new = [decode(nnx.merge(graphdef, p), [np.arange(1, 9), np.arange(3, 7)], 6, temperature=0.0)
+               for p in (int8, dequantized)]
+        assert all(np.array_equal(a, b) for a, b in zip(*new))
+
+
+SHARDED_LOGITS = """
+import sys, numpy as np, jax, qwix
+from flax import nnx
+from lmjax.train.run_eval import restore_weights
+_, graphdef, params, _, _ = restore_weights(sys.argv[1], mesh_overrides=["fsdp=8"], keep_int8=True)
+leaves = [v.get_value() for _, v in nnx.to_flat_state(params)]
+assert any(isinstance(w, qwix.QArray) and len(w.qvalue.sharding.device_set) == 8
+           and w.qvalue.addressable_shards[0].data.size * 8 == w.qvalue.size for w in leaves)
+tokens = np.load(sys.argv[2])
+np.save(sys.argv[3], np.asarray(jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens)))
+"""
+
+
+def test_an_fsdp_sharded_int8_load_gives_the_one_device_logits(runs, tmp_path):
+    """The int8 values split over 8 devices (fsdp; scales of size 1 along a split axis stay
+    whole), and the model's logits equal those of the one-device load."""
+    tokens = np.random.default_rng(1).integers(1, 256, (2, 16)).astype(np.int32)
+    np.save(tmp_path / "tokens.npy", tokens)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, "-c", SHARDED_LOGITS, str(runs / "int8"), str(tmp_path / "tokens.npy"),
+                    str(tmp_path / "sharded.npy")], env=env, check=True)
+    model, _, _ = lmjax.load(runs / "int8")
+    expected = np.asarray(jax.jit(lambda m, t: m(t))(model, tokens))
+    np.testing.assert_allclose(np.load(tmp_path / "sharded.npy"), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_reports_the_int8_weight_bytes_of_the_saved_run(runs):
+    """`lmjax plan --set quant.weights=int8` counts the bytes `lmjax quantize` saved (values,
+    scales, float vectors), on the config alone; a float config's plan has no int8 lines."""
+    saved = load_file(str(runs / "int8" / QUANTIZED_FILE))
+    cfg = load_config(runs / "float")
+    assert "memory_int8_weights_bytes" not in plan(cfg)
+    int8 = plan(dataclasses.replace(cfg, quant=QuantConfig(weights="int8")))
+    assert int8["memory_int8_weights_bytes"] == sum(a.nbytes for a in saved.values())
+    assert int8["memory_int8_inference_bytes"] - int8["memory_int8_weights_bytes"] == (
+        int8["memory_inference_bytes"] - int8["memory_weights_bytes"])

@@ -20,11 +20,11 @@ from lmjax.models.layers import (
     ACTIVATIONS,
     Embed,
     RelativePositionBias,
-    as_array,
     attention_mask,
     make_norm,
     matmul,
     param,
+    take_rows,
 )
 from lmjax.models.transformer import Stack, dropout
 
@@ -70,10 +70,10 @@ class _TokenModel(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         x = self.embed(tokens, dtype)  # (B, T, D)
         if cfg.position == "learned":
-            x = x + jnp.take(as_array(self.pos_embed[...]), positions, axis=0).astype(dtype)
+            x = x + take_rows(self.pos_embed[...], positions, dtype)
         if cfg.token_types:
             types = jnp.zeros_like(tokens) if token_types is None else token_types
-            x = x + jnp.take(as_array(self.type_embed[...]), types, axis=0).astype(dtype)
+            x = x + take_rows(self.type_embed[...], types, dtype)
         if cfg.embed_norm:
             x = self.embed_norm(x)
         return dropout(x, cfg.dropout, None if dropout_key is None else jax.random.split(dropout_key)[0])

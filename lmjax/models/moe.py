@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec
 from lmjax.axis_rules import constrain, logical_to_mesh, mesh_axes
 from lmjax.config import ModelConfig
 from lmjax.models.kernels import select_grouped_matmul
-from lmjax.models.layers import MLP, LowRankWeight, as_array, param
+from lmjax.models.layers import MLP, LowRankWeight, matmul, param, weight
 
 
 def route(logits, top_k: int, renormalize: bool):
@@ -292,18 +292,19 @@ class MoE(nnx.Module):
         if self.jitter and jitter_key is not None and not self.deterministic:
             router_in = router_in * jax.random.uniform(jitter_key, x.shape, router_dtype, 1 - self.jitter,
                                                        1 + self.jitter)
-        logits = jnp.einsum("btd,de->bte", router_in, as_array(self.router[...]).astype(router_dtype))
+        logits = matmul(router_in, weight(self.router[...], router_dtype))  # (B, T, E)
         if self.router_multiplier != 1.0:
             logits = logits * self.router_multiplier
         probs, weights, experts = route(logits.reshape(b * t, -1), self.top_k, self.renormalize)
         stats = router_statistics(logits.reshape(b * t, -1), probs, experts, self.n_experts)
         experts, weights = experts.reshape(b, t, -1), weights.reshape(b, t, -1)
-        w_gate = self.w_gate[...] if hasattr(self, "w_gate") else None
+        w_up, w_down = weight(self.w_up[...], x.dtype), weight(self.w_down[...], x.dtype)
+        w_gate = weight(self.w_gate[...], x.dtype) if hasattr(self, "w_gate") else None
         if self.dispatch == "capacity":
-            y, kept = self._capacity(x, experts, weights, w_gate)
+            y, kept = self._capacity(x, experts, weights, w_up, w_gate, w_down)
             stats["dropped"] = 1.0 - kept / (b * t * self.top_k)
         else:
-            y = self._dropless(x, experts, weights, w_gate)
+            y = self._dropless(x, experts, weights, w_up, w_gate, w_down)
             stats["dropped"] = jnp.zeros((), jnp.float32)
         stats["experts"] = experts
         self.routing = nnx.Intermediate(stats)
@@ -311,27 +312,27 @@ class MoE(nnx.Module):
             y = y + self.shared(x)
         return y
 
-    def _capacity(self, x, experts, weights, w_gate):
+    def _capacity(self, x, experts, weights, w_up, w_gate, w_down):
         factor = self.eval_capacity_factor if self.deterministic else self.capacity_factor
         capacity = expert_capacity(factor, self.top_k, x.shape[1], self.n_experts)
         dispatch, combine, kept = capacity_dispatch(experts, weights, self.n_experts, capacity)
         expert_in = jnp.einsum("btec,btd->ebcd", dispatch.astype(x.dtype), x)
         expert_in = constrain(expert_in, ("expert", "expert_batch", None, None))
-        expert_out = _expert_mlp(expert_in, self.w_up[...], w_gate, self.w_down[...], "ebcd,edf->ebcf",
+        expert_out = _expert_mlp(expert_in, w_up, w_gate, w_down, "ebcd,edf->ebcf",
                                  "ebcf,efd->ebcd")
         expert_out = constrain(expert_out, ("expert", "expert_batch", None, None))
         y = jnp.einsum("btec,ebcd->btd", combine.astype(x.dtype), expert_out)
         return constrain(y, ("batch", "length", None)), kept
 
-    def _dropless(self, x, experts, weights, w_gate):
+    def _dropless(self, x, experts, weights, w_up, w_gate, w_down):
         kernel = select_grouped_matmul(self.grouped_matmul)
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty or math.prod(mesh.shape.values()) == 1:
             b, t, d = x.shape
             y = dropless_combine(x.reshape(b * t, d), experts.reshape(b * t, -1), weights.reshape(b * t, -1),
-                                 self.w_up[...], w_gate, self.w_down[...], grouped_matmul=kernel)
+                                 w_up, w_gate, w_down, grouped_matmul=kernel)
             return y.reshape(b, t, d)
-        return _expert_parallel_dropless(x, experts, weights, self.w_up[...], w_gate, self.w_down[...], mesh, kernel)
+        return _expert_parallel_dropless(x, experts, weights, w_up, w_gate, w_down, mesh, kernel)
 
 
 def pop_routing_statistics(model: nnx.Module) -> dict | None:

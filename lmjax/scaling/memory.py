@@ -144,7 +144,9 @@ def lora_adapter_bytes(cfg: Config) -> float:
 
 def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -> dict[str, float]:
     """Bytes per device for training (weights, grads, Adam, activations) and for inference
-    (weights + a KV cache of `inference_batch` sequences of model.max_seq_len tokens)."""
+    (weights + a KV cache of `inference_batch` sequences of model.max_seq_len tokens); with
+    `quant.weights` int8, also the weights and inference bytes of the run `lmjax quantize`
+    writes (int8 matrices, float32 scales)."""
     m = cfg.model
     sizes = mesh_sizes(cfg, n_devices)
     elements = param_elements_per_device(m, sizes)
@@ -162,6 +164,13 @@ def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -
         adapter_bytes = gradient_bytes = lora_adapter_bytes(cfg)
         master_bytes = adapter_bytes * 4 / DTYPE_BYTES[m.param_dtype] if cfg.optim.master_weights else 0
         adam_bytes = 2 * (master_bytes or adapter_bytes)
+    int8 = {}
+    if cfg.quant.weights == "int8":  # `lmjax quantize`'s storage, which a quantized run keeps in memory
+        from lmjax.quantize import int8_weight_bytes
+
+        quantized, unquantized = int8_weight_bytes(m, cfg.quant.granularity)
+        int8_bytes = param_bytes * quantized / unquantized
+        int8 = {"memory_int8_weights_bytes": int8_bytes, "memory_int8_inference_bytes": int8_bytes + kv_cache}
     return {
         "memory_weights_bytes": param_bytes,
         **({"memory_adapters_bytes": adapter_bytes} if cfg.lora.enabled else {}),
@@ -174,4 +183,5 @@ def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -
         "kv_cache_bytes_per_token": kv_per_token,
         "kv_cache_bytes_per_sequence": kv_per_token * kv_cache_positions(m),
         "memory_inference_bytes": param_bytes + kv_cache,
+        **int8,
     }

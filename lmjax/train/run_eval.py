@@ -24,25 +24,27 @@ def load_config(run_dir: Path) -> Config:
     return Config.load(Path(run_dir) / "config.json")
 
 
-def restore_weights(run_dir: Path, step: int | None = None, mesh_overrides: list[str] = ()):
+def restore_weights(run_dir: Path, step: int | None = None, mesh_overrides: list[str] = (), keep_int8: bool = False):
     """(config, graphdef, params, step, mesh): the model weights (nnx.State) of checkpoint
     `step` (default: newest), laid out on a mesh over this process's devices: `mesh.data=-1`
     (all devices data parallel) unless `mesh_overrides` such as ["fsdp=4", "tensor=2"] say
-    otherwise, whatever mesh wrote it. The optimizer state is not read."""
+    otherwise, whatever mesh wrote it. The optimizer state is not read. `keep_int8`: see
+    `restore_weights_onto`."""
     mesh_cfg = override(Config(), [f"mesh.{o}" for o in mesh_overrides]).mesh if mesh_overrides else MeshConfig()
     mesh = make_mesh(mesh_cfg)
-    return (*restore_weights_onto(run_dir, mesh, step), mesh)
+    return (*restore_weights_onto(run_dir, mesh, step, keep_int8), mesh)
 
 
-def restore_weights_onto(run_dir: Path, mesh, step: int | None = None):
+def restore_weights_onto(run_dir: Path, mesh, step: int | None = None, keep_int8: bool = False):
     """(config, graphdef, params, step): the model weights of checkpoint `step` (default:
     newest) of `run_dir`, sharded over `mesh` by their logical axes; the optimizer state is not read.
-    A LoRA run's weights are its base run's newest ones with the run's adapters folded in; a
-    quantized run's (`lmjax quantize`) are dequantized."""
+    A LoRA run's weights are its base run's newest ones with the run's adapters folded in. A
+    quantized run's (`lmjax quantize`) matrices stay int8 `qwix.QArray`s with `keep_int8` (for
+    running the model), else they are dequantized (for code that changes or exports weights)."""
     from lmjax.quantize import is_quantized, restore_quantized_onto
 
     if is_quantized(run_dir):
-        return restore_quantized_onto(run_dir, mesh)
+        return restore_quantized_onto(run_dir, mesh, keep_int8)
     cfg, graphdef, trained, step = restore_trained_onto(run_dir, mesh, step)
     if cfg.lora.enabled:  # a LoRA run saves its adapters alone: fold them into its base run's weights
         from lmjax.lora import fold
@@ -78,13 +80,14 @@ def restore_params(run_dir: Path, step: int | None = None, mesh_overrides: list[
 
 def load(run_dir: Path | str, step: int | None = None):
     """(model, config, tokenizer) of a run's checkpoint (default: newest), with weights on
-    this process's devices (replicated), whatever mesh trained it. For notebooks:
+    this process's devices (replicated), whatever mesh trained it; a quantized run's matrices
+    stay int8 (`qwix.QArray`). For notebooks:
 
         model, cfg, tokenizer = lmjax.load("runs/decoder_tiny-20261122-142445")
     """
     from flax import nnx
 
-    cfg, graphdef, params, _, _ = restore_weights(Path(run_dir), step)
+    cfg, graphdef, params, _, _ = restore_weights(Path(run_dir), step, keep_int8=True)
     return nnx.merge(graphdef, params), cfg, load_from_run(Path(run_dir), cfg.data.tokenizer)
 
 
@@ -94,7 +97,7 @@ def evaluate_run(run_dir: Path, max_batches: int | None = None, data_source: str
     validation split, or on all of `data_source` (any `data.source`: "stdlib", a file, a
     directory, an HF dataset on disk). With `token_losses_file`, every position's loss is
     saved there (.npy, (sequences, seq_len) float32, nats, 0 where not counted)."""
-    cfg, graphdef, params, step, mesh = restore_weights(run_dir)
+    cfg, graphdef, params, step, mesh = restore_weights(run_dir, keep_int8=True)
     tokenizer = load_from_run(run_dir, cfg.data.tokenizer)
     if data_source is None:
         _, dataset, tokenizer = load_datasets(cfg, tokenizer)
