@@ -169,8 +169,9 @@ def matmul(x, w, n_in: int = 1, out_dtype=None):
     slower on CPU.
     """
     lead, inner, outer = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
-    flat = jnp.matmul(x.reshape(-1, math.prod(inner)), weight(w, x.dtype).reshape(math.prod(inner), -1),
-                      preferred_element_type=out_dtype)
+    # lax.dot_general, not jnp.matmul: qwix's quantization-aware training intercepts dot_general and einsum
+    flat = jax.lax.dot_general(x.reshape(-1, math.prod(inner)), weight(w, x.dtype).reshape(math.prod(inner), -1),
+                               (((1,), (0,)), ((), ())), preferred_element_type=out_dtype)
     return flat.reshape(*lead, *outer)
 
 
