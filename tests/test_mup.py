@@ -244,7 +244,13 @@ def test_transfer_sweep_runs_resumably_at_a_tiny_size(tmp_path):
 
 
 def test_optimal_learning_rate_per_width(tmp_path):
-    from lmjax.scaling.transfer import optimal_learning_rates, plot_learning_rate_transfer, read_transfer_results
+    from lmjax.scaling.transfer import (
+        grid_steps_moved,
+        mean_over_seeds,
+        optimal_learning_rates,
+        plot_learning_rate_transfer,
+        read_transfer_results,
+    )
 
     rows = ["name,val_loss", "mup-w64-lr0.001,3.0", "mup-w64-lr0.002,2.5", "mup-w64-lr0.004,2.7",
             "mup-w128-lr0.001,2.9", "mup-w128-lr0.002,2.4", "mup-w128-lr0.004,2.3", "standard-w64-lr0.001,3.1"]
@@ -252,5 +258,12 @@ def test_optimal_learning_rate_per_width(tmp_path):
     table = read_transfer_results(tmp_path / "results.csv")
     assert table["mup"][64] == [(0.001, 3.0), (0.002, 2.5), (0.004, 2.7)]
     assert optimal_learning_rates(table) == {"mup": {64: 0.002, 128: 0.004}, "standard": {64: 0.001}}
-    paths = plot_learning_rate_transfer(table, tmp_path / "plots")
+    assert grid_steps_moved(optimal_learning_rates(table)["mup"]) == 1
+    # A second seed that prefers 0.004 at width 64 by a little: the mean over seeds decides.
+    other = {"mup": {64: [(0.001, 3.0), (0.002, 2.6), (0.004, 2.55)], 128: [(0.001, 2.9), (0.002, 2.5)]}}
+    mean = mean_over_seeds([table, other])
+    assert mean["mup"][64] == [(0.001, 3.0), (0.002, 2.55), (0.004, 2.625)]
+    assert mean["mup"][128] == [(0.001, 2.9), (0.002, 2.45)]  # only the points both seeds have
+    assert "standard" not in mean
+    paths = plot_learning_rate_transfer(table, tmp_path / "plots", seeds=[table, other])
     assert [p.name for p in paths] == ["lr_transfer_mup.png", "lr_transfer_standard.png"] and paths[0].stat().st_size

@@ -1,17 +1,21 @@
 """Learning-rate transfer across width, read from a sweep's results.csv (experiments/mup_transfer.py).
 
-Runs are named `<parametrization>-w<width>-lr<learning rate>`; for each parametrization and
-width the optimum is the learning rate of least validation loss, and one figure per
-parametrization draws loss against learning rate, a curve per width.
+Runs are named `<parametrization>-w<width>-lr<learning rate>`; each results.csv is one seed
+(a sweep run with `--set train.seed=S --set data.seed=S`). For each parametrization and width
+the optimum is the learning rate of least validation loss averaged over the seeds, and one
+figure per parametrization draws that mean loss against learning rate, a curve per width,
+with each seed's losses as faint points.
 
-    python -m lmjax.scaling.transfer sweeps/mup_transfer/results.csv docs/scaling
+    python -m lmjax.scaling.transfer sweeps/mup_transfer/results.csv [more seeds' results.csv ...] \
+        --out docs/scaling
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
+import math
 import re
-import sys
 from pathlib import Path
 
 NAME = re.compile(r"(?P<parametrization>\w+)-w(?P<width>\d+)-lr(?P<lr>[0-9.e+-]+)$")
@@ -29,14 +33,36 @@ def read_transfer_results(results_csv: Path, loss_column: str = "val_loss") -> d
     return {p: {w: sorted(runs) for w, runs in sorted(widths.items())} for p, widths in table.items()}
 
 
+def mean_over_seeds(tables: list[dict]) -> dict:
+    """The tables of `read_transfer_results`, one per seed, as one table of mean losses over
+    the (parametrization, width, learning rate) points every seed has (widths with none left out)."""
+    def losses(table, p, w):
+        return dict(table.get(p, {}).get(w, []))
+
+    mean: dict = {}
+    for p, widths in tables[0].items():
+        for w, runs in widths.items():
+            common = [(lr, sum(losses(t, p, w)[lr] for t in tables) / len(tables))
+                      for lr, _ in runs if all(lr in losses(t, p, w) for t in tables)]
+            if common:
+                mean.setdefault(p, {})[w] = common
+    return mean
+
+
+def grid_steps_moved(optima: dict[int, float]) -> int:
+    """How many factor-of-2 grid steps separate the smallest and largest optimum over widths."""
+    steps = [math.log2(lr) for lr in optima.values()]
+    return round(max(steps) - min(steps))
+
+
 def optimal_learning_rates(table: dict) -> dict:
     """{parametrization: {width: the learning rate of least loss}}."""
     return {p: {w: min(runs, key=lambda run: run[1])[0] for w, runs in widths.items()} for p, widths in table.items()}
 
 
-def plot_learning_rate_transfer(table: dict, out_dir: Path) -> list[Path]:
-    """lr_transfer_<parametrization>.png in `out_dir`: loss against learning rate, one curve
-    per width, its optimum marked."""
+def plot_learning_rate_transfer(table: dict, out_dir: Path, seeds: list[dict] = ()) -> list[Path]:
+    """lr_transfer_<parametrization>.png in `out_dir`: `table`'s loss against learning rate,
+    one curve per width, its optimum marked; each of the `seeds` tables' losses as faint points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,12 +76,17 @@ def plot_learning_rate_transfer(table: dict, out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         colours = plt.cm.viridis(np.linspace(0, 0.9, len(widths)))
         for colour, (width, runs) in zip(colours, widths.items()):
+            for seed in seeds:
+                if seed.get(parametrization, {}).get(width):
+                    ax.plot(*zip(*seed[parametrization][width]), ".", color=colour, alpha=0.35, markersize=4)
             lrs, losses = zip(*runs)
             ax.plot(lrs, losses, "-o", color=colour, markersize=3, label=f"width {width}")
             best = int(np.argmin(losses))
             ax.plot(lrs[best], losses[best], "*", color=colour, markersize=12)
-        ax.set(xscale="log", xlabel="learning rate (base)", ylabel="validation loss (nats/token)",
-               title=f"{parametrization}: loss against learning rate")
+        title = f"{parametrization}: loss against learning rate"
+        if len(seeds) > 1:
+            title += f" (mean of {len(seeds)} seeds)"
+        ax.set(xscale="log", xlabel="learning rate (base)", ylabel="validation loss (nats/token)", title=title)
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / f"lr_transfer_{parametrization}.png"
@@ -65,9 +96,25 @@ def plot_learning_rate_transfer(table: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Learning-rate transfer figures and optima from sweep results.")
+    parser.add_argument("results", nargs="+", type=Path, help="one results.csv per seed")
+    parser.add_argument("--out", type=Path, required=True, help="directory for lr_transfer_<parametrization>.png")
+    args = parser.parse_args()
+    seeds = [read_transfer_results(path) for path in args.results]
+    table = mean_over_seeds(seeds)
+    for parametrization, widths in table.items():
+        for i, seed in enumerate(seeds):
+            optima = optimal_learning_rates(seed)[parametrization]
+            print(f"{parametrization} {args.results[i]}: optimum per width",
+                  ", ".join(f"{w}: {lr:.3g}" for w, lr in optima.items()))
+        optima = optimal_learning_rates(table)[parametrization]
+        best = {w: min(loss for _, loss in runs) for w, runs in widths.items()}
+        print(f"{parametrization} mean of {len(seeds)}: optimum per width (loss)",
+              ", ".join(f"{w}: {optima[w]:.3g} ({best[w]:.4f})" for w in optima),
+              f"- moves {grid_steps_moved(optima)} grid steps")
+    print("wrote", ", ".join(map(str, plot_learning_rate_transfer(table, args.out, seeds))))
+
+
 if __name__ == "__main__":
-    results, out = Path(sys.argv[1]), Path(sys.argv[2])
-    transfer = read_transfer_results(results)
-    for parametrization, optima in optimal_learning_rates(transfer).items():
-        print(parametrization, "optimum per width:", ", ".join(f"{w}: {lr:.3g}" for w, lr in optima.items()))
-    print("wrote", ", ".join(map(str, plot_learning_rate_transfer(transfer, out))))
+    main()
