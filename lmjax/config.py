@@ -457,10 +457,11 @@ class LoRAConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How a run's weights are stored. `weights` "int8" marks a run written by `lmjax quantize`
-    (post-training, weights only, with qwix): its matrices are int8 with float32 scales, one
-    per output unit (`granularity` "channel") or per matrix ("tensor"). Training with it
-    (quantization-aware training) is not offered; see docs/after_pretraining.md."""
+    """int8 weights. On a training run, `weights` "int8" is quantization-aware training: the
+    forward pass fake-quantizes every matrix a matmul reads (qwix's QtProvider, one scale per
+    output unit). A run directory written by `lmjax quantize` (it holds quantized.safetensors)
+    records "int8" too: its matrices are stored int8 with float32 scales, one per output unit
+    (`granularity` "channel") or per matrix ("tensor"). See docs/after_pretraining.md."""
 
     weights: Literal["none", "int8"] = "none"
     granularity: Literal["channel", "tensor"] = "channel"

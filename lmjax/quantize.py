@@ -2,8 +2,9 @@
 
 Every weight matrix (a parameter with two or more axes besides its stacked `layers` and
 `expert` axes) is stored as int8 values and float32 scales computed by
-`qwix.quantize` (symmetric absmax: scale = max|w| / 127 over the quantized group, value =
-round(w / scale)); norm gains and biases stay in float. `granularity` "channel" keeps one
+`qwix.quantize` (symmetric absmax: scale = max|w| / 127.5 over the quantized group, value =
+round(w / scale) clipped to [-128, 127]: qwix widens the outermost buckets by half a step);
+norm gains and biases stay in float. `granularity` "channel" keeps one
 scale per output unit of each matrix, per layer and expert (per row for the looked-up tables:
 token and position embeddings, relative-bias tables); "tensor" one per matrix, per layer and
 expert. The quantized run directory holds config.json (with `quant` set), the tokenizer and
@@ -11,9 +12,9 @@ expert. The quantized run directory holds config.json (with `quant` set), the to
 keeps each matrix in memory as a `qwix.QArray` (int8 values, float32 scales), which the model
 dequantizes where it reads it (`lmjax.models.layers.weight`, `take_rows`).
 
-Error bound, per matmul: rounding moves each weight by at most scale / 2 = max|w| / 254 of its
+Error bound, per matmul: rounding moves each weight by at most scale / 2 = max|w| / 255 of its
 group, so for y = sum_i x_i w_ij the quantized result differs by at most
-sum_i |x_i| * max_i |w_ij| / 254 (per channel) — at most 0.4% of sum_i |x_i| max_i |w_ij|.
+sum_i |x_i| * max_i |w_ij| / 255 (per channel) — at most 0.4% of sum_i |x_i| max_i |w_ij|.
 """
 
 from __future__ import annotations
@@ -122,6 +123,33 @@ def int8_weight_bytes(cfg: ModelConfig, granularity: str = "channel") -> tuple[i
     return quantized, unquantized
 
 
+def quantization_aware(model: nnx.Module) -> nnx.Module:
+    """`model` under qwix's QtProvider (quantization-aware training): every weight that meets
+    `jax.lax.dot_general` or `jnp.einsum` inside the model's `__call__` is fake-quantized in
+    the forward pass (symmetric absmax int8, one scale per output unit, as `lmjax quantize`
+    stores it) and passes its gradient straight through. Embedding lookups are not intercepted
+    and stay float (a tied table is fake-quantized where it is the output head). qwix finds the
+    weights by tracing a jitted call back to the nnx.Param: call the model under jit."""
+    import qwix
+
+    provider = qwix.QtProvider([qwix.QtRule(module_path=".*", weight_qtype=jnp.int8)])
+    return qwix.quantize_model(model, provider, skip_nnx_init=True)
+
+
+def check_quantization_aware(cfg) -> None:
+    """ConfigError for a training config with `quant.weights` int8 that QAT cannot run."""
+    if cfg.quant.granularity != "channel":
+        raise ConfigError(f"quant.granularity={cfg.quant.granularity!r}: quantization-aware training fake-quantizes "
+                          "per output unit only; use quant.granularity=channel.")
+    if cfg.lora.enabled:
+        raise ConfigError("quant.weights=int8 (quantization-aware training) with lora.rank > 0 is not offered; "
+                          "train the adapters in float, merge, then run lmjax quantize.")
+    if cfg.model.moe.enabled and cfg.model.moe.dispatch != "capacity":
+        raise ConfigError(f"quant.weights=int8 (quantization-aware training) with model.moe.dispatch="
+                          f"{cfg.model.moe.dispatch!r}: qwix sees a weight only where it meets an einsum whole, and "
+                          "dropless dispatch gathers experts per block or per device; use model.moe.dispatch=capacity.")
+
+
 def is_quantized(run_dir: Path) -> bool:
     return (Path(run_dir) / QUANTIZED_FILE).is_file()
 
@@ -132,12 +160,12 @@ def quantize_run(run_dir: Path, out_dir: Path, bits: int = 8, granularity: str =
     from safetensors.numpy import save_file
 
     from lmjax.data import load_from_run, save_to_run
-    from lmjax.train.run_eval import load_config, restore_weights
+    from lmjax.train.run_eval import restore_weights
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if bits != 8:
         raise ConfigError(f"--bits {bits}: lmjax quantize writes int8 weights only; use --bits 8.")
-    if is_quantized(run_dir) or load_config(run_dir).quant.weights != "none":
+    if is_quantized(run_dir):
         raise ConfigError(f"{run_dir} is already quantized; quantize the float run it came from.")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"{out_dir} is not empty; give a new --out directory.")

@@ -40,7 +40,7 @@ def runs(tmp_path_factory):
 
 
 def test_each_matmul_stays_within_the_rounding_bound(runs):
-    """|x W_q - x W| <= sum_i |x_i| max_i |W_ij| / 254 for every output j (half a quantization
+    """|x W_q - x W| <= sum_i |x_i| max_i |W_ij| / 255 for every output j (half a quantization
     step of the column's absmax scale), at every layer; vectors are stored exactly."""
     _, _, before, _, _ = restore_weights(runs / "float")
     _, _, after, _, _ = restore_weights(runs / "int8")
@@ -57,7 +57,7 @@ def test_each_matmul_stays_within_the_rounding_bound(runs):
         w2, q2 = (np.moveaxis(a, reduced, range(len(reduced))).reshape(int(np.prod([w.shape[r] for r in reduced])), -1)
                   for a in (w, q))  # (reduced, channels)
         x = np.random.default_rng(0).normal(size=(7, w2.shape[0]))
-        bound = np.abs(x) @ np.abs(w2).max(axis=0, keepdims=True).repeat(w2.shape[0], 0) / 254
+        bound = np.abs(x) @ np.abs(w2).max(axis=0, keepdims=True).repeat(w2.shape[0], 0) / 255
         assert np.all(np.abs(x @ q2 - x @ w2) <= bound + 1e-9), path_name(path)
         assert not np.array_equal(q, w)
     assert matrices >= 8
@@ -95,7 +95,10 @@ def test_load_generate_and_eval_accept_a_quantized_run(runs, capsys):
 @pytest.mark.parametrize("args, message", [
     (["quantize", "{int8}", "--out", "{tmp}/again"], "already quantized"),
     (["quantize", "{float}", "--out", "{tmp}/four", "--bits", "4"], "int8 weights only"),
-    (["train", "--set", "quant.weights=int8", "--set", "train.run_dir={tmp}/qat"], "QAT"),
+    (["train", "--set", "quant.weights=int8", "--set", "model.moe.n_experts=4", "--set", "train.run_dir={tmp}/qat"],
+     "use model.moe.dispatch=capacity"),
+    (["train", "--set", "quant.weights=int8", "--set", "quant.granularity=tensor", "--set",
+      "train.run_dir={tmp}/qat"], "use quant.granularity=channel"),
 ])
 def test_bad_input_is_one_clear_line(runs, capsys, tmp_path, args, message):
     args = [a.format(int8=runs / "int8", float=runs / "float", tmp=tmp_path) for a in args]

@@ -229,6 +229,7 @@ def matmul(x, w, n_in: int = 1, out_dtype=None):
         return matmul(x, w.base, n_in, out_dtype) + w.scale * low_rank
     lead, inner = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in:]
     contract = (tuple(range(1, n_in + 1)), tuple(range(n_in)))
+    # lax.dot_general, not jnp.matmul: qwix's quantization-aware training intercepts dot_general and einsum
     flat = jax.lax.dot_general(x.reshape(-1, *inner), weight(w, x.dtype), (contract, ((), ())),
                                preferred_element_type=out_dtype)
     return flat.reshape(*lead, *w.shape[n_in:])

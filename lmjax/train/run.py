@@ -115,8 +115,9 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
     mesh = make_mesh(cfg.mesh)
     validate_layout(cfg, mesh)
     if cfg.quant.weights != "none":
-        raise ConfigError(f"quant.weights={cfg.quant.weights!r} marks a run written by lmjax quantize; training "
-                          "with quantized weights (QAT) is not offered: train in float, then run lmjax quantize.")
+        from lmjax.quantize import check_quantization_aware
+
+        check_quantization_aware(cfg)
     if cfg.lora.enabled:
         cfg = lora_base(cfg, init_from)
         init_from = None
@@ -142,7 +143,7 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
         return make_optimizer(cfg.optim, steps, params, cfg.model)
 
     if resuming:  # restore straight into the sharded layout; nothing is initialised first
-        graphdef, abstract, optimizer = abstract_train_state(cfg.model, optimizer_for, mesh, cfg.lora)
+        graphdef, abstract, optimizer = abstract_train_state(cfg.model, optimizer_for, mesh, cfg.lora, cfg.quant)
         try:
             state, data_state, _ = checkpointer.restore(abstract)
         except ValueError as e:
@@ -154,7 +155,7 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
         shardings = jax.tree.map(lambda x: x.sharding, abstract)
     else:
         graphdef, state, shardings, optimizer = init_train_state(cfg.model, optimizer_for, cfg.train.seed, mesh,
-                                                                 cfg.lora)
+                                                                 cfg.lora, cfg.quant)
     frozen = None
     if (init_from is not None and not resuming) or cfg.lora.enabled:
         from lmjax.train.run_eval import restore_weights_onto

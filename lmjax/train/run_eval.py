@@ -66,7 +66,7 @@ def restore_trained_onto(run_dir: Path, mesh, step: int | None = None):
         raise ConfigError(f"{run_dir} has no checkpoint yet.")
     steps = total_steps(cfg)
     graphdef, abstract, _ = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, steps, p, cfg.model),
-                                                 mesh, cfg.lora)
+                                                 mesh, cfg.lora, cfg.quant)
     state = checkpointer.restore_some(abstract._replace(opt_state=jax.tree.map(lambda _: SKIP, abstract.opt_state)),
                                       step)
     checkpointer.close()

@@ -10,7 +10,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lmjax.config import LoRAConfig, ModelConfig
+from lmjax.config import LoRAConfig, ModelConfig, QuantConfig
 from lmjax.families import family_of
 from lmjax.parallel import state_shardings
 
@@ -29,18 +29,29 @@ class TrainState(NamedTuple):
     rng: jax.Array
 
 
-def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, abstract params) of the model of cfg.family, without allocating any weights."""
-    return nnx.split(nnx.eval_shape(lambda: family_of(cfg).build(cfg, nnx.Rngs(0))))
+def abstract_model(cfg: ModelConfig, quant: QuantConfig | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, abstract params) of the model of cfg.family, without allocating any weights.
+    With `quant.weights` int8 (quantization-aware training) the graphdef is of the model under
+    qwix's QtProvider (`lmjax.quantize.quantization_aware`); the params are the same."""
+    def build():
+        model = family_of(cfg).build(cfg, nnx.Rngs(0))
+        if quant is not None and quant.weights == "int8":
+            from lmjax.quantize import quantization_aware
+
+            model = quantization_aware(model)
+        return model
+
+    return nnx.split(nnx.eval_shape(build))
 
 
-def _init_fn(cfg: ModelConfig, make_optimizer, lora: LoRAConfig | None = None):
+def _init_fn(cfg: ModelConfig, make_optimizer, lora: LoRAConfig | None = None, quant: QuantConfig | None = None):
     """(graphdef, optimizer, init(seed) -> TrainState) for the model of `cfg`, or with an
-    enabled `lora` for that model's adapters (its weights are not part of the state).
+    enabled `lora` for that model's adapters (its weights are not part of the state); `quant`
+    as in `abstract_model`.
 
     `make_optimizer(params) -> optax.GradientTransformation` may read the params' metadata.
     """
-    graphdef, abstract_params = abstract_model(cfg)
+    graphdef, abstract_params = abstract_model(cfg, quant)
     if lora is not None and lora.enabled:
         from lmjax.lora import init_adapters
 
@@ -59,22 +70,24 @@ def _init_fn(cfg: ModelConfig, make_optimizer, lora: LoRAConfig | None = None):
     return graphdef, optimizer, init
 
 
-def init_train_state(cfg: ModelConfig, make_optimizer, seed: int, mesh: Mesh, lora: LoRAConfig | None = None):
+def init_train_state(cfg: ModelConfig, make_optimizer, seed: int, mesh: Mesh, lora: LoRAConfig | None = None,
+                     quant: QuantConfig | None = None):
     """Initialise params and optimizer state inside one jit whose outputs are already
     sharded over `mesh` (no device ever holds unsharded weights).
 
     Returns (graphdef, state: TrainState, shardings: TrainState of NamedShardings, optimizer).
     """
-    graphdef, optimizer, init = _init_fn(cfg, make_optimizer, lora)
+    graphdef, optimizer, init = _init_fn(cfg, make_optimizer, lora, quant)
     shardings = train_state_shardings(jax.eval_shape(lambda: init(seed)), mesh)
     state = jax.jit(lambda: init(seed), out_shardings=shardings)()
     return graphdef, state, shardings, optimizer
 
 
-def abstract_train_state(cfg: ModelConfig, make_optimizer, mesh: Mesh, lora: LoRAConfig | None = None):
+def abstract_train_state(cfg: ModelConfig, make_optimizer, mesh: Mesh, lora: LoRAConfig | None = None,
+                         quant: QuantConfig | None = None):
     """(graphdef, TrainState of jax.ShapeDtypeStruct carrying shardings over `mesh`, optimizer):
     the target a checkpoint is restored into, allocated nowhere."""
-    graphdef, optimizer, init = _init_fn(cfg, make_optimizer, lora)
+    graphdef, optimizer, init = _init_fn(cfg, make_optimizer, lora, quant)
     shapes = jax.eval_shape(lambda: init(0))
     shardings = train_state_shardings(shapes, mesh)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
