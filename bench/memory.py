@@ -11,6 +11,7 @@ line per policy.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import jax
@@ -18,25 +19,31 @@ import jax.numpy as jnp
 
 from lmjax.config import override
 from lmjax.experiment import load_experiment
+from lmjax.lora import low_rank
 from lmjax.parallel import batch_sharding, make_mesh
 from lmjax.scaling.memory import memory_estimate
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
-from lmjax.train.state import abstract_train_state
+from lmjax.train.state import abstract_model, abstract_train_state
 from lmjax.train.step import make_train_step
 
 
 def compiled_memory(cfg) -> dict:
+    """XLA's argument and temporary bytes of the compiled train step of `cfg` (a decoder): full
+    training, or with `lora.rank` > 0 the LoRA step, whose arguments also hold the frozen base."""
     mesh = make_mesh(cfg.mesh)
-    graphdef, abstract, optimizer = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, 100, p), mesh)
+    graphdef, abstract, optimizer = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, 100, p), mesh,
+                                                         cfg.lora)
+    adapt = functools.partial(low_rank, cfg=cfg.lora) if cfg.lora.enabled else None
+    frozen = [abstract_model(cfg.model)[1]] if cfg.lora.enabled else []
     step_fn = make_train_step(graphdef, optimizer, learning_rate_schedule(cfg.optim, 100), cfg.optim.grad_accum_steps,
-                              cfg.model.dropout > 0)
+                              cfg.model.dropout > 0, cfg.model.moe, adapt)
     rows = batch_sharding(mesh)
     shape = (cfg.train.batch_size, cfg.data.seq_len)
     batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=rows) for name, dtype in (
         ("inputs", jnp.int32), ("targets", jnp.int32), ("positions", jnp.int32), ("segment_ids", jnp.int32),
         ("loss_mask", jnp.float32))}
     with jax.set_mesh(mesh):
-        analysis = jax.jit(step_fn, donate_argnums=0).lower(abstract, batch).compile().memory_analysis()
+        analysis = jax.jit(step_fn, donate_argnums=0).lower(abstract, batch, *frozen).compile().memory_analysis()
     return {"xla_arguments_bytes": analysis.argument_size_in_bytes, "xla_temp_bytes": analysis.temp_size_in_bytes}
 
 

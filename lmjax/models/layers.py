@@ -225,8 +225,8 @@ def matmul(x, w, n_in: int = 1, out_dtype=None):
     them all.
     """
     if isinstance(w, LowRankWeight):
-        low_rank = matmul(matmul(x, w.a, n_in), w.b, out_dtype=out_dtype)
-        return matmul(x, w.base, n_in, out_dtype) + w.scale * low_rank
+        low_rank = matmul(w.scale * matmul(x, w.a, n_in), w.b, out_dtype=out_dtype)
+        return matmul(x, w.base, n_in, out_dtype) + low_rank
     lead, inner = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in:]
     contract = (tuple(range(1, n_in + 1)), tuple(range(n_in)))
     # lax.dot_general, not jnp.matmul: qwix's quantization-aware training intercepts dot_general and einsum
