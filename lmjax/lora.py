@@ -3,11 +3,16 @@
 A targeted weight W is read as a matrix from its inputs to its outputs, one per layer and
 expert (the leading `layers` and `expert` axes are kept): wq (L, D, N, H) is L matrices of
 D x N*H, wo (L, N, H, D) is L matrices of N*H x D. Its adapter is A (*stacked, *inputs, r)
-and B (*stacked, r, *outputs), and the model uses W + (alpha / r) A B. `fold` forms that sum
-once per forward pass and hands the model ordinary weights, so every family, MoE experts,
-scanned stacks, decoding and evaluation run unchanged; A B costs r (inputs + outputs) per
-matrix to store and inputs x outputs x r FLOPs to form. The adapters carry logical axes
-(their weight's, plus `lora_rank`) and are sharded like any weight.
+and B (*stacked, r, *outputs), and the model uses W + (alpha / r) A B.
+
+Training never forms that sum: `low_rank` hands the model each adapted weight as a
+`LowRankWeight` (W, A, B, alpha / r), which the model's matmuls and MoE expert products
+apply as x W + (alpha / r) (x A) B, so W is an input the gradient never reaches and the step
+holds no weight-sized copy or gradient. The branch costs 2 r (inputs + outputs) FLOPs per
+token and matrix, forward. (Weights read other than by a matmul, such as an embedding table
+picked by a regex, are folded where they are read.) `fold` forms W + (alpha / r) A B once,
+as ordinary weights, for merging, exporting, evaluation and decoding. The adapters carry
+logical axes (their weight's, plus `lora_rank`) and are sharded like any weight.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmjax.config import ConfigError, LoRAConfig, ModelConfig
+from lmjax.models.layers import LowRankWeight
 
 ROLES = {"attention": ("wq", "wk", "wv", "wo"), "mlp": ("w_up", "w_gate", "w_down")}
 STACKED_AXES = ("layers", "expert")  # one matrix per layer and per expert
@@ -123,10 +129,8 @@ def init_adapters(cfg: LoRAConfig, params: nnx.State, seed: int) -> nnx.State:
     return nnx.from_flat_state(flat)
 
 
-def fold(params: nnx.State, adapters: nnx.State, cfg: LoRAConfig) -> nnx.State:
-    """`params` with every adapted weight W replaced by W + (alpha / rank) A B, summed in
-    float32 and stored in W's dtype (so B = 0 gives W exactly)."""
-    scale = cfg.alpha / cfg.rank
+def _with_adapters(params: nnx.State, adapters: nnx.State, cfg: LoRAConfig, read) -> nnx.State:
+    """`params` with every adapted weight's value replaced by `read(LowRankWeight(W, A, B, alpha / rank))`."""
     pairs: dict[tuple, dict] = {}
     for path, variable in nnx.to_flat_state(adapters):
         pairs.setdefault(tuple(path[:-1]), {})[path[-1]] = variable[...]
@@ -134,15 +138,24 @@ def fold(params: nnx.State, adapters: nnx.State, cfg: LoRAConfig) -> nnx.State:
     for path, weight in nnx.to_flat_state(params):
         pair = pairs.get(tuple(path))
         if pair is not None:
-            w = weight[...]
-            a, b = pair["lora_a"], pair["lora_b"]
-            stacked = b.ndim - (w.ndim - a.ndim + 1) - 1  # a: stacked + inputs + 1; b: stacked + 1 + outputs
-            lead = w.shape[:stacked]
-            delta = jnp.matmul(a.reshape(*lead, -1, cfg.rank).astype(jnp.float32),
-                               b.reshape(*lead, cfg.rank, -1).astype(jnp.float32))  # (*stacked, inputs, outputs)
-            weight = weight.replace((w.astype(jnp.float32) + scale * delta.reshape(w.shape)).astype(w.dtype))
+            weight = weight.replace(read(LowRankWeight(weight[...], pair["lora_a"], pair["lora_b"],
+                                                       cfg.alpha / cfg.rank)))
         flat.append((path, weight))
     return nnx.from_flat_state(flat)
+
+
+def low_rank(params: nnx.State, adapters: nnx.State, cfg: LoRAConfig) -> nnx.State:
+    """`params` with every adapted weight a `LowRankWeight`, which the model applies as
+    x W + (alpha / rank) (x A) B: the training step's form, whose gradient reaches A and B
+    alone (nothing the size of W is formed or differentiated)."""
+    return _with_adapters(params, adapters, cfg, lambda weight: weight)
+
+
+def fold(params: nnx.State, adapters: nnx.State, cfg: LoRAConfig) -> nnx.State:
+    """`params` with every adapted weight W replaced by W + (alpha / rank) A B, summed in
+    float32 and stored in W's dtype (so B = 0 gives W exactly): ordinary weights, for merging,
+    exporting, evaluating and decoding."""
+    return _with_adapters(params, adapters, cfg, LowRankWeight.folded)
 
 
 def merge_run(run_dir: Path, out_dir: Path) -> None:

@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec
 from lmjax.axis_rules import constrain, logical_to_mesh, mesh_axes
 from lmjax.config import ModelConfig
 from lmjax.models.kernels import select_grouped_matmul
-from lmjax.models.layers import MLP, param, weight
+from lmjax.models.layers import MLP, LowRankWeight, matmul, param, weight
 
 
 def route(logits, top_k: int, renormalize: bool):
@@ -89,11 +89,35 @@ def capacity_dispatch(experts, weights, n_experts: int, capacity: int):
     return dispatch, combine, jnp.sum(kept)
 
 
+def expert_matmul(equation: str, x, w):
+    """jnp.einsum(equation, x, w) in x's dtype, for expert weights w (E', in, out) whose
+    subscripts are the equation's second operand; a `LowRankWeight` gives x W + scale (x A) B
+    (A (E', in, r), B (E', r, out)), its rank contracted like the output's last subscript."""
+    if not isinstance(w, LowRankWeight):
+        return jnp.einsum(equation, x, w.astype(x.dtype))
+    operands, out = equation.split("->")
+    x_sub, w_sub = operands.split(",")
+    r = next(c for c in "rqz" if c not in equation)
+    xa = jnp.einsum(f"{x_sub},{w_sub[:-1]}{r}->{out[:-1]}{r}", x, w.a.astype(x.dtype))
+    low_rank = jnp.einsum(f"{out[:-1]}{r},{w_sub[0]}{r}{w_sub[-1]}->{out}", xa, w.b.astype(x.dtype))
+    return jnp.einsum(equation, x, w.base.astype(x.dtype)) + w.scale * low_rank
+
+
+def _ragged_matmul(x, w, group_sizes):
+    """`jax.lax.ragged_dot` of sorted rows x (M, in) with expert weights w (E, in, out) in x's
+    dtype; a `LowRankWeight` gives x W + scale (x A) B."""
+    if isinstance(w, LowRankWeight):
+        low_rank = jax.lax.ragged_dot(jax.lax.ragged_dot(x, w.a.astype(x.dtype), group_sizes), w.b.astype(x.dtype),
+                                      group_sizes)
+        return jax.lax.ragged_dot(x, w.base.astype(x.dtype), group_sizes) + w.scale * low_rank
+    return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
+
+
 def _expert_mlp(x, w_up, w_gate, w_down, equation_in: str, equation_out: str):
     """The experts' feed-forward by einsum; w_gate None means GELU."""
-    up = jnp.einsum(equation_in, x, w_up.astype(x.dtype))
-    hidden = jax.nn.gelu(up) if w_gate is None else jax.nn.silu(jnp.einsum(equation_in, x, w_gate.astype(x.dtype))) * up
-    return jnp.einsum(equation_out, hidden, w_down.astype(x.dtype))
+    up = expert_matmul(equation_in, x, w_up)
+    hidden = jax.nn.gelu(up) if w_gate is None else jax.nn.silu(expert_matmul(equation_in, x, w_gate)) * up
+    return expert_matmul(equation_out, hidden, w_down)
 
 
 def _ragged_combine(x, token, scale, group_sizes, w_up, w_gate, w_down):
@@ -101,15 +125,14 @@ def _ragged_combine(x, token, scale, group_sizes, w_up, w_gate, w_down):
     group_sizes (E,) how many go to each expert) through their expert's feed-forward with
     `jax.lax.ragged_dot`, summed onto the tokens: x (N, D) -> (N, D). Sorted rows past
     sum(group_sizes) come out zero."""
-    dtype = x.dtype
     x_sorted = jnp.take(x, token, axis=0)
-    up = jax.lax.ragged_dot(x_sorted, w_up.astype(dtype), group_sizes)
+    up = _ragged_matmul(x_sorted, w_up, group_sizes)
     if w_gate is None:
         hidden = jax.nn.gelu(up)
     else:
-        hidden = jax.nn.silu(jax.lax.ragged_dot(x_sorted, w_gate.astype(dtype), group_sizes)) * up
-    out = jax.lax.ragged_dot(hidden, w_down.astype(dtype), group_sizes)
-    return jnp.zeros_like(x).at[token].add(out * scale[:, None].astype(dtype))
+        hidden = jax.nn.silu(_ragged_matmul(x_sorted, w_gate, group_sizes)) * up
+    out = _ragged_matmul(hidden, w_down, group_sizes)
+    return jnp.zeros_like(x).at[token].add(out * scale[:, None].astype(x.dtype))
 
 
 def block_size(rows: int, n_experts: int) -> int:
@@ -146,8 +169,8 @@ def _blocked_combine(x, token, scale, group_sizes, w_up, w_gate, w_down):
     x_blocks = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[row_token].reshape(n_blocks, b, d)
     block_expert = expert[::b]
 
-    def per_block(w):  # (E, ...) -> (n_blocks, ...): each block's expert's weights
-        return jnp.take(w, block_expert, axis=0).astype(x.dtype)
+    def per_block(w):  # (E, ...) -> (n_blocks, ...): each block's expert's weights (every leaf of a LowRankWeight)
+        return jax.tree.map(lambda leaf: jnp.take(leaf, block_expert, axis=0).astype(x.dtype), w)
 
     out = _expert_mlp(x_blocks, per_block(w_up), None if w_gate is None else per_block(w_gate), per_block(w_down),
                       "nbd,ndf->nbf", "nbf,nfd->nbd").reshape(n_blocks * b, d)
@@ -187,12 +210,16 @@ def _expert_parallel_dropless(x, experts, weights, w_up, w_gate, w_down, mesh, g
     gathered = tuple(a for a in expert_axes if a in token_axes)
     summed = tuple(a for a in expert_axes if a not in token_axes) + mlp_axes  # + partial sums over hidden units
     batch_spec = logical_to_mesh(activation_axes, mesh)
-    up_spec = logical_to_mesh(("expert", "embed", "mlp"), mesh)
-    down_spec = logical_to_mesh(("expert", "mlp", "embed"), mesh)
     gated = w_gate is not None
+    up_axes, down_axes = _leaf_axes(w_up, ("expert", "embed", "mlp")), _leaf_axes(w_down, ("expert", "mlp", "embed"))
+    gate_axes = _leaf_axes(w_gate, ("expert", "embed", "mlp")) if gated else ()
 
     def all_gather(a, axes, axis):
         return jax.lax.all_gather(a, axes, axis=axis, tiled=True) if axes else a
+
+    def whole_width(w, axes):  # every leaf of an expert weight gathered along its `embed` axis
+        return jax.tree.map(lambda leaf, names: all_gather(leaf, embed_axes, names.index("embed"))
+                            if "embed" in names else leaf, w, axes, is_leaf=lambda a: isinstance(a, tuple))
 
     def local(x, experts, weights, w_up, w_gate, w_down):
         b, t, d = x.shape
@@ -200,8 +227,8 @@ def _expert_parallel_dropless(x, experts, weights, w_up, w_gate, w_down, mesh, g
         def tokens(a):  # (B, T, ...) -> (B * T * gathered devices, ...): the tokens of this expert group
             return all_gather(a.reshape(b * t, *a.shape[2:]), gathered, 0)
 
-        w_up, w_down = all_gather(w_up, embed_axes, 1), all_gather(w_down, embed_axes, 2)
-        w_gate = all_gather(w_gate, embed_axes, 1) if gated else None
+        w_up, w_down = whole_width(w_up, up_axes), whole_width(w_down, down_axes)
+        w_gate = whole_width(w_gate, gate_axes) if gated else None
         first = jax.lax.axis_index(expert_axes) * w_up.shape[0] if expert_axes else 0
         y = dropless_combine(tokens(x), tokens(experts), tokens(weights), w_up, w_gate, w_down, first,
                              grouped_matmul)
@@ -211,11 +238,23 @@ def _expert_parallel_dropless(x, experts, weights, w_up, w_gate, w_down, mesh, g
             y = jax.lax.psum_scatter(y, gathered, tiled=True)
         return y.reshape(b, t, d)
 
+    def specs(axes):
+        return jax.tree.map(lambda names: logical_to_mesh(names, mesh), axes, is_leaf=lambda a: isinstance(a, tuple))
+
     w_gate_arg = w_gate if gated else jnp.zeros(())
-    specs = (batch_spec, batch_spec, batch_spec, up_spec, up_spec if gated else PartitionSpec(), down_spec)
+    in_specs = (batch_spec, batch_spec, batch_spec, specs(up_axes), specs(gate_axes) if gated else PartitionSpec(),
+                specs(down_axes))
     run = jax.shard_map(lambda x, e, w, u, g, dn: local(x, e, w, u, g if gated else None, dn),
-                        mesh=mesh, in_specs=specs, out_specs=batch_spec, check_vma=False)
+                        mesh=mesh, in_specs=in_specs, out_specs=batch_spec, check_vma=False)
     return run(x, experts, weights, w_up, w_gate_arg, w_down)
+
+
+def _leaf_axes(w, axes: tuple):
+    """Logical axes of an expert weight w (E, in, out) named `axes`, in w's pytree shape: a
+    `LowRankWeight` holds A (E, in, lora_rank) and B (E, lora_rank, out) beside its base."""
+    if isinstance(w, LowRankWeight):
+        return LowRankWeight(axes, (*axes[:2], "lora_rank"), (axes[0], "lora_rank", axes[2]), w.scale)
+    return axes
 
 
 class MoE(nnx.Module):
@@ -253,7 +292,7 @@ class MoE(nnx.Module):
         if self.jitter and jitter_key is not None and not self.deterministic:
             router_in = router_in * jax.random.uniform(jitter_key, x.shape, router_dtype, 1 - self.jitter,
                                                        1 + self.jitter)
-        logits = jnp.einsum("btd,de->bte", router_in, weight(self.router[...], router_dtype))
+        logits = matmul(router_in, weight(self.router[...], router_dtype))  # (B, T, E)
         if self.router_multiplier != 1.0:
             logits = logits * self.router_multiplier
         probs, weights, experts = route(logits.reshape(b * t, -1), self.top_k, self.renormalize)

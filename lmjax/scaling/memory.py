@@ -32,8 +32,9 @@ Activation Recomputation in Large Transformer Models", sec. 4.1, which gives
   respectively, q, k, v, the context and the attention output projection / q, k, v / the
   attention output projection, and (as "full") one layer's "none" activations while recomputed.
 
-A LoRA run (`lora.rank` > 0) holds gradients, master copy and Adam moments of its adapters
-alone (`lora_training_bytes`).
+A LoRA run (`lora.rank` > 0) holds its adapters, and their gradients, master copy and Adam
+moments alone (`lora_adapter_bytes`): its step applies x W + (alpha / r) (x A) B, so nothing
+the size of the frozen weights is formed or differentiated.
 
 Plus, once per token, the float32 logits and their gradient (2 * V * 4 bytes).
 Activations are per micro-batch (train.batch_size / optim.grad_accum_steps).
@@ -133,17 +134,12 @@ def kv_cache_positions(m: ModelConfig) -> int:
     return m.max_seq_len * (2 if cross else 1)
 
 
-def lora_training_bytes(cfg: Config, sizes: dict[str, int]) -> tuple[float, float]:
-    """(gradient bytes, adapter bytes) per device of a LoRA run (`lmjax.lora`). The step forms
-    W + (alpha / r) A B of every targeted weight W and its gradient, so the "gradients" are
-    those two weight-sized arrays plus the adapters and their gradient. Targeted weights are
-    divided by fsdp x tensor like other matrices; adapters are counted whole (an upper bound)."""
+def lora_adapter_bytes(cfg: Config) -> float:
+    """Bytes of a LoRA run's adapters (`lmjax.lora`), counted whole on every device (an upper
+    bound: their width axes are sharded like their weights')."""
     from lmjax.lora import adapted_sizes
 
-    targeted, adapters = adapted_sizes(cfg.lora, cfg.model)
-    element = DTYPE_BYTES[cfg.model.param_dtype]
-    targeted_bytes = targeted * element / (sizes["fsdp"] * sizes["tensor"])
-    return 2 * targeted_bytes + 2 * adapters * element, adapters * element
+    return adapted_sizes(cfg.lora, cfg.model)[1] * DTYPE_BYTES[cfg.model.param_dtype]
 
 
 def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -> dict[str, float]:
@@ -163,9 +159,9 @@ def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -
         micro_batch_tokens / batch_shards)
     kv_per_token = kv_cache_bytes_per_token(m)
     kv_cache = kv_per_token * kv_cache_positions(m) * inference_batch / sizes["tensor"]  # kv_heads split by tensor
-    gradient_bytes = param_bytes
-    if cfg.lora.enabled:  # gradients, master copy and moments of the adapters alone
-        gradient_bytes, adapter_bytes = lora_training_bytes(cfg, sizes)
+    gradient_bytes, adapter_bytes = param_bytes, 0
+    if cfg.lora.enabled:  # the adapters, their gradients, master copy and moments; the weights get none
+        adapter_bytes = gradient_bytes = lora_adapter_bytes(cfg)
         master_bytes = adapter_bytes * 4 / DTYPE_BYTES[m.param_dtype] if cfg.optim.master_weights else 0
         adam_bytes = 2 * (master_bytes or adapter_bytes)
     int8 = {}
@@ -177,11 +173,13 @@ def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -
         int8 = {"memory_int8_weights_bytes": int8_bytes, "memory_int8_inference_bytes": int8_bytes + kv_cache}
     return {
         "memory_weights_bytes": param_bytes,
+        **({"memory_adapters_bytes": adapter_bytes} if cfg.lora.enabled else {}),
         "memory_gradients_bytes": gradient_bytes,
         "memory_adam_bytes": adam_bytes,
         "memory_master_weights_bytes": master_bytes,
         "memory_activations_bytes": activations,
-        "memory_train_bytes": param_bytes + gradient_bytes + master_bytes + adam_bytes + activations,
+        "memory_train_bytes": (param_bytes + adapter_bytes + gradient_bytes + master_bytes + adam_bytes
+                               + activations),
         "kv_cache_bytes_per_token": kv_per_token,
         "kv_cache_bytes_per_sequence": kv_per_token * kv_cache_positions(m),
         "memory_inference_bytes": param_bytes + kv_cache,

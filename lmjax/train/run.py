@@ -182,14 +182,14 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
                                     "changes": changes}) + "\n")
 
     rows = batch_sharding(mesh)
-    fold = None
+    adapt = None
     if cfg.lora.enabled:
-        from lmjax.lora import fold as fold_adapters
+        from lmjax.lora import low_rank
 
-        fold = functools.partial(fold_adapters, cfg=cfg.lora)
+        adapt = functools.partial(low_rank, cfg=cfg.lora)
     step_fn = make_train_step(graphdef, optimizer, learning_rate_schedule(cfg.optim, steps),
                               cfg.optim.grad_accum_steps, cfg.model.dropout > 0 or cfg.model.moe.router_jitter > 0,
-                              cfg.model.moe, fold)
+                              cfg.model.moe, adapt)
     compile_start = time.perf_counter()
     batch_shape = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape), v.dtype, sharding=rows)
                    for k, v in train_set[0].items()}

@@ -15,17 +15,18 @@ from lmjax.train.optimizer import updated_params
 from lmjax.train.state import TrainState
 
 
-def _loss_sum(params, graphdef, batch, dropout_key, moe: MoEConfig, frozen=None, fold=None):
+def _loss_sum(params, graphdef, batch, dropout_key, moe: MoEConfig, frozen=None, adapt=None):
     """Differentiated objective of one (micro-)batch of (B, T) arrays, and its parts.
 
     Returns (objective, (loss_sum, count, routing)): loss_sum is the family's summed token loss
     (nats; next token, masked tokens or span targets, see the family spec's `predict`) over `count`
     tokens; for MoE models the objective adds count * (load_balance_coef *
     balancing loss + z_loss_coef * z loss), each averaged over MoE layers, and `routing` holds
-    the routing statistics stacked over MoE layers (empty for dense models). With `fold`, the
-    model's weights are `fold(frozen, params)` (LoRA: frozen base weights, trained adapters).
+    the routing statistics stacked over MoE layers (empty for dense models). With `adapt`, the
+    model's weights are `adapt(frozen, params)` (LoRA: frozen base weights, the trained
+    adapters beside them as `LowRankWeight`s), differentiated with respect to `params` alone.
     """
-    model = nnx.merge(graphdef, params if fold is None else fold(frozen, params))
+    model = nnx.merge(graphdef, params if adapt is None else adapt(frozen, params))
     logits = family_of(model.cfg).predict(model, batch, dropout_key)
     loss_sum, count = causal_lm_loss(logits, batch["targets"], batch["loss_mask"])
     routing = pop_routing_statistics(model) or {}
@@ -56,7 +57,7 @@ def routing_metrics(routing: dict) -> dict:
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule, grad_accum_steps: int,
-                    use_rng: bool, moe: MoEConfig = MoEConfig(), fold=None):
+                    use_rng: bool, moe: MoEConfig = MoEConfig(), adapt=None):
     """`train_step(state, batch, frozen=None) -> (state, metrics, routing)`.
 
     The batch (B, T) is split into `grad_accum_steps` micro-batches whose gradients of the
@@ -64,8 +65,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
     computed on the whole batch at once. metrics: loss (nats/token), grad_norm, lr, tokens,
     and for MoE models `routing_metrics`; routing: the per-layer routing statistics averaged
     over micro-batches (empty for dense models). `use_rng` passes a per-step key to the model
-    (dropout, router jitter). With `fold(frozen, params) -> model weights` the step trains
-    `state.params` alone (LoRA adapters) and `frozen` (the base weights) gets no update.
+    (dropout, router jitter). With `adapt(frozen, params) -> model weights` the step trains
+    `state.params` alone (LoRA adapters, `lmjax.lora.low_rank`) and `frozen` (the base
+    weights) gets neither a gradient nor an update.
     """
     grad_fn = jax.value_and_grad(_loss_sum, has_aux=True)
 
@@ -75,7 +77,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
         def add_micro_batch(carry, inputs):
             index, micro_batch = inputs
             key = None if step_key is None else jax.random.fold_in(step_key, index)
-            (_, (loss_sum, count, routing)), grads = grad_fn(params, graphdef, micro_batch, key, moe, frozen, fold)
+            (_, (loss_sum, count, routing)), grads = grad_fn(params, graphdef, micro_batch, key, moe, frozen, adapt)
             total_loss, total_count, total_grads = carry
             return (total_loss + loss_sum, total_count + count, jax.tree.map(jnp.add, total_grads, grads)), routing
 
@@ -86,7 +88,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
     def train_step(state: TrainState, batch, frozen=None):
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step) if use_rng else None
         if grad_accum_steps == 1:
-            (_, (loss_sum, count, routing)), grads = grad_fn(state.params, graphdef, batch, step_key, moe, frozen, fold)
+            (_, (loss_sum, count, routing)), grads = grad_fn(state.params, graphdef, batch, step_key, moe, frozen,
+                                                             adapt)
         else:
             loss_sum, count, grads, routing = accumulate_gradients(state.params, batch, step_key, frozen)
         count = jnp.maximum(count, 1.0)
