@@ -79,7 +79,7 @@ def test_the_qat_forward_fake_quantizes_every_hidden_and_output_matrix(name):
 def qat_runs(tmp_path_factory):
     """A QAT run stopped at step 3 and resumed to step 6, and the same run uninterrupted."""
     root = tmp_path_factory.mktemp("qat")
-    cfg = tiny_config(root / "resumed", steps=6, eval_every=3, eval_batches=2, sample_tokens=0, checkpoint_every=3)
+    cfg = tiny_config(root / "resumed", steps=6, eval_every=100, eval_batches=1, sample_tokens=0, checkpoint_every=3)
     cfg = dataclasses.replace(cfg, quant=INT8, model=dataclasses.replace(cfg.model, tie_embeddings=False))
     train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, halt_at_step=3)), root / "resumed")
     train(cfg, root / "resumed")
