@@ -3,6 +3,10 @@ forward pass fake-quantizes every matrix a matmul reads, gradients reach every w
 run resumes exactly, and `lmjax quantize` of it gives its forward pass in int8."""
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +83,7 @@ def test_the_qat_forward_fake_quantizes_every_hidden_and_output_matrix(name):
 def qat_runs(tmp_path_factory):
     """A QAT run stopped at step 3 and resumed to step 6, and the same run uninterrupted."""
     root = tmp_path_factory.mktemp("qat")
-    cfg = tiny_config(root / "resumed", steps=6, eval_every=3, eval_batches=2, sample_tokens=0, checkpoint_every=3)
+    cfg = tiny_config(root / "resumed", steps=6, eval_every=100, eval_batches=1, sample_tokens=0, checkpoint_every=3)
     cfg = dataclasses.replace(cfg, quant=INT8, model=dataclasses.replace(cfg.model, tie_embeddings=False))
     train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, halt_at_step=3)), root / "resumed")
     train(cfg, root / "resumed")
@@ -127,3 +131,42 @@ def test_lmjax_quantize_of_a_qat_run_gives_its_forward_in_int8(qat_runs, tmp_pat
     _, graphdef, int8, _, _ = restore_weights(tmp_path / "int8", keep_int8=True)
     np.testing.assert_allclose(logits(graphdef, int8, tokens),
                                logits(qat_graphdef, fake_quantized(params, ("input",)), tokens), rtol=1e-5, atol=1e-5)
+
+
+EXPERT_SHARDED = """
+import sys, jax, numpy as np
+from flax import nnx
+from lmjax.config import MeshConfig
+from lmjax.parallel import make_mesh, state_shardings
+from lmjax.train.state import abstract_model
+from test_qat import INT8, _configs, _logits
+cfg = _configs()["moe_decoder"]
+graphdef, abstract = abstract_model(cfg, INT8)
+params = nnx.from_flat_state([(k, v.replace(np.load(sys.argv[1])[str(i)]))
+                              for i, (k, v) in enumerate(nnx.to_flat_state(abstract))])
+mesh = make_mesh(MeshConfig(data=1, fsdp=2, expert=4))
+with jax.set_mesh(mesh):
+    params = jax.device_put(params, state_shardings(abstract, mesh))
+    experts = dict(nnx.to_flat_state(params))[("stack", "moe_blocks", "moe", "w_up")]
+    assert experts.get_value().addressable_shards[0].data.shape[1] == cfg.moe.n_experts // 4
+    np.save(sys.argv[2], np.asarray(jax.jit(_logits, static_argnums=0)(graphdef, params, np.load(sys.argv[3]))))
+"""
+
+
+def test_qat_sees_the_experts_when_they_are_sharded(tmp_path):
+    """Capacity-routed experts split over an `expert` mesh axis (4 of 8 CPU devices, fsdp 2):
+    the QAT logits still equal the one-device fake-quantized reference's, so qwix finds the
+    expert weights whatever their per-device shape."""
+    cfg = _configs()["moe_decoder"]
+    params = nnx.state(family_of(cfg).build(cfg, nnx.Rngs(0)))
+    tokens = np.random.default_rng(0).integers(1, cfg.vocab_size, (8, 16)).astype(np.int32)
+    np.savez(tmp_path / "params.npz", **{str(i): np.asarray(v.get_value())
+                                         for i, (_, v) in enumerate(nnx.to_flat_state(params))})
+    np.save(tmp_path / "tokens.npy", tokens)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", EXPERT_SHARDED, str(tmp_path / "params.npz"), str(tmp_path / "qat.npy"),
+                    str(tmp_path / "tokens.npy")], env=env, check=True)
+    reference = jax.jit(_logits, static_argnums=0)(abstract_model(cfg)[0], fake_quantized(params, ("hidden", "output")),
+                                                   jnp.asarray(tokens))
+    np.testing.assert_allclose(np.load(tmp_path / "qat.npy"), reference, rtol=1e-5, atol=1e-6)

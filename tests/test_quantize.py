@@ -135,11 +135,10 @@ def _forward(model, tokens):
 @pytest.mark.parametrize("name", list(_family_configs()))
 def test_int8_weights_stay_int8_in_memory_and_give_the_dequantized_logits(name):
     """Loaded with `keep_int8`, every matrix is a qwix.QArray of int8 values (exactly 1/4 of its
-    float32 bytes) and float32 scales, and the model's logits (forward and KV-cache decoding)
-    equal those of the same weights dequantized on load into float32."""
+    float32 bytes) and float32 scales, and the model's logits (forward, and the decoder's
+    KV-cache decoding) equal those of the same weights dequantized on load into float32."""
     cfg = _family_configs()[name]
-    spec = family_of(cfg)
-    params = nnx.state(spec.build(cfg, nnx.Rngs(0)))
+    params = nnx.state(family_of(cfg).build(cfg, nnx.Rngs(0)))
     tensors = quantize_params(params, "channel")
     graphdef, abstract = abstract_model(cfg)
     mesh = make_mesh(MeshConfig())
@@ -155,9 +154,8 @@ def test_int8_weights_stay_int8_in_memory_and_give_the_dequantized_logits(name):
     forward = jax.jit(lambda p, t: _forward(nnx.merge(graphdef, p), t))
     expected = np.asarray(forward(dequantized, tokens))
     np.testing.assert_allclose(np.asarray(forward(int8, tokens)), expected, rtol=1e-5, atol=1e-5)
-    if name != "moe" and spec.generate is not None:  # KV-cache decoding: prefill, then one token per step
-        decode = generate.generate if cfg.family == "decoder" else generate.generate_targets
-        new = [decode(nnx.merge(graphdef, p), [np.arange(1, 9), np.arange(3, 7)], 6, temperature=0.0)
+    if name == "decoder":  # KV-cache decoding: prefill, then one token per step
+        new = [generate.generate(nnx.merge(graphdef, p), [np.arange(1, 9), np.arange(3, 7)], 6, temperature=0.0)
                for p in (int8, dequantized)]
         assert all(np.array_equal(a, b) for a, b in zip(*new))
 
