@@ -9,8 +9,8 @@ Training never forms that sum: `low_rank` hands the model each adapted weight as
 `LowRankWeight` (W, A, B, alpha / r), which the model's matmuls and MoE expert products
 apply as x W + (alpha / r) (x A) B, so W is an input the gradient never reaches and the step
 holds no weight-sized copy or gradient. The branch costs 2 r (inputs + outputs) FLOPs per
-token and matrix, forward. (Weights read other than by a matmul, such as an embedding table
-picked by a regex, are folded where they are read.) `fold` forms W + (alpha / r) A B once,
+token and matrix, forward; tables picked by a regex (embeddings, positions, relative-bias
+tables) are looked up as W[ids] + (alpha / r) A[ids] B. `fold` forms W + (alpha / r) A B once,
 as ordinary weights, for merging, exporting, evaluation and decoding. The adapters carry
 logical axes (their weight's, plus `lora_rank`) and are sharded like any weight.
 """
