@@ -9,8 +9,8 @@ JSON line: seconds and GB/s to read every weight into its sharding (`import_para
 the peak resident memory above the process's baseline, sampled every 20 ms, split into
 anonymous memory (arrays) and file-backed pages (the memory-mapped safetensors, which the
 kernel may drop at any time), each also as a multiple of (largest tensor + this process's
-share of the model). The whole `from_hf` (with the step-0 checkpoint and its Adam moments)
-is timed too.
+share of the model). The whole `from_hf` (with its weights-only step-0 checkpoint) is
+timed too.
 """
 
 from __future__ import annotations

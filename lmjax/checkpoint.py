@@ -13,8 +13,6 @@ from pathlib import Path
 
 import orbax.checkpoint as ocp
 
-SKIP = ocp.PLACEHOLDER  # a leaf of an abstract state that `Checkpointer.restore_some` does not read
-
 
 class Checkpointer:
     """Keeps the newest `keep` checkpoints of a run directory."""
@@ -37,6 +35,29 @@ class Checkpointer:
             ),
             force=True,
         )
+
+    def save_weights(self, step: int, params, config: dict) -> None:
+        """Start saving a weights-only checkpoint: `params` (an nnx.State) without optimizer
+        state, step or rng, and an empty data state (see `wait`)."""
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"params": params}),
+                data=ocp.args.JsonSave({}),
+                config=ocp.args.JsonSave(config),
+            ),
+            force=True,
+        )
+
+    def holds_optimizer_state(self, step: int | None = None) -> bool:
+        """False for a weights-only checkpoint (`save_weights`), True for a full one; reads no array."""
+        step = self.latest_step() if step is None else step
+        handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                    "config": ocp.JsonCheckpointHandler()}  # a reader that knows every item, so nothing warns
+        reader = ocp.CheckpointManager(self.manager.directory, item_handlers=handlers)
+        saved = reader.item_metadata(step)["state"].tree
+        reader.close()
+        return "opt_state" in saved
 
     def restore(self, abstract_state, step: int | None = None):
         """(state, data_state, config) of `step` (default: newest). `abstract_state` is a
@@ -62,16 +83,17 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
-    def restore_some(self, abstract_state, step: int | None = None):
-        """The saved state of `step` (default: newest) without the leaves that `abstract_state`
-        marks `SKIP`: those are never read from disk and come back as `SKIP` (e.g. the Adam
-        moments, two thirds of a checkpoint, when only the weights are wanted). It reads with
-        PyTreeRestore, which accepts SKIP where StandardRestore does not; a manager that then
-        saves (a resumed run) must keep to StandardRestore, hence the two methods."""
+    def restore_params(self, abstract_params, step: int | None = None):
+        """The weights saved in checkpoint `step` (default: newest), full or weights-only, in
+        the layout of `abstract_params` (pytree of jax.ShapeDtypeStruct with `sharding`). Only
+        they are read: the optimizer state (two thirds of a full checkpoint) stays on disk.
+        PyTreeRestore's partial restore reads a subtree, which StandardRestore cannot; a
+        manager that then saves (a resumed run) must keep to StandardRestore, hence `restore`."""
         step = self.latest_step() if step is None else step
-        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
-        item = ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args)
-        return self.manager.restore(step, args=ocp.args.Composite(state=item))["state"]
+        target = {"params": abstract_params}
+        item = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                      partial_restore=True)
+        return self.manager.restore(step, args=ocp.args.Composite(state=item))["state"]["params"]
 
     def reached_preemption(self, step: int) -> bool:
         """True on every process at the same step once any process received SIGTERM (JAX's

@@ -11,6 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -326,6 +327,21 @@ def test_init_from_starts_training_from_the_imported_weights(imported, tiny, tmp
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-9)
 
 
+def test_imported_checkpoint_holds_the_weights_alone(imported):
+    """No optimizer state is saved: the checkpoint's arrays are transformers' parameters, 4 bytes
+    each in float32 (a training checkpoint adds two Adam moments, 3x), and so are its bytes on
+    disk, within Orbax's metadata."""
+    hf, _, _, _, root = imported("llama_untied")
+    weight_bytes = 4 * sum(p.numel() for p in hf.parameters())
+    manager = ocp.CheckpointManager(root / "run" / "checkpoints",
+                                    item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    saved = jax.tree.leaves(manager.item_metadata(0)["state"].tree)
+    manager.close()
+    assert sum(np.prod(m.shape) * np.dtype(m.dtype).itemsize for m in saved) == weight_bytes
+    disk = sum(f.stat().st_size for f in (root / "run" / "checkpoints").rglob("*") if f.is_file())
+    assert disk < 1.3 * weight_bytes, (disk, weight_bytes)
+
+
 SHARDED_IMPORT = """
 import sys
 import jax, numpy as np
@@ -395,6 +411,10 @@ def test_bad_inputs_exit_2_with_one_line(imported, tiny, tmp_path, capsys):
                           f"train.run_dir={run_dir}")
     assert code == 2 and len(lines) == 1 and "--init-from" in lines[0], lines
     assert not run_dir.exists()
+
+    code, lines = run_cli(capsys, "train", "--resume", root / "run")  # weights only: nothing to resume
+    assert code == 2 and len(lines) == 1 and f"--init-from {root / 'run'}" in lines[0], lines
+    assert sorted(p.name for p in (root / "run" / "checkpoints").iterdir()) == ["0"]
 
 
 def test_importing_lmjax_never_imports_torch():

@@ -19,7 +19,6 @@ import shutil
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -30,8 +29,7 @@ from lmjax.interop import bert, llama, t5
 from lmjax.interop.tensors import open_checkpoint, save_checkpoint
 from lmjax.interop.tokenizer_files import write_tokenizer
 from lmjax.parallel import make_mesh, state_shardings
-from lmjax.train.optimizer import make_optimizer
-from lmjax.train.state import TrainState, abstract_model, train_state_shardings
+from lmjax.train.state import abstract_model
 
 _ARCHITECTURES = {name: module for module in (llama, t5, bert) for name in module.ARCHITECTURES}
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size for save_pretrained
@@ -140,17 +138,13 @@ def from_hf(hf_dir: Path, run_dir: Path, dtype: str = "float32", mesh_cfg: MeshC
         raise ConfigError(f"{run_dir} already holds checkpoints; give a new --out directory.")
     mesh = make_mesh(mesh_cfg)
     params = import_params(hf_dir, model, mesh, notes)  # every check on the input runs before anything is written
-    optimizer = make_optimizer(cfg.optim, 1, params)
-    state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32),
-                       jax.random.key_data(jax.random.key(cfg.train.seed)))
-    state = jax.device_put(state, train_state_shardings(jax.eval_shape(lambda: state), mesh))
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if tokenizer != "bytes" and (hf_dir / name).is_file():
             shutil.copyfile(hf_dir / name, run_dir / name)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     checkpointer = Checkpointer(run_dir, async_save=False)
-    checkpointer.save(0, state, {}, cfg.to_dict())
+    checkpointer.save_weights(0, params, cfg.to_dict())
     checkpointer.wait()
     checkpointer.close()
     return notes

@@ -132,6 +132,10 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints)
     resuming = checkpointer.latest_step() is not None
+    if resuming and not checkpointer.holds_optimizer_state():
+        raise ConfigError(f"cannot resume {run_dir}: its checkpoint holds weights only (an imported model: no "
+                          f"optimizer state or data position); train from them with --init-from {run_dir} "
+                          "and a new run directory.")
     if resuming:
         saved = checkpointer.saved_config()  # the settings the newest checkpoint was written with
         changes = check_resumable(cfg, saved, new_data_order)

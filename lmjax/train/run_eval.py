@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import numpy as np
 
-from lmjax.checkpoint import SKIP, Checkpointer
+from lmjax.checkpoint import Checkpointer
 from lmjax.config import Config, ConfigError, MeshConfig, override
 from lmjax.data import DataError, PackedDataset, load_documents, load_from_run, tokenize
 from lmjax.families import family_of
@@ -67,10 +66,9 @@ def restore_trained_onto(run_dir: Path, mesh, step: int | None = None):
     steps = total_steps(cfg)
     graphdef, abstract, _ = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, steps, p, cfg.model),
                                                  mesh, cfg.lora, cfg.quant)
-    state = checkpointer.restore_some(abstract._replace(opt_state=jax.tree.map(lambda _: SKIP, abstract.opt_state)),
-                                      step)
+    params = checkpointer.restore_params(abstract.params, step)
     checkpointer.close()
-    return cfg, graphdef, state.params, step
+    return cfg, graphdef, params, step
 
 
 def restore_params(run_dir: Path, step: int | None = None, mesh_overrides: list[str] = ()):
