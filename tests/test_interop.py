@@ -339,7 +339,7 @@ def test_imported_checkpoint_holds_the_weights_alone(imported):
     manager.close()
     assert sum(np.prod(m.shape) * np.dtype(m.dtype).itemsize for m in saved) == weight_bytes
     disk = sum(f.stat().st_size for f in (root / "run" / "checkpoints").rglob("*") if f.is_file())
-    assert disk < 1.3 * weight_bytes, (disk, weight_bytes)
+    assert disk < 1.3 * weight_bytes, (disk, weight_bytes)  # Orbax compresses zeros: so were zero moments
 
 
 SHARDED_IMPORT = """
