@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmjax.config import ConfigError, LoRAConfig, ModelConfig
-from lmjax.models.layers import LowRankWeight
+from lmjax.models.weights import LowRankWeight
 
 ROLES = {"attention": ("wq", "wk", "wv", "wo"), "mlp": ("w_up", "w_gate", "w_down")}
 STACKED_AXES = ("layers", "expert")  # one matrix per layer and per expert

@@ -10,7 +10,7 @@ token and position embeddings, relative-bias tables); "tensor" one per matrix, p
 expert. The quantized run directory holds config.json (with `quant` set), the tokenizer and
 `quantized.safetensors`; loading it (`lmjax.load`, `eval`, `generate`, the lm-eval harness)
 keeps each matrix in memory as a `qwix.QArray` (int8 values, float32 scales), which the model
-dequantizes where it reads it (`lmjax.models.layers.weight`, `take_rows`).
+dequantizes where it reads it (`lmjax.models.weights.weight`, `take_rows`).
 
 Error bound, per matmul: rounding moves each weight by at most scale / 2 = max|w| / 255 of its
 group, so for y = sum_i x_i w_ij the quantized result differs by at most
@@ -78,7 +78,7 @@ def scale_sharding(sharding: NamedSharding, scale_shape: tuple[int, ...]) -> Nam
 def load_params(tensors: dict[str, np.ndarray], abstract: nnx.State, mesh, keep_int8: bool = True) -> nnx.State:
     """The model weights from the saved `tensors`, sharded over `mesh` by their logical axes.
     With `keep_int8` each matrix's value is a `qwix.QArray` (int8 values, float32 scales), read
-    by the model through `lmjax.models.layers.weight`; otherwise it is dequantized into
+    by the model through `lmjax.models.weights.weight`; otherwise it is dequantized into
     `abstract`'s dtype (for code that changes weights: `--init-from`, LoRA, `convert to-hf`)."""
     import qwix
 

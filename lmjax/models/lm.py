@@ -22,11 +22,10 @@ from lmjax.models.layers import (
     RelativePositionBias,
     attention_mask,
     make_norm,
-    matmul,
     param,
-    take_rows,
 )
 from lmjax.models.transformer import Stack, dropout
+from lmjax.models.weights import matmul, take_rows
 
 
 def _default_positions(tokens, positions):

@@ -41,7 +41,8 @@ from jax.sharding import PartitionSpec
 from lmjax.axis_rules import constrain, logical_to_mesh, mesh_axes
 from lmjax.config import ModelConfig
 from lmjax.models.kernels import select_grouped_matmul
-from lmjax.models.layers import MLP, LowRankWeight, matmul, param, weight
+from lmjax.models.layers import MLP, param
+from lmjax.models.weights import LowRankWeight, matmul, weight
 
 
 def route(logits, top_k: int, renormalize: bool):
