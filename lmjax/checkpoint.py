@@ -4,7 +4,9 @@ Checkpoints live in `<run_dir>/checkpoints/<step>/`. Saves are asynchronous (tra
 continues while arrays are written) and atomic: Orbax writes to a temporary directory
 and renames it when complete, so a save interrupted mid-write is never listed and never
 restored. Restoring takes an abstract state carrying the target shardings, so a
-checkpoint can be read onto any mesh (or one CPU); `restore_some` reads only part of it.
+checkpoint can be read onto any mesh (or one CPU); `restore_params` reads the weights
+alone. A weights-only checkpoint (`save_weights`: an imported model) stores {"params":
+weights} as its state, without optimizer state; `restore_params` reads both kinds.
 """
 
 from __future__ import annotations
