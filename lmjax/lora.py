@@ -160,34 +160,28 @@ def fold(params: nnx.State, adapters: nnx.State, cfg: LoRAConfig) -> nnx.State:
 
 def merge_run(run_dir: Path, out_dir: Path) -> None:
     """Write the LoRA run `run_dir`'s newest adapters folded into its base as an ordinary run
-    directory `out_dir` (config without `lora`, the tokenizer, a step-0 checkpoint with fresh
-    Adam moments), which `lmjax.load`, `eval`, `generate`, `train --init-from` and
+    directory `out_dir` (config without `lora`, the tokenizer, a step-0 weights-only
+    checkpoint, as `lmjax convert from-hf` writes), which `lmjax.load`, `eval`, `generate`, `train --init-from` and
     `convert to-hf` accept. Checks run before anything is written."""
     import dataclasses
     import json
 
     from lmjax.checkpoint import Checkpointer
     from lmjax.data import load_from_run, save_to_run
-    from lmjax.train.optimizer import make_optimizer
     from lmjax.train.run_eval import load_config, restore_weights
-    from lmjax.train.state import TrainState, train_state_shardings
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not load_config(run_dir).lora.enabled:
         raise ConfigError(f"{run_dir} is not a LoRA run (lora.rank=0): there are no adapters to merge.")
     if (out_dir / "checkpoints").exists():
         raise ConfigError(f"{out_dir} already holds checkpoints; give a new --out directory.")
-    cfg, _, params, _, mesh = restore_weights(run_dir)
+    cfg, _, params, _, _ = restore_weights(run_dir)
     tokenizer = load_from_run(run_dir, cfg.data.tokenizer)
     merged = dataclasses.replace(cfg, lora=LoRAConfig(), train=dataclasses.replace(cfg.train, run_dir=str(out_dir)))
-    optimizer = make_optimizer(merged.optim, 1, params, merged.model)
-    state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32),
-                       jax.random.key_data(jax.random.key(merged.train.seed)))
-    state = jax.device_put(state, train_state_shardings(jax.eval_shape(lambda: state), mesh))
     out_dir.mkdir(parents=True, exist_ok=True)
     save_to_run(tokenizer, out_dir)
     (out_dir / "config.json").write_text(json.dumps(merged.to_dict(), indent=2))
     checkpointer = Checkpointer(out_dir, async_save=False)
-    checkpointer.save(0, state, {}, merged.to_dict())
+    checkpointer.save_weights(0, params, merged.to_dict())
     checkpointer.wait()
     checkpointer.close()

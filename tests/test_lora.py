@@ -17,6 +17,7 @@ from conftest import tiny_config
 from flax import nnx
 
 import lmjax
+from lmjax.checkpoint import Checkpointer
 from lmjax.cli import main
 from lmjax.config import ConfigError, LoRAConfig, ModelConfig, MoEConfig
 from lmjax.families import family_of
@@ -314,6 +315,9 @@ def test_merge_writes_a_run_with_the_lora_models_logits(runs, capsys):
     assert not merged_cfg.lora.enabled and merged_cfg.model == cfg.model
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.model.vocab_size, (2, 16)))
     np.testing.assert_allclose(np.asarray(merged_model(ids)), np.asarray(lora_model(ids)), atol=1e-5, rtol=0)
+    checkpointer = Checkpointer(root / "merged")
+    assert not checkpointer.holds_optimizer_state()  # the weights alone, as convert from-hf writes
+    checkpointer.close()
     assert main(["lora", "merge", str(root / "merged"), "--out", str(root / "again")]) == 2
     assert "not a LoRA run" in capsys.readouterr().err
     assert not (root / "again").exists()
