@@ -1,9 +1,10 @@
 """Learning-rate transfer across width (docs/scaling.md, µP): 6 learning rates x widths 64-512
 x {standard, µP}, 2 layers, heads of width 32, d_ff = 4 x width, on the default corpus.
 
-`lmjax sweep mup_transfer` runs the 48 runs one after another, resumably (about an hour of an
-idle 2-core CPU); then `python -m lmjax.scaling.transfer sweeps/mup_transfer/results.csv
-docs/scaling` writes the loss-against-learning-rate figures and the optimum per width.
+`lmjax sweep mup_transfer` runs the 48 runs one after another, resumably (about 10 minutes of an
+idle 2-core CPU); more seeds: `--dir sweeps/mup_transfer_s1 --set train.seed=1 --set data.seed=1`.
+Then `python -m lmjax.scaling.transfer sweeps/mup_transfer/results.csv [sweeps/mup_transfer_s1/results.csv
+...] --out docs/scaling` writes the loss-against-learning-rate figures and the optimum per width.
 µP's base width is the narrowest, 64: there both parametrizations are the same model.
 """
 
