@@ -523,3 +523,27 @@ def test_import_carries_the_model_tokenizer(imported, tiny, tmp_path):
     with pytest.raises(ConfigError, match="--init-from .* set data.tokenizer=.*tokenizer.json"):
         train(bytes_run, tmp_path / "finetune", init_from=tmp_path / "run")
     assert not (tmp_path / "finetune").exists()
+
+
+@pytest.mark.parametrize("name, kind", [("llama_untied", "sentencepiece-bpe"), ("t5_relu", "sentencepiece-unigram")])
+def test_export_writes_a_sentencepiece_run_tokenizer_that_transformers_encodes_alike(imported, name, kind, tmp_path):
+    """A decoder run with a LLaMA-style BPE .model, a T5 run with a Unigram one (byte fallback)."""
+    from lmjax.data.subword import SentencePieceTokenizer, train_tokenizer
+
+    run = tmp_path / "run"
+    shutil.copytree(imported(name)[4] / "run", run)
+    train_tokenizer(corpus(), run / "tokenizer.model", 400, kind, num_sentinels=10)
+    config = json.loads((run / "config.json").read_text())
+    config["data"]["tokenizer"] = str(run / "tokenizer.model")
+    (run / "config.json").write_text(json.dumps(config))
+    assert to_hf(run, tmp_path / "hf") == []
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = SentencePieceTokenizer(run / "tokenizer.model")
+    texts = TEXTS + ["x  \n\n   y  ", "   ", "mask <mask> and <extra_id_3>x<extra_id_0>"]
+    for text in texts:  # lmjax adds no bos/eos to a text, and neither does the export
+        assert theirs(text).input_ids == list(ours.encode_prompt(text)) == list(ours.encode_with_sentinels(text))
+        assert theirs.decode(ours.encode(text), skip_special_tokens=True) == ours.decode(ours.encode(text))
+    assert [theirs.pad_token_id, theirs.bos_token_id, theirs.eos_token_id, theirs.mask_token_id] == \
+        [ours.pad_id, ours.bos_id, ours.eos_id, ours.mask_id]
+    assert theirs.convert_tokens_to_ids("<extra_id_3>") == ours.sentinel_id(3)
+    assert len(theirs("ünïcödé 漢字 ☃ 🙂").input_ids) > 0 and theirs.unk_token_id not in theirs("漢字 ☃ 🙂").input_ids

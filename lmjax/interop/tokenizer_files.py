@@ -1,5 +1,10 @@
 """A run's tokenizer as the files transformers reads: tokenizer.json and tokenizer_config.json.
 
+A SentencePiece .model (trained by `lmjax tokenizer train --kind sentencepiece-*`) becomes a
+tokenizer.json by transformers' own converter, which follows the model's settings (byte
+fallback, identity normalization, no dummy prefix, user-defined pieces kept whole); the .model
+is copied beside it as tokenizer.model.
+
 lmjax's byte tokenizer becomes a `tokenizers` byte-level BPE with no merges: the 256 byte
 symbols at ids 0..255 (GPT-2's byte-to-character table), then <pad>, <s>, </s>, <mask> at
 256..259 and the sentinels <extra_id_123> ... <extra_id_0> at 260..383, so that
@@ -12,7 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
-from lmjax.data.subword import BOS, EOS, MASK, PAD, sentinel_token
+from lmjax.data.subword import BOS, EOS, MASK, PAD, UNK, sentinel_token
 from lmjax.data.tokenizer import ByteTokenizer
 
 
@@ -44,21 +49,42 @@ def byte_tokenizer_json() -> str:
     return tokenizer.to_str()
 
 
+def sentencepiece_tokenizer_json(model_file: Path) -> str:
+    """tokenizer.json text of a SentencePiece model: the same ids as `SentencePieceProcessor.encode`,
+    with control pieces (pad, bos, eos) and user-defined ones (mask, sentinels) as special tokens."""
+    from tokenizers import AddedToken
+    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(Path(model_file).read_bytes())
+    pieces = proto.pieces
+    bpe = proto.trainer_spec.model_type == proto.trainer_spec.BPE
+    vocab = {p.piece: i for i, p in enumerate(pieces)} if bpe else [(p.piece, p.score) for p in pieces]
+    tokenizer = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
+    specials = [p.piece for p in pieces if p.type in (p.CONTROL, p.USER_DEFINED)]
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tokenizer.to_str()
+
+
 def _config(roles: dict[str, str | None], max_length: int) -> str:
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length}
     return json.dumps(config | {k: v for k, v in roles.items() if v is not None}, indent=2)
 
 
-def write_tokenizer(run_dir: Path, tokenizer, hf_dir: Path, max_length: int, notes: list[str]) -> None:
-    """Write `tokenizer` (a run's) into `hf_dir` as tokenizer.json + tokenizer_config.json."""
+def write_tokenizer(run_dir: Path, tokenizer, hf_dir: Path, max_length: int) -> None:
+    """Write `tokenizer` (a run's) into `hf_dir` as tokenizer.json + tokenizer_config.json (and
+    tokenizer.model for SentencePiece)."""
     if tokenizer.path is None:
         (hf_dir / "tokenizer.json").write_text(byte_tokenizer_json())
         (hf_dir / "tokenizer_config.json").write_text(_config(
             {"pad_token": PAD, "bos_token": BOS, "eos_token": EOS, "mask_token": MASK}, max_length))
         return
-    if Path(tokenizer.path).suffix != ".json":
-        notes.append(f"the run's SentencePiece tokenizer {tokenizer.path} is not exported; transformers needs a "
-                     "tokenizer.json (train one with `lmjax tokenizer train --kind bpe`).")
+    if Path(tokenizer.path).suffix == ".model":  # roles: lmjax's reserved names, as SentencePiece is trained
+        shutil.copyfile(tokenizer.path, hf_dir / "tokenizer.model")
+        (hf_dir / "tokenizer.json").write_text(sentencepiece_tokenizer_json(tokenizer.path))
+        (hf_dir / "tokenizer_config.json").write_text(_config(
+            {"pad_token": PAD, "bos_token": BOS, "eos_token": EOS, "mask_token": MASK, "unk_token": UNK},
+            max_length))
         return
     shutil.copyfile(tokenizer.path, hf_dir / "tokenizer.json")
     if (Path(run_dir) / "tokenizer_config.json").is_file():
