@@ -547,3 +547,17 @@ def test_export_writes_a_sentencepiece_run_tokenizer_that_transformers_encodes_a
         [ours.pad_id, ours.bos_id, ours.eos_id, ours.mask_id]
     assert theirs.convert_tokens_to_ids("<extra_id_3>") == ours.sentinel_id(3)
     assert len(theirs("ünïcödé 漢字 ☃ 🙂").input_ids) > 0 and theirs.unk_token_id not in theirs("漢字 ☃ 🙂").input_ids
+
+
+def test_sentencepiece_export_without_transformers_is_refused_before_writing(imported, tmp_path, monkeypatch):
+    from lmjax.data.subword import train_tokenizer
+
+    run = tmp_path / "run"
+    shutil.copytree(imported("llama_untied")[4] / "run", run)
+    train_tokenizer(corpus()[-1:], run / "tokenizer.model", 300, "sentencepiece-bpe", num_sentinels=10)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(config | {"data": config["data"] | {"tokenizer": "t.model"}}))
+    monkeypatch.setitem(sys.modules, "transformers.convert_slow_tokenizer", None)  # as if not installed
+    with pytest.raises(ConfigError, match="needs transformers"):
+        to_hf(run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -217,7 +217,6 @@ def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes:
     decoder_start = family_of(cfg.model).decoder_start
     if decoder_start is not None:
         hf_config["decoder_start_token_id"] = decoder_start(tokenizer)  # lmjax decodes targets from bos
-    hf_dir.mkdir(parents=True, exist_ok=True)
     write_tokenizer(run_dir, tokenizer, hf_dir, cfg.model.max_seq_len)
     save_checkpoint(tensors, hf_dir, max_shard_bytes)
     (hf_dir / "config.json").write_text(json.dumps(hf_config, indent=2))

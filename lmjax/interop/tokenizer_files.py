@@ -17,6 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
+from lmjax.config import ConfigError
 from lmjax.data.subword import BOS, EOS, MASK, PAD, UNK, sentinel_token
 from lmjax.data.tokenizer import ByteTokenizer
 
@@ -53,7 +54,12 @@ def sentencepiece_tokenizer_json(model_file: Path) -> str:
     """tokenizer.json text of a SentencePiece model: the same ids as `SentencePieceProcessor.encode`,
     with control pieces (pad, bos, eos) and user-defined ones (mask, sentinels) as special tokens."""
     from tokenizers import AddedToken
-    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+
+    try:
+        from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+    except ImportError:
+        raise ConfigError(f"exporting the SentencePiece tokenizer {model_file} needs transformers' converter; "
+                          "pip install transformers.") from None
 
     proto = import_protobuf().ModelProto()
     proto.ParseFromString(Path(model_file).read_bytes())
@@ -72,16 +78,19 @@ def _config(roles: dict[str, str | None], max_length: int) -> str:
 
 
 def write_tokenizer(run_dir: Path, tokenizer, hf_dir: Path, max_length: int) -> None:
-    """Write `tokenizer` (a run's) into `hf_dir` as tokenizer.json + tokenizer_config.json (and
-    tokenizer.model for SentencePiece)."""
+    """Write `tokenizer` (a run's) into `hf_dir`, created here, as tokenizer.json +
+    tokenizer_config.json (and tokenizer.model for SentencePiece)."""
+    sentencepiece = tokenizer.path is not None and Path(tokenizer.path).suffix == ".model"
+    converted = sentencepiece_tokenizer_json(tokenizer.path) if sentencepiece else None  # may refuse: nothing written
+    hf_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer.path is None:
         (hf_dir / "tokenizer.json").write_text(byte_tokenizer_json())
         (hf_dir / "tokenizer_config.json").write_text(_config(
             {"pad_token": PAD, "bos_token": BOS, "eos_token": EOS, "mask_token": MASK}, max_length))
         return
-    if Path(tokenizer.path).suffix == ".model":  # roles: lmjax's reserved names, as SentencePiece is trained
+    if sentencepiece:  # roles: lmjax's reserved names, as SentencePiece is trained
         shutil.copyfile(tokenizer.path, hf_dir / "tokenizer.model")
-        (hf_dir / "tokenizer.json").write_text(sentencepiece_tokenizer_json(tokenizer.path))
+        (hf_dir / "tokenizer.json").write_text(converted)
         (hf_dir / "tokenizer_config.json").write_text(_config(
             {"pad_token": PAD, "bos_token": BOS, "eos_token": EOS, "mask_token": MASK, "unk_token": UNK},
             max_length))
