@@ -7,6 +7,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from test_parallel import TINY, finish, lmjax_subprocess, losses, mesh_args
@@ -127,6 +128,26 @@ def test_learning_rate_multipliers_equal_a_hand_written_table():
     assert updates["mup"].keys() == expected.keys()
     for name, multiplier in expected.items():
         np.testing.assert_array_equal(updates["mup"][name], updates["standard"][name] * multiplier, err_msg=name)
+
+
+def test_learning_rate_multipliers_hold_on_the_master_copy():
+    """With bfloat16 params and `optim.master_weights`, µP's per-role multipliers act on the
+    float32 master copy: after one step it is exactly the float32 µP step applied to the same
+    (bfloat16-representable) weights, so hidden matrices move by 1/m of the standard step."""
+    cfg = model_config(128, "mup", base=32, param_dtype="bfloat16")
+    bf16 = nnx.state(family_of(cfg).build(cfg, nnx.Rngs(0)), nnx.Param)
+    exact = jax.tree.map(lambda p: p.astype(jnp.float32), bf16)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), exact)
+    optim = OptimConfig(lr=0.1, warmup_steps=0, schedule="constant", weight_decay=0.1, clip_norm=1.0)
+    reference = make_optimizer(optim, 10, exact, cfg)
+    expected = optax.apply_updates(exact, reference.update(grads, reference.init(exact), exact)[0])
+    master = make_optimizer(dataclasses.replace(optim, master_weights=True), 10, bf16, cfg)
+    bf16_grads = jax.tree.map(lambda g: g.astype(jnp.bfloat16), grads)
+    _, state = master.update(bf16_grads, master.init(bf16), bf16)
+    expected, moved = leaves(expected), leaves(state.master)
+    assert moved.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_array_equal(moved[name], expected[name], err_msg=name)
 
 
 def test_coordinate_check():
