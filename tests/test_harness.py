@@ -11,17 +11,15 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 from flax import nnx
+from lm_eval.api.instance import Instance  # the test extra installs lm-eval: a missing one fails here
 
-pytest.importorskip("lm_eval")
-from lm_eval.api.instance import Instance  # noqa: E402
-
-from lmjax.cli import main  # noqa: E402
-from lmjax.config import Config, ConfigError, DataConfig, ModelConfig  # noqa: E402
-from lmjax.data.tokenizer import ByteTokenizer  # noqa: E402
-from lmjax.families import family_of  # noqa: E402
-from lmjax.harness import LmjaxLM  # noqa: E402
-from lmjax.train.loop import train  # noqa: E402
-from lmjax.train.run_eval import evaluate_run  # noqa: E402
+from lmjax.cli import main
+from lmjax.config import Config, ConfigError, DataConfig, ModelConfig
+from lmjax.data.tokenizer import ByteTokenizer
+from lmjax.families import family_of
+from lmjax.harness import LmjaxLM
+from lmjax.train.loop import train
+from lmjax.train.run_eval import evaluate_run
 
 TASK = Path(__file__).parents[1] / "experiments" / "lm_eval" / "python_stdlib" / "python_stdlib.yaml"
 MODEL = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32, init_std=0.5)

@@ -13,18 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import torch  # the test extra installs torch and transformers: a missing one fails here
+import transformers
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from lmjax.cli import main  # noqa: E402
-from lmjax.config import ConfigError  # noqa: E402
-from lmjax.data.tokenizer import ByteTokenizer  # noqa: E402
-from lmjax.generate import generate, generate_targets  # noqa: E402
-from lmjax.interop import llama  # noqa: E402
-from lmjax.interop.convert import from_hf, to_hf  # noqa: E402
-from lmjax.train.run_eval import restore_weights  # noqa: E402
+from lmjax.cli import main
+from lmjax.config import ConfigError
+from lmjax.data.tokenizer import ByteTokenizer
+from lmjax.generate import generate, generate_targets
+from lmjax.interop import llama
+from lmjax.interop.convert import from_hf, to_hf
+from lmjax.train.run_eval import restore_weights
 
 TOLERANCE = 1e-4
 VOCAB = 512  # >= the byte tokenizer's 384 ids, which a run without tokenizer.json records
