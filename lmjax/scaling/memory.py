@@ -134,6 +134,20 @@ def kv_cache_positions(m: ModelConfig) -> int:
     return m.max_seq_len * (2 if cross else 1)
 
 
+def kv_cache_bytes_per_sequence(m: ModelConfig, length: int | None = None) -> int:
+    """Decoding-cache bytes of one sequence of `length` positions (default: model.max_seq_len, and
+    for an encoder-decoder as many encoder inputs), as `init_cache` allocates them: every decoding
+    layer caches each position, except that a
+    sliding-window layer (`model.sliding_window` W, decoder only) keeps a ring of min(W, length)
+    (plus, not counted here, one int32 position per ring slot and row)."""
+    per_token = kv_cache_bytes_per_token(m)
+    if m.sliding_window is None:
+        return per_token * (kv_cache_positions(m) if length is None else length)
+    length = length or m.max_seq_len
+    held = sum(min(m.attention_window(i) or length, length) for i in range(m.n_layers))
+    return per_token // m.n_layers * held
+
+
 def lora_adapter_bytes(cfg: Config) -> float:
     """Bytes of a LoRA run's adapters (`lmjax.lora`), counted whole on every device (an upper
     bound: their width axes are sharded like their weights')."""
@@ -144,7 +158,8 @@ def lora_adapter_bytes(cfg: Config) -> float:
 
 def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -> dict[str, float]:
     """Bytes per device for training (weights, grads, Adam, activations) and for inference
-    (weights + a KV cache of `inference_batch` sequences of model.max_seq_len tokens); with
+    (weights + a KV cache of `inference_batch` sequences of model.max_seq_len tokens, sliding-window
+    layers holding their window: `kv_cache_bytes_per_sequence`); with
     `quant.weights` int8, also the weights and inference bytes of the run `lmjax quantize`
     writes (int8 matrices, float32 scales)."""
     m = cfg.model
@@ -158,7 +173,7 @@ def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -
     activations = activation_bytes_per_token(m, cfg.data.seq_len, tensor=sizes["tensor"]) * (
         micro_batch_tokens / batch_shards)
     kv_per_token = kv_cache_bytes_per_token(m)
-    kv_cache = kv_per_token * kv_cache_positions(m) * inference_batch / sizes["tensor"]  # kv_heads split by tensor
+    kv_cache = kv_cache_bytes_per_sequence(m) * inference_batch / sizes["tensor"]  # kv_heads split by tensor
     gradient_bytes, adapter_bytes = param_bytes, 0
     if cfg.lora.enabled:  # the adapters, their gradients, master copy and moments; the weights get none
         adapter_bytes = gradient_bytes = lora_adapter_bytes(cfg)
@@ -181,7 +196,7 @@ def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -
         "memory_train_bytes": (param_bytes + adapter_bytes + gradient_bytes + master_bytes + adam_bytes
                                + activations),
         "kv_cache_bytes_per_token": kv_per_token,
-        "kv_cache_bytes_per_sequence": kv_per_token * kv_cache_positions(m),
+        "kv_cache_bytes_per_sequence": kv_cache_bytes_per_sequence(m),
         "memory_inference_bytes": param_bytes + kv_cache,
         **int8,
     }
