@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from lmjax.config import Config, ConfigError, override
+from lmjax.config import Config, ConfigError
+from lmjax.config_parse import override, read_config
 from lmjax.experiment import experiment_summary, list_experiments, load_experiment
 
 DEFAULT_EXPERIMENT = "decoder_tiny"
@@ -259,7 +260,7 @@ def resolve_train_config(experiment: str | None, overrides: list[str], resume: s
         saved = run_dir / "config.json"
         if not saved.is_file():
             raise ConfigError(f"--resume {resume}: no config.json there; is it a run directory?")
-        base = load_experiment(experiment) if experiment else Config.load(saved)
+        base = load_experiment(experiment) if experiment else read_config(saved)
         return override(base, overrides + [f"train.run_dir={run_dir}"]), run_dir
     cfg = override(load_experiment(experiment or DEFAULT_EXPERIMENT), overrides)
     run_dir = Path(cfg.train.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")

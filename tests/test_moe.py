@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lmjax.config import Config, ModelConfig, MoEConfig, override
+from lmjax.config import Config, ModelConfig, MoEConfig
+from lmjax.config_parse import override
 from lmjax.models.lm import DecoderLM
 from lmjax.models.moe import MoE, expert_capacity, pop_routing_statistics
 
