@@ -160,7 +160,7 @@ class Stack(nnx.Module):
                 cache_j = None if layer_cache is None else jax.tree.map(lambda c, j=j: c[j], layer_cache)
                 out = block(h, positions, mask, None if keys is None else keys[j], cache_j, bias, context, context_mask)
                 h, cache_j = out if cache_j is not None else (out, None)
-                h = constrain(h, ("batch", "length", None))
+                h = constrain(h, ("batch", "activation_length", None))
                 stats.append(nnx.pop(block, nnx.Intermediate))
                 new_cache.append(cache_j)
                 rms.append(jnp.sqrt(jnp.mean(jnp.square(h.astype(jnp.float32)))))
