@@ -21,7 +21,7 @@ from lmjax.records import read_metrics
 from lmjax.train.guard import BadStepRule, init_guard
 from lmjax.train.loop import train
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
-from lmjax.train.rollback import read_rollbacks
+from lmjax.train.rollback import read_rollbacks, restore_train_state
 from lmjax.train.run import load_datasets
 from lmjax.train.run_eval import restore_params
 from lmjax.train.state import init_train_state
@@ -51,9 +51,10 @@ def test_spike_judgment_equals_a_numpy_window():
     assert int(nan_grads.skipped) == 4 and int(nan_grads.bad_in_a_row) == 1
 
 
-def test_a_step_with_nan_gradients_is_not_applied(tiny):
+def test_a_step_with_nan_gradients_is_not_applied(tiny, tmp_path):
     """A NaN in one batch's loss mask makes that step's loss and gradients NaN: params and Adam state
-    end equal, bit for bit, to those of a run that never saw that batch; the step is counted."""
+    end equal, bit for bit, to those of a run that never saw that batch; the step is counted. Both
+    start from a checkpoint written before the guard existed (no `guard` in its state)."""
     cfg = tiny()
     mesh = make_mesh(MeshConfig())
     train_set, _, _ = load_datasets(cfg)
@@ -65,19 +66,28 @@ def test_a_step_with_nan_gradients_is_not_applied(tiny):
         return make_optimizer(cfg.optim, 6, params, cfg.model)
 
     graphdef, state, _, optimizer = init_train_state(cfg.model, optimizer_for, 0, mesh)
-    step = jax.jit(make_train_step(graphdef, optimizer, learning_rate_schedule(cfg.optim, 6), 1, False))
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.save(0, {k: v for k, v in state._asdict().items() if k != "guard"}, {}, {})  # the old layout
+    checkpointer.wait()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    step = jax.jit(make_train_step(graphdef, optimizer, learning_rate_schedule(cfg.optim, 6), 1, False),
+                   donate_argnums=0)
     finals = []
     for sequence in ([batches[0], batches[1], poisoned, batches[3]], [batches[0], batches[1], batches[3]]):
-        s = state
+        s = restore_train_state(checkpointer, abstract)[0]
+        assert int(s.guard.skipped) == 0 and int(s.guard.good) == 0
         for batch in sequence:
             s, metrics, _ = step(s, batch)
         finals.append((s, metrics))
+    checkpointer.close()
     (skipped, metrics), (clean, _) = finals
     assert int(metrics["skipped_steps"]) == 1 and int(metrics["bad_steps_in_a_row"]) == 0
     assert int(skipped.step) == 4 and int(clean.step) == 3  # the bad step used its batch up
     for x, y in zip(jax.tree.leaves((skipped.params, skipped.opt_state)), jax.tree.leaves((clean.params,
                                                                                            clean.opt_state))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    first_weights = [np.asarray(jax.tree.leaves(s.params)[0]) for s in (clean, state)]
+    assert not np.array_equal(*first_weights)  # the steps did train
 
 
 @pytest.fixture

@@ -38,9 +38,8 @@ class GuardState(NamedTuple):
 
 
 def init_guard() -> GuardState:
-    """The judgment's state before the first step."""
-    zero = jnp.zeros((), jnp.int32)
-    return GuardState(jnp.zeros((SPIKE_WINDOW,), jnp.float32), zero, zero, zero, zero)
+    """The judgment's state before the first step (each counter its own array: the step donates them)."""
+    return GuardState(jnp.zeros((SPIKE_WINDOW,), jnp.float32), *(jnp.zeros((), jnp.int32) for _ in range(4)))
 
 
 @dataclass(frozen=True)
