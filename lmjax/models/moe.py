@@ -247,7 +247,7 @@ def _expert_parallel_dropless(x, experts, weights, w_up, w_gate, w_down, mesh, g
     """`dropless_combine` with the experts split over the mesh axes that shard the `expert`
     logical axis (see module docstring); x (B, T, D) and the routing (B, T, k) are sharded like
     activations. Every mesh axis named here comes from the logical-axis rules."""
-    activation_axes = ("batch", "length", None)
+    activation_axes = ("batch", "activation_length", None)
     (token_axes, _, _), (expert_axes, embed_axes, mlp_axes) = (mesh_axes(activation_axes, mesh),
                                                                mesh_axes(("expert", "embed", "mlp"), mesh))
     # expert axes that also split the tokens: gather the tokens over them, reduce-scatter the outputs back;
@@ -373,7 +373,7 @@ class MoE(nnx.Module):
                                  "ebcf,efd->ebcd")
         expert_out = constrain(expert_out, ("expert", "expert_batch", None, None))
         y = jnp.einsum("btec,ebcd->btd", combine.astype(x.dtype), expert_out)
-        return constrain(y, ("batch", "length", None)), kept, jnp.sum(dispatch, axis=(2, 3))
+        return constrain(y, ("batch", "activation_length", None)), kept, jnp.sum(dispatch, axis=(2, 3))
 
     def _expert_weights(self, dtype):
         """(w_up, w_gate or None, w_down) in the compute dtype."""
@@ -397,7 +397,7 @@ class MoE(nnx.Module):
         expert_out = constrain(expert_out, ("expert", "expert_batch", None, None))
         weighted = (jnp.swapaxes(expert_out, 0, 1) * gate[..., None].astype(x.dtype)).reshape(b, -1, d)
         y = jax.vmap(lambda out, i: jnp.zeros((t, d), x.dtype).at[i].add(out))(weighted, token.reshape(b, -1))
-        y = constrain(y, ("batch", "length", None))
+        y = constrain(y, ("batch", "activation_length", None))
         return y + self.shared(x) if hasattr(self, "shared") else y
 
     def _dropless(self, x, experts, weights, w_up, w_gate, w_down):

@@ -137,7 +137,7 @@ def _moe_shape(cfg: Config) -> dict:
 
 
 def _with_budget(cfg: Config, budget_flops: float) -> Config:
-    from lmjax.config import override
+    from lmjax.config_parse import override
 
     return override(cfg, [f"train.budget_flops={budget_flops!r}"])
 
