@@ -60,8 +60,9 @@ class Block(nnx.Module):
             self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, positions, mask, dropout_key=None, cache=None, bias=None, context=None, context_mask=None,
-                 ring_write=None):
-        """mask (B, 1, T, S) and bias (B, N, T, S) or None for self-attention; with `cross`,
+                 segment_ids=None, ring_write=None):
+        """mask (B, 1, T, S) and bias (B, N, T, S) or None for self-attention; segment_ids (B, T)
+        (0: padding, which a MoE layer routes nowhere under expert choice) or None; with `cross`,
         context (B, S', D) the encoder output and context_mask (B, 1, T, S') where queries may
         look. With a KV `cache` (see Attention) returns (x, updated cache); a cross-attending
         block's cache is (keys, values, cross_keys, cross_values), the last two (B, S', K, H)
@@ -84,7 +85,7 @@ class Block(nnx.Module):
             attended = self.cross_attn(pre(self.cross_norm, x), positions, context_mask, context=context)
             x = post(self.cross_norm, x + dropout(attended, self.dropout_rate, keys[-1]))
         h = pre(self.mlp_norm, x)
-        h = self.moe(h, keys[2]) if moe else self.mlp(h)
+        h = self.moe(h, keys[2], segment_ids) if moe else self.mlp(h)
         x = post(self.mlp_norm, x + dropout(h, self.dropout_rate, keys[1]))
         return x if cache is None else (x, (*cache, *cross_cache))
 
@@ -148,9 +149,9 @@ class Stack(nnx.Module):
         return layers
 
     def __call__(self, x, positions, mask, dropout_key=None, cache=None, bias=None, context=None, context_mask=None,
-                 window_mask=None, ring_write=None):
-        """x (B, T, D), positions (B, T), mask (B, 1, T, S) -> (B, T, D); bias, context and
-        context_mask as in `Block`, the same for every layer. Sliding-window layers
+                 segment_ids=None, window_mask=None, ring_write=None):
+        """x (B, T, D), positions (B, T), mask (B, 1, T, S) -> (B, T, D); bias, context,
+        context_mask and segment_ids as in `Block`, the same for every layer. Sliding-window layers
         (`model.sliding_window`) attend with `window_mask` (default: `mask` limited to the window by
         `positions`) and, while decoding, write their ring buffers by `ring_write` (`models.window`).
 
@@ -173,7 +174,8 @@ class Stack(nnx.Module):
         for window in {w for _, _, w in cycle if w is not None}:
             masks[window] = windowed(mask, positions, window) if window_mask is None else window_mask
 
-        apply_layer = self._cycle_step(cycle, graphdefs, positions, masks, bias, context, context_mask, ring_write)
+        apply_layer = self._cycle_step(cycle, graphdefs, positions, masks, bias, context, context_mask, segment_ids,
+                                       ring_write)
         if cfg.remat != "none":
             apply_layer = jax.checkpoint(apply_layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         unroll = cfg.scan_unroll if cfg.scan_layers else True
@@ -189,7 +191,7 @@ class Stack(nnx.Module):
             return x
         return x, jax.tree.map(per_layer, cache)
 
-    def _cycle_step(self, cycle, graphdefs, positions, masks, bias, context, context_mask, ring_write):
+    def _cycle_step(self, cycle, graphdefs, positions, masks, bias, context, context_mask, segment_ids, ring_write):
         """The scan body: one cycle of blocks, (h, (weights, dropout keys, cache) of one repeat) ->
         (h, (updated cache, the MoE layers' routing statistics, each block's output RMS))."""
         cfg = self.cfg
@@ -205,8 +207,8 @@ class Stack(nnx.Module):
                 if layer_cache is not None:
                     cache_j = jax.tree.map(lambda c, i=len(new_cache[kind]): c[i], layer_cache[kind])
                 out = block(h, positions, masks[window], None if keys is None else keys[j], cache_j, bias, context,
-                            context_mask, ring_write=None if window is None else ring_write)
-                h = constrain(out[0] if cache_j is not None else out, ("batch", "length", None))
+                            context_mask, segment_ids, ring_write=None if window is None else ring_write)
+                h = constrain(out[0] if cache_j is not None else out, ("batch", "activation_length", None))
                 if cache_j is not None:
                     new_cache[kind].append(out[1])
                 if cfg.moe.enabled and (group == "moe_blocks" or self.period == 1):
