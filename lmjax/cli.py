@@ -507,7 +507,25 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"lmjax: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        code = fault_exit_code(e)
+        if code is None:
+            raise
+        print(f"lmjax: error: {e}", file=sys.stderr)
+        return code
     return 0
+
+
+def fault_exit_code(error: Exception) -> int | None:
+    """The exit code of a fault during training that has its one line: 2 for a checkpoint the disk
+    refused (`SaveFailed`), 3 for a run that diverged past its roll-backs (`Diverged`); None for
+    anything else. (Their modules raised them, so they are loaded; nothing is imported here.)"""
+    checkpoint, rollback = sys.modules.get("lmjax.checkpoint"), sys.modules.get("lmjax.train.rollback")
+    if checkpoint is not None and isinstance(error, checkpoint.SaveFailed):
+        return 2
+    if rollback is not None and isinstance(error, rollback.Diverged):
+        return 3
+    return None
 
 
 if __name__ == "__main__":

@@ -37,8 +37,7 @@ class MetricsLogger:
         self.wandb_run = None
         if not enabled:
             return
-        for path in (self.path, run_dir / "routing.jsonl"):
-            _drop_records_after(path, start_step)
+        self.drop_after(start_step)
         if cfg.log.wandb != "off":
             import wandb
 
@@ -47,6 +46,12 @@ class MetricsLogger:
                 project=cfg.log.wandb_project, name=run_dir.name, id=run_dir.name.replace("/", "_"),
                 dir=str(run_dir), mode=cfg.log.wandb, config=cfg.to_dict(), resume="allow" if resume else None,
             )
+
+    def drop_after(self, step: int) -> None:
+        """Drop the records of steps after `step` from metrics.jsonl and routing.jsonl (a resume, a roll-back)."""
+        if self.enabled:
+            for path in (self.path, self.path.parent / "routing.jsonl"):
+                _drop_records_after(path, step)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
