@@ -31,6 +31,7 @@ from pathlib import Path
 from lmjax.config import Config, ConfigError
 from lmjax.config_parse import override, read_config
 from lmjax.experiment import experiment_summary, list_experiments, load_experiment
+from lmjax.records import json_line
 
 DEFAULT_EXPERIMENT = "decoder_tiny"
 
@@ -141,7 +142,7 @@ def cmd_eval(args) -> None:
     result = evaluate_run(Path(args.run_dir), args.max_batches, args.data,
                           Path(args.token_losses) if args.token_losses else None)
     if args.json:
-        print(json.dumps(result))
+        print(json_line(result))
     else:
         print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
 
@@ -241,7 +242,7 @@ def cmd_plan(args) -> None:
         raise ConfigError(f"the budget must be positive, got {budget}.")
     result = plan(cfg, budget, load_law(args.law) if args.law else None, args.hardware, args.mfu, args.devices,
                   **transform_bytes(cfg))
-    print(json.dumps(result) if args.json else format_plan(result))
+    print(json_line(result) if args.json else format_plan(result))
 
 
 def transform_bytes(cfg: Config) -> dict:
@@ -328,7 +329,7 @@ def cmd_fit(args) -> None:
         from lmjax.scaling.plots import save_scaling_plots
 
         save_scaling_plots(data, fitted, Path(args.plots))
-    print(json.dumps(fitted) if args.json else format_fit(fitted))
+    print(json_line(fitted) if args.json else format_fit(fitted))
 
 
 def add_experiments(commands) -> None:
