@@ -39,7 +39,7 @@ from lmjax.data import (
 from lmjax.families import family_of
 from lmjax.files import file_sha256, write_json_atomically
 from lmjax.parallel import batch_sharding, global_batch, local_batch_rows, make_mesh, validate_layout
-from lmjax.scaling.plan import total_steps
+from lmjax.scaling.counting import total_steps
 from lmjax.train import loggers
 from lmjax.train.guard import BadStepRule
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer

@@ -13,7 +13,7 @@ from lmjax.config_parse import override, read_config
 from lmjax.data import DataError, PackedDataset, load_documents, load_from_run, tokenize
 from lmjax.families import family_of
 from lmjax.parallel import batch_sharding, make_mesh
-from lmjax.scaling.plan import total_steps
+from lmjax.scaling.counting import total_steps
 from lmjax.train.evaluate import evaluate
 from lmjax.train.optimizer import make_optimizer
 from lmjax.train.run import family_examples, load_datasets
