@@ -23,7 +23,7 @@ import jax
 sys.path.insert(0, str(Path(__file__).parent))
 from train_step import random_batch  # noqa: E402
 
-from lmjax.config import override  # noqa: E402
+from lmjax.config_parse import override  # noqa: E402
 from lmjax.experiment import load_experiment  # noqa: E402
 from lmjax.parallel import batch_sharding, make_mesh  # noqa: E402
 from lmjax.train.guard import BadStepRule  # noqa: E402
