@@ -120,7 +120,8 @@ def add_eval(commands) -> None:
     evaluate.add_argument("--max-batches", type=int, default=None, help="default: the whole validation split")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--data", metavar="SOURCE", help="evaluate on all of this data source instead of the "
-                          "run's validation split (stdlib, a file, a directory, an HF dataset on disk)")
+                          "run's validation split (stdlib, a file, a directory, an HF dataset on disk, or token "
+                          "shards made by `lmjax data prepare`)")
     evaluate.add_argument("--token-losses", metavar="FILE.npy", help="save every position's loss (nats)")
     evaluate.add_argument("--tasks", metavar="NAME_OR_YAML[,...]", help="run lm-evaluation-harness tasks instead: "
                           "task YAML files whose data are on disk (e.g. experiments/lm_eval/python_stdlib/"
@@ -178,7 +179,7 @@ def cmd_generate(args) -> None:
 
     from lmjax.families import family_of
     from lmjax.quantize import int8_weight_bytes, is_quantized, resident_bytes
-    from lmjax.scaling.memory import kv_cache_bytes_per_token
+    from lmjax.scaling.memory import kv_cache_bytes_per_sequence
     from lmjax.train.run_eval import load
 
     check_sampling_args(args)
@@ -188,12 +189,12 @@ def cmd_generate(args) -> None:
         raise ConfigError(f"lmjax generate needs a family that generates (decoder, encoder_decoder); {args.run_dir} "
                           f"is a {cfg.model.family} (use lmjax eval).")
     prompts = [spec.encode_prompt(tokenizer, p) for p in args.prompt]
-    cache_tokens = len(prompts) * (max(len(p) for p in prompts) + args.max_new_tokens)
-    per_token = kv_cache_bytes_per_token(cfg.model)
+    cache_length = max(len(p) for p in prompts) + args.max_new_tokens
+    cache_bytes = len(prompts) * kv_cache_bytes_per_sequence(cfg.model, cache_length)
     outputs = spec.generate(model, prompts, args.max_new_tokens, tokenizer, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    print(f"KV cache: {per_token * cache_tokens / 2**20:.2f} MiB ({per_token:,} bytes per token x {cache_tokens} "
-          "token slots)", file=sys.stderr)
+    print(f"KV cache: {cache_bytes / 2**20:.2f} MiB ({len(prompts)} sequence(s) of {cache_length} positions)",
+          file=sys.stderr)
     if is_quantized(args.run_dir):
         print(f"weights: {resident_bytes(nnx.state(model, nnx.Param)) / 2**20:.2f} MiB resident (int8 matrices with "
               f"float32 scales; {int8_weight_bytes(cfg.model)[1] / 2**20:.2f} MiB in {cfg.model.param_dtype})",
