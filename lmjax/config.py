@@ -426,6 +426,11 @@ class DataConfig:
                  f"data.mean_noise_span_length must be >= 1, got {self.mean_noise_span_length}.")
 
 
+# losses of the most recent applied steps that a loss spike is judged against (train.spike_sigmas); fixed,
+# because the train state holds them and a checkpoint's shapes may not change
+SPIKE_WINDOW = 100
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Run length, batch, evaluation, checkpointing and the sample printed at the end.
@@ -452,6 +457,18 @@ class TrainConfig:
     # like SIGTERM: save and stop (SLURM's --signal=USR1@SECONDS warning)
     warning_signal: Literal["SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGALRM"] = "SIGUSR1"
     compilation_cache_dir: str | None = None  # JAX's persistent compilation cache here (None: off)
+    # Bad steps (lmjax.train.guard): a step whose loss or gradient norm is not finite, or whose loss is
+    # more than `spike_sigmas` standard deviations above the mean of the last 100 applied steps' losses
+    # (judged once `spike_min_steps` of them are in; None: spikes are not judged), is bad. With
+    # `skip_bad_steps` its update is not applied (its batch is used up). After `max_bad_steps` bad steps
+    # in a row the run restores its newest checkpoint and skips `rollback_skip_batches` batches, at most
+    # `max_rollbacks` times; then it stops with exit code 3.
+    skip_bad_steps: bool = True
+    spike_sigmas: float | None = 6.0
+    spike_min_steps: int = 50
+    max_bad_steps: int = 10
+    rollback_skip_batches: int = 200
+    max_rollbacks: int = 3
 
     def __post_init__(self):
         _check_literals(self, "train.")
@@ -467,6 +484,13 @@ class TrainConfig:
         _require(self.sample_tokens == 0 or self.sample_prompt != "",
                  "train.sample_prompt is empty; give a prompt, or set train.sample_tokens=0 for no sample.")
         _require(self.sample_temperature >= 0, f"train.sample_temperature must be >= 0, got {self.sample_temperature}.")
+        _require(self.spike_sigmas is None or self.spike_sigmas > 0,
+                 f"train.spike_sigmas must be positive or none (no spike check), got {self.spike_sigmas}.")
+        _require(2 <= self.spike_min_steps <= SPIKE_WINDOW,
+                 f"train.spike_min_steps must be in [2, {SPIKE_WINDOW}] (the losses kept), got {self.spike_min_steps}.")
+        for name in ("max_bad_steps", "rollback_skip_batches", "max_rollbacks"):
+            _require(getattr(self, name) >= (1 if name == "max_bad_steps" else 0),
+                     f"train.{name} must be >= {1 if name == 'max_bad_steps' else 0}, got {getattr(self, name)}.")
 
 
 @dataclass(frozen=True)
