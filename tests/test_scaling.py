@@ -1,8 +1,10 @@
 """Planner, memory, WSD schedule, fits and sweeps (lmjax.scaling)."""
 
+import csv
 import dataclasses
 import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -340,3 +342,24 @@ def test_sweep_emits_cluster_commands(tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "grid.py"), "--dir", "out", "--commands"]) == 0
     assert capsys.readouterr().out.splitlines()[1].endswith("--dir out --only-index 1")
     assert main(["sweep", str(tmp_path / "grid.py"), "--only-index", "2"]) == 2
+
+
+def test_moe_granularity_sweep_builds_and_a_tiny_point_trains(tmp_path):
+    """experiments/moe_granularity.py: 16 valid runs at G in {1, 2, 4, 8} with equal expert
+    parameters (total counts differ by the routers alone); one point, cut to 2 steps, trains
+    through `run_sweep` and its results.csv carries G for `lmjax fit`."""
+    from lmjax.drivers.sweep import Sweep, SweepRun, load_sweep, run_config
+    from lmjax.scaling.counting import router_params
+
+    sweep = load_sweep("moe_granularity")
+    configs = [run_config(sweep, run, tmp_path) for run in sweep.runs]
+    assert len(configs) == 16 and {c.model.moe.granularity for c in configs} == {1, 2, 4, 8}
+    for cfg in configs:
+        coarse = override(cfg, ["model.moe.granularity=1"]).model
+        routers = cfg.model.n_layers * (router_params(cfg.model) - router_params(coarse))
+        assert param_counts(cfg.model)["params_total"] - param_counts(coarse)["params_total"] == routers
+    run = next(r for r in sweep.runs if r.name.endswith("G4"))
+    tiny = Sweep(sweep.experiment, (SweepRun(run.name, (*run.overrides, "train.tokens=2048", "train.eval_batches=1")),))
+    results = run_sweep(tiny, tmp_path / "sweep", log=lambda line: None)
+    rows = list(csv.DictReader(results.open()))
+    assert len(rows) == 1 and rows[0]["G"] == "4" and math.isfinite(float(rows[0]["val_loss"]))

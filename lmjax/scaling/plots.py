@@ -66,11 +66,11 @@ def save_scaling_plots(data: dict, fitted: dict, out_dir: Path) -> list[Path]:
 
 
 def _size_groups(n: np.ndarray) -> np.ndarray:
-    """A group index per run: sizes within 10% of the group's smallest are one size (at equal
+    """A group index per run: sizes within 30% of the group's smallest are one size (at equal
     expert parameters N still grows a little with G, by the router)."""
     groups, group, start = np.empty(len(n), int), -1, -np.inf
     for i in np.argsort(n):
-        if n[i] > 1.1 * start:
+        if n[i] > 1.3 * start:
             group, start = group + 1, n[i]
         groups[i] = group
     return groups
