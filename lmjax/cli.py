@@ -120,7 +120,8 @@ def add_eval(commands) -> None:
     evaluate.add_argument("--max-batches", type=int, default=None, help="default: the whole validation split")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--data", metavar="SOURCE", help="evaluate on all of this data source instead of the "
-                          "run's validation split (stdlib, a file, a directory, an HF dataset on disk)")
+                          "run's validation split (stdlib, a file, a directory, an HF dataset on disk, or token "
+                          "shards made by `lmjax data prepare`)")
     evaluate.add_argument("--token-losses", metavar="FILE.npy", help="save every position's loss (nats)")
     evaluate.add_argument("--tasks", metavar="NAME_OR_YAML[,...]", help="run lm-evaluation-harness tasks instead: "
                           "task YAML files whose data are on disk (e.g. experiments/lm_eval/python_stdlib/"

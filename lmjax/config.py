@@ -383,7 +383,7 @@ class DataConfig:
     source: str = "stdlib"
     text_field: str = "text"  # JSONL key / Parquet or HF column holding the text
     max_bytes: int | None = 8_000_000  # read at most this much text (None: everything)
-    tokenizer: str = "bytes"  # "bytes", or a tokenizers .json / SentencePiece .model file
+    tokenizer: str = "bytes"  # "bytes", a tokenizers .json / SentencePiece .model file, or "none" (no text)
     path: str | None = None  # prepared data: DIR or DIR1:w1,DIR2:w2 (weighted mixture)
     seq_len: int = 256  # tokens per sequence; encoder_decoder: the encoder inputs' length
     mlm_probability: float = 0.15  # encoder: share of tokens selected for the masked-LM loss (BERT)

@@ -4,6 +4,8 @@ no checkpoint holds NaN or inf, and a disk that refuses a save ends with one lin
 import errno
 import json
 import subprocess
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,7 @@ from lmjax.config import SPIKE_WINDOW, MeshConfig
 from lmjax.data.pipeline import BatchIterator
 from lmjax.parallel import make_mesh
 from lmjax.records import read_metrics
+from lmjax.train.goodput import PARTS
 from lmjax.train.guard import BadStepRule, init_guard
 from lmjax.train.loop import train
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -114,7 +117,9 @@ def test_loss_spikes_roll_back_to_the_newest_checkpoint_and_skip_batches(tiny, p
     bad.update({6, 7})
     cfg = tiny(steps=10, eval_every=100, spike_min_steps=3, spike_sigmas=1.0, max_bad_steps=2,
                rollback_skip_batches=3, checkpoint_every=3, sample_tokens=0)
+    start = time.perf_counter()
     assert train(cfg, cfg.train.run_dir)["finished"]
+    elapsed = time.perf_counter() - start
     # steps 7 and 8 (batches 6, 7) spike; after step 8 the run restores step 6 (data position 6),
     # skips batches 6, 7, 8 and trains steps 7..10 on batches 9..12
     assert seen == [0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12]
@@ -122,6 +127,14 @@ def test_loss_spikes_roll_back_to_the_newest_checkpoint_and_skip_batches(tiny, p
     records = [r for r in read_metrics(cfg.train.run_dir) if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 11))  # the rolled-back steps' records are dropped
     assert records[-1]["skipped_steps"] == 0  # the restored state never saw the bad steps
+    # goodput: the parts sum to the wall time; steps 7 and 8 were done twice
+    goodput = json.loads((Path(cfg.train.run_dir) / "goodput.json").read_text())
+    assert goodput["steps"] == {"productive_steps": 10, "redone_steps": 2} and goodput["invocations"] == 1
+    assert set(goodput["seconds"]) == set(PARTS) and all(v >= 0 for v in goodput["seconds"].values())
+    assert sum(goodput["seconds"].values()) == pytest.approx(goodput["wall_seconds"], rel=1e-12)
+    assert 0 < goodput["wall_seconds"] <= elapsed
+    ratio = goodput["seconds"]["redone_steps"] / goodput["seconds"]["productive_steps"]
+    assert ratio == pytest.approx(2 / 10)
 
 
 def test_divergence_stops_with_exit_3_and_leaves_only_finite_checkpoints(capsys, tmp_path):

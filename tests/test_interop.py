@@ -560,3 +560,37 @@ def test_sentencepiece_export_without_transformers_is_refused_before_writing(imp
     with pytest.raises(ConfigError, match="needs transformers"):
         to_hf(run, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_model_without_tokenizer_json_imports_and_evaluates_on_prepared_token_shards(tmp_path, capsys):
+    """A model directory with no tokenizer.json and 128 ids (fewer than the byte tokenizer's
+    384) imports as a run without a tokenizer (data.tokenizer='none'); it evaluates on token
+    shards prepared with a 128-id tokenizer (a randomly initialised model scores about
+    ln 128), and the commands that need text say in one line that it has no tokenizer."""
+    import math
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from lmjax.data.prepare import prepare
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(llama_config(vocab_size=128)).save_pretrained(tmp_path / "hf")
+    notes = from_hf(tmp_path / "hf", tmp_path / "run")
+    assert any("data.tokenizer='none'" in note for note in notes)
+    words = [f"w{i}" for i in range(100)]
+    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<mask>", "<unk>", *words])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    (tmp_path / "text.txt").write_text("\n".join(" ".join(rng.choice(words, 60)) for _ in range(50)))
+    prepare(str(tmp_path / "text.txt"), str(tmp_path / "tokenizer.json"), tmp_path / "shards", workers=1,
+            progress=False)
+
+    assert main(["eval", str(tmp_path / "run"), "--data", str(tmp_path / "shards"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] > 0 and abs(result["loss"] - math.log(128)) < 0.1
+    for command in (["generate", str(tmp_path / "run"), "--prompt", "w1 w2"], ["eval", str(tmp_path / "run")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "this run has no tokenizer" in err and len(err.strip().splitlines()) == 1
