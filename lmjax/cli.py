@@ -179,7 +179,7 @@ def cmd_generate(args) -> None:
 
     from lmjax.families import family_of
     from lmjax.quantize import int8_weight_bytes, is_quantized, resident_bytes
-    from lmjax.scaling.memory import kv_cache_bytes_per_token
+    from lmjax.scaling.memory import kv_cache_bytes_per_sequence
     from lmjax.train.run_eval import load
 
     check_sampling_args(args)
@@ -189,12 +189,12 @@ def cmd_generate(args) -> None:
         raise ConfigError(f"lmjax generate needs a family that generates (decoder, encoder_decoder); {args.run_dir} "
                           f"is a {cfg.model.family} (use lmjax eval).")
     prompts = [spec.encode_prompt(tokenizer, p) for p in args.prompt]
-    cache_tokens = len(prompts) * (max(len(p) for p in prompts) + args.max_new_tokens)
-    per_token = kv_cache_bytes_per_token(cfg.model)
+    cache_length = max(len(p) for p in prompts) + args.max_new_tokens
+    cache_bytes = len(prompts) * kv_cache_bytes_per_sequence(cfg.model, cache_length)
     outputs = spec.generate(model, prompts, args.max_new_tokens, tokenizer, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    print(f"KV cache: {per_token * cache_tokens / 2**20:.2f} MiB ({per_token:,} bytes per token x {cache_tokens} "
-          "token slots)", file=sys.stderr)
+    print(f"KV cache: {cache_bytes / 2**20:.2f} MiB ({len(prompts)} sequence(s) of {cache_length} positions)",
+          file=sys.stderr)
     if is_quantized(args.run_dir):
         print(f"weights: {resident_bytes(nnx.state(model, nnx.Param)) / 2**20:.2f} MiB resident (int8 matrices with "
               f"float32 scales; {int8_weight_bytes(cfg.model)[1] / 2**20:.2f} MiB in {cfg.model.param_dtype})",

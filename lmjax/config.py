@@ -176,6 +176,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     position: Literal["rope", "learned", "relative"] = "rope"
     rope_theta: float = 10_000.0
+    # decoder: each query attends to the keys of the last W positions (k > q - W); None: the whole context
+    sliding_window: int | None = None
+    global_every: int | None = None  # with sliding_window: layers k-1, 2k-1, ... attend globally; None: none do
     relative_buckets: int = 32
     relative_max_distance: int = 128
     max_seq_len: int = 1024
@@ -240,6 +243,21 @@ class ModelConfig:
                  f"model.moe.every={self.moe.every} does not divide model.n_layers={self.n_layers}.")
         _require(not self.moe.enabled or self.decoder_layers % self.moe.every == 0,
                  f"model.moe.every={self.moe.every} does not divide model.n_decoder_layers={self.n_decoder_layers}.")
+        self._check_long_context()
+
+    def _check_long_context(self) -> None:
+        """Sliding windows: settings that make no sense raise ConfigError."""
+        _require(self.sliding_window is None or self.sliding_window > 0,
+                 f"model.sliding_window must be a positive number of positions or none, got {self.sliding_window}.")
+        if self.sliding_window is not None:
+            _require(self.family == "decoder", f"model.sliding_window is for the decoder family (causal "
+                     f"self-attention); unset it for model.family={self.family!r}.")
+            _require(self.position != "relative", "model.sliding_window takes rope or learned positions, not "
+                     "model.position='relative'.")
+        _require(self.global_every is None or self.sliding_window is not None,
+                 "model.global_every interleaves global layers with sliding-window ones; set model.sliding_window.")
+        _require(self.global_every is None or (self.global_every >= 1 and self.n_layers % self.global_every == 0),
+                 f"model.global_every={self.global_every} must be >= 1 and divide model.n_layers={self.n_layers}.")
 
     def _check_moe_shape(self):
         """Granularity divides the expert width; expert choice only in bidirectional stacks."""
@@ -320,6 +338,12 @@ class ModelConfig:
     def shared_d_ff(self) -> int:
         """Hidden width of the shared experts together: n_shared_experts * (moe.d_ff or d_ff), whatever G."""
         return self.moe.n_shared_experts * (self.moe.d_ff or self.d_ff)
+
+    def attention_window(self, layer: int) -> int | None:
+        """The sliding window of block `layer` (0-based), or None where it attends over the whole context."""
+        if self.sliding_window is None or (self.global_every and (layer + 1) % self.global_every == 0):
+            return None
+        return self.sliding_window
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block `layer` (0-based) has a MoE feed-forward instead of the dense MLP."""

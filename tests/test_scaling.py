@@ -301,13 +301,14 @@ def test_kv_cache_formula_matches_generate_cache():
 
     model_cfg = ModelConfig(d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, dtype="bfloat16")
     model = nnx.eval_shape(lambda: DecoderLM(model_cfg, rngs=nnx.Rngs(0)))
-    keys, values = jax.eval_shape(lambda: model.init_cache(batch_size=3, length=20))
+    keys, values = jax.eval_shape(lambda: model.init_cache(batch_size=3, length=20))["full"]
     cache_bytes = sum(np.prod(x.shape) * x.dtype.itemsize for x in (keys, values))
     assert keys.dtype == jnp.bfloat16 and cache_bytes == kv_cache_bytes_per_token(model_cfg) * 3 * 20
     # encoder-decoder: 2 decoder layers cache 20 target slots and the cross-attention keys/values of 12 inputs
     enc_dec_cfg = ModelConfig(family="encoder_decoder", d_model=32, n_layers=3, n_decoder_layers=2, n_heads=4,
                               n_kv_heads=2, d_ff=64, dtype="bfloat16", position="relative")
-    cache = EncoderDecoderLM(enc_dec_cfg, rngs=nnx.Rngs(0)).init_cache(3, 20, jnp.zeros((3, 12, 32), jnp.bfloat16))
+    model = EncoderDecoderLM(enc_dec_cfg, rngs=nnx.Rngs(0))
+    cache = model.init_cache(3, 20, jnp.zeros((3, 12, 32), jnp.bfloat16))["full"]
     assert [c.shape for c in cache] == [(2, 3, 20, 2, 8)] * 2 + [(2, 3, 12, 2, 8)] * 2
     assert sum(np.prod(x.shape) * x.dtype.itemsize for x in cache) == kv_cache_bytes_per_token(enc_dec_cfg) * 3 * 32
     assert kv_cache_bytes_per_token(dataclasses.replace(enc_dec_cfg, family="encoder", n_decoder_layers=None)) == 0
