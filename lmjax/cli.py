@@ -235,9 +235,11 @@ def add_plan(commands) -> None:
 
 def cmd_plan(args) -> None:
     from lmjax.scaling.counting import PETAFLOP_DAY
-    from lmjax.scaling.plan import format_plan, load_law, plan
+    from lmjax.scaling.plan import format_plan, load_law, plan, shape_notes
 
     cfg = override(load_experiment(args.experiment or DEFAULT_EXPERIMENT), args.overrides)
+    for note in shape_notes(cfg.model):
+        print(f"note: {note}", file=sys.stderr)
     budget = args.budget_pfdays * PETAFLOP_DAY if args.budget_pfdays is not None else args.budget_flops
     if budget is not None and budget <= 0:
         raise ConfigError(f"the budget must be positive, got {budget}.")

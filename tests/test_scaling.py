@@ -62,6 +62,17 @@ def test_plan_published_shapes(capsys):
     assert mixtral["kv_cache_bytes_per_token"] == 2 * 32 * 8 * 128 * 2
 
 
+def test_widening_an_experiment_by_d_model_alone_is_noted(capsys):
+    """decoder_tiny at d_model 4096 keeps its 4 heads and d_ff 704: plan says so (heads of
+    1024, a feed-forward narrower than the width) and points at the named shape; the
+    published shapes get no note."""
+    assert main(["plan", "--set", "model.d_model=4096", "--set", "model.n_layers=32"]) == 0
+    err = capsys.readouterr().err
+    assert "heads of width 1024" in err and "model.d_ff=704 is narrower" in err and "llama2_7b" in err
+    assert main(["plan", "llama2_7b"]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_readme_plan_examples_print_the_published_shapes(capsys):
     """Every `lmjax plan` line of the README runs; the 7B one prints LLaMA-2-7B's published
     6,738,415,616 weights (not decoder_tiny's narrow MLP and 4 heads widened to 4096)."""
