@@ -7,7 +7,7 @@
         (an encoder_decoder run fills in each <extra_id_N> of the prompt)
     lmjax plan [EXPERIMENT] [--set ...] [--budget-flops C | --budget-pfdays X] [--law LAW.json] [--json]
     lmjax sweep SWEEP [--set section.field=value ...] [--dir DIR] [--slurm | --commands | --collect]
-    lmjax fit RESULTS.csv [--n-column N --d-column D --c-column C --loss-column L] [--plots DIR] [--json]
+    lmjax fit RESULTS.csv [--n-column N --d-column D --c-column C --loss-column L --g-column G] [--plots DIR] [--json]
     lmjax experiments
     lmjax tokenizer train --data SOURCE --vocab-size N --out FILE [--kind bpe|unigram|sentencepiece-bpe|...]
     lmjax data prepare --data SOURCE --tokenizer FILE --out DIR [--workers N]
@@ -236,9 +236,11 @@ def add_plan(commands) -> None:
 
 def cmd_plan(args) -> None:
     from lmjax.scaling.counting import PETAFLOP_DAY
-    from lmjax.scaling.plan import format_plan, load_law, plan
+    from lmjax.scaling.plan import format_plan, load_law, plan, shape_notes
 
     cfg = override(load_experiment(args.experiment or DEFAULT_EXPERIMENT), args.overrides)
+    for note in shape_notes(cfg.model):
+        print(f"note: {note}", file=sys.stderr)
     budget = args.budget_pfdays * PETAFLOP_DAY if args.budget_pfdays is not None else args.budget_flops
     if budget is not None and budget <= 0:
         raise ConfigError(f"the budget must be positive, got {budget}.")
@@ -317,15 +319,18 @@ def add_fit(commands) -> None:
     fit.add_argument("--d-column", default="D")
     fit.add_argument("--c-column", default="C")
     fit.add_argument("--loss-column", default="val_loss")
+    fit.add_argument("--g-column", default="G", help="MoE granularity; with it, also fit the granularity law")
     fit.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for confidence intervals")
-    fit.add_argument("--plots", metavar="DIR", help="save isoflop.png, frontier.png and loss_vs_n_d.png here")
+    fit.add_argument("--plots", metavar="DIR", help="save isoflop.png, frontier.png and loss_vs_n_d.png here "
+                     "(and loss_vs_g.png with a granularity fit)")
     fit.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def cmd_fit(args) -> None:
     from lmjax.scaling.fit import fit_results, format_fit, read_results
 
-    data = read_results(Path(args.results), args.n_column, args.d_column, args.c_column, args.loss_column)
+    data = read_results(Path(args.results), args.n_column, args.d_column, args.c_column, args.loss_column,
+                        args.g_column)
     fitted = fit_results(data, bootstrap=args.bootstrap)
     if args.plots:
         from lmjax.scaling.plots import save_scaling_plots
