@@ -530,6 +530,9 @@ class TrainConfig:
     max_bad_steps: int = 10
     rollback_skip_batches: int = 200
     max_rollbacks: int = 3
+    # seconds without a finished step before the run writes every thread's stack to hang-<process>.txt and exits
+    # with code 4 (lmjax.train.watchdog); None: 10x the median step time, at least 300 s; 0: off
+    step_timeout: float | None = None
 
     def __post_init__(self):
         _check_literals(self, "train.")
@@ -549,6 +552,8 @@ class TrainConfig:
                  f"train.spike_sigmas must be positive or none (no spike check), got {self.spike_sigmas}.")
         _require(2 <= self.spike_min_steps <= SPIKE_WINDOW,
                  f"train.spike_min_steps must be in [2, {SPIKE_WINDOW}] (the losses kept), got {self.spike_min_steps}.")
+        _require(self.step_timeout is None or self.step_timeout >= 0,
+                 f"train.step_timeout must be >= 0 seconds (0: off) or none (automatic), got {self.step_timeout}.")
         for name in ("max_bad_steps", "rollback_skip_batches", "max_rollbacks"):
             _require(getattr(self, name) >= (1 if name == "max_bad_steps" else 0),
                      f"train.{name} must be >= {1 if name == 'max_bad_steps' else 0}, got {getattr(self, name)}.")

@@ -36,6 +36,7 @@ from lmjax.train.goodput import Goodput
 from lmjax.train.metrics import mfu, peak_flops_per_device
 from lmjax.train.rollback import Rollback
 from lmjax.train.run import Run, setup
+from lmjax.train.watchdog import Watchdog
 
 
 @dataclass(frozen=True)
@@ -210,14 +211,16 @@ def train(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
     validate = Validate(clock)
     goodput = Goodput(run, start, lambda: validate.seconds)
     rollback = Rollback(run, on_rollback=(clock.restart, lambda step: bar.reset(run.steps) or bar.update(step)))
-    hooks = [Hook(lambda run, metrics, routing: bar.update(1), every=1, at_halt=True),
+    watchdog = Watchdog(run.run_dir, cfg.train.step_timeout)
+    hooks = [Hook(watchdog, every=1, at_halt=True),
+             Hook(lambda run, metrics, routing: bar.update(1), every=1, at_halt=True),
              Hook(goodput, every=1, at_halt=True),
              Hook(LogMetrics(run, clock, bar), cfg.train.log_every, at_halt=True),
-             Hook(rollback, every=1, at_halt=True),
-             Hook(validate, cfg.train.eval_every),
-             Hook(save_checkpoint, cfg.train.checkpoint_every)]
+             Hook(watchdog.excusing(rollback), every=1, at_halt=True),
+             Hook(watchdog.excusing(validate), cfg.train.eval_every),
+             Hook(watchdog.excusing(save_checkpoint), cfg.train.checkpoint_every)]
     try:
-        with StopRequest(cfg.train.warning_signal) as stop, goodput.loop(run):
+        with StopRequest(cfg.train.warning_signal) as stop, goodput.loop(run), watchdog:
             try:
                 step_loop(run, hooks, stop_signals=[stop])
             finally:
