@@ -2,6 +2,7 @@
 no checkpoint holds NaN or inf, and a disk that refuses a save ends with one line (exit 2)."""
 
 import errno
+import importlib.util
 import json
 import subprocess
 import sys
@@ -308,3 +309,18 @@ def test_a_dead_peer_ends_the_survivor_at_once_with_one_line(tmp_path):
     assert code == PEER_LOST_EXIT_CODE and time.perf_counter() - start < 30, err
     assert err.splitlines()[-1].startswith("lmjax: error: another process of this run stopped (")
     assert "Traceback" not in err
+
+
+# four two-process launches; faster tests cover the parts: test_train's bitwise resume, test_parallel's Ctrl-C stop and
+# resume of two processes, the dead-peer test above
+@pytest.mark.slow
+def test_two_kills_of_a_two_process_run_end_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    """bench/chaos.py with two seeded SIGKILLs, one while a checkpoint is being written."""
+    spec = importlib.util.spec_from_file_location("chaos", Path(__file__).parent.parent / "bench" / "chaos.py")
+    chaos = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chaos)
+    chaos.chaos_run(tmp_path / "reference", 12, 0, 0)
+    result = chaos.chaos_run(tmp_path / "chaos", 12, 2, 0)
+    assert result["kills"] == 2 and "during the save" in result["moments"][1], result
+    for x, y in zip(chaos.final_state(tmp_path / "reference"), chaos.final_state(tmp_path / "chaos"), strict=True):
+        np.testing.assert_array_equal(x, y)
