@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -27,7 +28,7 @@ from lmjax.train.goodput import PARTS
 from lmjax.train.guard import BadStepRule, init_guard
 from lmjax.train.loop import train
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
-from lmjax.train.rollback import read_rollbacks, restore_train_state
+from lmjax.train.rollback import Rollback, read_rollbacks, restore_train_state
 from lmjax.train.run import load_datasets
 from lmjax.train.run_eval import restore_params
 from lmjax.train.state import init_train_state
@@ -139,6 +140,13 @@ def test_loss_spikes_roll_back_to_the_newest_checkpoint_and_skip_batches(tiny, p
     assert 0 < goodput["wall_seconds"] <= elapsed
     ratio = goodput["seconds"]["redone_steps"] / goodput["seconds"]["productive_steps"]
     assert ratio == pytest.approx(2 / 10)
+    # a run resubmitted from checkpoint 6 (as after a crash before step 9's save) continues from batch 9,
+    # as the rolled-back run did, and counts the roll-back as done
+    restored = []
+    resubmitted = types.SimpleNamespace(cfg=cfg, run_dir=Path(cfg.train.run_dir), step=6, resuming=True,
+                                        data_state=lambda: {"step": 6, "seed": 0},
+                                        batches=types.SimpleNamespace(restore=restored.append))
+    assert Rollback(resubmitted).done == read_rollbacks(cfg.train.run_dir) and restored == [{"step": 9, "seed": 0}]
 
 
 def test_divergence_stops_with_exit_3_and_leaves_only_finite_checkpoints(capsys, tmp_path):
