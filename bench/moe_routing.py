@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import jax
-from train_step import StepRunner
+from train_step import add_turn_arguments, median_step_ms_in_turns
 
 ENCODER_MOE = ["model.moe.n_experts=8", "model.moe.top_k=2", "model.moe.d_ff=352", "model.moe.dispatch=capacity",
                "model.moe.capacity_factor=1.25"]
@@ -36,17 +35,9 @@ COMPARISONS = {
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compare", choices=sorted(COMPARISONS), default="routing")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    add_turn_arguments(parser)
     args = parser.parse_args()
-    variants = COMPARISONS[args.compare]
-    runners = {name: StepRunner(exp, overrides + args.overrides) for name, (exp, overrides) in variants.items()}
-    times = {name: [] for name in runners}
-    for _ in range(args.rounds):
-        for name, runner in runners.items():
-            times[name] += runner.step_times(args.steps)
-    step_ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    step_ms = median_step_ms_in_turns(COMPARISONS[args.compare], args.overrides, args.rounds, args.steps)
     first = next(iter(step_ms))
     print(json.dumps({
         "compare": args.compare, "device": jax.devices()[0].device_kind, "overrides": args.overrides,
