@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -515,12 +516,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmjax: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        exit_if_peer_lost(e)
         code = fault_exit_code(e)
         if code is None:
             raise
         print(f"lmjax: error: {e}", file=sys.stderr)
         return code
     return 0
+
+
+# what a collective raises when another process of the run has died (gloo's CPU collectives, JAX's
+# coordination service); on GPU/TPU the coordination service usually ends the process from C++ instead
+PEER_LOST_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "heartbeat timeout")
+PEER_LOST_EXIT_CODE = 5
+
+
+def exit_if_peer_lost(error: Exception) -> None:
+    """If `error` says that another process of this multi-process run is gone: one line, and exit with
+    PEER_LOST_EXIT_CODE at once (a normal exit would wait in jax.distributed's shutdown for the dead
+    process until the heartbeat timeout, then abort with a page of C++ stack)."""
+    jax = sys.modules.get("jax")
+    if jax is None or jax.process_count() == 1 or not any(m in str(error) for m in PEER_LOST_MESSAGES):
+        return
+    print(f"lmjax: error: another process of this run stopped ({str(error).splitlines()[0][:160]}); run the same "
+          "command again: it resumes from the newest checkpoint.", file=sys.stderr, flush=True)
+    os._exit(PEER_LOST_EXIT_CODE)
 
 
 def fault_exit_code(error: Exception) -> int | None:
