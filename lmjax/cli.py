@@ -17,6 +17,7 @@
     lmjax lora merge RUN_DIR --out MERGED_RUN
     lmjax lora export-peft RUN_DIR --out PEFT_DIR
     lmjax quantize RUN_DIR --out RUN_Q [--bits 8] [--granularity channel|tensor]
+    lmjax upcycle DENSE_RUN --out RUN_DIR [--set model.moe.KEY=VALUE ...] [--noise S] [--seed N]
 """
 
 from __future__ import annotations
@@ -144,7 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--bits", type=int, default=8, help="8 (int8) only")
     quantize.add_argument("--granularity", default="channel", choices=("channel", "tensor"),
                           help="one scale per output unit (channel) or per matrix (tensor)")
+    add_upcycle(commands)
     return parser
+
+
+def add_upcycle(commands) -> None:
+    """`lmjax upcycle` (see docs/moe.md)."""
+    upcycle = commands.add_parser("upcycle", help="a dense run's weights as a MoE run: experts copied from each "
+                                  "MLP, new routers (sparse upcycling)")
+    upcycle.add_argument("run_dir", metavar="DENSE_RUN")
+    upcycle.add_argument("--out", required=True, metavar="RUN_DIR")
+    upcycle.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.moe.KEY=VALUE",
+                         help="MoE settings (default: model.moe.n_experts=8, top_k 2, dropless; repeatable)")
+    upcycle.add_argument("--noise", type=float, default=0.0, help="multiply each expert copy elementwise by "
+                         "1 + S * N(0, 1) (default 0: exact copies)")
+    upcycle.add_argument("--seed", type=int, default=0, help="seed of the new routers and of the noise")
 
 
 def add_convert_commands(commands) -> None:
@@ -190,6 +205,16 @@ def cmd_quantize(args) -> None:
 
     saved = quantize_run(Path(args.run_dir), Path(args.out), args.bits, args.granularity)
     print(f"wrote {args.out}: {saved / 2**20:.2f} MiB of weights (int8 matrices, float32 scales and vectors)")
+
+
+def cmd_upcycle(args) -> None:
+    from lmjax.upcycle import upcycle_run
+
+    cfg = upcycle_run(Path(args.run_dir), Path(args.out), args.overrides, args.noise, args.seed)
+    moe = cfg.model.moe
+    where = "every layer" if moe.every == 1 else f"layers {moe.every - 1}, {2 * moe.every - 1}, ..."
+    print(f"wrote {args.out}: {moe.n_experts} experts (top-{moe.top_k}) in {where}; train it with "
+          f"lmjax train NAME --init-from {args.out} and the same model settings")
 
 
 def add_data_commands(commands) -> None:
@@ -428,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "plan": cmd_plan,
                     "sweep": cmd_sweep, "fit": cmd_fit, "experiments": cmd_experiments, "tokenizer": cmd_tokenizer,
                     "data": cmd_data, "convert": cmd_convert, "lora": cmd_lora,
-                    "quantize": cmd_quantize}
+                    "quantize": cmd_quantize, "upcycle": cmd_upcycle}
         commands[args.command](args)
     except (ConfigError, DataError) as e:
         print(f"lmjax: error: {e}", file=sys.stderr)
