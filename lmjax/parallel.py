@@ -117,15 +117,18 @@ def validate_layout(cfg: Config, mesh: Mesh) -> None:
               (("embed", "mlp"), 1, "model.d_ff", m.d_ff), (("vocab", "embed"), 0, "model.vocab_size", m.vocab_size),
               (("vocab", "embed"), 1, "model.d_model", m.d_model)]
     if m.moe.enabled:
-        checks += [(("expert", "embed", "mlp"), 0, "model.moe.n_experts", m.moe.n_experts),
-                   (("expert", "embed", "mlp"), 2, "model.moe.d_ff" if m.moe.d_ff else "model.d_ff", m.expert_d_ff)]
+        fine = " / model.moe.granularity" if m.moe.granularity > 1 else ""
+        checks += [(("expert", "embed", "mlp"), 0, "model.moe.n_experts" + (" * model.moe.granularity" if fine else ""),
+                    m.moe.n_routed_experts),
+                   (("expert", "embed", "mlp"), 2, ("model.moe.d_ff" if m.moe.d_ff else "model.d_ff") + fine,
+                    m.expert_d_ff)]
     for logical_axes, dim, name, size in checks:
         devices, named = _splitting(logical_axes, dim, mesh)
         if size % devices:
             raise ConfigError(f"{named} does not divide {name}={size}; pick mesh sizes that split it evenly "
                               "(each device must hold an equal share).")
     micro_batch = cfg.train.batch_size // cfg.optim.grad_accum_steps
-    devices, named = _splitting(("batch", "length"), 0, mesh)
+    devices, named = _splitting(("batch", "activation_length"), 0, mesh)
     if micro_batch % devices:
         raise ConfigError(f"the batch of {micro_batch} sequences per micro-step (train.batch_size / "
                           f"optim.grad_accum_steps) does not split over the {devices} data-parallel devices "
@@ -229,4 +232,4 @@ def state_shardings(abstract_state, mesh: Mesh):
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of a (batch, length) array: rows split over the data-parallel axes."""
-    return NamedSharding(mesh, logical_to_mesh(("batch", "length"), mesh))
+    return NamedSharding(mesh, logical_to_mesh(("batch", "activation_length"), mesh))

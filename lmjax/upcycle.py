@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmjax.config import Config, ConfigError, LoRAConfig, ModelConfig, override
+from lmjax.config import Config, ConfigError, LoRAConfig, ModelConfig
+from lmjax.config_parse import override
 
 DEFAULT_EXPERTS = 8  # Komatsuzaki et al.'s and Mixtral's expert count; top_k keeps MoEConfig's default, 2
 EXPERT_WEIGHTS = ("w_up", "w_gate", "w_down")  # a MoE layer's expert weights, named as the dense MLP's
@@ -64,7 +65,7 @@ def check_identity(model: ModelConfig) -> None:
     """ConfigError unless copies of the dense MLP under `model.moe` compute the dense MLP: the
     gates of a token's experts must sum to 1 (renormalize), no assignment may be dropped
     (dropless), nothing may be added (no shared experts) and each expert must be the whole
-    dense MLP (expert width d_ff, granularity 1)."""
+    dense MLP (token choice, expert width d_ff, granularity 1)."""
     moe = model.moe
     problems = []
     if moe.dispatch != "dropless":
@@ -73,7 +74,12 @@ def check_identity(model: ModelConfig) -> None:
         problems.append("model.moe.renormalize=false scales each token's output by its top-k probability mass")
     if moe.n_shared_experts:
         problems.append(f"model.moe.n_shared_experts={moe.n_shared_experts} adds new experts to every token's output")
-    if model.expert_d_ff != model.d_ff:
+    if moe.routing != "tokens_choose":
+        problems.append(f"model.moe.routing={moe.routing!r} leaves tokens no expert picks without a feed-forward")
+    if moe.granularity != 1:
+        problems.append(f"model.moe.granularity={moe.granularity} splits the MLP into slices that a token's gates, "
+                        "summing to 1, do not add back up")
+    elif model.expert_d_ff != model.d_ff:
         problems.append(f"model.moe.d_ff={moe.d_ff} is not the dense MLP's width {model.d_ff} (leave it unset)")
     if problems:
         raise ConfigError("an upcycled model computes the dense model only with renormalized dropless routing over "

@@ -18,7 +18,8 @@ from flax import nnx
 
 from lmjax.checkpoint import Checkpointer
 from lmjax.cli import main
-from lmjax.config import Config, ConfigError, MeshConfig
+from lmjax.config import ConfigError, MeshConfig
+from lmjax.config_parse import read_config
 from lmjax.parallel import make_mesh
 from lmjax.train.run_eval import evaluate_run
 from lmjax.train.state import abstract_model
@@ -136,10 +137,10 @@ def test_a_llama_import_upcycles_into_a_mixtral_with_the_llamas_logits(tmp_path)
         reference, exported = (m(torch.tensor(ids)).logits.numpy() for m in (llama, mixtral))
     assert np.abs(reference).max() > 0.1  # not a vanishing function
     np.testing.assert_allclose(exported, reference, atol=1e-4, rtol=0)
-    cfg = Config.load(tmp_path / "moe" / "config.json")
+    cfg = read_config(tmp_path / "moe" / "config.json")
     check_init_from(cfg, tmp_path / "moe")
     with pytest.raises(ConfigError, match="--init-from"):
-        check_init_from(Config.load(tmp_path / "dense" / "config.json"), tmp_path / "moe")
+        check_init_from(read_config(tmp_path / "dense" / "config.json"), tmp_path / "moe")
 
 
 def run_cli(capsys, *args):
@@ -159,6 +160,7 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
         ("dense", ["--set", "model.moe.renormalize=false"], "renormalize=false"),
         ("dense", ["--set", "model.moe.n_shared_experts=1"], "n_shared_experts=1"),
         ("dense", ["--set", "model.moe.d_ff=32"], "model.moe.d_ff=32"),
+        ("dense", ["--set", "model.moe.granularity=2"], "model.moe.granularity=2"),
         ("dense", ["--set", "model.moe.n_experts=0"], "leaves the model dense"),
         ("dense", ["--set", "model.moe.top_k=9"], "top_k=9"),
         ("dense", ["--noise", "-0.1"], "--noise"),

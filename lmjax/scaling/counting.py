@@ -65,16 +65,22 @@ def mlp_params(cfg: ModelConfig, d_ff: int) -> int:
     return matrices * cfg.d_model * d_ff + biases
 
 
+def router_params(cfg: ModelConfig) -> int:
+    """The router of one MoE layer: d_model x (granularity * n_experts), no bias."""
+    return cfg.d_model * cfg.moe.n_routed_experts
+
+
 def moe_params(cfg: ModelConfig) -> tuple[int, int]:
-    """(total, active per token) weights of one MoE feed-forward: router (d_model x
-    n_experts, no bias), `n_experts` routed experts and `n_shared_experts` shared ones,
-    each an MLP of width `expert_d_ff`; a token uses the router, `top_k` routed and all
-    shared experts."""
+    """(total, active per token) weights of one MoE feed-forward: the router, G * n_experts
+    routed experts, each an MLP of width `expert_d_ff` = d_ff / G, and the shared experts (one
+    MLP of width `shared_d_ff`); a token uses the router, G * top_k routed and all shared
+    experts. Expert weights do not depend on the granularity G; the router grows with it."""
     moe = cfg.moe
-    router = cfg.d_model * moe.n_experts
+    router = router_params(cfg)
     expert = mlp_params(cfg, cfg.expert_d_ff)
-    shared = moe.n_shared_experts * expert
-    return router + moe.n_experts * expert + shared, router + moe.top_k * expert + shared
+    shared = mlp_params(cfg, cfg.shared_d_ff) if moe.n_shared_experts else 0
+    return (router + moe.n_routed_experts * expert + shared,
+            router + moe.experts_per_token * expert + shared)
 
 
 def params_per_layer(cfg: ModelConfig, layer: int = 0, cross: bool = False) -> tuple[int, int]:

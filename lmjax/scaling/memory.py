@@ -73,9 +73,9 @@ def param_elements_per_device(m: ModelConfig, sizes: dict[str, int]) -> float:
             matrices += attention_params(m) * (2 if stack.cross else 1)
             vectors += (3 if stack.cross else 2) * norm_params(m)
             if m.is_moe_layer(layer):
-                vectors += m.d_model * m.moe.n_experts  # router
-                experts += m.moe.n_experts * mlp_params(m, m.expert_d_ff)
-                matrices += m.moe.n_shared_experts * mlp_params(m, m.expert_d_ff)
+                vectors += m.d_model * m.moe.n_routed_experts  # router
+                experts += m.moe.n_routed_experts * mlp_params(m, m.expert_d_ff)
+                matrices += mlp_params(m, m.shared_d_ff) if m.moe.n_shared_experts else 0
             else:
                 matrices += mlp_params(m, m.d_ff)
     return (matrices / (fsdp * tensor) + experts / (fsdp * tensor * expert) + vectors / fsdp
@@ -92,8 +92,8 @@ def activation_bytes_per_token(m: ModelConfig, seq_len: int, remat: str | None =
 
     def layer_bytes(layer: int, policy: str) -> float:
         if m.is_moe_layer(layer):
-            f = m.expert_d_ff * (m.moe.top_k + m.moe.n_shared_experts)
-            router = m.moe.n_experts * 4
+            f = m.expert_d_ff * m.moe.experts_per_token + m.shared_d_ff
+            router = m.moe.n_routed_experts * 4
         else:
             f, router = m.d_ff, 0
         if policy == "none":

@@ -13,11 +13,13 @@ import math
 from pathlib import Path
 
 from lmjax.config import Config, ConfigError
+from lmjax.families import family_of
 from lmjax.hardware import PEAK_FLOPS
 from lmjax.scaling.counting import (
     example_lengths,
     forward_flops_per_token,
     param_counts,
+    router_params,
     run_flops_per_token,
     to_petaflop_days,
     tokens_per_step,
@@ -98,6 +100,7 @@ def plan(cfg: Config, budget_flops: float | None = None, law: dict | None = None
         "parametrization": cfg.model.parametrization,
         **({"mup_width_multiplier": cfg.model.width_multiplier} if cfg.model.parametrization == "mup" else {}),
         **counts,
+        **_moe_shape(cfg),
         "flops_per_token_train": flops_per_token,
         "flops_per_token_forward": forward_flops_per_token(cfg.model, *example_lengths(cfg)),
         **memory_estimate(cfg, n_devices),
@@ -122,8 +125,19 @@ def plan(cfg: Config, budget_flops: float | None = None, law: dict | None = None
     return result
 
 
+def _moe_shape(cfg: Config) -> dict:
+    """For a MoE model: its granularity G and the routers' share of the active parameters."""
+    m = cfg.model
+    if not m.moe.enabled:
+        return {}
+    routers = sum(router_params(m) for stack in family_of(m).stacks(m) for i in range(stack.n_layers)
+                  if m.is_moe_layer(i))
+    return {"moe_granularity": m.moe.granularity,
+            "moe_router_share_of_active": routers / param_counts(m)["params_active"]}
+
+
 def _with_budget(cfg: Config, budget_flops: float) -> Config:
-    from lmjax.config import override
+    from lmjax.config_parse import override
 
     return override(cfg, [f"train.budget_flops={budget_flops!r}"])
 

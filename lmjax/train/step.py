@@ -30,7 +30,8 @@ def _loss_sum(params, graphdef, batch, dropout_key, moe: MoEConfig, frozen=None,
     logits = family_of(model.cfg).predict(model, batch, dropout_key)
     loss_sum, count = causal_lm_loss(logits, batch["targets"], batch["loss_mask"])
     routing = pop_routing_statistics(model) or {}
-    routing.pop("experts", None)  # per-token assignments: for analysis, not for the metrics
+    for per_token in ("experts", "picked"):  # per-token assignments: for analysis, not for the metrics
+        routing.pop(per_token, None)
     objective = loss_sum
     if routing:
         aux = moe.load_balance_coef * jnp.mean(routing["load_balance_loss"]) + moe.z_loss_coef * jnp.mean(
@@ -41,7 +42,8 @@ def _loss_sum(params, graphdef, batch, dropout_key, moe: MoEConfig, frozen=None,
 
 def routing_metrics(routing: dict) -> dict:
     """Scalar summaries of stacked routing statistics (L_moe, ...) for the metrics log:
-    balancing and z losses, dropped share and router entropy averaged over MoE layers, and
+    balancing and z losses, dropped share, share of tokens no expert serves (`moe_unrouted`)
+    and router entropy averaged over MoE layers, and
     `moe_max_load`: the busiest expert's share of assignments over its fair share 1/E, at the
     worst layer (1.0 is perfectly balanced)."""
     if not routing:
@@ -51,6 +53,7 @@ def routing_metrics(routing: dict) -> dict:
         "moe_load_balance_loss": jnp.mean(routing["load_balance_loss"]),
         "moe_z_loss": jnp.mean(routing["z_loss"]),
         "moe_dropped": jnp.mean(routing["dropped"]),
+        "moe_unrouted": jnp.mean(routing["unrouted"]),
         "moe_entropy": jnp.mean(routing["entropy"]),
         "moe_max_load": jnp.max(routing["load"]) * n_experts,
     }
