@@ -109,9 +109,7 @@ def plot(per_seed: list[dict], path: Path) -> None:
     loss_ax.legend()
     gap_ax.axhline(0.0, color="C1", linewidth=0.8)
     gap_ax.set(title="final validation loss minus continued dense, per seed")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
 def main():
@@ -131,6 +129,7 @@ def main():
     final = {name: [round(float(c[name][1][-1]), 4) for c in per_seed] for name in ("dense", *ARMS)}
     print(json.dumps({"seeds": seeds, "final_val_loss": final,
                       "mean": {name: round(float(np.mean(v)), 4) for name, v in final.items()}}))
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
     plot(per_seed, args.plot)
 
 

@@ -25,7 +25,6 @@ so set them when training the upcycled run (`lmjax train NAME --init-from RUN_DI
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -166,7 +165,7 @@ def upcycle_run(run_dir: Path, out_dir: Path, assignments: list[str] = (), noise
                 seed: int = 0) -> Config:
     """Write the dense run `run_dir`'s newest weights, upcycled, as the run directory `out_dir`;
     returns its config. Every check runs before anything is written."""
-    from lmjax.checkpoint import Checkpointer
+    from lmjax.checkpoint import write_weights_run
     from lmjax.data import load_from_run, save_to_run
     from lmjax.quantize import is_quantized
     from lmjax.train.run_eval import load_config, restore_weights
@@ -184,9 +183,5 @@ def upcycle_run(run_dir: Path, out_dir: Path, assignments: list[str] = (), noise
     params = upcycle_params(dense, cfg.model, mesh, noise, seed)
     out_dir.mkdir(parents=True)
     save_to_run(tokenizer, out_dir)
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    checkpointer = Checkpointer(out_dir, async_save=False)
-    checkpointer.save_weights(0, params, cfg.to_dict())
-    checkpointer.wait()
-    checkpointer.close()
+    write_weights_run(out_dir, cfg.to_dict(), params)
     return cfg

@@ -5,7 +5,6 @@ model's), hand-written layer indices for the every > 1 re-split, and transformer
 against the exported Mixtral."""
 
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ import transformers
 from conftest import tiny_config
 from flax import nnx
 
-from lmjax.checkpoint import Checkpointer
+from lmjax.checkpoint import Checkpointer, write_weights_run
 from lmjax.cli import main
 from lmjax.config import ConfigError, MeshConfig
 from lmjax.config_parse import read_config
@@ -43,12 +42,7 @@ def write_dense_run(run_dir, family="decoder", **model):
     cfg = tiny_config(run_dir)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, family=family, **model))
     params = random_weights(cfg.model)
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    checkpointer = Checkpointer(run_dir, async_save=False)
-    checkpointer.save_weights(0, params, cfg.to_dict())
-    checkpointer.wait()
-    checkpointer.close()
+    write_weights_run(run_dir, cfg.to_dict(), params)
     return cfg
 
 
