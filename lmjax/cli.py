@@ -32,6 +32,7 @@ from pathlib import Path
 from lmjax.config import Config, ConfigError
 from lmjax.config_parse import override, read_config
 from lmjax.experiment import experiment_summary, list_experiments, load_experiment
+from lmjax.records import json_line
 
 DEFAULT_EXPERIMENT = "decoder_tiny"
 
@@ -120,7 +121,8 @@ def add_eval(commands) -> None:
     evaluate.add_argument("--max-batches", type=int, default=None, help="default: the whole validation split")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--data", metavar="SOURCE", help="evaluate on all of this data source instead of the "
-                          "run's validation split (stdlib, a file, a directory, an HF dataset on disk)")
+                          "run's validation split (stdlib, a file, a directory, an HF dataset on disk, or token "
+                          "shards made by `lmjax data prepare`)")
     evaluate.add_argument("--token-losses", metavar="FILE.npy", help="save every position's loss (nats)")
     evaluate.add_argument("--tasks", metavar="NAME_OR_YAML[,...]", help="run lm-evaluation-harness tasks instead: "
                           "task YAML files whose data are on disk (e.g. experiments/lm_eval/python_stdlib/"
@@ -142,7 +144,7 @@ def cmd_eval(args) -> None:
     result = evaluate_run(Path(args.run_dir), args.max_batches, args.data,
                           Path(args.token_losses) if args.token_losses else None)
     if args.json:
-        print(json.dumps(result))
+        print(json_line(result))
     else:
         print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
 
@@ -178,7 +180,7 @@ def cmd_generate(args) -> None:
 
     from lmjax.families import family_of
     from lmjax.quantize import int8_weight_bytes, is_quantized, resident_bytes
-    from lmjax.scaling.memory import kv_cache_bytes_per_token
+    from lmjax.scaling.memory import kv_cache_bytes_per_sequence
     from lmjax.train.run_eval import load
 
     check_sampling_args(args)
@@ -188,12 +190,12 @@ def cmd_generate(args) -> None:
         raise ConfigError(f"lmjax generate needs a family that generates (decoder, encoder_decoder); {args.run_dir} "
                           f"is a {cfg.model.family} (use lmjax eval).")
     prompts = [spec.encode_prompt(tokenizer, p) for p in args.prompt]
-    cache_tokens = len(prompts) * (max(len(p) for p in prompts) + args.max_new_tokens)
-    per_token = kv_cache_bytes_per_token(cfg.model)
+    cache_length = max(len(p) for p in prompts) + args.max_new_tokens
+    cache_bytes = len(prompts) * kv_cache_bytes_per_sequence(cfg.model, cache_length)
     outputs = spec.generate(model, prompts, args.max_new_tokens, tokenizer, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    print(f"KV cache: {per_token * cache_tokens / 2**20:.2f} MiB ({per_token:,} bytes per token x {cache_tokens} "
-          "token slots)", file=sys.stderr)
+    print(f"KV cache: {cache_bytes / 2**20:.2f} MiB ({len(prompts)} sequence(s) of {cache_length} positions)",
+          file=sys.stderr)
     if is_quantized(args.run_dir):
         print(f"weights: {resident_bytes(nnx.state(model, nnx.Param)) / 2**20:.2f} MiB resident (int8 matrices with "
               f"float32 scales; {int8_weight_bytes(cfg.model)[1] / 2**20:.2f} MiB in {cfg.model.param_dtype})",
@@ -234,14 +236,34 @@ def add_plan(commands) -> None:
 
 def cmd_plan(args) -> None:
     from lmjax.scaling.counting import PETAFLOP_DAY
-    from lmjax.scaling.plan import format_plan, load_law, plan
+    from lmjax.scaling.plan import format_plan, load_law, plan, shape_notes
 
     cfg = override(load_experiment(args.experiment or DEFAULT_EXPERIMENT), args.overrides)
+    for note in shape_notes(cfg.model):
+        print(f"note: {note}", file=sys.stderr)
     budget = args.budget_pfdays * PETAFLOP_DAY if args.budget_pfdays is not None else args.budget_flops
     if budget is not None and budget <= 0:
         raise ConfigError(f"the budget must be positive, got {budget}.")
-    result = plan(cfg, budget, load_law(args.law) if args.law else None, args.hardware, args.mfu, args.devices)
-    print(json.dumps(result) if args.json else format_plan(result))
+    result = plan(cfg, budget, load_law(args.law) if args.law else None, args.hardware, args.mfu, args.devices,
+                  **transform_bytes(cfg))
+    print(json_line(result) if args.json else format_plan(result))
+
+
+def transform_bytes(cfg: Config) -> dict:
+    """The sizes of the run's weight transforms that `memory_estimate` and `plan` take:
+    {"adapter_bytes": LoRA adapters' bytes, "int8_bytes": (int8 storage, float storage)}, each
+    only when the config turns it on."""
+    sizes = {}
+    if cfg.lora.enabled:
+        from lmjax.lora import adapted_sizes
+        from lmjax.scaling.memory import DTYPE_BYTES
+
+        sizes["adapter_bytes"] = adapted_sizes(cfg.lora, cfg.model)[1] * DTYPE_BYTES[cfg.model.param_dtype]
+    if cfg.quant.weights == "int8":
+        from lmjax.quantize import int8_weight_bytes
+
+        sizes["int8_bytes"] = int8_weight_bytes(cfg.model, cfg.quant.granularity)
+    return sizes
 
 
 def add_sweep(commands) -> None:
@@ -263,7 +285,7 @@ def add_sweep(commands) -> None:
 def cmd_sweep(args) -> None:
     import shlex
 
-    from lmjax.scaling.sweep import collect_results, load_sweep, run_config, run_sweep, slurm_script
+    from lmjax.drivers.sweep import collect_results, load_sweep, run_config, run_sweep, slurm_script
 
     sweep = load_sweep(args.sweep)
     sweep = dataclasses.replace(sweep, overrides=(*sweep.overrides, *args.overrides))
@@ -311,7 +333,7 @@ def cmd_fit(args) -> None:
         from lmjax.scaling.plots import save_scaling_plots
 
         save_scaling_plots(data, fitted, Path(args.plots))
-    print(json.dumps(fitted) if args.json else format_fit(fitted))
+    print(json_line(fitted) if args.json else format_fit(fitted))
 
 
 def add_experiments(commands) -> None:
@@ -513,7 +535,25 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"lmjax: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        code = fault_exit_code(e)
+        if code is None:
+            raise
+        print(f"lmjax: error: {e}", file=sys.stderr)
+        return code
     return 0
+
+
+def fault_exit_code(error: Exception) -> int | None:
+    """The exit code of a fault during training that has its one line: 2 for a checkpoint the disk
+    refused (`SaveFailed`), 3 for a run that diverged past its roll-backs (`Diverged`); None for
+    anything else. (Their modules raised them, so they are loaded; nothing is imported here.)"""
+    checkpoint, rollback = sys.modules.get("lmjax.checkpoint"), sys.modules.get("lmjax.train.rollback")
+    if checkpoint is not None and isinstance(error, checkpoint.SaveFailed):
+        return 2
+    if rollback is not None and isinstance(error, rollback.Diverged):
+        return 3
+    return None
 
 
 if __name__ == "__main__":

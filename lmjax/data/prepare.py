@@ -29,7 +29,8 @@ import numpy as np
 
 from lmjax.data.pipeline import PackedDataset, TokenStream, tokenize
 from lmjax.data.sources import DataError, iter_documents
-from lmjax.data.tokenizer import load_tokenizer, token_dtype
+from lmjax.data.tokenizer import token_dtype
+from lmjax.data.tokenizer_store import load_tokenizer
 from lmjax.files import file_sha256, write_atomically, write_json_atomically
 
 FORMAT = "lmjax-tokens-v1"
@@ -181,6 +182,17 @@ class ShardedTokens:
             pieces.append(self.arrays[first][offset:offset + take])
             start, first = start + take, first + 1
         return np.concatenate(pieces) if len(pieces) != 1 else np.asarray(pieces[0])
+
+
+def is_prepared(path: str | Path) -> bool:
+    """Whether `path` is a directory finished by `lmjax data prepare` (it holds manifest.json)."""
+    return (Path(path) / "manifest.json").is_file()
+
+
+def prepared_tokenizer(path: str | Path):
+    """The tokenizer the prepared directory `path` was made with: its copy there, or bytes."""
+    copy = json.loads((Path(path) / "manifest.json").read_text())["tokenizer_file"]
+    return load_tokenizer(str(Path(path) / copy) if copy else "bytes")
 
 
 def open_prepared(path: str | Path, tokenizer, seq_len: int, verify: bool = False) -> PackedDataset:

@@ -34,7 +34,9 @@ are counted as embedding parameters):
 
 from __future__ import annotations
 
-from lmjax.config import Config, ModelConfig
+import math
+
+from lmjax.config import Config, ConfigError, ModelConfig
 from lmjax.families import family_of
 
 PETAFLOP_DAY = 1e15 * 24 * 3600  # FLOPs in one petaFLOP/s-day
@@ -198,3 +200,21 @@ def train_flops_per_example(cfg: ModelConfig, first_len: int, second_len: int = 
 def to_petaflop_days(flops: float) -> float:
     """FLOPs -> petaFLOP/s-days (1 PF-day = 8.64e19 FLOPs)."""
     return flops / PETAFLOP_DAY
+
+
+def total_steps(cfg: Config) -> int:
+    """Optimizer steps of the run, from train.steps, train.tokens or train.budget_flops."""
+    t = cfg.train
+    step_tokens = tokens_per_step(cfg)  # encoder-decoder: input and target tokens
+    if t.steps is not None:
+        return t.steps
+    if t.tokens is not None:
+        return math.ceil(t.tokens / step_tokens)
+    if t.budget_flops is not None:
+        flops_per_step = run_flops_per_token(cfg) * step_tokens
+        if t.budget_flops < flops_per_step:
+            raise ConfigError(f"train.budget_flops={t.budget_flops:.3g} is less than one step of this model "
+                              f"({flops_per_step:.3g} FLOPs for {step_tokens} tokens); raise the budget or "
+                              "shrink the model or batch.")
+        return math.floor(t.budget_flops / flops_per_step)
+    raise ConfigError("the run has no length: set one of train.steps, train.tokens or train.budget_flops.")

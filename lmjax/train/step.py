@@ -10,6 +10,7 @@ from flax import nnx
 from lmjax.config import MoEConfig
 from lmjax.families import family_of
 from lmjax.models.moe import pop_routing_statistics
+from lmjax.train.guard import BadStepRule, apply_if_good
 from lmjax.train.losses import causal_lm_loss, token_losses
 from lmjax.train.optimizer import updated_params
 from lmjax.train.state import TrainState
@@ -60,7 +61,7 @@ def routing_metrics(routing: dict) -> dict:
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule, grad_accum_steps: int,
-                    use_rng: bool, moe: MoEConfig = MoEConfig(), adapt=None):
+                    use_rng: bool, moe: MoEConfig = MoEConfig(), adapt=None, bad_steps: BadStepRule = BadStepRule()):
     """`train_step(state, batch, frozen=None) -> (state, metrics, routing)`.
 
     The batch (B, T) is split into `grad_accum_steps` micro-batches whose gradients of the
@@ -70,7 +71,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
     over micro-batches (empty for dense models). `use_rng` passes a per-step key to the model
     (dropout, router jitter). With `adapt(frozen, params) -> model weights` the step trains
     `state.params` alone (LoRA adapters, `lmjax.lora.low_rank`) and `frozen` (the base
-    weights) gets neither a gradient nor an update.
+    weights) gets neither a gradient nor an update. When the state carries a guard, a bad step
+    (`bad_steps`, see `lmjax.train.guard`) leaves params and optimizer state as they were, and
+    metrics add skipped_steps and bad_steps_in_a_row.
     """
     grad_fn = jax.value_and_grad(_loss_sum, has_aux=True)
 
@@ -106,7 +109,12 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
             "tokens": count,
             **routing_metrics(routing),
         }
-        return TrainState(params, opt_state, state.step + 1, state.rng), metrics, routing
+        guard = state.guard
+        if guard is not None:
+            (params, opt_state), guard, judged = apply_if_good(bad_steps, guard, metrics["loss"], metrics["grad_norm"],
+                                                               (params, opt_state), (state.params, state.opt_state))
+            metrics.update(judged)
+        return TrainState(params, opt_state, state.step + 1, state.rng, guard), metrics, routing
 
     return train_step
 
