@@ -7,8 +7,8 @@ with MoE feed-forwards (`model.moe.n_experts` 8 unless set, top-2 by default):
 
 - every MoE layer's E experts are copies of that layer's dense MLP (w_up, w_gate, w_down),
   each multiplied elementwise by (1 + S * N(0, 1)) with `--noise S` (seeded; default exact);
-- its router is new, initialised as a MoE model built from scratch with `model.moe` and
-  `train.seed`-like seed `--seed` initialises it (so are any other MoE-only variables);
+- its router is new, drawn as a MoE model built from scratch with nnx.Rngs(`--seed`) draws it
+  (so is any other variable only a MoE layer has);
 - everything else (embeddings, attention, norms, dense layers, the head) is copied as is;
   with `model.moe.every` = p > 1, the stacked (L, ...) arrays of the dense run are re-split
   into the p - 1 dense layers of each period (`blocks`) and the MoE one (`moe_blocks`), in the
@@ -17,9 +17,10 @@ with MoE feed-forwards (`model.moe.n_experts` 8 unless set, top-2 by default):
 With renormalized top-k gates (they sum to 1 over copies of one MLP), dropless dispatch (no
 assignment dropped), no shared experts and experts as wide as the dense MLP, the upcycled
 model computes the dense model's function within float rounding: its `lmjax eval` loss is the
-dense run's. Settings under which it cannot (capacity dispatch, renormalize=false, shared
-experts, another expert width) are refused: none of the first two changes a weight's shape,
-so set them when training the upcycled run (`lmjax train NAME --init-from RUN_DIR --set ...`).
+dense run's. Settings under which it cannot (capacity dispatch, renormalize=false, expert
+choice, shared experts, another expert width or granularity) are refused: the first three
+change no weight's shape, so set them when training the upcycled run (`lmjax train NAME
+--init-from RUN_DIR --set ...`).
 """
 
 from __future__ import annotations
