@@ -7,7 +7,7 @@
         (an encoder_decoder run fills in each <extra_id_N> of the prompt)
     lmjax plan [EXPERIMENT] [--set ...] [--budget-flops C | --budget-pfdays X] [--law LAW.json] [--json]
     lmjax sweep SWEEP [--set section.field=value ...] [--dir DIR] [--slurm | --commands | --collect]
-    lmjax fit RESULTS.csv [--n-column N --d-column D --c-column C --loss-column L] [--plots DIR] [--json]
+    lmjax fit RESULTS.csv [--n-column N --d-column D --c-column C --loss-column L --g-column G] [--plots DIR] [--json]
     lmjax experiments
     lmjax tokenizer train --data SOURCE --vocab-size N --out FILE [--kind bpe|unigram|sentencepiece-bpe|...]
     lmjax data prepare --data SOURCE --tokenizer FILE --out DIR [--workers N]
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -319,15 +320,18 @@ def add_fit(commands) -> None:
     fit.add_argument("--d-column", default="D")
     fit.add_argument("--c-column", default="C")
     fit.add_argument("--loss-column", default="val_loss")
+    fit.add_argument("--g-column", default="G", help="MoE granularity; with it, also fit the granularity law")
     fit.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for confidence intervals")
-    fit.add_argument("--plots", metavar="DIR", help="save isoflop.png, frontier.png and loss_vs_n_d.png here")
+    fit.add_argument("--plots", metavar="DIR", help="save isoflop.png, frontier.png and loss_vs_n_d.png here "
+                     "(and loss_vs_g.png with a granularity fit)")
     fit.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def cmd_fit(args) -> None:
     from lmjax.scaling.fit import fit_results, format_fit, read_results
 
-    data = read_results(Path(args.results), args.n_column, args.d_column, args.c_column, args.loss_column)
+    data = read_results(Path(args.results), args.n_column, args.d_column, args.c_column, args.loss_column,
+                        args.g_column)
     fitted = fit_results(data, bootstrap=args.bootstrap)
     if args.plots:
         from lmjax.scaling.plots import save_scaling_plots
@@ -536,12 +540,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmjax: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        exit_if_peer_lost(e)
         code = fault_exit_code(e)
         if code is None:
             raise
         print(f"lmjax: error: {e}", file=sys.stderr)
         return code
     return 0
+
+
+# what a collective raises when another process of the run has died (gloo's CPU collectives, JAX's
+# coordination service); on GPU/TPU the coordination service usually ends the process from C++ instead
+PEER_LOST_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "heartbeat timeout")
+PEER_LOST_EXIT_CODE = 5
+
+
+def exit_if_peer_lost(error: Exception) -> None:
+    """If `error` says that another process of this multi-process run is gone: one line, and exit with
+    PEER_LOST_EXIT_CODE at once (a normal exit would wait in jax.distributed's shutdown for the dead
+    process until the heartbeat timeout, then abort with a page of C++ stack)."""
+    jax = sys.modules.get("jax")
+    if jax is None or jax.process_count() == 1 or not any(m in str(error) for m in PEER_LOST_MESSAGES):
+        return
+    print(f"lmjax: error: another process of this run stopped ({str(error).splitlines()[0][:160]}); run the same "
+          "command again: it resumes from the newest checkpoint.", file=sys.stderr, flush=True)
+    os._exit(PEER_LOST_EXIT_CODE)
 
 
 def fault_exit_code(error: Exception) -> int | None:
