@@ -42,6 +42,14 @@ class MoEConfig:
     Each MoE layer routes every token to its `top_k` experts (1: Switch, 2: Mixtral) by a
     float32 router, and adds `n_shared_experts` experts that every token uses (DeepSeek-MoE).
     Layers `every-1, 2*every-1, ...` are MoE; the others keep the dense MLP.
+
+    `router` "softmax" scores experts by a softmax over the router logits (Switch, Mixtral);
+    "sigmoid" by an independent sigmoid per expert (DeepSeek-V3). Top-k is chosen on the scores
+    plus a per-expert bias (a non-trainable variable, present with a sigmoid router or
+    `bias_update_rate` > 0); the gate weights are the chosen unbiased scores. After every
+    optimizer step the bias moves by `bias_update_rate` * sign(mean load - load) per expert
+    (auxiliary-loss-free balancing, Wang et al. 2024). `sequence_balance_coef` weighs
+    DeepSeek-V3's per-sequence balancing loss. See docs/moe.md.
     """
 
     n_experts: int = 0
@@ -57,11 +65,15 @@ class MoEConfig:
     z_loss_coef: float = 1e-3  # ST-MoE router z-loss: mean(logsumexp(router logits)^2)
     router_jitter: float = 0.0  # multiplicative uniform noise on router inputs while training
     renormalize: bool = True  # rescale the top-k weights of each token to sum to 1
+    router: Literal["softmax", "sigmoid"] = "softmax"  # expert scores: softmax (Mixtral) or sigmoid (DeepSeek-V3)
+    bias_update_rate: float = 0.0  # u: selection bias b_i += u * sign(mean load - load_i) per step; 0: no update
+    sequence_balance_coef: float = 0.0  # DeepSeek-V3 per-sequence balancing loss: E * sum_i f_i * P_i per row
 
     def __post_init__(self):
         _require(self.n_experts >= 0, f"model.moe.n_experts must be >= 0, got {self.n_experts}.")
         _check_choice("model.moe.dispatch", self.dispatch, ("capacity", "dropless"))
         _check_choice("model.moe.grouped_matmul", self.grouped_matmul, ("auto", "blocks", "ragged_dot"))
+        _check_choice("model.moe.router", self.router, ("softmax", "sigmoid"))
         if self.n_experts == 0:
             return
         _require(1 <= self.top_k <= self.n_experts,
@@ -71,12 +83,17 @@ class MoEConfig:
                  "model.moe.capacity_factor and model.moe.eval_capacity_factor must be positive.")
         _require(self.every >= 1, f"model.moe.every must be >= 1, got {self.every}.")
         _require(self.n_shared_experts >= 0, f"model.moe.n_shared_experts must be >= 0, got {self.n_shared_experts}.")
-        for name in ("load_balance_coef", "z_loss_coef", "router_jitter"):
+        for name in ("load_balance_coef", "z_loss_coef", "router_jitter", "bias_update_rate", "sequence_balance_coef"):
             _require(getattr(self, name) >= 0, f"model.moe.{name} must be >= 0, got {getattr(self, name)}.")
 
     @property
     def enabled(self) -> bool:
         return self.n_experts > 0
+
+    @property
+    def router_bias(self) -> bool:
+        """Whether each MoE layer holds a selection bias (a sigmoid router, or a bias that is updated)."""
+        return self.enabled and (self.router == "sigmoid" or self.bias_update_rate > 0)
 
 
 @dataclass(frozen=True)

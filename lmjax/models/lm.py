@@ -124,7 +124,7 @@ class _SingleStackLM(_TokenModel):
         mask, bias = self.attention_inputs(positions, segment_ids)
         mask = AttentionMask(mask, causal=self.causal,
                              not_fusable="segment ids (packed documents need a segment mask)" if packed else None)
-        x = self.stack(x, positions, mask, stack_key, bias=bias)
+        x = self.stack(x, positions, mask, stack_key, bias=bias, token_mask=segment_ids != 0 if packed else None)
         return self._logits(x)
 
     def attention_inputs(self, positions, segment_ids):
@@ -224,7 +224,8 @@ class EncoderDecoderLM(_TokenModel):
         embed_key, stack_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         x = self._embed(tokens, positions, embed_key)
         mask, bias = self.encoder_attention_inputs(positions, segment_ids)
-        x = self.encoder(x, positions, padded_mask(mask, segment_ids, causal=False), stack_key, bias=bias)
+        x = self.encoder(x, positions, padded_mask(mask, segment_ids, causal=False), stack_key, bias=bias,
+                         token_mask=segment_ids != 0)
         return self.encoder_norm(x)
 
     def encoder_attention_inputs(self, positions, segment_ids):
@@ -247,7 +248,8 @@ class EncoderDecoderLM(_TokenModel):
         x = self._embed(decoder_tokens, positions, embed_key)
         mask, bias = self.decoder_attention_inputs(positions, decoder_segment_ids)
         x = self.decoder(x, positions, padded_mask(mask, decoder_segment_ids, causal=True), stack_key, bias=bias,
-                         context=encoded, context_mask=cross_attention_mask(decoder_segment_ids, encoder_segment_ids))
+                         context=encoded, context_mask=cross_attention_mask(decoder_segment_ids, encoder_segment_ids),
+                         token_mask=decoder_segment_ids != 0)
         return self._logits(x)
 
     def init_cache(self, batch_size: int, length: int, encoded):
