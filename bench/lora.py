@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 from memory import compiled_memory  # bench/memory.py
 
-from lmjax.config import override
+from lmjax.config_parse import override
 from lmjax.experiment import load_experiment
 from lmjax.scaling.memory import memory_estimate
 from lmjax.train.loop import train

@@ -17,7 +17,7 @@ import json
 import jax
 import jax.numpy as jnp
 
-from lmjax.config import override
+from lmjax.config_parse import override
 from lmjax.experiment import load_experiment
 from lmjax.lora import low_rank
 from lmjax.parallel import batch_sharding, make_mesh

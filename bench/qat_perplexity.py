@@ -15,7 +15,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from lmjax.config import QuantConfig, override
+from lmjax.config import QuantConfig
+from lmjax.config_parse import override
 from lmjax.experiment import load_experiment
 from lmjax.quantize import quantize_run
 from lmjax.train.loop import train

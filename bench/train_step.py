@@ -18,7 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from lmjax.config import override
+from lmjax.config_parse import override
 from lmjax.experiment import load_experiment
 from lmjax.parallel import batch_sharding, make_mesh
 from lmjax.scaling.counting import param_counts, train_flops_per_token

@@ -23,7 +23,8 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
     "expert": ("expert",),  # expert parallelism: each device holds E / expert of the experts
     "expert_batch": ("data", "fsdp"),  # rows of the expert inputs (E, B, C, D): batch without the expert axis
     "head_dim": None,
-    "length": None,
+    "activation_length": None,  # activations' sequence positions (B, T, ...): whole on every device for now
+    "length": None,  # the learned position table's rows (max_seq_len): tiny, replicated
     "relative_buckets": None,  # T5 relative position bias table: tiny, replicated
     "layers": None,  # scanned layer axis stays whole on every device
     "lora_rank": None,  # LoRA adapters' rank: a few columns, never split

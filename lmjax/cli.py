@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from lmjax.config import Config, ConfigError, override
+from lmjax.config import Config, ConfigError
+from lmjax.config_parse import override, read_config
 from lmjax.experiment import experiment_summary, list_experiments, load_experiment
 
 DEFAULT_EXPERIMENT = "decoder_tiny"
@@ -39,18 +40,30 @@ def _experiment_listing() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `lmjax` parser: each command's `add_<command>` adds its sub-parser and sets `func`."""
     parser = argparse.ArgumentParser(prog="lmjax", description="Pretrain transformer language models with JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (add_train, add_eval, add_generate, add_plan, add_sweep, add_fit, add_experiments, add_tokenizer,
+                add_data, add_convert, add_lora, add_quantize):
+        add(commands)
+    return parser
 
+
+def _add_overrides(parser, example: str) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config value, e.g. {example} (repeatable)")
+
+
+def add_train(commands) -> None:
     train = commands.add_parser(
         "train", help="train a model (default: the decoder_tiny experiment)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="experiments:\n" + _experiment_listing() + "\n\nexample: lmjax train decoder_tiny "
                "--set model.d_model=256 --set optim.lr=1e-3",
     )
+    train.set_defaults(func=cmd_train)
     train.add_argument("experiment", nargs="?", help=f"experiment name or .py file (default: {DEFAULT_EXPERIMENT})")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. model.d_model=256 (repeatable)")
+    _add_overrides(train, "model.d_model=256")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
     train.add_argument("--new-data-order", action="store_true",
                        help="let a resumed run change train.batch_size or the data (it then sees other batches than "
@@ -65,192 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--process-id", type=int)
     cluster.add_argument("--coordinator-timeout", type=int, default=300, metavar="SECONDS")
 
-    evaluate = commands.add_parser("eval", help="validation loss, perplexity and bits per byte of a run")
-    evaluate.add_argument("run_dir")
-    evaluate.add_argument("--max-batches", type=int, default=None, help="default: the whole validation split")
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
-    evaluate.add_argument("--data", metavar="SOURCE", help="evaluate on all of this data source instead of the "
-                          "run's validation split (stdlib, a file, a directory, an HF dataset on disk)")
-    evaluate.add_argument("--token-losses", metavar="FILE.npy", help="save every position's loss (nats)")
-    evaluate.add_argument("--tasks", metavar="NAME_OR_YAML[,...]", help="run lm-evaluation-harness tasks instead: "
-                          "task YAML files whose data are on disk (e.g. experiments/lm_eval/python_stdlib/"
-                          "python_stdlib.yaml) or names of tasks lm-eval knows")
-    evaluate.add_argument("--limit", type=int, default=None, help="with --tasks: the first N examples of each task")
-
-    generate = commands.add_parser("generate", help="continue prompts with a trained model (KV-cache decoding); "
-                                   "an encoder_decoder run fills in the prompt's <extra_id_0>, <extra_id_1>, ...")
-    generate.add_argument("run_dir")
-    generate.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
-    generate.add_argument("--max-new-tokens", type=int, default=200)
-    generate.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    generate.add_argument("--top-k", type=int, default=None)
-    generate.add_argument("--top-p", type=float, default=None)
-    generate.add_argument("--seed", type=int, default=0)
-
-    plan = commands.add_parser("plan", help="parameters, FLOPs, memory and compute-optimal sizes, without training")
-    plan.add_argument("experiment", nargs="?", help=f"experiment name or .py file (default: {DEFAULT_EXPERIMENT})")
-    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config value, e.g. model.n_layers=32 (repeatable)")
-    budget = plan.add_mutually_exclusive_group()
-    budget.add_argument("--budget-flops", type=float, metavar="C", help="training compute budget in FLOPs")
-    budget.add_argument("--budget-pfdays", type=float, metavar="X", help="training compute budget in petaFLOP/s-days")
-    plan.add_argument("--law", metavar="LAW.json", help="compute-optimal N from a fitted law (`lmjax fit --json`) "
-                      "instead of 20 tokens per parameter")
-    plan.add_argument("--hardware", default="H100", help="named accelerator for the wall time (default: H100)")
-    plan.add_argument("--devices", type=int, default=1, help="devices the mesh spans (default: 1)")
-    plan.add_argument("--mfu", type=float, default=0.4, help="model-FLOPs utilisation assumed (default: 0.4)")
-    plan.add_argument("--json", action="store_true", help="print one JSON object")
-
-    sweep = commands.add_parser("sweep", help="run a sweep (IsoFLOP grid, override grid, WSD branches) resumably")
-    sweep.add_argument("sweep", help="sweep name (experiments/NAME.py defining sweep()) or .py file")
-    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override applied to every run, before the run's own (e.g. a tuned optim.lr with "
-                            "model.parametrization=mup and model.mup_base_width)")
-    sweep.add_argument("--dir", metavar="DIR", help="sweep directory (default: sweeps/NAME)")
-    emit = sweep.add_mutually_exclusive_group()
-    emit.add_argument("--slurm", action="store_true", help="print a SLURM job-array script instead of running")
-    emit.add_argument("--commands", action="store_true", help="print one launch command per run instead of running")
-    sweep.add_argument("--only-index", type=int, metavar="I", help="run only run number I (one SLURM job); "
-                       "results.csv is left to --collect")
-    emit.add_argument("--collect", action="store_true", help="only write results.csv from the finished runs")
-
-    fit = commands.add_parser("fit", help="fit scaling laws (Approaches 2 and 3) to a sweep's results.csv")
-    fit.add_argument("results", metavar="RESULTS.csv")
-    fit.add_argument("--n-column", default="N")
-    fit.add_argument("--d-column", default="D")
-    fit.add_argument("--c-column", default="C")
-    fit.add_argument("--loss-column", default="val_loss")
-    fit.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for confidence intervals")
-    fit.add_argument("--plots", metavar="DIR", help="save isoflop.png, frontier.png and loss_vs_n_d.png here")
-    fit.add_argument("--json", action="store_true", help="print one JSON object")
-
-    commands.add_parser("experiments", help="list the experiments that `lmjax train` can run")
-    add_data_commands(commands)
-    add_convert_commands(commands)
-    lora = commands.add_parser("lora", help="LoRA runs (train with --init-from RUN_DIR --set lora.rank=R)")
-    actions = lora.add_subparsers(dest="action", required=True)
-    merge = actions.add_parser(
-        "merge", help="fold a LoRA run's adapters into its base: an ordinary run directory")
-    merge.add_argument("run_dir")
-    merge.add_argument("--out", required=True, metavar="MERGED_RUN")
-    export = actions.add_parser("export-peft", help="a LoRA run's adapters as a PEFT directory (adapter_config.json, "
-                                "adapter_model.safetensors) for the base that `convert to-hf` exports")
-    export.add_argument("run_dir")
-    export.add_argument("--out", required=True, metavar="PEFT_DIR")
-    quantize = commands.add_parser("quantize", help="post-training int8 weights (qwix): a run directory that load, "
-                                   "eval and generate accept")
-    quantize.add_argument("run_dir")
-    quantize.add_argument("--out", required=True, metavar="RUN_Q")
-    quantize.add_argument("--bits", type=int, default=8, help="8 (int8) only")
-    quantize.add_argument("--granularity", default="channel", choices=("channel", "tensor"),
-                          help="one scale per output unit (channel) or per matrix (tensor)")
-    return parser
-
-
-def add_convert_commands(commands) -> None:
-    """`lmjax convert from-hf | to-hf` (see docs/interop.md)."""
-    convert = commands.add_parser("convert", help="import or export Hugging Face transformers checkpoints")
-    actions = convert.add_subparsers(dest="action", required=True)
-    from_hf = actions.add_parser("from-hf", help="a transformers directory (config.json, safetensors, tokenizer.json) "
-                                 "-> an lmjax run directory")
-    from_hf.add_argument("hf_dir")
-    from_hf.add_argument("--out", required=True, metavar="RUN_DIR")
-    from_hf.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights' dtype")
-    from_hf.add_argument("--mesh", action="append", default=[], metavar="AXIS=SIZE",
-                         help="read the weights straight into this layout, e.g. fsdp=8 (default: data=-1)")
-    to_hf = actions.add_parser("to-hf", help="an lmjax run directory -> a transformers directory")
-    to_hf.add_argument("run_dir")
-    to_hf.add_argument("--out", required=True, metavar="HF_DIR")
-    to_hf.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-
-
-def cmd_convert(args) -> None:
-    from lmjax.interop.convert import from_hf, to_hf
-
-    if args.action == "from-hf":
-        mesh = override(Config(), [f"mesh.{o}" for o in args.mesh]).mesh
-        notes = from_hf(Path(args.hf_dir), Path(args.out), args.dtype, mesh)
-    else:
-        notes = to_hf(Path(args.run_dir), Path(args.out), args.step)
-    for note in notes:
-        print(f"not carried: {note}")
-    print(f"wrote {args.out}")
-
-
-def cmd_lora(args) -> None:
-    from lmjax.interop.peft import export_peft
-    from lmjax.lora import merge_run
-
-    (merge_run if args.action == "merge" else export_peft)(Path(args.run_dir), Path(args.out))
-    print(f"wrote {args.out}")
-
-
-def cmd_quantize(args) -> None:
-    from lmjax.quantize import quantize_run
-
-    saved = quantize_run(Path(args.run_dir), Path(args.out), args.bits, args.granularity)
-    print(f"wrote {args.out}: {saved / 2**20:.2f} MiB of weights (int8 matrices, float32 scales and vectors)")
-
-
-def add_data_commands(commands) -> None:
-    """`lmjax tokenizer train` and `lmjax data prepare | verify` (see docs/data.md)."""
-    tokenizer = commands.add_parser("tokenizer", help="train a subword tokenizer on your own text")
-    train = tokenizer.add_subparsers(dest="action", required=True).add_parser(
-        "train", help="train a tokenizer file with HF tokenizers or SentencePiece (no download)")
-    train.add_argument("--data", required=True, metavar="SOURCE", help="stdlib, a file, a directory, an HF dataset")
-    train.add_argument("--out", required=True,
-                       help="tokenizer.json (bpe, unigram) or tokenizer.model (sentencepiece-*)")
-    train.add_argument("--vocab-size", type=int, default=32000)
-    train.add_argument("--kind", default="bpe", help="bpe (default), unigram, sentencepiece-bpe, sentencepiece-unigram")
-    train.add_argument("--sentinels", type=int, default=100, help="reserved <extra_id_i> tokens for span corruption")
-    train.add_argument("--text-field", default="text")
-    train.add_argument("--max-bytes", type=int, default=1 << 30, help="train on at most this much text")
-
-    data = commands.add_parser("data", help="tokenize a corpus once into shards for training (data.path)")
-    actions = data.add_subparsers(dest="action", required=True)
-    prepare = actions.add_parser("prepare", help="tokenize SOURCE into sharded token files in DIR (resumable)")
-    prepare.add_argument("--data", required=True, metavar="SOURCE", help="stdlib, a file, a directory, an HF dataset")
-    prepare.add_argument("--tokenizer", default="bytes", help="bytes (default) or a tokenizer file")
-    prepare.add_argument("--out", required=True, metavar="DIR")
-    prepare.add_argument("--text-field", default="text")
-    prepare.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: all cores)")
-    prepare.add_argument("--shard-mb", type=int, default=64, help="text per shard, in MiB")
-    verify = actions.add_parser("verify", help="check every shard of DIR against its manifest's checksums")
-    verify.add_argument("dir")
-    verify.add_argument("--tokenizer", default="bytes")
-
-
-def cmd_tokenizer(args) -> None:
-    from lmjax.data import load_documents, load_tokenizer, padded_vocab_size
-    from lmjax.data.subword import train_tokenizer
-
-    documents = load_documents(args.data, args.text_field, args.max_bytes)
-    out = train_tokenizer(documents, Path(args.out), args.vocab_size, args.kind, args.sentinels)
-    tokenizer = load_tokenizer(str(out))
-    print(f"wrote {out}: {tokenizer.vocab_size} ids; train with --set data.tokenizer={out} "
-          f"--set model.vocab_size={padded_vocab_size(tokenizer.vocab_size)}")
-
-
-def cmd_data(args) -> None:
-    import os
-
-    from lmjax.data import load_tokenizer
-    from lmjax.data.prepare import open_prepared, prepare
-
-    if args.action == "verify":
-        open_prepared(args.dir, load_tokenizer(args.tokenizer), seq_len=1, verify=True)
-        manifest = json.loads((Path(args.dir) / "manifest.json").read_text())
-        print(f"{args.dir}: {len(manifest['shards'])} shards, {manifest['documents']:,} documents, "
-              f"{manifest['tokens']:,} tokens, checksums match")
-        return
-    if (args.workers is not None and args.workers < 1) or args.shard_mb < 1:
-        raise ConfigError("--workers and --shard-mb must be positive.")
-    manifest = prepare(args.data, args.tokenizer, Path(args.out), args.text_field,
-                       args.workers or os.cpu_count() or 1, args.shard_mb << 20)
-    print(f"prepared {args.out}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens in "
-          f"{len(manifest['shards'])} shards; skipped {manifest['empty_documents']:,} empty documents, replaced "
-          f"invalid UTF-8 in {manifest['invalid_utf8_documents']:,}; train with --set data.path={args.out}")
-
 
 def resolve_train_config(experiment: str | None, overrides: list[str], resume: str | None) -> tuple[Config, Path]:
     """(config, run_dir) for `lmjax train`: from the experiment, or from the run being resumed."""
@@ -259,7 +86,7 @@ def resolve_train_config(experiment: str | None, overrides: list[str], resume: s
         saved = run_dir / "config.json"
         if not saved.is_file():
             raise ConfigError(f"--resume {resume}: no config.json there; is it a run directory?")
-        base = load_experiment(experiment) if experiment else Config.load(saved)
+        base = load_experiment(experiment) if experiment else read_config(saved)
         return override(base, overrides + [f"train.run_dir={run_dir}"]), run_dir
     cfg = override(load_experiment(experiment or DEFAULT_EXPERIMENT), overrides)
     run_dir = Path(cfg.train.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -283,6 +110,21 @@ def cmd_train(args) -> None:
     summary = train(cfg, run_dir, Path(args.init_from) if args.init_from else None, args.new_data_order)
     state = "finished" if summary["finished"] else f"stopped at step {summary['step']}; resume with --resume"
     print(f"run {state}: {run_dir}")
+
+
+def add_eval(commands) -> None:
+    evaluate = commands.add_parser("eval", help="validation loss, perplexity and bits per byte of a run")
+    evaluate.set_defaults(func=cmd_eval)
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--max-batches", type=int, default=None, help="default: the whole validation split")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--data", metavar="SOURCE", help="evaluate on all of this data source instead of the "
+                          "run's validation split (stdlib, a file, a directory, an HF dataset on disk)")
+    evaluate.add_argument("--token-losses", metavar="FILE.npy", help="save every position's loss (nats)")
+    evaluate.add_argument("--tasks", metavar="NAME_OR_YAML[,...]", help="run lm-evaluation-harness tasks instead: "
+                          "task YAML files whose data are on disk (e.g. experiments/lm_eval/python_stdlib/"
+                          "python_stdlib.yaml) or names of tasks lm-eval knows")
+    evaluate.add_argument("--limit", type=int, default=None, help="with --tasks: the first N examples of each task")
 
 
 def cmd_eval(args) -> None:
@@ -315,6 +157,19 @@ def cmd_eval_tasks(args) -> None:
         return
     for task, metrics in results.items():
         print(task + "  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+
+
+def add_generate(commands) -> None:
+    generate = commands.add_parser("generate", help="continue prompts with a trained model (KV-cache decoding); "
+                                   "an encoder_decoder run fills in the prompt's <extra_id_0>, <extra_id_1>, ...")
+    generate.set_defaults(func=cmd_generate)
+    generate.add_argument("run_dir")
+    generate.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    generate.add_argument("--max-new-tokens", type=int, default=200)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--seed", type=int, default=0)
 
 
 def cmd_generate(args) -> None:
@@ -360,6 +215,22 @@ def check_sampling_args(args) -> None:
         raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}; leave it out for no limit.")
 
 
+def add_plan(commands) -> None:
+    plan = commands.add_parser("plan", help="parameters, FLOPs, memory and compute-optimal sizes, without training")
+    plan.set_defaults(func=cmd_plan)
+    plan.add_argument("experiment", nargs="?", help=f"experiment name or .py file (default: {DEFAULT_EXPERIMENT})")
+    _add_overrides(plan, "model.n_layers=32")
+    budget = plan.add_mutually_exclusive_group()
+    budget.add_argument("--budget-flops", type=float, metavar="C", help="training compute budget in FLOPs")
+    budget.add_argument("--budget-pfdays", type=float, metavar="X", help="training compute budget in petaFLOP/s-days")
+    plan.add_argument("--law", metavar="LAW.json", help="compute-optimal N from a fitted law (`lmjax fit --json`) "
+                      "instead of 20 tokens per parameter")
+    plan.add_argument("--hardware", default="H100", help="named accelerator for the wall time (default: H100)")
+    plan.add_argument("--devices", type=int, default=1, help="devices the mesh spans (default: 1)")
+    plan.add_argument("--mfu", type=float, default=0.4, help="model-FLOPs utilisation assumed (default: 0.4)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def cmd_plan(args) -> None:
     from lmjax.scaling.counting import PETAFLOP_DAY
     from lmjax.scaling.plan import format_plan, load_law, plan
@@ -370,6 +241,22 @@ def cmd_plan(args) -> None:
         raise ConfigError(f"the budget must be positive, got {budget}.")
     result = plan(cfg, budget, load_law(args.law) if args.law else None, args.hardware, args.mfu, args.devices)
     print(json.dumps(result) if args.json else format_plan(result))
+
+
+def add_sweep(commands) -> None:
+    sweep = commands.add_parser("sweep", help="run a sweep (IsoFLOP grid, override grid, WSD branches) resumably")
+    sweep.set_defaults(func=cmd_sweep)
+    sweep.add_argument("sweep", help="sweep name (experiments/NAME.py defining sweep()) or .py file")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override applied to every run, before the run's own (e.g. a tuned optim.lr with "
+                            "model.parametrization=mup and model.mup_base_width)")
+    sweep.add_argument("--dir", metavar="DIR", help="sweep directory (default: sweeps/NAME)")
+    emit = sweep.add_mutually_exclusive_group()
+    emit.add_argument("--slurm", action="store_true", help="print a SLURM job-array script instead of running")
+    emit.add_argument("--commands", action="store_true", help="print one launch command per run instead of running")
+    sweep.add_argument("--only-index", type=int, metavar="I", help="run only run number I (one SLURM job); "
+                       "results.csv is left to --collect")
+    emit.add_argument("--collect", action="store_true", help="only write results.csv from the finished runs")
 
 
 def cmd_sweep(args) -> None:
@@ -401,6 +288,19 @@ def cmd_sweep(args) -> None:
         print(f"run: {run_sweep(sweep, sweep_dir, only=args.only_index)}")
 
 
+def add_fit(commands) -> None:
+    fit = commands.add_parser("fit", help="fit scaling laws (Approaches 2 and 3) to a sweep's results.csv")
+    fit.set_defaults(func=cmd_fit)
+    fit.add_argument("results", metavar="RESULTS.csv")
+    fit.add_argument("--n-column", default="N")
+    fit.add_argument("--d-column", default="D")
+    fit.add_argument("--c-column", default="C")
+    fit.add_argument("--loss-column", default="val_loss")
+    fit.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for confidence intervals")
+    fit.add_argument("--plots", metavar="DIR", help="save isoflop.png, frontier.png and loss_vs_n_d.png here")
+    fit.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def cmd_fit(args) -> None:
     from lmjax.scaling.fit import fit_results, format_fit, read_results
 
@@ -413,8 +313,168 @@ def cmd_fit(args) -> None:
     print(json.dumps(fitted) if args.json else format_fit(fitted))
 
 
+def add_experiments(commands) -> None:
+    commands.add_parser("experiments", help="list the experiments that `lmjax train` can run").set_defaults(
+        func=cmd_experiments)
+
+
 def cmd_experiments(args) -> None:
     print(_experiment_listing())
+
+
+def add_tokenizer(commands) -> None:
+    """`lmjax tokenizer train` (see docs/data.md)."""
+    tokenizer = commands.add_parser("tokenizer", help="train a subword tokenizer on your own text")
+    train = tokenizer.add_subparsers(dest="action", required=True).add_parser(
+        "train", help="train a tokenizer file with HF tokenizers or SentencePiece (no download)")
+    train.set_defaults(func=cmd_tokenizer)
+    train.add_argument("--data", required=True, metavar="SOURCE", help="stdlib, a file, a directory, an HF dataset")
+    train.add_argument("--out", required=True,
+                       help="tokenizer.json (bpe, unigram) or tokenizer.model (sentencepiece-*)")
+    train.add_argument("--vocab-size", type=int, default=32000)
+    train.add_argument("--kind", default="bpe", help="bpe (default), unigram, sentencepiece-bpe, sentencepiece-unigram")
+    train.add_argument("--sentinels", type=int, default=100, help="reserved <extra_id_i> tokens for span corruption")
+    train.add_argument("--text-field", default="text")
+    train.add_argument("--max-bytes", type=int, default=1 << 30, help="train on at most this much text")
+
+
+def cmd_tokenizer(args) -> None:
+    from lmjax.data import load_documents, load_tokenizer, padded_vocab_size
+    from lmjax.data.subword import train_tokenizer
+
+    documents = load_documents(args.data, args.text_field, args.max_bytes)
+    out = train_tokenizer(documents, Path(args.out), args.vocab_size, args.kind, args.sentinels)
+    tokenizer = load_tokenizer(str(out))
+    print(f"wrote {out}: {tokenizer.vocab_size} ids; train with --set data.tokenizer={out} "
+          f"--set model.vocab_size={padded_vocab_size(tokenizer.vocab_size)}")
+
+
+def add_data(commands) -> None:
+    """`lmjax data prepare | verify` (see docs/data.md)."""
+    data = commands.add_parser("data", help="tokenize a corpus once into shards for training (data.path)")
+    actions = data.add_subparsers(dest="action", required=True)
+    prepare = actions.add_parser("prepare", help="tokenize SOURCE into sharded token files in DIR (resumable)")
+    prepare.set_defaults(func=cmd_data_prepare)
+    prepare.add_argument("--data", required=True, metavar="SOURCE", help="stdlib, a file, a directory, an HF dataset")
+    prepare.add_argument("--tokenizer", default="bytes", help="bytes (default) or a tokenizer file")
+    prepare.add_argument("--out", required=True, metavar="DIR")
+    prepare.add_argument("--text-field", default="text")
+    prepare.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: all cores)")
+    prepare.add_argument("--shard-mb", type=int, default=64, help="text per shard, in MiB")
+    verify = actions.add_parser("verify", help="check every shard of DIR against its manifest's checksums")
+    verify.set_defaults(func=cmd_data_verify)
+    verify.add_argument("dir")
+    verify.add_argument("--tokenizer", default="bytes")
+
+
+def cmd_data_prepare(args) -> None:
+    import os
+
+    from lmjax.data.prepare import prepare
+
+    if (args.workers is not None and args.workers < 1) or args.shard_mb < 1:
+        raise ConfigError("--workers and --shard-mb must be positive.")
+    manifest = prepare(args.data, args.tokenizer, Path(args.out), args.text_field,
+                       args.workers or os.cpu_count() or 1, args.shard_mb << 20)
+    print(f"prepared {args.out}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens in "
+          f"{len(manifest['shards'])} shards; skipped {manifest['empty_documents']:,} empty documents, replaced "
+          f"invalid UTF-8 in {manifest['invalid_utf8_documents']:,}; train with --set data.path={args.out}")
+
+
+def cmd_data_verify(args) -> None:
+    from lmjax.data import load_tokenizer
+    from lmjax.data.prepare import open_prepared
+
+    open_prepared(args.dir, load_tokenizer(args.tokenizer), seq_len=1, verify=True)
+    manifest = json.loads((Path(args.dir) / "manifest.json").read_text())
+    print(f"{args.dir}: {len(manifest['shards'])} shards, {manifest['documents']:,} documents, "
+          f"{manifest['tokens']:,} tokens, checksums match")
+
+
+def add_convert(commands) -> None:
+    """`lmjax convert from-hf | to-hf` (see docs/interop.md)."""
+    convert = commands.add_parser("convert", help="import or export Hugging Face transformers checkpoints")
+    actions = convert.add_subparsers(dest="action", required=True)
+    from_hf = actions.add_parser("from-hf", help="a transformers directory (config.json, safetensors, tokenizer.json) "
+                                 "-> an lmjax run directory")
+    from_hf.set_defaults(func=cmd_convert_from_hf)
+    from_hf.add_argument("hf_dir")
+    from_hf.add_argument("--out", required=True, metavar="RUN_DIR")
+    from_hf.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights' dtype")
+    from_hf.add_argument("--mesh", action="append", default=[], metavar="AXIS=SIZE",
+                         help="read the weights straight into this layout, e.g. fsdp=8 (default: data=-1)")
+    to_hf = actions.add_parser("to-hf", help="an lmjax run directory -> a transformers directory")
+    to_hf.set_defaults(func=cmd_convert_to_hf)
+    to_hf.add_argument("run_dir")
+    to_hf.add_argument("--out", required=True, metavar="HF_DIR")
+    to_hf.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+
+
+def cmd_convert_from_hf(args) -> None:
+    from lmjax.interop.convert import from_hf
+
+    mesh = override(Config(), [f"mesh.{o}" for o in args.mesh]).mesh
+    _print_converted(from_hf(Path(args.hf_dir), Path(args.out), args.dtype, mesh), args.out)
+
+
+def cmd_convert_to_hf(args) -> None:
+    from lmjax.interop.convert import to_hf
+
+    _print_converted(to_hf(Path(args.run_dir), Path(args.out), args.step), args.out)
+
+
+def _print_converted(notes: list[str], out: str) -> None:
+    for note in notes:
+        print(f"not carried: {note}")
+    print(f"wrote {out}")
+
+
+def add_lora(commands) -> None:
+    """`lmjax lora merge | export-peft` (see docs/after_pretraining.md)."""
+    lora = commands.add_parser("lora", help="LoRA runs (train with --init-from RUN_DIR --set lora.rank=R)")
+    actions = lora.add_subparsers(dest="action", required=True)
+    merge = actions.add_parser(
+        "merge", help="fold a LoRA run's adapters into its base: an ordinary run directory")
+    merge.set_defaults(func=cmd_lora_merge)
+    merge.add_argument("run_dir")
+    merge.add_argument("--out", required=True, metavar="MERGED_RUN")
+    export = actions.add_parser("export-peft", help="a LoRA run's adapters as a PEFT directory (adapter_config.json, "
+                                "adapter_model.safetensors) for the base that `convert to-hf` exports")
+    export.set_defaults(func=cmd_lora_export_peft)
+    export.add_argument("run_dir")
+    export.add_argument("--out", required=True, metavar="PEFT_DIR")
+
+
+def cmd_lora_merge(args) -> None:
+    from lmjax.lora import merge_run
+
+    merge_run(Path(args.run_dir), Path(args.out))
+    print(f"wrote {args.out}")
+
+
+def cmd_lora_export_peft(args) -> None:
+    from lmjax.interop.peft import export_peft
+
+    export_peft(Path(args.run_dir), Path(args.out))
+    print(f"wrote {args.out}")
+
+
+def add_quantize(commands) -> None:
+    quantize = commands.add_parser("quantize", help="post-training int8 weights (qwix): a run directory that load, "
+                                   "eval and generate accept")
+    quantize.set_defaults(func=cmd_quantize)
+    quantize.add_argument("run_dir")
+    quantize.add_argument("--out", required=True, metavar="RUN_Q")
+    quantize.add_argument("--bits", type=int, default=8, help="8 (int8) only")
+    quantize.add_argument("--granularity", default="channel", choices=("channel", "tensor"),
+                          help="one scale per output unit (channel) or per matrix (tensor)")
+
+
+def cmd_quantize(args) -> None:
+    from lmjax.quantize import quantize_run
+
+    saved = quantize_run(Path(args.run_dir), Path(args.out), args.bits, args.granularity)
+    print(f"wrote {args.out}: {saved / 2**20:.2f} MiB of weights (int8 matrices, float32 scales and vectors)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -425,11 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmjax.data import DataError
 
     try:
-        commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "plan": cmd_plan,
-                    "sweep": cmd_sweep, "fit": cmd_fit, "experiments": cmd_experiments, "tokenizer": cmd_tokenizer,
-                    "data": cmd_data, "convert": cmd_convert, "lora": cmd_lora,
-                    "quantize": cmd_quantize}
-        commands[args.command](args)
+        args.func(args)
     except (ConfigError, DataError) as e:
         print(f"lmjax: error: {e}", file=sys.stderr)
         return 2

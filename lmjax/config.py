@@ -3,13 +3,15 @@
 A run is described by one `Config`: the model's shape (`ModelConfig`), the optimizer
 (`OptimConfig`), the data (`DataConfig`), the run length and bookkeeping (`TrainConfig`),
 the device mesh (`MeshConfig`) and logging (`LogConfig`). Experiments in `experiments/`
-build a `Config`; the CLI applies `--set section.field=value` overrides with `override`.
-Every mistake raises `ConfigError` with one sentence naming the field and the fix.
+build a `Config`; `lmjax.config_parse` reads one from `--set section.field=value` overrides
+and from saved JSON. Every mistake raises `ConfigError` with one sentence naming the field and
+the fix; a `Literal` field's choices are checked from its type hint (`_check_literals`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,8 +33,25 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _check_choice(name: str, value, choices) -> None:
-    _require(value in choices, f"{name}={value!r} is not one of {', '.join(map(repr, choices))}.")
+@functools.cache
+def _literal_fields(cls) -> tuple[tuple[str, tuple, bool], ...]:
+    """(name, choices, may be None) of each field of dataclass `cls` typed `Literal[...]` or `Literal[...] | None`."""
+    fields = []
+    for name, hint in typing.get_type_hints(cls).items():
+        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        choices = tuple(c for o in options if typing.get_origin(o) is Literal for c in typing.get_args(o))
+        if choices:
+            fields.append((name, choices, type(None) in options))
+    return tuple(fields)
+
+
+def _check_literals(section, prefix: str) -> None:
+    """ConfigError naming the field, its value and the choices when a `Literal` field of the
+    dataclass `section` holds a value its type does not list (`prefix`: "model.", ...)."""
+    for name, choices, optional in _literal_fields(type(section)):
+        value = getattr(section, name)
+        _require(value in choices or (optional and value is None),
+                 f"{prefix}{name}={value!r} is not one of {', '.join(map(repr, choices))}.")
 
 
 @dataclass(frozen=True)
@@ -70,10 +89,8 @@ class MoEConfig:
     sequence_balance_coef: float = 0.0  # DeepSeek-V3 per-sequence balancing loss: E * sum_i f_i * P_i per row
 
     def __post_init__(self):
+        _check_literals(self, "model.moe.")
         _require(self.n_experts >= 0, f"model.moe.n_experts must be >= 0, got {self.n_experts}.")
-        _check_choice("model.moe.dispatch", self.dispatch, ("capacity", "dropless"))
-        _check_choice("model.moe.grouped_matmul", self.grouped_matmul, ("auto", "blocks", "ragged_dot"))
-        _check_choice("model.moe.router", self.router, ("softmax", "sigmoid"))
         if self.n_experts == 0:
             return
         _require(1 <= self.top_k <= self.n_experts,
@@ -158,7 +175,7 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self):
-        _check_choice("model.parametrization", self.parametrization, ("standard", "mup"))
+        _check_literals(self, "model.")
         _require(self.mup_base_width is None or self.mup_base_width > 0,
                  f"model.mup_base_width must be positive, got {self.mup_base_width}.")
         _require(self.parametrization != "mup" or self.mup_base_width is not None,
@@ -184,17 +201,12 @@ class ModelConfig:
         _require(self.position != "rope" or self.head_dim % 2 == 0,
                  f"RoPE needs an even head width, got {self.head_dim}.")
         _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}.")
-        _check_choice("model.mlp", self.mlp, ("swiglu", "gelu", "gelu_exact", "relu", "geglu"))
-        _check_choice("model.norm_placement", self.norm_placement, ("pre", "post"))
         _require(self.token_types >= 0, f"model.token_types must be >= 0, got {self.token_types}.")
         _require(self.norm_placement == "pre" or self.family != "encoder_decoder",
                  "model.norm_placement='post' is for decoder and encoder models (BERT); keep 'pre' here.")
         _require(not (self.bias and self.moe.enabled), "model.bias has no MoE form; MoE experts have no biases.")
         _require(not self.moe.enabled or self.mlp in ("swiglu", "gelu"),
                  f"model.mlp={self.mlp!r} has no MoE form; MoE experts are swiglu or gelu.")
-        _check_choice("model.norm", self.norm, ("rmsnorm", "layernorm"))
-        _check_choice("model.family", self.family, ("decoder", "encoder", "encoder_decoder"))
-        _check_choice("model.position", self.position, ("rope", "learned", "relative"))
         _require(self.n_decoder_layers is None or self.family == "encoder_decoder",
                  f"model.n_decoder_layers={self.n_decoder_layers} only applies to model.family='encoder_decoder'; "
                  "leave it unset (none).")
@@ -202,10 +214,6 @@ class ModelConfig:
         _require(self.relative_buckets >= 2 and self.relative_max_distance > self.relative_buckets // 2,
                  f"model.relative_buckets={self.relative_buckets} must be >= 2 and model.relative_max_distance="
                  f"{self.relative_max_distance} larger than half of it (T5: 32 and 128).")
-        _check_choice("model.dtype", self.dtype, ("float32", "bfloat16"))
-        _check_choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
-        _check_choice("model.remat", self.remat, typing.get_args(typing.get_type_hints(ModelConfig)["remat"]))
-        _check_choice("model.attention", self.attention, ("auto", "einsum", "dot_product"))
         _require(not self.moe.enabled or self.n_layers % self.moe.every == 0,
                  f"model.moe.every={self.moe.every} does not divide model.n_layers={self.n_layers}.")
         _require(not self.moe.enabled or self.decoder_layers % self.moe.every == 0,
@@ -302,8 +310,8 @@ class OptimConfig:
     master_weights: bool = False  # keep float32 master weights of bfloat16 params (model.param_dtype) in the optimizer
 
     def __post_init__(self):
+        _check_literals(self, "optim.")
         _require(self.lr > 0, f"optim.lr must be positive, got {self.lr}.")
-        _check_choice("optim.schedule", self.schedule, ("cosine", "linear", "constant", "wsd"))
         _require(0.0 < self.decay_fraction <= 1.0,
                  f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}.")
         _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}.")
@@ -358,6 +366,7 @@ class DataConfig:
         return parts
 
     def __post_init__(self):
+        _check_literals(self, "data.")
         _require(bool(self.source), "data.source is empty; give 'stdlib' or a path to your text.")
         _require(self.seq_len > 0, f"data.seq_len must be positive, got {self.seq_len}.")
         _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction}.")
@@ -400,10 +409,12 @@ class TrainConfig:
     sample_prompt: str = "def "
     sample_tokens: int = 200  # tokens generated after training (0: no sample)
     sample_temperature: float = 0.8
-    warning_signal: str = "SIGUSR1"  # like SIGTERM: save and stop (SLURM's --signal=USR1@SECONDS warning)
+    # like SIGTERM: save and stop (SLURM's --signal=USR1@SECONDS warning)
+    warning_signal: Literal["SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGALRM"] = "SIGUSR1"
     compilation_cache_dir: str | None = None  # JAX's persistent compilation cache here (None: off)
 
     def __post_init__(self):
+        _check_literals(self, "train.")
         given = [n for n in ("steps", "tokens", "budget_flops") if getattr(self, n) is not None]
         _require(len(given) <= 1,
                  f"give only one of train.steps, train.tokens, train.budget_flops (got {', '.join(given)}).")
@@ -413,9 +424,6 @@ class TrainConfig:
             value = getattr(self, name)
             _require(value is None or value > 0, f"train.{name} must be positive, got {value}.")
         _require(self.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {self.sample_tokens}.")
-        _require(self.warning_signal in ("SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGALRM"),
-                 f"train.warning_signal={self.warning_signal!r} is not one of SIGUSR1, SIGUSR2, SIGHUP, SIGQUIT, "
-                 "SIGALRM.")
         _require(self.sample_tokens == 0 or self.sample_prompt != "",
                  "train.sample_prompt is empty; give a prompt, or set train.sample_tokens=0 for no sample.")
         _require(self.sample_temperature >= 0, f"train.sample_temperature must be >= 0, got {self.sample_temperature}.")
@@ -438,6 +446,7 @@ class MeshConfig:
     dcn_fsdp: int = 1
 
     def __post_init__(self):
+        _check_literals(self, "mesh.")
         sizes = (self.data, self.fsdp, self.tensor, self.expert)
         _require(all(s == -1 or s >= 1 for s in sizes), f"mesh axes must be >= 1 or -1, got {sizes}.")
         _require(sizes.count(-1) <= 1, "at most one mesh axis may be -1 (fill the remaining devices).")
@@ -462,6 +471,7 @@ class LoRAConfig:
     base: str | None = None
 
     def __post_init__(self):
+        _check_literals(self, "lora.")
         _require(self.rank >= 0, f"lora.rank must be >= 0, got {self.rank}.")
         _require(self.alpha > 0, f"lora.alpha must be positive, got {self.alpha}.")
         _require(bool(self.targets.strip(",").strip()), "lora.targets is empty; name roles (attention,mlp) or a "
@@ -484,8 +494,7 @@ class QuantConfig:
     granularity: Literal["channel", "tensor"] = "channel"
 
     def __post_init__(self):
-        _check_choice("quant.weights", self.weights, ("none", "int8"))
-        _check_choice("quant.granularity", self.granularity, ("channel", "tensor"))
+        _check_literals(self, "quant.")
 
 
 @dataclass(frozen=True)
@@ -495,7 +504,7 @@ class LogConfig:
     progress_bar: bool = True
 
     def __post_init__(self):
-        _check_choice("log.wandb", self.wandb, ("off", "offline", "online"))
+        _check_literals(self, "log.")
 
 
 @dataclass(frozen=True)
@@ -543,137 +552,3 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Config:
-        """Inverse of `to_dict`; unknown keys raise ConfigError."""
-        return _from_dict(cls, d, "")
-
-    @classmethod
-    def load(cls, path) -> Config:
-        """The Config saved as JSON at `path` (a run's config.json); ConfigError when the file
-        is missing, is not JSON, or does not describe a Config."""
-        import json
-        from pathlib import Path
-
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path.parent} is not a run directory (no config.json).")
-        try:
-            saved = json.loads(path.read_text())
-            _require(isinstance(saved, dict), "it is not a JSON object")
-            return cls.from_dict(saved)
-        except (ValueError, TypeError) as e:  # JSONDecodeError and ConfigError are ValueErrors
-            raise ConfigError(f"{path} is corrupt ({str(e).rstrip('.')}); restore it from "
-                              "checkpoints/<step>/config, which every checkpoint keeps.") from None
-
-
-def _from_dict(cls, d: dict, prefix: str):
-    """Build dataclass `cls` from a nested dict, recursing into dataclass-typed fields."""
-    types_ = typing.get_type_hints(cls)
-    unknown = set(d) - set(types_)
-    _require(not unknown, f"unknown config key(s) {', '.join(prefix + k for k in sorted(unknown))}.")
-    values = {}
-    for name, value in d.items():
-        if dataclasses.is_dataclass(types_[name]):
-            value = _from_dict(types_[name], value, f"{prefix}{name}.")
-        values[name] = value
-    return cls(**values)
-
-
-def override(config: Config, assignments: list[str]) -> Config:
-    """Apply `section.field=value` strings (nested: `model.moe.n_experts=8`), parsing each
-    value by the field's type. All assignments are applied before validation runs. Giving
-    one of train.steps / train.tokens / train.budget_flops replaces the base's run length.
-
-    >>> override(Config(), ["model.d_model=512", "train.budget_flops=3e13"]).model.d_model
-    512
-    """
-    updates: dict = {}
-    for assignment in assignments:
-        key, sep, text = assignment.partition("=")
-        _require(bool(sep), f"--set expects section.field=value, got {assignment!r}.")
-        key = key.strip()
-        node, cls, path = updates, Config, key.split(".")
-        for name in path[:-1]:
-            field_type = typing.get_type_hints(cls).get(name)
-            _require(dataclasses.is_dataclass(field_type), _unknown_key(key))
-            node, cls = node.setdefault(name, {}), field_type
-        field_type = typing.get_type_hints(cls).get(path[-1])
-        _require(field_type is not None and not dataclasses.is_dataclass(field_type), _unknown_key(key))
-        node[path[-1]] = _parse_value(key, text.strip(), field_type)
-    _one_run_length(updates.get("train", {}))
-    return _replace_nested(config, updates)
-
-
-RUN_LENGTHS = ("steps", "tokens", "budget_flops")
-
-
-def _one_run_length(train_updates: dict) -> None:
-    """Setting one run length (e.g. train.budget_flops) clears the others the base config
-    had, unless they are set explicitly too (then validation reports the conflict)."""
-    if any(train_updates.get(name) is not None for name in RUN_LENGTHS):
-        for name in RUN_LENGTHS:
-            train_updates.setdefault(name, None)
-
-
-def _replace_nested(node, updates: dict):
-    """`dataclasses.replace` through nested dataclasses: inner ones are rebuilt first."""
-    changes = {name: _replace_nested(getattr(node, name), value) if isinstance(value, dict) else value
-               for name, value in updates.items()}
-    return dataclasses.replace(node, **changes)
-
-
-def _unknown_key(key: str) -> str:
-    return f"unknown config key {key!r}; valid keys: {', '.join(_valid_keys(Config))}."
-
-
-def _valid_keys(cls, prefix: str = "") -> list[str]:
-    keys = []
-    for name, type_ in typing.get_type_hints(cls).items():
-        if dataclasses.is_dataclass(type_):
-            keys += _valid_keys(type_, f"{prefix}{name}.")
-        elif prefix:
-            keys.append(prefix + name)
-    return keys
-
-
-def _parse_value(key: str, text: str, field_type):
-    """Parse `text` as `field_type` (int, float, bool, str, Literal, or X | None)."""
-    options = typing.get_args(field_type) if isinstance(field_type, types.UnionType) or \
-        typing.get_origin(field_type) is typing.Union else (field_type,)
-    if type(None) in options and text.lower() in ("none", "null"):
-        return None
-    errors = []
-    for option in (o for o in options if o is not type(None)):
-        try:
-            return _parse_one(text, option)
-        except ValueError as e:
-            errors.append(str(e))
-    raise ConfigError(f"{key}: cannot use {text!r} ({'; '.join(errors)}).")
-
-
-def _parse_one(text: str, option):
-    if typing.get_origin(option) is Literal:
-        choices = typing.get_args(option)
-        if text not in choices:
-            raise ValueError(f"expected one of {', '.join(map(repr, choices))}")
-        return text
-    if option is bool:
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError("expected true or false")
-        return text.lower() in ("true", "1")
-    if option is int:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError("expected an integer") from None
-        if not value.is_integer():
-            raise ValueError("expected an integer")
-        return int(value)
-    if option is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError("expected a number") from None
-    return text

@@ -125,7 +125,7 @@ def validate_layout(cfg: Config, mesh: Mesh) -> None:
             raise ConfigError(f"{named} does not divide {name}={size}; pick mesh sizes that split it evenly "
                               "(each device must hold an equal share).")
     micro_batch = cfg.train.batch_size // cfg.optim.grad_accum_steps
-    devices, named = _splitting(("batch", "length"), 0, mesh)
+    devices, named = _splitting(("batch", "activation_length"), 0, mesh)
     if micro_batch % devices:
         raise ConfigError(f"the batch of {micro_batch} sequences per micro-step (train.batch_size / "
                           f"optim.grad_accum_steps) does not split over the {devices} data-parallel devices "
@@ -229,4 +229,4 @@ def state_shardings(abstract_state, mesh: Mesh):
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of a (batch, length) array: rows split over the data-parallel axes."""
-    return NamedSharding(mesh, logical_to_mesh(("batch", "length"), mesh))
+    return NamedSharding(mesh, logical_to_mesh(("batch", "activation_length"), mesh))

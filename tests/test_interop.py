@@ -270,7 +270,7 @@ TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=6
     ("t5_tiny_hf", "AutoModelForSeq2SeqLM"), ("bert_tiny", "AutoModelForMaskedLM")])
 def test_export_loads_in_transformers_with_the_same_logits_and_reimports_bit_for_bit(tmp_path, experiment, hf_class):
     """Each HF-representable experiment, shrunk, trained two steps by lmjax, exported."""
-    from lmjax.config import override
+    from lmjax.config_parse import override
     from lmjax.experiment import load_experiment
     from lmjax.train.loop import train
 

@@ -16,7 +16,8 @@ import pytest
 import yaml
 from jax.sharding import AbstractMesh
 
-from lmjax.config import ConfigError, override
+from lmjax.config import ConfigError
+from lmjax.config_parse import override
 from lmjax.experiment import load_experiment
 from lmjax.parallel import MESH_AXES, check_dcn, mesh_axis_sizes, validate_layout
 

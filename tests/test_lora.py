@@ -397,7 +397,7 @@ def test_peft_export_on_the_exported_base_gives_the_lmjax_logits(tmp_path):
     import torch
     import transformers
 
-    from lmjax.config import Config
+    from lmjax.config_parse import read_config
     from lmjax.interop.convert import from_hf
 
     torch.manual_seed(0)
@@ -406,7 +406,7 @@ def test_peft_export_on_the_exported_base_gives_the_lmjax_logits(tmp_path):
         head_dim=16, intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=False))
     hf.save_pretrained(tmp_path / "hf")
     from_hf(tmp_path / "hf", tmp_path / "base")
-    imported = Config.load(tmp_path / "base" / "config.json")
+    imported = read_config(tmp_path / "base" / "config.json")
     tiny = tiny_config(tmp_path / "lora", steps=2, eval_every=100, eval_batches=1, sample_tokens=0, batch_size=4)
     cfg = dataclasses.replace(tiny, model=imported.model, lora=LoRAConfig(rank=4, alpha=32.0),
                               optim=dataclasses.replace(tiny.optim, lr=0.05, warmup_steps=0))

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lmjax.config import Config, ModelConfig, MoEConfig, override
+from lmjax.config import Config, ModelConfig, MoEConfig
+from lmjax.config_parse import override
 from lmjax.models.lm import DecoderLM
 from lmjax.models.moe import MoE, expert_capacity, pop_routing_statistics
 
@@ -249,7 +250,8 @@ for expert_rule, sizes in [(("expert",), (2, 1, 2, 2)), (("data",), (4, 1, 2, 1)
     mesh = Mesh(np.asarray(jax.devices()).reshape(sizes), MESH_AXES)
     with jax.set_mesh(mesh):
         sharded = jax.device_put(params, state_shardings(params, mesh))
-        tokens = jax.device_put(x, NamedSharding(mesh, axis_rules.logical_to_mesh(("batch", "length", None), mesh)))
+        token_axes = axis_rules.logical_to_mesh(("batch", "activation_length", None), mesh)
+        tokens = jax.device_put(x, NamedSharding(mesh, token_axes))
         y, grads = jax.jit(output_and_grads)(sharded, tokens)
     np.testing.assert_allclose(y, reference[0], rtol=1e-5, atol=1e-6)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(reference[1])):

@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from lmjax.config import Config, ConfigError, override
+from lmjax.config import Config, ConfigError
+from lmjax.config_parse import override
 from lmjax.data import BatchIterator, DataError, Mixture, PackedDataset, load_documents, load_tokenizer, tokenize
 from lmjax.data.prepare import open_prepared, prepare
 from lmjax.data.subword import train_tokenizer

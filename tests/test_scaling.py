@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from lmjax.cli import main
-from lmjax.config import Config, ConfigError, MeshConfig, ModelConfig, MoEConfig, OptimConfig, TrainConfig, override
+from lmjax.config import Config, ConfigError, MeshConfig, ModelConfig, MoEConfig, OptimConfig, TrainConfig
+from lmjax.config_parse import override
 from lmjax.experiment import load_experiment
 from lmjax.scaling.counting import param_counts, to_petaflop_days, train_flops_per_example, train_flops_per_token
 from lmjax.scaling.fit import fit_approach2, fit_approach3, read_results
@@ -273,8 +274,8 @@ def test_wsd_branch_equals_run_from_scratch(tiny, tmp_path):
     base = override(tiny(steps=None, tokens=256 * 4, checkpoint_every=100, sample_tokens=0, eval_batches=1),
                     ["optim.schedule=wsd", "optim.decay_fraction=0.5", "optim.warmup_steps=1"])
     experiment = tmp_path / "base.py"
-    experiment.write_text("from lmjax.config import Config\n\ndef config():\n"
-                          f"    return Config.from_dict({base.to_dict()!r})\n")
+    experiment.write_text("from lmjax.config_parse import config_from_dict\n\ndef config():\n"
+                          f"    return config_from_dict({base.to_dict()!r})\n")
     sweep = wsd_branches(str(experiment), [{"model.d_model": 32}], tokens=[256 * 4])
     log = []
     run_sweep(sweep, tmp_path / "sweep", log=log.append)

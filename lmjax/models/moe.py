@@ -273,7 +273,7 @@ def _expert_parallel_dropless(x, experts, weights, w_up, w_gate, w_down, mesh, g
     """`dropless_combine` with the experts split over the mesh axes that shard the `expert`
     logical axis (see module docstring); x (B, T, D) and the routing (B, T, k) are sharded like
     activations. Every mesh axis named here comes from the logical-axis rules."""
-    activation_axes = ("batch", "length", None)
+    activation_axes = ("batch", "activation_length", None)
     (token_axes, _, _), (expert_axes, embed_axes, mlp_axes) = (mesh_axes(activation_axes, mesh),
                                                                mesh_axes(("expert", "embed", "mlp"), mesh))
     # expert axes that also split the tokens: gather the tokens over them, reduce-scatter the outputs back;
@@ -411,7 +411,7 @@ class MoE(nnx.Module):
                                  "ebcf,efd->ebcd")
         expert_out = constrain(expert_out, ("expert", "expert_batch", None, None))
         y = jnp.einsum("btec,ebcd->btd", combine.astype(x.dtype), expert_out)
-        return constrain(y, ("batch", "length", None)), kept
+        return constrain(y, ("batch", "activation_length", None)), kept
 
     def _dropless(self, x, experts, weights, w_up, w_gate, w_down):
         kernel = select_grouped_matmul(self.grouped_matmul)

@@ -164,7 +164,7 @@ class Stack(nnx.Module):
                 out = block(h, positions, mask, None if keys is None else keys[j], cache_j, bias, context, context_mask,
                             token_mask)
                 h, cache_j = out if cache_j is not None else (out, None)
-                h = constrain(h, ("batch", "length", None))
+                h = constrain(h, ("batch", "activation_length", None))
                 stats.append(nnx.pop(block, nnx.Intermediate))
                 new_cache.append(cache_j)
                 rms.append(jnp.sqrt(jnp.mean(jnp.square(h.astype(jnp.float32)))))

@@ -123,7 +123,7 @@ def plan(cfg: Config, budget_flops: float | None = None, law: dict | None = None
 
 
 def _with_budget(cfg: Config, budget_flops: float) -> Config:
-    from lmjax.config import override
+    from lmjax.config_parse import override
 
     return override(cfg, [f"train.budget_flops={budget_flops!r}"])
 

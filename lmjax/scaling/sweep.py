@@ -23,7 +23,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmjax.config import Config, ConfigError, override
+from lmjax.config import Config, ConfigError
+from lmjax.config_parse import override
 from lmjax.experiment import load_experiment, load_experiment_module
 from lmjax.files import write_atomically, write_json_atomically
 from lmjax.records import read_metrics

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from lmjax.checkpoint import Checkpointer
-from lmjax.config import Config, ConfigError, MeshConfig, override
+from lmjax.config import Config, ConfigError, MeshConfig
+from lmjax.config_parse import override, read_config
 from lmjax.data import DataError, PackedDataset, load_documents, load_from_run, tokenize
 from lmjax.families import family_of
 from lmjax.parallel import batch_sharding, make_mesh
@@ -20,7 +21,7 @@ from lmjax.train.state import abstract_train_state
 
 
 def load_config(run_dir: Path) -> Config:
-    return Config.load(Path(run_dir) / "config.json")
+    return read_config(Path(run_dir) / "config.json")
 
 
 def restore_weights(run_dir: Path, step: int | None = None, mesh_overrides: list[str] = (), keep_int8: bool = False):
