@@ -1,0 +1,49 @@
+"""The cost of auxiliary-loss-free balancing on moe_tiny's training step.
+
+    python bench/moe_bias.py [--rounds 3] [--steps 5] [--set section.field=value ...]
+
+Three compiled steps of the same model take turns within one process, so all see the same
+machine state: `off` (softmax router, no bias: today's default), `bias` (softmax router whose
+selection bias moves every step, bias_update_rate 1e-3) and `sigmoid-bias` (DeepSeek-V3: sigmoid
+scores plus the moving bias). Reported: the median step of each and its ratio to `off` (the
+issue's expectation: at most 1.02). One JSON line. On a machine shared with other jobs only the
+ratios mean anything, and only roughly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import jax
+from train_step import StepRunner
+
+VARIANTS = {
+    "off": [],
+    "bias": ["model.moe.bias_update_rate=1e-3"],
+    "sigmoid-bias": ["model.moe.router=sigmoid", "model.moe.bias_update_rate=1e-3"],
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    runners = {name: StepRunner("moe_tiny", sets + args.overrides) for name, sets in VARIANTS.items()}
+    times = {name: [] for name in runners}
+    for _ in range(args.rounds):
+        for name, runner in runners.items():
+            times[name] += runner.step_times(args.steps)
+    step_ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    print(json.dumps({
+        "device": jax.devices()[0].device_kind, "devices": len(jax.devices()), "overrides": args.overrides,
+        "step_ms": {k: round(v, 1) for k, v in step_ms.items()},
+        "ratio_to_off": {k: round(v / step_ms["off"], 3) for k, v in step_ms.items() if k != "off"},
+    }))
+
+
+if __name__ == "__main__":
+    main()
