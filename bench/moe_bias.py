@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import jax
-from train_step import StepRunner
+from train_step import StepRunner, interleaved_median_ms
 
 VARIANTS = {
     "off": [],
@@ -33,11 +32,7 @@ def main():
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     runners = {name: StepRunner("moe_tiny", sets + args.overrides) for name, sets in VARIANTS.items()}
-    times = {name: [] for name in runners}
-    for _ in range(args.rounds):
-        for name, runner in runners.items():
-            times[name] += runner.step_times(args.steps)
-    step_ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    step_ms = interleaved_median_ms(runners, args.rounds, args.steps)
     print(json.dumps({
         "device": jax.devices()[0].device_kind, "devices": len(jax.devices()), "overrides": args.overrides,
         "step_ms": {k: round(v, 1) for k, v in step_ms.items()},

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import jax
-from train_step import StepRunner
+from train_step import StepRunner, interleaved_median_ms
 
 PAIRS = {"tiny": ("decoder_tiny", "moe_tiny"), "narrow": ("decoder_narrow", "moe_narrow")}
 MOE_VARIANTS = {
@@ -36,11 +35,7 @@ def main():
     dense, moe = PAIRS[args.pair]
     variants = {"dense": (dense, []), **{name: (moe, sets) for name, sets in MOE_VARIANTS.items()}}
     runners = {name: StepRunner(exp, overrides + args.overrides) for name, (exp, overrides) in variants.items()}
-    times = {name: [] for name in runners}
-    for _ in range(args.rounds):
-        for name, runner in runners.items():
-            times[name] += runner.step_times(args.steps)
-    step_ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    step_ms = interleaved_median_ms(runners, args.rounds, args.steps)
     print(json.dumps({
         "pair": args.pair, "device": jax.devices()[0].device_kind, "devices": len(jax.devices()),
         "overrides": args.overrides,

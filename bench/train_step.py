@@ -75,6 +75,16 @@ class StepRunner:
         return mfu(tokens / step_seconds, train_flops_per_token(self.model, self.cfg.data.seq_len), peak)
 
 
+def interleaved_median_ms(runners: dict, rounds: int, steps: int) -> dict:
+    """{name: median step in ms} of `StepRunner`s that take turns, `steps` steps each per round, so
+    that all see the same machine state."""
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            times[name] += runner.step_times(steps)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment")

@@ -21,12 +21,19 @@ Dispatch strategies (same interface, same result when nothing is dropped):
   routed to them, and the partial outputs are summed back onto the tokens' devices with a
   reduce-scatter.
 
-Statistics kept per layer as an `nnx.Intermediate` "routing" (`pop_routing_statistics` collects them):
+Router scores (`route`): softmax over experts, or one sigmoid per expert (DeepSeek-V3); the top k
+are chosen on scores plus the layer's selection bias (`RouterBias`, when the config has one) and
+weighted by the unbiased scores. The bias follows `bias_update` after each optimizer step.
+
+Statistics kept per layer as an `nnx.Intermediate` "routing" (`pop_routing_statistics` collects them),
+over the tokens that are not padding: `counts` (E,) assignments each expert received,
 `load` (E,) share of assignments each expert received (sums to 1), `dropped` share of
 assignments dropped, `entropy` mean router entropy (nats), `load_balance_loss`
 E * sum_e f_e * P_e (Fedus et al. 2021, eq. 4; f over all k choices, 1.0 when uniform),
 `z_loss` mean_tokens logsumexp(router logits)^2 (Zoph et al. 2022, eq. 5), and
-`experts` (B, T, k) the experts each token was routed to (before any drop).
+`experts` (B, T, k) the experts each token was routed to (before any drop); with a bias, `bias`
+(E,) the one this pass routed with; with `sequence_balance_coef` > 0, `sequence_balance_loss`.
+Balancing losses and entropy read the scores as a distribution (`score_distribution`).
 """
 
 from __future__ import annotations
