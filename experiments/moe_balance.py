@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lmjax.config import Config
 from lmjax.experiment import load_experiment
-from lmjax.scaling.sweep import Sweep, SweepRun
+from lmjax.drivers.sweep import Sweep, SweepRun
 
 ARMS = {
     "none": ["model.moe.load_balance_coef=0"],

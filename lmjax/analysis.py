@@ -57,8 +57,9 @@ def _stack_maps(stack, x, positions, mask, bias, context=None, context_mask=None
 def routing_assignments(model, tokens) -> dict:
     """How a MoE model routes one sequence of token ids, at evaluation settings.
 
-    Returns {"experts": (L_moe, T, k) int expert ids, best first; "load": (L_moe, E) share of
-    the assignments each expert got; "moe_layers": the MoE layers' indices}.
+    Returns {"experts": (L_moe, T, k) int expert ids, best first (token choice), or "picked":
+    (L_moe, T, E) 1 where expert e picked the token (expert choice); "load": (L_moe, E) share
+    of the assignments each expert got; "moe_layers": the MoE layers' indices}.
     """
     from lmjax.models.moe import pop_routing_statistics
 
@@ -68,7 +69,8 @@ def routing_assignments(model, tokens) -> dict:
     model.eval()
     model(jnp.asarray(tokens, jnp.int32)[None])
     stats = pop_routing_statistics(model)
-    return {"experts": np.asarray(stats["experts"][:, 0]), "load": np.asarray(stats["load"]),
+    per_token = "experts" if "experts" in stats else "picked"
+    return {per_token: np.asarray(stats[per_token][:, 0]), "load": np.asarray(stats["load"]),
             "moe_layers": [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]}
 
 

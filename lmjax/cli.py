@@ -31,6 +31,7 @@ from pathlib import Path
 from lmjax.config import Config, ConfigError
 from lmjax.config_parse import override, read_config
 from lmjax.experiment import experiment_summary, list_experiments, load_experiment
+from lmjax.records import json_line
 
 DEFAULT_EXPERIMENT = "decoder_tiny"
 
@@ -141,7 +142,7 @@ def cmd_eval(args) -> None:
     result = evaluate_run(Path(args.run_dir), args.max_batches, args.data,
                           Path(args.token_losses) if args.token_losses else None)
     if args.json:
-        print(json.dumps(result))
+        print(json_line(result))
     else:
         print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
 
@@ -239,8 +240,26 @@ def cmd_plan(args) -> None:
     budget = args.budget_pfdays * PETAFLOP_DAY if args.budget_pfdays is not None else args.budget_flops
     if budget is not None and budget <= 0:
         raise ConfigError(f"the budget must be positive, got {budget}.")
-    result = plan(cfg, budget, load_law(args.law) if args.law else None, args.hardware, args.mfu, args.devices)
-    print(json.dumps(result) if args.json else format_plan(result))
+    result = plan(cfg, budget, load_law(args.law) if args.law else None, args.hardware, args.mfu, args.devices,
+                  **transform_bytes(cfg))
+    print(json_line(result) if args.json else format_plan(result))
+
+
+def transform_bytes(cfg: Config) -> dict:
+    """The sizes of the run's weight transforms that `memory_estimate` and `plan` take:
+    {"adapter_bytes": LoRA adapters' bytes, "int8_bytes": (int8 storage, float storage)}, each
+    only when the config turns it on."""
+    sizes = {}
+    if cfg.lora.enabled:
+        from lmjax.lora import adapted_sizes
+        from lmjax.scaling.memory import DTYPE_BYTES
+
+        sizes["adapter_bytes"] = adapted_sizes(cfg.lora, cfg.model)[1] * DTYPE_BYTES[cfg.model.param_dtype]
+    if cfg.quant.weights == "int8":
+        from lmjax.quantize import int8_weight_bytes
+
+        sizes["int8_bytes"] = int8_weight_bytes(cfg.model, cfg.quant.granularity)
+    return sizes
 
 
 def add_sweep(commands) -> None:
@@ -262,7 +281,7 @@ def add_sweep(commands) -> None:
 def cmd_sweep(args) -> None:
     import shlex
 
-    from lmjax.scaling.sweep import collect_results, load_sweep, run_config, run_sweep, slurm_script
+    from lmjax.drivers.sweep import collect_results, load_sweep, run_config, run_sweep, slurm_script
 
     sweep = load_sweep(args.sweep)
     sweep = dataclasses.replace(sweep, overrides=(*sweep.overrides, *args.overrides))
@@ -310,7 +329,7 @@ def cmd_fit(args) -> None:
         from lmjax.scaling.plots import save_scaling_plots
 
         save_scaling_plots(data, fitted, Path(args.plots))
-    print(json.dumps(fitted) if args.json else format_fit(fitted))
+    print(json_line(fitted) if args.json else format_fit(fitted))
 
 
 def add_experiments(commands) -> None:
@@ -489,7 +508,25 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"lmjax: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        code = fault_exit_code(e)
+        if code is None:
+            raise
+        print(f"lmjax: error: {e}", file=sys.stderr)
+        return code
     return 0
+
+
+def fault_exit_code(error: Exception) -> int | None:
+    """The exit code of a fault during training that has its one line: 2 for a checkpoint the disk
+    refused (`SaveFailed`), 3 for a run that diverged past its roll-backs (`Diverged`); None for
+    anything else. (Their modules raised them, so they are loaded; nothing is imported here.)"""
+    checkpoint, rollback = sys.modules.get("lmjax.checkpoint"), sys.modules.get("lmjax.train.rollback")
+    if checkpoint is not None and isinstance(error, checkpoint.SaveFailed):
+        return 2
+    if rollback is not None and isinstance(error, rollback.Diverged):
+        return 3
+    return None
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
 
 
 WSD_SWEEP = '''
-from lmjax.scaling.sweep import wsd_branches
+from lmjax.drivers.sweep import wsd_branches
 
 def sweep():
     return wsd_branches("decoder_tiny", [{"model.d_model": 32}], tokens=[1024, 2048])

@@ -330,13 +330,14 @@ def test_lora_without_a_base_run_is_one_clear_error(capsys, tmp_path):
 
 
 def test_plan_counts_the_adapters_memory_by_hand(tmp_path):
+    from lmjax.cli import transform_bytes
     from lmjax.scaling.plan import plan
 
     full = tiny_config(tmp_path)  # d_model 32, 2 layers, 4 heads of 8, 2 kv heads, d_ff 64, swiglu
     lora = dataclasses.replace(full, lora=LoRAConfig(rank=4))
     per_layer = 4 * ((32 + 32) + 2 * (32 + 16) + (32 + 32) + 2 * (32 + 64) + (64 + 32))  # wq wk wv wo up gate down
     targeted_per_layer = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64
-    a, b = plan(full), plan(lora)
+    a, b = plan(full), plan(lora, **transform_bytes(lora))
     assert b["memory_adam_bytes"] == 2 * 2 * per_layer * 4
     assert b["memory_gradients_bytes"] == b["memory_adapters_bytes"] == 2 * per_layer * 4  # nothing weight-sized
     assert a["memory_gradients_bytes"] - b["memory_gradients_bytes"] > 2 * targeted_per_layer * 4
@@ -376,6 +377,7 @@ def test_the_lora_step_holds_no_weight_sized_gradient_and_plan_counts_its_argume
     weights' bytes (folding W + (alpha / r) A B into the weights, as the step once did, would
     instead add that copy and its gradient: twice those bytes more). And `lmjax plan`'s
     weights + adapters + Adam moments are the compiled LoRA step's arguments, less the batch."""
+    from lmjax.cli import transform_bytes
     from lmjax.lora import adapted_sizes
     from lmjax.scaling.memory import memory_estimate
 
@@ -384,7 +386,7 @@ def test_the_lora_step_holds_no_weight_sized_gradient_and_plan_counts_its_argume
     targeted_bytes = adapted_sizes(cfg.lora, cfg.model)[0] * 4
     assert full.temp_size_in_bytes - lora.temp_size_in_bytes >= targeted_bytes, (full.temp_size_in_bytes,
                                                                               lora.temp_size_in_bytes, targeted_bytes)
-    plan = memory_estimate(cfg)
+    plan = memory_estimate(cfg, **transform_bytes(cfg))
     counted = plan["memory_weights_bytes"] + plan["memory_adapters_bytes"] + plan["memory_adam_bytes"]
     compiled_bytes = lora.argument_size_in_bytes - batch_bytes
     assert abs(counted - compiled_bytes) / compiled_bytes < 0.02

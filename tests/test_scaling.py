@@ -18,12 +18,18 @@ import pytest
 from lmjax.cli import main
 from lmjax.config import Config, ConfigError, MeshConfig, ModelConfig, MoEConfig, OptimConfig, TrainConfig
 from lmjax.config_parse import override
+from lmjax.drivers.sweep import run_sweep, wsd_branches
 from lmjax.experiment import load_experiment
-from lmjax.scaling.counting import param_counts, to_petaflop_days, train_flops_per_example, train_flops_per_token
+from lmjax.scaling.counting import (
+    param_counts,
+    to_petaflop_days,
+    total_steps,
+    train_flops_per_example,
+    train_flops_per_token,
+)
 from lmjax.scaling.fit import fit_approach2, fit_approach3, read_results
 from lmjax.scaling.memory import activation_bytes_per_token, kv_cache_bytes_per_token, memory_estimate
-from lmjax.scaling.plan import chinchilla_optimal, total_steps
-from lmjax.scaling.sweep import run_sweep, wsd_branches
+from lmjax.scaling.plan import chinchilla_optimal
 from lmjax.train.optimizer import learning_rate_schedule
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,24 +44,31 @@ def plan_json(capsys, *sets, extra=(), experiment=()) -> dict:
 GPT2_SMALL = ["model.vocab_size=50257", "model.d_model=768", "model.n_layers=12", "model.n_heads=12",
               "model.d_ff=3072", "model.mlp=gelu", "model.norm=layernorm", "model.position=learned",
               "model.max_seq_len=1024", "data.seq_len=1024"]
-LLAMA2_7B = ["model.vocab_size=32000", "model.d_model=4096", "model.n_layers=32", "model.n_heads=32",
-             "model.d_ff=11008", "model.tie_embeddings=false", "model.max_seq_len=4096", "data.seq_len=4096"]
-MIXTRAL_8X7B = ["model.vocab_size=32000", "model.d_model=4096", "model.n_layers=32", "model.n_heads=32",
-                "model.n_kv_heads=8", "model.d_ff=14336", "model.tie_embeddings=false", "model.moe.n_experts=8",
-                "model.moe.top_k=2", "model.max_seq_len=4096", "data.seq_len=4096", "model.dtype=bfloat16"]
 
 
 def test_plan_published_shapes(capsys):
     gpt2 = plan_json(capsys, *GPT2_SMALL)
     # 124M with tied embeddings (GPT-2's linear biases, 92,160 weights, are not part of lmjax's blocks)
     assert round(gpt2["params_total"] / 1e6) == 124 and gpt2["params_output_head"] == 0
-    assert plan_json(capsys, *LLAMA2_7B)["params_total"] == 6_738_415_616
-    mixtral = plan_json(capsys, *MIXTRAL_8X7B)
+    assert plan_json(capsys, experiment=["llama2_7b"])["params_total"] == 6_738_415_616
+    mixtral = plan_json(capsys, experiment=["mixtral_8x7b"])
     assert round(mixtral["params_total"] / 1e9, 1) == 46.7 and round(mixtral["params_active"] / 1e9, 1) == 12.9
     # FLOPs use the active parameters; KV cache: 2 * 32 layers * 8 kv heads * 128 * 2 bytes
     assert mixtral["flops_per_token_train"] == pytest.approx(
         6 * (mixtral["params_active"] - 32000 * 4096) + 6 * 32 * 4096 * 4096)
     assert mixtral["kv_cache_bytes_per_token"] == 2 * 32 * 8 * 128 * 2
+
+
+def test_readme_plan_examples_print_the_published_shapes(capsys):
+    """Every `lmjax plan` line of the README runs; the 7B one prints LLaMA-2-7B's published
+    6,738,415,616 weights (not decoder_tiny's narrow MLP and 4 heads widened to 4096)."""
+    import shlex
+
+    lines = [line.split("#")[0] for line in (REPO / "README.md").read_text().splitlines()
+             if line.startswith("lmjax plan")]
+    counts = [plan_json(capsys, extra=[a for a in shlex.split(line)[2:] if a != "--json"])["params_total"]
+              for line in lines]
+    assert 6_738_415_616 in counts and len(counts) >= 2
 
 
 def test_moe_counts_by_hand():
@@ -216,7 +229,7 @@ SWEEP_FILES = {
         """,
     "grid.py": """
         from pathlib import Path
-        from lmjax.scaling.sweep import grid_sweep
+        from lmjax.drivers.sweep import grid_sweep
 
         def sweep():
             return grid_sweep(str(Path(__file__).parent / "tiny.py"), {"model.d_model": [16, 32]})

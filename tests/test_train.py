@@ -160,6 +160,34 @@ def test_wandb_offline_needs_no_account(tiny, tmp_path, monkeypatch):
     assert len(runs) == 1 and runs[0].stat().st_size > 0
 
 
+def test_records_and_eval_json_write_null_for_nan(tiny, tmp_path, monkeypatch, capsys):
+    """metrics.jsonl, routing.jsonl and `lmjax eval --json` are strict JSON (NaN and inf are not
+    JSON): non-finite values are null, and the readers give NaN back."""
+    import json
+    import math
+
+    import lmjax.train.run_eval
+    from lmjax.cli import main
+    from lmjax.records import read_routing
+    from lmjax.train.loggers import MetricsLogger
+
+    def strict(line):
+        return json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} written"))
+
+    cfg = dataclasses.replace(tiny(), log=dataclasses.replace(tiny().log, wandb="off"))
+    logger = MetricsLogger(cfg, tmp_path, resume=False)
+    logger.log({"step": 1, "loss": float("nan"), "grad_norm": float("inf")})
+    logger.log_routing(1, {"load": np.array([[0.5, np.nan]]), "dropped": np.array([0.0])})
+    assert strict((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": None, "grad_norm": None}
+    assert strict((tmp_path / "routing.jsonl").read_text())["load"] == [[0.5, None]]
+    (record,) = read_metrics(tmp_path)
+    assert math.isnan(record["loss"]) and math.isnan(record["grad_norm"])
+    np.testing.assert_array_equal(read_routing(tmp_path)["load"], [[[0.5, np.nan]]])
+    monkeypatch.setattr(lmjax.train.run_eval, "evaluate_run", lambda *args: {"step": 3, "loss": float("nan")})
+    assert main(["eval", str(tmp_path), "--json"]) == 0
+    assert strict(capsys.readouterr().out) == {"step": 3, "loss": None}
+
+
 def test_stop_right_after_a_periodic_checkpoint_saves_once(tiny, monkeypatch):
     """Ctrl-C handled just after the step-2 periodic save: the stop's save finds the step
     already saved (Orbax would refuse a second save of one step) and the run ends cleanly."""

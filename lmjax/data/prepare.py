@@ -29,7 +29,8 @@ import numpy as np
 
 from lmjax.data.pipeline import PackedDataset, TokenStream, tokenize
 from lmjax.data.sources import DataError, iter_documents
-from lmjax.data.tokenizer import load_tokenizer, token_dtype
+from lmjax.data.tokenizer import token_dtype
+from lmjax.data.tokenizer_store import load_tokenizer
 from lmjax.files import file_sha256, write_atomically, write_json_atomically
 
 FORMAT = "lmjax-tokens-v1"

@@ -32,6 +32,7 @@ from lmjax.parallel import make_mesh, state_shardings
 from lmjax.train.state import abstract_model
 
 _ARCHITECTURES = {name: module for module in (llama, t5, bert) for name in module.ARCHITECTURES}
+_FAMILY_ARCHITECTURES = {module.__name__.rsplit(".", 1)[-1]: module for module in (llama, t5, bert)}
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size for save_pretrained
 
 
@@ -57,7 +58,13 @@ def architecture_of(hf: dict):
                       f"{', '.join(_ARCHITECTURES)}.")
 
 
-def _layer_count(path: tuple[str, ...], cfg: ModelConfig) -> int | None:
+def family_architecture(cfg: ModelConfig):
+    """The translator module that exports the checkpoints of `cfg`'s family (named by
+    `Family.hf_architecture`)."""
+    return _FAMILY_ARCHITECTURES[family_of(cfg).hf_architecture]
+
+
+def layer_count(path: tuple[str, ...], cfg: ModelConfig) -> int | None:
     """Layers stacked on the leading axis of the weight at `path` (None: not per layer)."""
     if "blocks" not in path:
         return None
@@ -103,7 +110,7 @@ def import_params(hf_dir: Path, cfg: ModelConfig, mesh, notes: list[str]) -> nnx
         except ValueError:
             raise ConfigError(f"the mesh {dict(mesh.shape)} does not split weight {'.'.join(path)} {leaf.shape} "
                               "evenly; pick mesh sizes that divide the model's widths.") from None
-        arrays[path] = _read_weight(rules[path], tensors, leaf.shape, leaf.dtype, _layer_count(path, cfg),
+        arrays[path] = _read_weight(rules[path], tensors, leaf.shape, leaf.dtype, layer_count(path, cfg),
                                     shardings[path])
     unread = sorted(set(tensors) - tensors.read - set(architecture.tied_copies(cfg)))
     if unread:
@@ -165,10 +172,6 @@ def _check_tokenizer(hf_dir: Path, model: ModelConfig, notes: list[str]) -> None
                           f"{model.vocab_size}; is it this model's tokenizer?")
 
 
-def _hf_architecture(cfg: ModelConfig):
-    return family_of(cfg).hf_architecture
-
-
 def mup_folding_factors(cfg: ModelConfig) -> dict[str, float]:
     """{weight name: factor}: multiplied by these, the weights of a µP model `cfg` make the
     standard-parametrization model of the same shape compute the same function, which is what
@@ -199,7 +202,7 @@ def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes:
     cfg = load_config(run_dir)
     factors = mup_folding_factors(cfg.model)
     standard = dataclasses.replace(cfg.model, parametrization="standard")
-    architecture = _hf_architecture(standard)
+    architecture = family_architecture(standard)
     hf_config = architecture.hf_config(standard, notes)
     rules = architecture.tensor_rules(standard)
     cfg, _, params, step, _ = restore_weights(run_dir, step)
@@ -208,7 +211,7 @@ def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes:
         array = np.asarray(jax.device_get(array))
         if path[-1] in factors:
             array = array * factors[path[-1]]
-        layers = _layer_count(path, cfg.model)
+        layers = layer_count(path, cfg.model)
         for i in [None] if layers is None else range(layers):
             tensors.update(rules[path].write(array) if i is None else rules[path].write(array[i], i=i))
     tokenizer = load_from_run(run_dir, cfg.data.tokenizer)

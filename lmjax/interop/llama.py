@@ -90,7 +90,7 @@ def hf_config(cfg: ModelConfig, notes: list[str]) -> dict:
                          "so outputs differ wherever lmjax's capacity would have dropped an assignment.")
         if moe.z_loss_coef:
             notes.append(f"model.moe.z_loss_coef={moe.z_loss_coef}: Mixtral has no router z-loss (training only).")
-        config.update(num_local_experts=moe.n_experts, num_experts_per_tok=moe.top_k,
+        config.update(num_local_experts=moe.n_routed_experts, num_experts_per_tok=moe.experts_per_token,
                       router_aux_loss_coef=moe.load_balance_coef, router_jitter_noise=moe.router_jitter)
     return config
 

@@ -124,7 +124,7 @@ class _SingleStackLM(_TokenModel):
         mask, bias = self.attention_inputs(positions, segment_ids)
         mask = AttentionMask(mask, causal=self.causal,
                              not_fusable="segment ids (packed documents need a segment mask)" if packed else None)
-        x = self.stack(x, positions, mask, stack_key, bias=bias, token_mask=segment_ids != 0 if packed else None)
+        x = self.stack(x, positions, mask, stack_key, bias=bias, segment_ids=segment_ids)
         return self._logits(x)
 
     def attention_inputs(self, positions, segment_ids):
@@ -207,8 +207,9 @@ class EncoderDecoderLM(_TokenModel):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self._init_embeddings(cfg, rngs)
-        decoder_cfg = dataclasses.replace(cfg, n_layers=cfg.decoder_layers, n_decoder_layers=None,
-                                          family="decoder")
+        # the decoder stack is causal: its MoE layers always route by token choice
+        decoder_cfg = dataclasses.replace(cfg, n_layers=cfg.decoder_layers, n_decoder_layers=None, family="decoder",
+                                          moe=dataclasses.replace(cfg.moe, routing="tokens_choose"))
         if cfg.position == "relative":
             self.encoder_bias = RelativePositionBias(cfg, bidirectional=True, rngs=rngs)
             self.decoder_bias = RelativePositionBias(cfg, bidirectional=False, rngs=rngs)
@@ -225,7 +226,7 @@ class EncoderDecoderLM(_TokenModel):
         x = self._embed(tokens, positions, embed_key)
         mask, bias = self.encoder_attention_inputs(positions, segment_ids)
         x = self.encoder(x, positions, padded_mask(mask, segment_ids, causal=False), stack_key, bias=bias,
-                         token_mask=segment_ids != 0)
+                         segment_ids=segment_ids)
         return self.encoder_norm(x)
 
     def encoder_attention_inputs(self, positions, segment_ids):
@@ -249,7 +250,7 @@ class EncoderDecoderLM(_TokenModel):
         mask, bias = self.decoder_attention_inputs(positions, decoder_segment_ids)
         x = self.decoder(x, positions, padded_mask(mask, decoder_segment_ids, causal=True), stack_key, bias=bias,
                          context=encoded, context_mask=cross_attention_mask(decoder_segment_ids, encoder_segment_ids),
-                         token_mask=decoder_segment_ids != 0)
+                         segment_ids=decoder_segment_ids)
         return self._logits(x)
 
     def init_cache(self, batch_size: int, length: int, encoded):

@@ -57,9 +57,9 @@ class Block(nnx.Module):
             self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, positions, mask, dropout_key=None, cache=None, bias=None, context=None, context_mask=None,
-                 token_mask=None):
-        """mask (B, 1, T, S) and bias (B, N, T, S) or None for self-attention; token_mask (B, T)
-        bool or None: the tokens a MoE layer's routing statistics count (not padding); with `cross`,
+                 segment_ids=None):
+        """mask (B, 1, T, S) and bias (B, N, T, S) or None for self-attention; segment_ids (B, T)
+        (0: padding, which a MoE layer routes nowhere under expert choice) or None; with `cross`,
         context (B, S', D) the encoder output and context_mask (B, 1, T, S') where queries may
         look. With a KV `cache` (see Attention) returns (x, updated cache); a cross-attending
         block's cache is (keys, values, cross_keys, cross_values), the last two (B, S', K, H)
@@ -81,7 +81,7 @@ class Block(nnx.Module):
             attended = self.cross_attn(pre(self.cross_norm, x), positions, context_mask, context=context)
             x = post(self.cross_norm, x + dropout(attended, self.dropout_rate, keys[-1]))
         h = pre(self.mlp_norm, x)
-        h = self.moe(h, keys[2], token_mask) if moe else self.mlp(h)
+        h = self.moe(h, keys[2], segment_ids) if moe else self.mlp(h)
         x = post(self.mlp_norm, x + dropout(h, self.dropout_rate, keys[1]))
         return x if cache is None else (x, (*cache, *cross_cache))
 
@@ -130,9 +130,9 @@ class Stack(nnx.Module):
         return nnx.merge(graphdef, jax.tree.map(lambda w: w[i], weights))
 
     def __call__(self, x, positions, mask, dropout_key=None, cache=None, bias=None, context=None, context_mask=None,
-                 token_mask=None):
+                 segment_ids=None):
         """x (B, T, D), positions (B, T), mask (B, 1, T, S) -> (B, T, D); bias, context,
-        context_mask and token_mask as in `Block`, the same for every layer.
+        context_mask and segment_ids as in `Block`, the same for every layer.
 
         With `cache` = (keys, values), each (L, B, S, K, H), returns (x, updated cache); a
         cross-attending stack's cache also holds (cross_keys, cross_values) (see `Block`).
@@ -162,7 +162,7 @@ class Stack(nnx.Module):
                 block = nnx.merge(graphdefs[j], layer_weights[j])
                 cache_j = None if layer_cache is None else jax.tree.map(lambda c, j=j: c[j], layer_cache)
                 out = block(h, positions, mask, None if keys is None else keys[j], cache_j, bias, context, context_mask,
-                            token_mask)
+                            segment_ids)
                 h, cache_j = out if cache_j is not None else (out, None)
                 h = constrain(h, ("batch", "activation_length", None))
                 stats.append(nnx.pop(block, nnx.Intermediate))

@@ -25,6 +25,7 @@ import jax
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from lmjax.checkpoint import NonFiniteState
 from lmjax.config import Config
 from lmjax.families import family_of
 from lmjax.records import read_metrics
@@ -32,6 +33,7 @@ from lmjax.scaling.counting import example_lengths, param_counts, run_flops_per_
 from lmjax.train import loggers
 from lmjax.train.evaluate import evaluate
 from lmjax.train.metrics import mfu, peak_flops_per_device
+from lmjax.train.rollback import Diverged, Rollback
 from lmjax.train.run import Run, setup
 
 
@@ -67,6 +69,10 @@ class StepClock:
     `paused()` (evaluation)."""
 
     def __init__(self, step: int):
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        """Count from now, at `step` (the start, or a roll-back to an earlier step)."""
         self.start, self.step, self.paused_seconds = time.perf_counter(), step, 0.0
 
     @contextmanager
@@ -105,7 +111,7 @@ class LogMetrics:
         if routing:
             run.logger.log_routing(run.step, jax.device_get(routing))
         self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_second:,.0f}",
-                             mfu=f"{record['mfu']:.0%}")
+                             mfu=f"{record['mfu']:.0%}", skipped=int(metrics.get("skipped_steps", 0)))
 
 
 class Validate:
@@ -129,9 +135,14 @@ class Validate:
 
 def save_checkpoint(run: Run, metrics: dict = None, routing: dict = None) -> None:
     """The checkpointing hook: save the state and the data iterator's position at `run.step`
-    (asynchronously), unless that step is saved already."""
+    (asynchronously), unless that step is saved already or the state holds NaN or inf (one line
+    says so; the newest checkpoint stays the newest)."""
     if run.checkpointer.latest_step() != run.step:  # a stop right after a periodic save has nothing new
-        run.checkpointer.save(run.step, run.state, run.data_state(), run.cfg.to_dict())
+        try:
+            run.checkpointer.save(run.step, run.state, run.data_state(), run.cfg.to_dict())
+        except NonFiniteState as e:
+            if run.main_process:
+                loggers.console(str(e))
 
 
 class StopRequest:
@@ -192,12 +203,19 @@ def train(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
     bar = loggers.progress_bar(run.steps, run.step, run.main_process and cfg.log.progress_bar)
     clock = StepClock(run.step)
     validate = Validate(clock)
+    rollback = Rollback(run, on_rollback=(clock.restart, lambda step: bar.reset(run.steps) or bar.update(step)))
     hooks = [Hook(lambda run, metrics, routing: bar.update(1), every=1, at_halt=True),
              Hook(LogMetrics(run, clock, bar), cfg.train.log_every, at_halt=True),
+             Hook(rollback, every=1, at_halt=True),
              Hook(validate, cfg.train.eval_every),
              Hook(save_checkpoint, cfg.train.checkpoint_every)]
     with StopRequest(cfg.train.warning_signal) as stop:
-        step_loop(run, hooks, stop_signals=[stop])
+        try:
+            step_loop(run, hooks, stop_signals=[stop])
+        except Diverged:
+            bar.close()
+            close(run)
+            raise
     bar.close()
     return finish(run, validate)
 
@@ -223,9 +241,7 @@ def finish(run: Run, validate: Validate) -> dict:
     save_checkpoint(run)
     if finished:
         validate(run)
-    run.checkpointer.wait()
-    run.checkpointer.close()
-    run.logger.close()
+    close(run)
     if finished:
         # every process takes part in gathering the (possibly cross-host) weights for the sample
         sampling = run.cfg.train.sample_tokens > 0
@@ -234,6 +250,15 @@ def finish(run: Run, validate: Validate) -> dict:
             finish_run(run.cfg, run.run_dir, run.graphdef, host_params, run.tokenizer, run.val_set)
     return {"step": run.step, "finished": finished,
             **({f"val_{k}": v for k, v in validate.last.items()} if validate.last else {})}
+
+
+def close(run: Run) -> None:
+    """Wait for the pending save (SaveFailed if the disk refused it), close the checkpointer and loggers."""
+    try:
+        run.checkpointer.wait()
+    finally:
+        run.checkpointer.close()
+        run.logger.close()
 
 
 def finish_run(cfg: Config, run_dir: Path, graphdef, host_params, tokenizer, val_set) -> None:

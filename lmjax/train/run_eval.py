@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lmjax.checkpoint import Checkpointer
+from lmjax.checkpoint import Checkpointer, all_finite
 from lmjax.config import Config, ConfigError, MeshConfig
 from lmjax.config_parse import override, read_config
 from lmjax.data import DataError, PackedDataset, load_documents, load_from_run, tokenize
 from lmjax.families import family_of
 from lmjax.parallel import batch_sharding, make_mesh
-from lmjax.scaling.plan import total_steps
+from lmjax.scaling.counting import total_steps
 from lmjax.train.evaluate import evaluate
 from lmjax.train.optimizer import make_optimizer
 from lmjax.train.run import family_examples, load_datasets
@@ -68,7 +68,13 @@ def restore_trained_onto(run_dir: Path, mesh, step: int | None = None):
     graphdef, abstract, _ = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, steps, p, cfg.model),
                                                  mesh, cfg.lora, cfg.quant)
     params = checkpointer.restore_params(abstract.params, step)
+    steps_saved = checkpointer.manager.all_steps()
     checkpointer.close()
+    if not all_finite(params):
+        earlier = ", ".join(str(s) for s in steps_saved if s < step)
+        raise ConfigError(f"{run_dir}: the weights of checkpoint step {step} hold NaN or inf (the run diverged before "
+                          "it was saved); " + (f"earlier checkpoints: steps {earlier} (lmjax.load(run_dir, step=N))."
+                                               if earlier else "no earlier checkpoint is left; train it again."))
     return cfg, graphdef, params, step
 
 

@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lmjax.config import LoRAConfig, ModelConfig, QuantConfig
 from lmjax.families import family_of
 from lmjax.parallel import state_shardings
+from lmjax.train.guard import GuardState, init_guard
 
 
 class TrainState(NamedTuple):
@@ -22,13 +23,16 @@ class TrainState(NamedTuple):
     MoE routers' selection biases (`RouterBias`, moved by the balancing rule, not by the
     optimizer), or for a LoRA run its adapters alone (`lmjax.lora`); opt_state: optax state
     (Adam moments mirror the `nnx.Param`s of params alone, see `split_trainable`); step: int32
-    scalar, optimizer updates done; rng: PRNG key for dropout.
+    scalar, steps taken (bad steps that were skipped included); rng: PRNG key for dropout; guard:
+    the bad-step judgment's recent losses and counters (`lmjax.train.guard`; None: no judgment,
+    as in checkpoints written before it existed).
     """
 
     params: nnx.State
     opt_state: optax.OptState
     step: jax.Array
     rng: jax.Array
+    guard: GuardState | None = None
 
 
 def split_trainable(params: nnx.State) -> tuple[nnx.State, nnx.State]:
@@ -74,7 +78,8 @@ def _init_fn(cfg: ModelConfig, make_optimizer, lora: LoRAConfig | None = None, q
     def init(seed):
         params = build(seed)
         key = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
-        return TrainState(params, optimizer.init(split_trainable(params)[0]), jnp.zeros((), jnp.int32), key)
+        return TrainState(params, optimizer.init(split_trainable(params)[0]), jnp.zeros((), jnp.int32), key,
+                          init_guard())
 
     return graphdef, optimizer, init
 
@@ -111,6 +116,7 @@ def train_state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
         opt_state=_opt_shardings(abstract_state.opt_state, mesh),
         step=replicated,
         rng=replicated,
+        guard=jax.tree.map(lambda _: replicated, abstract_state.guard),
     )
 
 

@@ -28,8 +28,7 @@ from lmjax.config_parse import override
 from lmjax.experiment import load_experiment, load_experiment_module
 from lmjax.files import write_atomically, write_json_atomically
 from lmjax.records import read_metrics
-from lmjax.scaling.counting import param_counts, run_flops_per_token, tokens_per_step
-from lmjax.scaling.plan import total_steps
+from lmjax.scaling.counting import param_counts, run_flops_per_token, tokens_per_step, total_steps
 
 RESULT_COLUMNS = ("name", "N", "N_total", "D", "C", "C_actual", "train_loss", "val_loss")
 
