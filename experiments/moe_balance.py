@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from lmjax.config import Config
-from lmjax.experiment import load_experiment
 from lmjax.drivers.sweep import Sweep, SweepRun
+from lmjax.experiment import load_experiment
 
 ARMS = {
     "none": ["model.moe.load_balance_coef=0"],

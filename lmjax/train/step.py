@@ -75,32 +75,36 @@ def routing_metrics(routing: dict) -> dict:
     return metrics
 
 
-def _step_load(by_stack: dict) -> dict:
-    """Routing statistics averaged over micro-batches, with each layer's `load` recomputed from
-    the step's assignment counts, so that it is the load of the whole batch (micro-batches may
-    hold different numbers of tokens)."""
-    return {name: {**stats, "load": stats["counts"] / jnp.maximum(jnp.sum(stats["counts"], -1, keepdims=True), 1.0)}
-            for name, stats in by_stack.items()}
+def _balance(fixed: nnx.State, by_stack: dict, bias_update_rate: float) -> tuple[nnx.State, dict]:
+    """(the untrained variables `fixed` with every router bias moved by its stack's assignment
+    counts when `bias_update_rate` > 0, the step's routing statistics concatenated over stacks).
+    by_stack: statistics per stack, averaged over micro-batches; each layer's `load` is recomputed
+    from the counts, so that it is the load of the whole batch (micro-batches may hold different
+    numbers of tokens)."""
+    by_stack = {name: {**stats, "load": stats["counts"] / jnp.maximum(jnp.sum(stats["counts"], -1, keepdims=True),
+                                                                      1.0)}
+                for name, stats in by_stack.items()}
+    if bias_update_rate > 0 and by_stack:
+        fixed = update_router_bias(fixed, {name: stats["counts"] for name, stats in by_stack.items()},
+                                   bias_update_rate)
+    return fixed, concatenate_stacks(by_stack) or {}
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule, grad_accum_steps: int,
                     use_rng: bool, moe: MoEConfig = MoEConfig(), adapt=None, bad_steps: BadStepRule = BadStepRule()):
     """`train_step(state, batch, frozen=None) -> (state, metrics, routing)`.
 
-    The batch (B, T) is split into `grad_accum_steps` micro-batches whose gradients of the
-    summed loss are added, then divided by the total token count: the update equals the one
-    computed on the whole batch at once. metrics: loss (nats/token), grad_norm, lr, tokens,
-    and for MoE models `routing_metrics`; routing: the per-layer routing statistics averaged
-    over micro-batches, `load` that of the whole batch (empty for dense models). `use_rng` passes a per-step key
-    to the model (dropout, router jitter). Only the `nnx.Param`s of `state.params` are
-    differentiated and updated by the optimizer; the router biases (`RouterBias`) follow the
-    balancing rule with the step's assignment counts when `moe.bias_update_rate` > 0. With
-    `adapt(frozen, params) -> model weights` the step trains
-    `state.params` alone (LoRA adapters, `lmjax.lora.low_rank`) and `frozen` (the base
-    weights) gets neither a gradient nor an update. When the state carries a guard, a bad step
-    (`bad_steps`, see `lmjax.train.guard`) leaves params (router biases too) and optimizer state as they were, and
-    metrics add skipped_steps and bad_steps_in_a_row.
-    """
+    The batch (B, T) is split into `grad_accum_steps` micro-batches whose gradients of the summed
+    loss are added, then divided by the total token count: the update equals the one computed on the
+    whole batch at once. metrics: loss (nats/token), grad_norm, lr, tokens, and for MoE models
+    `routing_metrics`; routing: the per-layer routing statistics (`_balance`; empty if dense).
+    `use_rng` passes a per-step key to the model (dropout, router jitter). Only the `nnx.Param`s of
+    `state.params` are differentiated and updated by the optimizer; router biases follow `_balance`.
+    With `adapt(frozen, params) -> model weights` the step trains `state.params` alone (LoRA
+    adapters, `lmjax.lora.low_rank`) and `frozen` (the base weights) gets neither a gradient nor an
+    update. When the state carries a guard, a bad step (`bad_steps`, see `lmjax.train.guard`) leaves
+    params (router biases too) and optimizer state as they were, and metrics add skipped_steps and
+    bad_steps_in_a_row."""
     grad_fn = jax.value_and_grad(_loss_sum, has_aux=True)
 
     def accumulate_gradients(params, batch, step_key, frozen, fixed):
@@ -122,19 +126,14 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step) if use_rng else None
         params, fixed = split_trainable(state.params)
         if grad_accum_steps == 1:
-            (_, (loss_sum, count, by_stack)), grads = grad_fn(params, graphdef, batch, step_key, moe, frozen, adapt,
-                                                              fixed)
+            (_, (loss_sum, count, stats)), grads = grad_fn(params, graphdef, batch, step_key, moe, frozen, adapt, fixed)
         else:
-            loss_sum, count, grads, by_stack = accumulate_gradients(params, batch, step_key, frozen, fixed)
-        by_stack = _step_load(by_stack)
+            loss_sum, count, grads, stats = accumulate_gradients(params, batch, step_key, frozen, fixed)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: (g / count).astype(g.dtype), grads)  # bfloat16 params: bfloat16 grads
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
         params = updated_params(params, updates, opt_state)
-        if moe.bias_update_rate > 0 and by_stack:
-            fixed = update_router_bias(fixed, {name: stats["counts"] for name, stats in by_stack.items()},
-                                       moe.bias_update_rate)
-        routing = concatenate_stacks(by_stack) or {}
+        fixed, routing = _balance(fixed, stats, moe.bias_update_rate)
         metrics = {
             "loss": loss_sum / count,
             "grad_norm": optax.tree.norm(grads),
