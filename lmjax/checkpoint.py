@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import jax
@@ -71,7 +73,8 @@ class Checkpointer:
         self.directory = Path(run_dir).absolute() / "checkpoints"
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.pending = None  # (step, bytes) of the save in flight
-        self.warned_space = False
+        self.seconds = {"save": 0.0, "restore": 0.0}  # spent blocked in saves (and waits) and restores
+        self.warned_space, self.closed = False, False
         logging.getLogger("absl").addFilter(_QUIET)
 
     def latest_step(self) -> int | None:
@@ -82,14 +85,23 @@ class Checkpointer:
         writing nothing, if `state` holds NaN or inf; SaveFailed if this save or the previous one
         could not be written."""
         self.wait()  # Orbax waits for the previous save here anyway; its failure is reported as its own
-        if not all_finite(state):
-            raise NonFiniteState(f"not saving step {step}: its weights or optimizer state hold NaN or inf; the newest "
-                                 f"checkpoint (step {self.latest_step()}) is kept.")
-        self._write(step, self._expected_bytes(state), ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config),
-        ))
+        if not all_finite(state):  # (waits for the state's last step: step time, not save time)
+            raise NonFiniteState(f"not saving step {step}: its weights or optimizer state hold NaN or inf; the "
+                                 f"newest checkpoint (step {self.latest_step()}) is kept.")
+        with self._timed("save"):
+            self._write(step, self._expected_bytes(state), ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(config),
+            ))
+
+    @contextmanager
+    def _timed(self, what: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[what] += time.perf_counter() - start
 
     def _write(self, step: int, expected_bytes: int, args) -> None:
         self.check_space(expected_bytes)
@@ -163,14 +175,15 @@ class Checkpointer:
         """(state, data_state, config) of `step` (default: newest). `abstract_state` is a
         pytree of jax.ShapeDtypeStruct with `sharding` set: arrays land in that layout."""
         step = self.latest_step() if step is None else step
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=ocp.args.JsonRestore(),
-                config=ocp.args.JsonRestore(),
-            ),
-        )
+        with self._timed("restore"):
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore(),
+                    config=ocp.args.JsonRestore(),
+                ),
+            )
         return restored["state"], restored["data"], restored["config"]
 
     def restore_data(self, step: int | None = None) -> dict:
@@ -202,11 +215,13 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are complete; SaveFailed if one could not be written."""
-        self._reporting_disk_errors(self.manager.wait_until_finished)
+        with self._timed("save"):
+            self._reporting_disk_errors(self.manager.wait_until_finished)
         self.pending = None
 
     def close(self) -> None:
         self.manager.close()
+        self.closed = True
 
 
 

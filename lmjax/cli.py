@@ -7,7 +7,7 @@
         (an encoder_decoder run fills in each <extra_id_N> of the prompt)
     lmjax plan [EXPERIMENT] [--set ...] [--budget-flops C | --budget-pfdays X] [--law LAW.json] [--json]
     lmjax sweep SWEEP [--set section.field=value ...] [--dir DIR] [--slurm | --commands | --collect]
-    lmjax fit RESULTS.csv [--n-column N --d-column D --c-column C --loss-column L] [--plots DIR] [--json]
+    lmjax fit RESULTS.csv [--n-column N --d-column D --c-column C --loss-column L --g-column G] [--plots DIR] [--json]
     lmjax experiments
     lmjax tokenizer train --data SOURCE --vocab-size N --out FILE [--kind bpe|unigram|sentencepiece-bpe|...]
     lmjax data prepare --data SOURCE --tokenizer FILE --out DIR [--workers N]
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -120,7 +121,8 @@ def add_eval(commands) -> None:
     evaluate.add_argument("--max-batches", type=int, default=None, help="default: the whole validation split")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--data", metavar="SOURCE", help="evaluate on all of this data source instead of the "
-                          "run's validation split (stdlib, a file, a directory, an HF dataset on disk)")
+                          "run's validation split (stdlib, a file, a directory, an HF dataset on disk, or token "
+                          "shards made by `lmjax data prepare`)")
     evaluate.add_argument("--token-losses", metavar="FILE.npy", help="save every position's loss (nats)")
     evaluate.add_argument("--tasks", metavar="NAME_OR_YAML[,...]", help="run lm-evaluation-harness tasks instead: "
                           "task YAML files whose data are on disk (e.g. experiments/lm_eval/python_stdlib/"
@@ -178,7 +180,7 @@ def cmd_generate(args) -> None:
 
     from lmjax.families import family_of
     from lmjax.quantize import int8_weight_bytes, is_quantized, resident_bytes
-    from lmjax.scaling.memory import kv_cache_bytes_per_token
+    from lmjax.scaling.memory import kv_cache_bytes_per_sequence
     from lmjax.train.run_eval import load
 
     check_sampling_args(args)
@@ -188,12 +190,12 @@ def cmd_generate(args) -> None:
         raise ConfigError(f"lmjax generate needs a family that generates (decoder, encoder_decoder); {args.run_dir} "
                           f"is a {cfg.model.family} (use lmjax eval).")
     prompts = [spec.encode_prompt(tokenizer, p) for p in args.prompt]
-    cache_tokens = len(prompts) * (max(len(p) for p in prompts) + args.max_new_tokens)
-    per_token = kv_cache_bytes_per_token(cfg.model)
+    cache_length = max(len(p) for p in prompts) + args.max_new_tokens
+    cache_bytes = len(prompts) * kv_cache_bytes_per_sequence(cfg.model, cache_length)
     outputs = spec.generate(model, prompts, args.max_new_tokens, tokenizer, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    print(f"KV cache: {per_token * cache_tokens / 2**20:.2f} MiB ({per_token:,} bytes per token x {cache_tokens} "
-          "token slots)", file=sys.stderr)
+    print(f"KV cache: {cache_bytes / 2**20:.2f} MiB ({len(prompts)} sequence(s) of {cache_length} positions)",
+          file=sys.stderr)
     if is_quantized(args.run_dir):
         print(f"weights: {resident_bytes(nnx.state(model, nnx.Param)) / 2**20:.2f} MiB resident (int8 matrices with "
               f"float32 scales; {int8_weight_bytes(cfg.model)[1] / 2**20:.2f} MiB in {cfg.model.param_dtype})",
@@ -234,9 +236,11 @@ def add_plan(commands) -> None:
 
 def cmd_plan(args) -> None:
     from lmjax.scaling.counting import PETAFLOP_DAY
-    from lmjax.scaling.plan import format_plan, load_law, plan
+    from lmjax.scaling.plan import format_plan, load_law, plan, shape_notes
 
     cfg = override(load_experiment(args.experiment or DEFAULT_EXPERIMENT), args.overrides)
+    for note in shape_notes(cfg.model):
+        print(f"note: {note}", file=sys.stderr)
     budget = args.budget_pfdays * PETAFLOP_DAY if args.budget_pfdays is not None else args.budget_flops
     if budget is not None and budget <= 0:
         raise ConfigError(f"the budget must be positive, got {budget}.")
@@ -315,15 +319,18 @@ def add_fit(commands) -> None:
     fit.add_argument("--d-column", default="D")
     fit.add_argument("--c-column", default="C")
     fit.add_argument("--loss-column", default="val_loss")
+    fit.add_argument("--g-column", default="G", help="MoE granularity; with it, also fit the granularity law")
     fit.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for confidence intervals")
-    fit.add_argument("--plots", metavar="DIR", help="save isoflop.png, frontier.png and loss_vs_n_d.png here")
+    fit.add_argument("--plots", metavar="DIR", help="save isoflop.png, frontier.png and loss_vs_n_d.png here "
+                     "(and loss_vs_g.png with a granularity fit)")
     fit.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def cmd_fit(args) -> None:
     from lmjax.scaling.fit import fit_results, format_fit, read_results
 
-    data = read_results(Path(args.results), args.n_column, args.d_column, args.c_column, args.loss_column)
+    data = read_results(Path(args.results), args.n_column, args.d_column, args.c_column, args.loss_column,
+                        args.g_column)
     fitted = fit_results(data, bootstrap=args.bootstrap)
     if args.plots:
         from lmjax.scaling.plots import save_scaling_plots
@@ -509,12 +516,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmjax: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        exit_if_peer_lost(e)
         code = fault_exit_code(e)
         if code is None:
             raise
         print(f"lmjax: error: {e}", file=sys.stderr)
         return code
     return 0
+
+
+# what a collective raises when another process of the run has died (gloo's CPU collectives, JAX's
+# coordination service); on GPU/TPU the coordination service usually ends the process from C++ instead
+PEER_LOST_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "heartbeat timeout")
+PEER_LOST_EXIT_CODE = 5
+
+
+def exit_if_peer_lost(error: Exception) -> None:
+    """If `error` says that another process of this multi-process run is gone: one line, and exit with
+    PEER_LOST_EXIT_CODE at once (a normal exit would wait in jax.distributed's shutdown for the dead
+    process until the heartbeat timeout, then abort with a page of C++ stack)."""
+    jax = sys.modules.get("jax")
+    if jax is None or jax.process_count() == 1 or not any(m in str(error) for m in PEER_LOST_MESSAGES):
+        return
+    print(f"lmjax: error: another process of this run stopped ({str(error).splitlines()[0][:160]}); run the same "
+          "command again: it resumes from the newest checkpoint.", file=sys.stderr, flush=True)
+    os._exit(PEER_LOST_EXIT_CODE)
 
 
 def fault_exit_code(error: Exception) -> int | None:

@@ -194,6 +194,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     position: Literal["rope", "learned", "relative"] = "rope"
     rope_theta: float = 10_000.0
+    # decoder: each query attends to the keys of the last W positions (k > q - W); None: the whole context
+    sliding_window: int | None = None
+    global_every: int | None = None  # with sliding_window: layers k-1, 2k-1, ... attend globally; None: none do
     relative_buckets: int = 32
     relative_max_distance: int = 128
     max_seq_len: int = 1024
@@ -258,6 +261,21 @@ class ModelConfig:
                  f"model.moe.every={self.moe.every} does not divide model.n_layers={self.n_layers}.")
         _require(not self.moe.enabled or self.decoder_layers % self.moe.every == 0,
                  f"model.moe.every={self.moe.every} does not divide model.n_decoder_layers={self.n_decoder_layers}.")
+        self._check_long_context()
+
+    def _check_long_context(self) -> None:
+        """Sliding windows: settings that make no sense raise ConfigError."""
+        _require(self.sliding_window is None or self.sliding_window > 0,
+                 f"model.sliding_window must be a positive number of positions or none, got {self.sliding_window}.")
+        if self.sliding_window is not None:
+            _require(self.family == "decoder", f"model.sliding_window is for the decoder family (causal "
+                     f"self-attention); unset it for model.family={self.family!r}.")
+            _require(self.position != "relative", "model.sliding_window takes rope or learned positions, not "
+                     "model.position='relative'.")
+        _require(self.global_every is None or self.sliding_window is not None,
+                 "model.global_every interleaves global layers with sliding-window ones; set model.sliding_window.")
+        _require(self.global_every is None or (self.global_every >= 1 and self.n_layers % self.global_every == 0),
+                 f"model.global_every={self.global_every} must be >= 1 and divide model.n_layers={self.n_layers}.")
 
     def _check_moe_shape(self):
         """Granularity divides the expert width; expert choice only in bidirectional stacks."""
@@ -339,6 +357,12 @@ class ModelConfig:
         """Hidden width of the shared experts together: n_shared_experts * (moe.d_ff or d_ff), whatever G."""
         return self.moe.n_shared_experts * (self.moe.d_ff or self.d_ff)
 
+    def attention_window(self, layer: int) -> int | None:
+        """The sliding window of block `layer` (0-based), or None where it attends over the whole context."""
+        if self.sliding_window is None or (self.global_every and (layer + 1) % self.global_every == 0):
+            return None
+        return self.sliding_window
+
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block `layer` (0-based) has a MoE feed-forward instead of the dense MLP."""
         return self.moe.enabled and (layer + 1) % self.moe.every == 0
@@ -401,7 +425,7 @@ class DataConfig:
     source: str = "stdlib"
     text_field: str = "text"  # JSONL key / Parquet or HF column holding the text
     max_bytes: int | None = 8_000_000  # read at most this much text (None: everything)
-    tokenizer: str = "bytes"  # "bytes", or a tokenizers .json / SentencePiece .model file
+    tokenizer: str = "bytes"  # "bytes", a tokenizers .json / SentencePiece .model file, or "none" (no text)
     path: str | None = None  # prepared data: DIR or DIR1:w1,DIR2:w2 (weighted mixture)
     seq_len: int = 256  # tokens per sequence; encoder_decoder: the encoder inputs' length
     mlm_probability: float = 0.15  # encoder: share of tokens selected for the masked-LM loss (BERT)
@@ -487,6 +511,9 @@ class TrainConfig:
     max_bad_steps: int = 10
     rollback_skip_batches: int = 200
     max_rollbacks: int = 3
+    # seconds without a finished step before the run writes every thread's stack to hang-<process>.txt and exits
+    # with code 4 (lmjax.train.watchdog); None: 10x the median step time, at least 300 s; 0: off
+    step_timeout: float | None = None
 
     def __post_init__(self):
         _check_literals(self, "train.")
@@ -506,6 +533,8 @@ class TrainConfig:
                  f"train.spike_sigmas must be positive or none (no spike check), got {self.spike_sigmas}.")
         _require(2 <= self.spike_min_steps <= SPIKE_WINDOW,
                  f"train.spike_min_steps must be in [2, {SPIKE_WINDOW}] (the losses kept), got {self.spike_min_steps}.")
+        _require(self.step_timeout is None or self.step_timeout >= 0,
+                 f"train.step_timeout must be >= 0 seconds (0: off) or none (automatic), got {self.step_timeout}.")
         for name in ("max_bad_steps", "rollback_skip_batches", "max_rollbacks"):
             _require(getattr(self, name) >= (1 if name == "max_bad_steps" else 0),
                      f"train.{name} must be >= {1 if name == 'max_bad_steps' else 0}, got {getattr(self, name)}.")

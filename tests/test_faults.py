@@ -4,6 +4,9 @@ no checkpoint holds NaN or inf, and a disk that refuses a save ends with one lin
 import errno
 import json
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +17,12 @@ from orbax.checkpoint._src.handlers import json_checkpoint_handler
 from test_resume import TINY, run_cli
 
 from lmjax.checkpoint import Checkpointer, NonFiniteState, SaveFailed
+from lmjax.cli import PEER_LOST_EXIT_CODE
 from lmjax.config import SPIKE_WINDOW, MeshConfig
 from lmjax.data.pipeline import BatchIterator
 from lmjax.parallel import make_mesh
 from lmjax.records import read_metrics
+from lmjax.train.goodput import PARTS
 from lmjax.train.guard import BadStepRule, init_guard
 from lmjax.train.loop import train
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -26,6 +31,7 @@ from lmjax.train.run import load_datasets
 from lmjax.train.run_eval import restore_params
 from lmjax.train.state import init_train_state
 from lmjax.train.step import make_train_step
+from lmjax.train.watchdog import AUTO_FACTOR, AUTO_FLOOR_SECONDS, HANG_EXIT_CODE, StepTimeout
 
 
 def test_spike_judgment_equals_a_numpy_window():
@@ -114,7 +120,9 @@ def test_loss_spikes_roll_back_to_the_newest_checkpoint_and_skip_batches(tiny, p
     bad.update({6, 7})
     cfg = tiny(steps=10, eval_every=100, spike_min_steps=3, spike_sigmas=1.0, max_bad_steps=2,
                rollback_skip_batches=3, checkpoint_every=3, sample_tokens=0)
+    start = time.perf_counter()
     assert train(cfg, cfg.train.run_dir)["finished"]
+    elapsed = time.perf_counter() - start
     # steps 7 and 8 (batches 6, 7) spike; after step 8 the run restores step 6 (data position 6),
     # skips batches 6, 7, 8 and trains steps 7..10 on batches 9..12
     assert seen == [0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12]
@@ -122,6 +130,14 @@ def test_loss_spikes_roll_back_to_the_newest_checkpoint_and_skip_batches(tiny, p
     records = [r for r in read_metrics(cfg.train.run_dir) if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 11))  # the rolled-back steps' records are dropped
     assert records[-1]["skipped_steps"] == 0  # the restored state never saw the bad steps
+    # goodput: the parts sum to the wall time; steps 7 and 8 were done twice
+    goodput = json.loads((Path(cfg.train.run_dir) / "goodput.json").read_text())
+    assert goodput["steps"] == {"productive_steps": 10, "redone_steps": 2} and goodput["invocations"] == 1
+    assert set(goodput["seconds"]) == set(PARTS) and all(v >= 0 for v in goodput["seconds"].values())
+    assert sum(goodput["seconds"].values()) == pytest.approx(goodput["wall_seconds"], rel=1e-12)
+    assert 0 < goodput["wall_seconds"] <= elapsed
+    ratio = goodput["seconds"]["redone_steps"] / goodput["seconds"]["productive_steps"]
+    assert ratio == pytest.approx(2 / 10)
 
 
 def test_divergence_stops_with_exit_3_and_leaves_only_finite_checkpoints(capsys, tmp_path):
@@ -197,3 +213,98 @@ def test_a_full_tmpfs_ends_the_run_with_one_line_and_exit_2(capsys, tmp_path):
         assert jax.tree.leaves(restore_params(run))
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+WATCHED_LOOP = """
+import sys, time, types
+import jax.numpy as jnp
+from lmjax.train.loop import Hook, step_loop
+from lmjax.train.watchdog import Watchdog
+
+
+def sleeping_hook(run, metrics, routing):
+    if run.step == 4:
+        time.sleep(3)
+
+
+def slow_evaluation(run, metrics, routing):
+    if run.step == 2:
+        time.sleep(1.5)  # longer than the limit, but excused
+
+
+run = types.SimpleNamespace(step=0, halt=10, state=jnp.zeros(()), next_batch=lambda: None)
+run.train_step = lambda state, batch: (state + 1, {"loss": state * 2}, {})
+with Watchdog(sys.argv[1], step_timeout=float(sys.argv[2]), process=0) as watchdog:
+    step_loop(run, [Hook(watchdog, 1), Hook(watchdog.excusing(slow_evaluation), 1), Hook(sleeping_hook, 1)], [])
+print("finished")
+"""
+
+
+def test_a_hook_that_hangs_trips_the_watchdog_which_names_it(tmp_path):
+    """A step loop whose hook sleeps: no step finishes for longer than train.step_timeout (1 s), so
+    the stacks go to hang-0.txt, naming the hook, with one line and exit code 4; an excused hook
+    (evaluation) as long is not a hang."""
+    done = subprocess.run([sys.executable, "-c", WATCHED_LOOP, str(tmp_path), "1"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == HANG_EXIT_CODE, done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "no training step finished for 1 s" in done.stderr
+    assert "finished" not in done.stdout
+    stacks = (tmp_path / "hang-0.txt").read_text()
+    assert "sleeping_hook" in stacks and "slow_evaluation" not in stacks
+
+
+def test_the_automatic_step_timeout():
+    """None: watched from the first finished step, at AUTO_FLOOR_SECONDS until AUTO_WARMUP intervals
+    are in, then AUTO_FACTOR x their median (never below the floor); a number is the limit; 0 is off."""
+    timeout = StepTimeout(None)
+    assert timeout.limit() is None  # the first compile and step are not watched
+    timeout.finished(0.0)
+    assert timeout.limit() == AUTO_FLOOR_SECONDS
+    for k in range(1, 8):  # 7 intervals of 100 s
+        timeout.finished(k * 100.0)
+    assert timeout.limit() == AUTO_FACTOR * 100.0
+    for k in range(1, 9):  # 8 more of 1 s: the median is 1 s
+        timeout.finished(700.0 + k)
+    assert timeout.limit() == AUTO_FLOOR_SECONDS
+    fixed, off = StepTimeout(7.0), StepTimeout(0.0)
+    for t in (fixed, off):
+        t.finished(0.0)
+    assert fixed.limit() == 7.0 and off.limit() is None
+
+
+PEER = """
+import sys, time
+import jax
+import numpy as np
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 2, int(sys.argv[2]))
+from jax.experimental import multihost_utils
+from lmjax.cli import exit_if_peer_lost
+try:
+    while True:
+        multihost_utils.process_allgather(np.ones(2))
+        print("collective done", flush=True)
+        time.sleep(0.2)
+except Exception as e:
+    exit_if_peer_lost(e)
+    raise
+"""
+
+
+def test_a_dead_peer_ends_the_survivor_at_once_with_one_line(tmp_path):
+    """kill -9 of one of two processes: the survivor's next collective fails (gloo), and instead of a
+    traceback followed by an abort at the heartbeat timeout it prints one line and exits 5."""
+    from test_parallel import free_port
+
+    port = str(free_port())
+    processes = [subprocess.Popen([sys.executable, "-c", PEER, port, str(i)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in processes:
+        while "collective done" not in p.stdout.readline():  # (gloo prints its own lines first)
+            assert p.poll() is None, p.stderr.read()
+    processes[1].kill()
+    start = time.perf_counter()
+    code = processes[0].wait(timeout=90)
+    err = processes[0].stderr.read().strip()
+    assert code == PEER_LOST_EXIT_CODE and time.perf_counter() - start < 30, err
+    assert err.splitlines()[-1].startswith("lmjax: error: another process of this run stopped (")
+    assert "Traceback" not in err

@@ -21,8 +21,7 @@ from lmjax.checkpoint import Checkpointer
 from lmjax.cli import main
 from lmjax.config import ConfigError, LoRAConfig, ModelConfig, MoEConfig
 from lmjax.families import family_of
-from lmjax.lora import fold, init_adapters, low_rank, matrix_split, path_name, targeted
-from lmjax.models.weights import LowRankWeight
+from lmjax.lora import LowRankWeight, fold, init_adapters, low_rank, matrix_split, path_name, targeted
 from lmjax.train.loop import train
 from lmjax.train.run_eval import restore_weights
 
@@ -327,6 +326,26 @@ def test_lora_without_a_base_run_is_one_clear_error(capsys, tmp_path):
     assert main(["train", "--set", "lora.rank=4", "--set", f"train.run_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert "give --init-from RUN_DIR" in err and len(err.strip().splitlines()) == 1
+
+
+def test_lora_on_a_base_trained_with_another_tokenizer_is_refused(capsys, tmp_path):
+    """The adapters' base reads token ids as its own tokenizer wrote them: a LoRA run whose
+    data.tokenizer is not the base run's saved one is refused in one line, before any weight is read."""
+    import json
+
+    from lmjax.config_parse import override
+    from lmjax.experiment import load_experiment
+
+    sets = ["data.max_bytes=100000", f"train.run_dir={tmp_path / 'lora'}"]
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(override(load_experiment("decoder_tiny"), sets).to_dict()))
+    (base / "tokenizer.json").write_text("{}")  # trained with a subword tokenizer; the LoRA run uses bytes
+    args = ["train", "--init-from", str(base), "--set", "lora.rank=4"] + [a for s in sets for a in ("--set", s)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "is not that run's tokenizer" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "lora").exists()
 
 
 def test_plan_counts_the_adapters_memory_by_hand(tmp_path):

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
@@ -65,6 +66,9 @@ def test_resume_is_bitwise_exact(tmp_path, tiny):
     assert int(a.step) == int(b.step) == 6 and data_a == data_b
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    goodput = json.loads((tmp_path / "b" / "goodput.json").read_text())  # summed over both invocations
+    assert goodput["invocations"] == 2 and goodput["steps"] == {"productive_steps": 6, "redone_steps": 0}
+    assert sum(goodput["seconds"].values()) == pytest.approx(goodput["wall_seconds"], rel=1e-12)
     loss_a = [r["loss"] for r in read_metrics(tmp_path / "a") if "loss" in r]
     loss_b = [r["loss"] for r in read_metrics(tmp_path / "b") if "loss" in r]
     assert loss_a == loss_b

@@ -184,6 +184,17 @@ class ShardedTokens:
         return np.concatenate(pieces) if len(pieces) != 1 else np.asarray(pieces[0])
 
 
+def is_prepared(path: str | Path) -> bool:
+    """Whether `path` is a directory finished by `lmjax data prepare` (it holds manifest.json)."""
+    return (Path(path) / "manifest.json").is_file()
+
+
+def prepared_tokenizer(path: str | Path):
+    """The tokenizer the prepared directory `path` was made with: its copy there, or bytes."""
+    copy = json.loads((Path(path) / "manifest.json").read_text())["tokenizer_file"]
+    return load_tokenizer(str(Path(path) / copy) if copy else "bytes")
+
+
 def open_prepared(path: str | Path, tokenizer, seq_len: int, verify: bool = False) -> PackedDataset:
     """Packed windows of seq_len + 1 tokens over a prepared directory (see PackedDataset).
     Checks that it was prepared with `tokenizer` and that no shard is missing, truncated

@@ -14,11 +14,19 @@ from lmjax.data.subword import HFTokenizer, SentencePieceTokenizer
 from lmjax.data.tokenizer import ByteTokenizer, Tokenizer
 from lmjax.files import file_sha256, write_atomically
 
+NO_TOKENIZER = "none"  # data.tokenizer of a run without one (imported without tokenizer.json)
+
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """"bytes", a `tokenizers` .json file or a SentencePiece .model file -> a tokenizer."""
+    """"bytes", a `tokenizers` .json file or a SentencePiece .model file -> a tokenizer;
+    DataError for "none" (a run without a tokenizer cannot read or write text)."""
     if spec == "bytes":
         return ByteTokenizer()
+    if spec == NO_TOKENIZER:
+        raise DataError("data.tokenizer='none': this run has no tokenizer (it was imported without tokenizer.json), "
+                        "so it cannot read or write text; copy the model's tokenizer file into the run directory "
+                        "and set data.tokenizer to it, or evaluate on prepared token shards (lmjax eval RUN --data "
+                        "PREPARED_DIR).")
     path = Path(spec).expanduser()
     if not path.is_file():
         raise DataError(f"data.tokenizer {spec!r} is neither 'bytes' nor an existing tokenizer file; "
@@ -48,9 +56,10 @@ def save_to_run(tokenizer: Tokenizer, run_dir: Path) -> None:
 
 
 def load_from_run(run_dir: Path, spec: str) -> Tokenizer:
-    """The tokenizer a run trained with: its saved copy, or bytes when `spec` is "bytes"."""
-    if spec == "bytes":
-        return ByteTokenizer()
+    """The tokenizer a run trained with: its saved copy, or bytes when `spec` is "bytes"
+    (DataError when it is "none": the run has no tokenizer)."""
+    if spec in ("bytes", NO_TOKENIZER):
+        return load_tokenizer(spec)
     for suffix in (".json", ".model"):
         if (Path(run_dir) / f"tokenizer{suffix}").is_file():
             return load_tokenizer(str(Path(run_dir) / f"tokenizer{suffix}"))

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from lmjax.checkpoint import Checkpointer
-from lmjax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig
+from lmjax.config import BYTE_VOCAB_SIZE, Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig
 from lmjax.families import family_of
 from lmjax.interop import bert, llama, t5
 from lmjax.interop.tensors import open_checkpoint, save_checkpoint
@@ -131,13 +131,13 @@ def from_hf(hf_dir: Path, run_dir: Path, dtype: str = "float32", mesh_cfg: MeshC
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     notes: list[str] = []
     model = dataclasses.replace(model_config_from_hf(hf_dir, notes), dtype=dtype, param_dtype=dtype)
-    tokenizer = "bytes"
+    tokenizer = "bytes" if model.vocab_size >= BYTE_VOCAB_SIZE else "none"
     if (hf_dir / "tokenizer.json").is_file():
         tokenizer = str((run_dir / "tokenizer.json").absolute())
         _check_tokenizer(hf_dir, model, notes)
     else:
-        notes.append("no tokenizer.json: the run records data.tokenizer='bytes'; copy the model's tokenizer.json "
-                     "into the run directory and set data.tokenizer to it before using text.")
+        notes.append(f"no tokenizer.json: the run records data.tokenizer={tokenizer!r}; copy the model's "
+                     "tokenizer.json into the run directory and set data.tokenizer to it before using text.")
     cfg = Config(name=f"hf-{hf_dir.name}", model=model,
                  data=DataConfig(tokenizer=tokenizer, seq_len=min(256, model.max_seq_len)),
                  train=TrainConfig(steps=1, run_dir=str(run_dir)))
@@ -147,7 +147,7 @@ def from_hf(hf_dir: Path, run_dir: Path, dtype: str = "float32", mesh_cfg: MeshC
     params = import_params(hf_dir, model, mesh, notes)  # every check on the input runs before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        if tokenizer != "bytes" and (hf_dir / name).is_file():
+        if tokenizer not in ("bytes", "none") and (hf_dir / name).is_file():
             shutil.copyfile(hf_dir / name, run_dir / name)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     checkpointer = Checkpointer(run_dir, async_save=False)

@@ -134,10 +134,25 @@ def kv_cache_positions(m: ModelConfig) -> int:
     return m.max_seq_len * (2 if cross else 1)
 
 
+def kv_cache_bytes_per_sequence(m: ModelConfig, length: int | None = None) -> int:
+    """Decoding-cache bytes of one sequence of `length` positions (default: model.max_seq_len, and
+    for an encoder-decoder as many encoder inputs), as `init_cache` allocates them: every decoding
+    layer caches each position, except that a
+    sliding-window layer (`model.sliding_window` W, decoder only) keeps a ring of min(W, length)
+    (plus, not counted here, one int32 position per ring slot and row)."""
+    per_token = kv_cache_bytes_per_token(m)
+    if m.sliding_window is None:
+        return per_token * (kv_cache_positions(m) if length is None else length)
+    length = length or m.max_seq_len
+    held = sum(min(m.attention_window(i) or length, length) for i in range(m.n_layers))
+    return per_token // m.n_layers * held
+
+
 def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1, adapter_bytes: float = 0,
                     int8_bytes: tuple[float, float] | None = None) -> dict[str, float]:
     """Bytes per device for training (weights, grads, Adam, activations) and for inference
-    (weights + a KV cache of `inference_batch` sequences of model.max_seq_len tokens).
+    (weights + a KV cache of `inference_batch` sequences of model.max_seq_len tokens, sliding-window
+    layers holding their window: `kv_cache_bytes_per_sequence`).
 
     The weight transforms' sizes come in as plain numbers, from the transforms themselves:
     `adapter_bytes`, a LoRA run's adapters in `model.param_dtype` (counted whole on every
@@ -159,7 +174,7 @@ def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1, a
     activations = activation_bytes_per_token(m, cfg.data.seq_len, tensor=sizes["tensor"]) * (
         micro_batch_tokens / batch_shards)
     kv_per_token = kv_cache_bytes_per_token(m)
-    kv_cache = kv_per_token * kv_cache_positions(m) * inference_batch / sizes["tensor"]  # kv_heads split by tensor
+    kv_cache = kv_cache_bytes_per_sequence(m) * inference_batch / sizes["tensor"]  # kv_heads split by tensor
     gradient_bytes = param_bytes
     if cfg.lora.enabled:  # the adapters, their gradients, master copy and moments; the weights get none
         gradient_bytes = adapter_bytes
@@ -180,7 +195,7 @@ def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1, a
         "memory_train_bytes": (param_bytes + adapter_bytes + gradient_bytes + master_bytes + adam_bytes
                                + activations),
         "kv_cache_bytes_per_token": kv_per_token,
-        "kv_cache_bytes_per_sequence": kv_per_token * kv_cache_positions(m),
+        "kv_cache_bytes_per_sequence": kv_cache_bytes_per_sequence(m),
         "memory_inference_bytes": param_bytes + kv_cache,
         **int8,
     }

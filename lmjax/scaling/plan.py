@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from lmjax.config import Config, ConfigError
+from lmjax.config import Config, ConfigError, ModelConfig
 from lmjax.families import family_of
 from lmjax.hardware import PEAK_FLOPS
 from lmjax.scaling.counting import (
@@ -119,6 +119,20 @@ def _moe_shape(cfg: Config) -> dict:
                   if m.is_moe_layer(i))
     return {"moe_granularity": m.moe.granularity,
             "moe_router_share_of_active": routers / param_counts(m)["params_active"]}
+
+
+def shape_notes(m: ModelConfig) -> list[str]:
+    """Lines warning of a shape no published model has, as widening an experiment with
+    `--set model.d_model` alone makes: heads wider than 256, or a feed-forward narrower than
+    d_model (LLaMA: heads of 128, d_ff about 2.7 d_model)."""
+    notes = []
+    if m.head_dim > 256:
+        notes.append(f"heads of width {m.head_dim} (model.n_heads={m.n_heads} at model.d_model={m.d_model}); "
+                     f"published models use 64-128: set model.n_heads (and model.n_kv_heads) with model.d_model.")
+    if m.d_ff < m.d_model:
+        notes.append(f"model.d_ff={m.d_ff} is narrower than model.d_model={m.d_model} (LLaMA: about 2.7x); set "
+                     "model.d_ff with model.d_model, or plan a named shape such as `lmjax plan llama2_7b`.")
+    return notes
 
 
 def _with_budget(cfg: Config, budget_flops: float) -> Config:

@@ -34,8 +34,10 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.wandb_run = None
+        self.highest_step_before_resume = 0  # the last step metrics.jsonl held (a killed run's may be lost)
         if not enabled:
             return
+        self.highest_step_before_resume = max((r["step"] for r in read_records(self.path)), default=0)
         self.drop_after(start_step)
         if cfg.log.wandb != "off":
             import wandb

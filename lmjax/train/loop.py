@@ -32,9 +32,11 @@ from lmjax.records import read_metrics
 from lmjax.scaling.counting import example_lengths, param_counts, run_flops_per_token, tokens_per_step
 from lmjax.train import loggers
 from lmjax.train.evaluate import evaluate
+from lmjax.train.goodput import Goodput
 from lmjax.train.metrics import mfu, peak_flops_per_device
-from lmjax.train.rollback import Diverged, Rollback
+from lmjax.train.rollback import Rollback
 from lmjax.train.run import Run, setup
+from lmjax.train.watchdog import Watchdog
 
 
 @dataclass(frozen=True)
@@ -119,9 +121,10 @@ class Validate:
     prefix and printed; `last` keeps the newest result. Its time is left out of the clock."""
 
     def __init__(self, clock: StepClock):
-        self.clock, self.last = clock, None
+        self.clock, self.last, self.seconds = clock, None, 0.0
 
     def __call__(self, run: Run, metrics: dict = None, routing: dict = None) -> dict:
+        start = time.perf_counter()
         with self.clock.paused():
             cfg = run.cfg
             result = evaluate(run.graphdef, run.model_params(), run.val_set, run.tokenizer, cfg.train.batch_size,
@@ -130,6 +133,7 @@ class Validate:
             loggers.console(f"step {run.step:>6}  val loss {result['loss']:.4f}  ppl {result['perplexity']:.2f}  "
                             f"bpb {result['bits_per_byte']:.3f}")
         self.last = result
+        self.seconds += time.perf_counter() - start
         return result
 
 
@@ -197,27 +201,38 @@ def train(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
     {step, finished, val_*: the newest validation metrics}. A new run with `init_from` (a run
     directory) starts from that run's weights; `new_data_order` lets a resumed run change its
     batch or data (see `setup`). Every check that can fail on
-    user input runs before compilation."""
+    user input runs before compilation. Where the time went is added to goodput.json and
+    printed at the end, however the invocation ends (`lmjax.train.goodput`)."""
+    start = time.perf_counter()
     run = setup(cfg, run_dir, init_from, new_data_order)
     announce(run)
     bar = loggers.progress_bar(run.steps, run.step, run.main_process and cfg.log.progress_bar)
     clock = StepClock(run.step)
     validate = Validate(clock)
+    goodput = Goodput(run, start, lambda: validate.seconds)
     rollback = Rollback(run, on_rollback=(clock.restart, lambda step: bar.reset(run.steps) or bar.update(step)))
-    hooks = [Hook(lambda run, metrics, routing: bar.update(1), every=1, at_halt=True),
+    watchdog = Watchdog(run.run_dir, cfg.train.step_timeout)
+    hooks = [Hook(watchdog, every=1, at_halt=True),
+             Hook(lambda run, metrics, routing: bar.update(1), every=1, at_halt=True),
+             Hook(goodput, every=1, at_halt=True),
              Hook(LogMetrics(run, clock, bar), cfg.train.log_every, at_halt=True),
-             Hook(rollback, every=1, at_halt=True),
-             Hook(validate, cfg.train.eval_every),
-             Hook(save_checkpoint, cfg.train.checkpoint_every)]
-    with StopRequest(cfg.train.warning_signal) as stop:
-        try:
-            step_loop(run, hooks, stop_signals=[stop])
-        except Diverged:
-            bar.close()
-            close(run)
-            raise
-    bar.close()
-    return finish(run, validate)
+             Hook(watchdog.excusing(rollback), every=1, at_halt=True),
+             Hook(watchdog.excusing(validate), cfg.train.eval_every),
+             Hook(watchdog.excusing(save_checkpoint), cfg.train.checkpoint_every)]
+    try:
+        with StopRequest(cfg.train.warning_signal) as stop, goodput.loop(run), watchdog:
+            try:
+                step_loop(run, hooks, stop_signals=[stop])
+            finally:
+                bar.close()
+        return finish(run, validate)
+    except Exception:  # Diverged, SaveFailed, ...: the pending save still completes (or says why not)
+        close(run)
+        raise
+    finally:
+        line = goodput.report(run)
+        if run.main_process:
+            loggers.console(line)
 
 
 def announce(run: Run) -> None:
@@ -253,7 +268,10 @@ def finish(run: Run, validate: Validate) -> dict:
 
 
 def close(run: Run) -> None:
-    """Wait for the pending save (SaveFailed if the disk refused it), close the checkpointer and loggers."""
+    """Wait for the pending save (SaveFailed if the disk refused it), close the checkpointer and loggers
+    (once: a second call does nothing)."""
+    if run.checkpointer.closed:
+        return
     try:
         run.checkpointer.wait()
     finally:

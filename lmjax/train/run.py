@@ -123,11 +123,12 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
     if cfg.lora.enabled:
         cfg = lora_base(cfg, init_from)
         init_from = None
-    if init_from is not None or cfg.lora.enabled:
-        check_init_from(cfg, Path(init_from or cfg.lora.base))
+    base = Path(init_from or cfg.lora.base) if init_from is not None or cfg.lora.enabled else None
+    if base is not None:
+        check_init_from(cfg, base)
     train_set, val_set, tokenizer = load_datasets(cfg, run_tokenizer(cfg, run_dir))
-    if init_from is not None:
-        check_init_tokenizer(tokenizer, Path(init_from))
+    if base is not None:  # a LoRA run's base too: its frozen weights read these ids
+        check_init_tokenizer(tokenizer, base)
     check_sample_prompt(cfg, tokenizer)
     main_process = jax.process_index() == 0
 

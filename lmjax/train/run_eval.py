@@ -39,7 +39,7 @@ def restore_weights_onto(run_dir: Path, mesh, step: int | None = None, keep_int8
     """(config, graphdef, params, step): the model weights of checkpoint `step` (default:
     newest) of `run_dir`, sharded over `mesh` by their logical axes; the optimizer state is not read.
     A LoRA run's weights are its base run's newest ones with the run's adapters folded in. A
-    quantized run's (`lmjax quantize`) matrices stay int8 `qwix.QArray`s with `keep_int8` (for
+    quantized run's (`lmjax quantize`) matrices stay `Int8Weight`s with `keep_int8` (for
     running the model), else they are dequantized (for code that changes or exports weights)."""
     from lmjax.quantize import is_quantized, restore_quantized_onto
 
@@ -86,7 +86,7 @@ def restore_params(run_dir: Path, step: int | None = None, mesh_overrides: list[
 def load(run_dir: Path | str, step: int | None = None):
     """(model, config, tokenizer) of a run's checkpoint (default: newest), with weights on
     this process's devices (replicated), whatever mesh trained it; a quantized run's matrices
-    stay int8 (`qwix.QArray`). For notebooks:
+    stay int8 (`Int8Weight`). For notebooks:
 
         model, cfg, tokenizer = lmjax.load("runs/decoder_tiny-20261122-142445")
     """
@@ -96,23 +96,47 @@ def load(run_dir: Path | str, step: int | None = None):
     return nnx.merge(graphdef, params), cfg, load_from_run(Path(run_dir), cfg.data.tokenizer)
 
 
+def prepared_examples(cfg: Config, run_dir: Path, directory: Path):
+    """(the family's examples over every window of the prepared `directory`, its tokenizer):
+    the run's own tokenizer, which must be the one the data were prepared with, or for a run
+    without one (data.tokenizer='none') the data's, whose ids must fit model.vocab_size."""
+    from lmjax.data.prepare import open_prepared, prepared_tokenizer
+
+    if cfg.data.tokenizer == "none":
+        tokenizer = prepared_tokenizer(directory)
+    else:
+        tokenizer = load_from_run(run_dir, cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"{directory} was prepared with a tokenizer of {tokenizer.vocab_size} ids, more than "
+                          f"the run's model.vocab_size={cfg.model.vocab_size}; prepare it with the model's tokenizer.")
+    windows = open_prepared(directory, tokenizer, family_of(cfg.model).window_length(cfg))
+    return family_examples(windows, cfg, tokenizer, cfg.data.seed + 1), tokenizer
+
+
 def evaluate_run(run_dir: Path, max_batches: int | None = None, data_source: str | None = None,
                  token_losses_file: Path | None = None) -> dict:
     """{step, loss, perplexity, bits_per_byte, tokens} of the newest checkpoint on the run's
     validation split, or on all of `data_source` (any `data.source`: "stdlib", a file, a
     directory, an HF dataset on disk). With `token_losses_file`, every position's loss is
-    saved there (.npy, (sequences, seq_len) float32, nats, 0 where not counted)."""
+    saved there (.npy, (sequences, seq_len) float32, nats, 0 where not counted). A directory
+    made by `lmjax data prepare` is read as its token shards, which is how a run without a
+    tokenizer (data.tokenizer='none') is evaluated."""
+    from lmjax.data.prepare import is_prepared
+
     cfg, graphdef, params, step, mesh = restore_weights(run_dir, keep_int8=True)
-    tokenizer = load_from_run(run_dir, cfg.data.tokenizer)
-    if data_source is None:
-        _, dataset, tokenizer = load_datasets(cfg, tokenizer)
+    if data_source is not None and is_prepared(data_source):
+        dataset, tokenizer = prepared_examples(cfg, run_dir, Path(data_source))
     else:
-        documents = load_documents(data_source, cfg.data.text_field, cfg.data.max_bytes)
-        windows = PackedDataset(tokenize(documents, tokenizer), family_of(cfg.model).window_length(cfg))
-        dataset = family_examples(windows, cfg, tokenizer, cfg.data.seed + 1)
-        if len(dataset) < cfg.train.batch_size:
-            raise DataError(f"{data_source} holds {len(dataset)} sequences of data.seq_len={cfg.data.seq_len}, "
-                            f"fewer than one batch of train.batch_size={cfg.train.batch_size}.")
+        tokenizer = load_from_run(run_dir, cfg.data.tokenizer)
+        if data_source is None:
+            _, dataset, tokenizer = load_datasets(cfg, tokenizer)
+        else:
+            documents = load_documents(data_source, cfg.data.text_field, cfg.data.max_bytes)
+            windows = PackedDataset(tokenize(documents, tokenizer), family_of(cfg.model).window_length(cfg))
+            dataset = family_examples(windows, cfg, tokenizer, cfg.data.seed + 1)
+    if data_source is not None and len(dataset) < cfg.train.batch_size:
+        raise DataError(f"{data_source} holds {len(dataset)} sequences of data.seq_len={cfg.data.seq_len}, "
+                        f"fewer than one batch of train.batch_size={cfg.train.batch_size}.")
     result = evaluate(graphdef, params, dataset, tokenizer, cfg.train.batch_size, max_batches,
                       batch_sharding(mesh), keep_token_losses=token_losses_file is not None)
     if token_losses_file is not None:
