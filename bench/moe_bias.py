@@ -16,7 +16,7 @@ import argparse
 import json
 
 import jax
-from train_step import StepRunner, interleaved_median_ms
+from train_step import add_turn_arguments, median_step_ms_in_turns
 
 VARIANTS = {
     "off": [],
@@ -27,12 +27,10 @@ VARIANTS = {
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    add_turn_arguments(parser)
     args = parser.parse_args()
-    runners = {name: StepRunner("moe_tiny", sets + args.overrides) for name, sets in VARIANTS.items()}
-    step_ms = interleaved_median_ms(runners, args.rounds, args.steps)
+    variants = {name: ("moe_tiny", sets) for name, sets in VARIANTS.items()}
+    step_ms = median_step_ms_in_turns(variants, args.overrides, args.rounds, args.steps)
     print(json.dumps({
         "device": jax.devices()[0].device_kind, "devices": len(jax.devices()), "overrides": args.overrides,
         "step_ms": {k: round(v, 1) for k, v in step_ms.items()},

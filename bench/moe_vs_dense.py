@@ -15,7 +15,7 @@ import argparse
 import json
 
 import jax
-from train_step import StepRunner, interleaved_median_ms
+from train_step import add_turn_arguments, median_step_ms_in_turns
 
 PAIRS = {"tiny": ("decoder_tiny", "moe_tiny"), "narrow": ("decoder_narrow", "moe_narrow")}
 MOE_VARIANTS = {
@@ -28,14 +28,11 @@ MOE_VARIANTS = {
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pair", choices=sorted(PAIRS), default="tiny")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    add_turn_arguments(parser)
     args = parser.parse_args()
     dense, moe = PAIRS[args.pair]
     variants = {"dense": (dense, []), **{name: (moe, sets) for name, sets in MOE_VARIANTS.items()}}
-    runners = {name: StepRunner(exp, overrides + args.overrides) for name, (exp, overrides) in variants.items()}
-    step_ms = interleaved_median_ms(runners, args.rounds, args.steps)
+    step_ms = median_step_ms_in_turns(variants, args.overrides, args.rounds, args.steps)
     print(json.dumps({
         "pair": args.pair, "device": jax.devices()[0].device_kind, "devices": len(jax.devices()),
         "overrides": args.overrides,

@@ -194,6 +194,17 @@ class ModelConfig:
     norm_eps: float = 1e-5
     position: Literal["rope", "learned", "relative"] = "rope"
     rope_theta: float = 10_000.0
+    # RoPE scaling (docs/design.md, "RoPE scaling"): none, linear (positions / factor), llama3 (Llama 3.1's
+    # frequency-dependent factor), yarn (NTK-by-parts, and cos/sin times an attention factor)
+    rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
+    rope_scaling_factor: float = 1.0  # the context extension factor (linear, llama3, yarn)
+    rope_original_max_len: int | None = None  # the pretraining context length (llama3, yarn; optional for linear)
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_len / low are divided by factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_len / high are kept
+    rope_beta_fast: float = 32.0  # yarn: rotations above which dimensions keep their frequency
+    rope_beta_slow: float = 1.0  # yarn: rotations below which dimensions are divided by factor
+    rope_attention_factor: float | None = None  # yarn: cos/sin multiplier; None: 0.1 ln(factor) + 1
+    rope_truncate: bool = True  # yarn: round the correction range to whole dimensions
     # decoder: each query attends to the keys of the last W positions (k > q - W); None: the whole context
     sliding_window: int | None = None
     global_every: int | None = None  # with sliding_window: layers k-1, 2k-1, ... attend globally; None: none do
@@ -264,7 +275,7 @@ class ModelConfig:
         self._check_long_context()
 
     def _check_long_context(self) -> None:
-        """Sliding windows: settings that make no sense raise ConfigError."""
+        """Sliding windows and RoPE scaling: settings that make no sense raise ConfigError."""
         _require(self.sliding_window is None or self.sliding_window > 0,
                  f"model.sliding_window must be a positive number of positions or none, got {self.sliding_window}.")
         if self.sliding_window is not None:
@@ -276,6 +287,24 @@ class ModelConfig:
                  "model.global_every interleaves global layers with sliding-window ones; set model.sliding_window.")
         _require(self.global_every is None or (self.global_every >= 1 and self.n_layers % self.global_every == 0),
                  f"model.global_every={self.global_every} must be >= 1 and divide model.n_layers={self.n_layers}.")
+        if self.rope_scaling == "none":
+            return
+        scaling = f"model.rope_scaling={self.rope_scaling!r}"
+        _require(self.position == "rope", f"{scaling} scales rotary positions; set model.position='rope'.")
+        _require(self.rope_scaling_factor > 0, f"{scaling} needs model.rope_scaling_factor > 0, got "
+                 f"{self.rope_scaling_factor}.")
+        _require(self.rope_original_max_len is None or self.rope_original_max_len > 0,
+                 f"model.rope_original_max_len must be positive or none, got {self.rope_original_max_len}.")
+        _require(self.rope_scaling == "linear" or self.rope_original_max_len is not None,
+                 f"{scaling} needs model.rope_original_max_len, the pretraining context length.")
+        _require(self.rope_scaling != "llama3" or 0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+                 f"{scaling} needs 0 < model.rope_low_freq_factor < model.rope_high_freq_factor, got "
+                 f"{self.rope_low_freq_factor} and {self.rope_high_freq_factor}.")
+        _require(self.rope_scaling != "yarn" or (self.rope_beta_fast > 0 and self.rope_beta_slow > 0),
+                 f"{scaling} needs model.rope_beta_fast and model.rope_beta_slow > 0, got {self.rope_beta_fast} "
+                 f"and {self.rope_beta_slow}.")
+        _require(self.rope_attention_factor is None or self.rope_attention_factor > 0,
+                 f"model.rope_attention_factor must be positive or none, got {self.rope_attention_factor}.")
 
     def _check_moe_shape(self):
         """Granularity divides the expert width; expert choice only in bidirectional stacks."""
@@ -362,6 +391,14 @@ class ModelConfig:
         if self.sliding_window is None or (self.global_every and (layer + 1) % self.global_every == 0):
             return None
         return self.sliding_window
+
+    @property
+    def context_length(self) -> int:
+        """The longest input the model takes: max_seq_len, or, with a RoPE scaling and its original
+        length, rope_scaling_factor x rope_original_max_len when that is longer."""
+        if self.rope_scaling == "none" or self.rope_original_max_len is None:
+            return self.max_seq_len
+        return max(self.max_seq_len, int(self.rope_scaling_factor * self.rope_original_max_len))
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block `layer` (0-based) has a MoE feed-forward instead of the dense MLP."""

@@ -248,9 +248,7 @@ def merge_run(run_dir: Path, out_dir: Path) -> None:
     directory `out_dir` (config without `lora`, the tokenizer, a step-0 weights-only
     checkpoint, as `lmjax convert from-hf` writes), which `lmjax.load`, `eval`, `generate`, `train --init-from` and
     `convert to-hf` accept. Checks run before anything is written."""
-    import json
-
-    from lmjax.checkpoint import Checkpointer
+    from lmjax.checkpoint import write_weights_run
     from lmjax.data import load_from_run, save_to_run
     from lmjax.train.run_eval import load_config, restore_weights
 
@@ -264,8 +262,4 @@ def merge_run(run_dir: Path, out_dir: Path) -> None:
     merged = dataclasses.replace(cfg, lora=LoRAConfig(), train=dataclasses.replace(cfg.train, run_dir=str(out_dir)))
     out_dir.mkdir(parents=True, exist_ok=True)
     save_to_run(tokenizer, out_dir)
-    (out_dir / "config.json").write_text(json.dumps(merged.to_dict(), indent=2))
-    checkpointer = Checkpointer(out_dir, async_save=False)
-    checkpointer.save_weights(0, params, merged.to_dict())
-    checkpointer.wait()
-    checkpointer.close()
+    write_weights_run(out_dir, merged.to_dict(), params)

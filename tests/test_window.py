@@ -111,3 +111,12 @@ def test_plan_counts_the_cache_init_cache_allocates():
         assert held == 3 * kv_cache_bytes_per_sequence(cfg, length)
     # 2 global layers hold 20 positions, 2 windowed layers 3: 2 (k, v) * 2 kv heads * 8 wide * 2 bytes each
     assert kv_cache_bytes_per_sequence(cfg, 20) == 2 * 2 * 8 * 2 * (2 * 20 + 2 * 3)
+
+
+def test_flops_count_the_windowed_layers_pairs():
+    """32 tokens, W = 3: a windowed layer computes 3 * 32 - 9 / 2 query-key pairs, not 32^2 / 2;
+    2 of the 4 layers are windowed; 12 FLOPs per pair and attention width (4 heads x 8)."""
+    from lmjax.scaling.counting import train_flops_per_example
+
+    whole = train_flops_per_example(dataclasses.replace(CFG, sliding_window=None, global_every=None), 32)
+    assert whole - train_flops_per_example(CFG, 32) == 2 * 12 * (32 * 32 / 2 - (3 * 32 - 9 / 2)) * 32
