@@ -154,7 +154,7 @@ def test_divergence_stops_with_exit_3_and_leaves_only_finite_checkpoints(capsys,
     code, _, err = run_cli(capsys, "train", *TINY, "--set", f"train.run_dir={run}", "--set", "optim.lr=1e8",
                            "--set", "optim.clip_norm=none", "--set", "optim.warmup_steps=0", "--set",
                            "train.steps=40", "--set", "train.max_bad_steps=3", "--set", "train.max_rollbacks=1",
-                           "--set", "train.rollback_skip_batches=2")
+                           "--set", "train.rollback_skip_batches=2", "--set", "train.eval_every=1000")
     assert code == 3 and err.count("\n") == 1, err
     assert "diverged at step" in err and "lower optim.lr (now 1e+08) or set optim.clip_norm" in err
     assert len(read_rollbacks(run)) == 1
@@ -215,7 +215,8 @@ def test_a_full_tmpfs_ends_the_run_with_one_line_and_exit_2(capsys, tmp_path):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=480k", "tmpfs", str(disk)], check=True)
     try:
         run = disk / "run"
-        code, _, err = run_cli(capsys, "train", *TINY, "--set", f"train.run_dir={run}")
+        code, _, err = run_cli(capsys, "train", *TINY, "--set", f"train.run_dir={run}", "--set",
+                               "train.eval_every=1000")
         assert code == 2 and err.count("\n") == 1 and "could not save checkpoint step 4" in err, err
         assert "the disk is full" in err and "the checkpoint of step 2 is intact" in err
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"]
