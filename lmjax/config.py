@@ -73,6 +73,13 @@ class MoEConfig:
     their G = 1 width). `routing` "experts_choose" (Zhou et al. 2022): each expert picks its
     top C = ceil(capacity_factor * G * top_k * T / (G * n_experts)) tokens of a sequence
     instead of each token picking experts; only for bidirectional stacks (docs/moe.md).
+    `router` "softmax" scores experts by a softmax over the router logits (Switch, Mixtral);
+    "sigmoid" by an independent sigmoid per expert (DeepSeek-V3). Top-k is chosen on the scores
+    plus a per-expert bias (a non-trainable variable, present with a sigmoid router or
+    `bias_update_rate` > 0); the gate weights are the chosen unbiased scores. After every
+    optimizer step the bias moves by `bias_update_rate` * sign(mean load - load) per expert
+    (auxiliary-loss-free balancing, Wang et al. 2024). `sequence_balance_coef` weighs
+    DeepSeek-V3's per-sequence balancing loss. See docs/moe.md.
     """
 
     n_experts: int = 0
@@ -90,6 +97,9 @@ class MoEConfig:
     renormalize: bool = True  # rescale the top-k weights of each token to sum to 1
     granularity: int = 1  # G: G * n_experts experts of width d_ff / G, G * top_k per token
     routing: Literal["tokens_choose", "experts_choose"] = "tokens_choose"  # who chooses: tokens or experts
+    router: Literal["softmax", "sigmoid"] = "softmax"  # expert scores: softmax (Mixtral) or sigmoid (DeepSeek-V3)
+    bias_update_rate: float = 0.0  # u: selection bias b_i += u * sign(mean load - load_i) per step; 0: no update
+    sequence_balance_coef: float = 0.0  # DeepSeek-V3 per-sequence balancing loss: E * sum_i f_i * P_i per row
 
     def __post_init__(self):
         _check_literals(self, "model.moe.")
@@ -103,7 +113,7 @@ class MoEConfig:
                  "model.moe.capacity_factor and model.moe.eval_capacity_factor must be positive.")
         _require(self.every >= 1, f"model.moe.every must be >= 1, got {self.every}.")
         _require(self.n_shared_experts >= 0, f"model.moe.n_shared_experts must be >= 0, got {self.n_shared_experts}.")
-        for name in ("load_balance_coef", "z_loss_coef", "router_jitter"):
+        for name in ("load_balance_coef", "z_loss_coef", "router_jitter", "bias_update_rate", "sequence_balance_coef"):
             _require(getattr(self, name) >= 0, f"model.moe.{name} must be >= 0, got {getattr(self, name)}.")
         self._check_routing()
 
@@ -118,6 +128,9 @@ class MoEConfig:
                  f"model.moe.dispatch=capacity with granularity * top_k = {self.experts_per_token} experts per token "
                  f"builds a (B, T, k, E, C) one-hot that grows as k^2; above k = {MAX_CAPACITY_TOP_K} use "
                  "model.moe.dispatch=dropless.")
+        _require(self.routing == "tokens_choose" or not (self.router_bias or self.sequence_balance_coef),
+                 "model.moe.routing='experts_choose' is balanced by construction; a router bias (router='sigmoid', "
+                 "bias_update_rate > 0) and sequence_balance_coef are for tokens_choose.")
 
     @property
     def n_routed_experts(self) -> int:
@@ -132,6 +145,11 @@ class MoEConfig:
     @property
     def enabled(self) -> bool:
         return self.n_experts > 0
+
+    @property
+    def router_bias(self) -> bool:
+        """Whether each MoE layer holds a selection bias (a sigmoid router, or a bias that is updated)."""
+        return self.enabled and (self.router == "sigmoid" or self.bias_update_rate > 0)
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,7 @@ def test_divergence_stops_with_exit_3_and_leaves_only_finite_checkpoints(capsys,
     code, _, err = run_cli(capsys, "train", *TINY, "--set", f"train.run_dir={run}", "--set", "optim.lr=1e8",
                            "--set", "optim.clip_norm=none", "--set", "optim.warmup_steps=0", "--set",
                            "train.steps=40", "--set", "train.max_bad_steps=3", "--set", "train.max_rollbacks=1",
-                           "--set", "train.rollback_skip_batches=2")
+                           "--set", "train.rollback_skip_batches=2", "--set", "train.eval_every=1000")
     assert code == 3 and err.count("\n") == 1, err
     assert "diverged at step" in err and "lower optim.lr (now 1e+08) or set optim.clip_norm" in err
     assert len(read_rollbacks(run)) == 1
@@ -215,7 +215,8 @@ def test_a_full_tmpfs_ends_the_run_with_one_line_and_exit_2(capsys, tmp_path):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=480k", "tmpfs", str(disk)], check=True)
     try:
         run = disk / "run"
-        code, _, err = run_cli(capsys, "train", *TINY, "--set", f"train.run_dir={run}")
+        code, _, err = run_cli(capsys, "train", *TINY, "--set", f"train.run_dir={run}", "--set",
+                               "train.eval_every=1000")
         assert code == 2 and err.count("\n") == 1 and "could not save checkpoint step 4" in err, err
         assert "the disk is full" in err and "the checkpoint of step 2 is intact" in err
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"]
@@ -332,3 +333,23 @@ def test_two_kills_of_a_two_process_run_end_bitwise_equal_to_an_uninterrupted_ru
     assert result["kills"] == 2 and "during the save" in result["moments"][1], result
     for x, y in zip(chaos.final_state(tmp_path / "reference"), chaos.final_state(tmp_path / "chaos"), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_a_read_only_disk_gives_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+    try:
+        checkpointer = Checkpointer(disk)
+        checkpointer.save(1, {"w": jnp.ones(10)}, {"step": 1}, {})
+        checkpointer.wait()
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        with pytest.raises(SaveFailed) as failure:
+            checkpointer.save(2, {"w": jnp.zeros(10)}, {"step": 2}, {})
+            checkpointer.wait()
+        message = str(failure.value)
+        assert "could not save checkpoint step 2" in message and "the disk is read-only" in message
+        assert "the checkpoint of step 1 is intact" in message and "\n" not in message
+        assert sorted(p.name for p in (disk / "checkpoints").iterdir()) == ["1"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

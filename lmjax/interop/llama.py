@@ -56,6 +56,9 @@ def hf_config(cfg: ModelConfig, notes: list[str]) -> dict:
     if moe.enabled and (moe.every != 1 or moe.n_shared_experts or not moe.renormalize):
         problems.append("model.moe with every != 1, shared experts or renormalize=false "
                         "(Mixtral: MoE in every layer, no shared experts, renormalised top-k)")
+    if moe.router_bias:
+        problems.append(f"model.moe.router={moe.router!r} with bias_update_rate={moe.bias_update_rate:g} (Mixtral "
+                        "has a softmax router and no selection bias)")
     if cfg.global_every is not None:
         problems.append(f"model.global_every={cfg.global_every} (Mistral and Mixtral window every layer)")
     if problems:
