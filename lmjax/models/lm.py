@@ -81,6 +81,8 @@ class _TokenModel(nnx.Module):
         check_length(cfg, tokens.shape[1], "an input of")
         dtype = jnp.dtype(cfg.dtype)
         x = self.embed(tokens, dtype)  # (B, T, D)
+        if cfg.embedding_multiplier != 1.0:
+            x = x * jnp.asarray(cfg.embedding_multiplier, dtype)
         if cfg.position == "learned":
             x = x + take_rows(self.pos_embed[...], positions, dtype)
         if cfg.token_types:
@@ -91,7 +93,7 @@ class _TokenModel(nnx.Module):
         return dropout(x, cfg.dropout, None if dropout_key is None else jax.random.split(dropout_key)[0])
 
     def _logits(self, x):
-        """(B, T, D) -> logits (B, T, V) float32, times `output_multiplier` under µP."""
+        """(B, T, D) -> logits (B, T, V) float32, times `logit_scale` (the logit multiplier, and 1 / m under µP)."""
         cfg = self.cfg
         if cfg.norm_placement == "pre":
             x = self.final_norm(x)
@@ -104,8 +106,8 @@ class _TokenModel(nnx.Module):
             logits = self.embed.attend(x)
         else:
             logits = matmul(x, self.unembed[...], out_dtype=jnp.float32)
-        if cfg.parametrization == "mup":
-            logits = logits * cfg.output_multiplier
+        if cfg.parametrization == "mup" or cfg.logit_multiplier != 1.0:
+            logits = logits * cfg.logit_scale
         return logits + self.output_bias[...].astype(jnp.float32) if cfg.mlm_head_transform else logits
 
 
