@@ -111,3 +111,25 @@ def test_plan_counts_the_cache_init_cache_allocates():
         assert held == 3 * kv_cache_bytes_per_sequence(cfg, length)
     # 2 global layers hold 20 positions, 2 windowed layers 3: 2 (k, v) * 2 kv heads * 8 wide * 2 bytes each
     assert kv_cache_bytes_per_sequence(cfg, 20) == 2 * 2 * 8 * 2 * (2 * 20 + 2 * 3)
+
+
+def test_flops_count_the_windowed_layers_pairs():
+    """32 tokens, W = 3: a windowed layer computes 3 * 32 - 9 / 2 query-key pairs, not 32^2 / 2;
+    2 of the 4 layers are windowed; 12 FLOPs per pair and attention width (4 heads x 8)."""
+    from lmjax.scaling.counting import train_flops_per_example
+
+    whole = train_flops_per_example(dataclasses.replace(CFG, sliding_window=None, global_every=None), 32)
+    assert whole - train_flops_per_example(CFG, 32) == 2 * 12 * (32 * 32 / 2 - (3 * 32 - 9 / 2)) * 32
+
+
+def test_generate_with_ring_buffers_is_greedy_under_the_full_forward_pass():
+    """`generate` (right-padded prompts, prefill, then a scan of one-token steps over the ring
+    buffers): every new token is the argmax of the full forward pass over the text before it."""
+    from lmjax.generate import generate
+
+    model = DecoderLM(CFG, rngs=nnx.Rngs(4))
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41]]
+    for prompt, new in zip(prompts, generate(model, prompts, 10, temperature=0.0)):
+        text = np.concatenate([prompt, new])
+        logits = np.asarray(model(jnp.asarray(text[None])))[0]
+        np.testing.assert_array_equal(new, logits[len(prompt) - 1:-1].argmax(-1))
