@@ -139,6 +139,9 @@ def test_experts_choose_equals_per_expert_loop(granularity, capacity_factor=0.5)
     unrouted = (picked.sum(-1) == 0)[segments == 1].mean()
     assert 0 < unrouted < 1 and float(stats["unrouted"]) == pytest.approx(unrouted)
     np.testing.assert_allclose(np.asarray(stats["load"]), picked.sum((0, 1)) / picked.sum(), rtol=1e-6)
+    logits = np.asarray(x, np.float64) @ np.asarray(layer.router[...], np.float64)
+    z = np.log(np.exp(logits).sum(-1)) ** 2
+    assert float(stats["z_loss"]) == pytest.approx(z[segments == 1].mean(), rel=1e-5)  # padding left out
 
 
 def test_experts_choose_gradient_and_encoder_decoder_routing():
