@@ -333,3 +333,23 @@ def test_two_kills_of_a_two_process_run_end_bitwise_equal_to_an_uninterrupted_ru
     assert result["kills"] == 2 and "during the save" in result["moments"][1], result
     for x, y in zip(chaos.final_state(tmp_path / "reference"), chaos.final_state(tmp_path / "chaos"), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_a_read_only_disk_gives_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+    try:
+        checkpointer = Checkpointer(disk)
+        checkpointer.save(1, {"w": jnp.ones(10)}, {"step": 1}, {})
+        checkpointer.wait()
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        with pytest.raises(SaveFailed) as failure:
+            checkpointer.save(2, {"w": jnp.zeros(10)}, {"step": 2}, {})
+            checkpointer.wait()
+        message = str(failure.value)
+        assert "could not save checkpoint step 2" in message and "the disk is read-only" in message
+        assert "the checkpoint of step 1 is intact" in message and "\n" not in message
+        assert sorted(p.name for p in (disk / "checkpoints").iterdir()) == ["1"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -64,18 +64,24 @@ def test_each_layer_of_the_scan_attends_by_its_pattern():
     with its own kind and window; equal to running the layers one by one with masks built here."""
     cfg = dataclasses.replace(CFG, global_every=4, moe=MoEConfig(n_experts=2, top_k=1, every=2))
     model = DecoderLM(cfg, rngs=nnx.Rngs(0))
+    assert model.stack.cycle() == [("blocks", 0, 3), ("moe_blocks", 0, 3), ("blocks", 1, 3), ("moe_blocks", 1, None)]
     tokens = jax.random.randint(jax.random.key(1), (1, 10), 0, 384)
     segments = jnp.array([[1] * 4 + [2] * 6])
     positions = jnp.array([list(range(4)) + list(range(6))])
-    q, k = positions[0][:, None], positions[0][None, :]
-    causal = (segments[0][:, None] == segments[0][None, :]) & (k <= q)
-    x = model._embed(tokens, positions, None)
-    for i, window in enumerate([3, 3, 3, None]):
-        layer_mask = causal if window is None else causal & (k > q - window)
-        x = model.stack.layer(i)(x, positions, layer_mask[None, None])
-    np.testing.assert_allclose(model(tokens, positions, segments), model._logits(x), atol=1e-5)
-    unwindowed = DecoderLM(dataclasses.replace(cfg, sliding_window=None, global_every=None), rngs=nnx.Rngs(0))
-    assert not np.allclose(unwindowed(tokens, positions, segments), model._logits(x), atol=1e-3)
+
+    @nnx.jit
+    def layer_by_layer(model, windows):
+        q, k = positions[0][:, None], positions[0][None, :]
+        causal = (segments[0][:, None] == segments[0][None, :]) & (k <= q)
+        x = model._embed(tokens, positions, None)
+        for i, window in enumerate(windows):
+            layer_mask = causal if window is None else causal & (k > q - window)
+            x = model.stack.layer(i)(x, positions, layer_mask[None, None])
+        return model._logits(x)
+
+    ours = nnx.jit(lambda m: m(tokens, positions, segments))(model)
+    np.testing.assert_allclose(ours, layer_by_layer(model, (3, 3, 3, None)), atol=1e-5)
+    assert not np.allclose(ours, layer_by_layer(model, (None,) * 4), atol=1e-3)  # the windows matter here
 
 
 def test_ring_buffer_decoding_equals_the_full_forward_pass():
@@ -90,7 +96,7 @@ def test_ring_buffer_decoding_equals_the_full_forward_pass():
     assert cache["window"][0].shape == (2, 2, 3, 2, 8) and cache["full"][0].shape == (2, 2, 16, 2, 8)
     positions = jnp.broadcast_to(jnp.arange(7), (2, 7))
     logits, cache = model.decode(jnp.asarray(prompt), positions, cache, jnp.asarray(np.arange(7) < lengths[:, None]))
-    full = [np.asarray(model(jnp.asarray(rows[r:r + 1])))[0] for r in range(2)]
+    full = np.asarray(model(jnp.asarray(rows)))  # each row one sequence
     for r in range(2):
         np.testing.assert_allclose(logits[r, :lengths[r]], full[r][:lengths[r]], atol=1e-5)
     step = jax.jit(lambda t, p, c: model.decode(t, p, c))
