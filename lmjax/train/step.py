@@ -10,7 +10,6 @@ from flax import nnx
 from lmjax.config import MoEConfig
 from lmjax.families import family_of
 from lmjax.models.moe import pop_routing_statistics
-from lmjax.train.losses import causal_lm_loss, token_losses
 from lmjax.train.optimizer import updated_params
 from lmjax.train.state import TrainState
 
@@ -19,7 +18,7 @@ def _loss_sum(params, graphdef, batch, dropout_key, moe: MoEConfig, frozen=None,
     """Differentiated objective of one (micro-)batch of (B, T) arrays, and its parts.
 
     Returns (objective, (loss_sum, count, routing)): loss_sum is the family's summed token loss
-    (nats; next token, masked tokens or span targets, see the family spec's `predict`) over `count`
+    (nats; next token, masked tokens or span targets, see the family spec's `token_losses`) over `count`
     tokens; for MoE models the objective adds count * (load_balance_coef *
     balancing loss + z_loss_coef * z loss), each averaged over MoE layers, and `routing` holds
     the routing statistics stacked over MoE layers (empty for dense models). With `adapt`, the
@@ -27,8 +26,8 @@ def _loss_sum(params, graphdef, batch, dropout_key, moe: MoEConfig, frozen=None,
     adapters beside them as `LowRankWeight`s), differentiated with respect to `params` alone.
     """
     model = nnx.merge(graphdef, params if adapt is None else adapt(frozen, params))
-    logits = family_of(model.cfg).predict(model, batch, dropout_key)
-    loss_sum, count = causal_lm_loss(logits, batch["targets"], batch["loss_mask"])
+    losses = family_of(model.cfg).token_losses(model, batch, dropout_key)
+    loss_sum, count = jnp.sum(losses), jnp.sum(batch["loss_mask"])
     routing = pop_routing_statistics(model) or {}
     routing.pop("experts", None)  # per-token assignments: for analysis, not for the metrics
     objective = loss_sum
@@ -114,8 +113,7 @@ def eval_step(graphdef, params, batch, token_bytes):
     `token_bytes` (V,) (for bits per byte)."""
     model = nnx.merge(graphdef, params)
     model.eval()
-    logits = family_of(model.cfg).predict(model, batch)
+    losses = family_of(model.cfg).token_losses(model, batch)
     pop_routing_statistics(model)
-    losses = token_losses(logits, batch["targets"], batch["loss_mask"])
     byte_count = jnp.sum(token_bytes[batch["targets"]] * batch["loss_mask"])
     return jnp.sum(losses), jnp.sum(batch["loss_mask"]), byte_count, losses
