@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from lmjax.scaling.coordinate_check import WIDTHS, coordinate_check, plot_coordinate_check, width_slopes
+from lmjax.drivers.coordinate_check import WIDTHS, coordinate_check, plot_coordinate_check, width_slopes
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
 results = {name: coordinate_check(name) for name in ("standard", "mup")}

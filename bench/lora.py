@@ -21,6 +21,7 @@ from pathlib import Path
 import jax
 from memory import compiled_memory  # bench/memory.py
 
+from lmjax.cli import transform_bytes
 from lmjax.config_parse import override
 from lmjax.experiment import load_experiment
 from lmjax.scaling.memory import memory_estimate
@@ -32,7 +33,7 @@ MIB = 2**20
 
 def plan_memory(cfg) -> dict:
     """`lmjax plan`'s training memory of `cfg`, in MiB."""
-    estimate = memory_estimate(cfg, len(jax.devices()))
+    estimate = memory_estimate(cfg, len(jax.devices()), **transform_bytes(cfg))
     keys = ("weights", "adapters", "gradients", "adam", "master_weights", "activations", "train")
     return {f"plan_{k}_mib": round(estimate.get(f"memory_{k}_bytes", 0) / MIB, 2) for k in keys}
 

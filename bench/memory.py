@@ -17,6 +17,7 @@ import json
 import jax
 import jax.numpy as jnp
 
+from lmjax.cli import transform_bytes
 from lmjax.config_parse import override
 from lmjax.experiment import load_experiment
 from lmjax.lora import low_rank
@@ -54,7 +55,7 @@ def main():
     args = parser.parse_args()
     for remat in ("none", "dots", "full"):
         cfg = override(load_experiment(args.experiment), args.overrides + [f"model.remat={remat}"])
-        estimate = memory_estimate(cfg, len(jax.devices()))
+        estimate = memory_estimate(cfg, len(jax.devices()), **transform_bytes(cfg))
         xla = compiled_memory(cfg)
         state = (estimate["memory_weights_bytes"] + estimate["memory_master_weights_bytes"]
                  + estimate["memory_adam_bytes"])

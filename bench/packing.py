@@ -29,9 +29,9 @@ def packing_config(family: str, attention: str, dtype: str = "float32", **change
     per stack, vocabulary 64; T5's relative bias for the encoder-decoder."""
     from lmjax.config import ModelConfig
 
+    shape = dict(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=32)
     relative = dict(position="relative") if family == "encoder_decoder" else {}
-    return ModelConfig(family=family, vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=32,
-                       attention=attention, dtype=dtype, **relative, **change)
+    return ModelConfig(family=family, attention=attention, dtype=dtype, **{**shape, **relative, **change})
 
 
 def _packed(parts) -> np.ndarray:

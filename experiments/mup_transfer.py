@@ -8,7 +8,7 @@ Then `python -m lmjax.scaling.transfer sweeps/mup_transfer/results.csv [sweeps/m
 µP's base width is the narrowest, 64: there both parametrizations are the same model.
 """
 
-from lmjax.scaling.sweep import Sweep, SweepRun
+from lmjax.drivers.sweep import Sweep, SweepRun
 
 WIDTHS = [64, 128, 256, 512]
 LEARNING_RATES = [5e-4 * 2**k for k in range(6)]  # 5e-4 ... 1.6e-2, log-spaced by factors of 2

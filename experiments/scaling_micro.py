@@ -1,6 +1,6 @@
 """IsoFLOP micro-sweep: 3 budgets x 6 tiny decoders on the stdlib corpus, ~15 CPU minutes (docs/scaling.md)."""
 
-from lmjax.scaling.sweep import isoflop_sweep
+from lmjax.drivers.sweep import isoflop_sweep
 
 BUDGETS = [1e11, 3e11, 1e12]  # training FLOPs
 SHAPES = [

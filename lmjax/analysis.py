@@ -8,6 +8,7 @@ import numpy as np
 from flax import nnx
 
 from lmjax.models.lm import EncoderDecoderLM, cross_attention_mask
+from lmjax.models.window import windowed
 
 
 def attention_maps(model, tokens, decoder_tokens=None):
@@ -41,24 +42,27 @@ def attention_maps(model, tokens, decoder_tokens=None):
 
 def _stack_maps(stack, x, positions, mask, bias, context=None, context_mask=None):
     """Run x (1, T, D) through `stack` layer by layer (as `Block`, without dropout) and return
-    the self-attention maps (L, N, T, S) and, with a context, the cross-attention maps, as numpy."""
+    the self-attention maps (L, N, T, S) and, with a context, the cross-attention maps, as numpy.
+    Sliding-window layers (`model.sliding_window`) attend within their window, as in the stack."""
     self_maps, cross_maps = [], []
     for i in range(stack.cfg.n_layers):
-        block = stack.layer(i)
-        self_maps.append(block.attn.probabilities(block.attn_norm(x), positions, mask, bias)[0])
+        block, window = stack.layer(i), stack.cfg.attention_window(i)
+        layer_mask = mask if window is None else windowed(mask, positions, window)
+        self_maps.append(block.attn.probabilities(block.attn_norm(x), positions, layer_mask, bias)[0])
         if context is not None:
-            attended = x + block.attn(block.attn_norm(x), positions, mask, bias=bias)
+            attended = x + block.attn(block.attn_norm(x), positions, layer_mask, bias=bias)
             cross_maps.append(block.cross_attn.probabilities(block.cross_norm(attended), positions, context_mask,
                                                              context=context)[0])
-        x = block(x, positions, mask, bias=bias, context=context, context_mask=context_mask)
+        x = block(x, positions, layer_mask, bias=bias, context=context, context_mask=context_mask)
     return np.asarray(jnp.stack(self_maps)), np.asarray(jnp.stack(cross_maps)) if cross_maps else None
 
 
 def routing_assignments(model, tokens) -> dict:
     """How a MoE model routes one sequence of token ids, at evaluation settings.
 
-    Returns {"experts": (L_moe, T, k) int expert ids, best first; "load": (L_moe, E) share of
-    the assignments each expert got; "moe_layers": the MoE layers' indices}.
+    Returns {"experts": (L_moe, T, k) int expert ids, best first (token choice), or "picked":
+    (L_moe, T, E) 1 where expert e picked the token (expert choice); "load": (L_moe, E) share
+    of the assignments each expert got; "moe_layers": the MoE layers' indices}.
     """
     from lmjax.models.moe import pop_routing_statistics
 
@@ -68,7 +72,8 @@ def routing_assignments(model, tokens) -> dict:
     model.eval()
     model(jnp.asarray(tokens, jnp.int32)[None])
     stats = pop_routing_statistics(model)
-    return {"experts": np.asarray(stats["experts"][:, 0]), "load": np.asarray(stats["load"]),
+    per_token = "experts" if "experts" in stats else "picked"
+    return {per_token: np.asarray(stats[per_token][:, 0]), "load": np.asarray(stats["load"]),
             "moe_layers": [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]}
 
 

@@ -7,13 +7,62 @@ restored. Restoring takes an abstract state carrying the target shardings, so a
 checkpoint can be read onto any mesh (or one CPU); `restore_params` reads the weights
 alone. A weights-only checkpoint (`save_weights`: an imported model) stores {"params":
 weights} as its state, without optimizer state; `restore_params` reads both kinds.
+
+What is written is never non-finite: `save` checks the state on its devices first and raises
+`NonFiniteState` instead of writing NaN or inf, so rotation under `keep` only ever drops finite
+checkpoints for newer finite ones. A save that the disk refuses (full, read-only, no permission)
+raises `SaveFailed` with one line, at that save or, being asynchronous, at the next save or `wait`;
+its partial directory is removed and the previous checkpoint stays loadable.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+# what a failed write says (tensorstore's message, or the OSError's), and what lmjax calls it
+DISK_ERRORS = {"No space left": "the disk is full", "RESOURCE_EXHAUSTED": "the disk is full",
+               "Disk quota exceeded": "the disk quota is used up", "Read-only file system": "the disk is read-only",
+               "Permission denied": "permission denied"}
+
+
+class NonFiniteState(ValueError):
+    """A state holding NaN or inf was not saved."""
+
+
+class SaveFailed(OSError):
+    """A checkpoint could not be written; the message is one line for the user."""
+
+
+@jax.jit
+def _finite(leaves):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.bool_(True)]))
+
+
+def all_finite(tree) -> bool:
+    """Whether every floating-point array of `tree` is finite; reduced on the arrays' devices,
+    one boolean comes to the host."""
+    return bool(_finite([x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]))
+
+
+def directory_bytes(path: Path) -> int:
+    """Bytes of the files under `path`."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+class _QuietFailedSaves(logging.Filter):
+    """Orbax logs a failed background save's traceback several times over; the error itself comes
+    back at the next save or wait (`SaveFailed`'s one line, or the original exception)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.exc_info and "orbax" in record.pathname)
 
 
 class Checkpointer:
@@ -21,58 +70,120 @@ class Checkpointer:
 
     def __init__(self, run_dir: Path, keep: int = 2, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-        self.manager = ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints", options=options)
+        self.directory = Path(run_dir).absolute() / "checkpoints"
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.pending = None  # (step, bytes) of the save in flight
+        self.seconds = {"save": 0.0, "restore": 0.0}  # spent blocked in saves (and waits) and restores
+        self.warned_space, self.closed = False, False
+        logging.getLogger("absl").addFilter(_QUIET)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict, config: dict) -> None:
-        """Start saving (returns before the write completes; see `wait`)."""
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
+        """Start saving (returns before the write completes; see `wait`). Raises NonFiniteState,
+        writing nothing, if `state` holds NaN or inf; SaveFailed if this save or the previous one
+        could not be written."""
+        self.wait()  # Orbax waits for the previous save here anyway; its failure is reported as its own
+        if not all_finite(state):  # (waits for the state's last step: step time, not save time)
+            raise NonFiniteState(f"not saving step {step}: its weights or optimizer state hold NaN or inf; the "
+                                 f"newest checkpoint (step {self.latest_step()}) is kept.")
+        with self._timed("save"):
+            self._write(step, self._expected_bytes(state), ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=ocp.args.JsonSave(data_state),
                 config=ocp.args.JsonSave(config),
-            ),
-            force=True,
-        )
+            ))
+
+    @contextmanager
+    def _timed(self, what: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[what] += time.perf_counter() - start
+
+    def _write(self, step: int, expected_bytes: int, args) -> None:
+        self.check_space(expected_bytes)
+        self.pending = (step, expected_bytes)
+        self._reporting_disk_errors(lambda: self.manager.save(step, args=args, force=True))
+
+    def _expected_bytes(self, state) -> int:
+        """The newest checkpoint's size on disk, or before the first one the bytes of `state`'s arrays."""
+        latest = self.latest_step()
+        if latest is not None and (self.directory / str(latest)).is_dir():
+            return directory_bytes(self.directory / str(latest))
+        return sum(x.nbytes for x in jax.tree.leaves(state))
+
+    def check_space(self, expected_bytes: int) -> None:
+        """Print one warning (once) when the disk holds fewer than two more checkpoints of `expected_bytes`."""
+        free = shutil.disk_usage(self.directory).free
+        if free < 2 * expected_bytes and not self.warned_space and jax.process_index() == 0:
+            self.warned_space = True
+            print(f"warning: {self.directory} has {free:,} bytes free, room for fewer than two more checkpoints of "
+                  f"{expected_bytes:,} bytes; free space or a save will fail.", flush=True)
+
+    def _reporting_disk_errors(self, write) -> None:
+        """Run `write`; a disk error (of the pending save) becomes one SaveFailed line, after its
+        partial directory is removed."""
+        try:
+            write()
+        except Exception as e:
+            reason = next((why for marker, why in DISK_ERRORS.items() if marker in str(e)), None)
+            if reason is None or self.pending is None:
+                raise
+            step, expected = self.pending
+            self.pending = None
+            if jax.process_index() == 0:
+                for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                    shutil.rmtree(partial, ignore_errors=True)
+            kept = [s for s in self.manager.all_steps() if s != step and (self.directory / str(s)).is_dir()]
+            free = shutil.disk_usage(self.directory).free
+            raise SaveFailed(f"could not save checkpoint step {step} in {self.directory}: {reason} (the save needs "
+                             f"about {expected:,} bytes, {free:,} are free); "
+                             + (f"the checkpoint of step {max(kept)} is intact; " if kept else "")
+                             + "make room (or set train.run_dir elsewhere) and run the same command to resume."
+                             ) from None
 
     def save_weights(self, step: int, params, config: dict) -> None:
         """Start saving a weights-only checkpoint: `params` (an nnx.State) without optimizer
-        state, step or rng, and an empty data state (see `wait`)."""
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave({"params": params}),
-                data=ocp.args.JsonSave({}),
-                config=ocp.args.JsonSave(config),
-            ),
-            force=True,
-        )
+        state, step or rng, and an empty data state (see `wait`); refuses NaN or inf as `save` does."""
+        self.wait()
+        if not all_finite(params):
+            raise NonFiniteState(f"not saving step {step}: its weights hold NaN or inf.")
+        self._write(step, self._expected_bytes(params), ocp.args.Composite(
+            state=ocp.args.StandardSave({"params": params}),
+            data=ocp.args.JsonSave({}),
+            config=ocp.args.JsonSave(config),
+        ))
 
     def holds_optimizer_state(self, step: int | None = None) -> bool:
         """False for a weights-only checkpoint (`save_weights`), True for a full one; reads no array."""
+        return "opt_state" in self.state_fields(step)
+
+    def state_fields(self, step: int | None = None) -> set[str]:
+        """The top-level fields of the state saved in checkpoint `step` (default: newest); reads no array."""
         step = self.latest_step() if step is None else step
         handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                     "config": ocp.JsonCheckpointHandler()}  # a reader that knows every item, so nothing warns
         reader = ocp.CheckpointManager(self.manager.directory, item_handlers=handlers)
         saved = reader.item_metadata(step)["state"].tree
         reader.close()
-        return "opt_state" in saved
+        return set(saved)
 
     def restore(self, abstract_state, step: int | None = None):
         """(state, data_state, config) of `step` (default: newest). `abstract_state` is a
         pytree of jax.ShapeDtypeStruct with `sharding` set: arrays land in that layout."""
         step = self.latest_step() if step is None else step
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=ocp.args.JsonRestore(),
-                config=ocp.args.JsonRestore(),
-            ),
-        )
+        with self._timed("restore"):
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore(),
+                    config=ocp.args.JsonRestore(),
+                ),
+            )
         return restored["state"], restored["data"], restored["config"]
 
     def restore_data(self, step: int | None = None) -> dict:
@@ -103,9 +214,15 @@ class Checkpointer:
         return self.manager.reached_preemption(step)
 
     def wait(self) -> None:
-        """Block until pending asynchronous saves are complete."""
-        self.manager.wait_until_finished()
+        """Block until pending asynchronous saves are complete; SaveFailed if one could not be written."""
+        with self._timed("save"):
+            self._reporting_disk_errors(self.manager.wait_until_finished)
+        self.pending = None
 
     def close(self) -> None:
         self.manager.close()
+        self.closed = True
 
+
+
+_QUIET = _QuietFailedSaves()

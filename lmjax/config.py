@@ -54,6 +54,11 @@ def _check_literals(section, prefix: str) -> None:
                  f"{prefix}{name}={value!r} is not one of {', '.join(map(repr, choices))}.")
 
 
+# Capacity dispatch's (B, T, k, E, C) one-hot grows as k^2 (E and C both grow with k at fixed
+# capacity factor): more experts per token than this must use dropless dispatch.
+MAX_CAPACITY_TOP_K = 8
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """Mixture-of-experts feed-forward layers (`n_experts` = 0: every layer dense).
@@ -61,6 +66,13 @@ class MoEConfig:
     Each MoE layer routes every token to its `top_k` experts (1: Switch, 2: Mixtral) by a
     float32 router, and adds `n_shared_experts` experts that every token uses (DeepSeek-MoE).
     Layers `every-1, 2*every-1, ...` are MoE; the others keep the dense MLP.
+
+    `granularity` G (Krajewski et al. 2024) splits every expert into G fine-grained ones:
+    G * n_experts experts of width d_ff / G, each token using G * top_k of them, so expert
+    parameters and FLOPs stay those of G = 1 (the router grows G-fold; shared experts keep
+    their G = 1 width). `routing` "experts_choose" (Zhou et al. 2022): each expert picks its
+    top C = ceil(capacity_factor * G * top_k * T / (G * n_experts)) tokens of a sequence
+    instead of each token picking experts; only for bidirectional stacks (docs/moe.md).
     """
 
     n_experts: int = 0
@@ -76,6 +88,8 @@ class MoEConfig:
     z_loss_coef: float = 1e-3  # ST-MoE router z-loss: mean(logsumexp(router logits)^2)
     router_jitter: float = 0.0  # multiplicative uniform noise on router inputs while training
     renormalize: bool = True  # rescale the top-k weights of each token to sum to 1
+    granularity: int = 1  # G: G * n_experts experts of width d_ff / G, G * top_k per token
+    routing: Literal["tokens_choose", "experts_choose"] = "tokens_choose"  # who chooses: tokens or experts
 
     def __post_init__(self):
         _check_literals(self, "model.moe.")
@@ -91,6 +105,29 @@ class MoEConfig:
         _require(self.n_shared_experts >= 0, f"model.moe.n_shared_experts must be >= 0, got {self.n_shared_experts}.")
         for name in ("load_balance_coef", "z_loss_coef", "router_jitter"):
             _require(getattr(self, name) >= 0, f"model.moe.{name} must be >= 0, got {getattr(self, name)}.")
+        self._check_routing()
+
+    def _check_routing(self):
+        """Granularity and expert choice, and the one-hot size of capacity dispatch."""
+        _require(self.granularity >= 1, f"model.moe.granularity must be >= 1, got {self.granularity}.")
+        _require(self.routing == "tokens_choose" or self.dispatch == "capacity",
+                 "model.moe.routing='experts_choose' fills exactly C = capacity_factor * k * T / E slots per expert, "
+                 "which is capacity dispatch; set model.moe.dispatch=capacity.")
+        _require(self.routing == "experts_choose" or self.dispatch == "dropless"
+                 or self.experts_per_token <= MAX_CAPACITY_TOP_K,
+                 f"model.moe.dispatch=capacity with granularity * top_k = {self.experts_per_token} experts per token "
+                 f"builds a (B, T, k, E, C) one-hot that grows as k^2; above k = {MAX_CAPACITY_TOP_K} use "
+                 "model.moe.dispatch=dropless.")
+
+    @property
+    def n_routed_experts(self) -> int:
+        """Routed experts of one MoE layer: granularity * n_experts."""
+        return self.granularity * self.n_experts
+
+    @property
+    def experts_per_token(self) -> int:
+        """Routed experts a token uses (token choice) or the k of the capacity formula: granularity * top_k."""
+        return self.granularity * self.top_k
 
     @property
     def enabled(self) -> bool:
@@ -139,6 +176,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     position: Literal["rope", "learned", "relative"] = "rope"
     rope_theta: float = 10_000.0
+    # decoder: each query attends to the keys of the last W positions (k > q - W); None: the whole context
+    sliding_window: int | None = None
+    global_every: int | None = None  # with sliding_window: layers k-1, 2k-1, ... attend globally; None: none do
     relative_buckets: int = 32
     relative_max_distance: int = 128
     max_seq_len: int = 1024
@@ -203,10 +243,38 @@ class ModelConfig:
         _require(self.relative_buckets >= 2 and self.relative_max_distance > self.relative_buckets // 2,
                  f"model.relative_buckets={self.relative_buckets} must be >= 2 and model.relative_max_distance="
                  f"{self.relative_max_distance} larger than half of it (T5: 32 and 128).")
+        self._check_moe_shape()
         _require(not self.moe.enabled or self.n_layers % self.moe.every == 0,
                  f"model.moe.every={self.moe.every} does not divide model.n_layers={self.n_layers}.")
         _require(not self.moe.enabled or self.decoder_layers % self.moe.every == 0,
                  f"model.moe.every={self.moe.every} does not divide model.n_decoder_layers={self.n_decoder_layers}.")
+        self._check_long_context()
+
+    def _check_long_context(self) -> None:
+        """Sliding windows: settings that make no sense raise ConfigError."""
+        _require(self.sliding_window is None or self.sliding_window > 0,
+                 f"model.sliding_window must be a positive number of positions or none, got {self.sliding_window}.")
+        if self.sliding_window is not None:
+            _require(self.family == "decoder", f"model.sliding_window is for the decoder family (causal "
+                     f"self-attention); unset it for model.family={self.family!r}.")
+            _require(self.position != "relative", "model.sliding_window takes rope or learned positions, not "
+                     "model.position='relative'.")
+        _require(self.global_every is None or self.sliding_window is not None,
+                 "model.global_every interleaves global layers with sliding-window ones; set model.sliding_window.")
+        _require(self.global_every is None or (self.global_every >= 1 and self.n_layers % self.global_every == 0),
+                 f"model.global_every={self.global_every} must be >= 1 and divide model.n_layers={self.n_layers}.")
+
+    def _check_moe_shape(self):
+        """Granularity divides the expert width; expert choice only in bidirectional stacks."""
+        if not self.moe.enabled:
+            return
+        width, g = self.moe.d_ff or self.d_ff, self.moe.granularity
+        _require(width % g == 0, f"model.moe.granularity={g} does not divide the expert width {width} "
+                 f"({'model.moe.d_ff' if self.moe.d_ff else 'model.d_ff'}); pick a divisor of it.")
+        _require(self.moe.routing == "tokens_choose" or self.family != "decoder",
+                 "model.moe.routing='experts_choose' lets a token's routing depend on later tokens, which a causal "
+                 "decoder must not see; use it with model.family=encoder or encoder_decoder (its encoder stack), "
+                 "or keep tokens_choose.")
 
     @property
     def kv_heads(self) -> int:
@@ -268,7 +336,19 @@ class ModelConfig:
 
     @property
     def expert_d_ff(self) -> int:
-        return self.moe.d_ff or self.d_ff
+        """Hidden width of one routed expert: (moe.d_ff or d_ff) / moe.granularity."""
+        return (self.moe.d_ff or self.d_ff) // self.moe.granularity
+
+    @property
+    def shared_d_ff(self) -> int:
+        """Hidden width of the shared experts together: n_shared_experts * (moe.d_ff or d_ff), whatever G."""
+        return self.moe.n_shared_experts * (self.moe.d_ff or self.d_ff)
+
+    def attention_window(self, layer: int) -> int | None:
+        """The sliding window of block `layer` (0-based), or None where it attends over the whole context."""
+        if self.sliding_window is None or (self.global_every and (layer + 1) % self.global_every == 0):
+            return None
+        return self.sliding_window
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block `layer` (0-based) has a MoE feed-forward instead of the dense MLP."""
@@ -332,7 +412,7 @@ class DataConfig:
     source: str = "stdlib"
     text_field: str = "text"  # JSONL key / Parquet or HF column holding the text
     max_bytes: int | None = 8_000_000  # read at most this much text (None: everything)
-    tokenizer: str = "bytes"  # "bytes", or a tokenizers .json / SentencePiece .model file
+    tokenizer: str = "bytes"  # "bytes", a tokenizers .json / SentencePiece .model file, or "none" (no text)
     path: str | None = None  # prepared data: DIR or DIR1:w1,DIR2:w2 (weighted mixture)
     seq_len: int = 256  # tokens per sequence; encoder_decoder: the encoder inputs' length
     mlm_probability: float = 0.15  # encoder: share of tokens selected for the masked-LM loss (BERT)
@@ -375,6 +455,11 @@ class DataConfig:
                  f"data.mean_noise_span_length must be >= 1, got {self.mean_noise_span_length}.")
 
 
+# losses of the most recent applied steps that a loss spike is judged against (train.spike_sigmas); fixed,
+# because the train state holds them and a checkpoint's shapes may not change
+SPIKE_WINDOW = 100
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Run length, batch, evaluation, checkpointing and the sample printed at the end.
@@ -401,6 +486,21 @@ class TrainConfig:
     # like SIGTERM: save and stop (SLURM's --signal=USR1@SECONDS warning)
     warning_signal: Literal["SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGALRM"] = "SIGUSR1"
     compilation_cache_dir: str | None = None  # JAX's persistent compilation cache here (None: off)
+    # Bad steps (lmjax.train.guard): a step whose loss or gradient norm is not finite, or whose loss is
+    # more than `spike_sigmas` standard deviations above the mean of the last 100 applied steps' losses
+    # (judged once `spike_min_steps` of them are in; None: spikes are not judged), is bad. With
+    # `skip_bad_steps` its update is not applied (its batch is used up). After `max_bad_steps` bad steps
+    # in a row the run restores its newest checkpoint and skips `rollback_skip_batches` batches, at most
+    # `max_rollbacks` times; then it stops with exit code 3.
+    skip_bad_steps: bool = True
+    spike_sigmas: float | None = 6.0
+    spike_min_steps: int = 50
+    max_bad_steps: int = 10
+    rollback_skip_batches: int = 200
+    max_rollbacks: int = 3
+    # seconds without a finished step before the run writes every thread's stack to hang-<process>.txt and exits
+    # with code 4 (lmjax.train.watchdog); None: 10x the median step time, at least 300 s; 0: off
+    step_timeout: float | None = None
 
     def __post_init__(self):
         _check_literals(self, "train.")
@@ -416,6 +516,15 @@ class TrainConfig:
         _require(self.sample_tokens == 0 or self.sample_prompt != "",
                  "train.sample_prompt is empty; give a prompt, or set train.sample_tokens=0 for no sample.")
         _require(self.sample_temperature >= 0, f"train.sample_temperature must be >= 0, got {self.sample_temperature}.")
+        _require(self.spike_sigmas is None or self.spike_sigmas > 0,
+                 f"train.spike_sigmas must be positive or none (no spike check), got {self.spike_sigmas}.")
+        _require(2 <= self.spike_min_steps <= SPIKE_WINDOW,
+                 f"train.spike_min_steps must be in [2, {SPIKE_WINDOW}] (the losses kept), got {self.spike_min_steps}.")
+        _require(self.step_timeout is None or self.step_timeout >= 0,
+                 f"train.step_timeout must be >= 0 seconds (0: off) or none (automatic), got {self.step_timeout}.")
+        for name in ("max_bad_steps", "rollback_skip_batches", "max_rollbacks"):
+            _require(getattr(self, name) >= (1 if name == "max_bad_steps" else 0),
+                     f"train.{name} must be >= {1 if name == 'max_bad_steps' else 0}, got {getattr(self, name)}.")
 
 
 @dataclass(frozen=True)

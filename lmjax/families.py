@@ -5,8 +5,8 @@ A `Family` is a frozen dataclass of what a family is and does, modelled on Levan
 `LmConfig` and T5X's `BaseModel`: its block stacks (from which `lmjax.scaling` counts
 parameters, FLOPs, memory and the KV cache), its window and example lengths, how raw
 windows become its examples, how its model turns a batch into per-token losses or logits,
-and what training's finish, `lmjax generate` and generation do for it. `family_of(model_cfg)` picks the spec once;
-no other module compares a family name.
+and what training's finish, `lmjax generate` and generation do for it. `family_of(model_cfg)`
+picks the spec once; no other module compares a family name.
 
 The data side (`lmjax.data`, which loads Grain) and generation are imported inside the
 functions that read data or sample, so that building, counting and training-step code
@@ -26,7 +26,6 @@ import numpy as np
 from flax import nnx
 
 from lmjax.config import Config, ConfigError, ModelConfig
-from lmjax.interop import bert, llama, t5
 from lmjax.models import DecoderLM, EncoderDecoderLM, EncoderLM
 from lmjax.spans import span_corruption_lengths
 
@@ -67,8 +66,8 @@ class Family:
       (prompt: the encoded text); None when the family does not generate.
     - `decoder_start(tokenizer)`: the id a decoder of targets starts from (an encoder-decoder's
       bos, as in training); None for families without one.
-    - `hf_architecture`: the Hugging Face translator (`lmjax.interop`) that exports the
-      family's checkpoints.
+    - `hf_architecture`: the name of the Hugging Face translator module that exports the
+      family's checkpoints (`lmjax.interop.<name>`; named, not imported: interop sits above).
     """
 
     name: str
@@ -77,7 +76,7 @@ class Family:
     window_length: Callable[[Config], int]
     build: Callable[[ModelConfig, nnx.Rngs], nnx.Module]
     forward: Callable
-    hf_architecture: object
+    hf_architecture: str
     examples: Callable | None = None
     sample: Callable | None = None
     encode_prompt: Callable | None = None
@@ -193,7 +192,7 @@ def _show_filled_in(tokenizer, text, prompt, targets) -> str:
             f"filled:  {tokenizer.decode(fill_in_spans(prompt[:-1], targets, sentinels))}")
 
 
-def _single_stack(name: str, causal: bool, model: type, hf_architecture, **behaviour) -> Family:
+def _single_stack(name: str, causal: bool, model: type, hf_architecture: str, **behaviour) -> Family:
     """A family of one block stack over the packed windows' data.seq_len tokens."""
     return Family(name=name, stacks=lambda m: (StackShape(m.n_layers, causal=causal),),
                   example_lengths=lambda cfg: (cfg.data.seq_len, 0), window_length=lambda cfg: cfg.data.seq_len,
@@ -203,13 +202,13 @@ def _single_stack(name: str, causal: bool, model: type, hf_architecture, **behav
 
 FAMILIES = {
     "decoder": _single_stack(
-        "decoder", causal=True, model=DecoderLM, hf_architecture=llama,
+        "decoder", causal=True, model=DecoderLM, hf_architecture="llama",
         sample=_continue_prompt,
         encode_prompt=lambda tokenizer, text: tokenizer.encode(text),
         generate=_generate_continuations,
         show=lambda tokenizer, text, prompt, new_ids: text + tokenizer.decode(new_ids),
     ),
-    "encoder": _single_stack("encoder", causal=False, model=EncoderLM, hf_architecture=bert,
+    "encoder": _single_stack("encoder", causal=False, model=EncoderLM, hf_architecture="bert",
                              examples=_masked_lm_examples),
     "encoder_decoder": Family(
         name="encoder_decoder",
@@ -225,6 +224,6 @@ FAMILIES = {
         generate=_generate_spans,
         show=_show_filled_in,
         decoder_start=lambda tokenizer: tokenizer.bos_id,
-        hf_architecture=t5,
+        hf_architecture="t5",
     ),
 }

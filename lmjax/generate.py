@@ -49,7 +49,7 @@ def _generate(graphdef, params, tokens, lengths, max_new_tokens, temperature, to
     batch, prompt_len = tokens.shape
     cache = model.init_cache(batch, prompt_len + max_new_tokens)
     positions = jnp.broadcast_to(jnp.arange(prompt_len), tokens.shape)
-    logits, cache = model.decode(tokens, positions, cache)
+    logits, cache = model.decode(tokens, positions, cache, segment_ids=(positions < lengths[:, None]).astype(jnp.int32))
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
     first = sample_token(last, jax.random.fold_in(key, 0), temperature, top_k, top_p)
 

@@ -117,8 +117,11 @@ def validate_layout(cfg: Config, mesh: Mesh) -> None:
               (("embed", "mlp"), 1, "model.d_ff", m.d_ff), (("vocab", "embed"), 0, "model.vocab_size", m.vocab_size),
               (("vocab", "embed"), 1, "model.d_model", m.d_model)]
     if m.moe.enabled:
-        checks += [(("expert", "embed", "mlp"), 0, "model.moe.n_experts", m.moe.n_experts),
-                   (("expert", "embed", "mlp"), 2, "model.moe.d_ff" if m.moe.d_ff else "model.d_ff", m.expert_d_ff)]
+        fine = " / model.moe.granularity" if m.moe.granularity > 1 else ""
+        checks += [(("expert", "embed", "mlp"), 0, "model.moe.n_experts" + (" * model.moe.granularity" if fine else ""),
+                    m.moe.n_routed_experts),
+                   (("expert", "embed", "mlp"), 2, ("model.moe.d_ff" if m.moe.d_ff else "model.d_ff") + fine,
+                    m.expert_d_ff)]
     for logical_axes, dim, name, size in checks:
         devices, named = _splitting(logical_axes, dim, mesh)
         if size % devices:

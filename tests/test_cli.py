@@ -32,6 +32,7 @@ def run_cli(capsys, *args):
     (["train", "--set", "model.n_heads=3"], "does not divide model.d_model"),
     (["train", "--set", "model.n_kv_heads=3"], "does not divide model.n_heads"),
     (["train", "--set", "data.seq_len=4096"], "exceeds model.max_seq_len"),
+    (["train", "--set", "model.sliding_window=0"], "model.sliding_window must be a positive number of positions"),
     (["train", "--set", "model.vocab_size=256"], "smaller than the bytes tokenizer"),
     (["train", "--set", "data.source=/no/such/corpus"], "data.source '/no/such/corpus' does not exist"),
 ])
@@ -114,7 +115,7 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
 
 
 WSD_SWEEP = '''
-from lmjax.scaling.sweep import wsd_branches
+from lmjax.drivers.sweep import wsd_branches
 
 def sweep():
     return wsd_branches("decoder_tiny", [{"model.d_model": 32}], tokens=[1024, 2048])

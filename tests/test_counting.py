@@ -21,7 +21,9 @@ def built_param_count(cfg: ModelConfig) -> int:
     ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, moe=MoEConfig(n_experts=4, top_k=2)),
     ModelConfig(d_model=32, n_layers=4, n_heads=4, d_ff=64, mlp="gelu", tie_embeddings=False,
                 moe=MoEConfig(n_experts=3, top_k=1, d_ff=40, every=2, n_shared_experts=2)),
-], ids=["dense", "gqa-untied", "gelu-layernorm-learned", "moe", "moe-every2-shared-gelu"])
+    ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, moe=MoEConfig(n_experts=4, top_k=2, granularity=4,
+                                                                          n_shared_experts=1)),
+], ids=["dense", "gqa-untied", "gelu-layernorm-learned", "moe", "moe-every2-shared-gelu", "moe-granularity4-shared"])
 def test_counted_params_equal_built_model(cfg):
     assert param_counts(cfg)["params_total"] == built_param_count(cfg)
 
@@ -60,3 +62,22 @@ def test_every_shipped_experiment_builds_a_valid_config():
         module = load_experiment_module(name, "unknown")[0]
         if hasattr(module, "config"):  # sweep files define sweep() instead
             assert load_experiment(name).name == name
+
+
+def test_granularity_keeps_expert_params_and_flops_and_grows_the_router():
+    """G = 4 by hand: 4 * 4 = 16 experts of width 64 / 4 = 16, 4 * 2 = 8 per token; the router
+    d_model x 16; the shared expert keeps width 64. Experts' weights and FLOPs equal G = 1's."""
+    def cfg(g):
+        return ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64,
+                           moe=MoEConfig(n_experts=4, top_k=2, granularity=g, n_shared_experts=1))
+
+    fixed = 4 * 32 * 32 + 2 * 32  # attention and two norms per layer
+    expert, shared = 3 * 32 * 16, 3 * 32 * 64  # one fine expert (SwiGLU, width 16); the shared expert
+    counts = param_counts(cfg(4))
+    assert counts["params_nonembedding"] == 2 * (fixed + 32 * 16 + 16 * expert + shared) + 32
+    assert counts["params_active_nonembedding"] == 2 * (fixed + 32 * 16 + 8 * expert + shared) + 32
+    coarse = param_counts(cfg(1))
+    assert counts["params_total"] - coarse["params_total"] == 2 * 32 * (16 - 4)  # the routers alone
+    assert counts["params_active"] - coarse["params_active"] == 2 * 32 * (16 - 4)
+    router_flops = 6 * 2 * 32 * (16 - 4)
+    assert train_flops_per_token(cfg(4), 64) - train_flops_per_token(cfg(1), 64) == router_flops

@@ -2,6 +2,7 @@
 transformers (nothing downloaded), saved with `save_pretrained`, imported, and compared in
 float32 (logits within 1e-4, greedy tokens equal); exports loaded back by transformers."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from lmjax.data.tokenizer import ByteTokenizer
 from lmjax.generate import generate, generate_targets
 from lmjax.interop import llama
 from lmjax.interop.convert import from_hf, to_hf
+from lmjax.models import DecoderLM
 from lmjax.train.run_eval import restore_weights
 
 TOLERANCE = 1e-4
@@ -84,6 +86,8 @@ def imported(tmp_path_factory):
                     tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 500_000.0})),
                 "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
                     **llama_config().to_diff_dict() | {"sliding_window": None})),
+                "mistral_window": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
+                    **llama_config().to_diff_dict() | {"sliding_window": 16})),
                 "llama_decoding": lambda: transformers.LlamaForCausalLM(llama_config(initializer_range=0.2)),
                 "mixtral": lambda: transformers.MixtralForCausalLM(mixtral_config()),
                 "bert": lambda: transformers.BertForMaskedLM(bert_config()),
@@ -223,12 +227,35 @@ def test_greedy_decoding_matches_transformers_generate(imported):
     np.testing.assert_array_equal(np.stack(ours), out.sequences[:, 5:].numpy())
 
 
-def test_sliding_window_is_reported_and_limits_the_context():
-    notes = []
-    cfg = llama.model_config(transformers.MistralConfig(
-        **llama_config().to_diff_dict() | {"sliding_window": 16}).to_dict(), notes)
-    assert cfg.max_seq_len == 16
-    assert len(notes) == 1 and "sliding_window=16" in notes[0]
+def test_mistral_sliding_window_is_carried_both_ways(imported, tmp_path):
+    """A window of 16 over 48 tokens: imported as model.sliding_window (max_seq_len stays
+    max_position_embeddings), logits equal transformers', exported as Mistral's sliding_window."""
+    hf, model, cfg, _, root = imported("mistral_window")
+    assert (cfg.model.sliding_window, cfg.model.max_seq_len) == (16, 64)
+    ids = tokens(length=48)
+    ours = np.asarray(model(jnp.asarray(ids)))
+    np.testing.assert_allclose(ours, hf_logits(hf, ids), atol=TOLERANCE, rtol=0)
+    whole_context = DecoderLM(dataclasses.replace(cfg.model, sliding_window=None), rngs=nnx.Rngs(0))
+    nnx.update(whole_context, nnx.state(model, nnx.Param))
+    assert np.abs(np.asarray(whole_context(jnp.asarray(ids))) - ours).max() > 1e-2  # the window matters here
+
+    to_hf(root / "run", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["sliding_window"] == 16 and config["architectures"] == ["MistralForCausalLM"]
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    np.testing.assert_allclose(hf_logits(exported, ids), ours, atol=TOLERANCE, rtol=0)
+    from_hf(tmp_path / "hf", tmp_path / "again")
+    again, again_cfg = load_run(tmp_path / "again")
+    assert again_cfg.model == cfg.model
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(again, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_interleaved_windows_are_refused_on_export():
+    cfg = llama.model_config(transformers.MistralConfig(**llama_config().to_diff_dict() | {"sliding_window": 16})
+                             .to_dict(), [])
+    with pytest.raises(ConfigError, match="model.global_every=2"):
+        llama.hf_config(dataclasses.replace(cfg, global_every=2), [])
 
 
 @pytest.mark.parametrize("rope", [{"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}},
@@ -313,8 +340,6 @@ def test_export_shards_above_the_threshold(imported, tmp_path):
 
 
 def test_init_from_starts_training_from_the_imported_weights(imported, tiny, tmp_path):
-    import dataclasses
-
     from lmjax.train.loop import train
 
     _, model, source, _, root = imported("llama_untied")
@@ -501,8 +526,6 @@ def test_hf_tokenizers_encode_the_same_ids_as_transformers(style, tmp_path):
 
 
 def test_import_carries_the_model_tokenizer(imported, tiny, tmp_path):
-    import dataclasses
-
     import lmjax
     from lmjax.train.loop import train
 
@@ -560,3 +583,37 @@ def test_sentencepiece_export_without_transformers_is_refused_before_writing(imp
     with pytest.raises(ConfigError, match="needs transformers"):
         to_hf(run, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_model_without_tokenizer_json_imports_and_evaluates_on_prepared_token_shards(tmp_path, capsys):
+    """A model directory with no tokenizer.json and 128 ids (fewer than the byte tokenizer's
+    384) imports as a run without a tokenizer (data.tokenizer='none'); it evaluates on token
+    shards prepared with a 128-id tokenizer (a randomly initialised model scores about
+    ln 128), and the commands that need text say in one line that it has no tokenizer."""
+    import math
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from lmjax.data.prepare import prepare
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(llama_config(vocab_size=128)).save_pretrained(tmp_path / "hf")
+    notes = from_hf(tmp_path / "hf", tmp_path / "run")
+    assert any("data.tokenizer='none'" in note for note in notes)
+    words = [f"w{i}" for i in range(100)]
+    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<mask>", "<unk>", *words])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    (tmp_path / "text.txt").write_text("\n".join(" ".join(rng.choice(words, 60)) for _ in range(50)))
+    prepare(str(tmp_path / "text.txt"), str(tmp_path / "tokenizer.json"), tmp_path / "shards", workers=1,
+            progress=False)
+
+    assert main(["eval", str(tmp_path / "run"), "--data", str(tmp_path / "shards"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] > 0 and abs(result["loss"] - math.log(128)) < 0.1
+    for command in (["generate", str(tmp_path / "run"), "--prompt", "w1 w2"], ["eval", str(tmp_path / "run")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "this run has no tokenizer" in err and len(err.strip().splitlines()) == 1

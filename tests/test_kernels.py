@@ -84,6 +84,17 @@ def test_what_cudnn_cannot_take_falls_back(gpu, change, reason):
     assert reason in kernels.cudnn_obstacle(mask, "position" in change, dtype, CFG.head_dim)
 
 
+def test_sliding_window_layers_fall_back_to_xla_with_the_window_and_say_why(gpu, caplog):
+    cfg = dataclasses.replace(CFG, sliding_window=4, global_every=2)
+    with caplog.at_level(logging.WARNING, logger="lmjax.models.kernels"):
+        fused = DecoderLM(cfg, rngs=nnx.Rngs(0))(tokens())
+    assert [c["implementation"] for c in gpu] == ["xla", "cudnn"]  # one cycle: a windowed layer, a global one
+    fallbacks = [r.getMessage() for r in caplog.records if "not cuDNN" in r.getMessage()]
+    assert len(fallbacks) == 1 and "sliding window" in fallbacks[0]
+    dense = DecoderLM(dataclasses.replace(cfg, attention="dot_product"), rngs=nnx.Rngs(0))(tokens())
+    np.testing.assert_allclose(fused, dense, atol=1e-6)
+
+
 def test_encoder_decoder_right_padding_goes_to_cudnn_as_lengths(gpu):
     cfg = dataclasses.replace(CFG, family="encoder_decoder", n_decoder_layers=2)
     cudnn_model = EncoderDecoderLM(cfg, rngs=nnx.Rngs(0))

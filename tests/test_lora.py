@@ -329,14 +329,35 @@ def test_lora_without_a_base_run_is_one_clear_error(capsys, tmp_path):
     assert "give --init-from RUN_DIR" in err and len(err.strip().splitlines()) == 1
 
 
+def test_lora_on_a_base_trained_with_another_tokenizer_is_refused(capsys, tmp_path):
+    """The adapters' base reads token ids as its own tokenizer wrote them: a LoRA run whose
+    data.tokenizer is not the base run's saved one is refused in one line, before any weight is read."""
+    import json
+
+    from lmjax.config_parse import override
+    from lmjax.experiment import load_experiment
+
+    sets = ["data.max_bytes=100000", f"train.run_dir={tmp_path / 'lora'}"]
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(override(load_experiment("decoder_tiny"), sets).to_dict()))
+    (base / "tokenizer.json").write_text("{}")  # trained with a subword tokenizer; the LoRA run uses bytes
+    args = ["train", "--init-from", str(base), "--set", "lora.rank=4"] + [a for s in sets for a in ("--set", s)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "is not that run's tokenizer" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "lora").exists()
+
+
 def test_plan_counts_the_adapters_memory_by_hand(tmp_path):
+    from lmjax.cli import transform_bytes
     from lmjax.scaling.plan import plan
 
     full = tiny_config(tmp_path)  # d_model 32, 2 layers, 4 heads of 8, 2 kv heads, d_ff 64, swiglu
     lora = dataclasses.replace(full, lora=LoRAConfig(rank=4))
     per_layer = 4 * ((32 + 32) + 2 * (32 + 16) + (32 + 32) + 2 * (32 + 64) + (64 + 32))  # wq wk wv wo up gate down
     targeted_per_layer = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64
-    a, b = plan(full), plan(lora)
+    a, b = plan(full), plan(lora, **transform_bytes(lora))
     assert b["memory_adam_bytes"] == 2 * 2 * per_layer * 4
     assert b["memory_gradients_bytes"] == b["memory_adapters_bytes"] == 2 * per_layer * 4  # nothing weight-sized
     assert a["memory_gradients_bytes"] - b["memory_gradients_bytes"] > 2 * targeted_per_layer * 4
@@ -376,6 +397,7 @@ def test_the_lora_step_holds_no_weight_sized_gradient_and_plan_counts_its_argume
     weights' bytes (folding W + (alpha / r) A B into the weights, as the step once did, would
     instead add that copy and its gradient: twice those bytes more). And `lmjax plan`'s
     weights + adapters + Adam moments are the compiled LoRA step's arguments, less the batch."""
+    from lmjax.cli import transform_bytes
     from lmjax.lora import adapted_sizes
     from lmjax.scaling.memory import memory_estimate
 
@@ -384,7 +406,7 @@ def test_the_lora_step_holds_no_weight_sized_gradient_and_plan_counts_its_argume
     targeted_bytes = adapted_sizes(cfg.lora, cfg.model)[0] * 4
     assert full.temp_size_in_bytes - lora.temp_size_in_bytes >= targeted_bytes, (full.temp_size_in_bytes,
                                                                               lora.temp_size_in_bytes, targeted_bytes)
-    plan = memory_estimate(cfg)
+    plan = memory_estimate(cfg, **transform_bytes(cfg))
     counted = plan["memory_weights_bytes"] + plan["memory_adapters_bytes"] + plan["memory_adam_bytes"]
     compiled_bytes = lora.argument_size_in_bytes - batch_bytes
     assert abs(counted - compiled_bytes) / compiled_bytes < 0.02

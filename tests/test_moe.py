@@ -21,6 +21,12 @@ def moe_config(**moe) -> ModelConfig:
     return ModelConfig(d_model=16, n_layers=2, n_heads=2, d_ff=24, moe=MoEConfig(**{"n_experts": 4, **moe}))
 
 
+def encoder_moe_config(**moe) -> ModelConfig:
+    """An encoder whose MoE layers route by expert choice."""
+    return ModelConfig(d_model=16, n_layers=2, n_heads=2, d_ff=24, family="encoder",
+                       moe=MoEConfig(**{"n_experts": 4, "routing": "experts_choose", "dispatch": "capacity", **moe}))
+
+
 def layer_output(layer: MoE, x):
     """The layer's output and the routing statistics it sowed."""
     y = layer(x)
@@ -63,16 +69,95 @@ def naive_moe(layer: MoE, x, mlp: str, kept=None):
 
 
 @pytest.mark.parametrize("dispatch, kernel", [("dropless", "blocks"), ("dropless", "ragged_dot"), ("capacity", "auto")])
-@pytest.mark.parametrize("top_k, shared, mlp", [(1, 0, "swiglu"), (2, 0, "swiglu"), (2, 1, "swiglu"), (2, 0, "gelu")])
-def test_layer_equals_naive_per_token_loop(dispatch, kernel, top_k, shared, mlp):
+@pytest.mark.parametrize("top_k, shared, mlp, granularity", [(1, 0, "swiglu", 1), (2, 0, "swiglu", 1),
+                                                             (2, 1, "swiglu", 1), (2, 0, "gelu", 1),
+                                                             (2, 1, "swiglu", 2)])
+def test_layer_equals_naive_per_token_loop(dispatch, kernel, top_k, shared, mlp, granularity):
+    """G = 2: 8 experts of width 12, 4 per token (the loop reads the layer's own top-k)."""
     cfg = dataclasses.replace(moe_config(top_k=top_k, n_shared_experts=shared, dispatch=dispatch, grouped_matmul=kernel,
-                                         capacity_factor=4.0 / top_k, renormalize=top_k > 1), mlp=mlp)
+                                         capacity_factor=4.0 / top_k, renormalize=top_k > 1,
+                                         granularity=granularity), mlp=mlp)
     layer = MoE(cfg, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (3, 40, cfg.d_model))  # 240 assignments: several blocks per expert
     y, stats = layer_output(layer, x)
     np.testing.assert_allclose(y, naive_moe(layer, x, mlp), rtol=2e-4, atol=2e-6)
     assert float(stats["dropped"]) == 0.0
     np.testing.assert_allclose(np.sum(stats["load"]), 1.0, rtol=1e-6)
+
+
+def _numpy_experts(layer: MoE):
+    """Expert e's feed-forward and the shared experts' as float64 NumPy functions of a vector."""
+    up, down = np.asarray(layer.w_up[...], np.float64), np.asarray(layer.w_down[...], np.float64)
+    gate = np.asarray(layer.w_gate[...], np.float64)
+    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+    expert = lambda e, v: (silu(v @ gate[e]) * (v @ up[e])) @ down[e]  # noqa: E731
+    s = layer.shared
+    shared = lambda v: (silu(v @ np.asarray(s.w_gate[...], np.float64)) * (v @ np.asarray(s.w_up[...], np.float64))) \
+        @ np.asarray(s.w_down[...], np.float64)  # noqa: E731
+    return expert, shared
+
+
+def naive_experts_choose(layer: MoE, x, valid, capacity):
+    """Expert choice as a float64 loop over rows and experts: expert e takes the `capacity`
+    non-padding tokens of the row with the highest router probability for e; each token gets
+    sum over the experts that took it of p_e * Expert_e(x), plus the shared expert."""
+    x = np.asarray(x, np.float64)
+    expert, shared = _numpy_experts(layer)
+    logits = x @ np.asarray(layer.router[...], np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out, picked = np.zeros_like(x), np.zeros(probs.shape, int)
+    for b in range(x.shape[0]):
+        for e in range(probs.shape[-1]):
+            candidates = [t for t in np.argsort(-probs[b, :, e], kind="stable") if valid[b, t]]
+            for t in candidates[:capacity]:
+                out[b, t] += probs[b, t, e] * expert(e, x[b, t])
+                picked[b, t, e] = 1
+        for t in range(x.shape[1]):
+            out[b, t] += shared(x[b, t])
+    return out, picked
+
+
+@pytest.mark.parametrize("granularity", [1, 2])
+def test_experts_choose_equals_per_expert_loop(granularity, capacity_factor=0.5):
+    """Padding is never picked (row 1 has 2 real tokens, fewer than the capacity of 3);
+    tokens no expert picks get only the shared expert; the unrouted share is the loop's."""
+    cfg = encoder_moe_config(top_k=2, n_shared_experts=1, capacity_factor=capacity_factor, granularity=granularity)
+    layer = MoE(cfg, rngs=nnx.Rngs(0))
+    assert layer.n_experts == 4 * granularity and layer.w_up.shape == (4 * granularity, 16, 24 // granularity)
+    x = jax.random.normal(jax.random.key(1), (2, 12, cfg.d_model))
+    segments = np.ones((2, 12), np.int32)
+    segments[1, 2:] = 0
+    capacity = expert_capacity(capacity_factor, 2 * granularity, 12, 4 * granularity)
+    y = layer(x, None, jnp.asarray(segments))
+    stats = nnx.to_pure_dict(nnx.pop(layer, nnx.Intermediate))["routing"]
+    want, picked = naive_experts_choose(layer, x, segments == 1, capacity)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=2e-4, atol=2e-6)
+    np.testing.assert_array_equal(np.asarray(stats["picked"]), picked)
+    assert capacity == 3 and picked[1, 2:].sum() == 0
+    assert picked[0].sum(axis=0).tolist() == [capacity] * (4 * granularity)
+    unrouted = (picked.sum(-1) == 0)[segments == 1].mean()
+    assert 0 < unrouted < 1 and float(stats["unrouted"]) == pytest.approx(unrouted)
+    np.testing.assert_allclose(np.asarray(stats["load"]), picked.sum((0, 1)) / picked.sum(), rtol=1e-6)
+
+
+def test_experts_choose_gradient_and_encoder_decoder_routing():
+    """The expert-choice gradient matches central differences (router and experts), and an
+    encoder-decoder routes its encoder by expert choice and its causal decoder by token choice."""
+    from lmjax.models.lm import EncoderDecoderLM
+
+    with jax.enable_x64(True):
+        cfg = encoder_moe_config(top_k=2)
+        graphdef, params = nnx.split(MoE(cfg, rngs=nnx.Rngs(0)))
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+        x = jax.random.normal(jax.random.key(5), (2, 6, cfg.d_model), jnp.float64)
+        _check_directional_derivative(graphdef, params, x, jax.random.normal(jax.random.key(6), x.shape, jnp.float64))
+    model = EncoderDecoderLM(dataclasses.replace(cfg, family="encoder_decoder"), rngs=nnx.Rngs(0))
+    assert model.encoder.blocks.moe.routing_kind == "experts_choose"
+    assert model.decoder.blocks.moe.routing_kind == "tokens_choose"
+    model(jnp.ones((2, 8), jnp.int32), jnp.ones((2, 5), jnp.int32), jnp.asarray([[1] * 8, [1] * 3 + [0] * 5]))
+    stats = pop_routing_statistics(model)
+    assert stats["unrouted"].shape == (4,) and "picked" not in stats and "experts" not in stats
 
 
 def test_capacity_equals_dropless_when_nothing_can_drop():
@@ -185,10 +270,29 @@ def test_interleaved_cache_decoding_matches_full_forward():
 def test_moe_config_errors():
     from lmjax.config import ConfigError
 
+    moe8 = ["model.moe.n_experts=8", "model.moe.d_ff=96"]
+    with pytest.raises(ConfigError, match="model.moe.granularity=5 does not divide the expert width 96"):
+        override(Config(), [*moe8, "model.moe.granularity=5"])
+    with pytest.raises(ConfigError, match="lets a token's routing depend on later tokens"):
+        override(Config(), [*moe8, "model.moe.routing=experts_choose", "model.moe.dispatch=capacity"])
+    with pytest.raises(ConfigError, match="set model.moe.dispatch=capacity"):
+        override(Config(), [*moe8, "model.family=encoder", "model.moe.routing=experts_choose"])
+    with pytest.raises(ConfigError, match="k = 16 experts per token|above k = 8"):
+        override(Config(), [*moe8, "model.moe.granularity=8", "model.moe.dispatch=capacity"])
     with pytest.raises(ConfigError, match="model.moe.dispatch: cannot use 'sparse'"):
         override(Config(), ["model.moe.n_experts=4", "model.moe.dispatch=sparse"])
     with pytest.raises(ConfigError, match="capacity_factor and model.moe.eval_capacity_factor must be positive"):
         override(Config(), ["model.moe.n_experts=4", "model.moe.capacity_factor=0"])
+
+
+def test_bad_granularity_is_one_line_and_exit_2(capsys, tmp_path):
+    from lmjax.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "moe_tiny", "--set", "model.moe.granularity=5", "--set", f"train.run_dir={run}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model.moe.granularity=5 does not divide the expert width 352" in err
+    assert not run.exists()
 
 
 def test_layout_errors_before_compiling(monkeypatch):

@@ -15,9 +15,9 @@ from test_parallel import TINY, finish, lmjax_subprocess, losses, mesh_args
 import lmjax
 from lmjax.cli import main
 from lmjax.config import Config, ConfigError, ModelConfig, MoEConfig, OptimConfig
+from lmjax.drivers.coordinate_check import WIDTHS, coordinate_check, text_batch, width_slopes
 from lmjax.families import family_of
 from lmjax.records import read_metrics
-from lmjax.scaling.coordinate_check import WIDTHS, coordinate_check, text_batch, width_slopes
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
 from lmjax.train.state import TrainState
 from lmjax.train.step import make_train_step
@@ -184,7 +184,7 @@ MUP = ["--set", "model.parametrization=mup", "--set", "model.mup_base_width=16"]
 def test_sweep_applies_one_tuned_learning_rate_under_mup_to_every_width(capsys, tmp_path):
     """`lmjax sweep --set` reaches every run of an IsoFLOP grid that varies width (also in the
     printed launch commands); each run keeps the tuned lr, and µP scales its hidden matrices'."""
-    from lmjax.scaling.sweep import load_sweep, run_config
+    from lmjax.drivers.sweep import load_sweep, run_config
 
     tuned = ["model.parametrization=mup", "model.mup_base_width=32", "optim.lr=0.004"]
     sweep_dir = tmp_path / "mup"
@@ -250,7 +250,7 @@ def test_sharded_mup_run_equals_one_device_and_resumes_as_mup(tmp_path):
 def test_transfer_sweep_runs_resumably_at_a_tiny_size(tmp_path):
     """experiments/mup_transfer.py: 48 runs (2 parametrizations x 4 widths x 6 learning rates
     a factor 2 apart); one of them, cut to 2 steps, runs, and a second start skips it."""
-    from lmjax.scaling.sweep import load_sweep, run_sweep
+    from lmjax.drivers.sweep import load_sweep, run_sweep
     from lmjax.scaling.transfer import read_transfer_results
 
     sweep = load_sweep("mup_transfer")

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 
 import lmjax
 from lmjax import generate
-from lmjax.cli import main
+from lmjax.cli import main, transform_bytes
 from lmjax.config import MeshConfig, QuantConfig
 from lmjax.families import family_of
 from lmjax.lora import path_name
@@ -192,7 +192,8 @@ def test_plan_reports_the_int8_weight_bytes_of_the_saved_run(runs):
     saved = load_file(str(runs / "int8" / QUANTIZED_FILE))
     cfg = load_config(runs / "float")
     assert "memory_int8_weights_bytes" not in plan(cfg)
-    int8 = plan(dataclasses.replace(cfg, quant=QuantConfig(weights="int8")))
+    int8_cfg = dataclasses.replace(cfg, quant=QuantConfig(weights="int8"))
+    int8 = plan(int8_cfg, **transform_bytes(int8_cfg))
     assert int8["memory_int8_weights_bytes"] == sum(a.nbytes for a in saved.values())
     assert int8["memory_int8_inference_bytes"] - int8["memory_int8_weights_bytes"] == (
         int8["memory_inference_bytes"] - int8["memory_weights_bytes"])

@@ -1,7 +1,10 @@
 """Planner, memory, WSD schedule, fits and sweeps (lmjax.scaling)."""
 
+import csv
 import dataclasses
+import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,12 +21,18 @@ import pytest
 from lmjax.cli import main
 from lmjax.config import Config, ConfigError, MeshConfig, ModelConfig, MoEConfig, OptimConfig, TrainConfig
 from lmjax.config_parse import override
+from lmjax.drivers.sweep import run_sweep, wsd_branches
 from lmjax.experiment import load_experiment
-from lmjax.scaling.counting import param_counts, to_petaflop_days, train_flops_per_example, train_flops_per_token
-from lmjax.scaling.fit import fit_approach2, fit_approach3, read_results
+from lmjax.scaling.counting import (
+    param_counts,
+    to_petaflop_days,
+    total_steps,
+    train_flops_per_example,
+    train_flops_per_token,
+)
+from lmjax.scaling.fit import fit_approach2, fit_approach3, fit_granularity, format_fit, read_results
 from lmjax.scaling.memory import activation_bytes_per_token, kv_cache_bytes_per_token, memory_estimate
-from lmjax.scaling.plan import chinchilla_optimal, total_steps
-from lmjax.scaling.sweep import run_sweep, wsd_branches
+from lmjax.scaling.plan import chinchilla_optimal
 from lmjax.train.optimizer import learning_rate_schedule
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,24 +47,42 @@ def plan_json(capsys, *sets, extra=(), experiment=()) -> dict:
 GPT2_SMALL = ["model.vocab_size=50257", "model.d_model=768", "model.n_layers=12", "model.n_heads=12",
               "model.d_ff=3072", "model.mlp=gelu", "model.norm=layernorm", "model.position=learned",
               "model.max_seq_len=1024", "data.seq_len=1024"]
-LLAMA2_7B = ["model.vocab_size=32000", "model.d_model=4096", "model.n_layers=32", "model.n_heads=32",
-             "model.d_ff=11008", "model.tie_embeddings=false", "model.max_seq_len=4096", "data.seq_len=4096"]
-MIXTRAL_8X7B = ["model.vocab_size=32000", "model.d_model=4096", "model.n_layers=32", "model.n_heads=32",
-                "model.n_kv_heads=8", "model.d_ff=14336", "model.tie_embeddings=false", "model.moe.n_experts=8",
-                "model.moe.top_k=2", "model.max_seq_len=4096", "data.seq_len=4096", "model.dtype=bfloat16"]
 
 
 def test_plan_published_shapes(capsys):
     gpt2 = plan_json(capsys, *GPT2_SMALL)
     # 124M with tied embeddings (GPT-2's linear biases, 92,160 weights, are not part of lmjax's blocks)
     assert round(gpt2["params_total"] / 1e6) == 124 and gpt2["params_output_head"] == 0
-    assert plan_json(capsys, *LLAMA2_7B)["params_total"] == 6_738_415_616
-    mixtral = plan_json(capsys, *MIXTRAL_8X7B)
+    assert plan_json(capsys, experiment=["llama2_7b"])["params_total"] == 6_738_415_616
+    mixtral = plan_json(capsys, experiment=["mixtral_8x7b"])
     assert round(mixtral["params_total"] / 1e9, 1) == 46.7 and round(mixtral["params_active"] / 1e9, 1) == 12.9
     # FLOPs use the active parameters; KV cache: 2 * 32 layers * 8 kv heads * 128 * 2 bytes
     assert mixtral["flops_per_token_train"] == pytest.approx(
         6 * (mixtral["params_active"] - 32000 * 4096) + 6 * 32 * 4096 * 4096)
     assert mixtral["kv_cache_bytes_per_token"] == 2 * 32 * 8 * 128 * 2
+
+
+def test_widening_an_experiment_by_d_model_alone_is_noted(capsys):
+    """decoder_tiny at d_model 4096 keeps its 4 heads and d_ff 704: plan says so (heads of
+    1024, a feed-forward narrower than the width) and points at the named shape; the
+    published shapes get no note."""
+    assert main(["plan", "--set", "model.d_model=4096", "--set", "model.n_layers=32"]) == 0
+    err = capsys.readouterr().err
+    assert "heads of width 1024" in err and "model.d_ff=704 is narrower" in err and "llama2_7b" in err
+    assert main(["plan", "llama2_7b"]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_readme_plan_examples_print_the_published_shapes(capsys):
+    """Every `lmjax plan` line of the README runs; the 7B one prints LLaMA-2-7B's published
+    6,738,415,616 weights (not decoder_tiny's narrow MLP and 4 heads widened to 4096)."""
+    import shlex
+
+    lines = [line.split("#")[0] for line in (REPO / "README.md").read_text().splitlines()
+             if line.startswith("lmjax plan")]
+    counts = [plan_json(capsys, extra=[a for a in shlex.split(line)[2:] if a != "--json"])["params_total"]
+              for line in lines]
+    assert 6_738_415_616 in counts and len(counts) >= 2
 
 
 def test_moe_counts_by_hand():
@@ -165,6 +192,35 @@ def test_fit_recovers_known_law():
     assert fit2["a"] == pytest.approx(0.28 / 0.62, abs=0.05)  # N_opt ~ C^(beta / (alpha + beta))
 
 
+GRANULARITY_LAW = {"a": 20.0, "alpha": 0.3, "b": 400.0, "beta": 0.3, "g": 60.0, "gamma": 0.6, "c": 1.5}
+
+
+def test_granularity_law_recovered_from_synthetic_sweep(tmp_path, capsys):
+    """`lmjax fit` on a results.csv with a G column: 4 sizes x 3 token counts x G in {1, 2, 4, 8}
+    from L = c + (g / G^gamma + a) / N^alpha + b / D^beta with 0.2% multiplicative noise. The
+    exponents come back within 0.02 (gamma 0.05), c within 2%, the coefficients within 20%."""
+    n, d, g = (np.array(v, float) for v in zip(*itertools.product(np.geomspace(1e6, 1e8, 4), np.geomspace(1e8, 1e10, 3),
+                                                                   (1, 2, 4, 8))))
+    p = GRANULARITY_LAW
+    loss = (p["c"] + (p["g"] / g ** p["gamma"] + p["a"]) / n ** p["alpha"] + p["b"] / d ** p["beta"]) * np.exp(
+        np.random.default_rng(0).normal(0, 0.002, len(n)))
+    path = tmp_path / "results.csv"
+    path.write_text("N,D,G,val_loss\n" + "".join(f"{a},{b},{c},{e}\n" for a, b, c, e in zip(n, d, g, loss)))
+    assert main(["fit", str(path), "--json", "--bootstrap", "2", "--plots", str(tmp_path / "plots")]) == 0
+    fitted = json.loads(capsys.readouterr().out)
+    law = fitted["granularity"]
+    assert set(law) == {*p, "points", "ci95"} and law["points"] == 48
+    for key, tolerance in (("alpha", 0.02), ("beta", 0.02), ("gamma", 0.05)):
+        assert law[key] == pytest.approx(p[key], abs=tolerance)
+    assert law["c"] == pytest.approx(p["c"], rel=0.02)
+    for key in ("a", "b", "g"):
+        assert law[key] == pytest.approx(p[key], rel=0.2)
+    assert (tmp_path / "plots" / "loss_vs_g.png").is_file()
+    assert "granularity (48 results): L(N, D, G) = 1.5" in format_fit(fitted)
+    with pytest.raises(ConfigError, match="2 or more granularities"):
+        fit_granularity({"N": n, "D": d, "G": np.ones_like(g), "loss": loss})
+
+
 def test_approach2_takes_the_trained_tokens_when_flops_per_token_are_not_6n():
     """A sweep that spends 6 N (N / 10^6)^0.5 FLOPs per token (p = 1.5 instead of 1): each run
     trains D = C / (6 N^1.5 / 10^3) tokens. For L = E + A/N^alpha + B/D^beta the optimum is then
@@ -216,7 +272,7 @@ SWEEP_FILES = {
         """,
     "grid.py": """
         from pathlib import Path
-        from lmjax.scaling.sweep import grid_sweep
+        from lmjax.drivers.sweep import grid_sweep
 
         def sweep():
             return grid_sweep(str(Path(__file__).parent / "tiny.py"), {"model.d_model": [16, 32]})
@@ -256,13 +312,14 @@ def test_kv_cache_formula_matches_generate_cache():
 
     model_cfg = ModelConfig(d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, dtype="bfloat16")
     model = nnx.eval_shape(lambda: DecoderLM(model_cfg, rngs=nnx.Rngs(0)))
-    keys, values = jax.eval_shape(lambda: model.init_cache(batch_size=3, length=20))
+    keys, values = jax.eval_shape(lambda: model.init_cache(batch_size=3, length=20))["full"]
     cache_bytes = sum(np.prod(x.shape) * x.dtype.itemsize for x in (keys, values))
     assert keys.dtype == jnp.bfloat16 and cache_bytes == kv_cache_bytes_per_token(model_cfg) * 3 * 20
     # encoder-decoder: 2 decoder layers cache 20 target slots and the cross-attention keys/values of 12 inputs
     enc_dec_cfg = ModelConfig(family="encoder_decoder", d_model=32, n_layers=3, n_decoder_layers=2, n_heads=4,
                               n_kv_heads=2, d_ff=64, dtype="bfloat16", position="relative")
-    cache = EncoderDecoderLM(enc_dec_cfg, rngs=nnx.Rngs(0)).init_cache(3, 20, jnp.zeros((3, 12, 32), jnp.bfloat16))
+    model = EncoderDecoderLM(enc_dec_cfg, rngs=nnx.Rngs(0))
+    cache = model.init_cache(3, 20, jnp.zeros((3, 12, 32), jnp.bfloat16))["full"]
     assert [c.shape for c in cache] == [(2, 3, 20, 2, 8)] * 2 + [(2, 3, 12, 2, 8)] * 2
     assert sum(np.prod(x.shape) * x.dtype.itemsize for x in cache) == kv_cache_bytes_per_token(enc_dec_cfg) * 3 * 32
     assert kv_cache_bytes_per_token(dataclasses.replace(enc_dec_cfg, family="encoder", n_decoder_layers=None)) == 0
@@ -297,3 +354,24 @@ def test_sweep_emits_cluster_commands(tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "grid.py"), "--dir", "out", "--commands"]) == 0
     assert capsys.readouterr().out.splitlines()[1].endswith("--dir out --only-index 1")
     assert main(["sweep", str(tmp_path / "grid.py"), "--only-index", "2"]) == 2
+
+
+def test_moe_granularity_sweep_builds_and_a_tiny_point_trains(tmp_path):
+    """experiments/moe_granularity.py: 16 valid runs at G in {1, 2, 4, 8} with equal expert
+    parameters (total counts differ by the routers alone); one point, cut to 2 steps, trains
+    through `run_sweep` and its results.csv carries G for `lmjax fit`."""
+    from lmjax.drivers.sweep import Sweep, SweepRun, load_sweep, run_config
+    from lmjax.scaling.counting import router_params
+
+    sweep = load_sweep("moe_granularity")
+    configs = [run_config(sweep, run, tmp_path) for run in sweep.runs]
+    assert len(configs) == 16 and {c.model.moe.granularity for c in configs} == {1, 2, 4, 8}
+    for cfg in configs:
+        coarse = override(cfg, ["model.moe.granularity=1"]).model
+        routers = cfg.model.n_layers * (router_params(cfg.model) - router_params(coarse))
+        assert param_counts(cfg.model)["params_total"] - param_counts(coarse)["params_total"] == routers
+    run = next(r for r in sweep.runs if r.name.endswith("G4"))
+    tiny = Sweep(sweep.experiment, (SweepRun(run.name, (*run.overrides, "train.tokens=2048", "train.eval_batches=1")),))
+    results = run_sweep(tiny, tmp_path / "sweep", log=lambda line: None)
+    rows = list(csv.DictReader(results.open()))
+    assert len(rows) == 1 and rows[0]["G"] == "4" and math.isfinite(float(rows[0]["val_loss"]))

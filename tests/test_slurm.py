@@ -182,7 +182,7 @@ def test_slurm_job_stops_on_sigterm_requeues_when_warned_and_ends_bit_for_bit_eq
 
 SWEEP = '''
 from lmjax.config import Config, DataConfig, LogConfig, ModelConfig, OptimConfig, TrainConfig
-from lmjax.scaling.sweep import Sweep, grid_sweep, wsd_branches
+from lmjax.drivers.sweep import Sweep, grid_sweep, wsd_branches
 
 
 def config():

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
@@ -65,6 +66,9 @@ def test_resume_is_bitwise_exact(tmp_path, tiny):
     assert int(a.step) == int(b.step) == 6 and data_a == data_b
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    goodput = json.loads((tmp_path / "b" / "goodput.json").read_text())  # summed over both invocations
+    assert goodput["invocations"] == 2 and goodput["steps"] == {"productive_steps": 6, "redone_steps": 0}
+    assert sum(goodput["seconds"].values()) == pytest.approx(goodput["wall_seconds"], rel=1e-12)
     loss_a = [r["loss"] for r in read_metrics(tmp_path / "a") if "loss" in r]
     loss_b = [r["loss"] for r in read_metrics(tmp_path / "b") if "loss" in r]
     assert loss_a == loss_b
@@ -158,6 +162,34 @@ def test_wandb_offline_needs_no_account(tiny, tmp_path, monkeypatch):
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.5}]
     runs = list((tmp_path / "wandb").glob("offline-run-*/*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_records_and_eval_json_write_null_for_nan(tiny, tmp_path, monkeypatch, capsys):
+    """metrics.jsonl, routing.jsonl and `lmjax eval --json` are strict JSON (NaN and inf are not
+    JSON): non-finite values are null, and the readers give NaN back."""
+    import json
+    import math
+
+    import lmjax.train.run_eval
+    from lmjax.cli import main
+    from lmjax.records import read_routing
+    from lmjax.train.loggers import MetricsLogger
+
+    def strict(line):
+        return json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} written"))
+
+    cfg = dataclasses.replace(tiny(), log=dataclasses.replace(tiny().log, wandb="off"))
+    logger = MetricsLogger(cfg, tmp_path, resume=False)
+    logger.log({"step": 1, "loss": float("nan"), "grad_norm": float("inf")})
+    logger.log_routing(1, {"load": np.array([[0.5, np.nan]]), "dropped": np.array([0.0])})
+    assert strict((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": None, "grad_norm": None}
+    assert strict((tmp_path / "routing.jsonl").read_text())["load"] == [[0.5, None]]
+    (record,) = read_metrics(tmp_path)
+    assert math.isnan(record["loss"]) and math.isnan(record["grad_norm"])
+    np.testing.assert_array_equal(read_routing(tmp_path)["load"], [[[0.5, np.nan]]])
+    monkeypatch.setattr(lmjax.train.run_eval, "evaluate_run", lambda *args: {"step": 3, "loss": float("nan")})
+    assert main(["eval", str(tmp_path), "--json"]) == 0
+    assert strict(capsys.readouterr().out) == {"step": 3, "loss": None}
 
 
 def test_stop_right_after_a_periodic_checkpoint_saves_once(tiny, monkeypatch):

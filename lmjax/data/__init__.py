@@ -12,7 +12,8 @@ from lmjax.data.pipeline import (
     tokenize,
 )
 from lmjax.data.sources import DataError, iter_documents, load_documents
-from lmjax.data.tokenizer import ByteTokenizer, load_from_run, load_tokenizer, padded_vocab_size, save_to_run
+from lmjax.data.tokenizer import ByteTokenizer, padded_vocab_size
+from lmjax.data.tokenizer_store import load_from_run, load_tokenizer, save_to_run
 
 __all__ = ["BatchIterator", "ByteTokenizer", "Concat", "DataError", "Mixture", "PackedDataset", "Subset",
            "TokenStream", "eval_batches", "iter_documents", "load_documents", "load_from_run", "load_tokenizer",

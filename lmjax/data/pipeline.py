@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -218,6 +219,7 @@ class BatchIterator:
         self.datasets, self.batch_size, self.seed, self.weights = datasets, global_batch_size, seed, weights
         self.local = np.arange(global_batch_size)[slice(None) if rows is None else rows]
         self.threads, self.workers = threads, workers
+        self.wait_seconds = 0.0  # spent waiting in __next__ for a batch
         self.order = example_order([len(d) for d in datasets], weights, seed)
         self._start(int(step))
 
@@ -243,7 +245,10 @@ class BatchIterator:
 
     def __next__(self) -> dict[str, np.ndarray]:
         self.step += 1
-        return next(self._iterator)
+        start = time.perf_counter()
+        batch = next(self._iterator)
+        self.wait_seconds += time.perf_counter() - start
+        return batch
 
     def state(self) -> dict:
         """{"step": next global batch, "seed": data.seed, "weights"}, JSON-serialisable."""

@@ -29,7 +29,8 @@ import numpy as np
 
 from lmjax.data.pipeline import PackedDataset, TokenStream, tokenize
 from lmjax.data.sources import DataError, iter_documents
-from lmjax.data.tokenizer import load_tokenizer, token_dtype
+from lmjax.data.tokenizer import token_dtype
+from lmjax.data.tokenizer_store import load_tokenizer
 from lmjax.files import file_sha256, write_atomically, write_json_atomically
 
 FORMAT = "lmjax-tokens-v1"
@@ -83,13 +84,34 @@ def prepare(source: str, tokenizer_spec: str, out: Path, text_field: str = "text
     shards under `out` with `workers` processes; return the manifest. Finished shards
     from an interrupted run with the same settings are kept. `stop_after_shards` stops
     after writing that many new shards, without a manifest (as if killed)."""
-    from tqdm import tqdm
-
     out = Path(out)
     tokenizer = load_tokenizer(tokenizer_spec)
     settings = {"format": FORMAT, "source": source if source == "stdlib" else str(Path(source).resolve()),
                 "text_field": text_field, "shard_bytes": shard_bytes, "tokenizer_sha256": tokenizer.sha256,
                 "vocab_size": tokenizer.vocab_size, "dtype": token_dtype(tokenizer.vocab_size).name}
+    finished = _begin(out, settings, tokenizer)
+    if finished is not None:
+        return finished
+    entries, written = _write_shards(out, source, text_field, shard_bytes, tokenizer_spec, workers, progress,
+                                     stop_after_shards)
+    if stop_after_shards is not None and written >= stop_after_shards:
+        return {}
+    shards = [entries[i] for i in range(len(entries))]
+    totals = {k: sum(s[k] for s in shards) for k in ("documents", "tokens", "bytes", "empty_documents",
+                                                     "invalid_utf8_documents")}
+    if totals["documents"] == 0:
+        raise DataError(f"--data {source!r} contains no text (every document is empty); check --text-field.")
+    manifest = {"settings": settings, **totals, "eos_id": tokenizer.eos_id, "shards": shards,
+                "tokenizer_file": None if tokenizer.path is None else f"tokenizer{tokenizer.path.suffix}"}
+    write_json_atomically(out / "manifest.json", manifest)
+    (out / "plan.json").unlink()
+    return manifest
+
+
+def _begin(out: Path, settings: dict, tokenizer) -> dict | None:
+    """The manifest when `out` already holds this finished preparation (None otherwise, after
+    recording `settings` in plan.json and copying the tokenizer file); DataError when `out`
+    holds a finished or unfinished preparation with other settings."""
     out.mkdir(parents=True, exist_ok=True)
     if (out / "manifest.json").exists():
         manifest = json.loads((out / "manifest.json").read_text())
@@ -103,6 +125,14 @@ def prepare(source: str, tokenizer_spec: str, out: Path, text_field: str = "text
     write_json_atomically(plan, settings)
     if tokenizer.path is not None:
         shutil.copyfile(tokenizer.path, out / f"tokenizer{tokenizer.path.suffix}")
+    return None
+
+
+def _write_shards(out: Path, source: str, text_field: str, shard_bytes: int, tokenizer_spec: str, workers: int,
+                  progress: bool, stop_after_shards: int | None) -> tuple[dict[int, dict], int]:
+    """({shard index: entry}, shards written now): tokenize every chunk of `source` in `workers`
+    processes, keeping the shards an interrupted run finished (their shard-NNNNN.json)."""
+    from tqdm import tqdm
 
     entries, pending, written = {}, {}, 0
     bar = tqdm(unit="tok", unit_scale=True, disable=not progress, desc="prepare")
@@ -129,18 +159,7 @@ def prepare(source: str, tokenizer_spec: str, out: Path, text_field: str = "text
             collect(keep=2 * max(workers, 1))  # bounded: at most this many chunks held in memory
         collect(keep=0)
     bar.close()
-    if stop_after_shards is not None and written >= stop_after_shards:
-        return {}
-    shards = [entries[i] for i in range(len(entries))]
-    totals = {k: sum(s[k] for s in shards) for k in ("documents", "tokens", "bytes", "empty_documents",
-                                                     "invalid_utf8_documents")}
-    if totals["documents"] == 0:
-        raise DataError(f"--data {source!r} contains no text (every document is empty); check --text-field.")
-    manifest = {"settings": settings, **totals, "eos_id": tokenizer.eos_id, "shards": shards,
-                "tokenizer_file": None if tokenizer.path is None else f"tokenizer{tokenizer.path.suffix}"}
-    write_json_atomically(out / "manifest.json", manifest)
-    plan.unlink()
-    return manifest
+    return entries, written
 
 
 class ShardedTokens:
@@ -163,6 +182,17 @@ class ShardedTokens:
             pieces.append(self.arrays[first][offset:offset + take])
             start, first = start + take, first + 1
         return np.concatenate(pieces) if len(pieces) != 1 else np.asarray(pieces[0])
+
+
+def is_prepared(path: str | Path) -> bool:
+    """Whether `path` is a directory finished by `lmjax data prepare` (it holds manifest.json)."""
+    return (Path(path) / "manifest.json").is_file()
+
+
+def prepared_tokenizer(path: str | Path):
+    """The tokenizer the prepared directory `path` was made with: its copy there, or bytes."""
+    copy = json.loads((Path(path) / "manifest.json").read_text())["tokenizer_file"]
+    return load_tokenizer(str(Path(path) / copy) if copy else "bytes")
 
 
 def open_prepared(path: str | Path, tokenizer, seq_len: int, verify: bool = False) -> PackedDataset:

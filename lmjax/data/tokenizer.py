@@ -1,23 +1,20 @@
-"""Tokenizers behind one interface (`Tokenizer`), and how a run keeps its tokenizer.
+"""Tokenizers behind one interface (`Tokenizer`), and the byte tokenizer.
 
 "bytes" (the default) needs no file. Subword tokenizers (`lmjax.data.subword`) are a
 Hugging Face `tokenizers` .json file or a SentencePiece .model file, trained locally by
-`lmjax tokenizer train`.
+`lmjax tokenizer train`; `lmjax.data.tokenizer_store` loads either kind and keeps a run's copy.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-import shutil
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from lmjax.config import BYTE_VOCAB_SIZE
-from lmjax.data.sources import DataError
-from lmjax.files import file_sha256, write_atomically
 
 _SENTINEL = re.compile(r"<extra_id_(\d+)>")
 
@@ -135,48 +132,3 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
     """`vocab_size` rounded up to a multiple of 128 (the model's embedding rows)."""
     return -(-vocab_size // multiple) * multiple
-
-
-def load_tokenizer(spec: str) -> Tokenizer:
-    """"bytes", a `tokenizers` .json file or a SentencePiece .model file -> a tokenizer."""
-    if spec == "bytes":
-        return ByteTokenizer()
-    from lmjax.data.subword import HFTokenizer, SentencePieceTokenizer
-
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise DataError(f"data.tokenizer {spec!r} is neither 'bytes' nor an existing tokenizer file; "
-                        "train one with `lmjax tokenizer train`.")
-    if path.suffix == ".json":
-        return HFTokenizer(path)
-    if path.suffix == ".model":
-        return SentencePieceTokenizer(path)
-    raise DataError(f"data.tokenizer {spec!r} has the unknown suffix {path.suffix!r}; give a Hugging Face "
-                    "tokenizers .json file or a SentencePiece .model file.")
-
-
-def save_to_run(tokenizer: Tokenizer, run_dir: Path) -> None:
-    """Copy a subword tokenizer's file into `run_dir` as tokenizer.json / tokenizer.model
-    (nothing for bytes), with the tokenizer_config.json beside it if there is one (the roles
-    of a Hugging Face tokenizer's special tokens), so the run can be reloaded without them."""
-    if tokenizer.path is None:
-        return
-    roles = Path(tokenizer.path).with_name("tokenizer_config.json")
-    copies = [(Path(tokenizer.path), Path(run_dir) / f"tokenizer{Path(tokenizer.path).suffix}")]
-    if roles.is_file():
-        copies.append((roles, Path(run_dir) / roles.name))
-    for source, target in copies:
-        if not target.exists() or file_sha256(target) != file_sha256(source):
-            with source.open("rb") as f:
-                write_atomically(target, lambda out, f=f: shutil.copyfileobj(f, out))
-
-
-def load_from_run(run_dir: Path, spec: str) -> Tokenizer:
-    """The tokenizer a run trained with: its saved copy, or bytes when `spec` is "bytes"."""
-    if spec == "bytes":
-        return ByteTokenizer()
-    for suffix in (".json", ".model"):
-        if (Path(run_dir) / f"tokenizer{suffix}").is_file():
-            return load_tokenizer(str(Path(run_dir) / f"tokenizer{suffix}"))
-    raise DataError(f"{run_dir} was trained with data.tokenizer={spec!r} but holds no tokenizer.json or "
-                    "tokenizer.model; copy the tokenizer file there.")

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from lmjax.checkpoint import Checkpointer
-from lmjax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig
+from lmjax.config import BYTE_VOCAB_SIZE, Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig
 from lmjax.families import family_of
 from lmjax.interop import bert, llama, t5
 from lmjax.interop.tensors import open_checkpoint, save_checkpoint
@@ -32,6 +32,7 @@ from lmjax.parallel import make_mesh, state_shardings
 from lmjax.train.state import abstract_model
 
 _ARCHITECTURES = {name: module for module in (llama, t5, bert) for name in module.ARCHITECTURES}
+_FAMILY_ARCHITECTURES = {module.__name__.rsplit(".", 1)[-1]: module for module in (llama, t5, bert)}
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size for save_pretrained
 
 
@@ -57,7 +58,13 @@ def architecture_of(hf: dict):
                       f"{', '.join(_ARCHITECTURES)}.")
 
 
-def _layer_count(path: tuple[str, ...], cfg: ModelConfig) -> int | None:
+def family_architecture(cfg: ModelConfig):
+    """The translator module that exports the checkpoints of `cfg`'s family (named by
+    `Family.hf_architecture`)."""
+    return _FAMILY_ARCHITECTURES[family_of(cfg).hf_architecture]
+
+
+def layer_count(path: tuple[str, ...], cfg: ModelConfig) -> int | None:
     """Layers stacked on the leading axis of the weight at `path` (None: not per layer)."""
     if "blocks" not in path:
         return None
@@ -103,7 +110,7 @@ def import_params(hf_dir: Path, cfg: ModelConfig, mesh, notes: list[str]) -> nnx
         except ValueError:
             raise ConfigError(f"the mesh {dict(mesh.shape)} does not split weight {'.'.join(path)} {leaf.shape} "
                               "evenly; pick mesh sizes that divide the model's widths.") from None
-        arrays[path] = _read_weight(rules[path], tensors, leaf.shape, leaf.dtype, _layer_count(path, cfg),
+        arrays[path] = _read_weight(rules[path], tensors, leaf.shape, leaf.dtype, layer_count(path, cfg),
                                     shardings[path])
     unread = sorted(set(tensors) - tensors.read - set(architecture.tied_copies(cfg)))
     if unread:
@@ -124,13 +131,13 @@ def from_hf(hf_dir: Path, run_dir: Path, dtype: str = "float32", mesh_cfg: MeshC
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     notes: list[str] = []
     model = dataclasses.replace(model_config_from_hf(hf_dir, notes), dtype=dtype, param_dtype=dtype)
-    tokenizer = "bytes"
+    tokenizer = "bytes" if model.vocab_size >= BYTE_VOCAB_SIZE else "none"
     if (hf_dir / "tokenizer.json").is_file():
         tokenizer = str((run_dir / "tokenizer.json").absolute())
         _check_tokenizer(hf_dir, model, notes)
     else:
-        notes.append("no tokenizer.json: the run records data.tokenizer='bytes'; copy the model's tokenizer.json "
-                     "into the run directory and set data.tokenizer to it before using text.")
+        notes.append(f"no tokenizer.json: the run records data.tokenizer={tokenizer!r}; copy the model's "
+                     "tokenizer.json into the run directory and set data.tokenizer to it before using text.")
     cfg = Config(name=f"hf-{hf_dir.name}", model=model,
                  data=DataConfig(tokenizer=tokenizer, seq_len=min(256, model.max_seq_len)),
                  train=TrainConfig(steps=1, run_dir=str(run_dir)))
@@ -140,7 +147,7 @@ def from_hf(hf_dir: Path, run_dir: Path, dtype: str = "float32", mesh_cfg: MeshC
     params = import_params(hf_dir, model, mesh, notes)  # every check on the input runs before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        if tokenizer != "bytes" and (hf_dir / name).is_file():
+        if tokenizer not in ("bytes", "none") and (hf_dir / name).is_file():
             shutil.copyfile(hf_dir / name, run_dir / name)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     checkpointer = Checkpointer(run_dir, async_save=False)
@@ -163,10 +170,6 @@ def _check_tokenizer(hf_dir: Path, model: ModelConfig, notes: list[str]) -> None
     if tokenizer.vocab_size > model.vocab_size:
         raise ConfigError(f"tokenizer.json has {tokenizer.vocab_size} ids, more than the model's vocab_size="
                           f"{model.vocab_size}; is it this model's tokenizer?")
-
-
-def _hf_architecture(cfg: ModelConfig):
-    return family_of(cfg).hf_architecture
 
 
 def mup_folding_factors(cfg: ModelConfig) -> dict[str, float]:
@@ -199,7 +202,7 @@ def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes:
     cfg = load_config(run_dir)
     factors = mup_folding_factors(cfg.model)
     standard = dataclasses.replace(cfg.model, parametrization="standard")
-    architecture = _hf_architecture(standard)
+    architecture = family_architecture(standard)
     hf_config = architecture.hf_config(standard, notes)
     rules = architecture.tensor_rules(standard)
     cfg, _, params, step, _ = restore_weights(run_dir, step)
@@ -208,7 +211,7 @@ def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes:
         array = np.asarray(jax.device_get(array))
         if path[-1] in factors:
             array = array * factors[path[-1]]
-        layers = _layer_count(path, cfg.model)
+        layers = layer_count(path, cfg.model)
         for i in [None] if layers is None else range(layers):
             tensors.update(rules[path].write(array) if i is None else rules[path].write(array[i], i=i))
     tokenizer = load_from_run(run_dir, cfg.data.tokenizer)

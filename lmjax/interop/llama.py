@@ -27,19 +27,14 @@ def rope_theta(hf: dict) -> float:
 
 
 def model_config(hf: dict, notes: list[str]) -> ModelConfig:
-    """The lmjax ModelConfig of a Llama/Mistral/Mixtral config.json; settings it cannot carry
-    raise ConfigError, or, when lmjax can stay exact by limiting the model, append a note."""
+    """The lmjax ModelConfig of a Llama/Mistral/Mixtral config.json (Mistral's and Mixtral's
+    `sliding_window` as model.sliding_window); settings it cannot carry raise ConfigError."""
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act={hf['hidden_act']!r}: lmjax's gated MLP uses silu (SwiGLU) only.")
     for name in ("attention_bias", "mlp_bias"):
         if hf.get(name):
             raise ConfigError(f"{name}=true: lmjax's decoder has no biases on its projections.")
-    max_seq_len = hf.get("max_position_embeddings", 2048)
-    window = hf.get("sliding_window")
-    if window is not None and hf.get("use_sliding_window", True) and window < max_seq_len:
-        notes.append(f"sliding_window={window}: lmjax attends over the whole context, so model.max_seq_len is set "
-                     f"to {window} (not max_position_embeddings={max_seq_len}), where both are the same model.")
-        max_seq_len = window
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
     moe = MoEConfig()
     if "num_local_experts" in hf:
         moe = MoEConfig(n_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"], dispatch="dropless",
@@ -49,13 +44,15 @@ def model_config(hf: dict, notes: list[str]) -> ModelConfig:
         family="decoder", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
         n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"), d_head=hf.get("head_dim"),
         d_ff=hf["intermediate_size"], mlp="swiglu", norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
-        position="rope", rope_theta=rope_theta(hf), max_seq_len=max_seq_len,
+        position="rope", rope_theta=rope_theta(hf), max_seq_len=hf.get("max_position_embeddings", 2048),
+        sliding_window=window,
         tie_embeddings=hf.get("tie_word_embeddings", False), init_std=hf.get("initializer_range", 0.02), moe=moe,
     )
 
 
 def hf_config(cfg: ModelConfig, notes: list[str]) -> dict:
-    """config.json of the LlamaForCausalLM (dense) or MixtralForCausalLM (MoE) that holds `cfg`."""
+    """config.json of the LlamaForCausalLM (dense), MistralForCausalLM (dense with a sliding window)
+    or MixtralForCausalLM (MoE) that holds `cfg`."""
     problems = []
     if cfg.position != "rope":
         problems.append(f"model.position={cfg.position!r} (needs rope)")
@@ -69,11 +66,14 @@ def hf_config(cfg: ModelConfig, notes: list[str]) -> dict:
     if moe.enabled and (moe.every != 1 or moe.n_shared_experts or not moe.renormalize):
         problems.append("model.moe with every != 1, shared experts or renormalize=false "
                         "(Mixtral: MoE in every layer, no shared experts, renormalised top-k)")
+    if cfg.global_every is not None:
+        problems.append(f"model.global_every={cfg.global_every} (Mistral and Mixtral window every layer)")
     if problems:
         raise ConfigError("no Hugging Face architecture holds this decoder: " + "; ".join(problems) + ".")
+    model_type = "mixtral" if moe.enabled else "llama" if cfg.sliding_window is None else "mistral"
     config = {
-        "architectures": ["MixtralForCausalLM" if moe.enabled else "LlamaForCausalLM"],
-        "model_type": "mixtral" if moe.enabled else "llama",
+        "architectures": [model_type.capitalize() + "ForCausalLM"],
+        "model_type": model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.expert_d_ff,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
         "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
@@ -81,13 +81,15 @@ def hf_config(cfg: ModelConfig, notes: list[str]) -> dict:
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
     }
+    if cfg.sliding_window is not None:
+        config["sliding_window"] = cfg.sliding_window
     if moe.enabled:
         if moe.dispatch == "capacity":
             notes.append("model.moe.dispatch='capacity': Mixtral routes without dropping tokens (lmjax's 'dropless'), "
                          "so outputs differ wherever lmjax's capacity would have dropped an assignment.")
         if moe.z_loss_coef:
             notes.append(f"model.moe.z_loss_coef={moe.z_loss_coef}: Mixtral has no router z-loss (training only).")
-        config.update(num_local_experts=moe.n_experts, num_experts_per_tok=moe.top_k,
+        config.update(num_local_experts=moe.n_routed_experts, num_experts_per_tok=moe.experts_per_token,
                       router_aux_loss_coef=moe.load_balance_coef, router_jitter_noise=moe.router_jitter)
     return config
 

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from lmjax.config import ConfigError
-from lmjax.interop.convert import _hf_architecture, _layer_count
+from lmjax.interop.convert import family_architecture, layer_count
 from lmjax.interop.rules import Linear
 from lmjax.lora import path_name
 
@@ -37,7 +37,7 @@ def export_peft(run_dir: Path, out_dir: Path) -> None:
     cfg = load_config(run_dir)
     if not cfg.lora.enabled:
         raise ConfigError(f"{run_dir} is not a LoRA run (lora.rank=0): there are no adapters to export.")
-    architecture = _hf_architecture(cfg.model)
+    architecture = family_architecture(cfg.model)
     rules = architecture.tensor_rules(cfg.model)
     adapters = restore_trained_onto(run_dir, make_mesh(MeshConfig()))[2]
     factors: dict[tuple, dict] = {}
@@ -49,7 +49,7 @@ def export_peft(run_dir: Path, out_dir: Path) -> None:
         if not isinstance(rule, Linear):
             raise ConfigError(f"{path_name(path)} has no PEFT LoRA layer in transformers (its export is not one "
                               "torch Linear); leave it out of lora.targets to export the adapters.")
-        layers = _layer_count(path, cfg.model)
+        layers = layer_count(path, cfg.model)
         for i in [None] if layers is None else range(layers):
             ids = {} if i is None else {"i": i}
             a, b = (pair[k] if i is None else pair[k][i] for k in ("lora_a", "lora_b"))

@@ -219,7 +219,7 @@ class Attention(nnx.Module):
         q, k, _ = self._project(x, positions, context)
         return attention_probabilities(q, k, AttentionMask.of(mask).dense, bias, self.cfg.attention_logit_scale)
 
-    def __call__(self, x, positions, mask, cache=None, bias=None, context=None):
+    def __call__(self, x, positions, mask, cache=None, bias=None, context=None, ring_write=None):
         """x (B, T, D); positions (B, T) int; mask an `AttentionMask` or a bare (B, 1, T, S) bool
         array -> (B, T, D).
 
@@ -228,11 +228,15 @@ class Attention(nnx.Module):
         (B, N, T, S) float32 is added to the scores (T5 relative positions). With `cache` =
         (keys, values), each (B, S, K, H), this call's keys and values are first written into it
         at `positions` (row by row), the queries attend over all S cached slots, and the result
-        is (output, updated cache).
+        is (output, updated cache). With `ring_write` (a sliding-window layer, `models.window`) the
+        cache is a ring buffer of R slots: the queries attend over the ring then this call's keys
+        (mask (B, 1, T, R + T)), and `ring_write` writes the newest keys into the ring.
         """
         cfg = self.cfg
         q, k, v = self._project(x, positions, context)
-        if cache is not None:
+        if ring_write is not None:
+            (k, v), cache = ring_write.attend_and_write(cache, k, v)
+        elif cache is not None:
             rows = jnp.arange(x.shape[0])[:, None]
             cache = (cache[0].at[rows, positions].set(k.astype(cache[0].dtype)),
                      cache[1].at[rows, positions].set(v.astype(cache[1].dtype)))

@@ -27,6 +27,7 @@ from lmjax.models.layers import (
 )
 from lmjax.models.transformer import Stack, dropout
 from lmjax.models.weights import matmul, take_rows
+from lmjax.models.window import ring_step
 
 _PACKED = "segment ids (packed documents need a segment mask)"
 
@@ -152,7 +153,7 @@ class _SingleStackLM(_TokenModel):
         x = self._embed(tokens, positions, embed_key, token_types)
         mask, bias = self.attention_inputs(positions, segment_ids)
         mask = AttentionMask(mask, causal=self.causal, not_fusable=_PACKED if packed else None)
-        x = self.stack(x, positions, mask, stack_key, bias=bias)
+        x = self.stack(x, positions, mask, stack_key, bias=bias, segment_ids=segment_ids)
         return self._head(x, targets, loss_mask)
 
     def attention_inputs(self, positions, segment_ids):
@@ -168,23 +169,47 @@ class DecoderLM(_SingleStackLM):
     causal = True
 
     def init_cache(self, batch_size: int, length: int):
-        """An empty KV cache of `length` slots: (keys, values), each (L, B, S, K, H) in the
-        compute dtype."""
-        return _empty_cache(self.cfg, self.cfg.n_layers, batch_size, length)
+        """An empty KV cache for decoding up to `length` positions, in the compute dtype:
+        {"full": (keys, values)} of the layers that attend over the whole context, each
+        (L_full, B, length, K, H), and with `model.sliding_window` W, {"window": (keys, values)}
+        ring buffers of R = min(W, length) slots, each (L_window, B, R, K, H), and
+        "window_positions" (B, R) int32, the position each slot holds (-1: none yet)."""
+        cfg = self.cfg
+        n_window = sum(cfg.attention_window(i) is not None for i in range(cfg.n_layers))
+        cache = {}
+        if n_window < cfg.n_layers:
+            cache["full"] = _empty_cache(cfg, cfg.n_layers - n_window, batch_size, length)
+        if n_window:
+            slots = min(cfg.sliding_window, length)
+            cache["window"] = _empty_cache(cfg, n_window, batch_size, slots)
+            cache["window_positions"] = jnp.full((batch_size, slots), -1, jnp.int32)
+        return cache
 
-    def decode(self, tokens, positions, cache):
-        """Run tokens (B, T) at absolute positions (B, T) against a KV cache; returns
-        (logits (B, T, V) float32, updated cache). A query at position p attends to the
-        cache slots 0..p of its row, which must hold that row's earlier tokens."""
-        mask, bias = self._cache_mask_and_bias(positions, cache)
-        x, cache = self.stack(self._embed(tokens, positions, None), positions, mask, cache=cache, bias=bias)
-        return self._head(x), cache
+    def decode(self, tokens, positions, cache, segment_ids=None):
+        """Run tokens (B, T) at absolute positions (B, T) against a KV cache (`init_cache`); returns
+        (logits (B, T, V) float32, updated cache). A query at position p attends to the cache slots
+        0..p of its row, which must hold that row's earlier tokens, or in a sliding-window layer to
+        the positions p - W < k <= p. Tokens whose `segment_ids` (B, T) is 0 (padding) are not kept
+        in the ring buffers of sliding-window layers."""
+        stack_cache = {kind: cache[kind] for kind in ("full", "window") if kind in cache}
+        mask = bias = window_mask = ring_write = None
+        if "full" in cache:
+            mask, bias = self._cache_mask_and_bias(positions, cache["full"])
+        if "window" in cache:
+            valid = jnp.ones(tokens.shape, bool) if segment_ids is None else segment_ids != 0
+            window_mask, ring_write, slot_positions = ring_step(cache["window_positions"], positions, valid,
+                                                                self.cfg.sliding_window)
+        x, stack_cache = self.stack(self._embed(tokens, positions, None), positions, mask, cache=stack_cache,
+                                    bias=bias, window_mask=window_mask, ring_write=ring_write)
+        if "window" in cache:
+            stack_cache["window_positions"] = slot_positions
+        return self._head(x), stack_cache
 
     def _cache_mask_and_bias(self, positions, cache):
         mask = _cache_mask(positions, cache[0].shape[2])
         bias = None
         if self.cfg.position == "relative":
-            slots = jnp.arange(cache[0].shape[2])
+            slots = jnp.arange(cache["full"][0].shape[2])
             bias = self.relative_bias(positions, jnp.broadcast_to(slots, (positions.shape[0], len(slots))))
         return mask, bias
 
@@ -246,8 +271,9 @@ class EncoderDecoderLM(_TokenModel):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self._init_embeddings(cfg, rngs)
-        decoder_cfg = dataclasses.replace(cfg, n_layers=cfg.decoder_layers, n_decoder_layers=None,
-                                          family="decoder")
+        # the decoder stack is causal: its MoE layers always route by token choice
+        decoder_cfg = dataclasses.replace(cfg, n_layers=cfg.decoder_layers, n_decoder_layers=None, family="decoder",
+                                          moe=dataclasses.replace(cfg.moe, routing="tokens_choose"))
         if cfg.position == "relative":
             self.encoder_bias = RelativePositionBias(cfg, bidirectional=True, rngs=rngs)
             self.decoder_bias = RelativePositionBias(cfg, bidirectional=False, rngs=rngs)
@@ -265,7 +291,8 @@ class EncoderDecoderLM(_TokenModel):
         embed_key, stack_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         x = self._embed(tokens, positions, embed_key)
         mask, bias = self.encoder_attention_inputs(positions, segment_ids)
-        x = self.encoder(x, positions, padded_mask(mask, segment_ids, False, packed), stack_key, bias=bias)
+        x = self.encoder(x, positions, padded_mask(mask, segment_ids, False, packed), stack_key, bias=bias,
+                         segment_ids=segment_ids)
         return self.encoder_norm(x)
 
     def encoder_attention_inputs(self, positions, segment_ids):
@@ -291,25 +318,26 @@ class EncoderDecoderLM(_TokenModel):
         context_mask = cross_attention_mask(decoder_segment_ids, encoder_segment_ids,
                                             packed or encoder_positions is not None)
         x = self.decoder(x, positions, padded_mask(mask, decoder_segment_ids, True, packed), stack_key, bias=bias,
-                         context=encoded, context_mask=context_mask)
+                         context=encoded, context_mask=context_mask, segment_ids=decoder_segment_ids)
         return self._head(x, targets, loss_mask)
 
     def init_cache(self, batch_size: int, length: int, encoded):
         """The decoder's KV cache for decoding against `encoded` (B, S, D) (from `encode`):
-        (keys, values) of `length` empty slots, each (L_dec, B, length, K, H), and the cross-
-        attention (cross_keys, cross_values) of the encoder output, each (L_dec, B, S, K, H),
-        computed here once instead of at every decoding step. All in the compute dtype."""
+        {"full": (keys, values, cross_keys, cross_values)}: keys and values of `length` empty slots,
+        each (L_dec, B, length, K, H), and the cross-attention keys and values of the encoder output,
+        each (L_dec, B, S, K, H), computed here once instead of at every decoding step. All in the
+        compute dtype."""
         keys, values = _empty_cache(self.cfg, self.cfg.decoder_layers, batch_size, length)
         cross = [self.decoder.layer(i).cross_attn.keys_values(encoded) for i in range(self.cfg.decoder_layers)]
         cross_keys, cross_values = (jnp.stack([kv[j] for kv in cross]).astype(keys.dtype) for j in (0, 1))
-        return keys, values, cross_keys, cross_values
+        return {"full": (keys, values, cross_keys, cross_values)}
 
     def decode(self, tokens, positions, cache, encoder_segment_ids):
         """Run decoder tokens (B, T) at positions (B, T) against the decoder's KV cache (from
         `init_cache`, which holds the encoder output's cross-attention keys and values) and
         return (logits (B, T, V) float32, updated cache). Queries at position p see cache slots
         0..p, and every encoder position whose `encoder_segment_ids` (B, S) is not 0."""
-        slots = jnp.arange(cache[0].shape[2])
+        slots = jnp.arange(cache["full"][0].shape[2])
         mask = _cache_mask(positions, len(slots))
         bias = None
         if self.cfg.position == "relative":

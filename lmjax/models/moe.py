@@ -21,12 +21,26 @@ Dispatch strategies (same interface, same result when nothing is dropped):
   routed to them, and the partial outputs are summed back onto the tokens' devices with a
   reduce-scatter.
 
+Expert choice (Zhou et al. 2022, `routing="experts_choose"`, only in bidirectional stacks):
+in each sequence every expert picks the C = ceil(capacity_factor * k * T / E) tokens with
+the highest router probability for it (never padding); a token may be picked by several
+experts or none (then it keeps only its residual path) and gets sum_e p_e * Expert_e(x).
+The picked rows are gathered into (E, B, C, D) expert inputs (constrained to be split by
+expert, so XLA exchanges them with all-to-alls, as in capacity dispatch) and the outputs
+scattered back onto their tokens: no (B, T, E, C) one-hot.
+
+Fine-grained experts (`granularity` G): the layer holds G * n_experts experts of width
+F = d_ff / G and routes each token to G * top_k of them; `n_experts`/`top_k` below and in
+the code are those G-fold numbers (`MoEConfig.n_routed_experts`, `experts_per_token`).
+
 Statistics kept per layer as an `nnx.Intermediate` "routing" (`pop_routing_statistics` collects them):
 `load` (E,) share of assignments each expert received (sums to 1), `dropped` share of
-assignments dropped, `entropy` mean router entropy (nats), `load_balance_loss`
+assignments dropped, `unrouted` share of (non-padding) tokens no expert serves,
+`entropy` mean router entropy (nats), `load_balance_loss`
 E * sum_e f_e * P_e (Fedus et al. 2021, eq. 4; f over all k choices, 1.0 when uniform),
 `z_loss` mean_tokens logsumexp(router logits)^2 (Zoph et al. 2022, eq. 5), and
-`experts` (B, T, k) the experts each token was routed to (before any drop).
+`experts` (B, T, k) the experts each token was routed to (before any drop) under token
+choice, or `picked` (B, T, E) 1 where expert e picked the token under expert choice.
 """
 
 from __future__ import annotations
@@ -70,6 +84,36 @@ def router_statistics(logits, probs, experts, n_experts: int) -> dict:
 def expert_capacity(capacity_factor: float, top_k: int, length: int, n_experts: int) -> int:
     """Slots per expert and sequence: ceil(capacity_factor * k * T / E), at least 1."""
     return max(1, math.ceil(capacity_factor * top_k * length / n_experts))
+
+
+def experts_choose(probs, valid, capacity: int):
+    """Expert-choice routing, one group per row: probs (B, T, E) router probabilities, valid
+    (B, T) bool (False: padding), capacity C <= T -> (token (B, E, C) int32 the positions each
+    expert picks, highest probability first; weight (B, E, C) their probability, 0 where a row
+    has fewer than C real tokens and the pick is padding, which is thus never served)."""
+    scores = jnp.where(valid[..., None], probs, -1.0)  # padding below every probability
+    weight, token = jax.lax.top_k(jnp.swapaxes(scores, 1, 2), capacity)
+    return token, jnp.where(weight >= 0, weight, 0.0)
+
+
+def expert_choice_statistics(logits, probs, token, weight, valid) -> dict:
+    """Routing statistics of `experts_choose` (module docstring): logits, probs (B, T, E),
+    token, weight (B, E, C), valid (B, T). An expert's load counts its served picks."""
+    b, t, n_experts = probs.shape
+    served = (weight > 0).astype(jnp.float32)
+    picked = jax.vmap(lambda i, s: jnp.zeros((n_experts, t)).at[jnp.arange(n_experts)[:, None], i].add(s))(
+        token, served)  # (B, E, T)
+    load = jnp.sum(picked, axis=(0, 2)) / jnp.maximum(jnp.sum(served), 1.0)
+    unserved = valid & (jnp.sum(picked, axis=1) == 0)
+    return {
+        "load": load,
+        "load_balance_loss": n_experts * jnp.sum(load * jnp.mean(probs, axis=(0, 1))),
+        "z_loss": jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
+        "entropy": -jnp.mean(jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-20)), axis=-1)),
+        "dropped": jnp.zeros((), jnp.float32),
+        "unrouted": jnp.sum(unserved) / jnp.maximum(jnp.sum(valid), 1),
+        "picked": jnp.swapaxes(picked, 1, 2).astype(jnp.int8),
+    }
 
 
 def capacity_dispatch(experts, weights, n_experts: int, capacity: int):
@@ -270,13 +314,14 @@ class MoE(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         moe = cfg.moe
-        self.n_experts, self.top_k, self.dispatch = moe.n_experts, moe.top_k, moe.dispatch
+        self.n_experts, self.top_k, self.dispatch = moe.n_routed_experts, moe.experts_per_token, moe.dispatch
+        self.routing_kind = moe.routing
         self.grouped_matmul = moe.grouped_matmul
         self.capacity_factor, self.eval_capacity_factor = moe.capacity_factor, moe.eval_capacity_factor
         self.jitter, self.renormalize = moe.router_jitter, moe.renormalize
         self.deterministic = False
         self.router_multiplier = cfg.output_multiplier  # µP: the router is output-like
-        d, f, e = cfg.d_model, cfg.expert_d_ff, moe.n_experts
+        d, f, e = cfg.d_model, cfg.expert_d_ff, moe.n_routed_experts
         std, out_std = cfg.hidden_init_std, cfg.residual_init_std
         self.router = param(rngs, (d, e), ("embed", None), cfg.init_std, cfg.param_dtype, role="output")
         self.w_up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, cfg.param_dtype, role="hidden")
@@ -284,9 +329,10 @@ class MoE(nnx.Module):
             self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, cfg.param_dtype, role="hidden")
         self.w_down = param(rngs, (e, f, d), ("expert", "mlp", "embed"), out_std, cfg.param_dtype, role="hidden")
         if moe.n_shared_experts:
-            self.shared = MLP(cfg, rngs=rngs, d_ff=moe.n_shared_experts * f)
+            self.shared = MLP(cfg, rngs=rngs, d_ff=cfg.shared_d_ff)
 
-    def __call__(self, x, jitter_key=None):
+    def __call__(self, x, jitter_key=None, segment_ids=None):
+        """x (B, T, D), segment_ids (B, T) (0: padding) or None -> (B, T, D)."""
         b, t, _ = x.shape
         router_dtype = jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 if x is
         router_in = x.astype(router_dtype)
@@ -296,17 +342,21 @@ class MoE(nnx.Module):
         logits = matmul(router_in, weight(self.router[...], router_dtype))  # (B, T, E)
         if self.router_multiplier != 1.0:
             logits = logits * self.router_multiplier
+        if self.routing_kind == "experts_choose":
+            return self._experts_choose(x, logits, segment_ids)
         probs, weights, experts = route(logits.reshape(b * t, -1), self.top_k, self.renormalize)
         stats = router_statistics(logits.reshape(b * t, -1), probs, experts, self.n_experts)
         experts, weights = experts.reshape(b, t, -1), weights.reshape(b, t, -1)
         w_up, w_down = weight(self.w_up[...], x.dtype), weight(self.w_down[...], x.dtype)
         w_gate = weight(self.w_gate[...], x.dtype) if hasattr(self, "w_gate") else None
         if self.dispatch == "capacity":
-            y, kept = self._capacity(x, experts, weights, w_up, w_gate, w_down)
+            y, kept, served = self._capacity(x, experts, weights, w_up, w_gate, w_down)
             stats["dropped"] = 1.0 - kept / (b * t * self.top_k)
+            valid = jnp.ones((b, t), bool) if segment_ids is None else segment_ids != 0
+            stats["unrouted"] = jnp.sum(valid & (served == 0)) / jnp.maximum(jnp.sum(valid), 1)
         else:
             y = self._dropless(x, experts, weights, w_up, w_gate, w_down)
-            stats["dropped"] = jnp.zeros((), jnp.float32)
+            stats["dropped"] = stats["unrouted"] = jnp.zeros((), jnp.float32)
         stats["experts"] = experts
         self.routing = nnx.Intermediate(stats)
         if hasattr(self, "shared"):
@@ -323,7 +373,32 @@ class MoE(nnx.Module):
                                  "ebcf,efd->ebcd")
         expert_out = constrain(expert_out, ("expert", "expert_batch", None, None))
         y = jnp.einsum("btec,ebcd->btd", combine.astype(x.dtype), expert_out)
-        return constrain(y, ("batch", "activation_length", None)), kept
+        return constrain(y, ("batch", "activation_length", None)), kept, jnp.sum(dispatch, axis=(2, 3))
+
+    def _expert_weights(self, dtype):
+        """(w_up, w_gate or None, w_down) in the compute dtype."""
+        w_gate = weight(self.w_gate[...], dtype) if hasattr(self, "w_gate") else None
+        return weight(self.w_up[...], dtype), w_gate, weight(self.w_down[...], dtype)
+
+    def _experts_choose(self, x, logits, segment_ids):
+        """Expert-choice layer output (B, T, D) from router logits (B, T, E) (module docstring);
+        shared experts are added as under token choice."""
+        b, t, d = x.shape
+        probs = jax.nn.softmax(logits, axis=-1)
+        valid = jnp.ones((b, t), bool) if segment_ids is None else segment_ids != 0
+        factor = self.eval_capacity_factor if self.deterministic else self.capacity_factor
+        capacity = min(t, expert_capacity(factor, self.top_k, t, self.n_experts))
+        token, gate = experts_choose(probs, valid, capacity)  # (B, E, C)
+        self.routing = nnx.Intermediate(expert_choice_statistics(logits, probs, token, gate, valid))
+        w_up, w_gate, w_down = self._expert_weights(x.dtype)
+        expert_in = constrain(jnp.swapaxes(jax.vmap(lambda rows, i: rows[i])(x, token), 0, 1),
+                              ("expert", "expert_batch", None, None))  # (E, B, C, D)
+        expert_out = _expert_mlp(expert_in, w_up, w_gate, w_down, "ebcd,edf->ebcf", "ebcf,efd->ebcd")
+        expert_out = constrain(expert_out, ("expert", "expert_batch", None, None))
+        weighted = (jnp.swapaxes(expert_out, 0, 1) * gate[..., None].astype(x.dtype)).reshape(b, -1, d)
+        y = jax.vmap(lambda out, i: jnp.zeros((t, d), x.dtype).at[i].add(out))(weighted, token.reshape(b, -1))
+        y = constrain(y, ("batch", "activation_length", None))
+        return y + self.shared(x) if hasattr(self, "shared") else y
 
     def _dropless(self, x, experts, weights, w_up, w_gate, w_down):
         kernel = select_grouped_matmul(self.grouped_matmul)
@@ -346,4 +421,4 @@ def pop_routing_statistics(model: nnx.Module) -> dict | None:
     if len(stacks) <= 1:
         return stacks[0] if stacks else None
     return {key: jnp.concatenate([s[key] for s in stacks]) for key in stacks[0]
-            if all(s[key].shape[1:] == stacks[0][key].shape[1:] for s in stacks)}
+            if all(key in s and s[key].shape[1:] == stacks[0][key].shape[1:] for s in stacks)}

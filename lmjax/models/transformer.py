@@ -6,6 +6,8 @@ The stack keeps every layer's weights in one array per parameter with a leading
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -14,6 +16,7 @@ from lmjax.axis_rules import constrain
 from lmjax.config import ModelConfig
 from lmjax.models.layers import MLP, Attention, make_norm
 from lmjax.models.moe import MoE
+from lmjax.models.window import windowed
 
 _DOTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 _SAVE = jax.checkpoint_policies.save_only_these_names
@@ -56,12 +59,15 @@ class Block(nnx.Module):
         else:
             self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, mask, dropout_key=None, cache=None, bias=None, context=None, context_mask=None):
-        """mask (B, 1, T, S) and bias (B, N, T, S) or None for self-attention; with `cross`,
+    def __call__(self, x, positions, mask, dropout_key=None, cache=None, bias=None, context=None, context_mask=None,
+                 segment_ids=None, ring_write=None):
+        """mask (B, 1, T, S) and bias (B, N, T, S) or None for self-attention; segment_ids (B, T)
+        (0: padding, which a MoE layer routes nowhere under expert choice) or None; with `cross`,
         context (B, S', D) the encoder output and context_mask (B, 1, T, S') where queries may
         look. With a KV `cache` (see Attention) returns (x, updated cache); a cross-attending
         block's cache is (keys, values, cross_keys, cross_values), the last two (B, S', K, H)
-        computed from the encoder output once (`EncoderDecoderLM.init_cache`), read, never written."""
+        computed from the encoder output once (`EncoderDecoderLM.init_cache`), read, never written.
+        With `ring_write` the cache is a sliding-window ring buffer (`Attention`)."""
         moe, cross = hasattr(self, "moe"), hasattr(self, "cross_attn")
         n_keys = (3 if moe else 2) + cross
         keys = (None,) * n_keys if dropout_key is None else jax.random.split(dropout_key, n_keys)
@@ -71,7 +77,7 @@ class Block(nnx.Module):
             context = cross_cache
         pre = (lambda norm, h: h) if self.post_norm else (lambda norm, h: norm(h))  # noqa: E731
         post = (lambda norm, h: norm(h)) if self.post_norm else (lambda norm, h: h)  # noqa: E731
-        attended = self.attn(pre(self.attn_norm, x), positions, mask, cache, bias)
+        attended = self.attn(pre(self.attn_norm, x), positions, mask, cache, bias, ring_write=ring_write)
         if cache is not None:
             attended, cache = attended
         x = post(self.attn_norm, x + dropout(attended, self.dropout_rate, keys[0]))
@@ -79,7 +85,7 @@ class Block(nnx.Module):
             attended = self.cross_attn(pre(self.cross_norm, x), positions, context_mask, context=context)
             x = post(self.cross_norm, x + dropout(attended, self.dropout_rate, keys[-1]))
         h = pre(self.mlp_norm, x)
-        h = self.moe(h, keys[2]) if moe else self.mlp(h)
+        h = self.moe(h, keys[2], segment_ids) if moe else self.mlp(h)
         x = post(self.mlp_norm, x + dropout(h, self.dropout_rate, keys[1]))
         return x if cache is None else (x, (*cache, *cross_cache))
 
@@ -90,6 +96,9 @@ class Stack(nnx.Module):
     With MoE every `every`-th layer, the stack is `n_layers / every` repeats of a period
     of `every - 1` dense blocks then one MoE block: `blocks` holds the dense ones (in layer
     order) and `moe_blocks` the MoE ones; with every == 1 all of `blocks` are of one kind.
+    The scan steps over cycles of lcm(moe.every, global_every) blocks (`cycle`), so that which
+    block is MoE and which attends through a sliding window is fixed within the one compiled body;
+    windows change no weights, so the checkpoint layout is the same with or without them.
     A forward pass without a cache keeps the MoE layers' routing statistics as the
     `nnx.Intermediate` "routing", each statistic stacked over MoE layers (L_moe, ...), and
     the root-mean-square of every block's output as "activation_rms" (L,) float32 (the µP
@@ -127,56 +136,86 @@ class Stack(nnx.Module):
         graphdef, weights = nnx.split(blocks)
         return nnx.merge(graphdef, jax.tree.map(lambda w: w[i], weights))
 
-    def __call__(self, x, positions, mask, dropout_key=None, cache=None, bias=None, context=None, context_mask=None):
-        """x (B, T, D), positions (B, T), mask (B, 1, T, S) -> (B, T, D); bias, context and
-        context_mask as in `Block`, the same for every layer.
-
-        With `cache` = (keys, values), each (L, B, S, K, H), returns (x, updated cache); a
-        cross-attending stack's cache also holds (cross_keys, cross_values) (see `Block`).
-        """
+    def cycle(self) -> list[tuple[str, int, int | None]]:
+        """The layers of one scanned step, a cycle of lcm(moe.every, global_every) blocks, as
+        (weights: "blocks" or "moe_blocks", index among the cycle's blocks of those weights,
+        attention window or None)."""
         cfg, period = self.cfg, self.period
-        repeats = cfg.n_layers // period
-        # Per repeat: the period's layers as a list, each entry (graphdef, weights).
-        groups = [nnx.split(self.blocks)]
-        if period > 1:
-            dense_graph, dense = groups[0]
-            dense = jax.tree.map(lambda w: w.reshape(repeats, period - 1, *w.shape[1:]), dense)
-            groups = [(dense_graph, jax.tree.map(lambda w, j=j: w[:, j], dense)) for j in range(period - 1)]
-            groups.append(nnx.split(self.moe_blocks))
-        graphdefs = [g for g, _ in groups]
-        weights = [w for _, w in groups]
+        layers, seen = [], {"blocks": 0, "moe_blocks": 0}
+        for j in range(math.lcm(period, cfg.global_every or 1)):
+            group = "moe_blocks" if period > 1 and (j + 1) % period == 0 else "blocks"
+            layers.append((group, seen[group], cfg.attention_window(j)))
+            seen[group] += 1
+        return layers
 
-        def per_repeat(a):  # (L, ...) -> (repeats, period, ...)
-            return None if a is None else a.reshape(repeats, period, *a.shape[1:])
+    def __call__(self, x, positions, mask, dropout_key=None, cache=None, bias=None, context=None, context_mask=None,
+                 segment_ids=None, window_mask=None, ring_write=None):
+        """x (B, T, D), positions (B, T), mask (B, 1, T, S) -> (B, T, D); bias, context,
+        context_mask and segment_ids as in `Block`, the same for every layer. Sliding-window layers
+        (`model.sliding_window`) attend with `window_mask` (default: `mask` limited to the window by
+        `positions`) and, while decoding, write their ring buffers by `ring_write` (`models.window`).
 
+        With `cache` = {"full": (keys, values), "window": (keys, values)}, each (L_kind, B, S_kind, K,
+        H) for the layers of that kind (global, sliding-window), returns (x, updated cache); a
+        cross-attending stack's "full" entry also holds (cross_keys, cross_values) (see `Block`).
+        """
+        cfg, cycle = self.cfg, self.cycle()
+        repeats = cfg.n_layers // len(cycle)
+        groups = {name: nnx.split(getattr(self, name)) for name in ("blocks", "moe_blocks") if hasattr(self, name)}
+        graphdefs = {name: graphdef for name, (graphdef, _) in groups.items()}
+
+        def per_repeat(a):  # (L_kind, ...) -> (repeats, L_kind / repeats, ...)
+            return a.reshape(repeats, a.shape[0] // repeats, *a.shape[1:])
+
+        weights = {name: jax.tree.map(per_repeat, w) for name, (_, w) in groups.items()}
         layer_keys = None if dropout_key is None else per_repeat(jax.random.split(dropout_key, cfg.n_layers))
         repeat_cache = None if cache is None else jax.tree.map(per_repeat, cache)
+        masks = {None: mask}
+        for window in {w for _, _, w in cycle if w is not None}:
+            masks[window] = windowed(mask, positions, window) if window_mask is None else window_mask
 
-        def apply_layer(h, layer):
-            layer_weights, keys, layer_cache = layer
-            stats, new_cache, rms = [], [], []
-            for j in range(period):
-                block = nnx.merge(graphdefs[j], layer_weights[j])
-                cache_j = None if layer_cache is None else jax.tree.map(lambda c, j=j: c[j], layer_cache)
-                out = block(h, positions, mask, None if keys is None else keys[j], cache_j, bias, context, context_mask)
-                h, cache_j = out if cache_j is not None else (out, None)
-                h = constrain(h, ("batch", "activation_length", None))
-                stats.append(nnx.pop(block, nnx.Intermediate))
-                new_cache.append(cache_j)
-                rms.append(jnp.sqrt(jnp.mean(jnp.square(h.astype(jnp.float32)))))
-            if layer_cache is not None:
-                new_cache = jax.tree.map(lambda *c: jnp.stack(c), *new_cache)
-            else:
-                new_cache = None
-            return h, (new_cache, stats[-1], jnp.stack(rms))
-
+        apply_layer = self._cycle_step(cycle, graphdefs, positions, masks, bias, context, context_mask, segment_ids,
+                                       ring_write)
         if cfg.remat != "none":
             apply_layer = jax.checkpoint(apply_layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         unroll = cfg.scan_unroll if cfg.scan_layers else True
         x, (cache, stats, rms) = jax.lax.scan(apply_layer, x, (weights, layer_keys, repeat_cache), unroll=unroll)
+
+        def per_layer(a):  # (repeats, n, ...) -> (repeats * n, ...)
+            return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
+
         if cache is None:  # not while decoding: a cache update is not a forward pass
             self.activation_rms = nnx.Intermediate(rms.reshape(cfg.n_layers))
             if cfg.moe.enabled:
-                self.routing = nnx.Intermediate(nnx.to_pure_dict(stats)["moe"]["routing"])
+                self.routing = nnx.Intermediate(jax.tree.map(per_layer, nnx.to_pure_dict(stats)["moe"]["routing"]))
             return x
-        return x, jax.tree.map(lambda c: c.reshape(cfg.n_layers, *c.shape[2:]), cache)
+        return x, jax.tree.map(per_layer, cache)
+
+    def _cycle_step(self, cycle, graphdefs, positions, masks, bias, context, context_mask, segment_ids, ring_write):
+        """The scan body: one cycle of blocks, (h, (weights, dropout keys, cache) of one repeat) ->
+        (h, (updated cache, the MoE layers' routing statistics, each block's output RMS))."""
+        cfg = self.cfg
+
+        def apply_layer(h, layer):
+            layer_weights, keys, layer_cache = layer
+            moe_stats, rms = [], []
+            new_cache = {kind: [] for kind in layer_cache or {}}
+            for j, (group, index, window) in enumerate(cycle):
+                block = nnx.merge(graphdefs[group], jax.tree.map(lambda w, i=index: w[i], layer_weights[group]))
+                kind = "full" if window is None else "window"
+                cache_j = None
+                if layer_cache is not None:
+                    cache_j = jax.tree.map(lambda c, i=len(new_cache[kind]): c[i], layer_cache[kind])
+                out = block(h, positions, masks[window], None if keys is None else keys[j], cache_j, bias, context,
+                            context_mask, segment_ids, ring_write=None if window is None else ring_write)
+                h = constrain(out[0] if cache_j is not None else out, ("batch", "activation_length", None))
+                if cache_j is not None:
+                    new_cache[kind].append(out[1])
+                if cfg.moe.enabled and (group == "moe_blocks" or self.period == 1):
+                    moe_stats.append(nnx.pop(block, nnx.Intermediate))
+                rms.append(jnp.sqrt(jnp.mean(jnp.square(h.astype(jnp.float32)))))
+            new_cache = {kind: jax.tree.map(lambda *c: jnp.stack(c), *caches) for kind, caches in new_cache.items()}
+            stats = jax.tree.map(lambda *s: jnp.stack(s), *moe_stats) if moe_stats else None
+            return h, (new_cache if layer_cache is not None else None, stats, jnp.stack(rms))
+
+        return apply_layer

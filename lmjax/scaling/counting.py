@@ -34,7 +34,9 @@ are counted as embedding parameters):
 
 from __future__ import annotations
 
-from lmjax.config import Config, ModelConfig
+import math
+
+from lmjax.config import Config, ConfigError, ModelConfig
 from lmjax.families import family_of
 
 PETAFLOP_DAY = 1e15 * 24 * 3600  # FLOPs in one petaFLOP/s-day
@@ -65,16 +67,22 @@ def mlp_params(cfg: ModelConfig, d_ff: int) -> int:
     return matrices * cfg.d_model * d_ff + biases
 
 
+def router_params(cfg: ModelConfig) -> int:
+    """The router of one MoE layer: d_model x (granularity * n_experts), no bias."""
+    return cfg.d_model * cfg.moe.n_routed_experts
+
+
 def moe_params(cfg: ModelConfig) -> tuple[int, int]:
-    """(total, active per token) weights of one MoE feed-forward: router (d_model x
-    n_experts, no bias), `n_experts` routed experts and `n_shared_experts` shared ones,
-    each an MLP of width `expert_d_ff`; a token uses the router, `top_k` routed and all
-    shared experts."""
+    """(total, active per token) weights of one MoE feed-forward: the router, G * n_experts
+    routed experts, each an MLP of width `expert_d_ff` = d_ff / G, and the shared experts (one
+    MLP of width `shared_d_ff`); a token uses the router, G * top_k routed and all shared
+    experts. Expert weights do not depend on the granularity G; the router grows with it."""
     moe = cfg.moe
-    router = cfg.d_model * moe.n_experts
+    router = router_params(cfg)
     expert = mlp_params(cfg, cfg.expert_d_ff)
-    shared = moe.n_shared_experts * expert
-    return router + moe.n_experts * expert + shared, router + moe.top_k * expert + shared
+    shared = mlp_params(cfg, cfg.shared_d_ff) if moe.n_shared_experts else 0
+    return (router + moe.n_routed_experts * expert + shared,
+            router + moe.experts_per_token * expert + shared)
 
 
 def params_per_layer(cfg: ModelConfig, layer: int = 0, cross: bool = False) -> tuple[int, int]:
@@ -192,3 +200,21 @@ def train_flops_per_example(cfg: ModelConfig, first_len: int, second_len: int = 
 def to_petaflop_days(flops: float) -> float:
     """FLOPs -> petaFLOP/s-days (1 PF-day = 8.64e19 FLOPs)."""
     return flops / PETAFLOP_DAY
+
+
+def total_steps(cfg: Config) -> int:
+    """Optimizer steps of the run, from train.steps, train.tokens or train.budget_flops."""
+    t = cfg.train
+    step_tokens = tokens_per_step(cfg)  # encoder-decoder: input and target tokens
+    if t.steps is not None:
+        return t.steps
+    if t.tokens is not None:
+        return math.ceil(t.tokens / step_tokens)
+    if t.budget_flops is not None:
+        flops_per_step = run_flops_per_token(cfg) * step_tokens
+        if t.budget_flops < flops_per_step:
+            raise ConfigError(f"train.budget_flops={t.budget_flops:.3g} is less than one step of this model "
+                              f"({flops_per_step:.3g} FLOPs for {step_tokens} tokens); raise the budget or "
+                              "shrink the model or batch.")
+        return math.floor(t.budget_flops / flops_per_step)
+    raise ConfigError("the run has no length: set one of train.steps, train.tokens or train.budget_flops.")

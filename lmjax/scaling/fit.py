@@ -16,8 +16,17 @@ is evaluated on the whole grid and L-BFGS runs from its 12 best points). Implied
 exponents: a = beta / (alpha + beta), b = alpha / (alpha + beta); the compute-optimal
 frontier under C = 6 N D is N_opt = G (C/6)^a with G = (alpha A / (beta B))^(1/(alpha+beta)).
 
+The granularity law (Krajewski et al. 2024, "Scaling Laws for Fine-Grained Mixture of
+Experts", eq. 5), for sweeps whose results carry a granularity column G:
+L(N, D, G) = c + (g / G^gamma + a) / N^alpha + b / D^beta, fitted exactly as Approach 3 (the
+same Huber loss between log L_hat = logsumexp of the four terms and log L, L-BFGS from the
+best points of a grid, the same bootstrap), with N and D as in the rest of the CSV. Its a, b
+and c are not Approach 3's A, B and E: a and b multiply the same powers, but with G the
+parameter term is split into a part that granularity removes (g / G^gamma) and one it does
+not (a), and c is the loss no N, D or G reaches.
+
 Confidence intervals: 2.5th and 97.5th percentiles over bootstrap resamples of the rows
-(Approach 3 refits start from the full-data optimum).
+(parametric refits start from the full-data optimum).
 """
 
 from __future__ import annotations
@@ -35,14 +44,19 @@ from lmjax.config import ConfigError
 
 HUBER_DELTA = 1e-3
 APPROACH3_PARAMS = ("A", "B", "E", "alpha", "beta")
+GRANULARITY_PARAMS = ("a", "alpha", "b", "beta", "g", "gamma", "c")
 # Hoffmann et al. grid, thinned: alpha, beta in {0, .5, ..., 2}, e in {-1, -.5, ..., 1.5}, a, b in {0, 5, ..., 25}.
 INIT_GRID = {"alpha": (0.0, 0.5, 1.0, 1.5, 2.0), "beta": (0.0, 0.5, 1.0, 1.5, 2.0),
              "e": (-1.0, 0.0, 1.0), "a": (0.0, 5.0, 10.0, 20.0), "b": (0.0, 5.0, 10.0, 20.0)}
+# The granularity law adds log g and gamma to Approach 3's grid (log g and log a start alike).
+GRANULARITY_GRID = {"g": (0.0, 5.0, 10.0), "gamma": (0.25, 0.75)}
 
 
-def read_results(path: Path, n_column="N", d_column="D", c_column="C", loss_column="val_loss") -> dict[str, np.ndarray]:
-    """Columns N, D, C, loss (float arrays) of a results CSV. D may be missing if C is
-    given (D = C / 6N) and C may be missing if D is given (C = 6 N D)."""
+def read_results(path: Path, n_column="N", d_column="D", c_column="C", loss_column="val_loss",
+                 g_column="G") -> dict[str, np.ndarray]:
+    """Columns N, D, C, loss (float arrays) of a results CSV, and G (granularity; NaN where
+    empty, such as dense runs) if it has that column. D may be missing if C is given
+    (D = C / 6N) and C may be missing if D is given (C = 6 N D)."""
     if not path.is_file():
         raise ConfigError(f"results file {path} does not exist.")
     with path.open(newline="") as f:
@@ -58,7 +72,7 @@ def read_results(path: Path, n_column="N", d_column="D", c_column="C", loss_colu
 
     def column(name):
         try:
-            return np.array([float(r[name]) for r in rows])
+            return np.array([float(r[name] or "nan") for r in rows])
         except ValueError as e:
             raise ConfigError(f"{path}: column {name} has a non-numeric value ({e}).") from None
 
@@ -66,39 +80,77 @@ def read_results(path: Path, n_column="N", d_column="D", c_column="C", loss_colu
     d = column(d_column) if d_column in header else column(c_column) / (6 * n)
     c = column(c_column) if c_column in header else 6 * n * d
     keep = np.isfinite(loss)
-    return {"N": n[keep], "D": d[keep], "C": c[keep], "loss": loss[keep]}
+    data = {"N": n[keep], "D": d[keep], "C": c[keep], "loss": loss[keep]}
+    if g_column in header:
+        data["G"] = column(g_column)[keep]
+    return data
 
 
 def _huber(r, delta=HUBER_DELTA):
     return np.where(np.abs(r) <= delta, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta))
 
 
-def _objective(theta, log_n, log_d, log_loss):
-    """Summed Huber loss of log L_hat - log L, and its gradient in (a, b, e, alpha, beta)."""
-    a, b, e, alpha, beta = theta
-    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
+def _huber_of_logsumexp(terms, jacobian, log_loss):
+    """Summed Huber loss of log L_hat - log L with log L_hat = logsumexp over the log terms
+    (K, M) of M points, and its gradient from jacobian (P, K, M) = d term / d theta_p."""
     log_pred = logsumexp(terms, axis=0)
     r = log_pred - log_loss
     dr = np.clip(r, -HUBER_DELTA, HUBER_DELTA)  # d huber / d r
     w = np.exp(terms - log_pred)  # softmax weights: d log_pred / d term
-    grad = np.array([(dr * w[0]).sum(), (dr * w[1]).sum(), (dr * w[2]).sum(),
-                     -(dr * w[0] * log_n).sum(), -(dr * w[1] * log_d).sum()])
-    return _huber(r).sum(), grad
+    return _huber(r).sum(), np.einsum("km,pkm->p", dr * w, jacobian)
 
 
-def _fit_parametric(log_n, log_d, log_loss, starts, n_best: int = 12) -> np.ndarray:
-    """Best L-BFGS optimum from the `n_best` starts with the lowest initial objective."""
+def _objective(theta, log_n, log_d, log_loss):
+    """Approach 3's objective and its gradient in (a, b, e, alpha, beta)."""
+    a, b, e, alpha, beta = theta
+    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
+    one, zero = np.ones_like(log_n), np.zeros_like(log_n)
+    jacobian = np.array([[one, zero, zero], [zero, one, zero], [zero, zero, one],
+                         [-log_n, zero, zero], [zero, -log_d, zero]])
+    return _huber_of_logsumexp(terms, jacobian, log_loss)
+
+
+def _granularity_objective(theta, log_n, log_d, log_g, log_loss):
+    """The granularity law's objective and its gradient in (log g, log a, log b, log c, alpha,
+    beta, gamma): log terms log g - gamma log G - alpha log N, log a - alpha log N,
+    log b - beta log D and log c."""
+    lg, la, lb, lc, alpha, beta, gamma = theta
+    terms = np.stack([lg - gamma * log_g - alpha * log_n, la - alpha * log_n, lb - beta * log_d,
+                      np.full_like(log_n, lc)])
+    one, zero = np.ones_like(log_n), np.zeros_like(log_n)
+    jacobian = np.array([[one, zero, zero, zero], [zero, one, zero, zero], [zero, zero, one, zero],
+                         [zero, zero, zero, one], [-log_n, -log_n, zero, zero], [zero, zero, -log_d, zero],
+                         [-log_g, zero, zero, zero]])
+    return _huber_of_logsumexp(terms, jacobian, log_loss)
+
+
+def _fit_parametric(columns: tuple, starts, objective=_objective, n_best: int = 12) -> np.ndarray:
+    """Best L-BFGS optimum of `objective(theta, *columns)` from the `n_best` starts with the
+    lowest initial objective."""
     starts = np.asarray(starts, float)
     if len(starts) > n_best:
-        initial = [_objective(s, log_n, log_d, log_loss)[0] for s in starts]
+        initial = [objective(s, *columns)[0] for s in starts]
         starts = starts[np.argsort(initial)[:n_best]]
     best, best_value = None, np.inf
     for start in starts:
-        result = minimize(_objective, start, args=(log_n, log_d, log_loss), jac=True, method="L-BFGS-B",
+        result = minimize(objective, start, args=columns, jac=True, method="L-BFGS-B",
                           options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 5000})
         if result.fun < best_value:
             best, best_value = result.x, result.fun
     return best
+
+
+def _bootstrap(columns: tuple, theta, objective, summary, keys, bootstrap: int, seed: int) -> dict:
+    """95% intervals of `summary(theta)[key]` for `keys` over `bootstrap` refits of resampled
+    rows, each started from the full-data optimum `theta`; {} without resamples."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(bootstrap):
+        rows = rng.integers(0, len(columns[0]), len(columns[0]))
+        samples.append(summary(_fit_parametric(tuple(c[rows] for c in columns), [theta], objective)))
+    if not samples:
+        return {}
+    return {"ci95": {k: [float(np.nanpercentile([s[k] for s in samples], q)) for q in (2.5, 97.5)] for k in keys}}
 
 
 def _approach3_summary(theta) -> dict:
@@ -116,19 +168,37 @@ def fit_approach3(data: dict, bootstrap: int = 100, seed: int = 0) -> dict:
     if len(data["loss"]) < len(APPROACH3_PARAMS) + 1:
         raise ConfigError(f"Approach 3 fits {len(APPROACH3_PARAMS)} parameters and needs at least "
                           f"{len(APPROACH3_PARAMS) + 1} results, got {len(data['loss'])}.")
-    log_n, log_d, log_loss = np.log(data["N"]), np.log(data["D"]), np.log(data["loss"])
+    columns = (np.log(data["N"]), np.log(data["D"]), np.log(data["loss"]))
     grid = [(a, b, e, alpha, beta) for alpha, beta, e, a, b in itertools.product(*INIT_GRID.values())]
-    theta = _fit_parametric(log_n, log_d, log_loss, grid)
-    result = _approach3_summary(theta)
-    rng = np.random.default_rng(seed)
-    samples = []
-    for _ in range(bootstrap):
-        rows = rng.integers(0, len(log_n), len(log_n))
-        samples.append(_approach3_summary(_fit_parametric(log_n[rows], log_d[rows], log_loss[rows], [theta])))
-    if samples:
-        result["ci95"] = {k: [float(np.nanpercentile([s[k] for s in samples], q)) for q in (2.5, 97.5)]
-                          for k in ("A", "B", "E", "alpha", "beta", "a", "b")}
-    return result
+    theta = _fit_parametric(columns, grid)
+    return {**_approach3_summary(theta),
+            **_bootstrap(columns, theta, _objective, _approach3_summary, ("A", "B", "E", "alpha", "beta", "a", "b"),
+                         bootstrap, seed)}
+
+
+def _granularity_summary(theta) -> dict:
+    lg, la, lb, lc, alpha, beta, gamma = theta
+    return {"a": math.exp(la), "alpha": alpha, "b": math.exp(lb), "beta": beta, "g": math.exp(lg), "gamma": gamma,
+            "c": math.exp(lc)}
+
+
+def fit_granularity(data: dict, bootstrap: int = 100, seed: int = 0) -> dict:
+    """L(N, D, G) = c + (g / G^gamma + a) / N^alpha + b / D^beta by Approach 3's Huber/L-BFGS
+    from a grid, over the rows with a granularity G (module docstring). Keys: a, alpha, b,
+    beta, g, gamma, c, points, and ci95 (the same keys) with `bootstrap` > 0."""
+    rows = np.isfinite(data.get("G", np.array([])))
+    if len(np.unique(data["G"][rows]) if rows.any() else []) < 2:
+        raise ConfigError("the granularity law needs results at 2 or more granularities (a G column with values).")
+    if rows.sum() < len(GRANULARITY_PARAMS) + 1:
+        raise ConfigError(f"the granularity law fits {len(GRANULARITY_PARAMS)} parameters and needs at least "
+                          f"{len(GRANULARITY_PARAMS) + 1} results with a G, got {int(rows.sum())}.")
+    columns = tuple(np.log(data[k][rows]) for k in ("N", "D", "G", "loss"))
+    grid = [(lg, a, b, e, alpha, beta, gamma) for (alpha, beta, e, a, b), (lg, gamma)
+            in itertools.product(itertools.product(*INIT_GRID.values()), itertools.product(*GRANULARITY_GRID.values()))]
+    theta = _fit_parametric(columns, grid, _granularity_objective, n_best=6)
+    return {**_granularity_summary(theta), "points": int(rows.sum()),
+            **_bootstrap(columns, theta, _granularity_objective, _granularity_summary, GRANULARITY_PARAMS, bootstrap,
+                         seed)}
 
 
 def _isoflop_minima(data: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
@@ -187,15 +257,17 @@ def fit_approach2(data: dict, bootstrap: int = 100, seed: int = 0) -> dict:
 
 
 def fit_results(data: dict, bootstrap: int = 100) -> dict:
-    """Both approaches; an approach the data cannot support reports its reason as `error`."""
+    """Both approaches, and the granularity law when the data has a G column; a fit the data
+    cannot support reports its reason as `error`."""
     fitted = {"points": len(data["loss"])}
-    for name, fit in (("approach2", fit_approach2), ("approach3", fit_approach3)):
+    fits = [("approach2", fit_approach2), ("approach3", fit_approach3)]
+    for name, fit in fits + ([("granularity", fit_granularity)] if "G" in data else []):
         try:
             fitted[name] = fit(data, bootstrap)
         except ConfigError as e:
             fitted[name] = {"error": str(e)}
-    if all("error" in fitted[k] for k in ("approach2", "approach3")):
-        raise ConfigError(f"no fit possible: {fitted['approach2']['error']} {fitted['approach3']['error']}")
+    if all("error" in value for key, value in fitted.items() if key != "points"):
+        raise ConfigError("no fit possible: " + " ".join(v["error"] for k, v in fitted.items() if k != "points"))
     return fitted
 
 
@@ -217,4 +289,15 @@ def format_fit(fitted: dict) -> str:
         if name == "approach3":
             lines.append("  L(N, D) = {E:.4g} + {A:.4g} / N^{alpha:.3f} + {B:.4g} / D^{beta:.3f}".format(**f)
                          + (f"   alpha{_interval(ci, 'alpha')} beta{_interval(ci, 'beta')}" if ci else ""))
+    if "granularity" in fitted:
+        lines.append(_format_granularity(fitted["granularity"]))
     return "\n".join(lines)
+
+
+def _format_granularity(f: dict) -> str:
+    if "error" in f:
+        return f"granularity: not fitted: {f['error']}"
+    ci = f.get("ci95", {})
+    law = "granularity ({points} results): L(N, D, G) = {c:.4g} + ({g:.4g} / G^{gamma:.3f} + {a:.4g}) / N^{alpha:.3f}" \
+          " + {b:.4g} / D^{beta:.3f}".format(**f)
+    return law + "".join(f"\n  {k}{_interval(ci, k)}" for k in GRANULARITY_PARAMS if k in ci)

@@ -33,8 +33,8 @@ Activation Recomputation in Large Transformer Models", sec. 4.1, which gives
   attention output projection, and (as "full") one layer's "none" activations while recomputed.
 
 A LoRA run (`lora.rank` > 0) holds its adapters, and their gradients, master copy and Adam
-moments alone (`lora_adapter_bytes`): its step applies x W + (alpha / r) (x A) B, so nothing
-the size of the frozen weights is formed or differentiated.
+moments alone (their bytes come from the LoRA code): its step applies x W + (alpha / r) (x A) B,
+so nothing the size of the frozen weights is formed or differentiated.
 
 Plus the float32 logits and their gradient (2 * V * 4 bytes per position), of one chunk of
 `model.loss_chunk` positions at a time (`lmjax.models.head`): per token of the batch, that
@@ -76,9 +76,9 @@ def param_elements_per_device(m: ModelConfig, sizes: dict[str, int]) -> float:
             matrices += attention_params(m) * (2 if stack.cross else 1)
             vectors += (3 if stack.cross else 2) * norm_params(m)
             if m.is_moe_layer(layer):
-                vectors += m.d_model * m.moe.n_experts  # router
-                experts += m.moe.n_experts * mlp_params(m, m.expert_d_ff)
-                matrices += m.moe.n_shared_experts * mlp_params(m, m.expert_d_ff)
+                vectors += m.d_model * m.moe.n_routed_experts  # router
+                experts += m.moe.n_routed_experts * mlp_params(m, m.expert_d_ff)
+                matrices += mlp_params(m, m.shared_d_ff) if m.moe.n_shared_experts else 0
             else:
                 matrices += mlp_params(m, m.d_ff)
     return (matrices / (fsdp * tensor) + experts / (fsdp * tensor * expert) + vectors / fsdp
@@ -97,8 +97,8 @@ def activation_bytes_per_token(m: ModelConfig, seq_len: int, remat: str | None =
 
     def layer_bytes(layer: int, policy: str) -> float:
         if m.is_moe_layer(layer):
-            f = m.expert_d_ff * (m.moe.top_k + m.moe.n_shared_experts)
-            router = m.moe.n_experts * 4
+            f = m.expert_d_ff * m.moe.experts_per_token + m.shared_d_ff
+            router = m.moe.n_routed_experts * 4
         else:
             f, router = m.d_ff, 0
         if policy == "none":
@@ -140,19 +140,35 @@ def kv_cache_positions(m: ModelConfig) -> int:
     return m.max_seq_len * (2 if cross else 1)
 
 
-def lora_adapter_bytes(cfg: Config) -> float:
-    """Bytes of a LoRA run's adapters (`lmjax.lora`), counted whole on every device (an upper
-    bound: their width axes are sharded like their weights')."""
-    from lmjax.lora import adapted_sizes
+def kv_cache_bytes_per_sequence(m: ModelConfig, length: int | None = None) -> int:
+    """Decoding-cache bytes of one sequence of `length` positions (default: model.max_seq_len, and
+    for an encoder-decoder as many encoder inputs), as `init_cache` allocates them: every decoding
+    layer caches each position, except that a
+    sliding-window layer (`model.sliding_window` W, decoder only) keeps a ring of min(W, length)
+    (plus, not counted here, one int32 position per ring slot and row)."""
+    per_token = kv_cache_bytes_per_token(m)
+    if m.sliding_window is None:
+        return per_token * (kv_cache_positions(m) if length is None else length)
+    length = length or m.max_seq_len
+    held = sum(min(m.attention_window(i) or length, length) for i in range(m.n_layers))
+    return per_token // m.n_layers * held
 
-    return adapted_sizes(cfg.lora, cfg.model)[1] * DTYPE_BYTES[cfg.model.param_dtype]
 
-
-def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -> dict[str, float]:
+def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1, adapter_bytes: float = 0,
+                    int8_bytes: tuple[float, float] | None = None) -> dict[str, float]:
     """Bytes per device for training (weights, grads, Adam, activations) and for inference
-    (weights + a KV cache of `inference_batch` sequences of model.max_seq_len tokens); with
-    `quant.weights` int8, also the weights and inference bytes of the run `lmjax quantize`
-    writes (int8 matrices, float32 scales)."""
+    (weights + a KV cache of `inference_batch` sequences of model.max_seq_len tokens, sliding-window
+    layers holding their window: `kv_cache_bytes_per_sequence`).
+
+    The weight transforms' sizes come in as plain numbers, from the transforms themselves:
+    `adapter_bytes`, a LoRA run's adapters in `model.param_dtype` (counted whole on every
+    device: an upper bound, their width axes are sharded like their weights'), and
+    `int8_bytes`, (the weights as `lmjax quantize` stores them: int8 matrices, float32 scales;
+    the same weights in `model.param_dtype`), whole model, which adds the int8 weights and
+    inference bytes. ValueError when the config turns LoRA or int8 on without its size."""
+    if cfg.lora.enabled != (adapter_bytes > 0) or (cfg.quant.weights == "int8") != (int8_bytes is not None):
+        raise ValueError("memory_estimate needs adapter_bytes exactly for a LoRA run (lora.rank > 0) and "
+                         "int8_bytes exactly for quant.weights='int8'.")
     m = cfg.model
     sizes = mesh_sizes(cfg, n_devices)
     elements = param_elements_per_device(m, sizes)
@@ -165,19 +181,17 @@ def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -
     activations = activation_bytes_per_token(m, cfg.data.seq_len, tensor=sizes["tensor"], rows=rows) * (
         micro_batch_tokens / batch_shards)
     kv_per_token = kv_cache_bytes_per_token(m)
-    kv_cache = kv_per_token * kv_cache_positions(m) * inference_batch / sizes["tensor"]  # kv_heads split by tensor
-    gradient_bytes, adapter_bytes = param_bytes, 0
+    kv_cache = kv_cache_bytes_per_sequence(m) * inference_batch / sizes["tensor"]  # kv_heads split by tensor
+    gradient_bytes = param_bytes
     if cfg.lora.enabled:  # the adapters, their gradients, master copy and moments; the weights get none
-        adapter_bytes = gradient_bytes = lora_adapter_bytes(cfg)
+        gradient_bytes = adapter_bytes
         master_bytes = adapter_bytes * 4 / DTYPE_BYTES[m.param_dtype] if cfg.optim.master_weights else 0
         adam_bytes = 2 * (master_bytes or adapter_bytes)
     int8 = {}
-    if cfg.quant.weights == "int8":  # `lmjax quantize`'s storage, which a quantized run keeps in memory
-        from lmjax.quantize import int8_weight_bytes
-
-        quantized, unquantized = int8_weight_bytes(m, cfg.quant.granularity)
-        int8_bytes = param_bytes * quantized / unquantized
-        int8 = {"memory_int8_weights_bytes": int8_bytes, "memory_int8_inference_bytes": int8_bytes + kv_cache}
+    if int8_bytes is not None:  # `lmjax quantize`'s storage, which a quantized run keeps in memory
+        quantized, unquantized = int8_bytes
+        stored = param_bytes * quantized / unquantized
+        int8 = {"memory_int8_weights_bytes": stored, "memory_int8_inference_bytes": stored + kv_cache}
     return {
         "memory_weights_bytes": param_bytes,
         **({"memory_adapters_bytes": adapter_bytes} if cfg.lora.enabled else {}),
@@ -188,7 +202,7 @@ def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1) -
         "memory_train_bytes": (param_bytes + adapter_bytes + gradient_bytes + master_bytes + adam_bytes
                                + activations),
         "kv_cache_bytes_per_token": kv_per_token,
-        "kv_cache_bytes_per_sequence": kv_per_token * kv_cache_positions(m),
+        "kv_cache_bytes_per_sequence": kv_cache_bytes_per_sequence(m),
         "memory_inference_bytes": param_bytes + kv_cache,
         **int8,
     }

@@ -12,37 +12,22 @@ import json
 import math
 from pathlib import Path
 
-from lmjax.config import Config, ConfigError
+from lmjax.config import Config, ConfigError, ModelConfig
+from lmjax.families import family_of
 from lmjax.hardware import PEAK_FLOPS
 from lmjax.scaling.counting import (
     example_lengths,
     forward_flops_per_token,
     param_counts,
+    router_params,
     run_flops_per_token,
     to_petaflop_days,
     tokens_per_step,
+    total_steps,
 )
 from lmjax.scaling.memory import memory_estimate
 
 TOKENS_PER_PARAM = 20  # Chinchilla rule of thumb
-
-
-def total_steps(cfg: Config) -> int:
-    """Optimizer steps of the run, from train.steps, train.tokens or train.budget_flops."""
-    t = cfg.train
-    step_tokens = tokens_per_step(cfg)  # encoder-decoder: input and target tokens
-    if t.steps is not None:
-        return t.steps
-    if t.tokens is not None:
-        return math.ceil(t.tokens / step_tokens)
-    if t.budget_flops is not None:
-        flops_per_step = run_flops_per_token(cfg) * step_tokens
-        if t.budget_flops < flops_per_step:
-            raise ConfigError(f"train.budget_flops={t.budget_flops:.3g} is less than one step of this model "
-                              f"({flops_per_step:.3g} FLOPs for {step_tokens} tokens); raise the budget or "
-                              "shrink the model or batch.")
-        return math.floor(t.budget_flops / flops_per_step)
-    raise ConfigError("the run has no length: set one of train.steps, train.tokens or train.budget_flops.")
 
 
 def chinchilla_optimal(budget_flops: float, tokens_per_param: float = TOKENS_PER_PARAM) -> tuple[float, float]:
@@ -81,11 +66,13 @@ def peak_flops(hardware: str, dtype: str) -> float:
 
 
 def plan(cfg: Config, budget_flops: float | None = None, law: dict | None = None, hardware: str = "H100",
-         mfu: float = 0.4, n_devices: int = 1) -> dict:
+         mfu: float = 0.4, n_devices: int = 1, adapter_bytes: float = 0,
+         int8_bytes: tuple[float, float] | None = None) -> dict:
     """Everything `lmjax plan` prints, as a flat dict of numbers (see docs/scaling.md).
 
     With `budget_flops` the run is sized by it (as train.budget_flops would); otherwise by
-    the config's own run length, if it has one.
+    the config's own run length, if it has one. `adapter_bytes` and `int8_bytes`: the weight
+    transforms' sizes, as `memory_estimate` takes them.
     """
     if not 0 < mfu <= 1:
         raise ConfigError(f"--mfu must be in (0, 1], got {mfu}.")
@@ -98,9 +85,10 @@ def plan(cfg: Config, budget_flops: float | None = None, law: dict | None = None
         "parametrization": cfg.model.parametrization,
         **({"mup_width_multiplier": cfg.model.width_multiplier} if cfg.model.parametrization == "mup" else {}),
         **counts,
+        **_moe_shape(cfg),
         "flops_per_token_train": flops_per_token,
         "flops_per_token_forward": forward_flops_per_token(cfg.model, *example_lengths(cfg)),
-        **memory_estimate(cfg, n_devices),
+        **memory_estimate(cfg, n_devices, adapter_bytes=adapter_bytes, int8_bytes=int8_bytes),
         "chinchilla_tokens": TOKENS_PER_PARAM * counts["params_total"],
         "tokens_per_step": step_tokens,
     }
@@ -120,6 +108,31 @@ def plan(cfg: Config, budget_flops: float | None = None, law: dict | None = None
         result.update({"hardware": hardware, "devices": n_devices, "mfu": mfu,
                        "wall_seconds": compute / (mfu * peak)})
     return result
+
+
+def _moe_shape(cfg: Config) -> dict:
+    """For a MoE model: its granularity G and the routers' share of the active parameters."""
+    m = cfg.model
+    if not m.moe.enabled:
+        return {}
+    routers = sum(router_params(m) for stack in family_of(m).stacks(m) for i in range(stack.n_layers)
+                  if m.is_moe_layer(i))
+    return {"moe_granularity": m.moe.granularity,
+            "moe_router_share_of_active": routers / param_counts(m)["params_active"]}
+
+
+def shape_notes(m: ModelConfig) -> list[str]:
+    """Lines warning of a shape no published model has, as widening an experiment with
+    `--set model.d_model` alone makes: heads wider than 256, or a feed-forward narrower than
+    d_model (LLaMA: heads of 128, d_ff about 2.7 d_model)."""
+    notes = []
+    if m.head_dim > 256:
+        notes.append(f"heads of width {m.head_dim} (model.n_heads={m.n_heads} at model.d_model={m.d_model}); "
+                     f"published models use 64-128: set model.n_heads (and model.n_kv_heads) with model.d_model.")
+    if m.d_ff < m.d_model:
+        notes.append(f"model.d_ff={m.d_ff} is narrower than model.d_model={m.d_model} (LLaMA: about 2.7x); set "
+                     "model.d_ff with model.d_model, or plan a named shape such as `lmjax plan llama2_7b`.")
+    return notes
 
 
 def _with_budget(cfg: Config, budget_flops: float) -> Config:

@@ -60,7 +60,44 @@ def save_scaling_plots(data: dict, fitted: dict, out_dir: Path) -> list[Path]:
             ax.scatter(data[key], predicted, marker="x", color="C3", label="Approach 3 fit")
             ax.legend(fontsize=8)
     paths.append(_save(fig, out_dir / "loss_vs_n_d.png"))
+    if "gamma" in fitted.get("granularity", {}):
+        paths.append(_granularity_plot(data, fitted["granularity"], out_dir / "loss_vs_g.png"))
     return paths
+
+
+def _size_groups(n: np.ndarray) -> np.ndarray:
+    """A group index per run: sizes within 30% of the group's smallest are one size (at equal
+    expert parameters N still grows a little with G, by the router)."""
+    groups, group, start = np.empty(len(n), int), -1, -np.inf
+    for i in np.argsort(n):
+        if n[i] > 1.3 * start:
+            group, start = group + 1, n[i]
+        groups[i] = group
+    return groups
+
+
+def _granularity_plot(data: dict, law: dict, path: Path) -> Path:
+    """Loss against G for each model size N and token count D (points), with the fitted law
+    L(N, D, G) at that size and count (line)."""
+    import matplotlib.pyplot as plt
+
+    rows = np.isfinite(data["G"])
+    n, d, g, loss = (data[k][rows] for k in ("N", "D", "G", "loss"))
+    groups = _size_groups(n)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, groups.max() + 1))
+    grid = np.geomspace(g.min(), g.max(), 50)
+    for group, color in enumerate(colors):
+        for tokens in np.unique(d[groups == group]):
+            at = (groups == group) & (d == tokens)
+            size = float(np.median(n[at]))
+            ax.scatter(g[at], loss[at], color=color)
+            predicted = law["c"] + (law["g"] / grid ** law["gamma"] + law["a"]) / size ** law["alpha"] + \
+                law["b"] / tokens ** law["beta"]
+            ax.plot(grid, predicted, color=color, lw=1, label=f"N = {size:.3g}, D = {tokens:.3g}")
+    ax.set(xscale="log", xlabel="granularity G", ylabel="loss", title="loss vs G (lines: granularity law)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

@@ -6,7 +6,6 @@ Only process 0 writes. Every record is a flat dict with a `step` key and float v
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import platform
 import subprocess
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 
 from lmjax.config import Config
 from lmjax.files import write_atomically
-from lmjax.records import read_records
+from lmjax.records import json_line, read_records
 
 
 class MetricsLogger:
@@ -35,10 +34,11 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.wandb_run = None
+        self.highest_step_before_resume = 0  # the last step metrics.jsonl held (a killed run's may be lost)
         if not enabled:
             return
-        for path in (self.path, run_dir / "routing.jsonl"):
-            _drop_records_after(path, start_step)
+        self.highest_step_before_resume = max((r["step"] for r in read_records(self.path)), default=0)
+        self.drop_after(start_step)
         if cfg.log.wandb != "off":
             import wandb
 
@@ -48,11 +48,17 @@ class MetricsLogger:
                 dir=str(run_dir), mode=cfg.log.wandb, config=cfg.to_dict(), resume="allow" if resume else None,
             )
 
+    def drop_after(self, step: int) -> None:
+        """Drop the records of steps after `step` from metrics.jsonl and routing.jsonl (a resume, a roll-back)."""
+        if self.enabled:
+            for path in (self.path, self.path.parent / "routing.jsonl"):
+                _drop_records_after(path, step)
+
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_line(record) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
 
@@ -63,7 +69,7 @@ class MetricsLogger:
             return
         record = {"step": step, **{k: v.tolist() for k, v in routing.items()}}
         with (self.path.parent / "routing.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_line(record) + "\n")
 
     def close(self) -> None:
         if self.wandb_run is not None:
@@ -96,7 +102,7 @@ def _drop_records_after(path: Path, step: int) -> None:
     records = read_records(path)
     kept = [r for r in records if r["step"] <= step]
     if len(kept) < len(records) or (path.exists() and not path.read_text().endswith("\n")):
-        write_atomically(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+        write_atomically(path, lambda f: f.write("".join(json_line(r) + "\n" for r in kept).encode()))
 
 
 def progress_bar(total: int, initial: int, enabled: bool):

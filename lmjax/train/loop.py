@@ -25,14 +25,18 @@ import jax
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from lmjax.checkpoint import NonFiniteState
 from lmjax.config import Config
 from lmjax.families import family_of
 from lmjax.records import read_metrics
 from lmjax.scaling.counting import example_lengths, param_counts, run_flops_per_token, tokens_per_step
 from lmjax.train import loggers
 from lmjax.train.evaluate import evaluate
+from lmjax.train.goodput import Goodput
 from lmjax.train.metrics import mfu, peak_flops_per_device
+from lmjax.train.rollback import Rollback
 from lmjax.train.run import Run, setup
+from lmjax.train.watchdog import Watchdog
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,10 @@ class StepClock:
     `paused()` (evaluation)."""
 
     def __init__(self, step: int):
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        """Count from now, at `step` (the start, or a roll-back to an earlier step)."""
         self.start, self.step, self.paused_seconds = time.perf_counter(), step, 0.0
 
     @contextmanager
@@ -105,7 +113,7 @@ class LogMetrics:
         if routing:
             run.logger.log_routing(run.step, jax.device_get(routing))
         self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_second:,.0f}",
-                             mfu=f"{record['mfu']:.0%}")
+                             mfu=f"{record['mfu']:.0%}", skipped=int(metrics.get("skipped_steps", 0)))
 
 
 class Validate:
@@ -113,9 +121,10 @@ class Validate:
     prefix and printed; `last` keeps the newest result. Its time is left out of the clock."""
 
     def __init__(self, clock: StepClock):
-        self.clock, self.last = clock, None
+        self.clock, self.last, self.seconds = clock, None, 0.0
 
     def __call__(self, run: Run, metrics: dict = None, routing: dict = None) -> dict:
+        start = time.perf_counter()
         with self.clock.paused():
             cfg = run.cfg
             result = evaluate(run.graphdef, run.model_params(), run.val_set, run.tokenizer, cfg.train.batch_size,
@@ -124,14 +133,20 @@ class Validate:
             loggers.console(f"step {run.step:>6}  val loss {result['loss']:.4f}  ppl {result['perplexity']:.2f}  "
                             f"bpb {result['bits_per_byte']:.3f}")
         self.last = result
+        self.seconds += time.perf_counter() - start
         return result
 
 
 def save_checkpoint(run: Run, metrics: dict = None, routing: dict = None) -> None:
     """The checkpointing hook: save the state and the data iterator's position at `run.step`
-    (asynchronously), unless that step is saved already."""
+    (asynchronously), unless that step is saved already or the state holds NaN or inf (one line
+    says so; the newest checkpoint stays the newest)."""
     if run.checkpointer.latest_step() != run.step:  # a stop right after a periodic save has nothing new
-        run.checkpointer.save(run.step, run.state, run.data_state(), run.cfg.to_dict())
+        try:
+            run.checkpointer.save(run.step, run.state, run.data_state(), run.cfg.to_dict())
+        except NonFiniteState as e:
+            if run.main_process:
+                loggers.console(str(e))
 
 
 class StopRequest:
@@ -186,20 +201,38 @@ def train(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
     {step, finished, val_*: the newest validation metrics}. A new run with `init_from` (a run
     directory) starts from that run's weights; `new_data_order` lets a resumed run change its
     batch or data (see `setup`). Every check that can fail on
-    user input runs before compilation."""
+    user input runs before compilation. Where the time went is added to goodput.json and
+    printed at the end, however the invocation ends (`lmjax.train.goodput`)."""
+    start = time.perf_counter()
     run = setup(cfg, run_dir, init_from, new_data_order)
     announce(run)
     bar = loggers.progress_bar(run.steps, run.step, run.main_process and cfg.log.progress_bar)
     clock = StepClock(run.step)
     validate = Validate(clock)
-    hooks = [Hook(lambda run, metrics, routing: bar.update(1), every=1, at_halt=True),
+    goodput = Goodput(run, start, lambda: validate.seconds)
+    rollback = Rollback(run, on_rollback=(clock.restart, lambda step: bar.reset(run.steps) or bar.update(step)))
+    watchdog = Watchdog(run.run_dir, cfg.train.step_timeout)
+    hooks = [Hook(watchdog, every=1, at_halt=True),
+             Hook(lambda run, metrics, routing: bar.update(1), every=1, at_halt=True),
+             Hook(goodput, every=1, at_halt=True),
              Hook(LogMetrics(run, clock, bar), cfg.train.log_every, at_halt=True),
-             Hook(validate, cfg.train.eval_every),
-             Hook(save_checkpoint, cfg.train.checkpoint_every)]
-    with StopRequest(cfg.train.warning_signal) as stop:
-        step_loop(run, hooks, stop_signals=[stop])
-    bar.close()
-    return finish(run, validate)
+             Hook(watchdog.excusing(rollback), every=1, at_halt=True),
+             Hook(watchdog.excusing(validate), cfg.train.eval_every),
+             Hook(watchdog.excusing(save_checkpoint), cfg.train.checkpoint_every)]
+    try:
+        with StopRequest(cfg.train.warning_signal) as stop, goodput.loop(run), watchdog:
+            try:
+                step_loop(run, hooks, stop_signals=[stop])
+            finally:
+                bar.close()
+        return finish(run, validate)
+    except Exception:  # Diverged, SaveFailed, ...: the pending save still completes (or says why not)
+        close(run)
+        raise
+    finally:
+        line = goodput.report(run)
+        if run.main_process:
+            loggers.console(line)
 
 
 def announce(run: Run) -> None:
@@ -223,9 +256,7 @@ def finish(run: Run, validate: Validate) -> dict:
     save_checkpoint(run)
     if finished:
         validate(run)
-    run.checkpointer.wait()
-    run.checkpointer.close()
-    run.logger.close()
+    close(run)
     if finished:
         # every process takes part in gathering the (possibly cross-host) weights for the sample
         sampling = run.cfg.train.sample_tokens > 0
@@ -234,6 +265,18 @@ def finish(run: Run, validate: Validate) -> dict:
             finish_run(run.cfg, run.run_dir, run.graphdef, host_params, run.tokenizer, run.val_set)
     return {"step": run.step, "finished": finished,
             **({f"val_{k}": v for k, v in validate.last.items()} if validate.last else {})}
+
+
+def close(run: Run) -> None:
+    """Wait for the pending save (SaveFailed if the disk refused it), close the checkpointer and loggers
+    (once: a second call does nothing)."""
+    if run.checkpointer.closed:
+        return
+    try:
+        run.checkpointer.wait()
+    finally:
+        run.checkpointer.close()
+        run.logger.close()
 
 
 def finish_run(cfg: Config, run_dir: Path, graphdef, host_params, tokenizer, val_set) -> None:

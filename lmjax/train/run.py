@@ -39,9 +39,11 @@ from lmjax.data import (
 from lmjax.families import family_of
 from lmjax.files import file_sha256, write_json_atomically
 from lmjax.parallel import batch_sharding, global_batch, local_batch_rows, make_mesh, validate_layout
-from lmjax.scaling.plan import total_steps
+from lmjax.scaling.counting import total_steps
 from lmjax.train import loggers
+from lmjax.train.guard import BadStepRule
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
+from lmjax.train.rollback import restore_train_state
 from lmjax.train.state import TrainState, abstract_model, abstract_train_state, init_train_state
 from lmjax.train.step import make_train_step
 from lmjax.xla_setup import enable_compilation_cache
@@ -121,11 +123,12 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
     if cfg.lora.enabled:
         cfg = lora_base(cfg, init_from)
         init_from = None
-    if init_from is not None or cfg.lora.enabled:
-        check_init_from(cfg, Path(init_from or cfg.lora.base))
+    base = Path(init_from or cfg.lora.base) if init_from is not None or cfg.lora.enabled else None
+    if base is not None:
+        check_init_from(cfg, base)
     train_set, val_set, tokenizer = load_datasets(cfg, run_tokenizer(cfg, run_dir))
-    if init_from is not None:
-        check_init_tokenizer(tokenizer, Path(init_from))
+    if base is not None:  # a LoRA run's base too: its frozen weights read these ids
+        check_init_tokenizer(tokenizer, base)
     check_sample_prompt(cfg, tokenizer)
     main_process = jax.process_index() == 0
 
@@ -149,7 +152,7 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
     if resuming:  # restore straight into the sharded layout; nothing is initialised first
         graphdef, abstract, optimizer = abstract_train_state(cfg.model, optimizer_for, mesh, cfg.lora, cfg.quant)
         try:
-            state, data_state, _ = checkpointer.restore(abstract)
+            state, data_state, _ = restore_train_state(checkpointer, abstract)
         except ValueError as e:
             if "tree structures do not match" not in str(e):
                 raise
@@ -193,7 +196,7 @@ def setup(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
         adapt = functools.partial(low_rank, cfg=cfg.lora)
     step_fn = make_train_step(graphdef, optimizer, learning_rate_schedule(cfg.optim, steps),
                               cfg.optim.grad_accum_steps, cfg.model.dropout > 0 or cfg.model.moe.router_jitter > 0,
-                              cfg.model.moe, adapt)
+                              cfg.model.moe, adapt, BadStepRule.from_config(cfg.train))
     compile_start = time.perf_counter()
     batch_shape = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape), v.dtype, sharding=rows)
                    for k, v in train_set[0].items()}
@@ -222,7 +225,8 @@ def lora_base(cfg: Config, init_from: Path | None) -> Config:
     return cfg
 
 
-RUN_RECORDS = ("checkpoints", "metrics.jsonl", "routing.jsonl", "config_history.jsonl", "loss.png", "sample.txt")
+RUN_RECORDS = ("checkpoints", "metrics.jsonl", "routing.jsonl", "config_history.jsonl", "rollbacks.jsonl", "loss.png",
+               "sample.txt")
 
 
 def clear_run(run_dir: Path) -> None:

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lmjax.checkpoint import Checkpointer
+from lmjax.checkpoint import Checkpointer, all_finite
 from lmjax.config import Config, ConfigError, MeshConfig
 from lmjax.config_parse import override, read_config
 from lmjax.data import DataError, PackedDataset, load_documents, load_from_run, tokenize
 from lmjax.families import family_of
 from lmjax.parallel import batch_sharding, make_mesh
-from lmjax.scaling.plan import total_steps
+from lmjax.scaling.counting import total_steps
 from lmjax.train.evaluate import evaluate
 from lmjax.train.optimizer import make_optimizer
 from lmjax.train.run import family_examples, load_datasets
@@ -68,7 +68,13 @@ def restore_trained_onto(run_dir: Path, mesh, step: int | None = None):
     graphdef, abstract, _ = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, steps, p, cfg.model),
                                                  mesh, cfg.lora, cfg.quant)
     params = checkpointer.restore_params(abstract.params, step)
+    steps_saved = checkpointer.manager.all_steps()
     checkpointer.close()
+    if not all_finite(params):
+        earlier = ", ".join(str(s) for s in steps_saved if s < step)
+        raise ConfigError(f"{run_dir}: the weights of checkpoint step {step} hold NaN or inf (the run diverged before "
+                          "it was saved); " + (f"earlier checkpoints: steps {earlier} (lmjax.load(run_dir, step=N))."
+                                               if earlier else "no earlier checkpoint is left; train it again."))
     return cfg, graphdef, params, step
 
 
@@ -90,23 +96,47 @@ def load(run_dir: Path | str, step: int | None = None):
     return nnx.merge(graphdef, params), cfg, load_from_run(Path(run_dir), cfg.data.tokenizer)
 
 
+def prepared_examples(cfg: Config, run_dir: Path, directory: Path):
+    """(the family's examples over every window of the prepared `directory`, its tokenizer):
+    the run's own tokenizer, which must be the one the data were prepared with, or for a run
+    without one (data.tokenizer='none') the data's, whose ids must fit model.vocab_size."""
+    from lmjax.data.prepare import open_prepared, prepared_tokenizer
+
+    if cfg.data.tokenizer == "none":
+        tokenizer = prepared_tokenizer(directory)
+    else:
+        tokenizer = load_from_run(run_dir, cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"{directory} was prepared with a tokenizer of {tokenizer.vocab_size} ids, more than "
+                          f"the run's model.vocab_size={cfg.model.vocab_size}; prepare it with the model's tokenizer.")
+    windows = open_prepared(directory, tokenizer, family_of(cfg.model).window_length(cfg))
+    return family_examples(windows, cfg, tokenizer, cfg.data.seed + 1), tokenizer
+
+
 def evaluate_run(run_dir: Path, max_batches: int | None = None, data_source: str | None = None,
                  token_losses_file: Path | None = None) -> dict:
     """{step, loss, perplexity, bits_per_byte, tokens} of the newest checkpoint on the run's
     validation split, or on all of `data_source` (any `data.source`: "stdlib", a file, a
     directory, an HF dataset on disk). With `token_losses_file`, every position's loss is
-    saved there (.npy, (sequences, seq_len) float32, nats, 0 where not counted)."""
+    saved there (.npy, (sequences, seq_len) float32, nats, 0 where not counted). A directory
+    made by `lmjax data prepare` is read as its token shards, which is how a run without a
+    tokenizer (data.tokenizer='none') is evaluated."""
+    from lmjax.data.prepare import is_prepared
+
     cfg, graphdef, params, step, mesh = restore_weights(run_dir, keep_int8=True)
-    tokenizer = load_from_run(run_dir, cfg.data.tokenizer)
-    if data_source is None:
-        _, dataset, tokenizer = load_datasets(cfg, tokenizer)
+    if data_source is not None and is_prepared(data_source):
+        dataset, tokenizer = prepared_examples(cfg, run_dir, Path(data_source))
     else:
-        documents = load_documents(data_source, cfg.data.text_field, cfg.data.max_bytes)
-        windows = PackedDataset(tokenize(documents, tokenizer), family_of(cfg.model).window_length(cfg))
-        dataset = family_examples(windows, cfg, tokenizer, cfg.data.seed + 1)
-        if len(dataset) < cfg.train.batch_size:
-            raise DataError(f"{data_source} holds {len(dataset)} sequences of data.seq_len={cfg.data.seq_len}, "
-                            f"fewer than one batch of train.batch_size={cfg.train.batch_size}.")
+        tokenizer = load_from_run(run_dir, cfg.data.tokenizer)
+        if data_source is None:
+            _, dataset, tokenizer = load_datasets(cfg, tokenizer)
+        else:
+            documents = load_documents(data_source, cfg.data.text_field, cfg.data.max_bytes)
+            windows = PackedDataset(tokenize(documents, tokenizer), family_of(cfg.model).window_length(cfg))
+            dataset = family_examples(windows, cfg, tokenizer, cfg.data.seed + 1)
+    if data_source is not None and len(dataset) < cfg.train.batch_size:
+        raise DataError(f"{data_source} holds {len(dataset)} sequences of data.seq_len={cfg.data.seq_len}, "
+                        f"fewer than one batch of train.batch_size={cfg.train.batch_size}.")
     result = evaluate(graphdef, params, dataset, tokenizer, cfg.train.batch_size, max_batches,
                       batch_sharding(mesh), keep_token_losses=token_losses_file is not None)
     if token_losses_file is not None:

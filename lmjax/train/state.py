@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lmjax.config import LoRAConfig, ModelConfig, QuantConfig
 from lmjax.families import family_of
 from lmjax.parallel import state_shardings
+from lmjax.train.guard import GuardState, init_guard
 
 
 class TrainState(NamedTuple):
@@ -20,13 +21,16 @@ class TrainState(NamedTuple):
 
     params: nnx.State of the trained weights: the model's, or for a LoRA run its adapters
     alone (`lmjax.lora`); opt_state: optax state (Adam moments mirror params); step: int32
-    scalar, optimizer updates done; rng: PRNG key for dropout.
+    scalar, steps taken (bad steps that were skipped included); rng: PRNG key for dropout; guard:
+    the bad-step judgment's recent losses and counters (`lmjax.train.guard`; None: no judgment,
+    as in checkpoints written before it existed).
     """
 
     params: nnx.State
     opt_state: optax.OptState
     step: jax.Array
     rng: jax.Array
+    guard: GuardState | None = None
 
 
 def abstract_model(cfg: ModelConfig, quant: QuantConfig | None = None) -> tuple[nnx.GraphDef, nnx.State]:
@@ -65,7 +69,7 @@ def _init_fn(cfg: ModelConfig, make_optimizer, lora: LoRAConfig | None = None, q
     def init(seed):
         params = build(seed)
         key = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
-        return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key)
+        return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key, init_guard())
 
     return graphdef, optimizer, init
 
@@ -102,6 +106,7 @@ def train_state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
         opt_state=_opt_shardings(abstract_state.opt_state, mesh),
         step=replicated,
         rng=replicated,
+        guard=jax.tree.map(lambda _: replicated, abstract_state.guard),
     )
 
 

@@ -10,6 +10,7 @@ from flax import nnx
 from lmjax.config import MoEConfig
 from lmjax.families import family_of
 from lmjax.models.moe import pop_routing_statistics
+from lmjax.train.guard import BadStepRule, apply_if_good
 from lmjax.train.optimizer import updated_params
 from lmjax.train.state import TrainState
 
@@ -29,7 +30,8 @@ def _loss_sum(params, graphdef, batch, dropout_key, moe: MoEConfig, frozen=None,
     losses = family_of(model.cfg).token_losses(model, batch, dropout_key)
     loss_sum, count = jnp.sum(losses), jnp.sum(batch["loss_mask"])
     routing = pop_routing_statistics(model) or {}
-    routing.pop("experts", None)  # per-token assignments: for analysis, not for the metrics
+    for per_token in ("experts", "picked"):  # per-token assignments: for analysis, not for the metrics
+        routing.pop(per_token, None)
     objective = loss_sum
     if routing:
         aux = moe.load_balance_coef * jnp.mean(routing["load_balance_loss"]) + moe.z_loss_coef * jnp.mean(
@@ -40,7 +42,8 @@ def _loss_sum(params, graphdef, batch, dropout_key, moe: MoEConfig, frozen=None,
 
 def routing_metrics(routing: dict) -> dict:
     """Scalar summaries of stacked routing statistics (L_moe, ...) for the metrics log:
-    balancing and z losses, dropped share and router entropy averaged over MoE layers, and
+    balancing and z losses, dropped share, share of tokens no expert serves (`moe_unrouted`)
+    and router entropy averaged over MoE layers, and
     `moe_max_load`: the busiest expert's share of assignments over its fair share 1/E, at the
     worst layer (1.0 is perfectly balanced)."""
     if not routing:
@@ -50,13 +53,14 @@ def routing_metrics(routing: dict) -> dict:
         "moe_load_balance_loss": jnp.mean(routing["load_balance_loss"]),
         "moe_z_loss": jnp.mean(routing["z_loss"]),
         "moe_dropped": jnp.mean(routing["dropped"]),
+        "moe_unrouted": jnp.mean(routing["unrouted"]),
         "moe_entropy": jnp.mean(routing["entropy"]),
         "moe_max_load": jnp.max(routing["load"]) * n_experts,
     }
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule, grad_accum_steps: int,
-                    use_rng: bool, moe: MoEConfig = MoEConfig(), adapt=None):
+                    use_rng: bool, moe: MoEConfig = MoEConfig(), adapt=None, bad_steps: BadStepRule = BadStepRule()):
     """`train_step(state, batch, frozen=None) -> (state, metrics, routing)`.
 
     The batch (B, T) is split into `grad_accum_steps` micro-batches whose gradients of the
@@ -66,7 +70,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
     over micro-batches (empty for dense models). `use_rng` passes a per-step key to the model
     (dropout, router jitter). With `adapt(frozen, params) -> model weights` the step trains
     `state.params` alone (LoRA adapters, `lmjax.lora.low_rank`) and `frozen` (the base
-    weights) gets neither a gradient nor an update.
+    weights) gets neither a gradient nor an update. When the state carries a guard, a bad step
+    (`bad_steps`, see `lmjax.train.guard`) leaves params and optimizer state as they were, and
+    metrics add skipped_steps and bad_steps_in_a_row.
     """
     grad_fn = jax.value_and_grad(_loss_sum, has_aux=True)
 
@@ -102,7 +108,12 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
             "tokens": count,
             **routing_metrics(routing),
         }
-        return TrainState(params, opt_state, state.step + 1, state.rng), metrics, routing
+        guard = state.guard
+        if guard is not None:
+            (params, opt_state), guard, judged = apply_if_good(bad_steps, guard, metrics["loss"], metrics["grad_norm"],
+                                                               (params, opt_state), (state.params, state.opt_state))
+            metrics.update(judged)
+        return TrainState(params, opt_state, state.step + 1, state.rng, guard), metrics, routing
 
     return train_step
 

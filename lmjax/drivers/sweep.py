@@ -5,7 +5,9 @@ A sweep file in `experiments/` defines `sweep() -> Sweep`. Each run is an ordina
 its `result.json` exists. Restarting a killed sweep skips finished runs and resumes the
 interrupted one from its newest checkpoint. `results.csv` holds one row per finished run:
 name, N (non-embedding active params), N_total, D (tokens), C (budget, or 6-rule compute
-of the run), C_actual (counted training FLOPs), train_loss, val_loss.
+of the run), C_actual (counted training FLOPs), train_loss, val_loss, and, when any run
+is a MoE, G (its `model.moe.granularity`; empty for dense runs) for `lmjax fit`'s
+granularity law.
 
 WSD cooldown branches (`wsd_branches`): runs of one shape that differ only in length
 share a "trunk" run with schedule "wsd"; the trunk trains in the stable phase up to each
@@ -28,8 +30,7 @@ from lmjax.config_parse import override
 from lmjax.experiment import load_experiment, load_experiment_module
 from lmjax.files import write_atomically, write_json_atomically
 from lmjax.records import read_metrics
-from lmjax.scaling.counting import param_counts, run_flops_per_token, tokens_per_step
-from lmjax.scaling.plan import total_steps
+from lmjax.scaling.counting import param_counts, run_flops_per_token, tokens_per_step, total_steps
 
 RESULT_COLUMNS = ("name", "N", "N_total", "D", "C", "C_actual", "train_loss", "val_loss")
 
@@ -182,6 +183,7 @@ def _write_result(cfg: Config, run_dir: Path, summary: dict) -> None:
         "C_actual": run_flops_per_token(cfg) * tokens,
         "train_loss": train_losses[-1] if train_losses else float("nan"),
         "val_loss": summary["val_loss"],
+        **({"G": cfg.model.moe.granularity} if cfg.model.moe.enabled else {}),
     }
     write_json_atomically(run_dir / "result.json", result)
 
@@ -189,13 +191,12 @@ def _write_result(cfg: Config, run_dir: Path, summary: dict) -> None:
 def collect_results(sweep: Sweep, sweep_dir: Path) -> Path:
     """Write SWEEP_DIR/results.csv (atomically) from the finished runs' result.json files."""
     path = Path(sweep_dir) / "results.csv"
+    files = [Path(sweep_dir) / run.name / "result.json" for run in sweep.runs]
+    results = [json.loads(f.read_text()) for f in files if f.is_file()]
     table = io.StringIO()
-    writer = csv.DictWriter(table, RESULT_COLUMNS)
+    writer = csv.DictWriter(table, RESULT_COLUMNS + (("G",) if any("G" in r for r in results) else ()), restval="")
     writer.writeheader()
-    for run in sweep.runs:
-        result_file = Path(sweep_dir) / run.name / "result.json"
-        if result_file.is_file():
-            writer.writerow(json.loads(result_file.read_text()))
+    writer.writerows(results)
     write_atomically(path, lambda f: f.write(table.getvalue().encode()))
     return path
 
