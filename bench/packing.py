@@ -5,7 +5,8 @@
 One row packs several documents (segment ids 1, 2, ..., positions restarting at each; an
 encoder-decoder packs both its inputs and its targets so); the same documents also run each
 alone in its own right-padded row (a decoder's without segment ids: causal attention needs no
-mask for right padding). Per-token losses and the gradients of their sum must agree: one JSON
+mask for right padding; the decoder's first layer attends through a sliding window of 3
+positions, its second over the whole context). Per-token losses and the gradients of their sum must agree: one JSON
 line per (family, attention) gives the largest difference of the losses and of the
 gradients, the latter over the largest gradient entry. tests/test_packing.py holds them
 under 1e-5 on CPU; bench/gpu_suite.py runs the decoder on a GPU, where `auto` sends the lone
@@ -26,10 +27,11 @@ TARGET_LENGTHS = (3, 4, 2)  # encoder-decoder targets of the same documents
 
 def packing_config(family: str, attention: str, dtype: str = "float32", **change):
     """The tiny model compared: width 32 (heads of 16, a multiple of 8 for cuDNN), one layer
-    per stack, vocabulary 64; T5's relative bias for the encoder-decoder."""
+    per stack (unrolled: quicker to compile), vocabulary 64; T5's relative bias for the
+    encoder-decoder; `change` replaces any of these."""
     from lmjax.config import ModelConfig
 
-    shape = dict(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=32)
+    shape = dict(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=32, scan_layers=False)
     relative = dict(position="relative") if family == "encoder_decoder" else {}
     return ModelConfig(family=family, attention=attention, dtype=dtype, **{**shape, **relative, **change})
 
@@ -113,9 +115,11 @@ def main():
     parser.add_argument("--attention", default="einsum,dot_product,auto")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
+    window = dict(sliding_window=3, n_layers=2, global_every=2)  # the decoder: a windowed layer, then a global one
     for family in ("decoder", "encoder", "encoder_decoder"):
         for attention in args.attention.split(","):
-            result = packed_minus_alone(packing_config(family, attention, args.dtype))
+            change = window if family == "decoder" else {}
+            result = packed_minus_alone(packing_config(family, attention, args.dtype, **change))
             print(json.dumps({"family": family, "attention": attention, "dtype": args.dtype, **result}))
 
 

@@ -19,7 +19,7 @@ from lmjax.models.weights import LowRankWeight
 from lmjax.train.losses import token_losses
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(vocab_size=96, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=16)
+TINY = dict(vocab_size=96, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=16, scan_layers=False)
 CASES = {  # each head's pieces: µP's multiplier, the tied table, BERT's transform and bias, T5's rescale
     "decoder_tied_mup": ModelConfig(**TINY, parametrization="mup", mup_base_width=16),
     "decoder_untied_lora": ModelConfig(**TINY, tie_embeddings=False),

@@ -73,9 +73,9 @@ def test_each_layer_of_the_scan_attends_by_its_pattern():
     for i, window in enumerate([3, 3, 3, None]):
         layer_mask = causal if window is None else causal & (k > q - window)
         x = model.stack.layer(i)(x, positions, layer_mask[None, None])
-    np.testing.assert_allclose(model(tokens, positions, segments), model._logits(x), atol=1e-5)
+    np.testing.assert_allclose(model(tokens, positions, segments), model._head(x), atol=1e-5)
     unwindowed = DecoderLM(dataclasses.replace(cfg, sliding_window=None, global_every=None), rngs=nnx.Rngs(0))
-    assert not np.allclose(unwindowed(tokens, positions, segments), model._logits(x), atol=1e-3)
+    assert not np.allclose(unwindowed(tokens, positions, segments), model._head(x), atol=1e-3)
 
 
 def test_ring_buffer_decoding_equals_the_full_forward_pass():
