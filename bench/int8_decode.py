@@ -5,7 +5,7 @@ weights (random weights: speed does not depend on their values), interleaved A/B
 
 tiny is decoder_tiny (3.3M params); 110m is d_model 768, 12 layers, 12 heads, d_ff 2048,
 vocab 32768. Compute is float32 in all three; only the stored weights differ: float32,
-bfloat16 (every parameter cast), int8 (`lmjax quantize`'s storage kept as qwix.QArray, read
+bfloat16 (every parameter cast), int8 (`lmjax quantize`'s storage kept as `Int8Weight`s, read
 through `lmjax.models.weights.weight`). Each round times each variant in turn: time to first token (prefill +
 first sample) and the whole generation; decode tokens/s = batch * (new_tokens - 1) / (whole -
 first). Prints one JSON line with each variant's median over rounds.

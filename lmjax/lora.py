@@ -17,6 +17,8 @@ logical axes (their weight's, plus `lora_rank`) and are sharded like any weight.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import re
 from pathlib import Path
@@ -26,7 +28,90 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmjax.config import ConfigError, LoRAConfig, ModelConfig
-from lmjax.models.weights import LowRankWeight
+from lmjax.models.weights import matmul, take_rows
+from lmjax.models.weights import weight as read_weight
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["base", "a", "b"], meta_fields=["scale"])
+@dataclasses.dataclass(frozen=True)
+class LowRankWeight:
+    """A frozen weight W with a low-rank adapter, read as W + scale A B without ever forming
+    that sum (a `lmjax.models.weights.FactoredWeight`): `matmul` and the MoE expert products
+    compute x W + scale (x A) B, so a training step differentiates A and B alone and holds no
+    weight-sized copy or gradient.
+
+    base W (*stacked, *in, *out), a A (*stacked, *in, r), b B (*stacked, r, *out); the
+    leading `stacked` axes (layers, experts) are one matrix each, so slicing every leaf along
+    them (a layer scan, an expert gather) slices the adapted weight. It stands where a
+    parameter's array stands (a `Param`'s value): `read` casts its parts, `take_rows` looks
+    rows up as W[ids] + scale A[ids] B, and `fold` forms W + scale A B (`folded`).
+    """
+
+    base: jax.Array
+    a: jax.Array
+    b: jax.Array
+    scale: float
+
+    def __getitem__(self, index):
+        """`variable[...]`, how modules read a parameter, gives the weight itself."""
+        if index is not Ellipsis:
+            raise TypeError("a LowRankWeight is read whole (`[...]`); slice its leaves with jax.tree.map.")
+        return self
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.base.shape
+
+    @property
+    def T(self) -> LowRankWeight:
+        """A 2-D weight's transpose, W^T + scale B^T A^T (as `jax.Array.T`)."""
+        return LowRankWeight(self.base.T, self.b.T, self.a.T, self.scale)
+
+    def read(self, dtype) -> LowRankWeight:
+        """The same form with each part read in `dtype` (the base may itself be a form)."""
+        return LowRankWeight(read_weight(self.base, dtype), self.a.astype(dtype), self.b.astype(dtype), self.scale)
+
+    def take_rows(self, ids, dtype) -> jax.Array:
+        """Rows `ids` of a table (R, D): W[ids] + scale A[ids] B, (*I, D) in `dtype`."""
+        return take_rows(self.base, ids, dtype) + self.scale * matmul(take_rows(self.a, ids, dtype),
+                                                                      self.b.astype(dtype))
+
+    def matmul(self, x, n_in: int, out_dtype) -> jax.Array:
+        """x W + scale (x A) B, each product a `matmul`."""
+        low_rank = matmul(self.scale * matmul(x, self.a, n_in), self.b, out_dtype=out_dtype)
+        return matmul(x, self.base, n_in, out_dtype) + low_rank
+
+    def expert_matmul(self, equation: str, x) -> jax.Array:
+        """jnp.einsum(equation, x, W) + scale (x A) B in x's dtype, for expert weights (E', in, out)
+        (A (E', in, r), B (E', r, out)), the rank contracted like the output's last subscript."""
+        operands, out = equation.split("->")
+        x_sub, w_sub = operands.split(",")
+        r = next(c for c in "rqz" if c not in equation)
+        xa = jnp.einsum(f"{x_sub},{w_sub[:-1]}{r}->{out[:-1]}{r}", x, self.a.astype(x.dtype))
+        low_rank = jnp.einsum(f"{out[:-1]}{r},{w_sub[0]}{r}{w_sub[-1]}->{out}", xa, self.b.astype(x.dtype))
+        return jnp.einsum(equation, x, self.base.astype(x.dtype)) + self.scale * low_rank
+
+    def ragged_dot(self, x, group_sizes) -> jax.Array:
+        """`jax.lax.ragged_dot` of sorted rows x (M, in): x W + scale (x A) B."""
+        low_rank = jax.lax.ragged_dot(jax.lax.ragged_dot(x, self.a.astype(x.dtype), group_sizes),
+                                      self.b.astype(x.dtype), group_sizes)
+        return jax.lax.ragged_dot(x, self.base.astype(x.dtype), group_sizes) + self.scale * low_rank
+
+    def leaf_axes(self, axes: tuple) -> LowRankWeight:
+        """Logical axes of an expert weight (E, in, out) named `axes`, per leaf: A (E, in,
+        lora_rank) and B (E, lora_rank, out) beside the base's."""
+        return LowRankWeight(axes, (*axes[:2], "lora_rank"), (axes[0], "lora_rank", axes[2]), self.scale)
+
+    def folded(self) -> jax.Array:
+        """W + scale A B, summed in float32 and stored in W's dtype (so B = 0 gives W exactly)."""
+        w, a, b = self.base, self.a, self.b
+        outputs = w.ndim - a.ndim + 1
+        lead = w.shape[:b.ndim - outputs - 1]
+        rank = a.shape[-1]
+        delta = jnp.matmul(a.reshape(*lead, -1, rank).astype(jnp.float32),
+                           b.reshape(*lead, rank, -1).astype(jnp.float32))  # (*stacked, inputs, outputs)
+        return (w.astype(jnp.float32) + self.scale * delta.reshape(w.shape)).astype(w.dtype)
+
 
 ROLES = {"attention": ("wq", "wk", "wv", "wo"), "mlp": ("w_up", "w_gate", "w_down")}
 STACKED_AXES = ("layers", "expert")  # one matrix per layer and per expert
@@ -163,10 +248,7 @@ def merge_run(run_dir: Path, out_dir: Path) -> None:
     directory `out_dir` (config without `lora`, the tokenizer, a step-0 weights-only
     checkpoint, as `lmjax convert from-hf` writes), which `lmjax.load`, `eval`, `generate`, `train --init-from` and
     `convert to-hf` accept. Checks run before anything is written."""
-    import dataclasses
-    import json
-
-    from lmjax.checkpoint import Checkpointer
+    from lmjax.checkpoint import write_weights_run
     from lmjax.data import load_from_run, save_to_run
     from lmjax.train.run_eval import load_config, restore_weights
 
@@ -180,8 +262,4 @@ def merge_run(run_dir: Path, out_dir: Path) -> None:
     merged = dataclasses.replace(cfg, lora=LoRAConfig(), train=dataclasses.replace(cfg.train, run_dir=str(out_dir)))
     out_dir.mkdir(parents=True, exist_ok=True)
     save_to_run(tokenizer, out_dir)
-    (out_dir / "config.json").write_text(json.dumps(merged.to_dict(), indent=2))
-    checkpointer = Checkpointer(out_dir, async_save=False)
-    checkpointer.save_weights(0, params, merged.to_dict())
-    checkpointer.wait()
-    checkpointer.close()
+    write_weights_run(out_dir, merged.to_dict(), params)

@@ -9,7 +9,7 @@ scale per output unit of each matrix, per layer and expert (per row for the look
 token and position embeddings, relative-bias tables); "tensor" one per matrix, per layer and
 expert. The quantized run directory holds config.json (with `quant` set), the tokenizer and
 `quantized.safetensors`; loading it (`lmjax.load`, `eval`, `generate`, the lm-eval harness)
-keeps each matrix in memory as a `qwix.QArray` (int8 values, float32 scales), which the model
+keeps each matrix in memory as an `Int8Weight` (int8 values, float32 scales), which the model
 dequantizes where it reads it (`lmjax.models.weights.weight`, `take_rows`).
 
 Error bound, per matmul: rounding moves each weight by at most scale / 2 = max|w| / 255 of its
@@ -20,6 +20,7 @@ sum_i |x_i| * max_i |w_ij| / 255 (per channel) — at most 0.4% of sum_i |x_i| m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -35,6 +36,45 @@ from lmjax.lora import matrix_split, path_name
 from lmjax.parallel import state_shardings
 
 QUANTIZED_FILE = "quantized.safetensors"
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["qvalue", "scale"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class Int8Weight:
+    """A matrix kept int8 in memory (a `lmjax.models.weights.WeightForm`): qvalue (*shape) int8,
+    scale float32 of the same rank, size 1 on the axes that share one scale. The model
+    dequantizes it (qvalue * scale) where it reads it, in the compute dtype."""
+
+    qvalue: jax.Array
+    scale: jax.Array
+
+    def __getitem__(self, index):
+        """`variable[...]`, how modules read a parameter, gives the weight itself."""
+        if index is not Ellipsis:
+            raise TypeError("an Int8Weight is read whole (`[...]`); slice its leaves with jax.tree.map.")
+        return self
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.qvalue.shape
+
+    @property
+    def T(self) -> Int8Weight:
+        """A 2-D weight's transpose (values and scales transposed)."""
+        return Int8Weight(self.qvalue.T, self.scale.T)
+
+    def read(self, dtype) -> jax.Array:
+        """qvalue * scale in `dtype`."""
+        import qwix
+
+        return qwix.dequantize(qwix.QArray(self.qvalue, self.scale)).astype(dtype)
+
+    def take_rows(self, ids, dtype) -> jax.Array:
+        """Rows `ids` (int, any shape I) of a table (R, ...) -> (*I, ...) in `dtype`, with their
+        scales (one per row, or one for the whole table): only the rows taken are dequantized."""
+        scale = self.scale
+        scale = jnp.take(scale, ids, axis=0) if scale.shape[0] > 1 else scale.reshape((1,) * ids.ndim + scale.shape[1:])
+        return Int8Weight(jnp.take(self.qvalue, ids, axis=0), scale).read(dtype)
 
 
 def groups(weight: nnx.Variable, granularity: str) -> tuple[int, ...] | None:
@@ -77,7 +117,7 @@ def scale_sharding(sharding: NamedSharding, scale_shape: tuple[int, ...]) -> Nam
 
 def load_params(tensors: dict[str, np.ndarray], abstract: nnx.State, mesh, keep_int8: bool = True) -> nnx.State:
     """The model weights from the saved `tensors`, sharded over `mesh` by their logical axes.
-    With `keep_int8` each matrix's value is a `qwix.QArray` (int8 values, float32 scales), read
+    With `keep_int8` each matrix's value is an `Int8Weight` (int8 values, float32 scales), read
     by the model through `lmjax.models.weights.weight`; otherwise it is dequantized into
     `abstract`'s dtype (for code that changes weights: `--init-from`, LoRA, `convert to-hf`)."""
     import qwix
@@ -90,8 +130,8 @@ def load_params(tensors: dict[str, np.ndarray], abstract: nnx.State, mesh, keep_
             value = jax.device_put(tensors[name], sharding)
         elif keep_int8:
             qvalue, scale = tensors[f"{name}.qvalue"], tensors[f"{name}.scale"]
-            value = qwix.QArray(jax.device_put(qvalue, sharding),
-                                jax.device_put(scale, scale_sharding(sharding, scale.shape)))
+            value = Int8Weight(jax.device_put(qvalue, sharding),
+                               jax.device_put(scale, scale_sharding(sharding, scale.shape)))
         else:
             value = qwix.dequantize(qwix.QArray(jnp.asarray(tensors[f"{name}.qvalue"]),
                                                 jnp.asarray(tensors[f"{name}.scale"])))
@@ -184,7 +224,7 @@ def quantize_run(run_dir: Path, out_dir: Path, bits: int = 8, granularity: str =
 
 def restore_quantized_onto(run_dir: Path, mesh, keep_int8: bool = True):
     """(config, graphdef, params, step 0) of a quantized run, sharded over `mesh` by their
-    logical axes: the matrices int8 `qwix.QArray`s, or with `keep_int8` False dequantized into
+    logical axes: the matrices `Int8Weight`s, or with `keep_int8` False dequantized into
     the model's parameter dtype (`load_params`)."""
     from safetensors.numpy import load_file
 

@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import qwix
 from flax import nnx
 
 from lmjax.config import Config, ConfigError, DataConfig, ModelConfig
 from lmjax.families import family_of
 from lmjax.models.head import LOGITS_CHUNK_BYTES, chunk_positions
-from lmjax.models.weights import LowRankWeight
+from lmjax.lora import LowRankWeight
+from lmjax.quantize import Int8Weight
 from lmjax.train.losses import token_losses
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def _head_weights(name: str, params: nnx.State) -> None:
     if name == "decoder_tied_int8":
         table = params["embed"]["table"].get_value()
         scale = jnp.max(jnp.abs(table), axis=1, keepdims=True) / 127
-        params["embed"]["table"].set_value(qwix.QArray(jnp.round(table / scale).astype(jnp.int8), scale))
+        params["embed"]["table"].set_value(Int8Weight(jnp.round(table / scale).astype(jnp.int8), scale))
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -17,6 +17,7 @@ from orbax.checkpoint._src.handlers import json_checkpoint_handler
 from test_resume import TINY, run_cli
 
 from lmjax.checkpoint import Checkpointer, NonFiniteState, SaveFailed
+from lmjax.cli import PEER_LOST_EXIT_CODE
 from lmjax.config import SPIKE_WINDOW, MeshConfig
 from lmjax.data.pipeline import BatchIterator
 from lmjax.parallel import make_mesh
@@ -269,3 +270,41 @@ def test_the_automatic_step_timeout():
     for t in (fixed, off):
         t.finished(0.0)
     assert fixed.limit() == 7.0 and off.limit() is None
+
+
+PEER = """
+import sys, time
+import jax
+import numpy as np
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 2, int(sys.argv[2]))
+from jax.experimental import multihost_utils
+from lmjax.cli import exit_if_peer_lost
+try:
+    while True:
+        multihost_utils.process_allgather(np.ones(2))
+        print("collective done", flush=True)
+        time.sleep(0.2)
+except Exception as e:
+    exit_if_peer_lost(e)
+    raise
+"""
+
+
+def test_a_dead_peer_ends_the_survivor_at_once_with_one_line(tmp_path):
+    """kill -9 of one of two processes: the survivor's next collective fails (gloo), and instead of a
+    traceback followed by an abort at the heartbeat timeout it prints one line and exits 5."""
+    from test_parallel import free_port
+
+    port = str(free_port())
+    processes = [subprocess.Popen([sys.executable, "-c", PEER, port, str(i)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in processes:
+        while "collective done" not in p.stdout.readline():  # (gloo prints its own lines first)
+            assert p.poll() is None, p.stderr.read()
+    processes[1].kill()
+    start = time.perf_counter()
+    code = processes[0].wait(timeout=90)
+    err = processes[0].stderr.read().strip()
+    assert code == PEER_LOST_EXIT_CODE and time.perf_counter() - start < 30, err
+    assert err.splitlines()[-1].startswith("lmjax: error: another process of this run stopped (")
+    assert "Traceback" not in err

@@ -21,8 +21,7 @@ from lmjax.checkpoint import Checkpointer
 from lmjax.cli import main
 from lmjax.config import ConfigError, LoRAConfig, ModelConfig, MoEConfig
 from lmjax.families import family_of
-from lmjax.lora import fold, init_adapters, low_rank, matrix_split, path_name, targeted
-from lmjax.models.weights import LowRankWeight
+from lmjax.lora import LowRankWeight, fold, init_adapters, low_rank, matrix_split, path_name, targeted
 from lmjax.train.loop import train
 from lmjax.train.run_eval import restore_weights
 

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import qwix
 from conftest import tiny_config
 from flax import nnx
 from safetensors.numpy import load_file
@@ -22,7 +21,7 @@ from lmjax.config import MeshConfig, QuantConfig
 from lmjax.families import family_of
 from lmjax.lora import path_name
 from lmjax.parallel import make_mesh
-from lmjax.quantize import QUANTIZED_FILE, groups, load_params, quantize_params, resident_bytes
+from lmjax.quantize import QUANTIZED_FILE, Int8Weight, groups, load_params, quantize_params, resident_bytes
 from lmjax.scaling.plan import plan
 from lmjax.train.loop import train
 from lmjax.train.run_eval import evaluate_run, load_config, restore_weights
@@ -134,7 +133,7 @@ def _forward(model, tokens):
 
 @pytest.mark.parametrize("name", list(_family_configs()))
 def test_int8_weights_stay_int8_in_memory_and_give_the_dequantized_logits(name):
-    """Loaded with `keep_int8`, every matrix is a qwix.QArray of int8 values (exactly 1/4 of its
+    """Loaded with `keep_int8`, every matrix is an `Int8Weight` of int8 values (exactly 1/4 of its
     float32 bytes) and float32 scales, and the model's logits (forward, and the decoder's
     KV-cache decoding) equal those of the same weights dequantized on load into float32."""
     cfg = _family_configs()[name]
@@ -143,7 +142,7 @@ def test_int8_weights_stay_int8_in_memory_and_give_the_dequantized_logits(name):
     graphdef, abstract = abstract_model(cfg)
     mesh = make_mesh(MeshConfig())
     int8, dequantized = (load_params(tensors, abstract, mesh, keep_int8=k) for k in (True, False))
-    matrices = [v.get_value() for _, v in nnx.to_flat_state(int8) if isinstance(v.get_value(), qwix.QArray)]
+    matrices = [v.get_value() for _, v in nnx.to_flat_state(int8) if isinstance(v.get_value(), Int8Weight)]
     assert len(matrices) == sum(groups(v, "channel") is not None for _, v in nnx.to_flat_state(params))
     assert all(m.qvalue.dtype == jnp.int8 and m.scale.dtype == jnp.float32 for m in matrices)
     assert 4 * sum(m.qvalue.nbytes for m in matrices) == sum(
@@ -161,12 +160,13 @@ def test_int8_weights_stay_int8_in_memory_and_give_the_dequantized_logits(name):
 
 
 SHARDED_LOGITS = """
-import sys, numpy as np, jax, qwix
+import sys, numpy as np, jax
 from flax import nnx
+from lmjax.quantize import Int8Weight
 from lmjax.train.run_eval import restore_weights
 _, graphdef, params, _, _ = restore_weights(sys.argv[1], mesh_overrides=["fsdp=8"], keep_int8=True)
 leaves = [v.get_value() for _, v in nnx.to_flat_state(params)]
-assert any(isinstance(w, qwix.QArray) and len(w.qvalue.sharding.device_set) == 8
+assert any(isinstance(w, Int8Weight) and len(w.qvalue.sharding.device_set) == 8
            and w.qvalue.addressable_shards[0].data.size * 8 == w.qvalue.size for w in leaves)
 tokens = np.load(sys.argv[2])
 np.save(sys.argv[3], np.asarray(jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens)))

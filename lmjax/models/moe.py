@@ -56,7 +56,7 @@ from lmjax.axis_rules import constrain, logical_to_mesh, mesh_axes
 from lmjax.config import ModelConfig
 from lmjax.models.kernels import select_grouped_matmul
 from lmjax.models.layers import MLP, param
-from lmjax.models.weights import LowRankWeight, matmul, weight
+from lmjax.models.weights import FactoredWeight, matmul, weight
 
 
 def route(logits, top_k: int, renormalize: bool):
@@ -136,25 +136,18 @@ def capacity_dispatch(experts, weights, n_experts: int, capacity: int):
 
 def expert_matmul(equation: str, x, w):
     """jnp.einsum(equation, x, w) in x's dtype, for expert weights w (E', in, out) whose
-    subscripts are the equation's second operand; a `LowRankWeight` gives x W + scale (x A) B
-    (A (E', in, r), B (E', r, out)), its rank contracted like the output's last subscript."""
-    if not isinstance(w, LowRankWeight):
-        return jnp.einsum(equation, x, w.astype(x.dtype))
-    operands, out = equation.split("->")
-    x_sub, w_sub = operands.split(",")
-    r = next(c for c in "rqz" if c not in equation)
-    xa = jnp.einsum(f"{x_sub},{w_sub[:-1]}{r}->{out[:-1]}{r}", x, w.a.astype(x.dtype))
-    low_rank = jnp.einsum(f"{out[:-1]}{r},{w_sub[0]}{r}{w_sub[-1]}->{out}", xa, w.b.astype(x.dtype))
-    return jnp.einsum(equation, x, w.base.astype(x.dtype)) + w.scale * low_rank
+    subscripts are the equation's second operand; a `FactoredWeight` (a LoRA-adapted weight)
+    computes the product itself."""
+    if isinstance(w, FactoredWeight):
+        return w.expert_matmul(equation, x)
+    return jnp.einsum(equation, x, w.astype(x.dtype))
 
 
 def _ragged_matmul(x, w, group_sizes):
     """`jax.lax.ragged_dot` of sorted rows x (M, in) with expert weights w (E, in, out) in x's
-    dtype; a `LowRankWeight` gives x W + scale (x A) B."""
-    if isinstance(w, LowRankWeight):
-        low_rank = jax.lax.ragged_dot(jax.lax.ragged_dot(x, w.a.astype(x.dtype), group_sizes), w.b.astype(x.dtype),
-                                      group_sizes)
-        return jax.lax.ragged_dot(x, w.base.astype(x.dtype), group_sizes) + w.scale * low_rank
+    dtype; a `FactoredWeight` computes the product itself."""
+    if isinstance(w, FactoredWeight):
+        return w.ragged_dot(x, group_sizes)
     return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
 
 
@@ -214,7 +207,7 @@ def _blocked_combine(x, token, scale, group_sizes, w_up, w_gate, w_down):
     x_blocks = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[row_token].reshape(n_blocks, b, d)
     block_expert = expert[::b]
 
-    def per_block(w):  # (E, ...) -> (n_blocks, ...): each block's expert's weights (every leaf of a LowRankWeight)
+    def per_block(w):  # (E, ...) -> (n_blocks, ...): each block's expert's weights (every leaf of a form)
         return jax.tree.map(lambda leaf: jnp.take(leaf, block_expert, axis=0).astype(x.dtype), w)
 
     out = _expert_mlp(x_blocks, per_block(w_up), None if w_gate is None else per_block(w_gate), per_block(w_down),
@@ -295,11 +288,9 @@ def _expert_parallel_dropless(x, experts, weights, w_up, w_gate, w_down, mesh, g
 
 
 def _leaf_axes(w, axes: tuple):
-    """Logical axes of an expert weight w (E, in, out) named `axes`, in w's pytree shape: a
-    `LowRankWeight` holds A (E, in, lora_rank) and B (E, lora_rank, out) beside its base."""
-    if isinstance(w, LowRankWeight):
-        return LowRankWeight(axes, (*axes[:2], "lora_rank"), (axes[0], "lora_rank", axes[2]), w.scale)
-    return axes
+    """Logical axes of an expert weight w (E, in, out) named `axes`, in w's pytree shape (a
+    `FactoredWeight` names its leaves' axes)."""
+    return w.leaf_axes(axes) if isinstance(w, FactoredWeight) else axes
 
 
 class MoE(nnx.Module):

@@ -1,105 +1,87 @@
-"""How a layer reads its parameters: a plain array, an int8 `qwix.QArray` (a run written by
-`lmjax quantize`, kept int8 in memory and dequantized where it is used) or a `LowRankWeight`
-(a frozen weight with a LoRA adapter, applied without forming their sum).
+"""How a layer reads its parameters: a plain array, or a `WeightForm`, a value some feature
+keeps in another form (`lmjax quantize`'s int8 values and scales, `lmjax.lora`'s frozen weight
+with a low-rank adapter beside it).
 
 `weight` casts any of them to the compute dtype, `take_rows` looks rows of a table up, and
 `matmul` contracts activations with a weight; the model's layers read parameters only
-through these.
+through these, and the MoE layer's expert products through `FactoredWeight`. The forms live
+with their features; this module knows only the protocols.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
+from typing import Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
-import qwix
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["base", "a", "b"], meta_fields=["scale"])
-@dataclasses.dataclass(frozen=True)
-class LowRankWeight:
-    """A frozen weight W with a low-rank adapter (LoRA, `lmjax.lora`), read as W + scale A B
-    without ever forming that sum: `matmul` and the MoE expert products compute
-    x W + scale (x A) B, so a training step differentiates A and B alone and holds no
-    weight-sized copy or gradient.
+@runtime_checkable
+class WeightForm(Protocol):
+    """A parameter value that is not a plain array; it stands where a `Param`'s array stands
+    (`variable[...]` gives it whole) and is a pytree whose leaves slice along leading stacked
+    axes (layers, experts) like the weight's.
 
-    base W (*stacked, *in, *out), a A (*stacked, *in, r), b B (*stacked, r, *out); the
-    leading `stacked` axes (layers, experts) are one matrix each, so slicing every leaf along
-    them (a layer scan, an expert gather) slices the adapted weight. It stands where a
-    parameter's array stands (a `Param`'s value): `weight` casts its parts, `take_rows` looks
-    rows up as W[ids] + scale A[ids] B, and `lmjax.lora.fold` forms W + scale A B (`folded`).
+    `read(dtype)` is the weight in the compute `dtype`: an array (the int8 form dequantizes
+    here, where it is used, so it stays int8 in memory), or a `FactoredWeight` that applies its
+    own products. `take_rows(ids, dtype)` is rows `ids` (int, any shape I) of a table (R, ...)
+    -> (*I, ...) in `dtype`, reading only those rows.
     """
 
-    base: jax.Array
-    a: jax.Array
-    b: jax.Array
-    scale: float
+    shape: tuple[int, ...]
 
-    def __getitem__(self, index):
-        """`variable[...]`, how modules read a parameter, gives the weight itself."""
-        if index is not Ellipsis:
-            raise TypeError("a LowRankWeight is read whole (`[...]`); slice its leaves with jax.tree.map.")
-        return self
+    def read(self, dtype) -> jax.Array | FactoredWeight: ...
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.base.shape
+    def take_rows(self, ids, dtype) -> jax.Array: ...
 
-    @property
-    def T(self) -> LowRankWeight:
-        """A 2-D weight's transpose, W^T + scale B^T A^T (as `jax.Array.T`)."""
-        return LowRankWeight(self.base.T, self.b.T, self.a.T, self.scale)
 
-    def folded(self) -> jax.Array:
-        """W + scale A B, summed in float32 and stored in W's dtype (so B = 0 gives W exactly)."""
-        w, a, b = self.base, self.a, self.b
-        outputs = w.ndim - a.ndim + 1
-        lead = w.shape[:b.ndim - outputs - 1]
-        rank = a.shape[-1]
-        delta = jnp.matmul(a.reshape(*lead, -1, rank).astype(jnp.float32),
-                           b.reshape(*lead, rank, -1).astype(jnp.float32))  # (*stacked, inputs, outputs)
-        return (w.astype(jnp.float32) + self.scale * delta.reshape(w.shape)).astype(w.dtype)
+@runtime_checkable
+class FactoredWeight(WeightForm, Protocol):
+    """A weight the model never forms densely: it computes the products that read it.
+
+    `matmul(x, n_in, out_dtype)` as `matmul` below; `expert_matmul(equation, x)` as
+    jnp.einsum(equation, x, w) in x's dtype for expert weights (E', in, out) named by the
+    equation's second operand; `ragged_dot(x, group_sizes)` as `jax.lax.ragged_dot` of sorted
+    rows x (M, in) with expert weights (E, in, out); `leaf_axes(axes)` the logical axes of its
+    leaves, in its own pytree shape, given the weight's `axes`. Dense products inside them go
+    through `matmul` (its `lax.dot_general` is what qwix's QAT intercepts) or jnp.einsum.
+    """
+
+    def matmul(self, x, n_in: int, out_dtype) -> jax.Array: ...
+
+    def expert_matmul(self, equation: str, x) -> jax.Array: ...
+
+    def ragged_dot(self, x, group_sizes) -> jax.Array: ...
+
+    def leaf_axes(self, axes: tuple): ...
 
 
 def weight(w, dtype):
-    """A parameter's value `w` in the compute `dtype`: an int8 `qwix.QArray` (a run written by
-    `lmjax quantize`, int8 values times float32 scales) is dequantized here, where it is used, so
-    the weights stay int8 in memory; a `LowRankWeight` keeps its form, each part read so; any
-    other array is cast."""
-    if isinstance(w, LowRankWeight):
-        return LowRankWeight(weight(w.base, dtype), w.a.astype(dtype), w.b.astype(dtype), w.scale)
-    return qwix.dequantize(w).astype(dtype) if isinstance(w, qwix.QArray) else w.astype(dtype)
+    """A parameter's value `w` (an array or a `WeightForm`) in the compute `dtype`: a form is
+    read as it says (`WeightForm.read`), any other array is cast."""
+    return w.read(dtype) if isinstance(w, WeightForm) else w.astype(dtype)
 
 
 def take_rows(table, ids, dtype):
-    """Rows `ids` (int, any shape I) of `table` (R, ...) -> (*I, ...) in `dtype`. An int8
-    `qwix.QArray` table gives up only the rows taken, with their scales (one per row, or one
-    for the whole table). A `LowRankWeight` table (R, D) gives W[ids] + scale A[ids] B."""
-    if isinstance(table, LowRankWeight):
-        return take_rows(table.base, ids, dtype) + table.scale * matmul(take_rows(table.a, ids, dtype),
-                                                                         table.b.astype(dtype))
-    if not isinstance(table, qwix.QArray):
-        return jnp.take(table, ids, axis=0).astype(dtype)
-    scale = table.scale
-    scale = jnp.take(scale, ids, axis=0) if scale.shape[0] > 1 else scale.reshape((1,) * ids.ndim + scale.shape[1:])
-    return weight(qwix.QArray(jnp.take(table.qvalue, ids, axis=0), scale), dtype)
+    """Rows `ids` (int, any shape I) of `table` (R, ...) -> (*I, ...) in `dtype`; a
+    `WeightForm` table gives up only the rows taken (`WeightForm.take_rows`)."""
+    if isinstance(table, WeightForm):
+        return table.take_rows(ids, dtype)
+    return jnp.take(table, ids, axis=0).astype(dtype)
 
 
 def matmul(x, w, n_in: int = 1, out_dtype=None):
     """Contract the last `n_in` axes of x with the first `n_in` axes of w, as a 2-D matmul.
 
     x (..., *in), w (*in, *out) -> (..., *out) in `out_dtype` (default x's dtype); w is
-    read in x's dtype (`weight`); a `LowRankWeight` gives x W + scale (x A) B. Flattening
+    read in x's dtype (`weight`); a `FactoredWeight` computes the product itself. Flattening
     x's leading axes into one keeps XLA's backward matmuls canonical (3-D einsums' weight
     gradients ran ~1.7x slower on CPU); w is contracted unreshaped, so the backward pass of a
     layer scan reads each layer's slice of the weights instead of saving a reshaped copy of
     them all.
     """
-    if isinstance(w, LowRankWeight):
-        low_rank = matmul(w.scale * matmul(x, w.a, n_in), w.b, out_dtype=out_dtype)
-        return matmul(x, w.base, n_in, out_dtype) + low_rank
+    if isinstance(w, FactoredWeight):
+        return w.matmul(x, n_in, out_dtype)
     lead, inner = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in:]
     contract = (tuple(range(1, n_in + 1)), tuple(range(n_in)))
     # lax.dot_general, not jnp.matmul: qwix's quantization-aware training intercepts dot_general and einsum

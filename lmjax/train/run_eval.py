@@ -39,7 +39,7 @@ def restore_weights_onto(run_dir: Path, mesh, step: int | None = None, keep_int8
     """(config, graphdef, params, step): the model weights of checkpoint `step` (default:
     newest) of `run_dir`, sharded over `mesh` by their logical axes; the optimizer state is not read.
     A LoRA run's weights are its base run's newest ones with the run's adapters folded in. A
-    quantized run's (`lmjax quantize`) matrices stay int8 `qwix.QArray`s with `keep_int8` (for
+    quantized run's (`lmjax quantize`) matrices stay `Int8Weight`s with `keep_int8` (for
     running the model), else they are dequantized (for code that changes or exports weights)."""
     from lmjax.quantize import is_quantized, restore_quantized_onto
 
@@ -86,7 +86,7 @@ def restore_params(run_dir: Path, step: int | None = None, mesh_overrides: list[
 def load(run_dir: Path | str, step: int | None = None):
     """(model, config, tokenizer) of a run's checkpoint (default: newest), with weights on
     this process's devices (replicated), whatever mesh trained it; a quantized run's matrices
-    stay int8 (`qwix.QArray`). For notebooks:
+    stay int8 (`Int8Weight`). For notebooks:
 
         model, cfg, tokenizer = lmjax.load("runs/decoder_tiny-20261122-142445")
     """
