@@ -13,8 +13,8 @@ from flax import nnx
 
 from lmjax.config import Config, ConfigError, DataConfig, ModelConfig
 from lmjax.families import family_of
-from lmjax.models.head import LOGITS_CHUNK_BYTES, chunk_positions
 from lmjax.lora import LowRankWeight
+from lmjax.models.head import LOGITS_CHUNK_BYTES, chunk_positions
 from lmjax.quantize import Int8Weight
 from lmjax.train.losses import token_losses
 
