@@ -47,7 +47,7 @@ def write_dense_run(run_dir, family="decoder", **model):
 
 
 @pytest.mark.parametrize("family, model, moe", [
-    ("decoder", {}, ["model.moe.n_experts=4"]),
+    ("decoder", {}, ["model.moe.n_experts=4", "model.moe.router=sigmoid", "model.moe.bias_update_rate=0.001"]),
     ("encoder", {"n_layers": 4, "mlp": "gelu"}, ["model.moe.n_experts=4", "model.moe.every=2", "model.moe.top_k=1"]),
     ("encoder_decoder", {"n_layers": 2, "n_decoder_layers": 4}, ["model.moe.every=2"]),
 ])
