@@ -170,7 +170,9 @@ class ModelConfig:
     Programs V) relative to lmjax's own init at d_model = `mup_base_width`: there the model
     equals the standard one, and tuned learning rates transfer to other widths (docs/scaling.md).
     Every hidden dimension (d_ff, expert d_ff, heads x head width) is taken to grow with
-    d_model, by `width_multiplier` = d_model / mup_base_width.
+    d_model, by `width_multiplier` = d_model / mup_base_width. The base constants
+    `logit_multiplier` (the head's logits) and `embedding_multiplier` (the token embedding's
+    output) mean the same under both parametrizations and transfer unchanged under mup.
     """
 
     family: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
@@ -229,6 +231,9 @@ class ModelConfig:
     loss_chunk: int | None = None
     parametrization: Literal["standard", "mup"] = "standard"
     mup_base_width: int | None = None  # mup: the d_model at which it equals the standard parametrization
+    # base constants (both parametrizations; under mup they hold at mup_base_width and transfer, docs/scaling.md)
+    logit_multiplier: float = 1.0  # the output head's logits times this (under mup also times 1 / m)
+    embedding_multiplier: float = 1.0  # the token embedding's output times this
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self):
@@ -238,6 +243,8 @@ class ModelConfig:
         _require(self.parametrization != "mup" or self.mup_base_width is not None,
                  "model.parametrization='mup' needs model.mup_base_width (the d_model whose learning rate was "
                  "tuned); set it, e.g. model.mup_base_width=256.")
+        for name in ("logit_multiplier", "embedding_multiplier"):
+            _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}.")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "scan_unroll"):
             _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}.")
         _require(self.d_head is None or self.d_head > 0, f"model.d_head must be positive or none, got {self.d_head}.")
@@ -376,6 +383,11 @@ class ModelConfig:
         """What output-like layers (the logits, the MoE router's logits) are multiplied by:
         1 / m under mup, 1.0 otherwise."""
         return self.mup_base_width / self.d_model if self.parametrization == "mup" else 1.0
+
+    @property
+    def logit_scale(self) -> float:
+        """What the output head's logits are multiplied by: logit_multiplier times output_multiplier."""
+        return self.logit_multiplier * self.output_multiplier
 
     @property
     def gated_mlp(self) -> bool:

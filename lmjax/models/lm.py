@@ -84,6 +84,8 @@ class _TokenModel(nnx.Module):
         check_length(cfg, tokens.shape[1], "an input of")
         dtype = jnp.dtype(cfg.dtype)
         x = self.embed(tokens, dtype)  # (B, T, D)
+        if cfg.embedding_multiplier != 1.0:
+            x = x * jnp.asarray(cfg.embedding_multiplier, dtype)
         if cfg.position == "learned":
             x = x + take_rows(self.pos_embed[...], positions, dtype)
         if cfg.token_types:
@@ -108,12 +110,13 @@ class _TokenModel(nnx.Module):
 
     def _output_projection(self):
         """The function features (..., D) -> logits (..., V) float32: the output matrix (tied: the
-        embedding table), times `output_multiplier` under µP, plus BERT's output bias. The
-        weights are read here once, so a scan over chunks of positions closes over them."""
+        embedding table), times `logit_scale` (the logit multiplier, and 1 / m under µP), plus
+        BERT's output bias. The weights are read here once, so a scan over chunks of positions
+        closes over them."""
         cfg = self.cfg
         matrix = self.embed.table[...].T if cfg.tie_embeddings else self.unembed[...]
         bias = self.output_bias[...].astype(jnp.float32) if cfg.mlm_head_transform else None
-        multiplier = cfg.output_multiplier if cfg.parametrization == "mup" else None
+        multiplier = cfg.logit_scale if cfg.parametrization == "mup" or cfg.logit_multiplier != 1.0 else None
 
         def project(features):
             logits = matmul(features, matrix, out_dtype=jnp.float32)
