@@ -228,6 +228,9 @@ class ModelConfig:
     remat: Literal["none", "dots", "full", "minimal_with_context", "save_dot_except_mlp", "save_qkv_proj",
                    "save_out_proj"] = "none"
     attention: Literal["auto", "einsum", "dot_product"] = "auto"  # auto: cuDNN on GPU where it can, see models.kernels
+    # positions per chunk of the output head's loss (lmjax.models.head): 0 the whole sequence at once;
+    # None picks by size: chunks only when the batch's float32 logits would pass 128 MiB on a device
+    loss_chunk: int | None = None
     parametrization: Literal["standard", "mup"] = "standard"
     mup_base_width: int | None = None  # mup: the d_model at which it equals the standard parametrization
     # base constants (both parametrizations; under mup they hold at mup_base_width and transfer, docs/scaling.md)
@@ -280,6 +283,8 @@ class ModelConfig:
                  f"model.n_decoder_layers={self.n_decoder_layers} only applies to model.family='encoder_decoder'; "
                  "leave it unset (none).")
         _require(self.decoder_layers > 0, f"model.n_decoder_layers must be positive, got {self.n_decoder_layers}.")
+        _require(self.loss_chunk is None or self.loss_chunk >= 0,
+                 f"model.loss_chunk must be >= 0 (0: no chunks) or none (by size), got {self.loss_chunk}.")
         _require(self.relative_buckets >= 2 and self.relative_max_distance > self.relative_buckets // 2,
                  f"model.relative_buckets={self.relative_buckets} must be >= 2 and model.relative_max_distance="
                  f"{self.relative_max_distance} larger than half of it (T5: 32 and 128).")
@@ -714,6 +719,7 @@ class Config:
             f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
             "shorten the sequences or raise model.max_seq_len.",
         )
+        targets_length = self.data.seq_len
         if self.model.family == "encoder_decoder":
             try:
                 _, targets_length = span_corruption_lengths(self.data.seq_len, self.data.noise_density,
@@ -723,6 +729,9 @@ class Config:
             _require(targets_length <= self.model.max_seq_len,
                      f"span corruption targets of {targets_length} tokens exceed model.max_seq_len="
                      f"{self.model.max_seq_len}; raise model.max_seq_len.")
+        _require(not self.model.loss_chunk or targets_length % self.model.loss_chunk == 0,
+                 f"model.loss_chunk={self.model.loss_chunk} does not divide the {targets_length} target positions "
+                 "of each example; pick a divisor, 0 (no chunks) or none (by size).")
         _require(
             self.train.batch_size % self.optim.grad_accum_steps == 0,
             f"train.batch_size={self.train.batch_size} is not divisible by optim.grad_accum_steps="
