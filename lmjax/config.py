@@ -172,9 +172,10 @@ class ModelConfig:
     Every hidden dimension (d_ff, expert d_ff, heads x head width) is taken to grow with
     d_model, by `width_multiplier` = d_model / mup_base_width. The base constants
     `logit_multiplier` (the head's logits), `embedding_multiplier` (the token embedding's
-    output) and the per-role init stds `init_std_input`/`_hidden`/`_output` (default
-    `init_std`) mean the same under both parametrizations; under mup they hold at the base
-    width (the hidden std then scales by 1/sqrt(m), the rest are kept).
+    output), `attention_multiplier` (the attention temperature) and the per-role init stds
+    `init_std_input`/`_hidden`/`_output` (default `init_std`) mean the same under both
+    parametrizations; under mup they hold at the base width (the hidden std then scales by
+    1/sqrt(m), the rest are kept).
     """
 
     family: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
@@ -239,6 +240,7 @@ class ModelConfig:
     init_std_input: float | None = None  # embeddings, learned positions, relative-bias tables; None: init_std
     init_std_hidden: float | None = None  # the stack's matrices at the base width (mup: / sqrt(m)); None: init_std
     init_std_output: float | None = None  # the untied head and the MoE router; None: init_std
+    attention_multiplier: float = 1.0  # attention temperature: q.k times this on top of attention_logit_scale
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self):
@@ -248,7 +250,7 @@ class ModelConfig:
         _require(self.parametrization != "mup" or self.mup_base_width is not None,
                  "model.parametrization='mup' needs model.mup_base_width (the d_model whose learning rate was "
                  "tuned); set it, e.g. model.mup_base_width=256.")
-        for name in ("logit_multiplier", "embedding_multiplier"):
+        for name in ("logit_multiplier", "embedding_multiplier", "attention_multiplier"):
             _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}.")
         for name in ("init_std_input", "init_std_hidden", "init_std_output"):
             _require(getattr(self, name) is None or getattr(self, name) > 0,
@@ -355,7 +357,8 @@ class ModelConfig:
 
     @property
     def attention_logit_scale(self) -> float:
-        """What q.k is multiplied by before the softmax: attention_scale, or 1 / sqrt(head_dim).
+        """What q.k is multiplied by before the softmax: attention_multiplier times
+        attention_scale, or times 1 / sqrt(head_dim).
 
         Under mup with the head width growing with d_model (d_head unset, so the head count is
         fixed), µP's 1 / head_dim rule corrected to equal 1 / sqrt(head_dim) at the base width:
@@ -363,10 +366,12 @@ class ModelConfig:
         head width is fixed (widen by adding heads) and the scale stays 1 / sqrt(d_head).
         """
         if self.attention_scale is not None:
-            return self.attention_scale
-        if self.parametrization == "mup" and self.d_head is None:
-            return self.head_dim**-0.5 * (self.mup_base_width / self.n_heads / self.head_dim) ** 0.5
-        return self.head_dim**-0.5
+            scale = self.attention_scale
+        elif self.parametrization == "mup" and self.d_head is None:
+            scale = self.head_dim**-0.5 * (self.mup_base_width / self.n_heads / self.head_dim) ** 0.5
+        else:
+            scale = self.head_dim**-0.5
+        return scale * self.attention_multiplier
 
     @property
     def width_multiplier(self) -> float:

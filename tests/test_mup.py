@@ -58,7 +58,7 @@ def train_three_steps(cfg: ModelConfig):
 
 
 CONSTANTS = {"logit_multiplier": 2.0, "embedding_multiplier": 4.0,  # base constants away from the defaults
-             "init_std_input": 0.05, "init_std_hidden": 0.03, "init_std_output": 0.01}
+             "init_std_input": 0.05, "init_std_hidden": 0.03, "init_std_output": 0.01, "attention_multiplier": 0.5}
 
 
 def test_base_width_equals_standard_within_one_ulp():
@@ -122,6 +122,7 @@ def test_attention_scale():
     at_base = ModelConfig(d_model=64, n_heads=4, parametrization="mup", mup_base_width=64)
     assert at_base.attention_logit_scale == ModelConfig(d_model=64, n_heads=4).attention_logit_scale
     assert dataclasses.replace(growing_head, attention_scale=0.5).attention_logit_scale == 0.5
+    assert dataclasses.replace(growing_head, attention_multiplier=2.0).attention_logit_scale == pytest.approx(8**-1)
 
 
 def test_learning_rate_multipliers_equal_a_hand_written_table():
@@ -188,6 +189,7 @@ def test_coordinate_check():
     (["model.parametrization=mu-p"], "model.parametrization: cannot use 'mu-p'"),
     (["model.logit_multiplier=0"], "model.logit_multiplier must be positive, got 0"),
     (["model.embedding_multiplier=-1"], "model.embedding_multiplier must be positive, got -1"),
+    (["model.attention_multiplier=0"], "model.attention_multiplier must be positive, got 0"),
     (["model.init_std_hidden=0"], "model.init_std_hidden must be positive or none, got 0"),
 ])
 def test_bad_input_is_one_clear_line(capsys, tmp_path, changes, message):
@@ -246,7 +248,7 @@ def test_export_folds_the_multipliers_into_the_weights():
     assert mup_cfg.attention_logit_scale != 16**-0.5
     factors = multiplier_folding_factors(mup_cfg)
     standard_cfg = dataclasses.replace(mup_cfg, parametrization="standard", logit_multiplier=1.0,
-                                       embedding_multiplier=1.0)
+                                       embedding_multiplier=1.0, attention_multiplier=1.0)
     mup = family_of(mup_cfg).build(mup_cfg, nnx.Rngs(0))
     standard = family_of(standard_cfg).build(standard_cfg, nnx.Rngs(1))
     nnx.update(standard, jax.tree_util.tree_map_with_path(
@@ -255,12 +257,13 @@ def test_export_folds_the_multipliers_into_the_weights():
     tokens = text_batch(2, 16)["inputs"]
     np.testing.assert_allclose(standard(tokens), mup(tokens), rtol=1e-5, atol=1e-6)
     at_base = dataclasses.replace(mup_cfg, d_model=32)
-    assert multiplier_folding_factors(at_base) == {"unembed": 2.0, "router": 1, "wq": 1, "embed.table": 4.0}
+    assert multiplier_folding_factors(at_base) == {"unembed": 2.0, "router": 1, "wq": 0.5, "embed.table": 4.0}
     plain = dataclasses.replace(at_base, parametrization="standard")
-    assert multiplier_folding_factors(plain) == {"unembed": 2.0, "embed.table": 4.0}
-    assert multiplier_folding_factors(dataclasses.replace(plain, logit_multiplier=1.0, embedding_multiplier=1.0)) == {}
+    assert multiplier_folding_factors(plain) == {"unembed": 2.0, "embed.table": 4.0, "wq": 0.5}
+    assert multiplier_folding_factors(dataclasses.replace(plain, logit_multiplier=1.0, embedding_multiplier=1.0,
+                                                          attention_multiplier=1.0)) == {}
     tied = dataclasses.replace(plain, tie_embeddings=True, logit_multiplier=4.0)
-    assert multiplier_folding_factors(tied) == {"embed.table": 4.0}  # the table serves both, times 4
+    assert multiplier_folding_factors(tied) == {"embed.table": 4.0, "wq": 0.5}  # the table serves both, times 4
     with pytest.raises(ConfigError, match="which a tied transformers head cannot hold"):
         multiplier_folding_factors(dataclasses.replace(tied, logit_multiplier=2.0))
 

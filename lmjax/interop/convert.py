@@ -174,9 +174,10 @@ def multiplier_folding_factors(cfg: ModelConfig) -> dict[str, float]:
     multipliers 1) compute the same function, which is what transformers' models are. A weight
     name is its last path component, or the last two joined by "." ("embed.table"). The untied
     head takes `logit_scale` (the logit multiplier, and µP's 1/m); the router µP's 1/m; the
-    token embedding the embedding multiplier; the attention queries µP's attention scale over
-    the standard one (1.0 unless the head width grows). A tied table serves as both embedding
-    and head, so it folds only when the two multipliers are equal: ConfigError otherwise."""
+    token embedding the embedding multiplier; the attention queries the attention multiplier
+    and µP's attention scale over the standard one (1.0 unless the head width grows). A tied
+    table serves as both embedding and head, so it folds only when the two multipliers are
+    equal: ConfigError otherwise."""
     if cfg.tie_embeddings and cfg.logit_scale != cfg.embedding_multiplier:
         raise ConfigError(f"the model multiplies its logits by {cfg.logit_scale:g} (model.logit_multiplier="
                           f"{cfg.logit_multiplier:g}{_mup_note(cfg)}) and its token embedding by "
@@ -185,11 +186,13 @@ def multiplier_folding_factors(cfg: ModelConfig) -> dict[str, float]:
     factors = {"embed.table": cfg.embedding_multiplier} if cfg.embedding_multiplier != 1.0 else {}
     if not cfg.tie_embeddings and cfg.logit_scale != 1.0:
         factors["unembed"] = cfg.logit_scale
+    if cfg.attention_multiplier != 1.0:
+        factors["wq"] = cfg.attention_multiplier
     if cfg.parametrization != "mup":
         return factors
-    standard = dataclasses.replace(cfg, parametrization="standard")
-    return {"unembed": cfg.logit_scale, "router": cfg.output_multiplier,
-            "wq": cfg.attention_logit_scale / standard.attention_logit_scale, **factors}
+    standard = dataclasses.replace(cfg, parametrization="standard", attention_multiplier=1.0)
+    return {**factors, "unembed": cfg.logit_scale, "router": cfg.output_multiplier,
+            "wq": cfg.attention_logit_scale / standard.attention_logit_scale}
 
 
 def _mup_note(cfg: ModelConfig) -> str:
@@ -216,7 +219,7 @@ def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes:
     cfg = load_config(run_dir)
     factors = multiplier_folding_factors(cfg.model)
     standard = dataclasses.replace(cfg.model, parametrization="standard", logit_multiplier=1.0,
-                                   embedding_multiplier=1.0)
+                                   embedding_multiplier=1.0, attention_multiplier=1.0)
     architecture = family_architecture(standard)
     hf_config = architecture.hf_config(standard, notes)
     rules = architecture.tensor_rules(standard)
