@@ -14,6 +14,7 @@ from lmjax.train.guard import BadStepRule, apply_if_good
 from lmjax.train.losses import causal_lm_loss, token_losses
 from lmjax.train.optimizer import updated_params
 from lmjax.train.state import TrainState
+from lmjax.train.transforms import WeightTransform, adapter_of
 
 
 def _loss_sum(params, graphdef, batch, dropout_key, moe: MoEConfig, frozen=None, adapt=None):
@@ -25,7 +26,7 @@ def _loss_sum(params, graphdef, batch, dropout_key, moe: MoEConfig, frozen=None,
     balancing loss + z_loss_coef * z loss), each averaged over MoE layers, and `routing` holds
     the routing statistics stacked over MoE layers (empty for dense models). With `adapt`, the
     model's weights are `adapt(frozen, params)` (LoRA: frozen base weights, the trained
-    adapters beside them as `LowRankWeight`s), differentiated with respect to `params` alone.
+    adapters beside them as `LowRankWeight`s, `Adapter.apply`), differentiated with respect to `params` alone.
     """
     model = nnx.merge(graphdef, params if adapt is None else adapt(frozen, params))
     logits = family_of(model.cfg).predict(model, batch, dropout_key)
@@ -61,7 +62,8 @@ def routing_metrics(routing: dict) -> dict:
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule, grad_accum_steps: int,
-                    use_rng: bool, moe: MoEConfig = MoEConfig(), adapt=None, bad_steps: BadStepRule = BadStepRule()):
+                    use_rng: bool, moe: MoEConfig = MoEConfig(), transforms: tuple[WeightTransform, ...] = (),
+                    bad_steps: BadStepRule = BadStepRule()):
     """`train_step(state, batch, frozen=None) -> (state, metrics, routing)`.
 
     The batch (B, T) is split into `grad_accum_steps` micro-batches whose gradients of the
@@ -69,12 +71,14 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
     computed on the whole batch at once. metrics: loss (nats/token), grad_norm, lr, tokens,
     and for MoE models `routing_metrics`; routing: the per-layer routing statistics averaged
     over micro-batches (empty for dense models). `use_rng` passes a per-step key to the model
-    (dropout, router jitter). With `adapt(frozen, params) -> model weights` the step trains
-    `state.params` alone (LoRA adapters, `lmjax.lora.low_rank`) and `frozen` (the base
-    weights) gets neither a gradient nor an update. When the state carries a guard, a bad step
+    (dropout, router jitter). With an adapting transform among `transforms` (LoRA) the model
+    reads `adapter.apply(frozen, params)`: the step trains `state.params` alone (the adapters)
+    and `frozen` (the base weights) gets neither a gradient nor an update. When the state carries a guard, a bad step
     (`bad_steps`, see `lmjax.train.guard`) leaves params and optimizer state as they were, and
     metrics add skipped_steps and bad_steps_in_a_row.
     """
+    adapter = adapter_of(transforms)
+    adapt = None if adapter is None else adapter.apply
     grad_fn = jax.value_and_grad(_loss_sum, has_aux=True)
 
     def accumulate_gradients(params, batch, step_key, frozen):
