@@ -12,5 +12,6 @@ from lmjax.train.transforms import WeightTransform
 
 
 def weight_transforms(cfg: Config) -> tuple[WeightTransform, ...]:
-    """The weight transforms `cfg` turns on: LoRA with `lora.rank` > 0, QAT with `quant.weights` int8."""
-    return ((LoRA(cfg.lora),) if cfg.lora.enabled else ()) + ((QAT(cfg.quant),) if cfg.quant.weights == "int8" else ())
+    """The weight transforms `cfg` turns on: QAT with `quant.weights` int8, LoRA with `lora.rank` > 0
+    (checked in this order: QAT refuses LoRA in one line before LoRA looks for its base)."""
+    return ((QAT(cfg.quant),) if cfg.quant.weights == "int8" else ()) + ((LoRA(cfg.lora),) if cfg.lora.enabled else ())
