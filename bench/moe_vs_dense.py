@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import jax
-from train_step import StepRunner
+from train_step import add_turn_arguments, median_step_ms_in_turns
 
 PAIRS = {"tiny": ("decoder_tiny", "moe_tiny"), "narrow": ("decoder_narrow", "moe_narrow")}
 MOE_VARIANTS = {
@@ -29,18 +28,11 @@ MOE_VARIANTS = {
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pair", choices=sorted(PAIRS), default="tiny")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    add_turn_arguments(parser)
     args = parser.parse_args()
     dense, moe = PAIRS[args.pair]
     variants = {"dense": (dense, []), **{name: (moe, sets) for name, sets in MOE_VARIANTS.items()}}
-    runners = {name: StepRunner(exp, overrides + args.overrides) for name, (exp, overrides) in variants.items()}
-    times = {name: [] for name in runners}
-    for _ in range(args.rounds):
-        for name, runner in runners.items():
-            times[name] += runner.step_times(args.steps)
-    step_ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    step_ms = median_step_ms_in_turns(variants, args.overrides, args.rounds, args.steps)
     print(json.dumps({
         "pair": args.pair, "device": jax.devices()[0].device_kind, "devices": len(jax.devices()),
         "overrides": args.overrides,

@@ -75,6 +75,24 @@ class StepRunner:
         return mfu(tokens / step_seconds, train_flops_per_token(self.model, self.cfg.data.seq_len), peak)
 
 
+def add_turn_arguments(parser: argparse.ArgumentParser) -> None:
+    """--rounds, --steps and --set (overrides for every runner) of the benchmarks that time runners in turns."""
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+
+
+def median_step_ms_in_turns(variants: dict, overrides: list[str], rounds: int, steps: int) -> dict[str, float]:
+    """Median step milliseconds of each variant {name: (experiment, overrides)}: the runners take
+    `rounds` turns of `steps` steps within one process, so all see the same machine state."""
+    runners = {name: StepRunner(exp, sets + overrides) for name, (exp, sets) in variants.items()}
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            times[name] += runner.step_times(steps)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment")

@@ -17,6 +17,7 @@ its partial directory is removed and the previous checkpoint stays loadable.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -224,5 +225,17 @@ class Checkpointer:
         self.closed = True
 
 
-
 _QUIET = _QuietFailedSaves()
+
+
+def write_weights_run(run_dir: Path, config: dict, params) -> None:
+    """Write `config` (a Config's dict) as `run_dir`/config.json and `params` (an nnx.State) as
+    its step-0 weights-only checkpoint (`Checkpointer.save_weights`): the run directory that
+    `convert from-hf`, `lora merge` and `upcycle` write (each copies the tokenizer itself)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    checkpointer = Checkpointer(run_dir, async_save=False)
+    checkpointer.save_weights(0, params, config)
+    checkpointer.wait()
+    checkpointer.close()

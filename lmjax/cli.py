@@ -17,6 +17,7 @@
     lmjax lora merge RUN_DIR --out MERGED_RUN
     lmjax lora export-peft RUN_DIR --out PEFT_DIR
     lmjax quantize RUN_DIR --out RUN_Q [--bits 8] [--granularity channel|tensor]
+    lmjax upcycle DENSE_RUN --out RUN_DIR [--set model.moe.KEY=VALUE ...] [--noise S] [--seed N]
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmjax", description="Pretrain transformer language models with JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (add_train, add_eval, add_generate, add_plan, add_sweep, add_fit, add_experiments, add_tokenizer,
-                add_data, add_convert, add_lora, add_quantize):
+                add_data, add_convert, add_lora, add_quantize, add_upcycle):
         add(commands)
     return parser
 
@@ -493,6 +494,29 @@ def cmd_quantize(args) -> None:
 
     saved = quantize_run(Path(args.run_dir), Path(args.out), args.bits, args.granularity)
     print(f"wrote {args.out}: {saved / 2**20:.2f} MiB of weights (int8 matrices, float32 scales and vectors)")
+
+
+def add_upcycle(commands) -> None:
+    upcycle = commands.add_parser("upcycle", help="a dense run's weights as a MoE run: experts copied from each "
+                                  "MLP, new routers (sparse upcycling, docs/moe.md)")
+    upcycle.set_defaults(func=cmd_upcycle)
+    upcycle.add_argument("run_dir", metavar="DENSE_RUN")
+    upcycle.add_argument("--out", required=True, metavar="RUN_DIR")
+    upcycle.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.moe.KEY=VALUE",
+                         help="MoE settings (default: model.moe.n_experts=8, top_k 2, dropless; repeatable)")
+    upcycle.add_argument("--noise", type=float, default=0.0, help="multiply each expert copy elementwise by "
+                         "1 + S * N(0, 1) (default 0: exact copies)")
+    upcycle.add_argument("--seed", type=int, default=0, help="seed of the new routers and of the noise")
+
+
+def cmd_upcycle(args) -> None:
+    from lmjax.upcycle import upcycle_run
+
+    cfg = upcycle_run(Path(args.run_dir), Path(args.out), args.overrides, args.noise, args.seed)
+    moe = cfg.model.moe
+    where = "every layer" if moe.every == 1 else f"layers {moe.every - 1}, {2 * moe.every - 1}, ..."
+    print(f"wrote {args.out}: {moe.n_experts} experts (top-{moe.top_k}) in {where}; train it with "
+          f"lmjax train NAME --init-from {args.out} and the same model settings")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,6 +73,13 @@ class MoEConfig:
     their G = 1 width). `routing` "experts_choose" (Zhou et al. 2022): each expert picks its
     top C = ceil(capacity_factor * G * top_k * T / (G * n_experts)) tokens of a sequence
     instead of each token picking experts; only for bidirectional stacks (docs/moe.md).
+    `router` "softmax" scores experts by a softmax over the router logits (Switch, Mixtral);
+    "sigmoid" by an independent sigmoid per expert (DeepSeek-V3). Top-k is chosen on the scores
+    plus a per-expert bias (a non-trainable variable, present with a sigmoid router or
+    `bias_update_rate` > 0); the gate weights are the chosen unbiased scores. After every
+    optimizer step the bias moves by `bias_update_rate` * sign(mean load - load) per expert
+    (auxiliary-loss-free balancing, Wang et al. 2024). `sequence_balance_coef` weighs
+    DeepSeek-V3's per-sequence balancing loss. See docs/moe.md.
     """
 
     n_experts: int = 0
@@ -90,6 +97,9 @@ class MoEConfig:
     renormalize: bool = True  # rescale the top-k weights of each token to sum to 1
     granularity: int = 1  # G: G * n_experts experts of width d_ff / G, G * top_k per token
     routing: Literal["tokens_choose", "experts_choose"] = "tokens_choose"  # who chooses: tokens or experts
+    router: Literal["softmax", "sigmoid"] = "softmax"  # expert scores: softmax (Mixtral) or sigmoid (DeepSeek-V3)
+    bias_update_rate: float = 0.0  # u: selection bias b_i += u * sign(mean load - load_i) per step; 0: no update
+    sequence_balance_coef: float = 0.0  # DeepSeek-V3 per-sequence balancing loss: E * sum_i f_i * P_i per row
 
     def __post_init__(self):
         _check_literals(self, "model.moe.")
@@ -103,7 +113,7 @@ class MoEConfig:
                  "model.moe.capacity_factor and model.moe.eval_capacity_factor must be positive.")
         _require(self.every >= 1, f"model.moe.every must be >= 1, got {self.every}.")
         _require(self.n_shared_experts >= 0, f"model.moe.n_shared_experts must be >= 0, got {self.n_shared_experts}.")
-        for name in ("load_balance_coef", "z_loss_coef", "router_jitter"):
+        for name in ("load_balance_coef", "z_loss_coef", "router_jitter", "bias_update_rate", "sequence_balance_coef"):
             _require(getattr(self, name) >= 0, f"model.moe.{name} must be >= 0, got {getattr(self, name)}.")
         self._check_routing()
 
@@ -118,6 +128,9 @@ class MoEConfig:
                  f"model.moe.dispatch=capacity with granularity * top_k = {self.experts_per_token} experts per token "
                  f"builds a (B, T, k, E, C) one-hot that grows as k^2; above k = {MAX_CAPACITY_TOP_K} use "
                  "model.moe.dispatch=dropless.")
+        _require(self.routing == "tokens_choose" or not (self.router_bias or self.sequence_balance_coef),
+                 "model.moe.routing='experts_choose' is balanced by construction; a router bias (router='sigmoid', "
+                 "bias_update_rate > 0) and sequence_balance_coef are for tokens_choose.")
 
     @property
     def n_routed_experts(self) -> int:
@@ -132,6 +145,11 @@ class MoEConfig:
     @property
     def enabled(self) -> bool:
         return self.n_experts > 0
+
+    @property
+    def router_bias(self) -> bool:
+        """Whether each MoE layer holds a selection bias (a sigmoid router, or a bias that is updated)."""
+        return self.enabled and (self.router == "sigmoid" or self.bias_update_rate > 0)
 
 
 @dataclass(frozen=True)
@@ -176,6 +194,17 @@ class ModelConfig:
     norm_eps: float = 1e-5
     position: Literal["rope", "learned", "relative"] = "rope"
     rope_theta: float = 10_000.0
+    # RoPE scaling (docs/design.md, "RoPE scaling"): none, linear (positions / factor), llama3 (Llama 3.1's
+    # frequency-dependent factor), yarn (NTK-by-parts, and cos/sin times an attention factor)
+    rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
+    rope_scaling_factor: float = 1.0  # the context extension factor (linear, llama3, yarn)
+    rope_original_max_len: int | None = None  # the pretraining context length (llama3, yarn; optional for linear)
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_len / low are divided by factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_len / high are kept
+    rope_beta_fast: float = 32.0  # yarn: rotations above which dimensions keep their frequency
+    rope_beta_slow: float = 1.0  # yarn: rotations below which dimensions are divided by factor
+    rope_attention_factor: float | None = None  # yarn: cos/sin multiplier; None: 0.1 ln(factor) + 1
+    rope_truncate: bool = True  # yarn: round the correction range to whole dimensions
     # decoder: each query attends to the keys of the last W positions (k > q - W); None: the whole context
     sliding_window: int | None = None
     global_every: int | None = None  # with sliding_window: layers k-1, 2k-1, ... attend globally; None: none do
@@ -246,7 +275,7 @@ class ModelConfig:
         self._check_long_context()
 
     def _check_long_context(self) -> None:
-        """Sliding windows: settings that make no sense raise ConfigError."""
+        """Sliding windows and RoPE scaling: settings that make no sense raise ConfigError."""
         _require(self.sliding_window is None or self.sliding_window > 0,
                  f"model.sliding_window must be a positive number of positions or none, got {self.sliding_window}.")
         if self.sliding_window is not None:
@@ -258,6 +287,24 @@ class ModelConfig:
                  "model.global_every interleaves global layers with sliding-window ones; set model.sliding_window.")
         _require(self.global_every is None or (self.global_every >= 1 and self.n_layers % self.global_every == 0),
                  f"model.global_every={self.global_every} must be >= 1 and divide model.n_layers={self.n_layers}.")
+        if self.rope_scaling == "none":
+            return
+        scaling = f"model.rope_scaling={self.rope_scaling!r}"
+        _require(self.position == "rope", f"{scaling} scales rotary positions; set model.position='rope'.")
+        _require(self.rope_scaling_factor > 0, f"{scaling} needs model.rope_scaling_factor > 0, got "
+                 f"{self.rope_scaling_factor}.")
+        _require(self.rope_original_max_len is None or self.rope_original_max_len > 0,
+                 f"model.rope_original_max_len must be positive or none, got {self.rope_original_max_len}.")
+        _require(self.rope_scaling == "linear" or self.rope_original_max_len is not None,
+                 f"{scaling} needs model.rope_original_max_len, the pretraining context length.")
+        _require(self.rope_scaling != "llama3" or 0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+                 f"{scaling} needs 0 < model.rope_low_freq_factor < model.rope_high_freq_factor, got "
+                 f"{self.rope_low_freq_factor} and {self.rope_high_freq_factor}.")
+        _require(self.rope_scaling != "yarn" or (self.rope_beta_fast > 0 and self.rope_beta_slow > 0),
+                 f"{scaling} needs model.rope_beta_fast and model.rope_beta_slow > 0, got {self.rope_beta_fast} "
+                 f"and {self.rope_beta_slow}.")
+        _require(self.rope_attention_factor is None or self.rope_attention_factor > 0,
+                 f"model.rope_attention_factor must be positive or none, got {self.rope_attention_factor}.")
 
     def _check_moe_shape(self):
         """Granularity divides the expert width; expert choice only in bidirectional stacks."""
@@ -344,6 +391,14 @@ class ModelConfig:
         if self.sliding_window is None or (self.global_every and (layer + 1) % self.global_every == 0):
             return None
         return self.sliding_window
+
+    @property
+    def context_length(self) -> int:
+        """The longest input the model takes: max_seq_len, or, with a RoPE scaling and its original
+        length, rope_scaling_factor x rope_original_max_len when that is longer."""
+        if self.rope_scaling == "none" or self.rope_original_max_len is None:
+            return self.max_seq_len
+        return max(self.max_seq_len, int(self.rope_scaling_factor * self.rope_original_max_len))
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block `layer` (0-based) has a MoE feed-forward instead of the dense MLP."""

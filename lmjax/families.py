@@ -149,10 +149,11 @@ def _fill_in_sample(model, cfg: Config, tokenizer, val_set) -> str:
 def _generate_continuations(model, prompts, max_new_tokens: int, tokenizer, **sampling):
     from lmjax import generate
 
-    room = model.cfg.max_seq_len - max(len(p) for p in prompts)
+    room = model.cfg.context_length - max(len(p) for p in prompts)
     if max_new_tokens > room:
         raise ConfigError(f"--max-new-tokens {max_new_tokens} does not fit: the longest prompt leaves "
-                          f"{room} of model.max_seq_len={model.cfg.max_seq_len} tokens.")
+                          f"{room} of the model's {model.cfg.context_length} positions (model.max_seq_len="
+                          f"{model.cfg.max_seq_len}).")
     return generate.generate(model, prompts, max_new_tokens, stop_tokens=(tokenizer.eos_id,), **sampling)
 
 

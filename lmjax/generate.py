@@ -88,13 +88,16 @@ def generate(model: nnx.Module, prompts: list, max_new_tokens: int, *, temperatu
              stop_tokens: tuple[int, ...] = ()) -> list[np.ndarray]:
     """Continue each prompt (a 1-D sequence of token ids) of a DecoderLM by up to
     `max_new_tokens` tokens. Returns the new ids per prompt, cut after the first stop token
-    (which is kept). The longest prompt + max_new_tokens must fit in model.cfg.max_seq_len.
+    (which is kept). The longest prompt + max_new_tokens must fit in model.cfg.context_length
+    (max_seq_len, or longer with a RoPE scaling).
     """
     prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
     longest = max(len(p) for p in prompts)
-    if min(len(p) for p in prompts) == 0 or max_new_tokens < 1 or longest + max_new_tokens > model.cfg.max_seq_len:
-        raise ValueError(f"prompts of 1..{longest} tokens + max_new_tokens={max_new_tokens} must fit in "
-                         f"model.max_seq_len={model.cfg.max_seq_len} (prompts non-empty, at least one new token).")
+    limit = model.cfg.context_length
+    if min(len(p) for p in prompts) == 0 or max_new_tokens < 1 or longest + max_new_tokens > limit:
+        raise ValueError(f"prompts of 1..{longest} tokens + max_new_tokens={max_new_tokens} must fit in the "
+                         f"model's {limit} positions (model.max_seq_len={model.cfg.max_seq_len}; prompts "
+                         "non-empty, at least one new token).")
     tokens = np.zeros((len(prompts), longest), np.int32)
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = prompt

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from lmjax.adapters.int8 import QUANTIZED_FILE, is_quantized, quantize_params
-from lmjax.checkpoint import Checkpointer
+from lmjax.checkpoint import write_weights_run
 from lmjax.config import ConfigError, LoRAConfig, QuantConfig
 from lmjax.data import load_from_run, save_to_run
 from lmjax.runs import load_config, restore_weights
@@ -29,11 +29,7 @@ def merge_run(run_dir: Path, out_dir: Path) -> None:
     merged = dataclasses.replace(cfg, lora=LoRAConfig(), train=dataclasses.replace(cfg.train, run_dir=str(out_dir)))
     out_dir.mkdir(parents=True, exist_ok=True)
     save_to_run(tokenizer, out_dir)
-    (out_dir / "config.json").write_text(json.dumps(merged.to_dict(), indent=2))
-    checkpointer = Checkpointer(out_dir, async_save=False)
-    checkpointer.save_weights(0, params, merged.to_dict())
-    checkpointer.wait()
-    checkpointer.close()
+    write_weights_run(out_dir, merged.to_dict(), params)
 
 
 def quantize_run(run_dir: Path, out_dir: Path, bits: int = 8, granularity: str = "channel") -> int:

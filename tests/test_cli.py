@@ -33,6 +33,9 @@ def run_cli(capsys, *args):
     (["train", "--set", "model.n_kv_heads=3"], "does not divide model.n_heads"),
     (["train", "--set", "data.seq_len=4096"], "exceeds model.max_seq_len"),
     (["train", "--set", "model.sliding_window=0"], "model.sliding_window must be a positive number of positions"),
+    (["train", "--set", "model.rope_scaling=ntk"], "model.rope_scaling: cannot use 'ntk'"),
+    (["train", "--set", "model.rope_scaling=linear", "--set", "model.rope_scaling_factor=0"],
+     "needs model.rope_scaling_factor > 0"),
     (["train", "--set", "model.vocab_size=256"], "smaller than the bytes tokenizer"),
     (["train", "--set", "data.source=/no/such/corpus"], "data.source '/no/such/corpus' does not exist"),
 ])

@@ -2,10 +2,12 @@
 no checkpoint holds NaN or inf, and a disk that refuses a save ends with one line (exit 2)."""
 
 import errno
+import importlib.util
 import json
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -28,7 +30,7 @@ from lmjax.train.goodput import PARTS
 from lmjax.train.guard import BadStepRule, init_guard
 from lmjax.train.loop import train
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
-from lmjax.train.rollback import read_rollbacks, restore_train_state
+from lmjax.train.rollback import Rollback, read_rollbacks, restore_train_state
 from lmjax.train.state import init_train_state
 from lmjax.train.step import make_train_step
 from lmjax.train.watchdog import AUTO_FACTOR, AUTO_FLOOR_SECONDS, HANG_EXIT_CODE, StepTimeout
@@ -138,6 +140,13 @@ def test_loss_spikes_roll_back_to_the_newest_checkpoint_and_skip_batches(tiny, p
     assert 0 < goodput["wall_seconds"] <= elapsed
     ratio = goodput["seconds"]["redone_steps"] / goodput["seconds"]["productive_steps"]
     assert ratio == pytest.approx(2 / 10)
+    # a run resubmitted from checkpoint 6 (as after a crash before step 9's save) continues from batch 9,
+    # as the rolled-back run did, and counts the roll-back as done
+    restored = []
+    resubmitted = types.SimpleNamespace(cfg=cfg, run_dir=Path(cfg.train.run_dir), step=6, resuming=True,
+                                        data_state=lambda: {"step": 6, "seed": 0},
+                                        batches=types.SimpleNamespace(restore=restored.append))
+    assert Rollback(resubmitted).done == read_rollbacks(cfg.train.run_dir) and restored == [{"step": 9, "seed": 0}]
 
 
 def test_divergence_stops_with_exit_3_and_leaves_only_finite_checkpoints(capsys, tmp_path):
@@ -145,7 +154,7 @@ def test_divergence_stops_with_exit_3_and_leaves_only_finite_checkpoints(capsys,
     code, _, err = run_cli(capsys, "train", *TINY, "--set", f"train.run_dir={run}", "--set", "optim.lr=1e8",
                            "--set", "optim.clip_norm=none", "--set", "optim.warmup_steps=0", "--set",
                            "train.steps=40", "--set", "train.max_bad_steps=3", "--set", "train.max_rollbacks=1",
-                           "--set", "train.rollback_skip_batches=2")
+                           "--set", "train.rollback_skip_batches=2", "--set", "train.eval_every=1000")
     assert code == 3 and err.count("\n") == 1, err
     assert "diverged at step" in err and "lower optim.lr (now 1e+08) or set optim.clip_norm" in err
     assert len(read_rollbacks(run)) == 1
@@ -206,7 +215,8 @@ def test_a_full_tmpfs_ends_the_run_with_one_line_and_exit_2(capsys, tmp_path):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=480k", "tmpfs", str(disk)], check=True)
     try:
         run = disk / "run"
-        code, _, err = run_cli(capsys, "train", *TINY, "--set", f"train.run_dir={run}")
+        code, _, err = run_cli(capsys, "train", *TINY, "--set", f"train.run_dir={run}", "--set",
+                               "train.eval_every=1000")
         assert code == 2 and err.count("\n") == 1 and "could not save checkpoint step 4" in err, err
         assert "the disk is full" in err and "the checkpoint of step 2 is intact" in err
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"]
@@ -308,3 +318,38 @@ def test_a_dead_peer_ends_the_survivor_at_once_with_one_line(tmp_path):
     assert code == PEER_LOST_EXIT_CODE and time.perf_counter() - start < 30, err
     assert err.splitlines()[-1].startswith("lmjax: error: another process of this run stopped (")
     assert "Traceback" not in err
+
+
+# four two-process launches; faster tests cover the parts: test_train's bitwise resume, test_parallel's Ctrl-C stop and
+# resume of two processes, the dead-peer test above
+@pytest.mark.slow
+def test_two_kills_of_a_two_process_run_end_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    """bench/chaos.py with two seeded SIGKILLs, one while a checkpoint is being written."""
+    spec = importlib.util.spec_from_file_location("chaos", Path(__file__).parent.parent / "bench" / "chaos.py")
+    chaos = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chaos)
+    chaos.chaos_run(tmp_path / "reference", 12, 0, 0)
+    result = chaos.chaos_run(tmp_path / "chaos", 12, 2, 0)
+    assert result["kills"] == 2 and "during the save" in result["moments"][1], result
+    for x, y in zip(chaos.final_state(tmp_path / "reference"), chaos.final_state(tmp_path / "chaos"), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_a_read_only_disk_gives_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+    try:
+        checkpointer = Checkpointer(disk)
+        checkpointer.save(1, {"w": jnp.ones(10)}, {"step": 1}, {})
+        checkpointer.wait()
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        with pytest.raises(SaveFailed) as failure:
+            checkpointer.save(2, {"w": jnp.zeros(10)}, {"step": 2}, {})
+            checkpointer.wait()
+        message = str(failure.value)
+        assert "could not save checkpoint step 2" in message and "the disk is read-only" in message
+        assert "the checkpoint of step 1 is intact" in message and "\n" not in message
+        assert sorted(p.name for p in (disk / "checkpoints").iterdir()) == ["1"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -235,9 +235,11 @@ def test_mistral_sliding_window_is_carried_both_ways(imported, tmp_path):
     ids = tokens(length=48)
     ours = np.asarray(model(jnp.asarray(ids)))
     np.testing.assert_allclose(ours, hf_logits(hf, ids), atol=TOLERANCE, rtol=0)
-    whole_context = DecoderLM(dataclasses.replace(cfg.model, sliding_window=None), rngs=nnx.Rngs(0))
-    nnx.update(whole_context, nnx.state(model, nnx.Param))
-    assert np.abs(np.asarray(whole_context(jnp.asarray(ids))) - ours).max() > 1e-2  # the window matters here
+    hf.config.sliding_window = None  # transformers reads it at every call
+    try:
+        assert np.abs(hf_logits(hf, ids) - ours).max() > 1e-2  # the window matters here
+    finally:
+        hf.config.sliding_window = 16
 
     to_hf(root / "run", tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -258,12 +260,46 @@ def test_interleaved_windows_are_refused_on_export():
         llama.hf_config(dataclasses.replace(cfg, global_every=2), [])
 
 
-@pytest.mark.parametrize("rope", [{"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}},
-                                  {"rope_theta": 1e4, "rope_scaling": {"type": "dynamic", "factor": 2.0}}])
-def test_rope_scaling_is_refused(rope):
+@pytest.mark.parametrize("rope", [{"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}},
+                                  {"rope_theta": 1e4, "rope_scaling": {"type": "longrope", "factor": 2.0}}])
+def test_rope_scaling_lmjax_lacks_is_refused(rope):
     hf = {k: v for k, v in llama_config().to_diff_dict().items() if k != "rope_parameters"} | rope
     with pytest.raises(ConfigError, match="rope scaling"):
         llama.model_config(hf, [])
+
+
+SCALED_ROPE = {  # original length 16 < the 48 tokens compared
+    "llama3": {"rope_type": "llama3", "rope_theta": 10_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    "linear": {"rope_type": "linear", "rope_theta": 10_000.0, "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+             "beta_fast": 16.0},
+}
+
+
+@pytest.mark.parametrize("rope_type", list(SCALED_ROPE))
+def test_scaled_rope_imports_with_transformers_logits_and_exports(tmp_path, rope_type):
+    """A tiny Llama with each scaling, 48 tokens: logits equal transformers' past the original
+    length; export writes the same rope_parameters, which transformers and lmjax read back alike."""
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(llama_config(rope_parameters=dict(SCALED_ROPE[rope_type]))).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    from_hf(tmp_path / "hf", tmp_path / "run")
+    model, cfg = load_run(tmp_path / "run")
+    assert cfg.model.rope_scaling == rope_type and cfg.model.max_seq_len == 64
+    ids = tokens(length=48)
+    ours = np.asarray(model(jnp.asarray(ids)))
+    np.testing.assert_allclose(ours, hf_logits(hf, ids), atol=TOLERANCE, rtol=0)
+    plain = DecoderLM(dataclasses.replace(cfg.model, rope_scaling="none"), rngs=nnx.Rngs(0))
+    nnx.update(plain, nnx.state(model, nnx.Param))
+    assert np.abs(np.asarray(plain(jnp.asarray(ids))) - ours).max() > 1e-3  # the scaling matters here
+
+    to_hf(tmp_path / "run", tmp_path / "exported")
+    written = json.loads((tmp_path / "exported" / "config.json").read_text())["rope_parameters"]
+    assert written.items() >= SCALED_ROPE[rope_type].items()
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    np.testing.assert_allclose(hf_logits(exported, ids), ours, atol=TOLERANCE, rtol=0)
+    assert llama.model_config(json.loads((tmp_path / "exported" / "config.json").read_text()), []) == cfg.model
 
 
 def test_rope_theta_is_read_from_old_and_new_configs():

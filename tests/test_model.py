@@ -125,3 +125,18 @@ def test_attention_kernels_agree():
     einsum = DecoderLM(dataclasses.replace(CFG, attention="einsum"), rngs=nnx.Rngs(0))
     dot_product = DecoderLM(dataclasses.replace(CFG, attention="dot_product"), rngs=nnx.Rngs(0))
     np.testing.assert_allclose(einsum(x), dot_product(x), atol=1e-5)
+
+
+def test_inputs_longer_than_the_model_are_refused_unless_a_rope_scaling_extends_it():
+    from lmjax.config import ConfigError
+
+    model = DecoderLM(CFG, rngs=nnx.Rngs(0))  # max_seq_len 32
+    with pytest.raises(ConfigError, match="an input of 33 positions is longer than the model's 32"):
+        model(tokens(1, 33))
+    with pytest.raises(ConfigError, match="a KV cache of 40 positions"):
+        model.init_cache(1, 40)
+    scaled = DecoderLM(dataclasses.replace(CFG, rope_scaling="linear", rope_scaling_factor=2.0,
+                                           rope_original_max_len=32), rngs=nnx.Rngs(0))
+    assert scaled(tokens(1, 64)).shape == (1, 64, 384)
+    with pytest.raises(ConfigError, match="65 positions is longer than the model's 64"):
+        scaled(tokens(1, 65))

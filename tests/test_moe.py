@@ -333,46 +333,56 @@ from lmjax.config import ModelConfig, MoEConfig
 from lmjax.models.moe import MoE
 from lmjax.parallel import MESH_AXES, state_shardings
 
-cfg = ModelConfig(d_model=16, n_layers=2, n_heads=2, d_ff=24, param_dtype="float32", dtype="float32",
-                  moe=MoEConfig(n_experts=8, top_k=2, dispatch="dropless", grouped_matmul="blocks"))
-graphdef, params = nnx.split(MoE(cfg, rngs=nnx.Rngs(0)))
+# G = 2: 4 experts of width 24 become 8 of width 12, 4 per token; dropless token choice and expert choice
+dropless = MoEConfig(n_experts=4, top_k=2, granularity=2, dispatch="dropless", grouped_matmul="blocks")
+experts_choose = MoEConfig(n_experts=4, top_k=1, granularity=2, dispatch="capacity", routing="experts_choose")
 x = jax.random.normal(jax.random.key(1), (8, 12, 16))
+segment_ids = jnp.asarray(np.arange(12)[None, :] < np.arange(4, 12)[:, None], jnp.int32)  # rows of 4..11 tokens
 probe = jax.random.normal(jax.random.key(2), x.shape)
 
-def output_and_grads(params, x):
+def output_and_grads(params, x, segment_ids):
     def objective(params):
-        y = nnx.merge(graphdef, params)(x)
+        y = nnx.merge(graphdef, params)(x, None, segment_ids)
         return jnp.sum(y * probe), y
     (_, y), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return y, grads
 
-reference = jax.jit(output_and_grads)(params, x)  # one device, no mesh
 default = dict(axis_rules.LOGICAL_AXIS_RULES)
-for expert_rule, sizes in [(("expert",), (2, 1, 2, 2)), (("data",), (4, 1, 2, 1)), (("tensor",), (2, 2, 2, 1)),
-                           (("expert", "fsdp"), (2, 2, 1, 2))]:
-    axis_rules.LOGICAL_AXIS_RULES.update(default, expert=expert_rule)
-    mesh = Mesh(np.asarray(jax.devices()).reshape(sizes), MESH_AXES)
-    with jax.set_mesh(mesh):
-        sharded = jax.device_put(params, state_shardings(params, mesh))
-        token_axes = axis_rules.logical_to_mesh(("batch", "activation_length", None), mesh)
-        tokens = jax.device_put(x, NamedSharding(mesh, token_axes))
-        y, grads = jax.jit(output_and_grads)(sharded, tokens)
-    np.testing.assert_allclose(y, reference[0], rtol=1e-5, atol=1e-6)
-    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(reference[1])):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
-    print("equal", expert_rule, sizes, sharded["w_up"].sharding.spec)
+for name, moe in [("dropless", dropless), ("experts_choose", experts_choose)]:
+    cfg = ModelConfig(d_model=16, n_layers=2, n_heads=2, d_ff=24, param_dtype="float32", dtype="float32",
+                      family="encoder", moe=moe)
+    graphdef, params = nnx.split(MoE(cfg, rngs=nnx.Rngs(0)))
+    reference = jax.jit(output_and_grads)(params, x, segment_ids)  # one device, no mesh
+    for expert_rule, sizes in [(("expert",), (2, 1, 2, 2)), (("data",), (4, 1, 2, 1)), (("tensor",), (2, 2, 2, 1)),
+                               (("expert", "fsdp"), (2, 2, 1, 2))]:
+        axis_rules.LOGICAL_AXIS_RULES.update(default, expert=expert_rule)
+        mesh = Mesh(np.asarray(jax.devices()).reshape(sizes), MESH_AXES)
+        with jax.set_mesh(mesh):
+            sharded = jax.device_put(params, state_shardings(params, mesh))
+            token_axes = axis_rules.logical_to_mesh(("batch", "activation_length", None), mesh)
+            tokens = jax.device_put(x, NamedSharding(mesh, token_axes))
+            segments = jax.device_put(segment_ids, NamedSharding(mesh, axis_rules.logical_to_mesh(
+                ("batch", "activation_length"), mesh)))
+            y, grads = jax.jit(output_and_grads)(sharded, tokens, segments)
+        np.testing.assert_allclose(y, reference[0], rtol=1e-5, atol=1e-6)
+        for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(reference[1])):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+        print("equal", name, expert_rule, sizes, sharded["w_up"].sharding.spec)
+        axis_rules.LOGICAL_AXIS_RULES.update(default)
 """
 
 
 def test_expert_parallel_follows_the_rules_table():
     """The dropless layer's shard_map takes its mesh axes from the logical-axis rules: with the
     `expert` logical axis sent to another mesh axis (data, which also splits the tokens; tensor,
-    which does not; two axes at once), the sharded layer's output and gradients equal one device's."""
+    which does not; two axes at once), the sharded layer's output and gradients equal one device's.
+    Both with fine-grained experts (G = 2), under token choice (dropless) and expert choice."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", REMAPPED_RULES], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("equal") == 4, result.stdout
+    assert result.stdout.count("equal dropless") == 4 and result.stdout.count("equal experts_choose") == 4, \
+        result.stdout
     for axes in ("P('expert'", "P('data'", "P('tensor'",
                  "P(('expert', 'fsdp')"):
         assert axes in result.stdout, result.stdout

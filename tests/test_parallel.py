@@ -25,7 +25,7 @@ from lmjax.cli import main
 from lmjax.config import ConfigError, MeshConfig
 from lmjax.generate import generate
 from lmjax.parallel import initialize_distributed, make_mesh
-from lmjax.records import read_metrics
+from lmjax.records import read_metrics, read_routing
 
 TINY = ["--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "model.n_heads=4",
         "--set", "model.n_kv_heads=4", "--set", "model.d_ff=64", "--set", "model.max_seq_len=32",
@@ -101,6 +101,30 @@ def test_moe_layouts_match_single_device(tmp_path, moe_single_device_runs, dispa
     routed = [r["moe_max_load"] for r in read_metrics(run) if "moe_max_load" in r]
     np.testing.assert_allclose(routed, [r["moe_max_load"] for r in read_metrics(single) if "moe_max_load" in r],
                                rtol=1e-5)
+
+
+def test_router_bias_updates_agree_across_two_processes_and_one_device(tmp_path):
+    """A sigmoid router whose bias moves every step, under expert parallelism (data 2 x expert 4)
+    on 2 gloo processes x 4 devices, equals one device: each process updates its replicated copy
+    of the bias from the same global counts (a process with another bias would route its half of
+    the batch differently and change the loss)."""
+    args = [*TINY, *MOE, "--set", "model.moe.router=sigmoid", "--set", "model.moe.bias_update_rate=0.01",
+            "--set", "model.moe.load_balance_coef=0"]
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    port = free_port()
+    processes = [lmjax_subprocess(["train", *args, "--set", f"train.run_dir={sharded}", *mesh_args(data=2, expert=4,
+                                   dcn_data=2), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                   "--process-id", str(i)], devices=4) for i in range(2)]
+    assert main(["train", *args, "--set", f"train.run_dir={single}"]) == 0
+    for p in processes:
+        finish(p)
+    np.testing.assert_allclose(losses(sharded), losses(single), rtol=1e-5)
+    biases = [read_routing(run)["bias"] for run in (single, sharded)]
+    assert np.abs(biases[0][-1]).max() > 0
+    np.testing.assert_allclose(biases[1], biases[0], atol=1e-7)
+    violation = [[r["moe_max_violation"] for r in read_metrics(run) if "moe_max_violation" in r]
+                 for run in (single, sharded)]
+    np.testing.assert_allclose(violation[1], violation[0], rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", [pytest.param("encoder", marks=pytest.mark.slow), "encoder_decoder"])

@@ -64,18 +64,24 @@ def test_each_layer_of_the_scan_attends_by_its_pattern():
     with its own kind and window; equal to running the layers one by one with masks built here."""
     cfg = dataclasses.replace(CFG, global_every=4, moe=MoEConfig(n_experts=2, top_k=1, every=2))
     model = DecoderLM(cfg, rngs=nnx.Rngs(0))
+    assert model.stack.cycle() == [("blocks", 0, 3), ("moe_blocks", 0, 3), ("blocks", 1, 3), ("moe_blocks", 1, None)]
     tokens = jax.random.randint(jax.random.key(1), (1, 10), 0, 384)
     segments = jnp.array([[1] * 4 + [2] * 6])
     positions = jnp.array([list(range(4)) + list(range(6))])
-    q, k = positions[0][:, None], positions[0][None, :]
-    causal = (segments[0][:, None] == segments[0][None, :]) & (k <= q)
-    x = model._embed(tokens, positions, None)
-    for i, window in enumerate([3, 3, 3, None]):
-        layer_mask = causal if window is None else causal & (k > q - window)
-        x = model.stack.layer(i)(x, positions, layer_mask[None, None])
-    np.testing.assert_allclose(model(tokens, positions, segments), model._logits(x), atol=1e-5)
-    unwindowed = DecoderLM(dataclasses.replace(cfg, sliding_window=None, global_every=None), rngs=nnx.Rngs(0))
-    assert not np.allclose(unwindowed(tokens, positions, segments), model._logits(x), atol=1e-3)
+
+    @nnx.jit
+    def layer_by_layer(model, windows):
+        q, k = positions[0][:, None], positions[0][None, :]
+        causal = (segments[0][:, None] == segments[0][None, :]) & (k <= q)
+        x = model._embed(tokens, positions, None)
+        for i, window in enumerate(windows):
+            layer_mask = causal if window is None else causal & (k > q - window)
+            x = model.stack.layer(i)(x, positions, layer_mask[None, None])
+        return model._logits(x)
+
+    ours = nnx.jit(lambda m: m(tokens, positions, segments))(model)
+    np.testing.assert_allclose(ours, layer_by_layer(model, (3, 3, 3, None)), atol=1e-5)
+    assert not np.allclose(ours, layer_by_layer(model, (None,) * 4), atol=1e-3)  # the windows matter here
 
 
 def test_ring_buffer_decoding_equals_the_full_forward_pass():
@@ -90,7 +96,7 @@ def test_ring_buffer_decoding_equals_the_full_forward_pass():
     assert cache["window"][0].shape == (2, 2, 3, 2, 8) and cache["full"][0].shape == (2, 2, 16, 2, 8)
     positions = jnp.broadcast_to(jnp.arange(7), (2, 7))
     logits, cache = model.decode(jnp.asarray(prompt), positions, cache, jnp.asarray(np.arange(7) < lengths[:, None]))
-    full = [np.asarray(model(jnp.asarray(rows[r:r + 1])))[0] for r in range(2)]
+    full = np.asarray(model(jnp.asarray(rows)))  # each row one sequence
     for r in range(2):
         np.testing.assert_allclose(logits[r, :lengths[r]], full[r][:lengths[r]], atol=1e-5)
     step = jax.jit(lambda t, p, c: model.decode(t, p, c))
@@ -111,3 +117,25 @@ def test_plan_counts_the_cache_init_cache_allocates():
         assert held == 3 * kv_cache_bytes_per_sequence(cfg, length)
     # 2 global layers hold 20 positions, 2 windowed layers 3: 2 (k, v) * 2 kv heads * 8 wide * 2 bytes each
     assert kv_cache_bytes_per_sequence(cfg, 20) == 2 * 2 * 8 * 2 * (2 * 20 + 2 * 3)
+
+
+def test_flops_count_the_windowed_layers_pairs():
+    """32 tokens, W = 3: a windowed layer computes 3 * 32 - 9 / 2 query-key pairs, not 32^2 / 2;
+    2 of the 4 layers are windowed; 12 FLOPs per pair and attention width (4 heads x 8)."""
+    from lmjax.scaling.counting import train_flops_per_example
+
+    whole = train_flops_per_example(dataclasses.replace(CFG, sliding_window=None, global_every=None), 32)
+    assert whole - train_flops_per_example(CFG, 32) == 2 * 12 * (32 * 32 / 2 - (3 * 32 - 9 / 2)) * 32
+
+
+def test_generate_with_ring_buffers_is_greedy_under_the_full_forward_pass():
+    """`generate` (right-padded prompts, prefill, then a scan of one-token steps over the ring
+    buffers): every new token is the argmax of the full forward pass over the text before it."""
+    from lmjax.generate import generate
+
+    model = DecoderLM(CFG, rngs=nnx.Rngs(4))
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41]]
+    for prompt, new in zip(prompts, generate(model, prompts, 10, temperature=0.0)):
+        text = np.concatenate([prompt, new])
+        logits = np.asarray(model(jnp.asarray(text[None])))[0]
+        np.testing.assert_array_equal(new, logits[len(prompt) - 1:-1].argmax(-1))

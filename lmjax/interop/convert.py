@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lmjax.checkpoint import Checkpointer
+from lmjax.checkpoint import write_weights_run
 from lmjax.config import BYTE_VOCAB_SIZE, Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig
 from lmjax.families import family_of
 from lmjax.interop import bert, llama, t5
@@ -149,11 +149,7 @@ def from_hf(hf_dir: Path, run_dir: Path, dtype: str = "float32", mesh_cfg: MeshC
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if tokenizer not in ("bytes", "none") and (hf_dir / name).is_file():
             shutil.copyfile(hf_dir / name, run_dir / name)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    checkpointer = Checkpointer(run_dir, async_save=False)
-    checkpointer.save_weights(0, params, cfg.to_dict())
-    checkpointer.wait()
-    checkpointer.close()
+    write_weights_run(run_dir, cfg.to_dict(), params)
     return notes
 
 

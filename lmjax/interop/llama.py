@@ -8,27 +8,17 @@ for Mixtral a top-k softmax router over SwiGLU experts whose top-k weights are r
 from __future__ import annotations
 
 from lmjax.config import ConfigError, ModelConfig, MoEConfig
+from lmjax.interop import rope_scaling
 from lmjax.interop.rules import Linear, MixtralExperts, Same
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
 PEFT_TASK_TYPE = "CAUSAL_LM"  # adapter_config.json's task_type (lmjax lora export-peft)
 
 
-def rope_theta(hf: dict) -> float:
-    """The RoPE base of a config: `rope_parameters` (transformers 5) or `rope_theta` (older);
-    ConfigError for a rope scaling lmjax lacks (it would change every position's angles)."""
-    parameters = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = parameters.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise ConfigError(f"config.json asks for rope scaling {rope_type!r}, which lmjax lacks (it has plain RoPE); "
-                          "converting would give a different model.")
-    return float(parameters.get("rope_theta", hf.get("rope_theta", 10_000.0)))
-
-
 def model_config(hf: dict, notes: list[str]) -> ModelConfig:
     """The lmjax ModelConfig of a Llama/Mistral/Mixtral config.json (Mistral's and Mixtral's
-    `sliding_window` as model.sliding_window); settings it cannot carry raise ConfigError."""
+    `sliding_window` as model.sliding_window, RoPE scaling by `interop.rope_scaling`); settings it
+    cannot carry raise ConfigError."""
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act={hf['hidden_act']!r}: lmjax's gated MLP uses silu (SwiGLU) only.")
     for name in ("attention_bias", "mlp_bias"):
@@ -44,8 +34,8 @@ def model_config(hf: dict, notes: list[str]) -> ModelConfig:
         family="decoder", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
         n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"), d_head=hf.get("head_dim"),
         d_ff=hf["intermediate_size"], mlp="swiglu", norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
-        position="rope", rope_theta=rope_theta(hf), max_seq_len=hf.get("max_position_embeddings", 2048),
-        sliding_window=window,
+        position="rope", max_seq_len=hf.get("max_position_embeddings", 2048), sliding_window=window,
+        **rope_scaling.model_fields(hf),
         tie_embeddings=hf.get("tie_word_embeddings", False), init_std=hf.get("initializer_range", 0.02), moe=moe,
     )
 
@@ -66,6 +56,9 @@ def hf_config(cfg: ModelConfig, notes: list[str]) -> dict:
     if moe.enabled and (moe.every != 1 or moe.n_shared_experts or not moe.renormalize):
         problems.append("model.moe with every != 1, shared experts or renormalize=false "
                         "(Mixtral: MoE in every layer, no shared experts, renormalised top-k)")
+    if moe.router_bias:
+        problems.append(f"model.moe.router={moe.router!r} with bias_update_rate={moe.bias_update_rate:g} (Mixtral "
+                        "has a softmax router and no selection bias)")
     if cfg.global_every is not None:
         problems.append(f"model.global_every={cfg.global_every} (Mistral and Mixtral window every layer)")
     if problems:
@@ -78,7 +71,7 @@ def hf_config(cfg: ModelConfig, notes: list[str]) -> dict:
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
         "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
         "initializer_range": cfg.init_std, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": rope_scaling.hf_parameters(cfg, notes),
         "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
     }
     if cfg.sliding_window is not None:

@@ -1,4 +1,4 @@
-"""Transformer components: norms, embeddings, rotary positions, attention and MLPs.
+"""Transformer components: norms, embeddings, attention (rotary positions: `models.rope`) and MLPs.
 
 Shapes use B = batch, T = query length, S = key length, D = d_model, N = query heads,
 K = key/value heads, H = head width, F = d_ff, V = vocabulary. Parameters are stored in
@@ -18,6 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lmjax.config import ModelConfig
 from lmjax.models.kernels import AttentionMask, select_attention
+from lmjax.models.rope import rope, rope_frequencies
 from lmjax.models.weights import matmul, take_rows
 
 # What a parameter does, carried as its `role` metadata (like its logical axes); the optimizer
@@ -75,18 +76,6 @@ class LayerNorm(nnx.Module):
 
 def make_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> RMSNorm | LayerNorm:
     return RMSNorm(cfg, rngs=rngs) if cfg.norm == "rmsnorm" else LayerNorm(cfg, rngs=rngs)
-
-
-def rope(x, positions, theta: float):
-    """Rotary position embedding (rotate-half form) of x (B, T, n, H) at positions (B, T)."""
-    half = x.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (H/2,)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
-    sin = jnp.sin(angles)[:, :, None, :]
-    cos = jnp.cos(angles)[:, :, None, :]
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
 
 
 def attention_mask(segment_ids, causal: bool):
@@ -210,7 +199,8 @@ class Attention(nnx.Module):
             k, v = self.keys_values(x if context is None else context)
             k, v = checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj")
         if self.rotary:
-            q, k = rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta)
+            inv_freq, factor = rope_frequencies(self.cfg)
+            q, k = rope(q, positions, inv_freq, factor), rope(k, positions, inv_freq, factor)
         return q, k, v
 
     def probabilities(self, x, positions, mask, bias=None, context=None):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmjax.config import ModelConfig
+from lmjax.config import ConfigError, ModelConfig
 from lmjax.models.kernels import AttentionMask, right_padding_lengths
 from lmjax.models.layers import (
     ACTIVATIONS,
@@ -27,6 +27,16 @@ from lmjax.models.layers import (
 from lmjax.models.transformer import Stack, dropout
 from lmjax.models.weights import matmul, take_rows
 from lmjax.models.window import ring_step
+
+
+def check_length(cfg: ModelConfig, length: int, what: str) -> None:
+    """ConfigError (one line) when `length` positions exceed what the model covers: model.max_seq_len,
+    or the longer context a RoPE scaling declares (`ModelConfig.context_length`). Positions past it
+    were never part of the model: a learned table has no row for them, RoPE was never trained there."""
+    if length > cfg.context_length:
+        raise ConfigError(f"{what} {length} positions is longer than the model's {cfg.context_length} "
+                          f"(model.max_seq_len={cfg.max_seq_len}); split the input, or set a RoPE scaling "
+                          "(model.rope_scaling) that extends the context.")
 
 
 def _default_positions(tokens, positions):
@@ -65,8 +75,10 @@ class _TokenModel(nnx.Module):
                                  cfg.param_dtype, role="output")
 
     def _embed(self, tokens, positions, dropout_key, token_types=None):
-        """Input vectors (B, T, D) of tokens, positions and token types (B, T) (default: type 0)."""
+        """Input vectors (B, T, D) of tokens, positions and token types (B, T) (default: type 0);
+        ConfigError for inputs longer than the model (`check_length`)."""
         cfg = self.cfg
+        check_length(cfg, tokens.shape[1], "an input of")
         dtype = jnp.dtype(cfg.dtype)
         x = self.embed(tokens, dtype)  # (B, T, D)
         if cfg.position == "learned":
@@ -147,6 +159,7 @@ class DecoderLM(_SingleStackLM):
         ring buffers of R = min(W, length) slots, each (L_window, B, R, K, H), and
         "window_positions" (B, R) int32, the position each slot holds (-1: none yet)."""
         cfg = self.cfg
+        check_length(cfg, length, "a KV cache of")
         n_window = sum(cfg.attention_window(i) is not None for i in range(cfg.n_layers))
         cache = {}
         if n_window < cfg.n_layers:
@@ -284,6 +297,7 @@ class EncoderDecoderLM(_TokenModel):
         each (L_dec, B, length, K, H), and the cross-attention keys and values of the encoder output,
         each (L_dec, B, S, K, H), computed here once instead of at every decoding step. All in the
         compute dtype."""
+        check_length(self.cfg, length, "a KV cache of")
         keys, values = _empty_cache(self.cfg, self.cfg.decoder_layers, batch_size, length)
         cross = [self.decoder.layer(i).cross_attn.keys_values(encoded) for i in range(self.cfg.decoder_layers)]
         cross_keys, cross_values = (jnp.stack([kv[j] for kv in cross]).astype(keys.dtype) for j in (0, 1))

@@ -33,7 +33,12 @@ Fine-grained experts (`granularity` G): the layer holds G * n_experts experts of
 F = d_ff / G and routes each token to G * top_k of them; `n_experts`/`top_k` below and in
 the code are those G-fold numbers (`MoEConfig.n_routed_experts`, `experts_per_token`).
 
-Statistics kept per layer as an `nnx.Intermediate` "routing" (`pop_routing_statistics` collects them):
+Router scores (`route`): softmax over experts, or one sigmoid per expert (DeepSeek-V3); the top k
+are chosen on scores plus the layer's selection bias (`RouterBias`, when the config has one) and
+weighted by the unbiased scores. The bias follows `bias_update` after each optimizer step.
+
+Statistics kept per layer as an `nnx.Intermediate` "routing" (`pop_routing_statistics` collects them),
+over the tokens that are not padding: `counts` (E,) assignments each expert received,
 `load` (E,) share of assignments each expert received (sums to 1), `dropped` share of
 assignments dropped, `unrouted` share of (non-padding) tokens no expert serves,
 `entropy` mean router entropy (nats), `load_balance_loss`
@@ -41,6 +46,8 @@ E * sum_e f_e * P_e (Fedus et al. 2021, eq. 4; f over all k choices, 1.0 when un
 `z_loss` mean_tokens logsumexp(router logits)^2 (Zoph et al. 2022, eq. 5), and
 `experts` (B, T, k) the experts each token was routed to (before any drop) under token
 choice, or `picked` (B, T, E) 1 where expert e picked the token under expert choice.
+With a bias, `bias` (E,) the one this pass routed with; with `sequence_balance_coef` > 0, `sequence_balance_loss`.
+Balancing losses and entropy read the scores as a distribution (`score_distribution`).
 """
 
 from __future__ import annotations
@@ -59,26 +66,96 @@ from lmjax.models.layers import MLP, param
 from lmjax.models.weights import FactoredWeight, matmul, weight
 
 
-def route(logits, top_k: int, renormalize: bool):
-    """logits (N, E) float32 -> (probs (N, E), weights (N, k), experts (N, k) int32),
-    experts of each token in descending probability."""
-    probs = jax.nn.softmax(logits, axis=-1)
-    weights, experts = jax.lax.top_k(probs, top_k)
+class RouterBias(nnx.Variable):
+    """A MoE layer's per-expert selection bias (E,) float32: added to the scores to choose the
+    top k, never to the gate weights. Not a parameter: no gradient, optimizer state, weight decay
+    or master copy; the train step moves it by the balancing rule (`update_router_bias`)."""
+
+
+def route(logits, top_k: int, renormalize: bool, score: str = "softmax", bias=None):
+    """logits (N, E) float32 -> (scores (N, E), weights (N, k), experts (N, k) int32).
+
+    scores: softmax over experts ("softmax") or an independent sigmoid per expert ("sigmoid").
+    The k experts are the largest of scores + bias (bias (E,) or None), in descending order;
+    their weights are the unbiased scores, rescaled to sum to 1 with `renormalize`."""
+    scores = jax.nn.softmax(logits, axis=-1) if score == "softmax" else jax.nn.sigmoid(logits)
+    if bias is None:
+        weights, experts = jax.lax.top_k(scores, top_k)
+    else:
+        experts = jax.lax.top_k(scores + bias.astype(scores.dtype), top_k)[1]
+        weights = jnp.take_along_axis(scores, experts, axis=-1)
     if renormalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return probs, weights, experts
+    return scores, weights, experts
 
 
-def router_statistics(logits, probs, experts, n_experts: int) -> dict:
-    """Balancing and z losses, load per expert and router entropy; see the module docstring."""
-    load = jnp.mean(jnp.sum(jax.nn.one_hot(experts, n_experts, dtype=jnp.float32), axis=1), axis=0)
-    load = load / experts.shape[1]
+def score_distribution(scores, score: str):
+    """Scores (..., E) as a distribution over experts: softmax scores as they are, sigmoid
+    scores divided by their sum (DeepSeek-V3's normalised scores); what the balancing losses
+    and the router entropy read."""
+    return scores if score == "softmax" else scores / jnp.sum(scores, axis=-1, keepdims=True)
+
+
+def router_statistics(logits, probs, experts, n_experts: int, token_mask=None) -> dict:
+    """Balancing and z losses, assignment counts and load per expert, and router entropy of the
+    tokens where token_mask (N,) is true (default: all); padding is left out. logits, probs (N, E)
+    (probs: `score_distribution`), experts (N, k). See the module docstring."""
+    mask = jnp.ones(logits.shape[:1], jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
+    tokens = jnp.maximum(jnp.sum(mask), 1.0)
+
+    def token_mean(values):  # (N, ...) -> mean over the tokens counted
+        return jnp.tensordot(mask, values, axes=1) / tokens
+
+    counts = jnp.tensordot(mask, jnp.sum(jax.nn.one_hot(experts, n_experts, dtype=jnp.float32), axis=1), axes=1)
+    load = counts / jnp.maximum(jnp.sum(counts), 1.0)
     return {
+        "counts": counts,
         "load": load,
-        "load_balance_loss": n_experts * jnp.sum(load * jnp.mean(probs, axis=0)),
-        "z_loss": jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
-        "entropy": -jnp.mean(jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-20)), axis=-1)),
+        "load_balance_loss": n_experts * jnp.sum(load * token_mean(probs)),
+        "z_loss": token_mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
+        "entropy": -token_mean(jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-20)), axis=-1)),
     }
+
+
+def sequence_balance_loss(probs, experts, n_experts: int, token_mask=None):
+    """DeepSeek-V3's sequence-wise balancing loss (Liu et al. 2024, eqs. 17-19): per row,
+    E * sum_i f_i * P_i with f_i the share of the row's k * T assignments routed to expert i and
+    P_i the row's mean of `score_distribution`, averaged over rows; padding (token_mask false) is
+    left out. probs (B, T, E), experts (B, T, k), token_mask (B, T) or None -> scalar (1.0 when
+    every row is balanced)."""
+    mask = jnp.ones(probs.shape[:2], jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
+    tokens = jnp.sum(mask, axis=1)  # (B,)
+    counts = jnp.einsum("bt,bte->be", mask, jnp.sum(jax.nn.one_hot(experts, n_experts, dtype=jnp.float32), axis=2))
+    share = counts / jnp.maximum(tokens * experts.shape[-1], 1.0)[:, None]
+    mean_probs = jnp.einsum("bt,bte->be", mask, probs) / jnp.maximum(tokens, 1.0)[:, None]
+    per_row = n_experts * jnp.sum(share * mean_probs, axis=-1)
+    rows = tokens > 0
+    return jnp.sum(jnp.where(rows, per_row, 0.0)) / jnp.maximum(jnp.sum(rows), 1)
+
+
+def max_violation(load):
+    """MaxVio (Wang et al. 2024): E * max_i load_i - 1 of loads (..., E) given as shares of the
+    assignments; 0 when balanced, E / k - 1 when every token's k choices are the same k experts."""
+    return load.shape[-1] * jnp.max(load, axis=-1) - 1.0
+
+
+def bias_update(bias, counts, rate: float):
+    """The auxiliary-loss-free balancing rule: bias + rate * sign(mean_i counts_i - counts),
+    bias and counts (..., E) (counts: assignments per expert in the step, any common scale)."""
+    return bias + rate * jnp.sign(jnp.mean(counts, axis=-1, keepdims=True) - counts).astype(bias.dtype)
+
+
+def update_router_bias(state: nnx.State, counts_by_stack: dict, rate: float) -> nnx.State:
+    """`state` with every `RouterBias` (L_moe, E) moved by `bias_update` with its stack's
+    assignment counts (L_moe, E) (`counts_by_stack[name]`, name the stack's attribute in the
+    model: "stack", or "encoder"/"decoder")."""
+
+    def update(path, variable):
+        if not isinstance(variable, RouterBias):
+            return variable
+        return variable.replace(bias_update(variable[...], counts_by_stack[path[0].key], rate))
+
+    return jax.tree_util.tree_map_with_path(update, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def expert_capacity(capacity_factor: float, top_k: int, length: int, n_experts: int) -> int:
@@ -103,9 +180,11 @@ def expert_choice_statistics(logits, probs, token, weight, valid) -> dict:
     served = (weight > 0).astype(jnp.float32)
     picked = jax.vmap(lambda i, s: jnp.zeros((n_experts, t)).at[jnp.arange(n_experts)[:, None], i].add(s))(
         token, served)  # (B, E, T)
-    load = jnp.sum(picked, axis=(0, 2)) / jnp.maximum(jnp.sum(served), 1.0)
+    counts = jnp.sum(picked, axis=(0, 2))
+    load = counts / jnp.maximum(jnp.sum(served), 1.0)
     unserved = valid & (jnp.sum(picked, axis=1) == 0)
     return {
+        "counts": counts,
         "load": load,
         "load_balance_loss": n_experts * jnp.sum(load * jnp.mean(probs, axis=(0, 1))),
         "z_loss": jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
@@ -310,11 +389,14 @@ class MoE(nnx.Module):
         self.grouped_matmul = moe.grouped_matmul
         self.capacity_factor, self.eval_capacity_factor = moe.capacity_factor, moe.eval_capacity_factor
         self.jitter, self.renormalize = moe.router_jitter, moe.renormalize
+        self.score, self.sequence_balance = moe.router, moe.sequence_balance_coef > 0
         self.deterministic = False
         self.router_multiplier = cfg.output_multiplier  # µP: the router is output-like
         d, f, e = cfg.d_model, cfg.expert_d_ff, moe.n_routed_experts
         std, out_std = cfg.hidden_init_std, cfg.residual_init_std
         self.router = param(rngs, (d, e), ("embed", None), cfg.init_std, cfg.param_dtype, role="output")
+        if moe.router_bias:
+            self.router_bias = RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=(None,), eager_sharding=False)
         self.w_up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, cfg.param_dtype, role="hidden")
         if cfg.mlp == "swiglu":
             self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, cfg.param_dtype, role="hidden")
@@ -323,20 +405,23 @@ class MoE(nnx.Module):
             self.shared = MLP(cfg, rngs=rngs, d_ff=cfg.shared_d_ff)
 
     def __call__(self, x, jitter_key=None, segment_ids=None):
-        """x (B, T, D), segment_ids (B, T) (0: padding) or None -> (B, T, D)."""
+        """x (B, T, D), segment_ids (B, T) (0: padding, left out of the routing statistics) or None
+        -> (B, T, D)."""
         b, t, _ = x.shape
-        router_dtype = jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 if x is
-        router_in = x.astype(router_dtype)
-        if self.jitter and jitter_key is not None and not self.deterministic:
-            router_in = router_in * jax.random.uniform(jitter_key, x.shape, router_dtype, 1 - self.jitter,
-                                                       1 + self.jitter)
-        logits = matmul(router_in, weight(self.router[...], router_dtype))  # (B, T, E)
-        if self.router_multiplier != 1.0:
-            logits = logits * self.router_multiplier
+        logits = self._router_logits(x, jitter_key)  # (B, T, E) float32
         if self.routing_kind == "experts_choose":
             return self._experts_choose(x, logits, segment_ids)
-        probs, weights, experts = route(logits.reshape(b * t, -1), self.top_k, self.renormalize)
-        stats = router_statistics(logits.reshape(b * t, -1), probs, experts, self.n_experts)
+        bias = self.router_bias[...] if hasattr(self, "router_bias") else None
+        scores, weights, experts = route(logits.reshape(b * t, -1), self.top_k, self.renormalize, self.score, bias)
+        probs = score_distribution(scores, self.score)
+        token_mask = None if segment_ids is None else segment_ids != 0
+        mask = None if token_mask is None else token_mask.reshape(b * t)
+        stats = router_statistics(logits.reshape(b * t, -1), probs, experts, self.n_experts, mask)
+        if self.sequence_balance:
+            stats["sequence_balance_loss"] = sequence_balance_loss(probs.reshape(b, t, -1), experts.reshape(b, t, -1),
+                                                                   self.n_experts, token_mask)
+        if bias is not None:
+            stats["bias"] = bias
         experts, weights = experts.reshape(b, t, -1), weights.reshape(b, t, -1)
         w_up, w_down = weight(self.w_up[...], x.dtype), weight(self.w_down[...], x.dtype)
         w_gate = weight(self.w_gate[...], x.dtype) if hasattr(self, "w_gate") else None
@@ -353,6 +438,18 @@ class MoE(nnx.Module):
         if hasattr(self, "shared"):
             y = y + self.shared(x)
         return y
+
+    def _router_logits(self, x, jitter_key):
+        """Router logits (B, T, E) in float32 (float64 if x is), with jitter while training."""
+        router_dtype = jnp.promote_types(x.dtype, jnp.float32)
+        router_in = x.astype(router_dtype)
+        if self.jitter and jitter_key is not None and not self.deterministic:
+            router_in = router_in * jax.random.uniform(jitter_key, x.shape, router_dtype, 1 - self.jitter,
+                                                       1 + self.jitter)
+        logits = matmul(router_in, weight(self.router[...], router_dtype))  # (B, T, E)
+        if self.router_multiplier != 1.0:
+            logits = logits * self.router_multiplier
+        return logits
 
     def _capacity(self, x, experts, weights, w_up, w_gate, w_down):
         factor = self.eval_capacity_factor if self.deterministic else self.capacity_factor
@@ -402,14 +499,27 @@ class MoE(nnx.Module):
         return _expert_parallel_dropless(x, experts, weights, w_up, w_gate, w_down, mesh, kernel)
 
 
-def pop_routing_statistics(model: nnx.Module) -> dict | None:
-    """Remove and return the routing statistics the last forward pass sowed: a dict of
-    arrays stacked over MoE layers (L_moe, ...) (see the module docstring), or None for a
-    dense model. An encoder-decoder's two stacks are concatenated along L_moe (statistics
-    whose shapes differ between the stacks, such as `experts`, are left out)."""
+def pop_routing_by_stack(model: nnx.Module) -> dict:
+    """Remove and return the routing statistics the last forward pass sowed, per block stack:
+    {stack attribute name ("stack", or "encoder" and "decoder"): dict of arrays stacked over that
+    stack's MoE layers (L_moe, ...)} (see the module docstring); empty for a dense model."""
     sown = nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))
-    stacks = [sown[name]["routing"] for name in sorted(sown) if "routing" in sown[name]]
+    return {name: sown[name]["routing"] for name in sorted(sown) if "routing" in sown[name]}
+
+
+def concatenate_stacks(by_stack: dict) -> dict | None:
+    """Per-stack routing statistics (`pop_routing_by_stack`) as one dict stacked over all MoE
+    layers, the stacks in name order (statistics whose shapes differ between the stacks, such as
+    `experts`, are left out); None when there are none."""
+    stacks = list(by_stack.values())
     if len(stacks) <= 1:
         return stacks[0] if stacks else None
     return {key: jnp.concatenate([s[key] for s in stacks]) for key in stacks[0]
             if all(key in s and s[key].shape[1:] == stacks[0][key].shape[1:] for s in stacks)}
+
+
+def pop_routing_statistics(model: nnx.Module) -> dict | None:
+    """Remove and return the routing statistics the last forward pass sowed: a dict of
+    arrays stacked over MoE layers (L_moe, ...) (see the module docstring), or None for a
+    dense model. An encoder-decoder's two stacks are concatenated along L_moe (`concatenate_stacks`)."""
+    return concatenate_stacks(pop_routing_by_stack(model))

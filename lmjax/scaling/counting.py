@@ -17,7 +17,9 @@ Conventions (also in docs/scaling.md):
   et al. 2022, app. F), for every matmul weight a token passes through (the output
   projection D x V included, tied or not), plus attention scores and weighted values
   (2 matmuls of T x D_attn per token and layer, forward 4 * T * D_attn) halved for causal
-  masking (6 * L * T * D_attn, not 12). Norms, softmax and the optimizer are not counted.
+  masking (6 * L * T * D_attn, not 12); a sliding-window layer (W < T) attends to at most W keys
+  per query, 12 * (W - W^2 / 2T) * D_attn per token. Norms, softmax and the optimizer are not
+  counted.
   This is the MFU numerator; recomputation from remat is not counted (MFU, not HFU).
 - Forward FLOPs per token (inference, scoring a full context) are a third of that:
   2 * (N_active_nonembedding + D * V) + 2 * L * T * D_attn.
@@ -175,25 +177,33 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, decoder_len: int = 0) 
     return 3.0 * forward_flops_per_token(cfg, seq_len, decoder_len)
 
 
+def causal_pairs(n: int, window: int | None) -> float:
+    """Query-key pairs causal attention over n tokens computes, counted as n^2 / 2; with a
+    sliding window W < n (`model.sliding_window`), W n - W^2 / 2 (each query sees at most W keys)."""
+    return n * n / 2 if window is None or window >= n else window * n - window * window / 2
+
+
 def train_flops_per_example(cfg: ModelConfig, first_len: int, second_len: int = 0) -> float:
     """Training FLOPs of one example of `first_len` (a decoder's or encoder's sequence, an
     encoder-decoder's inputs) and `second_len` tokens (an encoder-decoder's targets): for
     every stack, 6 FLOPs per weight and token it runs over (cross-attention keys and values
-    per context token), attention 12 * L * n * context * D_attn (6 * L * n^2 when causal),
-    and the output head over the last stack's tokens (see the module docstring)."""
+    per context token), attention 12 * L * n * context * D_attn (6 * L * n^2 when causal; a
+    sliding-window layer 12 * (W n - W^2 / 2) * D_attn, `causal_pairs`), and the output head
+    over the last stack's tokens (see the module docstring)."""
     lengths, width = (first_len, second_len), cfg.n_heads * cfg.head_dim
     stacks = family_of(cfg).stacks(cfg)
     flops = 6.0 * lengths[stacks[-1].over_targets] * cfg.d_model * cfg.vocab_size  # the output head
     for stack in stacks:
         n = lengths[stack.over_targets]
         weights = stack_params(cfg, stack.n_layers, stack.cross)[1]
-        attention = (6 if stack.causal else 12) * n * n
+        attention = sum(12 * causal_pairs(n, cfg.attention_window(i)) if stack.causal else 12 * n * n
+                        for i in range(stack.n_layers))
         if stack.cross:  # keys and values of the context (the first stack's output), once per context token
             cross_kv = stack.n_layers * kv_params(cfg)
             weights -= cross_kv
             flops += 6.0 * first_len * cross_kv
-            attention += 12 * n * first_len
-        flops += 6.0 * n * weights + stack.n_layers * attention * width
+            attention += stack.n_layers * 12 * n * first_len
+        flops += 6.0 * n * weights + attention * width
     return flops
 
 

@@ -20,9 +20,11 @@ from lmjax.train.transforms import WeightTransform, adapter_of, wrap_model
 class TrainState(NamedTuple):
     """Everything a training step reads and writes; checkpointed whole.
 
-    params: nnx.State of the trained weights: the model's, or for an adapting run (LoRA) the
-    adapter's alone (`lmjax.train.transforms.Adapter`); opt_state: optax state (Adam moments
-    mirror params); step: int32
+    params: nnx.State of the model's variables: its trained weights (`nnx.Param`) and the
+    MoE routers' selection biases (`RouterBias`, moved by the balancing rule, not by the
+    optimizer), or for an adapting run (LoRA) the adapter's alone
+    (`lmjax.train.transforms.Adapter`); opt_state: optax state (Adam moments mirror the
+    `nnx.Param`s of params alone, see `split_trainable`); step: int32
     scalar, steps taken (bad steps that were skipped included); rng: PRNG key for dropout; guard:
     the bad-step judgment's recent losses and counters (`lmjax.train.guard`; None: no judgment,
     as in checkpoints written before it existed).
@@ -33,6 +35,13 @@ class TrainState(NamedTuple):
     step: jax.Array
     rng: jax.Array
     guard: GuardState | None = None
+
+
+def split_trainable(params: nnx.State) -> tuple[nnx.State, nnx.State]:
+    """(the `nnx.Param`s of `params`, every other variable): the first is what gradients, the
+    optimizer, weight decay, µP multipliers and master weights see; the second (router biases)
+    is kept beside it. `nnx.merge_state` joins them again."""
+    return nnx.split_state(params, nnx.Param, ...)
 
 
 def abstract_model(cfg: ModelConfig, transforms: tuple[WeightTransform, ...] = ()) -> tuple[nnx.GraphDef, nnx.State]:
@@ -62,12 +71,13 @@ def _init_fn(cfg: ModelConfig, make_optimizer, transforms: tuple[WeightTransform
     `make_optimizer(params) -> optax.GradientTransformation` may read the params' metadata.
     """
     graphdef, build = trainable_fn(cfg, transforms)
-    optimizer = make_optimizer(jax.eval_shape(lambda: build(0)))
+    optimizer = make_optimizer(split_trainable(jax.eval_shape(lambda: build(0)))[0])
 
     def init(seed):
         params = build(seed)
         key = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
-        return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key, init_guard())
+        return TrainState(params, optimizer.init(split_trainable(params)[0]), jnp.zeros((), jnp.int32), key,
+                          init_guard())
 
     return graphdef, optimizer, init
 
