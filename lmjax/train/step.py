@@ -102,13 +102,10 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
     `routing_metrics`; routing: the per-layer routing statistics (`_balance`; empty if dense).
     `use_rng` passes a per-step key to the model (dropout, router jitter). Only the `nnx.Param`s of
     `state.params` are differentiated and updated by the optimizer; router biases follow `_balance`.
-    With an adapting transform among `transforms` (LoRA) the model reads `adapter.apply(frozen,
-    params)`: the step trains `state.params` alone (the adapters) and `frozen` (the base weights)
-    gets neither a gradient nor an update. When the state carries a guard, a bad step (`bad_steps`,
-    see `lmjax.train.guard`) leaves params (router biases too) and optimizer state as they were,
-    and metrics add skipped_steps and bad_steps_in_a_row."""
-    adapter = adapter_of(transforms)
-    adapt = None if adapter is None else adapter.apply
+    An adapting transform (LoRA) has the model read `Adapter.apply(frozen, params)`; `frozen` is not
+    trained. With a guard in the state, a bad step (`bad_steps`, `lmjax.train.guard`) leaves params
+    (router biases too) and optimizer state as they were; metrics add skipped_steps, bad_steps_in_a_row."""
+    adapt = getattr(adapter_of(transforms), "apply", None)  # None: the model reads state.params
     grad_fn = jax.value_and_grad(_loss_sum, has_aux=True)
 
     def accumulate_gradients(params, batch, step_key, frozen, fixed):
