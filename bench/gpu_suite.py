@@ -180,7 +180,7 @@ def time_decode(model, batch: int, shapes: dict, peaks: dict) -> dict:
     from lmjax.families import family_of
     from lmjax.hardware import PEAK_BANDWIDTH
     from lmjax.scaling.counting import embedding_params, param_counts
-    from lmjax.scaling.memory import DTYPE_BYTES, kv_cache_bytes_per_token
+    from lmjax.scaling.memory import DTYPE_BYTES, kv_cache_bytes_per_sequence
 
     prompt, new = shapes["decode_prompt"], shapes["decode_new"]
     graphdef, params = nnx.split(family_of(model).build(model, nnx.Rngs(0)))
@@ -216,7 +216,7 @@ def time_decode(model, batch: int, shapes: dict, peaks: dict) -> dict:
     # are read; a tied table is read whole as the output head), and the whole cache buffer
     weights = param_counts(model)["params_total"] - (0 if model.tie_embeddings else embedding_params(model))
     weight_bytes = weights * DTYPE_BYTES[model.param_dtype]
-    cache_bytes = kv_cache_bytes_per_token(model) * batch * (prompt + new)
+    cache_bytes = kv_cache_bytes_per_sequence(model, prompt + new) * batch  # sliding windows: their rings
     kind = jax.devices()[0].device_kind
     spec = next((b for name, b in PEAK_BANDWIDTH.items() if name in kind), None)
     bound = lambda bandwidth: batch * bandwidth / (weight_bytes + cache_bytes)  # noqa: E731

@@ -72,7 +72,8 @@ class MoEConfig:
     parameters and FLOPs stay those of G = 1 (the router grows G-fold; shared experts keep
     their G = 1 width). `routing` "experts_choose" (Zhou et al. 2022): each expert picks its
     top C = ceil(capacity_factor * G * top_k * T / (G * n_experts)) tokens of a sequence
-    instead of each token picking experts; only for bidirectional stacks (docs/moe.md).
+    instead of each token picking experts; only for bidirectional stacks, and with
+    dispatch="capacity" (exactly C slots per expert; no one-hot is built) (docs/moe.md).
     `router` "softmax" scores experts by a softmax over the router logits (Switch, Mixtral);
     "sigmoid" by an independent sigmoid per expert (DeepSeek-V3). Top-k is chosen on the scores
     plus a per-expert bias (a non-trainable variable, present with a sigmoid router or

@@ -139,6 +139,9 @@ def test_experts_choose_equals_per_expert_loop(granularity, capacity_factor=0.5)
     unrouted = (picked.sum(-1) == 0)[segments == 1].mean()
     assert 0 < unrouted < 1 and float(stats["unrouted"]) == pytest.approx(unrouted)
     np.testing.assert_allclose(np.asarray(stats["load"]), picked.sum((0, 1)) / picked.sum(), rtol=1e-6)
+    logits = np.asarray(x, np.float64) @ np.asarray(layer.router[...], np.float64)
+    z = np.log(np.exp(logits).sum(-1)) ** 2
+    assert float(stats["z_loss"]) == pytest.approx(z[segments == 1].mean(), rel=1e-5)  # padding left out
 
 
 def test_experts_choose_gradient_and_encoder_decoder_routing():
@@ -155,8 +158,14 @@ def test_experts_choose_gradient_and_encoder_decoder_routing():
     model = EncoderDecoderLM(dataclasses.replace(cfg, family="encoder_decoder"), rngs=nnx.Rngs(0))
     assert model.encoder.blocks.moe.routing_kind == "experts_choose"
     assert model.decoder.blocks.moe.routing_kind == "tokens_choose"
-    model(jnp.ones((2, 8), jnp.int32), jnp.ones((2, 5), jnp.int32), jnp.asarray([[1] * 8, [1] * 3 + [0] * 5]))
-    stats = pop_routing_statistics(model)
+
+    @nnx.jit
+    def routing(model, encoder_tokens, decoder_tokens, encoder_segments):
+        model(encoder_tokens, decoder_tokens, encoder_segments)
+        return pop_routing_statistics(model)
+
+    stats = routing(model, jnp.ones((2, 8), jnp.int32), jnp.ones((2, 5), jnp.int32),
+                    jnp.asarray([[1] * 8, [1] * 3 + [0] * 5]))
     assert stats["unrouted"].shape == (4,) and "picked" not in stats and "experts" not in stats
 
 
@@ -227,7 +236,8 @@ def _check_directional_derivative(graphdef, params, x, probe):
         stats = nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))["routing"]
         return jnp.sum(y * probe) + stats["load_balance_loss"] + stats["z_loss"]
 
-    grads = jax.grad(objective)(params)
+    grads = jax.jit(jax.grad(objective))(params)
+    objective = jax.jit(objective)
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(7), len(leaves))
     direction = jax.tree.unflatten(treedef, [jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves)])

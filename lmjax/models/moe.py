@@ -175,7 +175,8 @@ def experts_choose(probs, valid, capacity: int):
 
 def expert_choice_statistics(logits, probs, token, weight, valid) -> dict:
     """Routing statistics of `experts_choose` (module docstring): logits, probs (B, T, E),
-    token, weight (B, E, C), valid (B, T). An expert's load counts its served picks."""
+    token, weight (B, E, C), valid (B, T). An expert's load counts its served picks; the
+    means over tokens leave padding out, as under token choice."""
     b, t, n_experts = probs.shape
     served = (weight > 0).astype(jnp.float32)
     picked = jax.vmap(lambda i, s: jnp.zeros((n_experts, t)).at[jnp.arange(n_experts)[:, None], i].add(s))(
@@ -183,12 +184,17 @@ def expert_choice_statistics(logits, probs, token, weight, valid) -> dict:
     counts = jnp.sum(picked, axis=(0, 2))
     load = counts / jnp.maximum(jnp.sum(served), 1.0)
     unserved = valid & (jnp.sum(picked, axis=1) == 0)
+    mask = valid.astype(jnp.float32)
+
+    def token_mean(values):  # (B, T, ...) -> mean over the non-padding tokens
+        return jnp.tensordot(mask, values, axes=2) / jnp.maximum(jnp.sum(mask), 1.0)
+
     return {
         "counts": counts,
         "load": load,
-        "load_balance_loss": n_experts * jnp.sum(load * jnp.mean(probs, axis=(0, 1))),
-        "z_loss": jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
-        "entropy": -jnp.mean(jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-20)), axis=-1)),
+        "load_balance_loss": n_experts * jnp.sum(load * token_mean(probs)),
+        "z_loss": token_mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
+        "entropy": -token_mean(jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-20)), axis=-1)),
         "dropped": jnp.zeros((), jnp.float32),
         "unrouted": jnp.sum(unserved) / jnp.maximum(jnp.sum(valid), 1),
         "picked": jnp.swapaxes(picked, 1, 2).astype(jnp.int8),
