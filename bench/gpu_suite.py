@@ -27,6 +27,11 @@ Rows (all steps on random tokens, one sequence per row, no data loading in the t
   the bandwidth bound (weight bytes + KV-cache bytes read per step) at the spec bandwidth and
   at the measured copy bandwidth. lmjax's attention reads the whole cache buffer (prompt + new
   tokens) at every step, and the bound counts that whole buffer.
+- packing: a tiny decoder's packed documents against each document alone (bench/packing.py):
+  with `auto` in bfloat16 the lone rows run cuDNN flash attention and the packed rows XLA
+  (cuDNN's public API takes no segment ids), so the losses differ by bfloat16 rounding (~1e-2)
+  and a dropped segment mask would show as ~1; `dot_product` in float32 compares XLA with
+  itself (CPU: under 1e-5).
 """
 
 from __future__ import annotations
@@ -280,7 +285,20 @@ def plan_rows(shapes: dict, dense, moe_layers: int) -> list[tuple[str, str, call
     rows += [("moe", f"{dispatch} {kernel}", moe_row(dispatch, kernel)) for dispatch, kernel in MOE_DISPATCH]
     rows += [("dense", f"attention={a}", dense_row(a)) for a in ATTENTION if a != "auto"]
     rows.append(("dense", "attention=auto, bf16 params + fp32 master", dense_row("auto", param_dtype="bfloat16")))
+    rows += [("packing", f"decoder, attention={a}, {dtype}", lambda c, a=a, dtype=dtype: packing_row(a, dtype))
+             for a, dtype in (("auto", "bfloat16"), ("dot_product", "float32"))]
     return rows
+
+
+def packing_row(attention: str, dtype: str) -> dict:
+    """bench/packing.py's packed-against-alone differences for a tiny decoder, with the kernel
+    `attention` selects for the lone rows (the packed ones are never fusable)."""
+    import runpy
+
+    packing = runpy.run_path(str(Path(__file__).with_name("packing.py")))
+    cfg = packing["packing_config"]("decoder", attention, dtype)
+    return {"attention": attention, "dtype": dtype, "kernel_alone": attention_kernel(cfg),
+            **packing["packed_minus_alone"](cfg)}
 
 
 def _cell(value) -> str:
@@ -300,6 +318,7 @@ TABLE_COLUMNS = {
             "loss"),
     "decode": ("tokens_per_s", "bound_spec_tokens_per_s", "fraction_of_spec_bound", "bound_measured_tokens_per_s",
                "fraction_of_measured_bound"),
+    "packing": ("kernel_alone", "dtype", "loss_max_abs_diff", "grad_max_abs_diff_over_max", "mean_loss"),
 }
 
 

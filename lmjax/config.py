@@ -170,7 +170,9 @@ class ModelConfig:
     Programs V) relative to lmjax's own init at d_model = `mup_base_width`: there the model
     equals the standard one, and tuned learning rates transfer to other widths (docs/scaling.md).
     Every hidden dimension (d_ff, expert d_ff, heads x head width) is taken to grow with
-    d_model, by `width_multiplier` = d_model / mup_base_width.
+    d_model, by `width_multiplier` = d_model / mup_base_width. The base constants
+    `logit_multiplier` (the head's logits) and `embedding_multiplier` (the token embedding's
+    output) mean the same under both parametrizations and transfer unchanged under mup.
     """
 
     family: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
@@ -224,8 +226,14 @@ class ModelConfig:
     remat: Literal["none", "dots", "full", "minimal_with_context", "save_dot_except_mlp", "save_qkv_proj",
                    "save_out_proj"] = "none"
     attention: Literal["auto", "einsum", "dot_product"] = "auto"  # auto: cuDNN on GPU where it can, see models.kernels
+    # positions per chunk of the output head's loss (lmjax.models.head): 0 the whole sequence at once;
+    # None picks by size: chunks only when the batch's float32 logits would pass 128 MiB on a device
+    loss_chunk: int | None = None
     parametrization: Literal["standard", "mup"] = "standard"
     mup_base_width: int | None = None  # mup: the d_model at which it equals the standard parametrization
+    # base constants (both parametrizations; under mup they hold at mup_base_width and transfer, docs/scaling.md)
+    logit_multiplier: float = 1.0  # the output head's logits times this (under mup also times 1 / m)
+    embedding_multiplier: float = 1.0  # the token embedding's output times this
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self):
@@ -235,6 +243,8 @@ class ModelConfig:
         _require(self.parametrization != "mup" or self.mup_base_width is not None,
                  "model.parametrization='mup' needs model.mup_base_width (the d_model whose learning rate was "
                  "tuned); set it, e.g. model.mup_base_width=256.")
+        for name in ("logit_multiplier", "embedding_multiplier"):
+            _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}.")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "scan_unroll"):
             _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}.")
         _require(self.d_head is None or self.d_head > 0, f"model.d_head must be positive or none, got {self.d_head}.")
@@ -265,6 +275,8 @@ class ModelConfig:
                  f"model.n_decoder_layers={self.n_decoder_layers} only applies to model.family='encoder_decoder'; "
                  "leave it unset (none).")
         _require(self.decoder_layers > 0, f"model.n_decoder_layers must be positive, got {self.n_decoder_layers}.")
+        _require(self.loss_chunk is None or self.loss_chunk >= 0,
+                 f"model.loss_chunk must be >= 0 (0: no chunks) or none (by size), got {self.loss_chunk}.")
         _require(self.relative_buckets >= 2 and self.relative_max_distance > self.relative_buckets // 2,
                  f"model.relative_buckets={self.relative_buckets} must be >= 2 and model.relative_max_distance="
                  f"{self.relative_max_distance} larger than half of it (T5: 32 and 128).")
@@ -371,6 +383,11 @@ class ModelConfig:
         """What output-like layers (the logits, the MoE router's logits) are multiplied by:
         1 / m under mup, 1.0 otherwise."""
         return self.mup_base_width / self.d_model if self.parametrization == "mup" else 1.0
+
+    @property
+    def logit_scale(self) -> float:
+        """What the output head's logits are multiplied by: logit_multiplier times output_multiplier."""
+        return self.logit_multiplier * self.output_multiplier
 
     @property
     def gated_mlp(self) -> bool:
@@ -681,6 +698,7 @@ class Config:
             f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
             "shorten the sequences or raise model.max_seq_len.",
         )
+        targets_length = self.data.seq_len
         if self.model.family == "encoder_decoder":
             try:
                 _, targets_length = span_corruption_lengths(self.data.seq_len, self.data.noise_density,
@@ -690,6 +708,9 @@ class Config:
             _require(targets_length <= self.model.max_seq_len,
                      f"span corruption targets of {targets_length} tokens exceed model.max_seq_len="
                      f"{self.model.max_seq_len}; raise model.max_seq_len.")
+        _require(not self.model.loss_chunk or targets_length % self.model.loss_chunk == 0,
+                 f"model.loss_chunk={self.model.loss_chunk} does not divide the {targets_length} target positions "
+                 "of each example; pick a divisor, 0 (no chunks) or none (by size).")
         _require(
             self.train.batch_size % self.optim.grad_accum_steps == 0,
             f"train.batch_size={self.train.batch_size} is not divisible by optim.grad_accum_steps="

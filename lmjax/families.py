@@ -4,9 +4,9 @@ encoder-decoder, in one place.
 A `Family` is a frozen dataclass of what a family is and does, modelled on Levanter's
 `LmConfig` and T5X's `BaseModel`: its block stacks (from which `lmjax.scaling` counts
 parameters, FLOPs, memory and the KV cache), its window and example lengths, how raw
-windows become its examples, how its model turns a batch into logits, and what training's
-finish, `lmjax generate` and generation do for it. `family_of(model_cfg)` picks the spec once;
-no other module compares a family name.
+windows become its examples, how its model turns a batch into per-token losses or logits,
+and what training's finish, `lmjax generate` and generation do for it. `family_of(model_cfg)`
+picks the spec once; no other module compares a family name.
 
 The data side (`lmjax.data`, which loads Grain) and generation are imported inside the
 functions that read data or sample, so that building, counting and training-step code
@@ -55,7 +55,10 @@ class Family:
     - `examples(windows, cfg, tokenizer, seed)`: the family's dataset over raw windows, or
       None when the packed windows are its examples.
     - `build(model_cfg, rngs)`: the model.
-    - `predict(model, batch, dropout_key)`: logits (B, T, V) float32 over the batch's targets.
+    - `forward(model, batch, dropout_key, targets=None, loss_mask=None)`: the model over the
+      batch: logits (B, T, V) float32 over the batch's targets, or, given the targets and loss
+      mask, the per-token losses (B, T) from the chunked head. Callers use the methods
+      `token_losses` (training and evaluation) and `predict` (logits, for analysis).
     - `sample(model, cfg, tokenizer, val_set)`: the text training's finish prints and saves
       to sample.txt; None: the family has no sample.
     - `encode_prompt(tokenizer, text)`, `generate(model, prompts, max_new_tokens, tokenizer,
@@ -72,7 +75,7 @@ class Family:
     example_lengths: Callable[[Config], tuple[int, int]]
     window_length: Callable[[Config], int]
     build: Callable[[ModelConfig, nnx.Rngs], nnx.Module]
-    predict: Callable
+    forward: Callable
     hf_architecture: str
     examples: Callable | None = None
     sample: Callable | None = None
@@ -81,22 +84,35 @@ class Family:
     show: Callable | None = None
     decoder_start: Callable | None = None
 
+    def token_losses(self, model, batch: dict, dropout_key=None):
+        """Cross-entropy (B, T) float32 (nats) of each of the batch's targets, 0 where its loss_mask
+        is 0, computed `model.loss_chunk` positions at a time (`lmjax.models.head`): what
+        training and evaluation take, so neither ever holds the whole batch's logits."""
+        return self.forward(model, batch, dropout_key, batch["targets"], batch["loss_mask"])
+
+    def predict(self, model, batch: dict, dropout_key=None):
+        """Logits (B, T, V) float32 over the batch's targets, all at once (for analysis)."""
+        return self.forward(model, batch, dropout_key)
+
 
 def family_of(cfg: ModelConfig) -> Family:
     """The spec of `cfg.family`."""
     return FAMILIES[cfg.family]
 
 
-def _single_stack_predict(model, batch: dict, dropout_key=None):
+def _single_stack_forward(model, batch: dict, dropout_key=None, targets=None, loss_mask=None):
     """Decoder and encoder batches: inputs, positions, segment_ids (B, T) (segment_ids may be left
     out when every row is one sequence: fused attention kernels then need no mask)."""
-    return model(batch["inputs"], batch["positions"], batch.get("segment_ids"), dropout_key)
+    return model(batch["inputs"], batch["positions"], batch.get("segment_ids"), dropout_key, targets=targets,
+                 loss_mask=loss_mask)
 
 
-def _encoder_decoder_predict(model, batch: dict, dropout_key=None):
-    """encoder_inputs, encoder_segment_ids (B, S) and decoder_inputs, decoder_segment_ids (B, T)."""
+def _encoder_decoder_forward(model, batch: dict, dropout_key=None, targets=None, loss_mask=None):
+    """encoder_inputs, encoder_segment_ids (B, S) and decoder_inputs, decoder_segment_ids (B, T);
+    packed rows also carry encoder_positions (B, S) and decoder_positions (B, T)."""
     return model(batch["encoder_inputs"], batch["decoder_inputs"], batch["encoder_segment_ids"],
-                 batch["decoder_segment_ids"], dropout_key)
+                 batch["decoder_segment_ids"], dropout_key, targets=targets, loss_mask=loss_mask,
+                 encoder_positions=batch.get("encoder_positions"), decoder_positions=batch.get("decoder_positions"))
 
 
 def _masked_lm_examples(windows, cfg: Config, tokenizer, seed: int):
@@ -181,7 +197,7 @@ def _single_stack(name: str, causal: bool, model: type, hf_architecture: str, **
     """A family of one block stack over the packed windows' data.seq_len tokens."""
     return Family(name=name, stacks=lambda m: (StackShape(m.n_layers, causal=causal),),
                   example_lengths=lambda cfg: (cfg.data.seq_len, 0), window_length=lambda cfg: cfg.data.seq_len,
-                  build=lambda m, rngs: model(m, rngs=rngs), predict=_single_stack_predict,
+                  build=lambda m, rngs: model(m, rngs=rngs), forward=_single_stack_forward,
                   hf_architecture=hf_architecture, **behaviour)
 
 
@@ -203,7 +219,7 @@ FAMILIES = {
         window_length=lambda cfg: _span_lengths(cfg)[0],
         examples=_span_corruption_examples,
         build=lambda m, rngs: EncoderDecoderLM(m, rngs=rngs),
-        predict=_encoder_decoder_predict,
+        forward=_encoder_decoder_forward,
         sample=_fill_in_sample,
         encode_prompt=lambda tokenizer, text: np.append(tokenizer.encode_with_sentinels(text), tokenizer.eos_id),
         generate=_generate_spans,

@@ -141,6 +141,7 @@ def sweep():
     (["train", "--num-processes", "2", "--process-id", "0"], "need --coordinator HOST:PORT"),
     (["train", "--set", "train.sample_prompt="], "train.sample_prompt is empty"),
     (["train", *TINY, "--set", "train.sample_prompt=" + "x" * 40], "train.sample_prompt is 40 tokens"),
+    (["train", *TINY, "--set", "model.loss_chunk=7"], "model.loss_chunk=7 does not divide the 32 target positions"),
     (["sweep", "{sweep}", "--commands"], "has WSD branches, which must run after their trunk"),
 ])
 def test_more_bad_input_is_one_clear_error_and_changes_nothing(capsys, tmp_path, args, message):

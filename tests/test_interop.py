@@ -23,7 +23,7 @@ from lmjax.config import ConfigError
 from lmjax.data.tokenizer import ByteTokenizer
 from lmjax.generate import generate, generate_targets
 from lmjax.interop import llama
-from lmjax.interop.convert import from_hf, to_hf
+from lmjax.interop.convert import folding_factor, from_hf, multiplier_folding_factors, to_hf
 from lmjax.models import DecoderLM
 from lmjax.runs import restore_weights
 
@@ -328,17 +328,23 @@ TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=6
         "train.eval_batches=1", "train.sample_tokens=0", "log.wandb=off", "log.progress_bar=false"]
 
 
+MULTIPLIERS = {"llama_tiny": ["model.logit_multiplier=2", "model.embedding_multiplier=0.5"],  # untied
+               "moe_tiny": ["model.logit_multiplier=0.5", "model.embedding_multiplier=0.5"]}  # tied: equal
+
+
 @pytest.mark.parametrize("experiment, hf_class", [
     ("llama_tiny", "AutoModelForCausalLM"), ("moe_tiny", "AutoModelForCausalLM"),
     ("t5_tiny_hf", "AutoModelForSeq2SeqLM"), ("bert_tiny", "AutoModelForMaskedLM")])
 def test_export_loads_in_transformers_with_the_same_logits_and_reimports_bit_for_bit(tmp_path, experiment, hf_class):
-    """Each HF-representable experiment, shrunk, trained two steps by lmjax, exported."""
+    """Each HF-representable experiment, shrunk, trained two steps by lmjax, exported; the
+    decoders with logit and embedding multipliers, which export folds into the weights (powers
+    of 2, so the re-imported weights are the trained ones times the factors, bit for bit)."""
     from lmjax.config_parse import override
     from lmjax.experiment import load_experiment
     from lmjax.train.loop import train
 
     cfg = override(load_experiment(experiment), TINY + [f"train.run_dir={tmp_path / 'run'}"]
-                   + (["model.moe.d_ff=32"] if experiment == "moe_tiny" else []))
+                   + (["model.moe.d_ff=32"] if experiment == "moe_tiny" else []) + MULTIPLIERS.get(experiment, []))
     train(cfg, tmp_path / "run")
     notes = to_hf(tmp_path / "run", tmp_path / "hf")
     assert all("z_loss" in n for n in notes) and len(notes) == cfg.model.moe.enabled  # the z-loss: training only
@@ -358,11 +364,14 @@ def test_export_loads_in_transformers_with_the_same_logits_and_reimports_bit_for
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=TOLERANCE, rtol=0)
 
     from_hf(tmp_path / "hf", tmp_path / "again")
-    before = jax.tree.leaves(nnx.state(model, nnx.Param))
+    factors = multiplier_folding_factors(cfg.model)
+    assert bool(factors) == (experiment in MULTIPLIERS)
+    before = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     after = jax.tree.leaves(nnx.state(load_run(tmp_path / "again")[0], nnx.Param))
     assert len(before) == len(after)
-    for a, b in zip(before, after):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for (path, a), b in zip(before, after):
+        factor = folding_factor(factors, tuple(str(k.key) for k in path))
+        np.testing.assert_array_equal(np.asarray(a) * np.asarray(factor, a.dtype), np.asarray(b))
 
 
 def test_export_shards_above_the_threshold(imported, tmp_path):

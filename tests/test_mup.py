@@ -57,8 +57,13 @@ def train_three_steps(cfg: ModelConfig):
     return history
 
 
+CONSTANTS = {"logit_multiplier": 2.0, "embedding_multiplier": 4.0}  # base constants away from 1
+
+
 def test_base_width_equals_standard_within_one_ulp():
-    standard, mup = train_three_steps(model_config()), train_three_steps(model_config(parametrization="mup"))
+    """With the same base constants set away from 1: the forward pass and 3 optimizer steps."""
+    standard = train_three_steps(model_config(**CONSTANTS))
+    mup = train_three_steps(model_config(parametrization="mup", **CONSTANTS))
     for before, after in zip(standard, mup):
         assert before.keys() == after.keys()
         for name in before:
@@ -167,6 +172,8 @@ def test_coordinate_check():
     (["model.parametrization=mup", "model.mup_base_width=0"], "model.mup_base_width must be positive, got 0"),
     (["model.mup_base_width=-64"], "model.mup_base_width must be positive, got -64"),
     (["model.parametrization=mu-p"], "model.parametrization: cannot use 'mu-p'"),
+    (["model.logit_multiplier=0"], "model.logit_multiplier must be positive, got 0"),
+    (["model.embedding_multiplier=-1"], "model.embedding_multiplier must be positive, got -1"),
 ])
 def test_bad_input_is_one_clear_line(capsys, tmp_path, changes, message):
     args = [a for change in changes for a in ("--set", change)]
@@ -214,22 +221,33 @@ def test_plan_shows_the_parametrization_and_export_refuses_a_tied_mup_head_off_i
 
 
 def test_export_folds_the_multipliers_into_the_weights():
-    """The standard model of the same shape, its head, router and queries multiplied by
-    `mup_folding_factors`, computes the µP model's logits (here with a growing head width, so
-    the 1/d_head attention scale is folded too)."""
-    from lmjax.interop.convert import mup_folding_factors
+    """The standard model of the same shape without multipliers, its head, router, queries and
+    token embedding multiplied by `multiplier_folding_factors`, computes the logits of the µP
+    model with logit and embedding multipliers (here with a growing head width, so the 1/d_head
+    attention scale is folded too)."""
+    from lmjax.interop.convert import folding_factor, multiplier_folding_factors
 
-    mup_cfg = model_config(64, "mup", base=32, d_head=None, n_heads=4, position="rope", norm="rmsnorm")
+    mup_cfg = model_config(64, "mup", base=32, d_head=None, n_heads=4, position="rope", norm="rmsnorm", **CONSTANTS)
     assert mup_cfg.attention_logit_scale != 16**-0.5
-    factors = mup_folding_factors(mup_cfg)
-    standard_cfg = dataclasses.replace(mup_cfg, parametrization="standard")
+    factors = multiplier_folding_factors(mup_cfg)
+    standard_cfg = dataclasses.replace(mup_cfg, parametrization="standard", logit_multiplier=1.0,
+                                       embedding_multiplier=1.0)
     mup = family_of(mup_cfg).build(mup_cfg, nnx.Rngs(0))
     standard = family_of(standard_cfg).build(standard_cfg, nnx.Rngs(1))
-    nnx.update(standard, jax.tree_util.tree_map_with_path(lambda path, w: w * factors.get(path[-1].key, 1.0),
-                                                          nnx.to_pure_dict(nnx.state(mup, nnx.Param))))
+    nnx.update(standard, jax.tree_util.tree_map_with_path(
+        lambda path, w: w * folding_factor(factors, tuple(p.key for p in path)),
+        nnx.to_pure_dict(nnx.state(mup, nnx.Param))))
     tokens = text_batch(2, 16)["inputs"]
     np.testing.assert_allclose(standard(tokens), mup(tokens), rtol=1e-5, atol=1e-6)
-    assert mup_folding_factors(dataclasses.replace(mup_cfg, d_model=32)) == {"unembed": 1, "router": 1, "wq": 1}
+    at_base = dataclasses.replace(mup_cfg, d_model=32)
+    assert multiplier_folding_factors(at_base) == {"unembed": 2.0, "router": 1, "wq": 1, "embed.table": 4.0}
+    plain = dataclasses.replace(at_base, parametrization="standard")
+    assert multiplier_folding_factors(plain) == {"unembed": 2.0, "embed.table": 4.0}
+    assert multiplier_folding_factors(dataclasses.replace(plain, logit_multiplier=1.0, embedding_multiplier=1.0)) == {}
+    tied = dataclasses.replace(plain, tie_embeddings=True, logit_multiplier=4.0)
+    assert multiplier_folding_factors(tied) == {"embed.table": 4.0}  # the table serves both, times 4
+    with pytest.raises(ConfigError, match="which a tied transformers head cannot hold"):
+        multiplier_folding_factors(dataclasses.replace(tied, logit_multiplier=2.0))
 
 
 def test_sharded_mup_run_equals_one_device_and_resumes_as_mup(tmp_path):

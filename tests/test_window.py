@@ -77,7 +77,7 @@ def test_each_layer_of_the_scan_attends_by_its_pattern():
         for i, window in enumerate(windows):
             layer_mask = causal if window is None else causal & (k > q - window)
             x = model.stack.layer(i)(x, positions, layer_mask[None, None])
-        return model._logits(x)
+        return model._head(x)
 
     ours = nnx.jit(lambda m: m(tokens, positions, segments))(model)
     np.testing.assert_allclose(ours, layer_by_layer(model, (3, 3, 3, None)), atol=1e-5)

@@ -31,12 +31,13 @@ HEAD_DIM = 32
 
 
 def check_model_config(width: int, parametrization: str, base_width: int = WIDTHS[0], n_layers: int = 2,
-                       seq_len: int = 32) -> ModelConfig:
+                       seq_len: int = 32, **constants) -> ModelConfig:
     """The coordinate check's decoder of d_model `width`: `n_layers` blocks, heads of width 32
-    (the head count grows with width), d_ff = 4 x width, tied embeddings, byte vocabulary."""
+    (the head count grows with width), d_ff = 4 x width, tied embeddings, byte vocabulary;
+    `constants`: base constants (ModelConfig fields, e.g. logit_multiplier=2.0)."""
     return ModelConfig(vocab_size=ByteTokenizer().vocab_size, d_model=width, n_layers=n_layers,
                        n_heads=width // HEAD_DIM, d_head=HEAD_DIM, d_ff=4 * width, max_seq_len=seq_len,
-                       parametrization=parametrization, mup_base_width=base_width)
+                       parametrization=parametrization, mup_base_width=base_width, **constants)
 
 
 def text_batch(batch_size: int, seq_len: int) -> dict[str, jax.Array]:
@@ -58,17 +59,17 @@ def activation_rms(model: nnx.Module, batch: dict) -> jax.Array:
 
 
 def coordinate_check(parametrization: str, widths=WIDTHS, seeds=(0, 1, 2), steps: int = 5, lr: float = 1e-2,
-                     batch_size: int = 4, seq_len: int = 32) -> np.ndarray:
+                     batch_size: int = 4, seq_len: int = 32, **constants) -> np.ndarray:
     """RMS (widths, steps, n_layers + 1) averaged over `seeds`: of each block's output and
     (last) of the logits, on one fixed batch, after each of `steps` AdamW steps on that batch
     (constant `lr`, no warmup, clipping or weight decay). After updates rather than at init:
     µP's logits start at O(1 / sqrt(width)) (a readout of O(1) features by O(1) weights, times
-    1 / m) and become O(1) at the first update."""
+    1 / m) and become O(1) at the first update. `constants`: base constants, as `check_model_config`."""
     optim = OptimConfig(lr=lr, schedule="constant", warmup_steps=0, weight_decay=0.0, clip_norm=None)
     batch = text_batch(batch_size, seq_len)
     table = []
     for width in widths:
-        cfg = check_model_config(width, parametrization, widths[0], seq_len=seq_len)
+        cfg = check_model_config(width, parametrization, widths[0], seq_len=seq_len, **constants)
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda cfg=cfg: family_of(cfg).build(cfg, nnx.Rngs(0))))
         optimizer = make_optimizer(optim, steps, abstract, cfg)
         train_step = make_train_step(graphdef, optimizer, learning_rate_schedule(optim, steps), 1, use_rng=False)

@@ -168,23 +168,41 @@ def _check_tokenizer(hf_dir: Path, model: ModelConfig, notes: list[str]) -> None
                           f"{model.vocab_size}; is it this model's tokenizer?")
 
 
-def mup_folding_factors(cfg: ModelConfig) -> dict[str, float]:
-    """{weight name: factor}: multiplied by these, the weights of a µP model `cfg` make the
-    standard-parametrization model of the same shape compute the same function, which is what
-    transformers' models are. The untied head and the router take the output multiplier 1/m;
-    the attention queries take µP's attention scale over the standard one (1.0 unless the
-    head width grows). Empty for a standard model. A tied head cannot take 1/m without the
-    embedding taking it too: ConfigError off the base width."""
+def multiplier_folding_factors(cfg: ModelConfig) -> dict[str, float]:
+    """{weight name: factor}: multiplied by these, the weights of `cfg` make the model of the
+    same shape with the standard parametrization and no multipliers (logit and embedding
+    multipliers 1) compute the same function, which is what transformers' models are. A weight
+    name is its last path component, or the last two joined by "." ("embed.table"). The untied
+    head takes `logit_scale` (the logit multiplier, and µP's 1/m); the router µP's 1/m; the
+    token embedding the embedding multiplier; the attention queries µP's attention scale over
+    the standard one (1.0 unless the head width grows). A tied table serves as both embedding
+    and head, so it folds only when the two multipliers are equal: ConfigError otherwise."""
+    if cfg.tie_embeddings and cfg.logit_scale != cfg.embedding_multiplier:
+        raise ConfigError(f"the model multiplies its logits by {cfg.logit_scale:g} (model.logit_multiplier="
+                          f"{cfg.logit_multiplier:g}{_mup_note(cfg)}) and its token embedding by "
+                          f"{cfg.embedding_multiplier:g}, which a tied transformers head cannot hold; "
+                          "export at the base width with equal multipliers, or train with model.tie_embeddings=false.")
+    factors = {"embed.table": cfg.embedding_multiplier} if cfg.embedding_multiplier != 1.0 else {}
+    if not cfg.tie_embeddings and cfg.logit_scale != 1.0:
+        factors["unembed"] = cfg.logit_scale
     if cfg.parametrization != "mup":
-        return {}
-    if cfg.tie_embeddings and cfg.output_multiplier != 1.0:
-        raise ConfigError(f"a µP model with tied embeddings at d_model={cfg.d_model} (model.mup_base_width="
-                          f"{cfg.mup_base_width}) multiplies its logits by {cfg.output_multiplier:g}, which a tied "
-                          "transformers head cannot hold; export at the base width, or train with "
-                          "model.tie_embeddings=false.")
+        return factors
     standard = dataclasses.replace(cfg, parametrization="standard")
-    return {"unembed": cfg.output_multiplier, "router": cfg.output_multiplier,
-            "wq": cfg.attention_logit_scale / standard.attention_logit_scale}
+    return {"unembed": cfg.logit_scale, "router": cfg.output_multiplier,
+            "wq": cfg.attention_logit_scale / standard.attention_logit_scale, **factors}
+
+
+def _mup_note(cfg: ModelConfig) -> str:
+    """', times 1/m = ...' for a µP model off its base width, else ''."""
+    if cfg.output_multiplier == 1.0:
+        return ""
+    return (f", times µP's 1/m = {cfg.output_multiplier:g} at d_model={cfg.d_model}, "
+            f"model.mup_base_width={cfg.mup_base_width}")
+
+
+def folding_factor(factors: dict[str, float], path: tuple) -> float:
+    """The factor of the weight at `path` (a tuple of keys) in `multiplier_folding_factors`' dict."""
+    return factors.get(str(path[-1]), factors.get(".".join(str(p) for p in path[-2:]), 1.0))
 
 
 def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
@@ -196,8 +214,9 @@ def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes:
     run_dir, hf_dir = Path(run_dir), Path(hf_dir)
     notes: list[str] = []
     cfg = load_config(run_dir)
-    factors = mup_folding_factors(cfg.model)
-    standard = dataclasses.replace(cfg.model, parametrization="standard")
+    factors = multiplier_folding_factors(cfg.model)
+    standard = dataclasses.replace(cfg.model, parametrization="standard", logit_multiplier=1.0,
+                                   embedding_multiplier=1.0)
     architecture = family_architecture(standard)
     hf_config = architecture.hf_config(standard, notes)
     rules = architecture.tensor_rules(standard)
@@ -205,8 +224,8 @@ def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes:
     tensors = {}
     for path, array in _flat(nnx.to_pure_dict(params)).items():
         array = np.asarray(jax.device_get(array))
-        if path[-1] in factors:
-            array = array * factors[path[-1]]
+        if folding_factor(factors, path) != 1.0:
+            array = array * folding_factor(factors, path)
         layers = layer_count(path, cfg.model)
         for i in [None] if layers is None else range(layers):
             tensors.update(rules[path].write(array) if i is None else rules[path].write(array[i], i=i))

@@ -295,7 +295,7 @@ class MLP(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding (V, D): lookup ids -> vectors, and `attend` for a tied output head."""
+    """Token embedding (V, D): lookup ids -> vectors (a tied output head reads the table too)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.table = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, cfg.param_dtype,
@@ -304,7 +304,3 @@ class Embed(nnx.Module):
     def __call__(self, ids, dtype):
         """ids (B, T) int -> (B, T, D) in `dtype`."""
         return take_rows(self.table[...], ids, dtype)
-
-    def attend(self, x):
-        """x (B, T, D) -> logits (B, T, V) in float32."""
-        return matmul(x, self.table[...].T, out_dtype=jnp.float32)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmjax.config import ConfigError, ModelConfig
+from lmjax.models.head import chunk_positions, chunked_token_losses, logits_bytes_per_position
 from lmjax.models.kernels import AttentionMask, right_padding_lengths
 from lmjax.models.layers import (
     ACTIVATIONS,
@@ -27,6 +28,8 @@ from lmjax.models.layers import (
 from lmjax.models.transformer import Stack, dropout
 from lmjax.models.weights import matmul, take_rows
 from lmjax.models.window import ring_step
+
+_PACKED = "segment ids (packed documents need a segment mask)"
 
 
 def check_length(cfg: ModelConfig, length: int, what: str) -> None:
@@ -81,6 +84,8 @@ class _TokenModel(nnx.Module):
         check_length(cfg, tokens.shape[1], "an input of")
         dtype = jnp.dtype(cfg.dtype)
         x = self.embed(tokens, dtype)  # (B, T, D)
+        if cfg.embedding_multiplier != 1.0:
+            x = x * jnp.asarray(cfg.embedding_multiplier, dtype)
         if cfg.position == "learned":
             x = x + take_rows(self.pos_embed[...], positions, dtype)
         if cfg.token_types:
@@ -90,30 +95,56 @@ class _TokenModel(nnx.Module):
             x = self.embed_norm(x)
         return dropout(x, cfg.dropout, None if dropout_key is None else jax.random.split(dropout_key)[0])
 
-    def _logits(self, x):
-        """(B, T, D) -> logits (B, T, V) float32, times `output_multiplier` under µP."""
+    def _head_features(self, x):
+        """Final hidden states (B, T, D) -> what the output projection reads (B, T, D): after the
+        final norm (pre-norm models), BERT's MLM transform, and original T5's d_model**-0.5."""
         cfg = self.cfg
         if cfg.norm_placement == "pre":
             x = self.final_norm(x)
         if cfg.mlm_head_transform:
             x = ACTIVATIONS[cfg.mlp](matmul(x, self.head_dense[...]) + self.head_bias[...].astype(x.dtype))
             x = self.head_norm(x)
-        if cfg.tie_embeddings:
-            if cfg.tied_output_rescale:  # original T5
-                x = x * cfg.d_model**-0.5
-            logits = self.embed.attend(x)
-        else:
-            logits = matmul(x, self.unembed[...], out_dtype=jnp.float32)
-        if cfg.parametrization == "mup":
-            logits = logits * cfg.output_multiplier
-        return logits + self.output_bias[...].astype(jnp.float32) if cfg.mlm_head_transform else logits
+        if cfg.tie_embeddings and cfg.tied_output_rescale:  # original T5
+            x = x * cfg.d_model**-0.5
+        return x
+
+    def _output_projection(self):
+        """The function features (..., D) -> logits (..., V) float32: the output matrix (tied: the
+        embedding table), times `logit_scale` (the logit multiplier, and 1 / m under µP), plus
+        BERT's output bias. The weights are read here once, so a scan over chunks of positions
+        closes over them."""
+        cfg = self.cfg
+        matrix = self.embed.table[...].T if cfg.tie_embeddings else self.unembed[...]
+        bias = self.output_bias[...].astype(jnp.float32) if cfg.mlm_head_transform else None
+        multiplier = cfg.logit_scale if cfg.parametrization == "mup" or cfg.logit_multiplier != 1.0 else None
+
+        def project(features):
+            logits = matmul(features, matrix, out_dtype=jnp.float32)
+            logits = logits if multiplier is None else logits * multiplier
+            return logits if bias is None else logits + bias
+
+        return project
+
+    def _head(self, x, targets=None, loss_mask=None):
+        """Final hidden states (B, T, D) -> logits (B, T, V) float32; or, given targets (B, T) int,
+        their cross-entropy (B, T) float32 (nats; 0 where loss_mask (B, T), default ones, is 0),
+        `model.loss_chunk` positions at a time (`lmjax.models.head`): the logits of the whole
+        batch never exist, in the forward or the backward pass."""
+        features, project = self._head_features(x), self._output_projection()
+        if targets is None:
+            return project(features)
+        loss_mask = jnp.ones(targets.shape, jnp.float32) if loss_mask is None else loss_mask
+        rows, length = targets.shape
+        chunk = chunk_positions(self.cfg.loss_chunk, length, logits_bytes_per_position(rows, self.cfg.vocab_size))
+        return chunked_token_losses(features, targets, loss_mask, project, chunk)
 
 
 class _SingleStackLM(_TokenModel):
     """Embedding -> scanned pre-norm blocks -> norm -> logits, causal or bidirectional.
 
     `__call__(tokens, positions, segment_ids, token_types=None) -> logits (B, T, V) float32`,
-    where tokens, positions, segment_ids and token_types are (B, T) int arrays. Tokens attend only within their
+    where tokens, positions, segment_ids and token_types are (B, T) int arrays; given `targets`
+    (and `loss_mask`) (B, T), the per-token losses (B, T) instead (`_TokenModel._head`). Tokens attend only within their
     segment (packed documents); segment id 0 marks padding. Without segment ids each row is one
     sequence, which fused attention kernels can take without a mask.
     """
@@ -127,7 +158,8 @@ class _SingleStackLM(_TokenModel):
         self.stack = Stack(cfg, rngs=rngs)
         self._init_head(cfg, rngs)
 
-    def __call__(self, tokens, positions=None, segment_ids=None, dropout_key=None, token_types=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, dropout_key=None, token_types=None, targets=None,
+                 loss_mask=None):
         positions = _default_positions(tokens, positions)
         packed = segment_ids is not None
         if not packed:
@@ -135,10 +167,9 @@ class _SingleStackLM(_TokenModel):
         embed_key, stack_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         x = self._embed(tokens, positions, embed_key, token_types)
         mask, bias = self.attention_inputs(positions, segment_ids)
-        mask = AttentionMask(mask, causal=self.causal,
-                             not_fusable="segment ids (packed documents need a segment mask)" if packed else None)
+        mask = AttentionMask(mask, causal=self.causal, not_fusable=_PACKED if packed else None)
         x = self.stack(x, positions, mask, stack_key, bias=bias, segment_ids=segment_ids)
-        return self._logits(x)
+        return self._head(x, targets, loss_mask)
 
     def attention_inputs(self, positions, segment_ids):
         """The stack's attention mask (B, 1, T, T) bool (causal or not) and relative position
@@ -188,7 +219,7 @@ class DecoderLM(_SingleStackLM):
                                     bias=bias, window_mask=window_mask, ring_write=ring_write)
         if "window" in cache:
             stack_cache["window_positions"] = slot_positions
-        return self._logits(x), stack_cache
+        return self._head(x), stack_cache
 
     def _cache_mask_and_bias(self, positions, cache):
         mask = _cache_mask(positions, cache[0].shape[2])
@@ -217,17 +248,24 @@ def _empty_cache(cfg: ModelConfig, n_layers: int, batch_size: int, length: int):
     return jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)
 
 
-def cross_attention_mask(decoder_segment_ids, encoder_segment_ids) -> AttentionMask:
-    """Decoder token t may look at encoder token s unless either is padding (id 0); (B, 1, T, S)
-    densely, or as the right-padded lengths of both."""
-    dense = ((decoder_segment_ids != 0)[:, :, None] & (encoder_segment_ids != 0)[:, None, :])[:, None]
+def cross_attention_mask(decoder_segment_ids, encoder_segment_ids, packed: bool = False) -> AttentionMask:
+    """Decoder token t may look at encoder token s of its own segment (document), padding (id 0)
+    excluded; (B, 1, T, S) densely, and, unless rows are `packed` with several documents, as the
+    right-padded lengths of both."""
+    same = decoder_segment_ids[:, :, None] == encoder_segment_ids[:, None, :]
+    dense = (same & (decoder_segment_ids != 0)[:, :, None])[:, None]
+    if packed:
+        return AttentionMask(dense, not_fusable=_PACKED)
     return AttentionMask(dense, query_lengths=right_padding_lengths(decoder_segment_ids),
                          key_lengths=right_padding_lengths(encoder_segment_ids))
 
 
-def padded_mask(dense, segment_ids, causal: bool) -> AttentionMask:
+def padded_mask(dense, segment_ids, causal: bool, packed: bool = False) -> AttentionMask:
     """The self-attention mask `dense` (B, 1, T, T) of right-padded rows (segment ids (B, T): 1 on
-    tokens, 0 on padding), with the rows' lengths for fused kernels."""
+    tokens, 0 on padding), with the rows' lengths for fused kernels; of `packed` rows (segment ids
+    1, 2, ... per document), the dense mask alone."""
+    if packed:
+        return AttentionMask(dense, causal=causal, not_fusable=_PACKED)
     lengths = right_padding_lengths(segment_ids)
     return AttentionMask(dense, causal=causal, query_lengths=lengths, key_lengths=lengths)
 
@@ -238,9 +276,13 @@ class EncoderDecoderLM(_TokenModel):
     output. One token embedding serves both stacks (and the output head when tied).
 
     `__call__(encoder_tokens (B, S), decoder_tokens (B, T), encoder_segment_ids, decoder_segment_ids)
-    -> logits (B, T, V) float32`; segment ids mark right padding: 1 on each row's tokens, then 0
-    on its padding (default: none), as span-corruption batches and `generate` build them. So each
-    row is one sequence of known length, which fused attention kernels take without a mask.
+    -> logits (B, T, V) float32` (given `targets` and `loss_mask` (B, T), the per-token losses
+    (B, T) instead, as `_TokenModel._head`); segment ids mark right padding: 1 on each row's tokens,
+    then 0 on its padding (default: none), as span-corruption batches and `generate` build them. So
+    each row is one sequence of known length, which fused attention kernels take without a mask.
+    Given `encoder_positions` (B, S) and `decoder_positions` (B, T), rows may instead pack several
+    documents (T5X's packing): segment ids 1, 2, ... per document on both sides, positions
+    restarting at each; every token then attends, and cross-attends, within its own document.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -256,14 +298,16 @@ class EncoderDecoderLM(_TokenModel):
         self.decoder = Stack(decoder_cfg, rngs=rngs, cross=True)
         self._init_head(cfg, rngs)
 
-    def encode(self, tokens, segment_ids=None, dropout_key=None):
-        """Encoder output (B, S, D) of tokens (B, S); padding (segment 0) is attended by nobody."""
+    def encode(self, tokens, segment_ids=None, dropout_key=None, positions=None):
+        """Encoder output (B, S, D) of tokens (B, S); padding (segment 0) is attended by nobody.
+        Given positions (B, S), rows may pack several documents (see `__call__`)."""
+        packed = positions is not None
         segment_ids = jnp.ones_like(tokens) if segment_ids is None else segment_ids
-        positions = _default_positions(tokens, None)
+        positions = _default_positions(tokens, positions)
         embed_key, stack_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         x = self._embed(tokens, positions, embed_key)
         mask, bias = self.encoder_attention_inputs(positions, segment_ids)
-        x = self.encoder(x, positions, padded_mask(mask, segment_ids, causal=False), stack_key, bias=bias,
+        x = self.encoder(x, positions, padded_mask(mask, segment_ids, False, packed), stack_key, bias=bias,
                          segment_ids=segment_ids)
         return self.encoder_norm(x)
 
@@ -278,18 +322,20 @@ class EncoderDecoderLM(_TokenModel):
         return attention_mask(segment_ids, causal=True), bias
 
     def __call__(self, encoder_tokens, decoder_tokens, encoder_segment_ids=None, decoder_segment_ids=None,
-                 dropout_key=None):
+                 dropout_key=None, targets=None, loss_mask=None, encoder_positions=None, decoder_positions=None):
         encoder_segment_ids = jnp.ones_like(encoder_tokens) if encoder_segment_ids is None else encoder_segment_ids
         decoder_segment_ids = jnp.ones_like(decoder_tokens) if decoder_segment_ids is None else decoder_segment_ids
         encoder_key, embed_key, stack_key = (None,) * 3 if dropout_key is None else jax.random.split(dropout_key, 3)
-        encoded = self.encode(encoder_tokens, encoder_segment_ids, encoder_key)
-        positions = _default_positions(decoder_tokens, None)
+        encoded = self.encode(encoder_tokens, encoder_segment_ids, encoder_key, encoder_positions)
+        packed = decoder_positions is not None
+        positions = _default_positions(decoder_tokens, decoder_positions)
         x = self._embed(decoder_tokens, positions, embed_key)
         mask, bias = self.decoder_attention_inputs(positions, decoder_segment_ids)
-        x = self.decoder(x, positions, padded_mask(mask, decoder_segment_ids, causal=True), stack_key, bias=bias,
-                         context=encoded, context_mask=cross_attention_mask(decoder_segment_ids, encoder_segment_ids),
-                         segment_ids=decoder_segment_ids)
-        return self._logits(x)
+        context_mask = cross_attention_mask(decoder_segment_ids, encoder_segment_ids,
+                                            packed or encoder_positions is not None)
+        x = self.decoder(x, positions, padded_mask(mask, decoder_segment_ids, True, packed), stack_key, bias=bias,
+                         context=encoded, context_mask=context_mask, segment_ids=decoder_segment_ids)
+        return self._head(x, targets, loss_mask)
 
     def init_cache(self, batch_size: int, length: int, encoded):
         """The decoder's KV cache for decoding against `encoded` (B, S, D) (from `encode`):
@@ -316,4 +362,4 @@ class EncoderDecoderLM(_TokenModel):
         context_mask = cross_attention_mask(jnp.ones_like(tokens), encoder_segment_ids)
         x, cache = self.decoder(self._embed(tokens, positions, None), positions, mask, cache=cache, bias=bias,
                                 context_mask=context_mask)
-        return self._logits(x), cache
+        return self._head(x), cache

@@ -36,7 +36,9 @@ A LoRA run (`lora.rank` > 0) holds its adapters, and their gradients, master cop
 moments alone (their bytes come from the LoRA code): its step applies x W + (alpha / r) (x A) B,
 so nothing the size of the frozen weights is formed or differentiated.
 
-Plus, once per token, the float32 logits and their gradient (2 * V * 4 bytes).
+Plus the float32 logits and their gradient (2 * V * 4 bytes per position), of one chunk of
+`model.loss_chunk` positions at a time (`lmjax.models.head`): per token of the batch, that
+times chunk / seq_len.
 Activations are per micro-batch (train.batch_size / optim.grad_accum_steps).
 """
 
@@ -46,6 +48,7 @@ import math
 
 from lmjax.config import Config, ModelConfig
 from lmjax.families import family_of
+from lmjax.models.head import chunk_positions
 from lmjax.scaling.counting import attention_params, mlp_params, norm_params, relative_bias_params
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -82,9 +85,11 @@ def param_elements_per_device(m: ModelConfig, sizes: dict[str, int]) -> float:
             + relative_bias_params(m) / tensor)
 
 
-def activation_bytes_per_token(m: ModelConfig, seq_len: int, remat: str | None = None, tensor: int = 1) -> float:
-    """Bytes of activations kept for the backward pass per token of a training batch
-    (all layers and the logits), with the tensor-sharded parts divided by `tensor`."""
+def activation_bytes_per_token(m: ModelConfig, seq_len: int, remat: str | None = None, tensor: int = 1,
+                               rows: float = 1) -> float:
+    """Bytes of activations kept for the backward pass per token of a training batch of `rows`
+    sequences per device (all layers and one chunk of the logits), with the tensor-sharded
+    parts divided by `tensor`."""
     remat = remat or m.remat
     b = DTYPE_BYTES[m.dtype]
     d, q_width, kv_width = m.d_model, m.n_heads * m.head_dim, 2 * m.kv_heads * m.head_dim
@@ -113,8 +118,9 @@ def activation_bytes_per_token(m: ModelConfig, seq_len: int, remat: str | None =
     layers = sum(layer_bytes(i, remat) for i in range(m.n_layers))
     if remat in ("full", "save_dot_except_mlp", "save_qkv_proj", "save_out_proj"):  # one layer recomputed at a time
         layers += max(layer_bytes(i, "none") for i in range(m.n_layers))
-    logits = 2 * m.vocab_size * 4 / tensor
-    return layers + logits
+    logits_per_position = m.vocab_size * 4 / tensor
+    chunk = chunk_positions(m.loss_chunk, seq_len, rows * logits_per_position)
+    return layers + 2 * logits_per_position * chunk / seq_len
 
 
 def kv_cache_bytes_per_token(m: ModelConfig) -> int:
@@ -171,7 +177,8 @@ def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1, a
     adam_bytes = 2 * (master_bytes or param_bytes)  # the moments mirror the weights being optimized
     batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     micro_batch_tokens = cfg.train.batch_size // cfg.optim.grad_accum_steps * cfg.data.seq_len
-    activations = activation_bytes_per_token(m, cfg.data.seq_len, tensor=sizes["tensor"]) * (
+    rows = micro_batch_tokens / batch_shards / cfg.data.seq_len
+    activations = activation_bytes_per_token(m, cfg.data.seq_len, tensor=sizes["tensor"], rows=rows) * (
         micro_batch_tokens / batch_shards)
     kv_per_token = kv_cache_bytes_per_token(m)
     kv_cache = kv_cache_bytes_per_sequence(m) * inference_batch / sizes["tensor"]  # kv_heads split by tensor

@@ -84,6 +84,8 @@ def plan(cfg: Config, budget_flops: float | None = None, law: dict | None = None
     result = {
         "parametrization": cfg.model.parametrization,
         **({"mup_width_multiplier": cfg.model.width_multiplier} if cfg.model.parametrization == "mup" else {}),
+        "logit_multiplier": cfg.model.logit_multiplier,
+        "embedding_multiplier": cfg.model.embedding_multiplier,
         **counts,
         **_moe_shape(cfg),
         "flops_per_token_train": flops_per_token,

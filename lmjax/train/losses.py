@@ -1,14 +1,16 @@
-"""The loss every family trains on: masked cross-entropy over (targets, loss_mask).
+"""Cross-entropy over whole logits: what the chunked head (`lmjax.models.head`, through the
+family spec's `token_losses`) equals, for callers that already hold a batch's logits.
 
 The batch builders of the three objectives (causal LM, masked LM, span corruption) are
-numpy code on the data side (`lmjax.data.objectives`); which logits a family's model
-produces for a batch is its family spec's `predict` (`lmjax.families`).
+numpy code on the data side (`lmjax.data.objectives`); which targets a family's model
+predicts for a batch is its family spec's (`lmjax.families`).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
-import optax
+
+from lmjax.models.head import cross_entropy
 
 
 def token_losses(logits, targets, loss_mask):
@@ -16,8 +18,7 @@ def token_losses(logits, targets, loss_mask):
 
     logits (B, T, V) float32; targets (B, T) int; loss_mask (B, T) float -> (B, T) float32.
     """
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    return losses * loss_mask
+    return cross_entropy(logits, targets) * loss_mask
 
 
 def causal_lm_loss(logits, targets, loss_mask):

@@ -11,7 +11,6 @@ from lmjax.config import MoEConfig
 from lmjax.families import family_of
 from lmjax.models.moe import concatenate_stacks, max_violation, pop_routing_by_stack, update_router_bias
 from lmjax.train.guard import BadStepRule, apply_if_good
-from lmjax.train.losses import causal_lm_loss, token_losses
 from lmjax.train.optimizer import updated_params
 from lmjax.train.state import TrainState, split_trainable
 from lmjax.train.transforms import WeightTransform, adapter_of
@@ -21,7 +20,7 @@ def _loss_sum(params, graphdef, batch, dropout_key, moe: MoEConfig, frozen=None,
     """Differentiated objective of one (micro-)batch of (B, T) arrays, and its parts.
 
     Returns (objective, (loss_sum, count, routing)): loss_sum is the family's summed token loss
-    (nats; next token, masked tokens or span targets, see the family spec's `predict`) over `count`
+    (nats; next token, masked tokens or span targets, see the family spec's `token_losses`) over `count`
     tokens; for MoE models the objective adds count * (load_balance_coef * balancing loss +
     z_loss_coef * z loss + sequence_balance_coef * sequence balancing loss), each averaged over
     MoE layers, and `routing` holds the routing statistics per block stack, each stacked over its
@@ -32,8 +31,8 @@ def _loss_sum(params, graphdef, batch, dropout_key, moe: MoEConfig, frozen=None,
     """
     weights = params if adapt is None else adapt(frozen, params)
     model = nnx.merge(graphdef, weights) if not fixed else nnx.merge(graphdef, weights, fixed)
-    logits = family_of(model.cfg).predict(model, batch, dropout_key)
-    loss_sum, count = causal_lm_loss(logits, batch["targets"], batch["loss_mask"])
+    losses = family_of(model.cfg).token_losses(model, batch, dropout_key)
+    loss_sum, count = jnp.sum(losses), jnp.sum(batch["loss_mask"])
     by_stack = pop_routing_by_stack(model)
     for stats in by_stack.values():
         for per_token in ("experts", "picked"):  # per-token assignments: for analysis, not for the metrics
@@ -159,8 +158,7 @@ def eval_step(graphdef, params, batch, token_bytes):
     `token_bytes` (V,) (for bits per byte)."""
     model = nnx.merge(graphdef, params)
     model.eval()
-    logits = family_of(model.cfg).predict(model, batch)
+    losses = family_of(model.cfg).token_losses(model, batch)
     pop_routing_by_stack(model)
-    losses = token_losses(logits, batch["targets"], batch["loss_mask"])
     byte_count = jnp.sum(token_bytes[batch["targets"]] * batch["loss_mask"])
     return jnp.sum(losses), jnp.sum(batch["loss_mask"]), byte_count, losses
