@@ -171,8 +171,10 @@ class ModelConfig:
     equals the standard one, and tuned learning rates transfer to other widths (docs/scaling.md).
     Every hidden dimension (d_ff, expert d_ff, heads x head width) is taken to grow with
     d_model, by `width_multiplier` = d_model / mup_base_width. The base constants
-    `logit_multiplier` (the head's logits) and `embedding_multiplier` (the token embedding's
-    output) mean the same under both parametrizations and transfer unchanged under mup.
+    `logit_multiplier` (the head's logits), `embedding_multiplier` (the token embedding's
+    output) and the per-role init stds `init_std_input`/`_hidden`/`_output` (default
+    `init_std`) mean the same under both parametrizations; under mup they hold at the base
+    width (the hidden std then scales by 1/sqrt(m), the rest are kept).
     """
 
     family: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
@@ -234,6 +236,9 @@ class ModelConfig:
     # base constants (both parametrizations; under mup they hold at mup_base_width and transfer, docs/scaling.md)
     logit_multiplier: float = 1.0  # the output head's logits times this (under mup also times 1 / m)
     embedding_multiplier: float = 1.0  # the token embedding's output times this
+    init_std_input: float | None = None  # embeddings, learned positions, relative-bias tables; None: init_std
+    init_std_hidden: float | None = None  # the stack's matrices at the base width (mup: / sqrt(m)); None: init_std
+    init_std_output: float | None = None  # the untied head and the MoE router; None: init_std
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self):
@@ -245,6 +250,9 @@ class ModelConfig:
                  "tuned); set it, e.g. model.mup_base_width=256.")
         for name in ("logit_multiplier", "embedding_multiplier"):
             _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}.")
+        for name in ("init_std_input", "init_std_hidden", "init_std_output"):
+            _require(getattr(self, name) is None or getattr(self, name) > 0,
+                     f"model.{name} must be positive or none, got {getattr(self, name)}.")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "scan_unroll"):
             _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}.")
         _require(self.d_head is None or self.d_head > 0, f"model.d_head must be positive or none, got {self.d_head}.")
@@ -366,11 +374,24 @@ class ModelConfig:
         return self.d_model / self.mup_base_width if self.parametrization == "mup" else 1.0
 
     @property
+    def input_init_std(self) -> float:
+        """Init std of the input role (embeddings, learned positions, relative-bias tables):
+        init_std_input, or init_std."""
+        return self.init_std if self.init_std_input is None else self.init_std_input
+
+    @property
+    def output_init_std(self) -> float:
+        """Init std of the output role (untied head, MoE router): init_std_output or init_std."""
+        return self.init_std if self.init_std_output is None else self.init_std_output
+
+    @property
     def hidden_init_std(self) -> float:
-        """Init std of the stack's matrices: init_std, times sqrt(1 / m) under mup (their fan-in grows by m)."""
+        """Init std of the stack's matrices: init_std_hidden (or init_std), times sqrt(1 / m)
+        under mup (their fan-in grows by m)."""
+        std = self.init_std if self.init_std_hidden is None else self.init_std_hidden
         if self.parametrization == "mup":
-            return self.init_std * (self.mup_base_width / self.d_model) ** 0.5
-        return self.init_std
+            return std * (self.mup_base_width / self.d_model) ** 0.5
+        return std
 
     @property
     def residual_init_std(self) -> float:

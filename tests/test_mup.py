@@ -57,7 +57,8 @@ def train_three_steps(cfg: ModelConfig):
     return history
 
 
-CONSTANTS = {"logit_multiplier": 2.0, "embedding_multiplier": 4.0}  # base constants away from 1
+CONSTANTS = {"logit_multiplier": 2.0, "embedding_multiplier": 4.0,  # base constants away from the defaults
+             "init_std_input": 0.05, "init_std_hidden": 0.03, "init_std_output": 0.01}
 
 
 def test_base_width_equals_standard_within_one_ulp():
@@ -98,6 +99,19 @@ def test_output_and_router_logits_are_multiplied_by_base_over_width(family):
     tokens = text_batch(2, 16)["inputs"]
     inputs = (tokens, tokens[:, ::-1]) if family == "encoder_decoder" else (tokens,)
     np.testing.assert_allclose(mup(*inputs), standard(*inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_init_std_per_role():
+    """At 4x the base width with per-role init stds: embeddings and positions at the input
+    std, head and router at the output std, hidden matrices at the hidden std / sqrt(4)
+    (wo, w_down also / sqrt(2 L)); the sample std of each within 10%."""
+    cfg = model_config(128, "mup", base=32, **CONSTANTS)
+    params = leaves(nnx.state(family_of(cfg).build(cfg, nnx.Rngs(0)), nnx.Param))
+    expected = {"embed.table": 0.05, "pos_embed": 0.05, "unembed": 0.01, "stack.moe_blocks.moe.router": 0.01,
+                "stack.blocks.attn.wq": 0.03 / 2, "stack.blocks.mlp.w_up": 0.03 / 2,
+                "stack.blocks.attn.wo": 0.03 / 2 / 2, "stack.moe_blocks.moe.w_down": 0.03 / 2 / 2}
+    for name, std in expected.items():
+        assert params[name].std() == pytest.approx(std, rel=0.1), name
 
 
 def test_attention_scale():
@@ -174,6 +188,7 @@ def test_coordinate_check():
     (["model.parametrization=mu-p"], "model.parametrization: cannot use 'mu-p'"),
     (["model.logit_multiplier=0"], "model.logit_multiplier must be positive, got 0"),
     (["model.embedding_multiplier=-1"], "model.embedding_multiplier must be positive, got -1"),
+    (["model.init_std_hidden=0"], "model.init_std_hidden must be positive or none, got 0"),
 ])
 def test_bad_input_is_one_clear_line(capsys, tmp_path, changes, message):
     args = [a for change in changes for a in ("--set", change)]

@@ -120,7 +120,7 @@ class RelativePositionBias(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, bidirectional: bool, *, rngs: nnx.Rngs):
         self.cfg, self.bidirectional = cfg, bidirectional
-        self.table = param(rngs, (cfg.relative_buckets, cfg.n_heads), ("relative_buckets", "heads"), cfg.init_std,
+        self.table = param(rngs, (cfg.relative_buckets, cfg.n_heads), ("relative_buckets", "heads"), cfg.input_init_std,
                            cfg.param_dtype, role="input")
 
     def __call__(self, query_positions, key_positions):
@@ -298,7 +298,7 @@ class Embed(nnx.Module):
     """Token embedding (V, D): lookup ids -> vectors (a tied output head reads the table too)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.table = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, cfg.param_dtype,
+        self.table = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.input_init_std, cfg.param_dtype,
                            role="input")
 
     def __call__(self, ids, dtype):

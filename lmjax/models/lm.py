@@ -56,10 +56,10 @@ class _TokenModel(nnx.Module):
         self.cfg = cfg
         self.embed = Embed(cfg, rngs=rngs)
         if cfg.position == "learned":
-            self.pos_embed = param(rngs, (cfg.max_seq_len, cfg.d_model), ("length", "embed"), cfg.init_std,
+            self.pos_embed = param(rngs, (cfg.max_seq_len, cfg.d_model), ("length", "embed"), cfg.input_init_std,
                                    cfg.param_dtype, role="input")
         if cfg.token_types:
-            self.type_embed = param(rngs, (cfg.token_types, cfg.d_model), (None, "embed"), cfg.init_std,
+            self.type_embed = param(rngs, (cfg.token_types, cfg.d_model), (None, "embed"), cfg.input_init_std,
                                     cfg.param_dtype, role="input")
         if cfg.embed_norm:
             self.embed_norm = make_norm(cfg, rngs)
@@ -74,7 +74,7 @@ class _TokenModel(nnx.Module):
             self.head_norm = make_norm(cfg, rngs)
             self.output_bias = param(rngs, (cfg.vocab_size,), ("vocab",), 0, cfg.param_dtype, role="vector")
         if not cfg.tie_embeddings:
-            self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
+            self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.output_init_std,
                                  cfg.param_dtype, role="output")
 
     def _embed(self, tokens, positions, dropout_key, token_types=None):

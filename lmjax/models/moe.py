@@ -400,7 +400,7 @@ class MoE(nnx.Module):
         self.router_multiplier = cfg.output_multiplier  # µP: the router is output-like
         d, f, e = cfg.d_model, cfg.expert_d_ff, moe.n_routed_experts
         std, out_std = cfg.hidden_init_std, cfg.residual_init_std
-        self.router = param(rngs, (d, e), ("embed", None), cfg.init_std, cfg.param_dtype, role="output")
+        self.router = param(rngs, (d, e), ("embed", None), cfg.output_init_std, cfg.param_dtype, role="output")
         if moe.router_bias:
             self.router_bias = RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=(None,), eager_sharding=False)
         self.w_up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, cfg.param_dtype, role="hidden")

@@ -86,6 +86,9 @@ def plan(cfg: Config, budget_flops: float | None = None, law: dict | None = None
         **({"mup_width_multiplier": cfg.model.width_multiplier} if cfg.model.parametrization == "mup" else {}),
         "logit_multiplier": cfg.model.logit_multiplier,
         "embedding_multiplier": cfg.model.embedding_multiplier,
+        "init_std_input": cfg.model.input_init_std,
+        "init_std_hidden": cfg.model.hidden_init_std,  # under mup: at this width
+        "init_std_output": cfg.model.output_init_std,
         **counts,
         **_moe_shape(cfg),
         "flops_per_token_train": flops_per_token,
