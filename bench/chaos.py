@@ -104,8 +104,8 @@ def final_state(run_dir: Path):
     from lmjax.parallel import make_mesh
     from lmjax.scaling.counting import total_steps
     from lmjax.train.optimizer import make_optimizer
+    from lmjax.train.restore import load_config
     from lmjax.train.rollback import restore_train_state
-    from lmjax.train.run_eval import load_config
     from lmjax.train.state import abstract_train_state
 
     cfg = load_config(run_dir)

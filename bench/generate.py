@@ -18,8 +18,8 @@ import numpy as np
 
 from lmjax.generate import generate
 from lmjax.hardware import PEAK_BANDWIDTH
+from lmjax.runs import load
 from lmjax.scaling.counting import param_counts
-from lmjax.train.run_eval import load
 
 
 def timed(fn):

@@ -24,12 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lmjax.adapters.int8 import load_params, quantize_params, resident_bytes
 from lmjax.config import MeshConfig
 from lmjax.experiment import load_experiment
 from lmjax.families import family_of
 from lmjax.generate import generate
 from lmjax.parallel import make_mesh
-from lmjax.quantize import load_params, quantize_params, resident_bytes
 from lmjax.train.state import abstract_model
 
 

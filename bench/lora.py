@@ -21,11 +21,12 @@ from pathlib import Path
 import jax
 from memory import compiled_memory  # bench/memory.py
 
+from lmjax.adapters import weight_transforms
 from lmjax.cli import transform_bytes
 from lmjax.config_parse import override
 from lmjax.experiment import load_experiment
+from lmjax.runs import restore_weights_onto, train
 from lmjax.scaling.memory import memory_estimate
-from lmjax.train.loop import train
 from lmjax.train.run import setup
 
 MIB = 2**20
@@ -58,7 +59,9 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="bench_lora_"))
     train(override(cfg, ["train.steps=1"]), root / "base")
-    runs = {name: setup(variant, root / name, root / "base") for name, variant in variants.items()}
+    runs = {name: setup(variant, root / name, root / "base", transforms=weight_transforms(variant),
+                        restore_weights=lambda path, mesh: restore_weights_onto(path, mesh)[2])
+            for name, variant in variants.items()}
     seconds = {name: [] for name in runs}
     for _ in range(args.rounds):
         for name, run in runs.items():

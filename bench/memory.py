@@ -11,16 +11,15 @@ line per policy.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 
 import jax
 import jax.numpy as jnp
 
+from lmjax.adapters import weight_transforms
 from lmjax.cli import transform_bytes
 from lmjax.config_parse import override
 from lmjax.experiment import load_experiment
-from lmjax.lora import low_rank
 from lmjax.parallel import batch_sharding, make_mesh
 from lmjax.scaling.memory import memory_estimate
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -32,12 +31,12 @@ def compiled_memory(cfg) -> dict:
     """XLA's argument and temporary bytes of the compiled train step of `cfg` (a decoder): full
     training, or with `lora.rank` > 0 the LoRA step, whose arguments also hold the frozen base."""
     mesh = make_mesh(cfg.mesh)
+    transforms = weight_transforms(cfg)
     graphdef, abstract, optimizer = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, 100, p), mesh,
-                                                         cfg.lora)
-    adapt = functools.partial(low_rank, cfg=cfg.lora) if cfg.lora.enabled else None
+                                                         transforms)
     frozen = [abstract_model(cfg.model)[1]] if cfg.lora.enabled else []
     step_fn = make_train_step(graphdef, optimizer, learning_rate_schedule(cfg.optim, 100), cfg.optim.grad_accum_steps,
-                              cfg.model.dropout > 0, cfg.model.moe, adapt)
+                              cfg.model.dropout > 0, cfg.model.moe, transforms)
     rows = batch_sharding(mesh)
     shape = (cfg.train.batch_size, cfg.data.seq_len)
     batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=rows) for name, dtype in (

@@ -18,9 +18,8 @@ from pathlib import Path
 from lmjax.config import QuantConfig
 from lmjax.config_parse import override
 from lmjax.experiment import load_experiment
-from lmjax.quantize import quantize_run
-from lmjax.train.loop import train
-from lmjax.train.run_eval import evaluate_run
+from lmjax.runs import evaluate_run, train
+from lmjax.tools import quantize_run
 
 
 def main():

@@ -98,8 +98,8 @@ def resolve_train_config(experiment: str | None, overrides: list[str], resume: s
 
 def cmd_train(args) -> None:
     from lmjax.parallel import initialize_distributed, process_0_text
-    from lmjax.train.loop import train
-    from lmjax.train.run import clear_run
+    from lmjax.runs import train
+    from lmjax.train.resume import clear_run
 
     cfg, run_dir = resolve_train_config(args.experiment, args.overrides, args.resume)
     initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout)
@@ -134,7 +134,7 @@ def add_eval(commands) -> None:
 def cmd_eval(args) -> None:
     if args.tasks is not None:
         return cmd_eval_tasks(args)
-    from lmjax.train.run_eval import evaluate_run
+    from lmjax.runs import evaluate_run
 
     if args.max_batches is not None and args.max_batches < 1:
         raise ConfigError(f"--max-batches must be at least 1, got {args.max_batches}; leave it out for the whole "
@@ -179,10 +179,10 @@ def add_generate(commands) -> None:
 def cmd_generate(args) -> None:
     from flax import nnx
 
+    from lmjax.adapters.int8 import int8_weight_bytes, is_quantized, resident_bytes
     from lmjax.families import family_of
-    from lmjax.quantize import int8_weight_bytes, is_quantized, resident_bytes
+    from lmjax.runs import load
     from lmjax.scaling.memory import kv_cache_bytes_per_sequence
-    from lmjax.train.run_eval import load
 
     check_sampling_args(args)
     model, cfg, tokenizer = load(Path(args.run_dir))
@@ -253,18 +253,10 @@ def cmd_plan(args) -> None:
 def transform_bytes(cfg: Config) -> dict:
     """The sizes of the run's weight transforms that `memory_estimate` and `plan` take:
     {"adapter_bytes": LoRA adapters' bytes, "int8_bytes": (int8 storage, float storage)}, each
-    only when the config turns it on."""
-    sizes = {}
-    if cfg.lora.enabled:
-        from lmjax.lora import adapted_sizes
-        from lmjax.scaling.memory import DTYPE_BYTES
+    only when the config turns it on (`WeightTransform.sizes`)."""
+    from lmjax.adapters import weight_transforms
 
-        sizes["adapter_bytes"] = adapted_sizes(cfg.lora, cfg.model)[1] * DTYPE_BYTES[cfg.model.param_dtype]
-    if cfg.quant.weights == "int8":
-        from lmjax.quantize import int8_weight_bytes
-
-        sizes["int8_bytes"] = int8_weight_bytes(cfg.model, cfg.quant.granularity)
-    return sizes
+    return {name: size for transform in weight_transforms(cfg) for name, size in transform.sizes(cfg).items()}
 
 
 def add_sweep(commands) -> None:
@@ -473,7 +465,7 @@ def add_lora(commands) -> None:
 
 
 def cmd_lora_merge(args) -> None:
-    from lmjax.lora import merge_run
+    from lmjax.tools import merge_run
 
     merge_run(Path(args.run_dir), Path(args.out))
     print(f"wrote {args.out}")
@@ -498,7 +490,7 @@ def add_quantize(commands) -> None:
 
 
 def cmd_quantize(args) -> None:
-    from lmjax.quantize import quantize_run
+    from lmjax.tools import quantize_run
 
     saved = quantize_run(Path(args.run_dir), Path(args.out), args.bits, args.granularity)
     print(f"wrote {args.out}: {saved / 2**20:.2f} MiB of weights (int8 matrices, float32 scales and vectors)")

@@ -57,7 +57,7 @@ class LmjaxLM(LM):
 
     @classmethod
     def from_run(cls, run_dir: Path | str, batch_size: int = 8) -> LmjaxLM:
-        from lmjax.train.run_eval import load
+        from lmjax.runs import load
 
         return cls(*load(Path(run_dir)), batch_size)
 

@@ -166,10 +166,10 @@ def upcycle_run(run_dir: Path, out_dir: Path, assignments: list[str] = (), noise
                 seed: int = 0) -> Config:
     """Write the dense run `run_dir`'s newest weights, upcycled, as the run directory `out_dir`;
     returns its config. Every check runs before anything is written."""
+    from lmjax.adapters.int8 import is_quantized
     from lmjax.checkpoint import write_weights_run
     from lmjax.data import load_from_run, save_to_run
-    from lmjax.quantize import is_quantized
-    from lmjax.train.run_eval import load_config, restore_weights
+    from lmjax.runs import load_config, restore_weights
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists():

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lmjax.adapters.int8 import Int8Weight
+from lmjax.adapters.lora import LowRankWeight
 from lmjax.config import Config, ConfigError, DataConfig, ModelConfig
 from lmjax.families import family_of
-from lmjax.lora import LowRankWeight
 from lmjax.models.head import LOGITS_CHUNK_BYTES, chunk_positions
-from lmjax.quantize import Int8Weight
 from lmjax.train.losses import token_losses
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ from lmjax.families import FAMILIES, family_of
 from lmjax.parallel import batch_sharding, make_mesh
 from lmjax.scaling.counting import param_counts
 from lmjax.scaling.memory import memory_estimate, mesh_sizes, param_elements_per_device
+from lmjax.train.datasets import DATA_ORDER_VERSION, check_data_order, family_examples
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
-from lmjax.train.run import DATA_ORDER_VERSION, check_data_order, family_examples
 from lmjax.train.state import abstract_train_state
 from lmjax.train.step import make_train_step
 

@@ -24,13 +24,13 @@ from lmjax.config import SPIKE_WINDOW, MeshConfig
 from lmjax.data.pipeline import BatchIterator
 from lmjax.parallel import make_mesh
 from lmjax.records import read_metrics
+from lmjax.runs import restore_params
+from lmjax.train.datasets import load_datasets
 from lmjax.train.goodput import PARTS
 from lmjax.train.guard import BadStepRule, init_guard
 from lmjax.train.loop import train
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
 from lmjax.train.rollback import Rollback, read_rollbacks, restore_train_state
-from lmjax.train.run import load_datasets
-from lmjax.train.run_eval import restore_params
 from lmjax.train.state import init_train_state
 from lmjax.train.step import make_train_step
 from lmjax.train.watchdog import AUTO_FACTOR, AUTO_FLOOR_SECONDS, HANG_EXIT_CODE, StepTimeout

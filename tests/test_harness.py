@@ -18,8 +18,8 @@ from lmjax.config import Config, ConfigError, DataConfig, ModelConfig
 from lmjax.data.tokenizer import ByteTokenizer
 from lmjax.families import family_of
 from lmjax.harness import LmjaxLM
+from lmjax.runs import evaluate_run
 from lmjax.train.loop import train
-from lmjax.train.run_eval import evaluate_run
 
 TASK = Path(__file__).parents[1] / "experiments" / "lm_eval" / "python_stdlib" / "python_stdlib.yaml"
 MODEL = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32, init_std=0.5)

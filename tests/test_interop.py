@@ -25,7 +25,7 @@ from lmjax.generate import generate, generate_targets
 from lmjax.interop import llama
 from lmjax.interop.convert import folding_factor, from_hf, multiplier_folding_factors, to_hf
 from lmjax.models import DecoderLM
-from lmjax.train.run_eval import restore_weights
+from lmjax.runs import restore_weights
 
 TOLERANCE = 1e-4
 VOCAB = 512  # >= the byte tokenizer's 384 ids, which a run without tokenizer.json records

@@ -17,13 +17,13 @@ from conftest import tiny_config
 from flax import nnx
 
 import lmjax
+from lmjax.adapters import weight_transforms
+from lmjax.adapters.lora import LoRA, LowRankWeight, fold, init_adapters, low_rank, matrix_split, path_name, targeted
 from lmjax.checkpoint import Checkpointer
 from lmjax.cli import main
 from lmjax.config import ConfigError, LoRAConfig, ModelConfig, MoEConfig
 from lmjax.families import family_of
-from lmjax.lora import LowRankWeight, fold, init_adapters, low_rank, matrix_split, path_name, targeted
-from lmjax.train.loop import train
-from lmjax.train.run_eval import restore_weights
+from lmjax.runs import restore_weights, train
 
 BASE = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=32)
 FAMILIES = {
@@ -105,7 +105,7 @@ def family_batch(model: ModelConfig, rows: int = 2, seq_len: int = 16) -> dict:
     """A (rows, ...) training batch of the family's objective, from a few lines of code."""
     from lmjax.config import Config, DataConfig
     from lmjax.data import ByteTokenizer, PackedDataset, tokenize
-    from lmjax.train.run import family_examples
+    from lmjax.train.datasets import family_examples
 
     cfg, tokenizer = Config(model=model, data=DataConfig(seq_len=seq_len)), ByteTokenizer()
     windows = PackedDataset(tokenize(["def f(x):\n    return x + 1\n" * 40], tokenizer),
@@ -183,7 +183,7 @@ sys.path.insert(0, "tests")
 from test_lora import LORA, family_batch, random_adapters
 from lmjax.config import MeshConfig, ModelConfig, MoEConfig
 from lmjax.families import family_of
-from lmjax.lora import low_rank
+from lmjax.adapters.lora import low_rank
 from lmjax.parallel import batch_sharding, make_mesh, state_shardings
 from lmjax.train.losses import causal_lm_loss
 
@@ -250,7 +250,7 @@ def runs(tmp_path_factory):
     train(lora, root / "lora", init_from=root / "base")
     shutil.copytree(root / "lora", root / "resumed")  # then drop the last checkpoint and resume from step 2
     shutil.rmtree(root / "resumed" / "checkpoints" / "4")
-    resumed = lmjax.train.run_eval.load_config(root / "resumed")  # as `lmjax train --resume` reads it
+    resumed = lmjax.runs.load_config(root / "resumed")  # as `lmjax train --resume` reads it
     assert train(dataclasses.replace(resumed, train=dataclasses.replace(resumed.train, run_dir=str(root / "resumed"))),
                  root / "resumed")["finished"]
     return root, checksum
@@ -271,9 +271,9 @@ def saved_state(run_dir):
     from lmjax.train.optimizer import make_optimizer
     from lmjax.train.state import abstract_train_state
 
-    cfg = lmjax.train.run_eval.load_config(run_dir)
+    cfg = lmjax.runs.load_config(run_dir)
     _, abstract, _ = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, cfg.train.steps, p, cfg.model),
-                                          make_mesh(MeshConfig()), cfg.lora)
+                                          make_mesh(MeshConfig()), weight_transforms(cfg))
     checkpointer = Checkpointer(run_dir, async_save=False)
     state, _, _ = checkpointer.restore(abstract)
     checkpointer.close()
@@ -328,6 +328,20 @@ def test_lora_without_a_base_run_is_one_clear_error(capsys, tmp_path):
     assert "give --init-from RUN_DIR" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("setting, name", [("lora.rank=4", "lora"), ("quant.weights=int8", "qat")])
+def test_a_feature_without_its_weight_transform_is_refused(setting, name, tmp_path):
+    """The trainer asks its weight transforms, never the config, how to train: a config that turns
+    LoRA or QAT on, handed to the trainer without that transform, is one clear error, and nothing
+    is written."""
+    from lmjax.config_parse import override
+    from lmjax.train.loop import train as train_without_transforms
+
+    cfg = override(tiny_config(tmp_path / "run"), [setting])
+    with pytest.raises(ConfigError, match=f"{setting} needs the {name} weight transform") as error:
+        train_without_transforms(cfg, tmp_path / "run")
+    assert len(str(error.value).splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 def test_lora_on_a_base_trained_with_another_tokenizer_is_refused(capsys, tmp_path):
     """The adapters' base reads token ids as its own tokenizer wrote them: a LoRA run whose
     data.tokenizer is not the base run's saved one is refused in one line, before any weight is read."""
@@ -377,10 +391,11 @@ def compiled_step_memory(lora: LoRAConfig | None):
     cfg = Config(model=model, data=DataConfig(seq_len=8), train=TrainConfig(batch_size=1), optim=OptimConfig(),
                  lora=lora or LoRAConfig())
     mesh = make_mesh(MeshConfig())
+    transforms = (LoRA(lora),) if lora else ()
     graphdef, abstract, optimizer = abstract_train_state(model, lambda p: make_optimizer(cfg.optim, 10, p), mesh,
-                                                         cfg.lora)
-    adapt = functools.partial(low_rank, cfg=lora) if lora else None
-    step = make_train_step(graphdef, optimizer, learning_rate_schedule(cfg.optim, 10), 1, False, model.moe, adapt)
+                                                         transforms)
+    step = make_train_step(graphdef, optimizer, learning_rate_schedule(cfg.optim, 10), 1, False, model.moe,
+                           transforms)
     batch = {k: jax.ShapeDtypeStruct((1, 8), dtype, sharding=batch_sharding(mesh)) for k, dtype in (
         ("inputs", jnp.int32), ("targets", jnp.int32), ("positions", jnp.int32), ("segment_ids", jnp.int32),
         ("loss_mask", jnp.float32))}
@@ -396,8 +411,8 @@ def test_the_lora_step_holds_no_weight_sized_gradient_and_plan_counts_its_argume
     weights' bytes (folding W + (alpha / r) A B into the weights, as the step once did, would
     instead add that copy and its gradient: twice those bytes more). And `lmjax plan`'s
     weights + adapters + Adam moments are the compiled LoRA step's arguments, less the batch."""
+    from lmjax.adapters.lora import adapted_sizes
     from lmjax.cli import transform_bytes
-    from lmjax.lora import adapted_sizes
     from lmjax.scaling.memory import memory_estimate
 
     full, _, _ = compiled_step_memory(None)

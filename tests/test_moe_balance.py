@@ -24,8 +24,8 @@ from lmjax.models.moe import (
 )
 from lmjax.parallel import make_mesh
 from lmjax.records import read_metrics, read_routing
+from lmjax.runs import restore_params
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
-from lmjax.train.run_eval import restore_params
 from lmjax.train.state import abstract_train_state, init_train_state
 from lmjax.train.step import make_train_step
 

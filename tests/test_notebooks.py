@@ -52,7 +52,7 @@ def test_notebook_runs(path, runs, monkeypatch):
     text = "".join(o.get("text", "") for o in outputs)
     pattern, figures = EXPECTED[path.stem]
     if "{loss}" in pattern:
-        from lmjax.train.run_eval import evaluate_run
+        from lmjax.runs import evaluate_run
 
         pattern = pattern.format(loss=re.escape(f"{evaluate_run(runs / 'tiny', max_batches=4)['loss']:.3f}"))
     assert re.search(pattern, text), text

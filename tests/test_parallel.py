@@ -142,7 +142,7 @@ def test_encoder_families_shard_like_single_device(tmp_path, family):
 
 DUMP_PARAMS = """
 import sys, numpy as np, jax
-from lmjax.train.run_eval import restore_params
+from lmjax.runs import restore_params
 params = restore_params(sys.argv[1], mesh_overrides=sys.argv[3:])
 np.savez(sys.argv[2], *[np.asarray(x) for x in jax.tree.leaves(params)])
 print([x.sharding.spec for x in jax.tree.leaves(params)][:1])
@@ -161,7 +161,7 @@ def test_fsdp_checkpoint_resumes_on_another_mesh_and_restores_on_one_cpu(tmp_pat
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     subprocess.run([sys.executable, "-c", DUMP_PARAMS, str(run), str(dump), "data=2", "tensor=4"], env=env,
                    check=True, capture_output=True)
-    from lmjax.train.run_eval import restore_params
+    from lmjax.runs import restore_params
 
     here = [np.asarray(x) for x in jax.tree.leaves(restore_params(run))]
     there = np.load(dump)

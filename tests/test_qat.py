@@ -16,13 +16,13 @@ import qwix
 from conftest import tiny_config
 from flax import nnx
 
+from lmjax.adapters.int8 import groups
+from lmjax.adapters.qat import QAT
 from lmjax.cli import main
 from lmjax.config import QuantConfig
 from lmjax.families import family_of
-from lmjax.quantize import groups
 from lmjax.records import read_metrics
-from lmjax.train.loop import train
-from lmjax.train.run_eval import load_config, restore_weights
+from lmjax.runs import load_config, restore_weights, train
 from lmjax.train.state import abstract_model
 
 INT8 = QuantConfig(weights="int8")
@@ -31,7 +31,7 @@ INT8 = QuantConfig(weights="int8")
 def fake_quantized(params: nnx.State, roles: tuple[str, ...]) -> nnx.State:
     """`params` with each matrix of a role in `roles` replaced by its int8 round trip, one
     absmax scale per output unit of each layer and expert (the groups `lmjax quantize` uses,
-    `lmjax.quantize.groups`), computed eagerly on the stacked weights."""
+    `lmjax.adapters.int8.groups`), computed eagerly on the stacked weights."""
     flat = []
     for path, weight in nnx.to_flat_state(params):
         channelwise = groups(weight, "channel")
@@ -72,7 +72,7 @@ def test_the_qat_forward_fake_quantizes_every_hidden_and_output_matrix(name):
     params = nnx.state(family_of(cfg).build(cfg, nnx.Rngs(0)))
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (2, 16)))
     logits = jax.jit(_logits, static_argnums=0)
-    qat = np.asarray(logits(abstract_model(cfg, INT8)[0], params, tokens))
+    qat = np.asarray(logits(abstract_model(cfg, (QAT(INT8),))[0], params, tokens))
     graphdef = abstract_model(cfg)[0]
     np.testing.assert_allclose(qat, logits(graphdef, fake_quantized(params, ("hidden", "output")), tokens),
                                rtol=1e-5, atol=1e-6)
@@ -113,7 +113,7 @@ def test_gradients_reach_every_weight_through_the_fake_quantization(qat_runs):
             return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
         return dict(nnx.to_flat_state(jax.jit(jax.grad(loss))(params)))
 
-    qat, ref = grads(abstract_model(cfg.model, cfg.quant)[0]), grads(abstract_model(cfg.model)[0])
+    qat, ref = grads(abstract_model(cfg.model, (QAT(cfg.quant),))[0]), grads(abstract_model(cfg.model)[0])
     for path, g in qat.items():
         g, r = np.asarray(g.get_value()), np.asarray(ref[path].get_value())
         assert np.all(np.isfinite(g)) and np.abs(g).max() > 0, path
@@ -141,7 +141,8 @@ from lmjax.parallel import make_mesh, state_shardings
 from lmjax.train.state import abstract_model
 from test_qat import INT8, _configs, _logits
 cfg = _configs()["moe_decoder"]
-graphdef, abstract = abstract_model(cfg, INT8)
+from lmjax.adapters.qat import QAT
+graphdef, abstract = abstract_model(cfg, (QAT(INT8),))
 params = nnx.from_flat_state([(k, v.replace(np.load(sys.argv[1])[str(i)]))
                               for i, (k, v) in enumerate(nnx.to_flat_state(abstract))])
 mesh = make_mesh(MeshConfig(data=1, fsdp=2, expert=4))

@@ -16,15 +16,14 @@ from safetensors.numpy import load_file
 
 import lmjax
 from lmjax import generate
+from lmjax.adapters.int8 import QUANTIZED_FILE, Int8Weight, groups, load_params, quantize_params, resident_bytes
+from lmjax.adapters.lora import path_name
 from lmjax.cli import main, transform_bytes
 from lmjax.config import MeshConfig, QuantConfig
 from lmjax.families import family_of
-from lmjax.lora import path_name
 from lmjax.parallel import make_mesh
-from lmjax.quantize import QUANTIZED_FILE, Int8Weight, groups, load_params, quantize_params, resident_bytes
+from lmjax.runs import evaluate_run, load_config, restore_weights, train
 from lmjax.scaling.plan import plan
-from lmjax.train.loop import train
-from lmjax.train.run_eval import evaluate_run, load_config, restore_weights
 from lmjax.train.state import abstract_model
 
 
@@ -162,8 +161,8 @@ def test_int8_weights_stay_int8_in_memory_and_give_the_dequantized_logits(name):
 SHARDED_LOGITS = """
 import sys, numpy as np, jax
 from flax import nnx
-from lmjax.quantize import Int8Weight
-from lmjax.train.run_eval import restore_weights
+from lmjax.adapters.int8 import Int8Weight
+from lmjax.runs import restore_weights
 _, graphdef, params, _, _ = restore_weights(sys.argv[1], mesh_overrides=["fsdp=8"], keep_int8=True)
 leaves = [v.get_value() for _, v in nnx.to_flat_state(params)]
 assert any(isinstance(w, Int8Weight) and len(w.qvalue.sharding.device_set) == 8

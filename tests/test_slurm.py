@@ -20,7 +20,7 @@ import pytest
 
 from lmjax.checkpoint import Checkpointer
 from lmjax.records import read_metrics
-from lmjax.train.run_eval import restore_params
+from lmjax.runs import restore_params
 
 # long enough that a signal sent after step 3 (through slurmctld, slurmd and the batch script)
 # always arrives before the run ends, on an idle machine too

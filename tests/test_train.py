@@ -12,10 +12,10 @@ from lmjax.checkpoint import Checkpointer
 from lmjax.config import MeshConfig, MoEConfig, OptimConfig
 from lmjax.parallel import make_mesh
 from lmjax.records import read_metrics
+from lmjax.runs import restore_weights
 from lmjax.train.loop import train
 from lmjax.train.metrics import peak_flops_per_device
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
-from lmjax.train.run_eval import restore_weights
 from lmjax.train.state import abstract_train_state, init_train_state
 from lmjax.train.step import make_train_step
 
@@ -170,7 +170,7 @@ def test_records_and_eval_json_write_null_for_nan(tiny, tmp_path, monkeypatch, c
     import json
     import math
 
-    import lmjax.train.run_eval
+    import lmjax.runs
     from lmjax.cli import main
     from lmjax.records import read_routing
     from lmjax.train.loggers import MetricsLogger
@@ -187,7 +187,7 @@ def test_records_and_eval_json_write_null_for_nan(tiny, tmp_path, monkeypatch, c
     (record,) = read_metrics(tmp_path)
     assert math.isnan(record["loss"]) and math.isnan(record["grad_norm"])
     np.testing.assert_array_equal(read_routing(tmp_path)["load"], [[[0.5, np.nan]]])
-    monkeypatch.setattr(lmjax.train.run_eval, "evaluate_run", lambda *args: {"step": 3, "loss": float("nan")})
+    monkeypatch.setattr(lmjax.runs, "evaluate_run", lambda *args: {"step": 3, "loss": float("nan")})
     assert main(["eval", str(tmp_path), "--json"]) == 0
     assert strict(capsys.readouterr().out) == {"step": 3, "loss": None}
 

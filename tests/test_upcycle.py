@@ -20,7 +20,7 @@ from lmjax.cli import main
 from lmjax.config import ConfigError, MeshConfig
 from lmjax.config_parse import read_config
 from lmjax.parallel import make_mesh
-from lmjax.train.run_eval import evaluate_run
+from lmjax.runs import evaluate_run
 from lmjax.train.state import abstract_model
 from lmjax.upcycle import upcycle_params
 
@@ -114,7 +114,7 @@ def test_a_llama_import_upcycles_into_a_mixtral_with_the_llamas_logits(tmp_path)
     computes the Llama's logits; `train --init-from` accepts the run (its checks, as for any
     weights-only run: tests/test_interop.py trains from one)."""
     from lmjax.interop.convert import from_hf, to_hf
-    from lmjax.train.run import check_init_from
+    from lmjax.train.resume import check_init_from
 
     torch.manual_seed(0)
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(

@@ -115,7 +115,7 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, log=print, only: int | None = None)
     """Run every unfinished run in order (WSD branches via their trunk) and return results.csv,
     or run only run number `only` (one SLURM job) and return its directory, leaving
     results.csv alone. All configs are built (and validated) before the first run starts."""
-    from lmjax.train.loop import train
+    from lmjax.runs import train  # with the weight transforms each run's config turns on
 
     if only is not None and not 0 <= only < len(sweep.runs):
         raise ConfigError(f"--only-index {only} is out of range: the sweep has {len(sweep.runs)} runs.")

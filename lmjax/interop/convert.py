@@ -212,7 +212,7 @@ def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes:
     """Write checkpoint `step` (default: newest) of `run_dir` as a transformers directory
     `hf_dir`; returns the notes on settings transformers does not carry."""
     from lmjax.data import load_from_run
-    from lmjax.train.run_eval import load_config, restore_weights
+    from lmjax.runs import load_config, restore_weights
 
     run_dir, hf_dir = Path(run_dir), Path(hf_dir)
     notes: list[str] = []

@@ -3,7 +3,7 @@
 
 PEFT's LoRA layer on a torch Linear (weight (out, in)) adds (lora_alpha / r) lora_B lora_A x,
 lora_A (r, in) and lora_B (out, r). lmjax's adapter of a weight (*in, *out) is A (*in, r),
-B (r, *out) (`lmjax.lora`), so lora_A is A flattened to (in, r) and transposed, lora_B is B
+B (r, *out) (`lmjax.adapters.lora`), so lora_A is A flattened to (in, r) and transposed, lora_B is B
 flattened to (r, out) and transposed: the weight's own export rule (`interop.rules.Linear`)
 applied to each factor. Weights whose export is not one torch Linear (Mixtral's experts,
 stored fused by transformers) have no PEFT LoRA layer and are refused.
@@ -18,10 +18,10 @@ import jax
 import numpy as np
 from flax import nnx
 
+from lmjax.adapters.lora import path_name
 from lmjax.config import ConfigError
 from lmjax.interop.convert import family_architecture, layer_count
 from lmjax.interop.rules import Linear
-from lmjax.lora import path_name
 
 
 def export_peft(run_dir: Path, out_dir: Path) -> None:
@@ -29,9 +29,10 @@ def export_peft(run_dir: Path, out_dir: Path) -> None:
     adapters of the LoRA run `run_dir`. Checks run before anything is written."""
     from safetensors.numpy import save_file
 
+    from lmjax.adapters import weight_transforms
     from lmjax.config import MeshConfig
     from lmjax.parallel import make_mesh
-    from lmjax.train.run_eval import load_config, restore_trained_onto
+    from lmjax.train.restore import load_config, restore_trained_onto
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     cfg = load_config(run_dir)
@@ -39,7 +40,7 @@ def export_peft(run_dir: Path, out_dir: Path) -> None:
         raise ConfigError(f"{run_dir} is not a LoRA run (lora.rank=0): there are no adapters to export.")
     architecture = family_architecture(cfg.model)
     rules = architecture.tensor_rules(cfg.model)
-    adapters = restore_trained_onto(run_dir, make_mesh(MeshConfig()))[2]
+    adapters = restore_trained_onto(run_dir, make_mesh(MeshConfig()), None, weight_transforms(cfg))[2]
     factors: dict[tuple, dict] = {}
     for path, variable in nnx.to_flat_state(adapters):
         factors.setdefault(tuple(path[:-1]), {})[path[-1]] = np.asarray(jax.device_get(variable[...]))

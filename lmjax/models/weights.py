@@ -1,5 +1,5 @@
 """How a layer reads its parameters: a plain array, or a `WeightForm`, a value some feature
-keeps in another form (`lmjax quantize`'s int8 values and scales, `lmjax.lora`'s frozen weight
+keeps in another form (`lmjax quantize`'s int8 values and scales, `lmjax.adapters.lora`'s frozen weight
 with a low-rank adapter beside it).
 
 `weight` casts any of them to the compute dtype, `take_rows` looks rows of a table up, and

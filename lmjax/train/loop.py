@@ -196,15 +196,17 @@ class StopRequest:
         return self.requested
 
 
-def train(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_order: bool = False) -> dict:
+def train(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_order: bool = False,
+          transforms: tuple = (), restore_weights: Callable | None = None) -> dict:
     """Train (or resume) the run in `run_dir` on a mesh over all devices; returns
     {step, finished, val_*: the newest validation metrics}. A new run with `init_from` (a run
     directory) starts from that run's weights; `new_data_order` lets a resumed run change its
-    batch or data (see `setup`). Every check that can fail on
-    user input runs before compilation. Where the time went is added to goodput.json and
-    printed at the end, however the invocation ends (`lmjax.train.goodput`)."""
+    batch or data; `transforms` and `restore_weights` as in `setup` (`lmjax.runs.train` passes
+    those a config turns on). Every check that can fail on user input runs before compilation.
+    Where the time went is added to goodput.json and printed at the end, however the
+    invocation ends (`lmjax.train.goodput`)."""
     start = time.perf_counter()
-    run = setup(cfg, run_dir, init_from, new_data_order)
+    run = setup(cfg, run_dir, init_from, new_data_order, transforms, restore_weights)
     announce(run)
     bar = loggers.progress_bar(run.steps, run.step, run.main_process and cfg.log.progress_bar)
     clock = StepClock(run.step)

@@ -10,10 +10,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lmjax.config import LoRAConfig, ModelConfig, QuantConfig
+from lmjax.config import ModelConfig
 from lmjax.families import family_of
 from lmjax.parallel import state_shardings
 from lmjax.train.guard import GuardState, init_guard
+from lmjax.train.transforms import WeightTransform, adapter_of, wrap_model
 
 
 class TrainState(NamedTuple):
@@ -21,8 +22,9 @@ class TrainState(NamedTuple):
 
     params: nnx.State of the model's variables: its trained weights (`nnx.Param`) and the
     MoE routers' selection biases (`RouterBias`, moved by the balancing rule, not by the
-    optimizer), or for a LoRA run its adapters alone (`lmjax.lora`); opt_state: optax state
-    (Adam moments mirror the `nnx.Param`s of params alone, see `split_trainable`); step: int32
+    optimizer), or for an adapting run (LoRA) the adapter's alone
+    (`lmjax.train.transforms.Adapter`); opt_state: optax state (Adam moments mirror the
+    `nnx.Param`s of params alone, see `split_trainable`); step: int32
     scalar, steps taken (bad steps that were skipped included); rng: PRNG key for dropout; guard:
     the bad-step judgment's recent losses and counters (`lmjax.train.guard`; None: no judgment,
     as in checkpoints written before it existed).
@@ -42,37 +44,33 @@ def split_trainable(params: nnx.State) -> tuple[nnx.State, nnx.State]:
     return nnx.split_state(params, nnx.Param, ...)
 
 
-def abstract_model(cfg: ModelConfig, quant: QuantConfig | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_model(cfg: ModelConfig, transforms: tuple[WeightTransform, ...] = ()) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, abstract params) of the model of cfg.family, without allocating any weights.
-    With `quant.weights` int8 (quantization-aware training) the graphdef is of the model under
-    qwix's QtProvider (`lmjax.quantize.quantization_aware`); the params are the same."""
-    def build():
-        model = family_of(cfg).build(cfg, nnx.Rngs(0))
-        if quant is not None and quant.weights == "int8":
-            from lmjax.quantize import quantization_aware
-
-            model = quantization_aware(model)
-        return model
-
-    return nnx.split(nnx.eval_shape(build))
+    The graphdef is of the model each transform wraps (`WeightTransform.wrap_model`: QAT runs
+    it under qwix's QtProvider); the params are the same."""
+    return nnx.split(nnx.eval_shape(lambda: wrap_model(family_of(cfg).build(cfg, nnx.Rngs(0)), transforms)))
 
 
-def _init_fn(cfg: ModelConfig, make_optimizer, lora: LoRAConfig | None = None, quant: QuantConfig | None = None):
-    """(graphdef, optimizer, init(seed) -> TrainState) for the model of `cfg`, or with an
-    enabled `lora` for that model's adapters (its weights are not part of the state); `quant`
-    as in `abstract_model`.
-
-    `make_optimizer(params) -> optax.GradientTransformation` may read the params' metadata.
-    """
-    graphdef, abstract_params = abstract_model(cfg, quant)
-    if lora is not None and lora.enabled:
-        from lmjax.lora import init_adapters
-
+def trainable_fn(cfg: ModelConfig, transforms: tuple[WeightTransform, ...] = ()):
+    """(graphdef, build(seed) -> the params a run trains): the model's, or with an adapting
+    transform (LoRA) that transform's own (`Adapter.init_trainable`; the model's are frozen)."""
+    graphdef, abstract_params = abstract_model(cfg, transforms)
+    adapter = adapter_of(transforms)
+    if adapter is not None:
         def build(seed):
-            return init_adapters(lora, abstract_params, seed)
+            return adapter.init_trainable(abstract_params, seed)
     else:
         def build(seed):
             return nnx.state(family_of(cfg).build(cfg, nnx.Rngs(seed)))
+    return graphdef, build
+
+
+def _init_fn(cfg: ModelConfig, make_optimizer, transforms: tuple[WeightTransform, ...] = ()):
+    """(graphdef, optimizer, init(seed) -> TrainState) for the params `trainable_fn` builds.
+
+    `make_optimizer(params) -> optax.GradientTransformation` may read the params' metadata.
+    """
+    graphdef, build = trainable_fn(cfg, transforms)
     optimizer = make_optimizer(split_trainable(jax.eval_shape(lambda: build(0)))[0])
 
     def init(seed):
@@ -84,24 +82,23 @@ def _init_fn(cfg: ModelConfig, make_optimizer, lora: LoRAConfig | None = None, q
     return graphdef, optimizer, init
 
 
-def init_train_state(cfg: ModelConfig, make_optimizer, seed: int, mesh: Mesh, lora: LoRAConfig | None = None,
-                     quant: QuantConfig | None = None):
+def init_train_state(cfg: ModelConfig, make_optimizer, seed: int, mesh: Mesh,
+                     transforms: tuple[WeightTransform, ...] = ()):
     """Initialise params and optimizer state inside one jit whose outputs are already
-    sharded over `mesh` (no device ever holds unsharded weights).
+    sharded over `mesh` (no device ever holds unsharded weights); `transforms` as in `trainable_fn`.
 
     Returns (graphdef, state: TrainState, shardings: TrainState of NamedShardings, optimizer).
     """
-    graphdef, optimizer, init = _init_fn(cfg, make_optimizer, lora, quant)
+    graphdef, optimizer, init = _init_fn(cfg, make_optimizer, transforms)
     shardings = train_state_shardings(jax.eval_shape(lambda: init(seed)), mesh)
     state = jax.jit(lambda: init(seed), out_shardings=shardings)()
     return graphdef, state, shardings, optimizer
 
 
-def abstract_train_state(cfg: ModelConfig, make_optimizer, mesh: Mesh, lora: LoRAConfig | None = None,
-                         quant: QuantConfig | None = None):
+def abstract_train_state(cfg: ModelConfig, make_optimizer, mesh: Mesh, transforms: tuple[WeightTransform, ...] = ()):
     """(graphdef, TrainState of jax.ShapeDtypeStruct carrying shardings over `mesh`, optimizer):
     the target a checkpoint is restored into, allocated nowhere."""
-    graphdef, optimizer, init = _init_fn(cfg, make_optimizer, lora, quant)
+    graphdef, optimizer, init = _init_fn(cfg, make_optimizer, transforms)
     shapes = jax.eval_shape(lambda: init(0))
     shardings = train_state_shardings(shapes, mesh)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)

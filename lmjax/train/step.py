@@ -13,6 +13,7 @@ from lmjax.models.moe import concatenate_stacks, max_violation, pop_routing_by_s
 from lmjax.train.guard import BadStepRule, apply_if_good
 from lmjax.train.optimizer import updated_params
 from lmjax.train.state import TrainState, split_trainable
+from lmjax.train.transforms import WeightTransform, adapter_of
 
 
 def _loss_sum(params, graphdef, batch, dropout_key, moe: MoEConfig, frozen=None, adapt=None, fixed=None):
@@ -26,7 +27,7 @@ def _loss_sum(params, graphdef, batch, dropout_key, moe: MoEConfig, frozen=None,
     MoE layers (`pop_routing_by_stack`; empty for dense models). `fixed`: the model's variables
     that are not trained (router biases), merged in undifferentiated. With `adapt`, the
     model's weights are `adapt(frozen, params)` (LoRA: frozen base weights, the trained
-    adapters beside them as `LowRankWeight`s), differentiated with respect to `params` alone.
+    adapters beside them as `LowRankWeight`s, `Adapter.apply`), differentiated with respect to `params` alone.
     """
     weights = params if adapt is None else adapt(frozen, params)
     model = nnx.merge(graphdef, weights) if not fixed else nnx.merge(graphdef, weights, fixed)
@@ -90,7 +91,8 @@ def _balance(fixed: nnx.State, by_stack: dict, bias_update_rate: float) -> tuple
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule, grad_accum_steps: int,
-                    use_rng: bool, moe: MoEConfig = MoEConfig(), adapt=None, bad_steps: BadStepRule = BadStepRule()):
+                    use_rng: bool, moe: MoEConfig = MoEConfig(), transforms: tuple[WeightTransform, ...] = (),
+                    bad_steps: BadStepRule = BadStepRule()):
     """`train_step(state, batch, frozen=None) -> (state, metrics, routing)`.
 
     The batch (B, T) is split into `grad_accum_steps` micro-batches whose gradients of the summed
@@ -99,11 +101,10 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
     `routing_metrics`; routing: the per-layer routing statistics (`_balance`; empty if dense).
     `use_rng` passes a per-step key to the model (dropout, router jitter). Only the `nnx.Param`s of
     `state.params` are differentiated and updated by the optimizer; router biases follow `_balance`.
-    With `adapt(frozen, params) -> model weights` the step trains `state.params` alone (LoRA
-    adapters, `lmjax.lora.low_rank`) and `frozen` (the base weights) gets neither a gradient nor an
-    update. When the state carries a guard, a bad step (`bad_steps`, see `lmjax.train.guard`) leaves
-    params (router biases too) and optimizer state as they were, and metrics add skipped_steps and
-    bad_steps_in_a_row."""
+    An adapting transform (LoRA) has the model read `Adapter.apply(frozen, params)`; `frozen` is not
+    trained. With a guard in the state, a bad step (`bad_steps`, `lmjax.train.guard`) leaves params
+    (router biases too) and optimizer state as they were; metrics add skipped_steps, bad_steps_in_a_row."""
+    adapt = getattr(adapter_of(transforms), "apply", None)  # None: the model reads state.params
     grad_fn = jax.value_and_grad(_loss_sum, has_aux=True)
 
     def accumulate_gradients(params, batch, step_key, frozen, fixed):

@@ -1,4 +1,5 @@
-"""`lmjax quantize`: post-training, weights-only int8 quantization with qwix.
+"""int8 weights: post-training, weights-only int8 quantization with qwix (`lmjax quantize`,
+`lmjax.tools.quantize_run`), and the form a quantized run is read in (`Int8Weight`).
 
 Every weight matrix (a parameter with two or more axes besides its stacked `layers` and
 `expert` axes) is stored as int8 values and float32 scales computed by
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 from pathlib import Path
 
@@ -31,9 +31,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lmjax.config import ConfigError, ModelConfig, QuantConfig
-from lmjax.lora import matrix_split, path_name
+from lmjax.adapters.lora import matrix_split, path_name
+from lmjax.config import ModelConfig
 from lmjax.parallel import state_shardings
+from lmjax.train.restore import load_config
+from lmjax.train.state import abstract_model
 
 QUANTIZED_FILE = "quantized.safetensors"
 
@@ -149,8 +151,6 @@ def int8_weight_bytes(cfg: ModelConfig, granularity: str = "channel") -> tuple[i
     """(bytes of the model's weights as `lmjax quantize` stores them: int8 values, float32
     scales, vectors in `param_dtype`; bytes of the same weights in `param_dtype`), counted on the
     abstract model (nothing allocated)."""
-    from lmjax.train.state import abstract_model
-
     quantized = unquantized = 0
     for _, weight in nnx.to_flat_state(abstract_model(cfg)[1]):
         size, itemsize = math.prod(weight.shape), jnp.dtype(weight.dtype).itemsize
@@ -163,63 +163,8 @@ def int8_weight_bytes(cfg: ModelConfig, granularity: str = "channel") -> tuple[i
     return quantized, unquantized
 
 
-def quantization_aware(model: nnx.Module) -> nnx.Module:
-    """`model` under qwix's QtProvider (quantization-aware training): every weight that meets
-    `jax.lax.dot_general` or `jnp.einsum` inside the model's `__call__` is fake-quantized in
-    the forward pass (symmetric absmax int8, one scale per output unit, as `lmjax quantize`
-    stores it) and passes its gradient straight through. Embedding lookups are not intercepted
-    and stay float (a tied table is fake-quantized where it is the output head). qwix finds the
-    weights by tracing a jitted call back to the nnx.Param: call the model under jit."""
-    import qwix
-
-    provider = qwix.QtProvider([qwix.QtRule(module_path=".*", weight_qtype=jnp.int8)])
-    return qwix.quantize_model(model, provider, skip_nnx_init=True)
-
-
-def check_quantization_aware(cfg) -> None:
-    """ConfigError for a training config with `quant.weights` int8 that QAT cannot run."""
-    if cfg.quant.granularity != "channel":
-        raise ConfigError(f"quant.granularity={cfg.quant.granularity!r}: quantization-aware training fake-quantizes "
-                          "per output unit only; use quant.granularity=channel.")
-    if cfg.lora.enabled:
-        raise ConfigError("quant.weights=int8 (quantization-aware training) with lora.rank > 0 is not offered; "
-                          "train the adapters in float, merge, then run lmjax quantize.")
-    if cfg.model.moe.enabled and cfg.model.moe.dispatch != "capacity":
-        raise ConfigError(f"quant.weights=int8 (quantization-aware training) with model.moe.dispatch="
-                          f"{cfg.model.moe.dispatch!r}: qwix sees a weight only where it meets an einsum whole, and "
-                          "dropless dispatch gathers experts per block or per device; use model.moe.dispatch=capacity.")
-
-
 def is_quantized(run_dir: Path) -> bool:
     return (Path(run_dir) / QUANTIZED_FILE).is_file()
-
-
-def quantize_run(run_dir: Path, out_dir: Path, bits: int = 8, granularity: str = "channel") -> int:
-    """Write the newest weights of `run_dir` quantized to int8 as the run directory `out_dir`;
-    returns the saved weight bytes. Checks run before anything is written."""
-    from safetensors.numpy import save_file
-
-    from lmjax.data import load_from_run, save_to_run
-    from lmjax.train.run_eval import restore_weights
-
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if bits != 8:
-        raise ConfigError(f"--bits {bits}: lmjax quantize writes int8 weights only; use --bits 8.")
-    if is_quantized(run_dir):
-        raise ConfigError(f"{run_dir} is already quantized; quantize the float run it came from.")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"{out_dir} is not empty; give a new --out directory.")
-    cfg, _, params, _, _ = restore_weights(run_dir)
-    tokenizer = load_from_run(run_dir, cfg.data.tokenizer)
-    quantized = dataclasses.replace(cfg, quant=QuantConfig(weights="int8", granularity=granularity),
-                                    lora=dataclasses.replace(cfg.lora, rank=0, base=None),
-                                    train=dataclasses.replace(cfg.train, run_dir=str(out_dir)))
-    tensors = quantize_params(params, granularity)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_to_run(tokenizer, out_dir)
-    (out_dir / "config.json").write_text(json.dumps(quantized.to_dict(), indent=2))
-    save_file(tensors, str(out_dir / QUANTIZED_FILE))
-    return sum(a.nbytes for a in tensors.values())
 
 
 def restore_quantized_onto(run_dir: Path, mesh, keep_int8: bool = True):
@@ -227,9 +172,6 @@ def restore_quantized_onto(run_dir: Path, mesh, keep_int8: bool = True):
     logical axes: the matrices `Int8Weight`s, or with `keep_int8` False dequantized into
     the model's parameter dtype (`load_params`)."""
     from safetensors.numpy import load_file
-
-    from lmjax.train.run_eval import load_config
-    from lmjax.train.state import abstract_model
 
     cfg = load_config(run_dir)
     graphdef, abstract = abstract_model(cfg.model)

@@ -1,5 +1,11 @@
-"""Reading a run back: its config, its newest checkpoint on this machine's devices, and
-`lmjax eval RUN_DIR` (validation metrics)."""
+"""Run directories: read one back whatever kind of run wrote it, and evaluate it.
+
+A run directory is one of the kinds in `RUN_KINDS`, each restored by its own function from
+this one table: a run that trained the model's weights (or a weights-only import, `lmjax
+convert from-hf`, `lmjax lora merge`), a LoRA run (its adapters folded into its base run's
+weights, whatever kind that run is) and a quantized run (`lmjax quantize`). `train` is the
+trainer with the weight transforms a config turns on and this restore for `--init-from`.
+"""
 
 from __future__ import annotations
 
@@ -7,75 +13,65 @@ from pathlib import Path
 
 import numpy as np
 
-from lmjax.checkpoint import Checkpointer, all_finite
+from lmjax.adapters import weight_transforms
+from lmjax.adapters.int8 import is_quantized, restore_quantized_onto
+from lmjax.adapters.lora import fold
 from lmjax.config import Config, ConfigError, MeshConfig
-from lmjax.config_parse import override, read_config
+from lmjax.config_parse import override
 from lmjax.data import DataError, PackedDataset, load_documents, load_from_run, tokenize
 from lmjax.families import family_of
 from lmjax.parallel import batch_sharding, make_mesh
-from lmjax.scaling.counting import total_steps
+from lmjax.train.datasets import family_examples, load_datasets
 from lmjax.train.evaluate import evaluate
-from lmjax.train.optimizer import make_optimizer
-from lmjax.train.run import family_examples, load_datasets
-from lmjax.train.state import abstract_train_state
+from lmjax.train.restore import load_config, restore_trained_onto
 
 
-def load_config(run_dir: Path) -> Config:
-    return read_config(Path(run_dir) / "config.json")
+def _trained(run_dir: Path, mesh, step: int | None, keep_int8: bool):
+    cfg = load_config(run_dir)
+    return restore_trained_onto(run_dir, mesh, step, weight_transforms(cfg))
 
 
-def restore_weights(run_dir: Path, step: int | None = None, mesh_overrides: list[str] = (), keep_int8: bool = False):
-    """(config, graphdef, params, step, mesh): the model weights (nnx.State) of checkpoint
-    `step` (default: newest), laid out on a mesh over this process's devices: `mesh.data=-1`
-    (all devices data parallel) unless `mesh_overrides` such as ["fsdp=4", "tensor=2"] say
-    otherwise, whatever mesh wrote it. The optimizer state is not read. `keep_int8`: see
-    `restore_weights_onto`."""
-    mesh_cfg = override(Config(), [f"mesh.{o}" for o in mesh_overrides]).mesh if mesh_overrides else MeshConfig()
-    mesh = make_mesh(mesh_cfg)
-    return (*restore_weights_onto(run_dir, mesh, step, keep_int8), mesh)
+def _lora(run_dir: Path, mesh, step: int | None, keep_int8: bool):
+    """A LoRA run saves its adapters alone: they are folded into its base run's newest weights."""
+    cfg, graphdef, adapters, step = _trained(run_dir, mesh, step, keep_int8)
+    base = restore_weights_onto(Path(cfg.lora.base), mesh)[2]
+    return cfg, graphdef, fold(base, adapters, cfg.lora), step
+
+
+def _quantized(run_dir: Path, mesh, step: int | None, keep_int8: bool):
+    return restore_quantized_onto(run_dir, mesh, keep_int8)
+
+
+# kind -> (is `run_dir` of this kind?, restore(run_dir, mesh, step, keep_int8) -> (cfg, graphdef, params, step));
+# the first kind that matches is the run's
+RUN_KINDS = {
+    "quantized": (lambda run_dir: is_quantized(run_dir), _quantized),
+    "lora": (lambda run_dir: load_config(run_dir).lora.enabled, _lora),
+    "trained": (lambda run_dir: True, _trained),
+}
+
+
+def run_kind(run_dir: Path) -> str:
+    """The kind of run (a key of RUN_KINDS) that wrote `run_dir`."""
+    return next(kind for kind, (holds, _) in RUN_KINDS.items() if holds(Path(run_dir)))
 
 
 def restore_weights_onto(run_dir: Path, mesh, step: int | None = None, keep_int8: bool = False):
     """(config, graphdef, params, step): the model weights of checkpoint `step` (default:
-    newest) of `run_dir`, sharded over `mesh` by their logical axes; the optimizer state is not read.
-    A LoRA run's weights are its base run's newest ones with the run's adapters folded in. A
-    quantized run's (`lmjax quantize`) matrices stay `Int8Weight`s with `keep_int8` (for
-    running the model), else they are dequantized (for code that changes or exports weights)."""
-    from lmjax.quantize import is_quantized, restore_quantized_onto
-
-    if is_quantized(run_dir):
-        return restore_quantized_onto(run_dir, mesh, keep_int8)
-    cfg, graphdef, trained, step = restore_trained_onto(run_dir, mesh, step)
-    if cfg.lora.enabled:  # a LoRA run saves its adapters alone: fold them into its base run's weights
-        from lmjax.lora import fold
-
-        base = restore_weights_onto(Path(cfg.lora.base), mesh)[2]
-        return cfg, graphdef, fold(base, trained, cfg.lora), step
-    return cfg, graphdef, trained, step
+    newest) of `run_dir`, any kind of run, sharded over `mesh` by their logical axes; the
+    optimizer state is not read. A quantized run's matrices stay `Int8Weight`s with
+    `keep_int8` (for running the model), else they are dequantized (for code that changes or
+    exports weights)."""
+    return RUN_KINDS[run_kind(run_dir)][1](Path(run_dir), mesh, step, keep_int8)
 
 
-def restore_trained_onto(run_dir: Path, mesh, step: int | None = None):
-    """(config, graphdef, trained params, step) of checkpoint `step` (default: newest): the
-    state's params, which for a LoRA run are its adapters alone; the optimizer state is not read."""
-    cfg = load_config(run_dir)
-    if not (Path(run_dir) / "checkpoints").is_dir():  # opening a Checkpointer would create the folder
-        raise ConfigError(f"{run_dir} has no checkpoint yet.")
-    checkpointer = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints, async_save=False)
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-        raise ConfigError(f"{run_dir} has no checkpoint yet.")
-    steps = total_steps(cfg)
-    graphdef, abstract, _ = abstract_train_state(cfg.model, lambda p: make_optimizer(cfg.optim, steps, p, cfg.model),
-                                                 mesh, cfg.lora, cfg.quant)
-    params = checkpointer.restore_params(abstract.params, step)
-    steps_saved = checkpointer.manager.all_steps()
-    checkpointer.close()
-    if not all_finite(params):
-        earlier = ", ".join(str(s) for s in steps_saved if s < step)
-        raise ConfigError(f"{run_dir}: the weights of checkpoint step {step} hold NaN or inf (the run diverged before "
-                          "it was saved); " + (f"earlier checkpoints: steps {earlier} (lmjax.load(run_dir, step=N))."
-                                               if earlier else "no earlier checkpoint is left; train it again."))
-    return cfg, graphdef, params, step
+def restore_weights(run_dir: Path, step: int | None = None, mesh_overrides: list[str] = (), keep_int8: bool = False):
+    """(config, graphdef, params, step, mesh): `restore_weights_onto` a mesh over this
+    process's devices: `mesh.data=-1` (all devices data parallel) unless `mesh_overrides` such
+    as ["fsdp=4", "tensor=2"] say otherwise, whatever mesh wrote it."""
+    mesh_cfg = override(Config(), [f"mesh.{o}" for o in mesh_overrides]).mesh if mesh_overrides else MeshConfig()
+    mesh = make_mesh(mesh_cfg)
+    return (*restore_weights_onto(run_dir, mesh, step, keep_int8), mesh)
 
 
 def restore_params(run_dir: Path, step: int | None = None, mesh_overrides: list[str] = ()):
@@ -143,3 +139,12 @@ def evaluate_run(run_dir: Path, max_batches: int | None = None, data_source: str
         np.save(token_losses_file, result.pop("token_losses"))
         result["token_losses_file"] = str(token_losses_file)
     return {"step": step, **result}
+
+
+def train(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_order: bool = False) -> dict:
+    """`lmjax.train.loop.train` with the weight transforms `cfg` turns on (LoRA, QAT) and
+    `--init-from` (or a LoRA run's base) read from any kind of run (`restore_weights_onto`)."""
+    from lmjax.train.loop import train as train_loop
+
+    return train_loop(cfg, run_dir, init_from, new_data_order, weight_transforms(cfg),
+                      lambda path, mesh: restore_weights_onto(path, mesh)[2])

@@ -27,9 +27,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmjax.config import ConfigError, LoRAConfig, ModelConfig
+from lmjax.config import Config, ConfigError, LoRAConfig, ModelConfig
 from lmjax.models.weights import matmul, take_rows
 from lmjax.models.weights import weight as read_weight
+from lmjax.train.state import abstract_model
+from lmjax.train.transforms import WeightTransform
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["base", "a", "b"], meta_fields=["scale"])
@@ -178,9 +180,7 @@ def targeted(cfg: LoRAConfig, params: nnx.State) -> dict[tuple, nnx.Variable]:
 def adapted_sizes(cfg: LoRAConfig, model: ModelConfig) -> tuple[int, int]:
     """(elements of the targeted weights, elements of their adapters) of `model`, exactly:
     r (inputs + outputs) per targeted matrix, per layer and expert."""
-    from lmjax.families import family_of
-
-    params = nnx.state(nnx.eval_shape(lambda: family_of(model).build(model, nnx.Rngs(0))))
+    params = abstract_model(model)[1]
     weights = adapters = 0
     for weight in targeted(cfg, params).values():
         stacked, inputs = matrix_split(tuple(weight.out_sharding))
@@ -243,23 +243,36 @@ def fold(params: nnx.State, adapters: nnx.State, cfg: LoRAConfig) -> nnx.State:
     return _with_adapters(params, adapters, cfg, LowRankWeight.folded)
 
 
-def merge_run(run_dir: Path, out_dir: Path) -> None:
-    """Write the LoRA run `run_dir`'s newest adapters folded into its base as an ordinary run
-    directory `out_dir` (config without `lora`, the tokenizer, a step-0 weights-only
-    checkpoint, as `lmjax convert from-hf` writes), which `lmjax.load`, `eval`, `generate`, `train --init-from` and
-    `convert to-hf` accept. Checks run before anything is written."""
-    from lmjax.checkpoint import write_weights_run
-    from lmjax.data import load_from_run, save_to_run
-    from lmjax.train.run_eval import load_config, restore_weights
+@dataclasses.dataclass(frozen=True)
+class LoRA(WeightTransform):
+    """LoRA as the trainer's weight transform (`lmjax.train.transforms.Adapter`): the run
+    trains adapters on the frozen weights of the run `lora.base` (`--init-from`)."""
 
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if not load_config(run_dir).lora.enabled:
-        raise ConfigError(f"{run_dir} is not a LoRA run (lora.rank=0): there are no adapters to merge.")
-    if (out_dir / "checkpoints").exists():
-        raise ConfigError(f"{out_dir} already holds checkpoints; give a new --out directory.")
-    cfg, _, params, _, _ = restore_weights(run_dir)
-    tokenizer = load_from_run(run_dir, cfg.data.tokenizer)
-    merged = dataclasses.replace(cfg, lora=LoRAConfig(), train=dataclasses.replace(cfg.train, run_dir=str(out_dir)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_to_run(tokenizer, out_dir)
-    write_weights_run(out_dir, merged.to_dict(), params)
+    cfg: LoRAConfig
+    name: str = "lora"
+
+    def check(self, cfg: Config, init_from: Path | None) -> Config:
+        """`cfg` with `lora.base` set to `init_from` (absolute), the run whose weights the adapters
+        adapt; ConfigError when there is neither, or when `lora.targets` does not fit the model."""
+        if init_from is not None:
+            cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, base=str(Path(init_from).absolute())))
+        if cfg.lora.base is None:
+            raise ConfigError(f"lora.rank={cfg.lora.rank} adapts a trained model; give --init-from RUN_DIR.")
+        targeted(cfg.lora, abstract_model(cfg.model)[1])
+        return cfg
+
+    def frozen_run(self, cfg: Config) -> Path:
+        return Path(cfg.lora.base)
+
+    def init_trainable(self, abstract_params: nnx.State, seed: int) -> nnx.State:
+        return init_adapters(self.cfg, abstract_params, seed)
+
+    def apply(self, frozen: nnx.State, trained: nnx.State) -> nnx.State:
+        return low_rank(frozen, trained, self.cfg)
+
+    def fold(self, frozen: nnx.State, trained: nnx.State) -> nnx.State:
+        return fold(frozen, trained, self.cfg)
+
+    def sizes(self, cfg: Config) -> dict[str, int]:
+        """{"adapter_bytes": the adapters' bytes in `model.param_dtype`}."""
+        return {"adapter_bytes": adapted_sizes(self.cfg, cfg.model)[1] * jnp.dtype(cfg.model.param_dtype).itemsize}
