@@ -60,10 +60,12 @@ def import_graph() -> dict[str, set[str]]:
     return {module: imports(path, set(files)) - {module} for module, path in files.items()}
 
 
-def test_every_module_sits_in_one_row():
+def test_every_module_sits_in_one_row_and_the_table_lists_only_modules():
     rows, files = layer_table(), module_files()
     names = [name for row in rows for name in row]
     assert len(names) == len(set(names)), "a name appears in two rows"
+    packages = {name for name in names if (LMJAX.parent / name.replace(".", "/")).is_dir()}
+    assert not [n for n in names if n not in files and n not in packages], "the table names modules that do not exist"
     for module in files:
         row_of(module, rows)
 
