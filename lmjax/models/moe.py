@@ -101,17 +101,22 @@ def router_statistics(logits, probs, experts, n_experts: int, token_mask=None) -
     tokens where token_mask (N,) is true (default: all); padding is left out. logits, probs (N, E)
     (probs: `score_distribution`), experts (N, k). See the module docstring."""
     mask = jnp.ones(logits.shape[:1], jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
+    counts = jnp.tensordot(mask, jnp.sum(jax.nn.one_hot(experts, n_experts, dtype=jnp.float32), axis=1), axes=1)
+    return _balance_terms(logits, probs, counts, counts / jnp.maximum(jnp.sum(counts), 1.0), mask)
+
+
+def _balance_terms(logits, probs, counts, load, mask) -> dict:
+    """counts and load (E,), with the Switch balancing loss, z loss and router entropy averaged over
+    the tokens where mask (the leading dims of logits and probs, float) is 1; padding (0) is left out."""
     tokens = jnp.maximum(jnp.sum(mask), 1.0)
 
-    def token_mean(values):  # (N, ...) -> mean over the tokens counted
-        return jnp.tensordot(mask, values, axes=1) / tokens
+    def token_mean(values):  # (*mask.shape, ...) -> mean over the tokens counted
+        return jnp.tensordot(mask, values, axes=mask.ndim) / tokens
 
-    counts = jnp.tensordot(mask, jnp.sum(jax.nn.one_hot(experts, n_experts, dtype=jnp.float32), axis=1), axes=1)
-    load = counts / jnp.maximum(jnp.sum(counts), 1.0)
     return {
         "counts": counts,
         "load": load,
-        "load_balance_loss": n_experts * jnp.sum(load * token_mean(probs)),
+        "load_balance_loss": counts.shape[0] * jnp.sum(load * token_mean(probs)),
         "z_loss": token_mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
         "entropy": -token_mean(jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-20)), axis=-1)),
     }
@@ -184,17 +189,8 @@ def expert_choice_statistics(logits, probs, token, weight, valid) -> dict:
     counts = jnp.sum(picked, axis=(0, 2))
     load = counts / jnp.maximum(jnp.sum(served), 1.0)
     unserved = valid & (jnp.sum(picked, axis=1) == 0)
-    mask = valid.astype(jnp.float32)
-
-    def token_mean(values):  # (B, T, ...) -> mean over the non-padding tokens
-        return jnp.tensordot(mask, values, axes=2) / jnp.maximum(jnp.sum(mask), 1.0)
-
     return {
-        "counts": counts,
-        "load": load,
-        "load_balance_loss": n_experts * jnp.sum(load * token_mean(probs)),
-        "z_loss": token_mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
-        "entropy": -token_mean(jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-20)), axis=-1)),
+        **_balance_terms(logits, probs, counts, load, valid.astype(jnp.float32)),
         "dropped": jnp.zeros((), jnp.float32),
         "unrouted": jnp.sum(unserved) / jnp.maximum(jnp.sum(valid), 1),
         "picked": jnp.swapaxes(picked, 1, 2).astype(jnp.int8),
