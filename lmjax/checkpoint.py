@@ -136,8 +136,7 @@ class Checkpointer:
             step, expected = self.pending
             self.pending = None
             if jax.process_index() == 0:
-                for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-                    shutil.rmtree(partial, ignore_errors=True)
+                self._remove_partial(step)
             kept = [s for s in self.manager.all_steps() if s != step and (self.directory / str(s)).is_dir()]
             free = shutil.disk_usage(self.directory).free
             raise SaveFailed(f"could not save checkpoint step {step} in {self.directory}: {reason} (the save needs "
@@ -145,6 +144,21 @@ class Checkpointer:
                              + (f"the checkpoint of step {max(kept)} is intact; " if kept else "")
                              + "make room (or set train.run_dir elsewhere) and run the same command to resume."
                              ) from None
+
+    def _remove_partial(self, step: int, settle_seconds: float = 1.0, timeout_seconds: float = 30.0) -> None:
+        """Remove `step`'s partial directory. The failed item's error can surface while the other
+        items' writes still run and recreate it, so remove until it has stayed gone for settle_seconds."""
+        deadline = time.monotonic() + timeout_seconds
+        gone_since = None
+        while time.monotonic() < deadline:
+            partials = list(self.directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+            for partial in partials:
+                shutil.rmtree(partial, ignore_errors=True)
+            now = time.monotonic()
+            gone_since = (gone_since or now) if not partials else None
+            if gone_since is not None and now - gone_since >= settle_seconds:
+                return
+            time.sleep(0.1)
 
     def save_weights(self, step: int, params, config: dict) -> None:
         """Start saving a weights-only checkpoint: `params` (an nnx.State) without optimizer

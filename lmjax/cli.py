@@ -157,7 +157,7 @@ def cmd_eval_tasks(args) -> None:
         raise ConfigError(f"--limit must be at least 1, got {args.limit}.")
     results = evaluate_tasks(Path(args.run_dir), args.tasks, args.limit)
     if args.json:
-        print(json.dumps(results, default=str))
+        print(json_line(results, default=str))
         return
     for task, metrics in results.items():
         print(task + "  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
@@ -180,12 +180,15 @@ def cmd_generate(args) -> None:
     from flax import nnx
 
     from lmjax.adapters.int8 import int8_weight_bytes, is_quantized, resident_bytes
+    from lmjax.data import load_tokenizer
     from lmjax.families import family_of
     from lmjax.runs import load
     from lmjax.scaling.memory import kv_cache_bytes_per_sequence
 
     check_sampling_args(args)
     model, cfg, tokenizer = load(Path(args.run_dir))
+    if tokenizer is None:  # a run imported without one: the one line of why text cannot be read
+        load_tokenizer(cfg.data.tokenizer)
     spec = family_of(cfg.model)
     if spec.generate is None:
         raise ConfigError(f"lmjax generate needs a family that generates (decoder, encoder_decoder); {args.run_dir} "

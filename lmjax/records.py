@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 
-def json_line(record) -> str:
+def json_line(record, default=None) -> str:
     """`record` (dicts, lists, numbers, strings) as strict JSON on one line: NaN and ±inf
-    become null."""
-    return json.dumps(_finite_or_none(record), allow_nan=False)
+    become null; `default` as in json.dumps (how other objects are written)."""
+    return json.dumps(_finite_or_none(record), allow_nan=False, default=default)
 
 
 def _finite_or_none(value):

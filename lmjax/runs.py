@@ -82,14 +82,16 @@ def restore_params(run_dir: Path, step: int | None = None, mesh_overrides: list[
 def load(run_dir: Path | str, step: int | None = None):
     """(model, config, tokenizer) of a run's checkpoint (default: newest), with weights on
     this process's devices (replicated), whatever mesh trained it; a quantized run's matrices
-    stay int8 (`Int8Weight`). For notebooks:
+    stay int8 (`Int8Weight`); tokenizer is None for a run imported without one
+    (data.tokenizer='none'). For notebooks:
 
         model, cfg, tokenizer = lmjax.load("runs/decoder_tiny-20261122-142445")
     """
     from flax import nnx
 
     cfg, graphdef, params, _, _ = restore_weights(Path(run_dir), step, keep_int8=True)
-    return nnx.merge(graphdef, params), cfg, load_from_run(Path(run_dir), cfg.data.tokenizer)
+    tokenizer = None if cfg.data.tokenizer == "none" else load_from_run(Path(run_dir), cfg.data.tokenizer)
+    return nnx.merge(graphdef, params), cfg, tokenizer
 
 
 def prepared_examples(cfg: Config, run_dir: Path, directory: Path):

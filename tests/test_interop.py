@@ -18,6 +18,7 @@ import torch  # the test extra installs torch and transformers: a missing one fa
 import transformers
 from flax import nnx
 
+import lmjax
 from lmjax.cli import main
 from lmjax.config import ConfigError
 from lmjax.data.tokenizer import ByteTokenizer
@@ -658,6 +659,8 @@ def test_a_model_without_tokenizer_json_imports_and_evaluates_on_prepared_token_
     assert main(["eval", str(tmp_path / "run"), "--data", str(tmp_path / "shards"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tokens"] > 0 and abs(result["loss"] - math.log(128)) < 0.1
+    model, cfg, tokenizer = lmjax.load(tmp_path / "run")  # notebooks get the model, and no tokenizer
+    assert tokenizer is None and model(jnp.arange(4)[None]).shape == (1, 4, 128)
     for command in (["generate", str(tmp_path / "run"), "--prompt", "w1 w2"], ["eval", str(tmp_path / "run")]):
         assert main(command) == 2
         err = capsys.readouterr().err
