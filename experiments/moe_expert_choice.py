@@ -20,7 +20,6 @@ encoder_tiny (d_model 256) so that all 6 runs take about 20 minutes of an idle 2
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
 from lmjax.config import Config
@@ -63,7 +62,7 @@ def summarize(sweep_dir: Path, out: Path) -> None:
 
     from lmjax.records import read_metrics
 
-    fig, (losses, unrouted) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (losses, unrouted) = plt.subplots(1, 2, figsize=(10, 3.6), layout="tight")
     for arm, colour in zip(ARMS, ("tab:blue", "tab:orange")):
         runs = [read_metrics(sweep_dir / f"{arm}-s{seed}") for seed in SEEDS
                 if (sweep_dir / f"{arm}-s{seed}" / "metrics.jsonl").is_file()]
@@ -83,16 +82,14 @@ def summarize(sweep_dir: Path, out: Path) -> None:
               f"unrouted {left:.3f}")
     losses.set(title="validation loss (nats per masked byte)", xlabel="step")
     unrouted.set(title="share of tokens no routed expert serves", xlabel="step")
-    losses.legend()
-    unrouted.legend()
-    fig.tight_layout()
+    for panel in (losses, unrouted):
+        panel.legend()
     fig.savefig(out, dpi=80)
-    print(f"figure: {out}")
+    print("figure:", out)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="summarize and plot a moe_expert_choice sweep")
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--out", type=Path, default=Path("docs/img/moe_expert_choice.png"))
-    args = parser.parse_args(sys.argv[1:])
-    summarize(args.sweep_dir, args.out)
+    summarize(**vars(parser.parse_args()))
