@@ -625,6 +625,9 @@ class TrainConfig:
 class MeshConfig:
     """Device mesh shape; one axis may be -1 to take the remaining devices.
 
+    `context` splits each sequence's positions (activations, not weights) over that many
+    devices: context parallelism for long sequences (docs/launch.md#long-sequences).
+
     `dcn_data` and `dcn_fsdp` say how many of the data / fsdp groups lie across the slow
     network between hosts (GPU nodes, processes) or TPU slices; the rest of each axis stays
     within a host or slice (ICI/NVLink). Their product must equal the number of hosts/slices.
@@ -632,6 +635,7 @@ class MeshConfig:
 
     data: int = -1
     fsdp: int = 1
+    context: int = 1
     tensor: int = 1
     expert: int = 1
     dcn_data: int = 1
@@ -639,7 +643,7 @@ class MeshConfig:
 
     def __post_init__(self):
         _check_literals(self, "mesh.")
-        sizes = (self.data, self.fsdp, self.tensor, self.expert)
+        sizes = (self.data, self.fsdp, self.context, self.tensor, self.expert)
         _require(all(s == -1 or s >= 1 for s in sizes), f"mesh axes must be >= 1 or -1, got {sizes}.")
         _require(sizes.count(-1) <= 1, "at most one mesh axis may be -1 (fill the remaining devices).")
         _require(self.dcn_data >= 1 and self.dcn_fsdp >= 1, "mesh.dcn_data and mesh.dcn_fsdp must be >= 1.")

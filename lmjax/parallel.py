@@ -21,7 +21,8 @@ from jax.sharding import Mesh, NamedSharding
 from lmjax.axis_rules import logical_to_mesh, mesh_axes
 from lmjax.config import Config, ConfigError, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+MESH_AXES = ("data", "fsdp", "context", "tensor", "expert")
+
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     """A mesh over `devices` (default: all) with axes MESH_AXES, sized by `cfg`.
@@ -32,7 +33,7 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     """
     devices = jax.devices() if devices is None else devices
     sizes = mesh_axis_sizes(cfg, len(devices))
-    dcn = [cfg.dcn_data, cfg.dcn_fsdp, 1, 1]
+    dcn = [cfg.dcn_data, cfg.dcn_fsdp, 1, 1, 1]
     if math.prod(dcn) == 1:
         return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
     return Mesh(_hybrid_device_array(sizes, dcn, devices), MESH_AXES)
@@ -41,7 +42,7 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
 def mesh_axis_sizes(cfg: MeshConfig, n_devices: int) -> list[int]:
     """The sizes of MESH_AXES over `n_devices`, the -1 axis filled; ConfigError when they do
     not multiply to the device count."""
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor, cfg.expert]
+    sizes = [cfg.data, cfg.fsdp, cfg.context, cfg.tensor, cfg.expert]
     fixed = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n_devices % fixed:
@@ -133,20 +134,71 @@ def validate_layout(cfg: Config, mesh: Mesh) -> None:
         raise ConfigError(f"the batch of {micro_batch} sequences per micro-step (train.batch_size / "
                           f"optim.grad_accum_steps) does not split over the {devices} data-parallel devices "
                           f"({named}); make it a multiple.")
+    _check_context(cfg, mesh)
+
+
+def _check_context(cfg: Config, mesh: Mesh) -> None:
+    """ConfigError when the sequence is split over devices (context parallelism) in a way lmjax
+    cannot run: an encoder-decoder or T5 relative positions (not supported), a sequence that
+    does not split into 2 x shards equal chunks (the load-balanced order), or, on a concrete
+    mesh, a process that would hold only part of its rows' positions."""
+    shards, named = _splitting(("batch", "activation_length"), 1, mesh)
+    if shards == 1:
+        return
+    if cfg.model.family == "encoder_decoder" or cfg.model.position == "relative":
+        what = "the encoder-decoder family" if cfg.model.family == "encoder_decoder" else "T5 relative positions"
+        raise ConfigError(f"context parallelism ({named}) does not support {what} yet; set mesh.context=1.")
+    if cfg.data.seq_len % (2 * shards):
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} does not split into 2 x {shards} equal chunks for "
+                          f"context parallelism ({named}); make it a multiple of {2 * shards}.")
+    if isinstance(mesh, Mesh) and len(_own_columns(mesh, 2 * shards)) < 2 * shards:
+        raise ConfigError(f"context parallelism ({named}) spans processes; keep mesh.context within one "
+                          "host's devices (put the other factors on mesh.data or mesh.fsdp).")
 
 
 def local_batch_rows(mesh: Mesh, batch_size: int) -> np.ndarray:
     """The rows of each global (batch_size, ...) batch that this process must load, in
     ascending order: the union of the blocks its devices hold under `batch_sharding(mesh)`.
     On a hybrid mesh they need not be one contiguous block."""
-    blocks = batch_sharding(mesh).addressable_devices_indices_map((batch_size, 1)).values()
+    by_rows = NamedSharding(mesh, logical_to_mesh(("batch",), mesh))
+    blocks = by_rows.addressable_devices_indices_map((batch_size,)).values()
     return np.unique(np.concatenate([np.arange(batch_size)[b[0]] for b in blocks]))
 
 
+def _own_columns(mesh: Mesh, length: int) -> np.ndarray:
+    """The sequence positions (of `length`) that this process's devices hold under `batch_sharding`."""
+    blocks = batch_sharding(mesh).addressable_devices_indices_map((mesh.size, length)).values()
+    return np.unique(np.concatenate([np.arange(length)[b[1]] for b in blocks]))
+
+
+def load_balanced_order(length: int, shards: int) -> np.ndarray:
+    """The order (length,) in which a sequence split over `shards` devices is laid out so that each
+    holds an equal share of a causal mask's triangle (MaxText's load-balanced context parallelism):
+    cut into 2 x shards chunks, device i holds chunks i and 2 x shards - 1 - i. Entry j is the
+    original index of the token at index j; `length` must be a multiple of 2 x shards."""
+    chunks = np.arange(length).reshape(2 * shards, length // (2 * shards))
+    return np.concatenate([np.concatenate([chunks[i], chunks[2 * shards - 1 - i]]) for i in range(shards)])
+
+
+def sequence_order(mesh: Mesh, length: int) -> np.ndarray | None:
+    """The order `global_batch` lays out sequences of `length` in under `mesh`
+    (`load_balanced_order` over the devices that split `activation_length`), or None when the
+    sequence is not split (natural order)."""
+    shards, _ = _splitting(("batch", "activation_length"), 1, mesh)
+    return load_balanced_order(length, shards) if shards > 1 else None
+
+
 def global_batch(local: dict[str, np.ndarray], rows: NamedSharding, batch_size: int) -> dict[str, jax.Array]:
-    """Global (batch_size, ...) arrays sharded by `rows` from this process's rows of them
-    (`local_batch_rows`, in that order)."""
-    return {k: jax.make_array_from_process_local_data(rows, v, (batch_size, *v.shape[1:])) for k, v in local.items()}
+    """Global (batch_size, T, ...) arrays sharded by `rows` from this process's rows of them
+    (`local_batch_rows`, in that order). Under context parallelism each row's positions are
+    reordered along T by `sequence_order` (every array of the batch alike: tokens, targets,
+    positions, segment ids and loss mask travel together, so the loss is unchanged)."""
+    out = {}
+    for k, v in local.items():
+        order = sequence_order(rows.mesh, v.shape[1]) if v.ndim > 1 else None
+        v = v if order is None else v[:, order]
+        out[k] = jax.make_array_from_process_local_data(rows, v, (batch_size, *v.shape[1:]))
+    return out
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
