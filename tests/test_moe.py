@@ -314,13 +314,13 @@ def test_layout_errors_before_compiling(monkeypatch):
 
     cfg = override(Config(), ["model.moe.n_experts=8", "model.moe.d_ff=100", "train.batch_size=12"])
     with pytest.raises(ConfigError, match="mesh.expert=3 does not divide model.moe.n_experts=8"):
-        validate_layout(cfg, SimpleNamespace(shape={"data": 1, "fsdp": 1, "context": 1, "tensor": 1, "expert": 3}))
+        validate_layout(cfg, SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1, "expert": 3}))
     with pytest.raises(ConfigError, match="mesh.tensor=8 does not divide model.moe.d_ff=100"):
         validate_layout(override(cfg, ["model.d_ff=1024", "model.n_heads=8"]),
-                        SimpleNamespace(shape={"data": 1, "fsdp": 1, "context": 1, "tensor": 8, "expert": 1}))
+                        SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 8, "expert": 1}))
     monkeypatch.setitem(LOGICAL_AXIS_RULES, "expert", ("data",))  # the check follows the rules table
     with pytest.raises(ConfigError, match="mesh.data=3 does not divide model.moe.n_experts=8"):
-        validate_layout(cfg, SimpleNamespace(shape={"data": 3, "fsdp": 1, "context": 1, "tensor": 1, "expert": 1}))
+        validate_layout(cfg, SimpleNamespace(shape={"data": 3, "fsdp": 1, "tensor": 1, "expert": 1}))
 
 
 def test_router_jitter_only_while_training_with_a_key():
@@ -363,8 +363,8 @@ for name, moe in [("dropless", dropless), ("experts_choose", experts_choose)]:
                       family="encoder", moe=moe)
     graphdef, params = nnx.split(MoE(cfg, rngs=nnx.Rngs(0)))
     reference = jax.jit(output_and_grads)(params, x, segment_ids)  # one device, no mesh
-    for expert_rule, sizes in [(("expert",), (2, 1, 1, 2, 2)), (("data",), (4, 1, 1, 2, 1)),
-                               (("tensor",), (2, 2, 1, 2, 1)), (("expert", "fsdp"), (2, 2, 1, 1, 2))]:
+    for expert_rule, sizes in [(("expert",), (1, 2, 1, 1, 2, 2)), (("data",), (1, 4, 1, 1, 2, 1)),
+                               (("tensor",), (1, 2, 2, 1, 2, 1)), (("expert", "fsdp"), (1, 2, 2, 1, 1, 2))]:
         axis_rules.LOGICAL_AXIS_RULES.update(default, expert=expert_rule)
         mesh = Mesh(np.asarray(jax.devices()).reshape(sizes), MESH_AXES)
         with jax.set_mesh(mesh):
