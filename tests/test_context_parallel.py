@@ -94,9 +94,10 @@ def test_load_balanced_order_gives_each_device_an_equal_share_of_the_triangle():
     (dict(model=ModelConfig(family="encoder_decoder", n_decoder_layers=2)),
      "does not support the encoder-decoder family"),
     (dict(model=ModelConfig(position="relative")), "does not support T5 relative positions"),
+    (dict(mesh=MeshConfig(pipeline=2, data=1, context=4)), "does not support pipeline stages"),
 ])
 def test_bad_context_layouts_are_refused_before_compiling(settings, message):
-    cfg = Config(mesh=MeshConfig(data=2, context=4), **settings)
+    cfg = Config(**{"mesh": MeshConfig(data=2, context=4), **settings})
     mesh = AbstractMesh(tuple(mesh_axis_sizes(cfg.mesh, 8)), MESH_AXES)
     with pytest.raises(ConfigError, match=message):
         validate_layout(cfg, mesh)
