@@ -28,7 +28,8 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
     "expert": ("expert",),  # expert parallelism: each device holds E / expert of the experts
     "expert_batch": ("data", "fsdp"),  # rows of the expert inputs (E, B, C, D): batch without the expert axis
     "head_dim": None,
-    "activation_length": None,  # activations' sequence positions (B, T, ...): whole on every device for now
+    "activation_length": ("context",),  # context parallelism: activations' sequence positions (B, T, ...) split
+    "activation_kv_length": None,  # the keys and values attention reads: whole (all-gathered over `context`)
     "length": None,  # the learned position table's rows (max_seq_len): tiny, replicated
     "relative_buckets": None,  # T5 relative position bias table: tiny, replicated
     "layers": ("pipeline",),  # pipeline parallelism: stage s holds layers [s L/P, (s+1) L/P) of each stack
@@ -63,6 +64,15 @@ def constrain(x, logical_axes: tuple[str | None, ...]):
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_mesh(logical_axes, mesh))
+
+
+def sequence_shards() -> int:
+    """How many devices split activations' sequence positions (`activation_length`) under the
+    current mesh (`jax.set_mesh`): 1 outside one, or without context parallelism."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    return math.prod(mesh.shape[a] for a in mesh_axes(("activation_length",), mesh)[0])
 
 
 class PipelineLayout(NamedTuple):

@@ -630,7 +630,7 @@ class TrainConfig:
 
 # The device mesh's axes, outermost first (`lmjax.parallel.make_mesh`); the logical-axis rules
 # (`lmjax.axis_rules`) say which model dimensions each one splits.
-MESH_AXES = ("pipeline", "data", "fsdp", "tensor", "expert")
+MESH_AXES = ("pipeline", "data", "fsdp", "context", "tensor", "expert")
 # The axes that may span the slow network between nodes or TPU slices (`mesh.dcn_<axis>`).
 DCN_AXES = ("pipeline", "data", "fsdp")
 
@@ -650,11 +650,15 @@ class MeshConfig:
     (accumulation) micro-step's batch is cut into for the stages to work on at once (none: as
     many as stages), and `pipeline_repeats` R, the virtual stages per device of a circular
     schedule (1: GPipe). The bubble, the share of stage time spent idle, is (P-1)/(M*R+P-1).
+
+    `context` splits each sequence's positions (activations, not weights) over that many
+    devices: context parallelism for long sequences (docs/launch.md#long-sequences-context-parallelism).
     """
 
     pipeline: int = 1
     data: int = -1
     fsdp: int = 1
+    context: int = 1
     tensor: int = 1
     expert: int = 1
     dcn_pipeline: int = 1
@@ -787,6 +791,12 @@ class Config:
             _require(targets_length <= self.model.max_seq_len,
                      f"span corruption targets of {targets_length} tokens exceed model.max_seq_len="
                      f"{self.model.max_seq_len}; raise model.max_seq_len.")
+        if self.mesh.context != 1:  # -1 may split the sequence too
+            unsupported = {"the encoder-decoder family": self.model.family == "encoder_decoder",
+                           "T5 relative positions": self.model.position == "relative"}
+            for what, present in unsupported.items():
+                _require(not present, f"context parallelism (mesh.context={self.mesh.context}) does not support "
+                                      f"{what} yet; set mesh.context=1.")
         _require(not self.model.loss_chunk or targets_length % self.model.loss_chunk == 0,
                  f"model.loss_chunk={self.model.loss_chunk} does not divide the {targets_length} target positions "
                  "of each example; pick a divisor, 0 (no chunks) or none (by size).")

@@ -131,6 +131,7 @@ def validate_layout(cfg: Config, mesh: Mesh) -> None:
                           f"optim.grad_accum_steps) does not split over the {devices} data-parallel devices "
                           f"({named}); make it a multiple.")
     _validate_pipeline(cfg, mesh, micro_batch // devices)
+    _check_context(cfg, mesh)
 
 
 def pipeline_stages(mesh: Mesh) -> int:
@@ -180,18 +181,67 @@ def _validate_pipeline(cfg: Config, mesh: Mesh, rows_per_device: int) -> None:
                           "grad_accum_steps x microbatches x data-parallel devices.")
 
 
+def _check_context(cfg: Config, mesh: Mesh) -> None:
+    """ConfigError when the sequence is split over devices (context parallelism) in a way lmjax
+    cannot run: with pipeline stages (not supported), a sequence that does not split into
+    2 x shards equal chunks (the load-balanced order), or, on a concrete mesh, a process that
+    would hold only part of its rows' positions."""
+    shards, named = _splitting(("batch", "activation_length"), 1, mesh)
+    if shards == 1:
+        return
+    if pipeline_stages(mesh) > 1:  # the families and positions it does not support: Config's own checks
+        raise ConfigError(f"context parallelism ({named}) does not support pipeline stages yet; set mesh.context=1.")
+    if cfg.data.seq_len % (2 * shards):
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} does not split into 2 x {shards} equal chunks for "
+                          f"context parallelism ({named}); make it a multiple of {2 * shards}.")
+    if isinstance(mesh, Mesh) and len(_own_columns(mesh, 2 * shards)) < 2 * shards:
+        raise ConfigError(f"context parallelism ({named}) spans processes; keep mesh.context within one "
+                          "host's devices (put the other factors on mesh.data or mesh.fsdp).")
+
+
 def local_batch_rows(mesh: Mesh, batch_size: int) -> np.ndarray:
     """The rows of each global (batch_size, ...) batch that this process must load, in
     ascending order: the union of the blocks its devices hold under `batch_sharding(mesh)`.
     On a hybrid mesh they need not be one contiguous block."""
-    blocks = batch_sharding(mesh).addressable_devices_indices_map((batch_size, 1)).values()
+    by_rows = NamedSharding(mesh, logical_to_mesh(("batch",), mesh))
+    blocks = by_rows.addressable_devices_indices_map((batch_size,)).values()
     return np.unique(np.concatenate([np.arange(batch_size)[b[0]] for b in blocks]))
 
 
+def _own_columns(mesh: Mesh, length: int) -> np.ndarray:
+    """The sequence positions (of `length`) that this process's devices hold under `batch_sharding`."""
+    blocks = batch_sharding(mesh).addressable_devices_indices_map((mesh.size, length)).values()
+    return np.unique(np.concatenate([np.arange(length)[b[1]] for b in blocks]))
+
+
+def load_balanced_order(length: int, shards: int) -> np.ndarray:
+    """The order (length,) in which a sequence split over `shards` devices is laid out so that each
+    holds an equal share of a causal mask's triangle (MaxText's load-balanced context parallelism):
+    cut into 2 x shards chunks, device i holds chunks i and 2 x shards - 1 - i. Entry j is the
+    original index of the token at index j; `length` must be a multiple of 2 x shards."""
+    chunks = np.arange(length).reshape(2 * shards, length // (2 * shards))
+    return np.concatenate([np.concatenate([chunks[i], chunks[2 * shards - 1 - i]]) for i in range(shards)])
+
+
+def sequence_order(mesh: Mesh, length: int) -> np.ndarray | None:
+    """The order `global_batch` lays out sequences of `length` in under `mesh`
+    (`load_balanced_order` over the devices that split `activation_length`), or None when the
+    sequence is not split (natural order)."""
+    shards, _ = _splitting(("batch", "activation_length"), 1, mesh)
+    return load_balanced_order(length, shards) if shards > 1 else None
+
+
 def global_batch(local: dict[str, np.ndarray], rows: NamedSharding, batch_size: int) -> dict[str, jax.Array]:
-    """Global (batch_size, ...) arrays sharded by `rows` from this process's rows of them
-    (`local_batch_rows`, in that order)."""
-    return {k: jax.make_array_from_process_local_data(rows, v, (batch_size, *v.shape[1:])) for k, v in local.items()}
+    """Global (batch_size, T, ...) arrays sharded by `rows` from this process's rows of them
+    (`local_batch_rows`, in that order). Under context parallelism each row's positions are
+    reordered along T by `sequence_order` (every array of the batch alike: tokens, targets,
+    positions, segment ids and loss mask travel together, so the loss is unchanged)."""
+    out = {}
+    for k, v in local.items():
+        order = sequence_order(rows.mesh, v.shape[1]) if v.ndim > 1 else None
+        v = v if order is None else v[:, order]
+        out[k] = jax.make_array_from_process_local_data(rows, v, (batch_size, *v.shape[1:]))
+    return out
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,

@@ -298,8 +298,8 @@ def test_ctrl_c_stops_a_two_process_run_at_one_step_and_it_resumes_to_the_uninte
 
 
 @pytest.mark.parametrize("axes, message", [
-    (dict(data=3), "mesh {'pipeline': 1, 'data': 3, 'fsdp': 1, 'tensor': 1, 'expert': 1} needs 3 devices, but 1 "
-     "are available"),
+    (dict(data=3), "mesh {'pipeline': 1, 'data': 3, 'fsdp': 1, 'context': 1, 'tensor': 1, 'expert': 1} needs 3 "
+     "devices, but 1 are available"),
     (dict(data=-1, tensor=3), "do not divide the 1 devices"),
     (dict(data=1, dcn_data=2), "mesh.dcn_data=2 does not divide mesh.data=1"),
 ])

@@ -58,7 +58,7 @@ def run_pipeline(stage_fn, stage_weights, x, side, stages: int, microbatches: in
     microbatch's last-stage output of the repeat before, which `outputs` holds (M >= P: it is
     there by then). With R = 1 this is GPipe.
     """
-    state_axes = ("layers", "batch", *(None,) * (x.ndim - 1))
+    state_axes = ("layers", "batch", "activation_length", None)  # (P, mb, T, D), as the blocks constrain h
     inputs = constrain(to_microbatches(x, microbatches), (None, *state_axes[1:]))  # (M, mb, T, D)
     side = jax.tree.map(lambda a: to_microbatches(a, microbatches), side)
     steps = microbatches * repeats

@@ -12,7 +12,9 @@ learned position table (`embed` only) by fsdp; the relative-bias tables (`heads`
 tensor. The blocks are those of every stack the family spec lists (an encoder-decoder's
 decoder blocks with their cross-attention included); their weights (and so gradients, master
 copy and Adam moments) are further divided by the pipeline stages (the `layers` axis). The batch
-is divided by data x fsdp x expert. Rounding of uneven shards is ignored.
+is divided by data x fsdp x expert, and each sequence by context (context parallelism also holds
+the keys and values gathered from the other devices: `context_parallel_bytes`). Rounding of
+uneven shards is ignored.
 
 Activations saved for the backward pass, per layer and per token, in elements (our own
 count for lmjax's block, following the method of Korthikanti et al. 2022, "Reducing
@@ -181,7 +183,9 @@ def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1, a
     stages = sizes["pipeline"]
     activations = activation_bytes_per_token(m, cfg.data.seq_len, tensor=sizes["tensor"], rows=rows, stages=stages,
                                              bubble=cfg.mesh.bubble_fraction(stages)) * (
-        micro_batch_tokens / batch_shards)
+        micro_batch_tokens / batch_shards / sizes["context"])
+    context = context_parallel_bytes(cfg, sizes, rows)
+    activations += context.get("memory_context_kv_bytes", 0)
     kv_per_token = kv_cache_bytes_per_token(m)
     kv_cache = kv_cache_bytes_per_sequence(m) * inference_batch / sizes["tensor"]  # kv_heads split by tensor
     gradient_bytes = param_bytes
@@ -207,4 +211,23 @@ def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1, a
         "kv_cache_bytes_per_sequence": kv_cache_bytes_per_sequence(m),
         "memory_inference_bytes": param_bytes + kv_cache,
         **int8,
+        **context,
     }
+
+
+def context_parallel_bytes(cfg: Config, sizes: dict[str, int], rows: float) -> dict[str, float]:
+    """What context parallelism (mesh.context = n > 1) adds per device, for `rows` sequences per
+    device and micro-step: `memory_context_kv_bytes`, the keys and values gathered from the other
+    n - 1 devices (rows x T x 2 x kv_heads x head_dim x (n-1)/n in model.dtype per layer, kept for
+    every layer with remat "none", else for the one layer being recomputed), and
+    `context_comm_bytes_per_step`, the bytes each device receives for them per step: a
+    gather forward, the gradients' all-reduce backward (twice a gather), and one more gather per
+    layer recomputed under remat. Empty when mesh.context is 1 (tensor-split heads divide both)."""
+    n, m = sizes["context"], cfg.model
+    if n == 1:
+        return {}
+    gathered = rows * cfg.data.seq_len * 2 * m.kv_heads * m.head_dim * DTYPE_BYTES[m.dtype] * (n - 1) / n
+    gathered /= sizes["tensor"]
+    per_layer_passes = 3 + (m.remat != "none")
+    return {"memory_context_kv_bytes": gathered * (m.n_layers if m.remat == "none" else 1),
+            "context_comm_bytes_per_step": gathered * per_layer_passes * m.n_layers * cfg.optim.grad_accum_steps}

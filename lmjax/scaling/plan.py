@@ -162,7 +162,7 @@ def format_plan(result: dict) -> str:
 
     lines = []
     for key, value in result.items():
-        if key.startswith(("memory_", "kv_cache_")):
+        if key.startswith(("memory_", "kv_cache_", "context_comm_")):
             text = size(value)
         elif key == "wall_seconds":
             text = f"{value:,.0f} s ({value / 3600:.2f} h, {value / 86400:.2f} days)"
