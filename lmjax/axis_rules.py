@@ -4,10 +4,12 @@ of it: a leaf module (it imports nothing from lmjax), so models may import it.
 The model names axes by meaning (`batch`, `embed`, `heads`, ...); which mesh axis shards
 each one is decided here alone (MaxText's `logical_axis_rules`, T5X's
 `standard_logical_axis_rules`), so changing the parallelism never touches model code. The
-mesh axes themselves (`data`, `fsdp`, `tensor`, `expert`) are made by `lmjax.parallel`.
+mesh axes themselves (`lmjax.config.MESH_AXES`) are made by `lmjax.parallel`.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 from jax.sharding import Mesh, PartitionSpec
@@ -23,10 +25,11 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
     "expert": ("expert",),  # expert parallelism: each device holds E / expert of the experts
     "expert_batch": ("data", "fsdp"),  # rows of the expert inputs (E, B, C, D): batch without the expert axis
     "head_dim": None,
-    "activation_length": None,  # activations' sequence positions (B, T, ...): whole on every device for now
+    "activation_length": ("context",),  # context parallelism: activations' sequence positions (B, T, ...) split
+    "activation_kv_length": None,  # the keys and values attention reads: whole (all-gathered over `context`)
     "length": None,  # the learned position table's rows (max_seq_len): tiny, replicated
     "relative_buckets": None,  # T5 relative position bias table: tiny, replicated
-    "layers": None,  # scanned layer axis stays whole on every device
+    "layers": ("pipeline",),  # pipeline parallelism: stage s holds layers [s L/P, (s+1) L/P) of each stack
     "lora_rank": None,  # LoRA adapters' rank: a few columns, never split
 }
 
@@ -39,7 +42,7 @@ def mesh_axes(logical_axes: tuple[str | None, ...], mesh: Mesh) -> tuple[tuple[s
     used: set[str] = set()
     out = []
     for name in logical_axes:
-        axes = tuple(a for a in (LOGICAL_AXIS_RULES.get(name) or ()) if mesh.shape[a] > 1 and a not in used)
+        axes = tuple(a for a in (LOGICAL_AXIS_RULES.get(name) or ()) if mesh.shape.get(a, 1) > 1 and a not in used)
         used.update(axes)
         out.append(axes)
     return tuple(out)
@@ -58,3 +61,12 @@ def constrain(x, logical_axes: tuple[str | None, ...]):
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_mesh(logical_axes, mesh))
+
+
+def sequence_shards() -> int:
+    """How many devices split activations' sequence positions (`activation_length`) under the
+    current mesh (`jax.set_mesh`): 1 outside one, or without context parallelism."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    return math.prod(mesh.shape[a] for a in mesh_axes(("activation_length",), mesh)[0])

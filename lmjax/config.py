@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -464,6 +465,12 @@ class ModelConfig:
         """Whether block `layer` (0-based) has a MoE feed-forward instead of the dense MLP."""
         return self.moe.enabled and (layer + 1) % self.moe.every == 0
 
+    @property
+    def layer_cycle(self) -> int:
+        """Blocks of one scanned step: lcm(moe.every, global_every), the shortest run of layers
+        after which the pattern of MoE and sliding-window blocks repeats (1 when uniform)."""
+        return math.lcm(self.moe.every if self.moe.enabled else 1, self.global_every or 1)
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -638,28 +645,78 @@ class TrainConfig:
                      f"train.{name} must be >= {1 if name == 'max_bad_steps' else 0}, got {getattr(self, name)}.")
 
 
+# The device mesh's axes, outermost first (`lmjax.parallel.make_mesh`); the logical-axis rules
+# (`lmjax.axis_rules`) say which model dimensions each one splits.
+MESH_AXES = ("pipeline", "data", "fsdp", "context", "tensor", "expert")
+# The axes that may span the slow network between nodes or TPU slices (`mesh.dcn_<axis>`).
+DCN_AXES = ("pipeline", "data", "fsdp")
+
+
 @dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh shape; one axis may be -1 to take the remaining devices.
+    """Device mesh shape (one field per axis of MESH_AXES); one axis may be -1 to take the
+    remaining devices.
 
-    `dcn_data` and `dcn_fsdp` say how many of the data / fsdp groups lie across the slow
-    network between hosts (GPU nodes, processes) or TPU slices; the rest of each axis stays
-    within a host or slice (ICI/NVLink). Their product must equal the number of hosts/slices.
+    `dcn_pipeline`, `dcn_data` and `dcn_fsdp` say how many of the pipeline / data / fsdp groups
+    lie across the slow network between hosts (GPU nodes, processes) or TPU slices; the rest of
+    each axis stays within a host or slice (ICI/NVLink). Their product must equal the number of
+    hosts/slices.
+
+    `pipeline` splits the layer stack into that many stages (docs/launch.md). Two settings of
+    the pipeline schedule are not axis sizes: `pipeline_microbatches` M, how many pieces each
+    (accumulation) micro-step's batch is cut into for the stages to work on at once (none: as
+    many as stages), and `pipeline_repeats` R, the virtual stages per device of a circular
+    schedule (1: GPipe). The bubble, the share of stage time spent idle, is (P-1)/(M*R+P-1).
+
+    `context` splits each sequence's positions (activations, not weights) over that many
+    devices: context parallelism for long sequences (docs/launch.md#long-sequences-context-parallelism).
     """
 
+    pipeline: int = 1
     data: int = -1
     fsdp: int = 1
+    context: int = 1
     tensor: int = 1
     expert: int = 1
+    dcn_pipeline: int = 1
     dcn_data: int = 1
     dcn_fsdp: int = 1
+    pipeline_microbatches: int | None = None
+    pipeline_repeats: int = 1
 
     def __post_init__(self):
         _check_literals(self, "mesh.")
-        sizes = (self.data, self.fsdp, self.tensor, self.expert)
-        _require(all(s == -1 or s >= 1 for s in sizes), f"mesh axes must be >= 1 or -1, got {sizes}.")
+        sizes = tuple(self.axis_sizes().values())
+        _require(all(s == -1 or s >= 1 for s in sizes), f"mesh axes must be >= 1 or -1, got {self.axis_sizes()}.")
         _require(sizes.count(-1) <= 1, "at most one mesh axis may be -1 (fill the remaining devices).")
-        _require(self.dcn_data >= 1 and self.dcn_fsdp >= 1, "mesh.dcn_data and mesh.dcn_fsdp must be >= 1.")
+        _require(all(s >= 1 for s in self.dcn_sizes().values()),
+                 f"{', '.join(f'mesh.dcn_{a}' for a in DCN_AXES)} must be >= 1.")
+        _require(self.pipeline_microbatches is None or self.pipeline_microbatches >= 1,
+                 f"mesh.pipeline_microbatches must be >= 1 or none (as many as stages), got "
+                 f"{self.pipeline_microbatches}.")
+        _require(self.pipeline_repeats >= 1, f"mesh.pipeline_repeats must be >= 1, got {self.pipeline_repeats}.")
+
+    def axis_sizes(self, n_devices: int | None = None) -> dict[str, int]:
+        """{axis: size} over MESH_AXES; with `n_devices`, a -1 axis takes what the others leave
+        (at least 1; whether the product matches the devices is `lmjax.parallel`'s check)."""
+        sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
+        if n_devices is not None and -1 in sizes.values():
+            fixed = math.prod(s for s in sizes.values() if s != -1)
+            sizes = {axis: max(1, n_devices // fixed) if s == -1 else s for axis, s in sizes.items()}
+        return sizes
+
+    def dcn_sizes(self) -> dict[str, int]:
+        """{axis: how many of its groups span the slow network} over MESH_AXES (1 off DCN_AXES)."""
+        return {axis: getattr(self, f"dcn_{axis}") if axis in DCN_AXES else 1 for axis in MESH_AXES}
+
+    def microbatches(self, stages: int) -> int:
+        """M of a pipeline of `stages` stages: mesh.pipeline_microbatches, or `stages` when none."""
+        return self.pipeline_microbatches or stages
+
+    def bubble_fraction(self, stages: int) -> float:
+        """The share of a pipeline step that each of `stages` stages spends idle while the
+        first microbatches fill it and the last drain it: (P-1)/(M*R+P-1); 0 with one stage."""
+        return (stages - 1) / (self.microbatches(stages) * self.pipeline_repeats + stages - 1)
 
 
 @dataclass(frozen=True)
@@ -751,6 +808,12 @@ class Config:
             _require(targets_length <= self.model.max_seq_len,
                      f"span corruption targets of {targets_length} tokens exceed model.max_seq_len="
                      f"{self.model.max_seq_len}; raise model.max_seq_len.")
+        if self.mesh.context != 1:  # -1 may split the sequence too
+            unsupported = {"the encoder-decoder family": self.model.family == "encoder_decoder",
+                           "T5 relative positions": self.model.position == "relative"}
+            for what, present in unsupported.items():
+                _require(not present, f"context parallelism (mesh.context={self.mesh.context}) does not support "
+                                      f"{what} yet; set mesh.context=1.")
         _require(not self.model.loss_chunk or targets_length % self.model.loss_chunk == 0,
                  f"model.loss_chunk={self.model.loss_chunk} does not divide the {targets_length} target positions "
                  "of each example; pick a divisor, 0 (no chunks) or none (by size).")

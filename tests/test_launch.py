@@ -93,7 +93,7 @@ def implied_layout(command: str) -> tuple[list[str], int, int]:
     forced = re.search(r"device_count=(\d+)", command)
     if forced:
         return arguments, int(forced.group(1)), 1
-    sizes = [int(a.split("=")[1]) for a in arguments if re.match(r"mesh\.(data|fsdp|tensor|expert)=", a)]
+    sizes = [int(a.split("=")[1]) for a in arguments if re.match(rf"mesh\.({'|'.join(MESH_AXES)})=", a)]
     return arguments, math.prod(sizes), 1
 
 
@@ -105,7 +105,7 @@ def validate(arguments: list[str], devices: int, nodes: int) -> None:
     cfg = override(load_experiment(experiment), overrides)
     sizes = mesh_axis_sizes(cfg.mesh, devices)
     validate_layout(cfg, AbstractMesh(tuple(sizes), MESH_AXES))
-    dcn = [cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp, 1, 1]
+    dcn = list(cfg.mesh.dcn_sizes().values())
     if math.prod(dcn) > 1:
         check_dcn(sizes, dcn, nodes, "nodes")
 

@@ -22,9 +22,9 @@ import pytest
 import lmjax
 from lmjax.checkpoint import Checkpointer
 from lmjax.cli import main
-from lmjax.config import ConfigError, MeshConfig
+from lmjax.config import Config, ConfigError, MeshConfig, ModelConfig, MoEConfig, OptimConfig, TrainConfig
 from lmjax.generate import generate
-from lmjax.parallel import initialize_distributed, make_mesh
+from lmjax.parallel import MESH_AXES, initialize_distributed, make_mesh, mesh_axis_sizes, validate_layout
 from lmjax.records import read_metrics, read_routing
 
 TINY = ["--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "model.n_heads=4",
@@ -285,7 +285,8 @@ def test_ctrl_c_stops_a_two_process_run_at_one_step_and_it_resumes_to_the_uninte
 
 
 @pytest.mark.parametrize("axes, message", [
-    (dict(data=3), "mesh {'data': 3, 'fsdp': 1, 'tensor': 1, 'expert': 1} needs 3 devices, but 1 are available"),
+    (dict(data=3), "mesh {'pipeline': 1, 'data': 3, 'fsdp': 1, 'context': 1, 'tensor': 1, 'expert': 1} needs 3 "
+     "devices, but 1 are available"),
     (dict(data=-1, tensor=3), "do not divide the 1 devices"),
     (dict(data=1, dcn_data=2), "mesh.dcn_data=2 does not divide mesh.data=1"),
 ])
@@ -300,10 +301,40 @@ def test_mesh_not_matching_devices(axes, message):
      "mesh.tensor=4 does not divide model.n_heads=2"),
     (mesh_args(data=2, tensor=4) + ["--set", "model.d_ff=66"], "mesh.tensor=4 does not divide model.d_ff=66"),
     (mesh_args(data=8) + ["--set", "train.batch_size=12"], "does not split over the 8 data-parallel devices"),
+    (mesh_args(pipeline=4, data=2, pipeline_microbatches=8) + ["--set", "model.n_layers=4"],
+     "do not split into mesh.pipeline_microbatches=8"),
 ])
 def test_layout_errors_before_compiling(tmp_path, args, message):
     output, _ = lmjax_subprocess(["train", *TINY, *args, "--set", f"train.run_dir={tmp_path}"]).communicate(timeout=120)
     assert message in output and "lmjax: error:" in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize("model, mesh, message", [
+    (dict(n_layers=6), dict(pipeline=4, data=2), "model.n_layers=6 does not split into mesh.pipeline=4 x "
+     "mesh.pipeline_repeats=1 stages"),
+    (dict(n_layers=8, moe=MoEConfig(n_experts=4, every=4)), dict(pipeline=4, data=2),
+     "stages of whole cycles of 4 blocks"),
+    (dict(n_layers=8), dict(pipeline=2, data=4, pipeline_repeats=2, pipeline_microbatches=3),
+     "make mesh.pipeline_microbatches=3 a multiple of mesh.pipeline=2"),
+    (dict(n_layers=8), dict(pipeline=4, data=2, pipeline_microbatches=2), "mesh.pipeline_microbatches=2 is fewer "
+     "than the 4 stages"),
+    (dict(n_layers=8), dict(pipeline=2, data=4, pipeline_microbatches=8), "the 4 sequences per data-parallel "
+     "device of each micro-step"),
+    (dict(n_layers=8, family="encoder_decoder"), dict(pipeline=2, data=4), "encoder_decoder are not built yet"),
+])
+def test_pipeline_layout_errors(model, mesh, message):
+    """Each bad pipeline layout is one ConfigError from `validate_layout`, before any compile; the
+    good one next to it passes (batch 32 = grad_accum 2 x data 4 x M 4, 8 layers over 2 x 2 stages)."""
+    from jax.sharding import AbstractMesh
+
+    def check(model, mesh):
+        cfg = Config(model=ModelConfig(d_model=32, n_heads=4, d_ff=64, **model), train=TrainConfig(batch_size=32),
+                     optim=OptimConfig(grad_accum_steps=2), mesh=MeshConfig(**mesh))
+        validate_layout(cfg, AbstractMesh(tuple(mesh_axis_sizes(cfg.mesh, 8)), MESH_AXES))
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check(model, mesh)
+    check(dict(n_layers=8), dict(pipeline=2, data=4, pipeline_repeats=2, pipeline_microbatches=4))
 
 
 def test_unreachable_coordinator_is_a_clear_error():

@@ -6,8 +6,6 @@ The stack keeps every layer's weights in one array per parameter with a leading
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -142,7 +140,7 @@ class Stack(nnx.Module):
         attention window or None)."""
         cfg, period = self.cfg, self.period
         layers, seen = [], {"blocks": 0, "moe_blocks": 0}
-        for j in range(math.lcm(period, cfg.global_every or 1)):
+        for j in range(cfg.layer_cycle):
             group = "moe_blocks" if period > 1 and (j + 1) % period == 0 else "blocks"
             layers.append((group, seen[group], cfg.attention_window(j)))
             seen[group] += 1

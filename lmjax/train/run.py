@@ -31,6 +31,7 @@ from lmjax.train.guard import BadStepRule
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
 from lmjax.train.restore import restore_trained_onto
 from lmjax.train.resume import (
+    add_missing_router_biases,
     check_init_from,
     check_init_tokenizer,
     check_resumable,
@@ -218,6 +219,8 @@ def build_state(inputs: Inputs, opened: Opened, transforms: tuple, restore_weigh
     adapting, frozen = adapter_of(transforms) is not None, None
     if inputs.start is not None and (adapting or not opened.resuming):
         params = restore_weights(inputs.start, mesh)
+        if not adapting:
+            params = add_missing_router_biases(params, state.params)
         params = jax.tree.map(lambda p, s: p.astype(s.dtype), params, abstract_model(cfg.model)[1])
         if adapting:
             frozen = params
