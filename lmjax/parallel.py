@@ -231,6 +231,13 @@ def sequence_order(mesh: Mesh, length: int) -> np.ndarray | None:
     return load_balanced_order(length, shards) if shards > 1 else None
 
 
+def natural_order(per_token: np.ndarray, mesh: Mesh) -> np.ndarray:
+    """Per-token values (B, T, ...) of a batch laid out by `global_batch` under `mesh`, gathered to
+    the host, put back in each row's natural order (`sequence_order` undone)."""
+    order = sequence_order(mesh, per_token.shape[1])
+    return per_token if order is None else per_token[:, np.argsort(order)]
+
+
 def global_batch(local: dict[str, np.ndarray], rows: NamedSharding, batch_size: int) -> dict[str, jax.Array]:
     """Global (batch_size, T, ...) arrays sharded by `rows` from this process's rows of them
     (`local_batch_rows`, in that order). Under context parallelism each row's positions are

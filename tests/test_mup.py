@@ -15,7 +15,16 @@ from test_parallel import TINY, finish, lmjax_subprocess, losses, mesh_args
 import lmjax
 from lmjax.cli import main
 from lmjax.config import Config, ConfigError, ModelConfig, MoEConfig, OptimConfig
-from lmjax.drivers.coordinate_check import WIDTHS, coordinate_check, text_batch, width_exponents, width_slopes
+from lmjax.drivers.coordinate_check import (
+    OFF_DEFAULT_CONSTANTS,
+    OFF_DEFAULT_EPS,
+    WIDTHS,
+    coordinate_check,
+    coordinate_data,
+    text_batch,
+    width_exponents,
+    width_slopes,
+)
 from lmjax.families import family_of
 from lmjax.records import read_metrics
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -58,8 +67,7 @@ def train_three_steps(cfg: ModelConfig):
     return history
 
 
-CONSTANTS = {"logit_multiplier": 2.0, "embedding_multiplier": 4.0,  # base constants away from the defaults
-             "init_std_input": 0.05, "init_std_hidden": 0.03, "init_std_output": 0.01, "attention_multiplier": 0.5}
+CONSTANTS = OFF_DEFAULT_CONSTANTS  # base constants away from the defaults (init stds 0.05, 0.03, 0.01)
 
 
 def test_base_width_equals_standard_within_one_ulp():
@@ -185,9 +193,6 @@ def test_learning_rate_multipliers_hold_on_the_master_copy():
         np.testing.assert_array_equal(moved[name], expected[name], err_msg=name)
 
 
-CHECK_EPS = 1e-4  # Adam's epsilon in the coordinate check: of the size of the hidden matrices' gradients
-
-
 def test_coordinate_check():
     """Widths 64-512, 2 layers, head width 32, d_ff 4x width, 5 steps, 3 seeds, every base
     constant away from its default (µP's epsilon scaled with width): under µP every block
@@ -196,12 +201,17 @@ def test_coordinate_check():
     under the standard parametrization with the same constants the blocks' outputs grow at
     least as width^1 and the logits grow with width, at every step. Unscaled, this epsilon
     alone puts µP's logits' exponent at -0.17 (docs/scaling.md)."""
-    rms = coordinate_check("mup", eps=CHECK_EPS, mup_scale_adam_eps=True, **CONSTANTS)
+    rms, updates = coordinate_data("mup", eps=OFF_DEFAULT_EPS, mup_scale_adam_eps=True, **CONSTANTS)
     mup = width_slopes(rms, WIDTHS)
     assert mup.shape == (5, 3)
     assert np.all(np.abs(width_exponents(rms, WIDTHS)) < 0.1), mup
     assert np.all(np.abs(mup) < 0.25), mup
-    standard = coordinate_check("standard", eps=CHECK_EPS, **CONSTANTS)
+    hidden = ("wq", "wk", "wv", "wo", "w_up", "w_gate", "w_down")
+    assert len(updates) == 11 and sum(name.endswith(hidden) for name in updates) == 7
+    for name, moved in updates.items():  # each entry's move: hidden matrices as 1/m, the rest width-free
+        expected = -1.0 if name.endswith(hidden) else 0.0
+        np.testing.assert_allclose(width_slopes(moved, WIDTHS), expected, atol=0.1, err_msg=name)
+    standard = coordinate_check("standard", eps=OFF_DEFAULT_EPS, **CONSTANTS)
     assert np.all(width_slopes(standard, WIDTHS)[:, :-1] > 1.0)  # the blocks' outputs (measured 1.4-3.0)
     assert np.all(standard[-1, :, -1] > standard[0, :, -1])  # 8x the width, larger logits (measured 1.2-2.5x)
 
