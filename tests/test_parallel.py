@@ -137,11 +137,13 @@ def test_router_bias_updates_agree_across_two_processes_and_one_device(tmp_path)
 @pytest.mark.parametrize("family", [pytest.param("encoder", marks=pytest.mark.slow), "encoder_decoder"])
 def test_encoder_families_shard_like_single_device(tmp_path, family):
     """Sharding works for the other families unchanged: data x fsdp x tensor equals one device.
-    (The encoder-decoder's encoder is the encoder family's stack, so the fast run covers both.)"""
+    (The encoder-decoder's encoder is the encoder family's stack, so the fast run covers both.)
+    The encoder runs in pipeline stages (2) beside data 2 x tensor 2: its relative position bias
+    and padding masks are cut into microbatches with the activations."""
     args = [*TINY, "--set", f"model.family={family}", "--set", "model.position=relative", "--set", "train.steps=3"]
     single, sharded = tmp_path / "single", tmp_path / "sharded"
-    process = lmjax_subprocess(["train", *args, *mesh_args(data=2, fsdp=2, tensor=2), "--set",
-                                f"train.run_dir={sharded}"])
+    axes = dict(pipeline=2, data=2, tensor=2) if family == "encoder" else dict(data=2, fsdp=2, tensor=2)
+    process = lmjax_subprocess(["train", *args, *mesh_args(**axes), "--set", f"train.run_dir={sharded}"])
     assert main(["train", *args, "--set", f"train.run_dir={single}"]) == 0
     finish(process)
     np.testing.assert_allclose(losses(sharded), losses(single), rtol=1e-5)
