@@ -159,9 +159,6 @@ def _validate_pipeline(cfg: Config, mesh: Mesh, rows_per_device: int) -> None:
         return
     m, repeats = cfg.model, cfg.mesh.pipeline_repeats
     microbatches = cfg.mesh.microbatches(stages)
-    if m.family == "encoder_decoder":
-        raise ConfigError(f"{named}: pipeline stages over the two stacks of an encoder_decoder are not built yet; "
-                          "set mesh.pipeline=1 (fsdp and tensor parallelism work for it).")
     if m.n_layers % (stages * repeats * m.layer_cycle):
         cycle = f" of whole cycles of {m.layer_cycle} blocks (model.moe.every, model.global_every)" * (
             m.layer_cycle > 1)
