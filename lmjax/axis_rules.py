@@ -9,7 +9,10 @@ mesh axes themselves (`lmjax.config.MESH_AXES`) are made by `lmjax.parallel`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from typing import NamedTuple
 
 import jax
 from jax.sharding import Mesh, PartitionSpec
@@ -70,3 +73,42 @@ def sequence_shards() -> int:
     if mesh.empty:
         return 1
     return math.prod(mesh.shape[a] for a in mesh_axes(("activation_length",), mesh)[0])
+
+
+class PipelineLayout(NamedTuple):
+    """How the current mesh and schedule run a layer stack in stages: `stage_axes`, the mesh axes
+    of the `layers` logical axis; P `stages` (their product); M `microbatches`; R `repeats`."""
+
+    stage_axes: tuple[str, ...]
+    stages: int
+    microbatches: int
+    repeats: int
+
+
+_SCHEDULE = contextvars.ContextVar("lmjax_pipeline_schedule", default=(None, 1))
+
+
+@contextlib.contextmanager
+def pipeline_schedule(microbatches: int | None, repeats: int = 1):
+    """Within it, a pipelined layer stack cuts its batch into `microbatches` (None: as many as
+    stages) and runs `repeats` virtual stages per device; the trainer sets it from cfg.mesh
+    around tracing, as it sets the mesh."""
+    token = _SCHEDULE.set((microbatches, repeats))
+    try:
+        yield
+    finally:
+        _SCHEDULE.reset(token)
+
+
+def pipeline_layout() -> PipelineLayout | None:
+    """The PipelineLayout under the current mesh (`jax.set_mesh`) and `pipeline_schedule`, or None
+    when no mesh axis splits the `layers` axis."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    axes = mesh_axes(("layers",), mesh)[0]
+    stages = math.prod(mesh.shape[a] for a in axes)
+    if stages == 1:
+        return None
+    microbatches, repeats = _SCHEDULE.get()
+    return PipelineLayout(axes, stages, microbatches or stages, repeats)

@@ -176,7 +176,9 @@ class ModelConfig:
     output), `attention_multiplier` (the attention temperature) and the per-role init stds
     `init_std_input`/`_hidden`/`_output` (default `init_std`) mean the same under both
     parametrizations; under mup they hold at the base width (the hidden std then scales by
-    1/sqrt(m), the rest are kept).
+    1/sqrt(m), the rest are kept). `mup_scale_adam_eps` (mup only) takes Adam's epsilon
+    (`optim.eps`, its value at the base width) times 1/m, as every role's gradient shrinks
+    by 1/m under mup (`adam_eps_multiplier`).
     """
 
     family: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
@@ -242,6 +244,7 @@ class ModelConfig:
     init_std_hidden: float | None = None  # the stack's matrices at the base width (mup: / sqrt(m)); None: init_std
     init_std_output: float | None = None  # the untied head and the MoE router; None: init_std
     attention_multiplier: float = 1.0  # attention temperature: q.k times this on top of attention_logit_scale
+    mup_scale_adam_eps: bool = False  # mup only: Adam's epsilon times 1/m (optim.eps holds at the base width)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self):
@@ -251,6 +254,9 @@ class ModelConfig:
         _require(self.parametrization != "mup" or self.mup_base_width is not None,
                  "model.parametrization='mup' needs model.mup_base_width (the d_model whose learning rate was "
                  "tuned); set it, e.g. model.mup_base_width=256.")
+        _require(not self.mup_scale_adam_eps or self.parametrization == "mup",
+                 "model.mup_scale_adam_eps scales Adam's epsilon with µP's width multiplier; it means nothing under "
+                 "model.parametrization='standard' (set optim.eps instead).")
         for name in ("logit_multiplier", "embedding_multiplier", "attention_multiplier"):
             _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}.")
         for name in ("init_std_input", "init_std_hidden", "init_std_output"):
@@ -412,6 +418,16 @@ class ModelConfig:
         return self.mup_base_width / self.d_model if self.parametrization == "mup" else 1.0
 
     @property
+    def adam_eps_multiplier(self) -> float:
+        """What Adam's epsilon (optim.eps) is multiplied by: 1 / m under mup with
+        `mup_scale_adam_eps`, else 1.0. Under mup every role's gradient (embeddings, hidden
+        matrices, head, router, norm gains) shrinks as 1 / m per coordinate, since the loss's
+        gradient with respect to every activation does (measured: log-log slopes -0.8 to -1.1
+        over widths 64-512, docs/scaling.md); epsilon keeps its ratio to them (Everett et al.
+        2024, "Scaling Exponents Across Parameterizations and Optimizers", section 5)."""
+        return self.output_multiplier if self.mup_scale_adam_eps else 1.0
+
+    @property
     def logit_scale(self) -> float:
         """What the output head's logits are multiplied by: logit_multiplier times output_multiplier."""
         return self.logit_multiplier * self.output_multiplier
@@ -487,6 +503,7 @@ class OptimConfig:
         _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}.")
         _require(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
         _require(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "optim.beta1 and optim.beta2 must be in [0, 1).")
+        _require(self.eps > 0, f"optim.eps must be positive, got {self.eps}.")
         _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}.")
         _require(self.clip_norm is None or self.clip_norm > 0,
                  f"optim.clip_norm must be positive or none, got {self.clip_norm}.")
@@ -791,6 +808,10 @@ class Config:
             _require(targets_length <= self.model.max_seq_len,
                      f"span corruption targets of {targets_length} tokens exceed model.max_seq_len="
                      f"{self.model.max_seq_len}; raise model.max_seq_len.")
+        _require(self.model.family != "encoder_decoder" or (self.mesh.pipeline, self.mesh.dcn_pipeline) == (1, 1),
+                 f"mesh.pipeline={self.mesh.pipeline} x mesh.dcn_pipeline={self.mesh.dcn_pipeline}: pipeline stages "
+                 "over the two stacks of an encoder_decoder are not built yet; set mesh.pipeline=1 (fsdp and tensor "
+                 "parallelism work for it).")
         if self.mesh.context != 1:  # -1 may split the sequence too
             unsupported = {"the encoder-decoder family": self.model.family == "encoder_decoder",
                            "T5 relative positions": self.model.position == "relative"}

@@ -159,9 +159,6 @@ def _validate_pipeline(cfg: Config, mesh: Mesh, rows_per_device: int) -> None:
         return
     m, repeats = cfg.model, cfg.mesh.pipeline_repeats
     microbatches = cfg.mesh.microbatches(stages)
-    if m.family == "encoder_decoder":
-        raise ConfigError(f"{named}: pipeline stages over the two stacks of an encoder_decoder are not built yet; "
-                          "set mesh.pipeline=1 (fsdp and tensor parallelism work for it).")
     if m.n_layers % (stages * repeats * m.layer_cycle):
         cycle = f" of whole cycles of {m.layer_cycle} blocks (model.moe.every, model.global_every)" * (
             m.layer_cycle > 1)
@@ -229,6 +226,13 @@ def sequence_order(mesh: Mesh, length: int) -> np.ndarray | None:
     sequence is not split (natural order)."""
     shards, _ = _splitting(("batch", "activation_length"), 1, mesh)
     return load_balanced_order(length, shards) if shards > 1 else None
+
+
+def natural_order(per_token: np.ndarray, mesh: Mesh) -> np.ndarray:
+    """Per-token values (B, T, ...) of a batch laid out by `global_batch` under `mesh`, gathered to
+    the host, put back in each row's natural order (`sequence_order` undone)."""
+    order = sequence_order(mesh, per_token.shape[1])
+    return per_token if order is None else per_token[:, np.argsort(order)]
 
 
 def global_batch(local: dict[str, np.ndarray], rows: NamedSharding, batch_size: int) -> dict[str, jax.Array]:

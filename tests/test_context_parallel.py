@@ -24,7 +24,7 @@ import json, jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from lmjax.config import MeshConfig, ModelConfig
 from lmjax.families import family_of
-from lmjax.parallel import batch_sharding, global_batch, make_mesh, state_shardings
+from lmjax.parallel import batch_sharding, global_batch, make_mesh, natural_order, state_shardings
 
 def packed_batch(rows, length, seed):
     rng = np.random.default_rng(seed)
@@ -59,7 +59,10 @@ for axes in [dict(data=2, context=4), dict(data=1, fsdp=2, context=4)]:
     mesh = make_mesh(MeshConfig(**axes))
     with jax.set_mesh(mesh):
         sharded = jax.device_put(params, state_shardings(params, mesh))
-        got = step(graphdef, sharded, global_batch(batch, batch_sharding(mesh), 4))
+        laid_out = global_batch(batch, batch_sharding(mesh), 4)
+        got = step(graphdef, sharded, laid_out)
+    assert not np.array_equal(np.asarray(laid_out["positions"]), batch["positions"])  # reordered on the devices
+    assert np.array_equal(natural_order(np.asarray(laid_out["positions"]), mesh), batch["positions"])  # and back
     errors = [float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
               for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]))]
     results[str(axes)] = {"loss": [float(got[0]), float(want[0])], "grad_errors": errors}

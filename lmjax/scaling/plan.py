@@ -93,6 +93,7 @@ def plan(cfg: Config, budget_flops: float | None = None, law: dict | None = None
         "init_std_input": cfg.model.input_init_std,
         "init_std_hidden": cfg.model.hidden_init_std,  # under mup: at this width
         "init_std_output": cfg.model.output_init_std,
+        "adam_eps": cfg.optim.eps * cfg.model.adam_eps_multiplier,  # under mup with mup_scale_adam_eps: at this width
         **counts,
         **_moe_shape(cfg),
         "flops_per_token_train": flops_per_token,

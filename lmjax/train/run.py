@@ -19,6 +19,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from lmjax.axis_rules import pipeline_schedule
 from lmjax.checkpoint import Checkpointer
 from lmjax.config import Config, ConfigError
 from lmjax.data import BatchIterator, save_to_run
@@ -248,7 +249,8 @@ def compile_step(step_fn, cfg: Config, mesh: Mesh, train_set, state: TrainState,
     rows = batch_sharding(mesh)
     batch_shape = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape), v.dtype, sharding=rows)
                    for k, v in train_set[0].items()}
-    with jax.set_mesh(mesh):  # activation sharding constraints resolve against it while tracing
+    # activation sharding constraints and the pipeline schedule resolve against these while tracing
+    with jax.set_mesh(mesh), pipeline_schedule(cfg.mesh.pipeline_microbatches, cfg.mesh.pipeline_repeats):
         compiled = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None, None)).lower(
             state, batch_shape, *([] if frozen is None else [frozen])).compile()
     return compiled if frozen is None else lambda state, batch: compiled(state, batch, frozen)
