@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 from flax import nnx
 
 from lmjax.config import Config, ModelConfig, MoEConfig
@@ -387,7 +388,7 @@ def test_expert_parallel_follows_the_rules_table():
     `expert` logical axis sent to another mesh axis (data, which also splits the tokens; tensor,
     which does not; two axes at once), the sharded layer's output and gradients equal one device's.
     Both with fine-grained experts (G = 2), under token choice (dropless) and expert choice."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", REMAPPED_RULES], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

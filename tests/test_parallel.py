@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 import lmjax
 from lmjax.checkpoint import Checkpointer
@@ -35,8 +36,7 @@ TINY = ["--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "mode
 
 
 def lmjax_subprocess(args, devices=8, cwd=None, **env):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-           **env}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu", **env}
     return subprocess.Popen([sys.executable, "-m", "lmjax.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
 
@@ -158,7 +158,7 @@ def test_fsdp_checkpoint_resumes_on_another_mesh_and_restores_on_one_cpu(tmp_pat
     np.testing.assert_allclose(losses(run), single_device_losses, rtol=1e-5)
     # the same checkpoint read onto 8 devices (data 2 x tensor 4) and onto this process's one CPU
     dump = tmp_path / "params.npz"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8)}
     subprocess.run([sys.executable, "-c", DUMP_PARAMS, str(run), str(dump), "data=2", "tensor=4"], env=env,
                    check=True, capture_output=True)
     from lmjax.runs import restore_params
@@ -190,7 +190,7 @@ print(json.dumps({"params": fractions(state.params), "mu": fractions(adam.mu), "
 
 
 def test_fsdp_shards_params_and_adam_moments():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8)}
     out = subprocess.run([sys.executable, "-c", FSDP_SHARDS], env=env, check=True, capture_output=True, text=True)
     fractions = json.loads(out.stdout.strip().splitlines()[-1])
     for name in ("params", "mu", "nu"):
