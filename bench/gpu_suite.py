@@ -32,6 +32,9 @@ Rows (all steps on random tokens, one sequence per row, no data loading in the t
   (cuDNN's public API takes no segment ids), so the losses differ by bfloat16 rounding (~1e-2)
   and a dropped segment mask would show as ~1; `dot_product` in float32 compares XLA with
   itself (CPU: under 1e-5).
+- long: the dense decoder on one row of 16384 positions (remat full, `attention=auto`, the
+  loss chunked by size), its sequence split over every device of the machine (`mesh.context`:
+  1 on one GPU); step time, tokens/s, MFU (attention FLOPs included) and XLA's temporaries.
 """
 
 from __future__ import annotations
@@ -53,12 +56,14 @@ FULL = {
                   tie_embeddings=False, dtype="bfloat16", remat="minimal_with_context"),
     "batch": 8, "seq": 2048, "steps": 8, "warmup": 2, "compile_layers": (12, 24),
     "matmul_size": 8192, "copy_bytes": 4 << 30, "decode_prompt": 128, "decode_new": 256, "decode_batches": (1, 32),
+    "long_seq": 16384,
 }
 SMOKE = {
     "dense": dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=64, tie_embeddings=False,
                   dtype="bfloat16", remat="minimal_with_context"),
     "batch": 2, "seq": 32, "steps": 2, "warmup": 1, "compile_layers": (1, 2),
     "matmul_size": 256, "copy_bytes": 8 << 20, "decode_prompt": 8, "decode_new": 8, "decode_batches": (1, 4),
+    "long_seq": 128,
 }
 ATTENTION = ("auto", "dot_product", "einsum")
 MOE_DISPATCH = (("dropless", "ragged_dot"), ("dropless", "blocks"), ("capacity", "auto"))
@@ -171,7 +176,8 @@ def time_training(model, shapes: dict, mesh, peaks: dict) -> dict:
     return {"layers": model.n_layers, "batch": batch, "seq": seq, "params_total": counts["params_total"],
             "params_active": counts["params_active"], "compile_s": compile_seconds, "step_ms": step_seconds * 1e3,
             "tokens_per_s": tokens_per_s, "mfu": flops_per_s / peak_flops_per_device("bfloat16"),
-            "fraction_of_matmul_peak": flops_per_s / peaks["matmul_bf16_flops"], "loss": float(metrics["loss"])}
+            "fraction_of_matmul_peak": flops_per_s / peaks["matmul_bf16_flops"], "loss": float(metrics["loss"]),
+            "xla_temp_bytes": compiled.memory_analysis().temp_size_in_bytes}
 
 
 def time_decode(model, batch: int, shapes: dict, peaks: dict) -> dict:
@@ -287,7 +293,22 @@ def plan_rows(shapes: dict, dense, moe_layers: int) -> list[tuple[str, str, call
     rows.append(("dense", "attention=auto, bf16 params + fp32 master", dense_row("auto", param_dtype="bfloat16")))
     rows += [("packing", f"decoder, attention={a}, {dtype}", lambda c, a=a, dtype=dtype: packing_row(a, dtype))
              for a, dtype in (("auto", "bfloat16"), ("dot_product", "float32"))]
+    rows.append(("long", f"seq {shapes['long_seq']}, batch 1", lambda c: long_row(dense, shapes, c["peaks"])))
     return rows
+
+
+def long_row(dense, shapes: dict, peaks: dict) -> dict:
+    """The dense decoder trained on one row of shapes["long_seq"] positions, the sequence split
+    over every device (`mesh.context`, data 1)."""
+    import jax
+
+    from lmjax.config import MeshConfig
+    from lmjax.parallel import make_mesh
+
+    seq, context = shapes["long_seq"], jax.device_count()
+    model = dataclasses.replace(dense, max_seq_len=seq, remat="full")
+    mesh = make_mesh(MeshConfig(data=1, context=context))
+    return {"context": context, **time_training(model, {**shapes, "batch": 1, "seq": seq}, mesh, peaks)}
 
 
 def packing_row(attention: str, dtype: str) -> dict:
@@ -319,6 +340,7 @@ TABLE_COLUMNS = {
     "decode": ("tokens_per_s", "bound_spec_tokens_per_s", "fraction_of_spec_bound", "bound_measured_tokens_per_s",
                "fraction_of_measured_bound"),
     "packing": ("kernel_alone", "dtype", "loss_max_abs_diff", "grad_max_abs_diff_over_max", "mean_loss"),
+    "long": ("seq", "context", "step_ms", "tokens_per_s", "mfu", "xla_temp_bytes", "compile_s", "loss"),
 }
 
 

@@ -18,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from lmjax.axis_rules import pipeline_schedule
 from lmjax.config_parse import override
 from lmjax.experiment import load_experiment
 from lmjax.parallel import batch_sharding, make_mesh
@@ -54,8 +55,9 @@ class StepRunner:
                                   cfg.optim.grad_accum_steps, model.dropout > 0, model.moe)
         self.batch = random_batch(cfg.train.batch_size, cfg.data.seq_len, model.vocab_size, batch_sharding(mesh))
         start = time.perf_counter()
-        self.step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None, None)).lower(
-            self.state, self.batch).compile()
+        with jax.set_mesh(mesh), pipeline_schedule(cfg.mesh.pipeline_microbatches, cfg.mesh.pipeline_repeats):
+            self.step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None, None)).lower(
+                self.state, self.batch).compile()  # traced under the mesh and schedule, as the trainer does
         self.compile_seconds = time.perf_counter() - start
         self.step_times(3)  # warm up
 

@@ -48,9 +48,10 @@ def sweep() -> Sweep:
 
 
 def summarize(sweep_dir: Path, out: Path) -> None:
-    """Print per arm the mean MaxVio over the last 100 steps and the final validation loss (mean
-    and each seed), and draw MaxVio over training (mean over MoE layers, seeds averaged) and the
-    final validation losses into `out`."""
+    """Print per arm the mean MaxVio (over MoE layers) over steps 51-100 (how fast it balances)
+    and over the last 100 steps (mean, each seed, and its standard deviation over those steps:
+    how much it oscillates), and the final validation loss (mean and each seed), and draw MaxVio
+    over training (mean over MoE layers, seeds averaged) and the final validation losses into `out`."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -70,15 +71,17 @@ def summarize(sweep_dir: Path, out: Path) -> None:
         val = [v[0] for v in val if v]
         curves.plot(steps, violation.mean(axis=0), label=arm)
         finals.scatter([i] * len(val), val, label=arm)
-        late = violation[:, steps > steps[-1] - 100].mean()
-        print(f"{arm:10s} seeds {len(records)}  MaxVio (last 100 steps) {late:.3f}  "
+        late = violation[:, steps > steps[-1] - 100]  # (seeds, logs of the last 100 steps)
+        early = violation[:, (steps > 50) & (steps <= 100)].mean()
+        print(f"{arm:10s} seeds {len(records)}  MaxVio steps 51-100 {early:.3f}, last 100 steps {late.mean():.3f} "
+              f"({', '.join(f'{v:.3f}' for v in late.mean(axis=1))}; std over steps {late.std(axis=1).mean():.3f})  "
               f"val loss {np.mean(val) if val else float('nan'):.4f}  ({', '.join(f'{v:.4f}' for v in val)})")
     curves.set(title="MaxVio = E max(load) - 1, mean over MoE layers and seeds", xlabel="step", yscale="log")
     curves.legend()
     finals.set(title="final validation loss (nats/byte), each seed", xticks=range(len(ARMS)),
                xticklabels=list(ARMS))
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=80)
     print(f"figure: {out}")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -175,7 +176,9 @@ class ModelConfig:
     output), `attention_multiplier` (the attention temperature) and the per-role init stds
     `init_std_input`/`_hidden`/`_output` (default `init_std`) mean the same under both
     parametrizations; under mup they hold at the base width (the hidden std then scales by
-    1/sqrt(m), the rest are kept).
+    1/sqrt(m), the rest are kept). `mup_scale_adam_eps` (mup only) takes Adam's epsilon
+    (`optim.eps`, its value at the base width) times 1/m, as every role's gradient shrinks
+    by 1/m under mup (`adam_eps_multiplier`).
     """
 
     family: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
@@ -241,6 +244,7 @@ class ModelConfig:
     init_std_hidden: float | None = None  # the stack's matrices at the base width (mup: / sqrt(m)); None: init_std
     init_std_output: float | None = None  # the untied head and the MoE router; None: init_std
     attention_multiplier: float = 1.0  # attention temperature: q.k times this on top of attention_logit_scale
+    mup_scale_adam_eps: bool = False  # mup only: Adam's epsilon times 1/m (optim.eps holds at the base width)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self):
@@ -250,6 +254,9 @@ class ModelConfig:
         _require(self.parametrization != "mup" or self.mup_base_width is not None,
                  "model.parametrization='mup' needs model.mup_base_width (the d_model whose learning rate was "
                  "tuned); set it, e.g. model.mup_base_width=256.")
+        _require(not self.mup_scale_adam_eps or self.parametrization == "mup",
+                 "model.mup_scale_adam_eps scales Adam's epsilon with µP's width multiplier; it means nothing under "
+                 "model.parametrization='standard' (set optim.eps instead).")
         for name in ("logit_multiplier", "embedding_multiplier", "attention_multiplier"):
             _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}.")
         for name in ("init_std_input", "init_std_hidden", "init_std_output"):
@@ -411,6 +418,16 @@ class ModelConfig:
         return self.mup_base_width / self.d_model if self.parametrization == "mup" else 1.0
 
     @property
+    def adam_eps_multiplier(self) -> float:
+        """What Adam's epsilon (optim.eps) is multiplied by: 1 / m under mup with
+        `mup_scale_adam_eps`, else 1.0. Under mup every role's gradient (embeddings, hidden
+        matrices, head, router, norm gains) shrinks as 1 / m per coordinate, since the loss's
+        gradient with respect to every activation does (measured: log-log slopes -0.8 to -1.1
+        over widths 64-512, docs/scaling.md); epsilon keeps its ratio to them (Everett et al.
+        2024, "Scaling Exponents Across Parameterizations and Optimizers", section 5)."""
+        return self.output_multiplier if self.mup_scale_adam_eps else 1.0
+
+    @property
     def logit_scale(self) -> float:
         """What the output head's logits are multiplied by: logit_multiplier times output_multiplier."""
         return self.logit_multiplier * self.output_multiplier
@@ -448,6 +465,12 @@ class ModelConfig:
         """Whether block `layer` (0-based) has a MoE feed-forward instead of the dense MLP."""
         return self.moe.enabled and (layer + 1) % self.moe.every == 0
 
+    @property
+    def layer_cycle(self) -> int:
+        """Blocks of one scanned step: lcm(moe.every, global_every), the shortest run of layers
+        after which the pattern of MoE and sliding-window blocks repeats (1 when uniform)."""
+        return math.lcm(self.moe.every if self.moe.enabled else 1, self.global_every or 1)
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -480,6 +503,7 @@ class OptimConfig:
         _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}.")
         _require(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
         _require(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "optim.beta1 and optim.beta2 must be in [0, 1).")
+        _require(self.eps > 0, f"optim.eps must be positive, got {self.eps}.")
         _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}.")
         _require(self.clip_norm is None or self.clip_norm > 0,
                  f"optim.clip_norm must be positive or none, got {self.clip_norm}.")
@@ -621,28 +645,78 @@ class TrainConfig:
                      f"train.{name} must be >= {1 if name == 'max_bad_steps' else 0}, got {getattr(self, name)}.")
 
 
+# The device mesh's axes, outermost first (`lmjax.parallel.make_mesh`); the logical-axis rules
+# (`lmjax.axis_rules`) say which model dimensions each one splits.
+MESH_AXES = ("pipeline", "data", "fsdp", "context", "tensor", "expert")
+# The axes that may span the slow network between nodes or TPU slices (`mesh.dcn_<axis>`).
+DCN_AXES = ("pipeline", "data", "fsdp")
+
+
 @dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh shape; one axis may be -1 to take the remaining devices.
+    """Device mesh shape (one field per axis of MESH_AXES); one axis may be -1 to take the
+    remaining devices.
 
-    `dcn_data` and `dcn_fsdp` say how many of the data / fsdp groups lie across the slow
-    network between hosts (GPU nodes, processes) or TPU slices; the rest of each axis stays
-    within a host or slice (ICI/NVLink). Their product must equal the number of hosts/slices.
+    `dcn_pipeline`, `dcn_data` and `dcn_fsdp` say how many of the pipeline / data / fsdp groups
+    lie across the slow network between hosts (GPU nodes, processes) or TPU slices; the rest of
+    each axis stays within a host or slice (ICI/NVLink). Their product must equal the number of
+    hosts/slices.
+
+    `pipeline` splits the layer stack into that many stages (docs/launch.md). Two settings of
+    the pipeline schedule are not axis sizes: `pipeline_microbatches` M, how many pieces each
+    (accumulation) micro-step's batch is cut into for the stages to work on at once (none: as
+    many as stages), and `pipeline_repeats` R, the virtual stages per device of a circular
+    schedule (1: GPipe). The bubble, the share of stage time spent idle, is (P-1)/(M*R+P-1).
+
+    `context` splits each sequence's positions (activations, not weights) over that many
+    devices: context parallelism for long sequences (docs/launch.md#long-sequences-context-parallelism).
     """
 
+    pipeline: int = 1
     data: int = -1
     fsdp: int = 1
+    context: int = 1
     tensor: int = 1
     expert: int = 1
+    dcn_pipeline: int = 1
     dcn_data: int = 1
     dcn_fsdp: int = 1
+    pipeline_microbatches: int | None = None
+    pipeline_repeats: int = 1
 
     def __post_init__(self):
         _check_literals(self, "mesh.")
-        sizes = (self.data, self.fsdp, self.tensor, self.expert)
-        _require(all(s == -1 or s >= 1 for s in sizes), f"mesh axes must be >= 1 or -1, got {sizes}.")
+        sizes = tuple(self.axis_sizes().values())
+        _require(all(s == -1 or s >= 1 for s in sizes), f"mesh axes must be >= 1 or -1, got {self.axis_sizes()}.")
         _require(sizes.count(-1) <= 1, "at most one mesh axis may be -1 (fill the remaining devices).")
-        _require(self.dcn_data >= 1 and self.dcn_fsdp >= 1, "mesh.dcn_data and mesh.dcn_fsdp must be >= 1.")
+        _require(all(s >= 1 for s in self.dcn_sizes().values()),
+                 f"{', '.join(f'mesh.dcn_{a}' for a in DCN_AXES)} must be >= 1.")
+        _require(self.pipeline_microbatches is None or self.pipeline_microbatches >= 1,
+                 f"mesh.pipeline_microbatches must be >= 1 or none (as many as stages), got "
+                 f"{self.pipeline_microbatches}.")
+        _require(self.pipeline_repeats >= 1, f"mesh.pipeline_repeats must be >= 1, got {self.pipeline_repeats}.")
+
+    def axis_sizes(self, n_devices: int | None = None) -> dict[str, int]:
+        """{axis: size} over MESH_AXES; with `n_devices`, a -1 axis takes what the others leave
+        (at least 1; whether the product matches the devices is `lmjax.parallel`'s check)."""
+        sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
+        if n_devices is not None and -1 in sizes.values():
+            fixed = math.prod(s for s in sizes.values() if s != -1)
+            sizes = {axis: max(1, n_devices // fixed) if s == -1 else s for axis, s in sizes.items()}
+        return sizes
+
+    def dcn_sizes(self) -> dict[str, int]:
+        """{axis: how many of its groups span the slow network} over MESH_AXES (1 off DCN_AXES)."""
+        return {axis: getattr(self, f"dcn_{axis}") if axis in DCN_AXES else 1 for axis in MESH_AXES}
+
+    def microbatches(self, stages: int) -> int:
+        """M of a pipeline of `stages` stages: mesh.pipeline_microbatches, or `stages` when none."""
+        return self.pipeline_microbatches or stages
+
+    def bubble_fraction(self, stages: int) -> float:
+        """The share of a pipeline step that each of `stages` stages spends idle while the
+        first microbatches fill it and the last drain it: (P-1)/(M*R+P-1); 0 with one stage."""
+        return (stages - 1) / (self.microbatches(stages) * self.pipeline_repeats + stages - 1)
 
 
 @dataclass(frozen=True)
@@ -734,6 +808,16 @@ class Config:
             _require(targets_length <= self.model.max_seq_len,
                      f"span corruption targets of {targets_length} tokens exceed model.max_seq_len="
                      f"{self.model.max_seq_len}; raise model.max_seq_len.")
+        _require(self.model.family != "encoder_decoder" or (self.mesh.pipeline, self.mesh.dcn_pipeline) == (1, 1),
+                 f"mesh.pipeline={self.mesh.pipeline} x mesh.dcn_pipeline={self.mesh.dcn_pipeline}: pipeline stages "
+                 "over the two stacks of an encoder_decoder are not built yet; set mesh.pipeline=1 (fsdp and tensor "
+                 "parallelism work for it).")
+        if self.mesh.context != 1:  # -1 may split the sequence too
+            unsupported = {"the encoder-decoder family": self.model.family == "encoder_decoder",
+                           "T5 relative positions": self.model.position == "relative"}
+            for what, present in unsupported.items():
+                _require(not present, f"context parallelism (mesh.context={self.mesh.context}) does not support "
+                                      f"{what} yet; set mesh.context=1.")
         _require(not self.model.loss_chunk or targets_length % self.model.loss_chunk == 0,
                  f"model.loss_chunk={self.model.loss_chunk} does not divide the {targets_length} target positions "
                  "of each example; pick a divisor, 0 (no chunks) or none (by size).")

@@ -19,20 +19,19 @@ from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from lmjax.axis_rules import logical_to_mesh, mesh_axes
-from lmjax.config import Config, ConfigError, MeshConfig
+from lmjax.config import DCN_AXES, MESH_AXES, Config, ConfigError, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     """A mesh over `devices` (default: all) with axes MESH_AXES, sized by `cfg`.
 
     One axis may be -1 to take whatever the others leave; the product must equal the
-    device count. With `dcn_data`/`dcn_fsdp` > 1 the devices are arranged so that only
-    those factors of the data/fsdp axes cross hosts (or TPU slices).
+    device count. With `dcn_<axis>` > 1 (DCN_AXES) the devices are arranged so that only
+    those factors of the pipeline/data/fsdp axes cross hosts (or TPU slices).
     """
     devices = jax.devices() if devices is None else devices
     sizes = mesh_axis_sizes(cfg, len(devices))
-    dcn = [cfg.dcn_data, cfg.dcn_fsdp, 1, 1]
+    dcn = list(cfg.dcn_sizes().values())
     if math.prod(dcn) == 1:
         return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
     return Mesh(_hybrid_device_array(sizes, dcn, devices), MESH_AXES)
@@ -41,12 +40,9 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
 def mesh_axis_sizes(cfg: MeshConfig, n_devices: int) -> list[int]:
     """The sizes of MESH_AXES over `n_devices`, the -1 axis filled; ConfigError when they do
     not multiply to the device count."""
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor, cfg.expert]
-    fixed = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if n_devices % fixed:
-            raise ConfigError(f"mesh axes {dict(zip(MESH_AXES, sizes))} do not divide the {n_devices} devices.")
-        sizes[sizes.index(-1)] = n_devices // fixed
+    sizes = list(cfg.axis_sizes(n_devices).values())
+    if -1 in cfg.axis_sizes().values() and n_devices % math.prod(s for s in cfg.axis_sizes().values() if s != -1):
+        raise ConfigError(f"mesh axes {cfg.axis_sizes()} do not divide the {n_devices} devices.")
     if math.prod(sizes) != n_devices:
         raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                           f"but {n_devices} are available; make the product of mesh axes equal the device count.")
@@ -54,13 +50,14 @@ def mesh_axis_sizes(cfg: MeshConfig, n_devices: int) -> list[int]:
 
 
 def check_dcn(sizes: list[int], dcn: list[int], granules: int, unit: str) -> None:
-    """ConfigError unless the `dcn` factors divide the mesh axis `sizes` and multiply to the
-    number of `granules` (nodes or TPU slices) the devices span."""
-    for name, size, across in (("data", sizes[0], dcn[0]), ("fsdp", sizes[1], dcn[1])):
+    """ConfigError unless the `dcn` factors (one per axis of MESH_AXES) divide the mesh axis
+    `sizes` and multiply to the number of `granules` (nodes or TPU slices) the devices span."""
+    for name, size, across in zip(MESH_AXES, sizes, dcn):
         if size % across:
             raise ConfigError(f"mesh.dcn_{name}={across} does not divide mesh.{name}={size}.")
     if math.prod(dcn) != granules:
-        raise ConfigError(f"mesh.dcn_data x mesh.dcn_fsdp = {math.prod(dcn)}, but the devices span {granules} "
+        product = " x ".join(f"mesh.dcn_{a}" for a in DCN_AXES)
+        raise ConfigError(f"{product} = {math.prod(dcn)}, but the devices span {granules} "
                           f"{unit}; make the product equal that number.")
 
 
@@ -133,20 +130,122 @@ def validate_layout(cfg: Config, mesh: Mesh) -> None:
         raise ConfigError(f"the batch of {micro_batch} sequences per micro-step (train.batch_size / "
                           f"optim.grad_accum_steps) does not split over the {devices} data-parallel devices "
                           f"({named}); make it a multiple.")
+    _validate_pipeline(cfg, mesh, micro_batch // devices)
+    _check_context(cfg, mesh)
+
+
+def pipeline_stages(mesh: Mesh) -> int:
+    """How many pipeline stages `mesh` splits the layer stack into: the product of the mesh axes
+    that shard the `layers` logical axis (1: no pipeline)."""
+    return _splitting(("layers",), 0, mesh)[0]
+
+
+def pipeline_note(cfg: Config, mesh: Mesh) -> str:
+    """"pipeline P stages x M microbatches (x R repeats), bubble B%" for the run header; "" without stages."""
+    stages = pipeline_stages(mesh)
+    if stages == 1:
+        return ""
+    repeats = f" x {cfg.mesh.pipeline_repeats} repeats" if cfg.mesh.pipeline_repeats > 1 else ""
+    return (f"pipeline {stages} stages x {cfg.mesh.microbatches(stages)} microbatches{repeats}, bubble "
+            f"{cfg.mesh.bubble_fraction(stages):.1%}")
+
+
+def _validate_pipeline(cfg: Config, mesh: Mesh, rows_per_device: int) -> None:
+    """ConfigError when the pipeline stages (the mesh axes of the `layers` logical axis) cannot
+    run the layer stack with cfg.mesh's microbatches and repeats; `rows_per_device`: sequences of
+    one micro-step on each data-parallel device."""
+    stages, named = _splitting(("layers",), 0, mesh)
+    if stages == 1:
+        return
+    m, repeats = cfg.model, cfg.mesh.pipeline_repeats
+    microbatches = cfg.mesh.microbatches(stages)
+    if m.n_layers % (stages * repeats * m.layer_cycle):
+        cycle = f" of whole cycles of {m.layer_cycle} blocks (model.moe.every, model.global_every)" * (
+            m.layer_cycle > 1)
+        raise ConfigError(f"model.n_layers={m.n_layers} does not split into {named} x mesh.pipeline_repeats={repeats} "
+                          f"stages{cycle}; pick sizes whose product divides it.")
+    if microbatches < stages:
+        raise ConfigError(f"mesh.pipeline_microbatches={microbatches} is fewer than the {stages} stages ({named}): "
+                          "stages would idle most of the step; use at least as many microbatches as stages.")
+    if repeats > 1 and microbatches % stages:
+        raise ConfigError(f"the circular schedule (mesh.pipeline_repeats={repeats}) sends microbatches round the "
+                          f"stages in groups of {stages}; make mesh.pipeline_microbatches={microbatches} a "
+                          f"multiple of {named}.")
+    if rows_per_device % microbatches:
+        raise ConfigError(f"the {rows_per_device} sequences per data-parallel device of each micro-step (train."
+                          f"batch_size / (optim.grad_accum_steps x data-parallel devices)) do not split into "
+                          f"mesh.pipeline_microbatches={microbatches}; make train.batch_size a multiple of "
+                          "grad_accum_steps x microbatches x data-parallel devices.")
+
+
+def _check_context(cfg: Config, mesh: Mesh) -> None:
+    """ConfigError when the sequence is split over devices (context parallelism) in a way lmjax
+    cannot run: with pipeline stages (not supported), a sequence that does not split into
+    2 x shards equal chunks (the load-balanced order), or, on a concrete mesh, a process that
+    would hold only part of its rows' positions."""
+    shards, named = _splitting(("batch", "activation_length"), 1, mesh)
+    if shards == 1:
+        return
+    if pipeline_stages(mesh) > 1:  # the families and positions it does not support: Config's own checks
+        raise ConfigError(f"context parallelism ({named}) does not support pipeline stages yet; set mesh.context=1.")
+    if cfg.data.seq_len % (2 * shards):
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} does not split into 2 x {shards} equal chunks for "
+                          f"context parallelism ({named}); make it a multiple of {2 * shards}.")
+    if isinstance(mesh, Mesh) and len(_own_columns(mesh, 2 * shards)) < 2 * shards:
+        raise ConfigError(f"context parallelism ({named}) spans processes; keep mesh.context within one "
+                          "host's devices (put the other factors on mesh.data or mesh.fsdp).")
 
 
 def local_batch_rows(mesh: Mesh, batch_size: int) -> np.ndarray:
     """The rows of each global (batch_size, ...) batch that this process must load, in
     ascending order: the union of the blocks its devices hold under `batch_sharding(mesh)`.
     On a hybrid mesh they need not be one contiguous block."""
-    blocks = batch_sharding(mesh).addressable_devices_indices_map((batch_size, 1)).values()
+    by_rows = NamedSharding(mesh, logical_to_mesh(("batch",), mesh))
+    blocks = by_rows.addressable_devices_indices_map((batch_size,)).values()
     return np.unique(np.concatenate([np.arange(batch_size)[b[0]] for b in blocks]))
 
 
+def _own_columns(mesh: Mesh, length: int) -> np.ndarray:
+    """The sequence positions (of `length`) that this process's devices hold under `batch_sharding`."""
+    blocks = batch_sharding(mesh).addressable_devices_indices_map((mesh.size, length)).values()
+    return np.unique(np.concatenate([np.arange(length)[b[1]] for b in blocks]))
+
+
+def load_balanced_order(length: int, shards: int) -> np.ndarray:
+    """The order (length,) in which a sequence split over `shards` devices is laid out so that each
+    holds an equal share of a causal mask's triangle (MaxText's load-balanced context parallelism):
+    cut into 2 x shards chunks, device i holds chunks i and 2 x shards - 1 - i. Entry j is the
+    original index of the token at index j; `length` must be a multiple of 2 x shards."""
+    chunks = np.arange(length).reshape(2 * shards, length // (2 * shards))
+    return np.concatenate([np.concatenate([chunks[i], chunks[2 * shards - 1 - i]]) for i in range(shards)])
+
+
+def sequence_order(mesh: Mesh, length: int) -> np.ndarray | None:
+    """The order `global_batch` lays out sequences of `length` in under `mesh`
+    (`load_balanced_order` over the devices that split `activation_length`), or None when the
+    sequence is not split (natural order)."""
+    shards, _ = _splitting(("batch", "activation_length"), 1, mesh)
+    return load_balanced_order(length, shards) if shards > 1 else None
+
+
+def natural_order(per_token: np.ndarray, mesh: Mesh) -> np.ndarray:
+    """Per-token values (B, T, ...) of a batch laid out by `global_batch` under `mesh`, gathered to
+    the host, put back in each row's natural order (`sequence_order` undone)."""
+    order = sequence_order(mesh, per_token.shape[1])
+    return per_token if order is None else per_token[:, np.argsort(order)]
+
+
 def global_batch(local: dict[str, np.ndarray], rows: NamedSharding, batch_size: int) -> dict[str, jax.Array]:
-    """Global (batch_size, ...) arrays sharded by `rows` from this process's rows of them
-    (`local_batch_rows`, in that order)."""
-    return {k: jax.make_array_from_process_local_data(rows, v, (batch_size, *v.shape[1:])) for k, v in local.items()}
+    """Global (batch_size, T, ...) arrays sharded by `rows` from this process's rows of them
+    (`local_batch_rows`, in that order). Under context parallelism each row's positions are
+    reordered along T by `sequence_order` (every array of the batch alike: tokens, targets,
+    positions, segment ids and loss mask travel together, so the loss is unchanged)."""
+    out = {}
+    for k, v in local.items():
+        order = sequence_order(rows.mesh, v.shape[1]) if v.ndim > 1 else None
+        v = v if order is None else v[:, order]
+        out[k] = jax.make_array_from_process_local_data(rows, v, (batch_size, *v.shape[1:]))
+    return out
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,

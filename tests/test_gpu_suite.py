@@ -23,10 +23,10 @@ def test_gpu_suite_smoke_writes_every_row_without_grain_or_wandb(tmp_path):
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
     rows = {(r["section"], r["variant"]): r for r in report["rows"]}
     assert [s for s, _ in rows] == ["peak"] + ["compile"] * 2 + ["dense"] + ["decode"] * 2 + ["moe"] * 3 + [
-        "dense"] * 3 + ["packing"] * 2
+        "dense"] * 3 + ["packing"] * 2 + ["long"]
     assert not [r for r in report["rows"] if "error" in r or "skipped" in r]
     for (section, _), row in rows.items():
-        if section in ("dense", "moe"):  # random tokens: the loss of an untrained model is about ln(V)
+        if section in ("dense", "moe", "long"):  # random tokens: the loss of an untrained model is about ln(V)
             assert abs(row["loss"] - math.log(report["dense_config"]["vocab_size"])) < 0.2
             assert row["step_ms"] > 0 and 0 < row["mfu"] and 0 < row["fraction_of_matmul_peak"]
         if section == "moe":
@@ -37,6 +37,8 @@ def test_gpu_suite_smoke_writes_every_row_without_grain_or_wandb(tmp_path):
     packing = rows[("packing", "decoder, attention=dot_product, float32")]
     assert packing["loss_max_abs_diff"] < 1e-5 and packing["grad_max_abs_diff_over_max"] < 1e-5
     assert rows[("dense", "attention=auto, bf16 params + fp32 master")]["param_dtype"] == "bfloat16"
+    long = rows[("long", "seq 128, batch 1")]
+    assert long["seq"] == 128 and long["context"] == 1 and long["xla_temp_bytes"] > 0
     table = (tmp_path / "gpu_suite.md").read_text()
     assert all(f"## {s}" in table for s in ("peak", "compile", "dense", "moe", "decode"))
 

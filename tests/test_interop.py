@@ -330,7 +330,9 @@ TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=6
         "train.eval_batches=1", "train.sample_tokens=0", "log.wandb=off", "log.progress_bar=false"]
 
 
-MULTIPLIERS = {"llama_tiny": ["model.logit_multiplier=2", "model.embedding_multiplier=0.5"],  # untied
+MULTIPLIERS = {"llama_tiny": ["model.logit_multiplier=2", "model.embedding_multiplier=0.5",  # untied µP, m = 4:
+                              "model.parametrization=mup", "model.mup_base_width=8",  # head x 2/4, queries x 1/2
+                              "model.mup_scale_adam_eps=true", "model.attention_multiplier=0.5"],
                "moe_tiny": ["model.logit_multiplier=0.5", "model.embedding_multiplier=0.5"]}  # tied: equal
 
 
@@ -339,8 +341,9 @@ MULTIPLIERS = {"llama_tiny": ["model.logit_multiplier=2", "model.embedding_multi
     ("t5_tiny_hf", "AutoModelForSeq2SeqLM"), ("bert_tiny", "AutoModelForMaskedLM")])
 def test_export_loads_in_transformers_with_the_same_logits_and_reimports_bit_for_bit(tmp_path, experiment, hf_class):
     """Each HF-representable experiment, shrunk, trained two steps by lmjax, exported; the
-    decoders with logit and embedding multipliers, which export folds into the weights (powers
-    of 2, so the re-imported weights are the trained ones times the factors, bit for bit)."""
+    decoders with logit and embedding multipliers (llama_tiny: untied and µP at 4x its base width,
+    with growing head width and an attention multiplier), which export folds into the weights
+    (powers of 2, so the re-imported weights are the trained ones times the factors, bit for bit)."""
     from lmjax.config_parse import override
     from lmjax.experiment import load_experiment
     from lmjax.train.loop import train

@@ -93,7 +93,7 @@ def implied_layout(command: str) -> tuple[list[str], int, int]:
     forced = re.search(r"device_count=(\d+)", command)
     if forced:
         return arguments, int(forced.group(1)), 1
-    sizes = [int(a.split("=")[1]) for a in arguments if re.match(r"mesh\.(data|fsdp|tensor|expert)=", a)]
+    sizes = [int(a.split("=")[1]) for a in arguments if re.match(rf"mesh\.({'|'.join(MESH_AXES)})=", a)]
     return arguments, math.prod(sizes), 1
 
 
@@ -105,7 +105,7 @@ def validate(arguments: list[str], devices: int, nodes: int) -> None:
     cfg = override(load_experiment(experiment), overrides)
     sizes = mesh_axis_sizes(cfg.mesh, devices)
     validate_layout(cfg, AbstractMesh(tuple(sizes), MESH_AXES))
-    dcn = [cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp, 1, 1]
+    dcn = list(cfg.mesh.dcn_sizes().values())
     if math.prod(dcn) > 1:
         check_dcn(sizes, dcn, nodes, "nodes")
 
@@ -124,6 +124,9 @@ def test_validation_fails_for_the_examples_that_did_not_divide():
     with pytest.raises(ConfigError, match="does not split over the 32 data-parallel devices"):
         validate(*implied_layout("sbatch --nodes=4 launch/slurm_gpu.sbatch decoder_tiny --set mesh.fsdp=-1 "
                                  "--set mesh.data=1"))
+    with pytest.raises(ConfigError, match="mesh.dcn_pipeline=4 does not divide mesh.pipeline=2"):
+        validate(*implied_layout("sbatch --nodes=4 launch/slurm_gpu.sbatch decoder_tiny --set train.batch_size=64 "
+                                 "--set mesh.pipeline=2 --set mesh.dcn_pipeline=4 --set mesh.data=2 --set mesh.fsdp=8"))
     with pytest.raises(ConfigError, match="the devices span 32 nodes"):  # dcn counts nodes, not processes
         validate(*implied_layout("launch/local_multiprocess.sh 32 1 decoder_tiny --set train.batch_size=64 "
                                  "--set mesh.data=4 --set mesh.dcn_data=4 --set mesh.fsdp=8"))

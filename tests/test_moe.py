@@ -364,8 +364,8 @@ for name, moe in [("dropless", dropless), ("experts_choose", experts_choose)]:
                       family="encoder", moe=moe)
     graphdef, params = nnx.split(MoE(cfg, rngs=nnx.Rngs(0)))
     reference = jax.jit(output_and_grads)(params, x, segment_ids)  # one device, no mesh
-    for expert_rule, sizes in [(("expert",), (2, 1, 2, 2)), (("data",), (4, 1, 2, 1)), (("tensor",), (2, 2, 2, 1)),
-                               (("expert", "fsdp"), (2, 2, 1, 2))]:
+    for expert_rule, sizes in [(("expert",), (1, 2, 1, 1, 2, 2)), (("data",), (1, 4, 1, 1, 2, 1)),
+                               (("tensor",), (1, 2, 2, 1, 2, 1)), (("expert", "fsdp"), (1, 2, 2, 1, 1, 2))]:
         axis_rules.LOGICAL_AXIS_RULES.update(default, expert=expert_rule)
         mesh = Mesh(np.asarray(jax.devices()).reshape(sizes), MESH_AXES)
         with jax.set_mesh(mesh):

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lmjax.cli import main
+from lmjax.checkpoint import write_weights_run
+from lmjax.cli import DEFAULT_EXPERIMENT, main
 from lmjax.config import ConfigError, MeshConfig, ModelConfig, MoEConfig, OptimConfig
+from lmjax.config_parse import override
+from lmjax.experiment import load_experiment
 from lmjax.models.lm import DecoderLM, EncoderDecoderLM
 from lmjax.models.moe import (
     RouterBias,
@@ -26,6 +29,7 @@ from lmjax.parallel import make_mesh
 from lmjax.records import read_metrics, read_routing
 from lmjax.runs import restore_params
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
+from lmjax.train.resume import add_missing_router_biases, check_init_from
 from lmjax.train.state import abstract_train_state, init_train_state
 from lmjax.train.step import make_train_step
 
@@ -177,14 +181,25 @@ TINY = ["--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "mode
         "--set", "model.moe.bias_update_rate=0.01", "--set", "model.moe.sequence_balance_coef=0.001"]
 
 
+def write_bias_less_run(run_dir):
+    """A weights-only run of TINY's model with a softmax router and no bias update: no bias."""
+    cfg = override(load_experiment(DEFAULT_EXPERIMENT), [*TINY[1::2], "model.moe.router=softmax",
+                                                          "model.moe.bias_update_rate=0"])
+    write_weights_run(run_dir, cfg.to_dict(), nnx.state(DecoderLM(cfg.model, rngs=nnx.Rngs(3))))
+    return cfg
+
+
 def test_bias_moves_in_training_and_resumes_bit_for_bit(tmp_path, capsys):
-    whole, halted = tmp_path / "whole", tmp_path / "halted"
-    assert main(["train", *TINY, "--set", f"train.run_dir={whole}"]) == 0
-    assert main(["train", *TINY, "--set", f"train.run_dir={halted}", "--set", "train.halt_at_step=2"]) == 0
+    """Both runs start from a bias-less run's weights (`--init-from`): their bias starts at zeros."""
+    whole, halted, source = tmp_path / "whole", tmp_path / "halted", tmp_path / "source"
+    source_cfg = write_bias_less_run(source)
+    init = ["--init-from", str(source)]
+    assert main(["train", *TINY, *init, "--set", f"train.run_dir={whole}"]) == 0
+    assert main(["train", *TINY, *init, "--set", f"train.run_dir={halted}", "--set", "train.halt_at_step=2"]) == 0
     assert main(["train", "--resume", str(halted), "--set", "train.halt_at_step=none"]) == 0
     routing = read_routing(whole)
     bias = np.asarray(routing["bias"])  # (steps, L, E): the bias each step routed with
-    assert np.abs(bias[-1]).max() > 0  # it moved
+    assert not bias[0].any() and np.abs(bias[-1]).max() > 0  # it started at zeros and moved
     np.testing.assert_allclose(np.abs(np.diff(bias, axis=0)), 0.01 * np.abs(np.sign(np.diff(bias, axis=0))),
                                atol=1e-6)  # by exactly u per step
     np.testing.assert_array_equal(bias, np.asarray(read_routing(halted)["bias"]))
@@ -195,6 +210,14 @@ def test_bias_moves_in_training_and_resumes_bit_for_bit(tmp_path, capsys):
     np.testing.assert_allclose(np.asarray(saved[0]), bias[-1] + 0.01 * np.sign(np.asarray(saved[0]) - bias[-1]),
                                atol=1e-6)  # the checkpoint holds the bias after the last step's update
     assert "moe_max_violation_1" in read_metrics(whole)[0] and "moe_sequence_balance_loss" in read_metrics(whole)[0]
+    # --init-from: the source's weights as they are, completed by zero biases; the reverse is refused
+    restored = restore_params(source)
+    biased = override(source_cfg, TINY[1::2])
+    merged = nnx.to_pure_dict(add_missing_router_biases(restored, nnx.state(DecoderLM(biased.model, rngs=nnx.Rngs(0)))))
+    assert not np.asarray(merged["stack"]["blocks"]["moe"].pop("router_bias")).any()
+    jax.tree.map(np.testing.assert_array_equal, merged, nnx.to_pure_dict(restored))
+    with pytest.raises(ConfigError, match="router_bias.* only in"):
+        check_init_from(source_cfg, whole)
     # a sigmoid router has no transformers form: refused before anything is written
     assert main(["convert", "to-hf", str(whole), "--out", str(tmp_path / "hf")]) == 2
     assert "no selection bias" in capsys.readouterr().err

@@ -15,7 +15,16 @@ from test_parallel import TINY, finish, lmjax_subprocess, losses, mesh_args
 import lmjax
 from lmjax.cli import main
 from lmjax.config import Config, ConfigError, ModelConfig, MoEConfig, OptimConfig
-from lmjax.drivers.coordinate_check import WIDTHS, coordinate_check, text_batch, width_slopes
+from lmjax.drivers.coordinate_check import (
+    OFF_DEFAULT_CONSTANTS,
+    OFF_DEFAULT_EPS,
+    WIDTHS,
+    coordinate_check,
+    coordinate_data,
+    text_batch,
+    width_exponents,
+    width_slopes,
+)
 from lmjax.families import family_of
 from lmjax.records import read_metrics
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -42,8 +51,9 @@ def leaves(state) -> dict:
 
 
 def train_three_steps(cfg: ModelConfig):
-    """Params after init and after each of 3 AdamW steps (clipping and weight decay on)."""
-    optim = OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.1, clip_norm=1.0)
+    """Params after init and after each of 3 AdamW steps (clipping and weight decay on; an
+    epsilon of the size of the smaller gradients, so that it matters)."""
+    optim = OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.1, clip_norm=1.0, eps=1e-5)
     graphdef, params = nnx.split(family_of(cfg).build(cfg, nnx.Rngs(0)), nnx.Param)
     optimizer = make_optimizer(optim, 3, params, cfg)
     step = jax.jit(make_train_step(graphdef, optimizer, learning_rate_schedule(optim, 3), 1, use_rng=False,
@@ -57,14 +67,14 @@ def train_three_steps(cfg: ModelConfig):
     return history
 
 
-CONSTANTS = {"logit_multiplier": 2.0, "embedding_multiplier": 4.0,  # base constants away from the defaults
-             "init_std_input": 0.05, "init_std_hidden": 0.03, "init_std_output": 0.01, "attention_multiplier": 0.5}
+CONSTANTS = OFF_DEFAULT_CONSTANTS  # base constants away from the defaults (init stds 0.05, 0.03, 0.01)
 
 
 def test_base_width_equals_standard_within_one_ulp():
-    """With the same base constants set away from 1: the forward pass and 3 optimizer steps."""
+    """With the same base constants set away from 1: the forward pass and 3 optimizer steps
+    (µP's Adam epsilon scaled with width too)."""
     standard = train_three_steps(model_config(**CONSTANTS))
-    mup = train_three_steps(model_config(parametrization="mup", **CONSTANTS))
+    mup = train_three_steps(model_config(parametrization="mup", mup_scale_adam_eps=True, **CONSTANTS))
     for before, after in zip(standard, mup):
         assert before.keys() == after.keys()
         for name in before:
@@ -148,6 +158,19 @@ def test_learning_rate_multipliers_equal_a_hand_written_table():
     assert updates["mup"].keys() == expected.keys()
     for name, multiplier in expected.items():
         np.testing.assert_array_equal(updates["mup"][name], updates["standard"][name] * multiplier, err_msg=name)
+    # Adam's epsilon times 1/m (model.mup_scale_adam_eps): gradients 1/4 as large, as µP's are at
+    # 4x the base width, give exactly the base width's Adam step, here where epsilon is half of it.
+    optim = dataclasses.replace(optim, eps=0.25)
+
+    def first_step(model, scale):
+        optimizer = make_optimizer(optim, 10, params, model)
+        return leaves(optimizer.update(jax.tree.map(lambda g: g * scale, grads), optimizer.init(params), params)[0])
+
+    at_base = first_step(dataclasses.replace(cfg, parametrization="standard"), 1.0)
+    small, unscaled = first_step(dataclasses.replace(cfg, mup_scale_adam_eps=True), 0.25), first_step(cfg, 0.25)
+    for name, multiplier in expected.items():
+        np.testing.assert_array_equal(small[name], at_base[name] * multiplier, err_msg=name)
+        assert np.all(np.abs(unscaled[name]) < np.abs(small[name])), name  # unscaled, epsilon damps the step
 
 
 def test_learning_rate_multipliers_hold_on_the_master_copy():
@@ -171,15 +194,26 @@ def test_learning_rate_multipliers_hold_on_the_master_copy():
 
 
 def test_coordinate_check():
-    """Widths 64-512, 2 layers, head width 32, d_ff 4x width, 5 steps, 3 seeds: under µP every
-    block output's and the logits' RMS is flat in width (|log-log slope| < 0.1 at every step);
-    under the standard parametrization the logits' RMS grows with width at every step."""
-    mup = width_slopes(coordinate_check("mup"), WIDTHS)
+    """Widths 64-512, 2 layers, head width 32, d_ff 4x width, 5 steps, 3 seeds, every base
+    constant away from its default (µP's epsilon scaled with width): under µP every block
+    output's and the logits' width exponent (log-log slope of RMS on width, averaged over the
+    steps) is under 0.1 in size, and no step's slope over 0.25 (measured: 0.04, 0.04, 0.01; 0.13);
+    under the standard parametrization with the same constants the blocks' outputs grow at
+    least as width^1 and the logits grow with width, at every step. Unscaled, this epsilon
+    alone puts µP's logits' exponent at -0.17 (docs/scaling.md)."""
+    rms, updates = coordinate_data("mup", eps=OFF_DEFAULT_EPS, mup_scale_adam_eps=True, **CONSTANTS)
+    mup = width_slopes(rms, WIDTHS)
     assert mup.shape == (5, 3)
-    assert np.all(np.abs(mup) < 0.1), mup
-    standard = coordinate_check("standard")
-    assert np.all(standard[-1, :, -1] > 2 * standard[0, :, -1])  # 8x the width, over twice the logits
-    assert np.all(width_slopes(standard, WIDTHS)[:, -1] > 0.3)
+    assert np.all(np.abs(width_exponents(rms, WIDTHS)) < 0.1), mup
+    assert np.all(np.abs(mup) < 0.25), mup
+    hidden = ("wq", "wk", "wv", "wo", "w_up", "w_gate", "w_down")
+    assert len(updates) == 11 and sum(name.endswith(hidden) for name in updates) == 7
+    for name, moved in updates.items():  # each entry's move: hidden matrices as 1/m, the rest width-free
+        expected = -1.0 if name.endswith(hidden) else 0.0
+        np.testing.assert_allclose(width_slopes(moved, WIDTHS), expected, atol=0.1, err_msg=name)
+    standard = coordinate_check("standard", eps=OFF_DEFAULT_EPS, **CONSTANTS)
+    assert np.all(width_slopes(standard, WIDTHS)[:, :-1] > 1.0)  # the blocks' outputs (measured 1.4-3.0)
+    assert np.all(standard[-1, :, -1] > standard[0, :, -1])  # 8x the width, larger logits (measured 1.2-2.5x)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -191,6 +225,8 @@ def test_coordinate_check():
     (["model.embedding_multiplier=-1"], "model.embedding_multiplier must be positive, got -1"),
     (["model.attention_multiplier=0"], "model.attention_multiplier must be positive, got 0"),
     (["model.init_std_hidden=0"], "model.init_std_hidden must be positive or none, got 0"),
+    (["optim.eps=0"], "optim.eps must be positive, got 0"),
+    (["model.mup_scale_adam_eps=true"], "model.mup_scale_adam_eps scales Adam's epsilon with µP's width multiplier;"),
 ])
 def test_bad_input_is_one_clear_line(capsys, tmp_path, changes, message):
     args = [a for change in changes for a in ("--set", change)]
@@ -227,6 +263,9 @@ def test_plan_shows_the_parametrization_and_export_refuses_a_tied_mup_head_off_i
     assert main(["plan", *MUP, "--json"]) == 0
     planned = json.loads(capsys.readouterr().out)
     assert planned["parametrization"] == "mup" and planned["mup_width_multiplier"] == 256 / 16
+    assert planned["adam_eps"] == 1e-8
+    assert main(["plan", *MUP, "--set", "model.mup_scale_adam_eps=true", "--set", "optim.eps=1.6e-7", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["adam_eps"] == pytest.approx(1e-8)  # 1.6e-7 at width 16, x 16/256
     run = tmp_path / "run"
     run.mkdir()
     cfg = Config(model=ModelConfig(d_model=64, n_heads=2, parametrization="mup", mup_base_width=32))
@@ -298,6 +337,23 @@ def test_transfer_sweep_runs_resumably_at_a_tiny_size(tmp_path):
     run_sweep(tiny, tmp_path, log=log.append)
     assert log[-1] == "sweep: standard-w64-lr0.0005 finished already, skipped"
     assert list(read_transfer_results(results)) == ["standard"]
+
+
+def test_base_search_is_valid_mup_at_its_base_width(tmp_path):
+    """experiments/mup_base_search.py: 2 anchors + 256 random points, every one a valid config
+    of width 64 = µP's base width (so the standard model), within the search's ranges, both
+    tied and untied; a run's name carries the values it sets."""
+    from lmjax.drivers.sweep import load_sweep, run_config
+
+    sweep = load_sweep("mup_base_search")
+    configs = [run_config(sweep, run, tmp_path) for run in sweep.runs]
+    assert len(configs) == 258 and sweep.runs[0].name == "r000-lr0.002"
+    assert {(c.model.d_model, c.model.mup_base_width, c.model.width_multiplier) for c in configs} == {(64, 64, 1.0)}
+    assert all(c.model.mup_scale_adam_eps and c.model.parametrization == "mup" for c in configs)
+    assert 90 < sum(not c.model.tie_embeddings for c in configs) < 170
+    lrs = [c.optim.lr for c in configs[2:]]
+    assert 5e-4 <= min(lrs) < 1e-3 and 1.6e-2 < max(lrs) <= 3.2e-2
+    assert f"-lr{configs[7].optim.lr:g}-lm{configs[7].model.logit_multiplier:g}-" in sweep.runs[7].name
 
 
 def test_optimal_learning_rate_per_width(tmp_path):

@@ -23,9 +23,9 @@ from conftest import xla_flags
 import lmjax
 from lmjax.checkpoint import Checkpointer
 from lmjax.cli import main
-from lmjax.config import ConfigError, MeshConfig
+from lmjax.config import Config, ConfigError, MeshConfig, ModelConfig, MoEConfig, OptimConfig, TrainConfig
 from lmjax.generate import generate
-from lmjax.parallel import initialize_distributed, make_mesh
+from lmjax.parallel import MESH_AXES, initialize_distributed, make_mesh, mesh_axis_sizes, validate_layout
 from lmjax.records import read_metrics, read_routing
 
 TINY = ["--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "model.n_heads=4",
@@ -80,20 +80,27 @@ def moe_single_device_runs(tmp_path_factory):
     runs = {}
 
     def run(dispatch, args):
-        if dispatch not in runs:
-            runs[dispatch] = tmp_path_factory.mktemp(f"moe-{dispatch}") / "run"
-            assert main(["train", *args, "--set", f"train.run_dir={runs[dispatch]}"]) == 0
-        return runs[dispatch]
+        if tuple(args) not in runs:
+            runs[tuple(args)] = tmp_path_factory.mktemp(f"moe-{dispatch}") / "run"
+            assert main(["train", *args, "--set", f"train.run_dir={runs[tuple(args)]}"]) == 0
+        return runs[tuple(args)]
 
     return run
 
 
 @pytest.mark.parametrize("dispatch, axes", [
-    ("dropless", dict(data=1, expert=8)), ("dropless", dict(data=2, expert=4)),
-    ("dropless", dict(data=1, fsdp=2, tensor=2, expert=2)), ("capacity", dict(data=2, expert=4)),
-], ids=["dropless-expert8", "dropless-expert4-data2", "dropless-expert2-fsdp2-tensor2", "capacity-expert4-data2"])
+    ("dropless", dict(data=1, expert=8)), ("dropless", dict(data=1, fsdp=2, tensor=2, expert=2)),
+    ("capacity", dict(data=2, expert=4)), ("dropless", dict(pipeline=2, data=2, expert=2)),
+], ids=["dropless-expert8", "dropless-expert2-fsdp2-tensor2", "capacity-expert4-data2",
+        "dropless-pipeline2-expert2-data2"])
 def test_moe_layouts_match_single_device(tmp_path, moe_single_device_runs, dispatch, axes):
+    """Each layout's 5 losses and busiest-expert loads equal one device's. With pipeline stages the
+    balancing loss is that of each microbatch (a product of means, as under gradient accumulation),
+    so that run and its reference train without it; the dropless dispatch's expert all-to-all over
+    an expert axis that also splits the batch runs in it too (expert 2 x data 2, inside stages)."""
     moe = [*TINY, *MOE, "--set", f"model.moe.dispatch={dispatch}"]
+    if "pipeline" in axes:
+        moe += ["--set", "model.moe.load_balance_coef=0"]
     single = moe_single_device_runs(dispatch, moe)
     run = tmp_path / "run"
     finish(lmjax_subprocess(["train", *moe, *mesh_args(**axes), "--set", f"train.run_dir={run}"]))
@@ -143,34 +150,47 @@ def test_encoder_families_shard_like_single_device(tmp_path, family):
 DUMP_PARAMS = """
 import sys, numpy as np, jax
 from lmjax.runs import restore_params
-params = restore_params(sys.argv[1], mesh_overrides=sys.argv[3:])
+params = restore_params(sys.argv[1], int(sys.argv[3]), mesh_overrides=sys.argv[4:])
 np.savez(sys.argv[2], *[np.asarray(x) for x in jax.tree.leaves(params)])
-print([x.sharding.spec for x in jax.tree.leaves(params)][:1])
+print([x.sharding.spec for x in jax.tree.leaves(params)])
 """
 
 
-def test_fsdp_checkpoint_resumes_on_another_mesh_and_restores_on_one_cpu(tmp_path, single_device_losses):
-    run = tmp_path / "run"
-    finish(lmjax_subprocess(["train", *TINY, *mesh_args(data=1, fsdp=8), "--set", f"train.run_dir={run}",
-                             "--set", "train.halt_at_step=3"]))
-    finish(lmjax_subprocess(["train", "--resume", str(run), *mesh_args(data=2, fsdp=1, tensor=4),
+PIPELINE = ["--set", "model.n_layers=4", "--set", "train.batch_size=16"]
+
+
+def test_pipeline_matches_single_device_resumes_on_another_layout_and_restores_anywhere(tmp_path):
+    """GPipe over pipeline 4 x data 2 with M = 8 for 3 steps, resumed as the circular schedule (R = 2)
+    over pipeline 2 x fsdp 2 x tensor 2: the 5 losses and gradient norms equal one device's. The
+    checkpoint the pipeline-4 run saved restores bitwise-equal onto pipeline 2 x fsdp 2 (x data 2) and
+    onto this process's one CPU, and loads as a model that generates."""
+    run, single = tmp_path / "run", tmp_path / "single"
+    process = lmjax_subprocess(["train", *TINY, *PIPELINE, *mesh_args(pipeline=4, data=2, pipeline_microbatches=8),
+                                "--set", f"train.run_dir={run}", "--set", "train.halt_at_step=3"])
+    assert main(["train", *TINY, *PIPELINE, "--set", f"train.run_dir={single}"]) == 0
+    assert "pipeline 4 stages x 8 microbatches, bubble 27.3%" in finish(process)
+    finish(lmjax_subprocess(["train", "--resume", str(run), *mesh_args(pipeline=2, data=1, fsdp=2, tensor=2,
+                                                                       pipeline_repeats=2),
                              "--set", "train.halt_at_step=none"]))
-    np.testing.assert_allclose(losses(run), single_device_losses, rtol=1e-5)
-    # the same checkpoint read onto 8 devices (data 2 x tensor 4) and onto this process's one CPU
+    for metric in ("loss", "grad_norm"):
+        np.testing.assert_allclose(*[[r[metric] for r in read_metrics(d) if metric in r] for d in (run, single)],
+                                   rtol=1e-5)
+    # the step-3 checkpoint (pipeline 4) read onto pipeline 2 x fsdp 2 x data 2 and onto this process's one CPU
     dump = tmp_path / "params.npz"
     env = {**os.environ, "XLA_FLAGS": xla_flags(8)}
-    subprocess.run([sys.executable, "-c", DUMP_PARAMS, str(run), str(dump), "data=2", "tensor=4"], env=env,
-                   check=True, capture_output=True)
+    out = subprocess.run([sys.executable, "-c", DUMP_PARAMS, str(run), str(dump), "3", "pipeline=2", "fsdp=2",
+                          "tensor=1"], env=env, check=True, capture_output=True, text=True).stdout
+    assert "'pipeline'" in out  # the stacked blocks were sharded over the pipeline axis
     from lmjax.runs import restore_params
 
-    here = [np.asarray(x) for x in jax.tree.leaves(restore_params(run))]
+    here = [np.asarray(x) for x in jax.tree.leaves(restore_params(run, 3))]
     there = np.load(dump)
     assert len(here) == len(there.files)
     for i, x in enumerate(here):
         np.testing.assert_array_equal(x, there[f"arr_{i}"])
-    # and a notebook in this one-device process loads it as a model that generates
+    # and a notebook in this one-device process loads the newest as a model that generates
     model, cfg, tokenizer = lmjax.load(run)
-    assert cfg.mesh.tensor == 4 and len(generate(model, [tokenizer.encode("def ")], 3, temperature=0.0)[0]) == 3
+    assert cfg.mesh.tensor == 2 and len(generate(model, [tokenizer.encode("def ")], 3, temperature=0.0)[0]) == 3
 
 
 FSDP_SHARDS = """
@@ -285,7 +305,8 @@ def test_ctrl_c_stops_a_two_process_run_at_one_step_and_it_resumes_to_the_uninte
 
 
 @pytest.mark.parametrize("axes, message", [
-    (dict(data=3), "mesh {'data': 3, 'fsdp': 1, 'tensor': 1, 'expert': 1} needs 3 devices, but 1 are available"),
+    (dict(data=3), "mesh {'pipeline': 1, 'data': 3, 'fsdp': 1, 'context': 1, 'tensor': 1, 'expert': 1} needs 3 "
+     "devices, but 1 are available"),
     (dict(data=-1, tensor=3), "do not divide the 1 devices"),
     (dict(data=1, dcn_data=2), "mesh.dcn_data=2 does not divide mesh.data=1"),
 ])
@@ -300,10 +321,40 @@ def test_mesh_not_matching_devices(axes, message):
      "mesh.tensor=4 does not divide model.n_heads=2"),
     (mesh_args(data=2, tensor=4) + ["--set", "model.d_ff=66"], "mesh.tensor=4 does not divide model.d_ff=66"),
     (mesh_args(data=8) + ["--set", "train.batch_size=12"], "does not split over the 8 data-parallel devices"),
+    (mesh_args(pipeline=4, data=2, pipeline_microbatches=8) + ["--set", "model.n_layers=4"],
+     "do not split into mesh.pipeline_microbatches=8"),
 ])
 def test_layout_errors_before_compiling(tmp_path, args, message):
     output, _ = lmjax_subprocess(["train", *TINY, *args, "--set", f"train.run_dir={tmp_path}"]).communicate(timeout=120)
     assert message in output and "lmjax: error:" in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize("model, mesh, message", [
+    (dict(n_layers=6), dict(pipeline=4, data=2), "model.n_layers=6 does not split into mesh.pipeline=4 x "
+     "mesh.pipeline_repeats=1 stages"),
+    (dict(n_layers=8, moe=MoEConfig(n_experts=4, every=4)), dict(pipeline=4, data=2),
+     "stages of whole cycles of 4 blocks"),
+    (dict(n_layers=8), dict(pipeline=2, data=4, pipeline_repeats=2, pipeline_microbatches=3),
+     "make mesh.pipeline_microbatches=3 a multiple of mesh.pipeline=2"),
+    (dict(n_layers=8), dict(pipeline=4, data=2, pipeline_microbatches=2), "mesh.pipeline_microbatches=2 is fewer "
+     "than the 4 stages"),
+    (dict(n_layers=8), dict(pipeline=2, data=4, pipeline_microbatches=8), "the 4 sequences per data-parallel "
+     "device of each micro-step"),
+    (dict(n_layers=8, family="encoder_decoder"), dict(pipeline=2, data=4), "encoder_decoder are not built yet"),
+])
+def test_pipeline_layout_errors(model, mesh, message):
+    """Each bad pipeline layout is one ConfigError from `validate_layout`, before any compile; the
+    good one next to it passes (batch 32 = grad_accum 2 x data 4 x M 4, 8 layers over 2 x 2 stages)."""
+    from jax.sharding import AbstractMesh
+
+    def check(model, mesh):
+        cfg = Config(model=ModelConfig(d_model=32, n_heads=4, d_ff=64, **model), train=TrainConfig(batch_size=32),
+                     optim=OptimConfig(grad_accum_steps=2), mesh=MeshConfig(**mesh))
+        validate_layout(cfg, AbstractMesh(tuple(mesh_axis_sizes(cfg.mesh, 8)), MESH_AXES))
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check(model, mesh)
+    check(dict(n_layers=8), dict(pipeline=2, data=4, pipeline_repeats=2, pipeline_microbatches=4))
 
 
 def test_unreachable_coordinator_is_a_clear_error():

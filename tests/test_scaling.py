@@ -109,6 +109,11 @@ def test_plan_budget_and_time(capsys):
     assert result["wall_seconds"] == pytest.approx(8.64e19 / (0.5 * 8 * 156e12))  # A100 float32 (TF32) peak
     assert result["steps"] == int(8.64e19 // (result["flops_per_token_train"] * result["tokens_per_step"]))
     assert to_petaflop_days(8.64e19) == pytest.approx(1.0)
+    # 4 stages, 12 microbatches: the bubble (4 - 1) / (12 + 4 - 1) = 0.2 stretches the wall time by 1 / 0.8
+    piped = plan_json(capsys, "mesh.pipeline=4", "mesh.pipeline_microbatches=12", extra=[
+        "--budget-pfdays", "1", "--hardware", "A100", "--devices", "8", "--mfu", "0.5"])
+    assert piped["pipeline_bubble_fraction"] == pytest.approx(0.2) and piped["pipeline_stages"] == 4
+    assert piped["wall_seconds"] == pytest.approx(result["wall_seconds"] / 0.8)
 
 
 def test_plan_counts_encoder_decoder_targets(capsys):
@@ -146,6 +151,15 @@ def test_memory_by_hand():
     with_context = dataclasses.replace(model, remat="minimal_with_context")
     dots = 4 * 64 * 2 + (2 * 2 * 16 + 2 * 128) * 2
     assert activation_bytes_per_token(with_context, 256) == pytest.approx(2 * (dots + 64 * 2) + 2 * 384 * 4)
+    # pipeline 2 x fsdp 2, M = 4: the blocks' weights (and Adam) halve again; each device keeps its
+    # layer's activations of all 4 microbatches, and of the bubble's P - 1 idle steps: x 5 / 4
+    per_layer = (param_counts(dataclasses.replace(model, n_layers=4))["params_total"] - params) / 2
+    piped = dataclasses.replace(cfg, mesh=MeshConfig(pipeline=2, data=1, fsdp=2, pipeline_microbatches=4))
+    memory = memory_estimate(piped, n_devices=4)
+    assert memory["memory_weights_bytes"] == pytest.approx((params - per_layer) * 4 / 2)
+    assert memory["memory_adam_bytes"] == 2 * memory["memory_weights_bytes"]
+    layers = (2 * 64 * 2 + one_layer) / 2 * 5 / 4
+    assert memory["memory_activations_bytes"] == pytest.approx((layers + 2 * 384 * 4) * 8 * 256 / 2)
 
 
 def test_wsd_schedule_by_hand():

@@ -28,6 +28,11 @@ from lmjax.train.step import make_train_step
 
 WIDTHS = (64, 128, 256, 512)
 HEAD_DIM = 32
+# Every base constant away from its default (ModelConfig fields), and an Adam epsilon of the size of
+# the hidden matrices' gradients at width 64: the set the check is tested with (tests/test_mup.py).
+OFF_DEFAULT_CONSTANTS = {"logit_multiplier": 2.0, "embedding_multiplier": 4.0, "init_std_input": 0.05,
+                         "init_std_hidden": 0.03, "init_std_output": 0.01, "attention_multiplier": 0.5}
+OFF_DEFAULT_EPS = 1e-4
 
 
 def check_model_config(width: int, parametrization: str, base_width: int = WIDTHS[0], n_layers: int = 2,
@@ -59,15 +64,24 @@ def activation_rms(model: nnx.Module, batch: dict) -> jax.Array:
 
 
 def coordinate_check(parametrization: str, widths=WIDTHS, seeds=(0, 1, 2), steps: int = 5, lr: float = 1e-2,
-                     batch_size: int = 4, seq_len: int = 32, **constants) -> np.ndarray:
+                     batch_size: int = 4, seq_len: int = 32, eps: float = 1e-8, **constants) -> np.ndarray:
     """RMS (widths, steps, n_layers + 1) averaged over `seeds`: of each block's output and
     (last) of the logits, on one fixed batch, after each of `steps` AdamW steps on that batch
-    (constant `lr`, no warmup, clipping or weight decay). After updates rather than at init:
+    (constant `lr`, Adam's `eps`, no warmup, clipping or weight decay). After updates rather than at init:
     µP's logits start at O(1 / sqrt(width)) (a readout of O(1) features by O(1) weights, times
     1 / m) and become O(1) at the first update. `constants`: base constants, as `check_model_config`."""
-    optim = OptimConfig(lr=lr, schedule="constant", warmup_steps=0, weight_decay=0.0, clip_norm=None)
+    return coordinate_data(parametrization, widths, seeds, steps, lr, batch_size, seq_len, eps, **constants)[0]
+
+
+def coordinate_data(parametrization: str, widths=WIDTHS, seeds=(0, 1, 2), steps: int = 5, lr: float = 1e-2,
+                    batch_size: int = 4, seq_len: int = 32, eps: float = 1e-8, **constants):
+    """`coordinate_check`'s RMS (widths, steps, n_layers + 1), and the update sizes: {parameter
+    name ("stack.blocks.attn.wq"): (widths, steps)} the RMS of each parameter's change from its
+    init after each step (over all its entries, every layer's), both averaged over `seeds`. Under µP with
+    Adam a hidden matrix's entries move as 1 / m (width slope -1), every other parameter's as 1."""
+    optim = OptimConfig(lr=lr, schedule="constant", warmup_steps=0, weight_decay=0.0, clip_norm=None, eps=eps)
     batch = text_batch(batch_size, seq_len)
-    table = []
+    table, updates = [], []
     for width in widths:
         cfg = check_model_config(width, parametrization, widths[0], seq_len=seq_len, **constants)
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda cfg=cfg: family_of(cfg).build(cfg, nnx.Rngs(0))))
@@ -80,13 +94,20 @@ def coordinate_check(parametrization: str, widths=WIDTHS, seeds=(0, 1, 2), steps
 
             def step(state, _):
                 state = train_step(state, batch)[0]
-                return state, activation_rms(nnx.merge(graphdef, state.params), batch)
+                moved = jax.tree.map(lambda new, old: jnp.sqrt(jnp.mean(jnp.square(new - old))),
+                                     nnx.to_pure_dict(state.params), nnx.to_pure_dict(params))
+                return state, (activation_rms(nnx.merge(graphdef, state.params), batch), moved)
 
             return jax.lax.scan(step, state, length=steps)[1]
 
         run = jax.jit(measured_steps)
-        table.append(np.mean([run(seed) for seed in seeds], axis=0))
-    return np.stack(table)
+        rms, moved = zip(*(run(seed) for seed in seeds))
+        table.append(np.mean(rms, axis=0))
+        updates.append(jax.tree.map(lambda *per_seed: np.mean(per_seed, axis=0), *moved))
+    names = [".".join(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(
+        updates[0])]
+    per_width = [jax.tree.leaves(u) for u in updates]
+    return np.stack(table), {name: np.stack([w[i] for w in per_width]) for i, name in enumerate(names)}
 
 
 def width_slopes(rms: np.ndarray, widths=WIDTHS) -> np.ndarray:
@@ -95,6 +116,14 @@ def width_slopes(rms: np.ndarray, widths=WIDTHS) -> np.ndarray:
     y = np.log(rms).reshape(len(widths), -1)
     slopes = np.polyfit(x, y, 1)[0]
     return slopes.reshape(rms.shape[1:])
+
+
+def width_exponents(rms: np.ndarray, widths=WIDTHS) -> np.ndarray:
+    """Each output's width exponent, (n_layers + 1,): its `width_slopes` averaged over the
+    steps. A parametrization's defect is an exponent that every step shows (the standard
+    parametrization's blocks: 1.2 to 2.9 from step 1 on); one step's slope over 3 seeds also
+    carries finite-width noise of about ±0.15 once the activations have grown (docs/scaling.md)."""
+    return width_slopes(rms, widths).mean(axis=0)
 
 
 def plot_coordinate_check(results: dict[str, np.ndarray], path, widths=WIDTHS) -> None:

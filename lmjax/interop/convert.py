@@ -190,9 +190,17 @@ def multiplier_folding_factors(cfg: ModelConfig) -> dict[str, float]:
         factors["wq"] = cfg.attention_multiplier
     if cfg.parametrization != "mup":
         return factors
-    standard = dataclasses.replace(cfg, parametrization="standard", attention_multiplier=1.0)
+    standard = unmultiplied(cfg)
     return {**factors, "unembed": cfg.logit_scale, "router": cfg.output_multiplier,
             "wq": cfg.attention_logit_scale / standard.attention_logit_scale}
+
+
+def unmultiplied(cfg: ModelConfig) -> ModelConfig:
+    """The model of `cfg`'s shape that transformers' models are: the standard parametrization,
+    logit, embedding and attention multipliers 1 (what `multiplier_folding_factors` folds into
+    the weights)."""
+    return dataclasses.replace(cfg, parametrization="standard", logit_multiplier=1.0, embedding_multiplier=1.0,
+                               attention_multiplier=1.0, mup_scale_adam_eps=False)
 
 
 def _mup_note(cfg: ModelConfig) -> str:
@@ -218,8 +226,7 @@ def to_hf(run_dir: Path, hf_dir: Path, step: int | None = None, max_shard_bytes:
     notes: list[str] = []
     cfg = load_config(run_dir)
     factors = multiplier_folding_factors(cfg.model)
-    standard = dataclasses.replace(cfg.model, parametrization="standard", logit_multiplier=1.0,
-                                   embedding_multiplier=1.0, attention_multiplier=1.0)
+    standard = unmultiplied(cfg.model)
     architecture = family_architecture(standard)
     hf_config = architecture.hf_config(standard, notes)
     rules = architecture.tensor_rules(standard)

@@ -9,6 +9,7 @@ which `lmjax.axis_rules` maps to mesh axes, and a role (`ROLES`), which the opti
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from lmjax.axis_rules import constrain, sequence_shards
 from lmjax.config import ModelConfig
 from lmjax.models.kernels import AttentionMask, select_attention
 from lmjax.models.rope import rope, rope_frequencies
@@ -28,6 +30,7 @@ from lmjax.models.weights import matmul, take_rows
 #   output: matrices whose outputs are scores over a choice: the output head, the MoE router
 #   vector: norm gains and biases
 ROLES = ("input", "hidden", "output", "vector")
+CONTEXT_OBSTACLE = "a sequence split over devices (context parallelism; the mask is by position)"
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float | None, dtype, *,
@@ -78,15 +81,19 @@ def make_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> RMSNorm | LayerNorm:
     return RMSNorm(cfg, rngs=rngs) if cfg.norm == "rmsnorm" else LayerNorm(cfg, rngs=rngs)
 
 
-def attention_mask(segment_ids, causal: bool):
+def attention_mask(segment_ids, causal: bool, positions=None):
     """Boolean mask (B, 1, T, T): True where query t may attend to key s.
 
     Tokens attend only within their own segment (packed documents); segment id 0 is
-    padding and attends nowhere. With `causal`, also only to s <= t.
+    padding and attends nowhere. With `causal`, also only to keys at or before the query:
+    by `positions` (B, T) when given (then a row's tokens may come in any order, as context
+    parallelism's load-balanced layout has them; positions grow within a segment), else by index.
     """
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     mask = same & (segment_ids[:, :, None] != 0)
-    if causal:
+    if causal and positions is not None:
+        mask = mask & (positions[:, None, :] <= positions[:, :, None])
+    elif causal:
         t = segment_ids.shape[1]
         mask = mask & jnp.tril(jnp.ones((t, t), bool))
     return mask[:, None, :, :]
@@ -232,6 +239,8 @@ class Attention(nnx.Module):
                      cache[1].at[rows, positions].set(v.astype(cache[1].dtype)))
             k, v = cache[0].astype(q.dtype), cache[1].astype(q.dtype)
         mask = AttentionMask.of(mask)
+        if cache is None and sequence_shards() > 1:
+            q, k, v, mask = context_parallel_layout(q, k, v, mask)
         kernel = select_attention(cfg.attention, mask, bias is not None, q.dtype, q.shape[-1])
         if kernel == "cudnn":
             out = jax.nn.dot_product_attention(q, k, v, scale=cfg.attention_logit_scale, is_causal=mask.causal,
@@ -245,6 +254,19 @@ class Attention(nnx.Module):
         out = add_bias(self, "bo", matmul(checkpoint_name(out, "context"), self.wo[...], n_in=2))
         out = checkpoint_name(out, "out_proj")
         return out if cache is None else (out, cache)
+
+
+def context_parallel_layout(q, k, v, mask: AttentionMask):
+    """Queries (B, T, N, H) stay split along the sequence like the activations; keys and values
+    (B, S, K, H), projected from each device's own positions, are gathered whole
+    (`activation_kv_length`), so each device attends its own queries to every key (MaxText's
+    all-gather context parallelism). The mask, by position, is kept even where a fused kernel
+    could run: its causal flag would count the reordered indices."""
+    q = constrain(q, ("batch", "activation_length", "heads", "head_dim"))
+    local, whole = (("batch", length, "kv_heads", "head_dim")
+                    for length in ("activation_length", "activation_kv_length"))
+    k, v = (constrain(constrain(a, local), whole) for a in (k, v))  # computed on the own positions, then gathered
+    return q, k, v, dataclasses.replace(mask, not_fusable=mask.not_fusable or CONTEXT_OBSTACLE)
 
 
 ACTIVATIONS = {"swiglu": jax.nn.silu, "gelu": jax.nn.gelu, "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),

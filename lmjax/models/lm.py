@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmjax.axis_rules import sequence_shards
 from lmjax.config import ConfigError, ModelConfig
 from lmjax.models.head import chunk_positions, chunked_token_losses, logits_bytes_per_position
 from lmjax.models.kernels import AttentionMask, right_padding_lengths
@@ -166,16 +167,20 @@ class _SingleStackLM(_TokenModel):
             segment_ids = jnp.ones_like(tokens)
         embed_key, stack_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         x = self._embed(tokens, positions, embed_key, token_types)
-        mask, bias = self.attention_inputs(positions, segment_ids)
+        # causal by position where positions order every real token: packed rows, and a sequence split over
+        # devices (load-balanced order); else by index (right-padded rows may put padding at position 0)
+        by_position = packed or sequence_shards() > 1
+        mask, bias = self.attention_inputs(positions, segment_ids, by_position)
         mask = AttentionMask(mask, causal=self.causal, not_fusable=_PACKED if packed else None)
         x = self.stack(x, positions, mask, stack_key, bias=bias, segment_ids=segment_ids)
         return self._head(x, targets, loss_mask)
 
-    def attention_inputs(self, positions, segment_ids):
-        """The stack's attention mask (B, 1, T, T) bool (causal or not) and relative position
-        bias (B, N, T, T) float32, None unless `position` is relative; positions, segment_ids (B, T)."""
+    def attention_inputs(self, positions, segment_ids, by_position: bool = False):
+        """The stack's attention mask (B, 1, T, T) bool (causal or not; `by_position`: causal by
+        positions, else by index, see `attention_mask`) and relative position bias (B, N, T, T)
+        float32, None unless `position` is relative; positions, segment_ids (B, T)."""
         bias = self.relative_bias(positions, positions) if self.cfg.position == "relative" else None
-        return attention_mask(segment_ids, causal=self.causal), bias
+        return attention_mask(segment_ids, self.causal, positions if by_position else None), bias
 
 
 class DecoderLM(_SingleStackLM):

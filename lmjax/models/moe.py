@@ -501,6 +501,14 @@ class MoE(nnx.Module):
         return _expert_parallel_dropless(x, experts, weights, w_up, w_gate, w_down, mesh, kernel)
 
 
+# Routing statistics with a row per token ((B, T, k) expert ids; (B, T, E) picks under expert
+# choice), for analysis: the training step and a pipelined stack leave them out.
+PER_TOKEN_STATISTICS = ("experts", "picked")
+# Routing statistics that count tokens (per expert): a batch's are the sum of its parts'; the
+# others are shares and means, a batch's the mean of its (equal-sized) parts'.
+SUMMED_STATISTICS = ("counts",)
+
+
 def pop_routing_by_stack(model: nnx.Module) -> dict:
     """Remove and return the routing statistics the last forward pass sowed, per block stack:
     {stack attribute name ("stack", or "encoder" and "decoder"): dict of arrays stacked over that

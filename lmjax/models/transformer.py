@@ -6,16 +6,18 @@ The stack keeps every layer's weights in one array per parameter with a leading
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmjax.axis_rules import constrain
+from lmjax.axis_rules import PipelineLayout, constrain, pipeline_layout
 from lmjax.config import ModelConfig
+from lmjax.models.kernels import AttentionMask
 from lmjax.models.layers import MLP, Attention, make_norm
-from lmjax.models.moe import MoE
+from lmjax.models.moe import PER_TOKEN_STATISTICS, SUMMED_STATISTICS, MoE
+from lmjax.models.pipeline import circular_stages, run_pipeline
 from lmjax.models.window import windowed
 
 _DOTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
@@ -38,6 +40,20 @@ def dropout(x, rate: float, key):
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _mask_arrays(mask) -> dict:
+    """The arrays of an attention mask (an AttentionMask's array fields, or a bare array), which
+    are per row (B, ...) and so are cut into microbatches with the activations."""
+    if not isinstance(mask, AttentionMask):
+        return {"dense": mask}
+    return {f.name: getattr(mask, f.name) for f in dataclasses.fields(mask) if isinstance(getattr(mask, f.name),
+                                                                                        jax.Array)}
+
+
+def _with_arrays(mask, arrays: dict):
+    """`mask` with its arrays replaced by `arrays` (one microbatch's, from `_mask_arrays`)."""
+    return dataclasses.replace(mask, **arrays) if isinstance(mask, AttentionMask) else arrays["dense"]
 
 
 class Block(nnx.Module):
@@ -142,7 +158,7 @@ class Stack(nnx.Module):
         attention window or None)."""
         cfg, period = self.cfg, self.period
         layers, seen = [], {"blocks": 0, "moe_blocks": 0}
-        for j in range(math.lcm(period, cfg.global_every or 1)):
+        for j in range(cfg.layer_cycle):
             group = "moe_blocks" if period > 1 and (j + 1) % period == 0 else "blocks"
             layers.append((group, seen[group], cfg.attention_window(j)))
             seen[group] += 1
@@ -159,6 +175,9 @@ class Stack(nnx.Module):
         H) for the layers of that kind (global, sliding-window), returns (x, updated cache); a
         cross-attending stack's "full" entry also holds (cross_keys, cross_values) (see `Block`).
         """
+        layout = pipeline_layout() if cache is None else None
+        if layout is not None and x.shape[0] % layout.microbatches == 0:
+            return self._pipelined(layout, x, positions, mask, dropout_key, bias, segment_ids, window_mask)
         cfg, cycle = self.cfg, self.cycle()
         repeats = cfg.n_layers // len(cycle)
         groups = {name: nnx.split(getattr(self, name)) for name in ("blocks", "moe_blocks") if hasattr(self, name)}
@@ -190,6 +209,52 @@ class Stack(nnx.Module):
                 self.routing = nnx.Intermediate(jax.tree.map(per_layer, nnx.to_pure_dict(stats)["moe"]["routing"]))
             return x
         return x, jax.tree.map(per_layer, cache)
+
+    def _pipelined(self, layout: PipelineLayout, x, positions, mask, dropout_key, bias, segment_ids, window_mask):
+        """`__call__` without a cache, its layers run in `layout.stages` stages, `layout.repeats` times
+        round, on microbatches (`lmjax.models.pipeline.run_pipeline`): with one repeat stage s runs
+        layers [s L/P, (s+1) L/P), as the stacked weights are sharded. Each microbatch's dropout
+        keys are the step's folded with its index."""
+        cfg, cycle = self.cfg, self.cycle()
+        stages, repeats = layout.stages, layout.repeats
+        cycles_per_chunk = cfg.n_layers // (len(cycle) * stages * repeats)
+        groups = {name: nnx.split(getattr(self, name)) for name in ("blocks", "moe_blocks") if hasattr(self, name)}
+        graphdefs = {name: graphdef for name, (graphdef, _) in groups.items()}
+        weights = {name: jax.tree.map(lambda w: circular_stages(w, stages, repeats), state)
+                   for name, (_, state) in groups.items()}
+        masks = {None: mask}
+        for window in {w for _, _, w in cycle if w is not None}:
+            masks[window] = windowed(mask, positions, window) if window_mask is None else window_mask
+        side = {"positions": positions, "bias": bias, "segment_ids": segment_ids,
+                "masks": {str(w): _mask_arrays(m) for w, m in masks.items()}}  # str: None and ints do not sort
+
+        def per_cycle(a):  # (n, ...) -> (cycles per chunk, n / cycles per chunk, ...)
+            return a.reshape(cycles_per_chunk, a.shape[0] // cycles_per_chunk, *a.shape[1:])
+
+        def stage(chunk_weights, h, side, microbatch, stage, repeat):
+            keys = None
+            if dropout_key is not None:
+                keys = jax.random.split(jax.random.fold_in(dropout_key, microbatch), cfg.n_layers)
+                keys = per_cycle(keys.reshape(repeats, stages, -1)[repeat, stage])
+            stage_masks = {w: _with_arrays(masks[w], side["masks"][str(w)]) for w in masks}
+            step = self._cycle_step(cycle, graphdefs, side["positions"], stage_masks, side["bias"], None, None,
+                                    side["segment_ids"], None)
+            if cfg.remat != "none":
+                step = jax.checkpoint(step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+            h, (_, stats, rms) = jax.lax.scan(step, h, (jax.tree.map(per_cycle, chunk_weights), keys, None),
+                                              unroll=cfg.scan_unroll if cfg.scan_layers else True)
+            routing = None if stats is None else nnx.to_pure_dict(stats)["moe"]["routing"]
+            routing = routing and {k: v for k, v in routing.items() if k not in PER_TOKEN_STATISTICS}
+            return h, {"rms_squared": jnp.square(rms), "routing": routing}
+
+        x, aux = run_pipeline(stage, weights, x, side, stages, layout.microbatches, repeats, layout.stage_axes)
+        rms = jnp.sqrt(jnp.swapaxes(aux["rms_squared"], 0, 1) / layout.microbatches)  # (R, P, ...): layer order
+        self.activation_rms = nnx.Intermediate(rms.reshape(cfg.n_layers))
+        if aux["routing"]:  # (P, R, chunk cycles, MoE blocks per cycle, ...) -> (L_moe, ...), over microbatches
+            self.routing = nnx.Intermediate({
+                name: jnp.swapaxes(a, 0, 1).reshape(-1, *a.shape[4:]) / (
+                    1 if name in SUMMED_STATISTICS else layout.microbatches) for name, a in aux["routing"].items()})
+        return x
 
     def _cycle_step(self, cycle, graphdefs, positions, masks, bias, context, context_mask, segment_ids, ring_write):
         """The scan body: one cycle of blocks, (h, (weights, dropout keys, cache) of one repeat) ->

@@ -15,6 +15,8 @@ from typing import Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 
+from lmjax.axis_rules import sequence_shards
+
 
 @runtime_checkable
 class WeightForm(Protocol):
@@ -82,6 +84,10 @@ def matmul(x, w, n_in: int = 1, out_dtype=None):
     """
     if isinstance(w, FactoredWeight):
         return w.matmul(x, n_in, out_dtype)
+    if sequence_shards() > 1:  # rows split over one mesh axis and positions over another do not merge into one
+        # sharded axis: flattening would gather every position onto every device
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        return jax.lax.dot_general(x, weight(w, x.dtype), (contract, ((), ())), preferred_element_type=out_dtype)
     lead, inner = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in:]
     contract = (tuple(range(1, n_in + 1)), tuple(range(n_in)))
     # lax.dot_general, not jnp.matmul: qwix's quantization-aware training intercepts dot_general and einsum

@@ -10,8 +10,11 @@ axis (fsdp) and a heads/mlp/vocab axis (tensor), so they are divided by fsdp x t
 routed experts are further divided by the expert axis; norm scales, the router and the
 learned position table (`embed` only) by fsdp; the relative-bias tables (`heads`) by
 tensor. The blocks are those of every stack the family spec lists (an encoder-decoder's
-decoder blocks with their cross-attention included). The batch is divided by data x fsdp
-x expert. Rounding of uneven shards is ignored.
+decoder blocks with their cross-attention included); their weights (and so gradients, master
+copy and Adam moments) are further divided by the pipeline stages (the `layers` axis). The batch
+is divided by data x fsdp x expert, and each sequence by context (context parallelism also holds
+the keys and values gathered from the other devices: `context_parallel_bytes`). Rounding of
+uneven shards is ignored.
 
 Activations saved for the backward pass, per layer and per token, in elements (our own
 count for lmjax's block, following the method of Korthikanti et al. 2022, "Reducing
@@ -44,8 +47,6 @@ Activations are per micro-batch (train.batch_size / optim.grad_accum_steps).
 
 from __future__ import annotations
 
-import math
-
 from lmjax.config import Config, ModelConfig
 from lmjax.families import family_of
 from lmjax.models.head import chunk_positions
@@ -55,41 +56,41 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def mesh_sizes(cfg: Config, n_devices: int) -> dict[str, int]:
-    """{data, fsdp, tensor, expert} sizes of cfg.mesh over `n_devices` (-1 filled)."""
-    sizes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor, "expert": cfg.mesh.expert}
-    fixed = math.prod(s for s in sizes.values() if s != -1)
-    for name, size in sizes.items():
-        if size == -1:
-            sizes[name] = max(1, n_devices // fixed)
-    return sizes
+    """{axis: size} of cfg.mesh over `n_devices` (-1 filled), for every axis of MESH_AXES."""
+    return cfg.mesh.axis_sizes(n_devices)
 
 
 def param_elements_per_device(m: ModelConfig, sizes: dict[str, int]) -> float:
     """Weights each device stores under the sharding rules (see the module docstring)."""
-    fsdp, tensor, expert = sizes["fsdp"], sizes["tensor"], sizes["expert"]
+    fsdp, tensor, expert, stages = sizes["fsdp"], sizes["tensor"], sizes["expert"], sizes["pipeline"]
     matrices = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
     vectors = m.max_seq_len * m.d_model if m.position == "learned" else 0
-    experts = 0
+    block_matrices = block_vectors = experts = 0  # the stacked blocks': split over the pipeline stages too
     for stack in family_of(m).stacks(m):
         vectors += norm_params(m)  # the stack's final norm
         for layer in range(stack.n_layers):
-            matrices += attention_params(m) * (2 if stack.cross else 1)
-            vectors += (3 if stack.cross else 2) * norm_params(m)
+            block_matrices += attention_params(m) * (2 if stack.cross else 1)
+            block_vectors += (3 if stack.cross else 2) * norm_params(m)
             if m.is_moe_layer(layer):
-                vectors += m.d_model * m.moe.n_routed_experts  # router
+                block_vectors += m.d_model * m.moe.n_routed_experts  # router
                 experts += m.moe.n_routed_experts * mlp_params(m, m.expert_d_ff)
-                matrices += mlp_params(m, m.shared_d_ff) if m.moe.n_shared_experts else 0
+                block_matrices += mlp_params(m, m.shared_d_ff) if m.moe.n_shared_experts else 0
             else:
-                matrices += mlp_params(m, m.d_ff)
-    return (matrices / (fsdp * tensor) + experts / (fsdp * tensor * expert) + vectors / fsdp
+                block_matrices += mlp_params(m, m.d_ff)
+    matrices += block_matrices / stages
+    vectors += block_vectors / stages
+    return (matrices / (fsdp * tensor) + experts / (fsdp * tensor * expert * stages) + vectors / fsdp
             + relative_bias_params(m) / tensor)
 
 
 def activation_bytes_per_token(m: ModelConfig, seq_len: int, remat: str | None = None, tensor: int = 1,
-                               rows: float = 1) -> float:
+                               rows: float = 1, stages: int = 1, bubble: float = 0.0) -> float:
     """Bytes of activations kept for the backward pass per token of a training batch of `rows`
-    sequences per device (all layers and one chunk of the logits), with the tensor-sharded
-    parts divided by `tensor`."""
+    sequences per device (the layers and one chunk of the logits), with the tensor-sharded
+    parts divided by `tensor`. With pipeline `stages`, a device runs 1/stages of the layers, for
+    every microbatch of the batch (GPipe keeps all M in flight until the backward pass), and
+    the schedule's idle steps (the `bubble` share) keep theirs too: the layers' part is times
+    1 / (stages * (1 - bubble)) = (M*R + P - 1) / (M*R*P)."""
     remat = remat or m.remat
     b = DTYPE_BYTES[m.dtype]
     d, q_width, kv_width = m.d_model, m.n_heads * m.head_dim, 2 * m.kv_heads * m.head_dim
@@ -118,6 +119,7 @@ def activation_bytes_per_token(m: ModelConfig, seq_len: int, remat: str | None =
     layers = sum(layer_bytes(i, remat) for i in range(m.n_layers))
     if remat in ("full", "save_dot_except_mlp", "save_qkv_proj", "save_out_proj"):  # one layer recomputed at a time
         layers += max(layer_bytes(i, "none") for i in range(m.n_layers))
+    layers /= stages * (1 - bubble)
     logits_per_position = m.vocab_size * 4 / tensor
     chunk = chunk_positions(m.loss_chunk, seq_len, rows * logits_per_position)
     return layers + 2 * logits_per_position * chunk / seq_len
@@ -178,8 +180,12 @@ def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1, a
     batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     micro_batch_tokens = cfg.train.batch_size // cfg.optim.grad_accum_steps * cfg.data.seq_len
     rows = micro_batch_tokens / batch_shards / cfg.data.seq_len
-    activations = activation_bytes_per_token(m, cfg.data.seq_len, tensor=sizes["tensor"], rows=rows) * (
-        micro_batch_tokens / batch_shards)
+    stages = sizes["pipeline"]
+    activations = activation_bytes_per_token(m, cfg.data.seq_len, tensor=sizes["tensor"], rows=rows, stages=stages,
+                                             bubble=cfg.mesh.bubble_fraction(stages)) * (
+        micro_batch_tokens / batch_shards / sizes["context"])
+    context = context_parallel_bytes(cfg, sizes, rows)
+    activations += context.get("memory_context_kv_bytes", 0)
     kv_per_token = kv_cache_bytes_per_token(m)
     kv_cache = kv_cache_bytes_per_sequence(m) * inference_batch / sizes["tensor"]  # kv_heads split by tensor
     gradient_bytes = param_bytes
@@ -205,4 +211,23 @@ def memory_estimate(cfg: Config, n_devices: int = 1, inference_batch: int = 1, a
         "kv_cache_bytes_per_sequence": kv_cache_bytes_per_sequence(m),
         "memory_inference_bytes": param_bytes + kv_cache,
         **int8,
+        **context,
     }
+
+
+def context_parallel_bytes(cfg: Config, sizes: dict[str, int], rows: float) -> dict[str, float]:
+    """What context parallelism (mesh.context = n > 1) adds per device, for `rows` sequences per
+    device and micro-step: `memory_context_kv_bytes`, the keys and values gathered from the other
+    n - 1 devices (rows x T x 2 x kv_heads x head_dim x (n-1)/n in model.dtype per layer, kept for
+    every layer with remat "none", else for the one layer being recomputed), and
+    `context_comm_bytes_per_step`, the bytes each device receives for them per step: a
+    gather forward, the gradients' all-reduce backward (twice a gather), and one more gather per
+    layer recomputed under remat. Empty when mesh.context is 1 (tensor-split heads divide both)."""
+    n, m = sizes["context"], cfg.model
+    if n == 1:
+        return {}
+    gathered = rows * cfg.data.seq_len * 2 * m.kv_heads * m.head_dim * DTYPE_BYTES[m.dtype] * (n - 1) / n
+    gathered /= sizes["tensor"]
+    per_layer_passes = 3 + (m.remat != "none")
+    return {"memory_context_kv_bytes": gathered * (m.n_layers if m.remat == "none" else 1),
+            "context_comm_bytes_per_step": gathered * per_layer_passes * m.n_layers * cfg.optim.grad_accum_steps}

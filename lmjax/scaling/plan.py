@@ -71,14 +71,17 @@ def plan(cfg: Config, budget_flops: float | None = None, law: dict | None = None
     """Everything `lmjax plan` prints, as a flat dict of numbers (see docs/scaling.md).
 
     With `budget_flops` the run is sized by it (as train.budget_flops would); otherwise by
-    the config's own run length, if it has one. `adapter_bytes` and `int8_bytes`: the weight
-    transforms' sizes, as `memory_estimate` takes them.
+    the config's own run length, if it has one. With pipeline stages (mesh.pipeline over
+    `n_devices`), the wall time is that of the useful work over 1 - the bubble fraction.
+    `adapter_bytes` and `int8_bytes`: the weight transforms' sizes, as `memory_estimate` takes them.
     """
     if not 0 < mfu <= 1:
         raise ConfigError(f"--mfu must be in (0, 1], got {mfu}.")
     if n_devices < 1:
         raise ConfigError(f"--devices must be >= 1, got {n_devices}.")
     counts = param_counts(cfg.model)
+    stages = cfg.mesh.axis_sizes(n_devices)["pipeline"]
+    bubble = cfg.mesh.bubble_fraction(stages)
     flops_per_token = run_flops_per_token(cfg)
     step_tokens = tokens_per_step(cfg)
     result = {
@@ -90,11 +93,14 @@ def plan(cfg: Config, budget_flops: float | None = None, law: dict | None = None
         "init_std_input": cfg.model.input_init_std,
         "init_std_hidden": cfg.model.hidden_init_std,  # under mup: at this width
         "init_std_output": cfg.model.output_init_std,
+        "adam_eps": cfg.optim.eps * cfg.model.adam_eps_multiplier,  # under mup with mup_scale_adam_eps: at this width
         **counts,
         **_moe_shape(cfg),
         "flops_per_token_train": flops_per_token,
         "flops_per_token_forward": forward_flops_per_token(cfg.model, *example_lengths(cfg)),
         **memory_estimate(cfg, n_devices, adapter_bytes=adapter_bytes, int8_bytes=int8_bytes),
+        **({"pipeline_stages": stages, "pipeline_microbatches": cfg.mesh.microbatches(stages),
+            "pipeline_bubble_fraction": bubble} if stages > 1 else {}),
         "chinchilla_tokens": TOKENS_PER_PARAM * counts["params_total"],
         "tokens_per_step": step_tokens,
     }
@@ -112,7 +118,7 @@ def plan(cfg: Config, budget_flops: float | None = None, law: dict | None = None
                            "compute_optimal_steps": math.floor(d_opt / step_tokens)})
         peak = peak_flops(hardware, cfg.model.dtype) * n_devices
         result.update({"hardware": hardware, "devices": n_devices, "mfu": mfu,
-                       "wall_seconds": compute / (mfu * peak)})
+                       "wall_seconds": compute / (mfu * peak * (1 - bubble))})
     return result
 
 
@@ -157,7 +163,7 @@ def format_plan(result: dict) -> str:
 
     lines = []
     for key, value in result.items():
-        if key.startswith(("memory_", "kv_cache_")):
+        if key.startswith(("memory_", "kv_cache_", "context_comm_")):
             text = size(value)
         elif key == "wall_seconds":
             text = f"{value:,.0f} s ({value / 3600:.2f} h, {value / 86400:.2f} days)"

@@ -11,7 +11,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from lmjax.data import PackedDataset, eval_batches
-from lmjax.parallel import global_batch, local_batch_rows
+from lmjax.parallel import global_batch, local_batch_rows, natural_order
 from lmjax.train.step import eval_step
 
 _eval_step = jax.jit(eval_step, static_argnums=0)
@@ -34,7 +34,7 @@ def evaluate(graphdef, params, dataset: PackedDataset, tokenizer, batch_size: in
         with jax.set_mesh(rows.mesh):
             sums = _eval_step(graphdef, params, batch, token_bytes)
         if keep_token_losses:
-            kept.append(multihost_utils.process_allgather(sums[3], tiled=True))
+            kept.append(natural_order(multihost_utils.process_allgather(sums[3], tiled=True), rows.mesh))
         sums = jax.device_get(sums[:3])
         loss_sum, count, byte_count = loss_sum + float(sums[0]), count + float(sums[1]), byte_count + float(sums[2])
     loss = loss_sum / max(count, 1.0)

@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from lmjax.checkpoint import NonFiniteState
 from lmjax.config import Config
 from lmjax.families import family_of
+from lmjax.parallel import pipeline_note
 from lmjax.records import read_metrics
 from lmjax.scaling.counting import example_lengths, param_counts, run_flops_per_token, tokens_per_step
 from lmjax.train import loggers
@@ -238,7 +239,8 @@ def train(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
 
 
 def announce(run: Run) -> None:
-    """One console line: the run, its size and length, compile time, where it resumed."""
+    """One console line: the run, its size and length, compile time, the pipeline schedule and its
+    bubble (with pipeline stages), where it resumed."""
     if not run.main_process:
         return
     cfg = run.cfg
@@ -247,6 +249,7 @@ def announce(run: Run) -> None:
     loggers.console(f"run {run.run_dir}  |  {counts['params_total']:,} params  |  {run.steps} steps of "
                     f"{cfg.train.batch_size}x{'+'.join(str(n) for n in lengths if n)} tokens  |  "
                     f"compiled in {run.compile_seconds:.1f}s"
+                    + (f"  |  {pipeline}" if (pipeline := pipeline_note(cfg, run.mesh)) else "")
                     + (f"  |  resumed at step {run.step}" if run.resuming else ""))
 
 

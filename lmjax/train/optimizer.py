@@ -79,12 +79,13 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, params: nnx.State,
     """optax chain: global-norm clip (optional) -> AdamW with decoupled, masked weight decay
     -> under µP (`model.parametrization`), each parameter's update times its role's
     `mup_learning_rate_multipliers`; the decay is part of the update, so it follows the
-    parameter's learning rate, as in optax's adamw."""
+    parameter's learning rate, as in optax's adamw. Adam's epsilon is `cfg.eps` times
+    `model.adam_eps_multiplier` (1/m under µP with model.mup_scale_adam_eps)."""
     adamw = optax.adamw(
         learning_rate=learning_rate_schedule(cfg, total_steps),
         b1=cfg.beta1,
         b2=cfg.beta2,
-        eps=cfg.eps,
+        eps=cfg.eps if model is None else cfg.eps * model.adam_eps_multiplier,
         weight_decay=cfg.weight_decay,
         mask=weight_decay_mask(params),
     )

@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 from lmjax.config import Config, ConfigError
 from lmjax.data import load_tokenizer
 from lmjax.files import file_sha256
+from lmjax.models.moe import RouterBias
 from lmjax.train import loggers
 from lmjax.train.restore import load_config
 from lmjax.train.rollback import restore_train_state
@@ -82,16 +83,33 @@ def _differences(saved_section: dict, cfg: Config, section: str) -> str:
 
 
 def check_init_from(cfg: Config, init_from: Path) -> None:
-    """Raise ConfigError unless the run `init_from` has weights shaped like those of `cfg.model`."""
+    """Raise ConfigError unless the run `init_from` has weights shaped like those of `cfg.model`.
+    A MoE router's selection bias that `init_from` lacks (a run without one) is allowed: it
+    starts at zeros (`add_missing_router_biases`)."""
     _, mine = abstract_model(cfg.model)
     _, theirs = abstract_model(load_config(init_from).model)
+    new_biases = {path for path, v in jax.tree_util.tree_flatten_with_path(mine, is_leaf=_is_variable)[0]
+                  if isinstance(v, RouterBias)}
     mine, theirs = (dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(s))[0]) for s in (mine, theirs))
     differences = [f"{jax.tree_util.keystr(k)} {theirs[k].shape if k in theirs else 'absent'} vs {v.shape}"
-                   for k, v in mine.items() if k not in theirs or theirs[k].shape != v.shape]
+                   for k, v in mine.items()
+                   if (k not in theirs and k not in new_biases) or (k in theirs and theirs[k].shape != v.shape)]
     differences += [f"{jax.tree_util.keystr(k)} only in {init_from}" for k in theirs if k not in mine]
     if differences:
         raise ConfigError(f"--init-from {init_from}: its weights do not fit experiment {cfg.name!r} (saved vs now: "
                           + "; ".join(differences[:3]) + "); give a run of the same model shape.")
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def add_missing_router_biases(params: nnx.State, fresh: nnx.State) -> nnx.State:
+    """`params` (restored from `--init-from`) completed by the MoE selection biases
+    (`RouterBias`) of `fresh` (the new run's initialised state: zeros) that it lacks, because
+    the run it came from had none (a softmax router without `bias_update_rate`). Biases it
+    has are kept."""
+    return nnx.merge_state(nnx.filter_state(fresh, RouterBias), params)
 
 
 def _saved_tokenizers(run_dir: Path) -> list[Path]:

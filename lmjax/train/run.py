@@ -19,6 +19,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from lmjax.axis_rules import pipeline_schedule
 from lmjax.checkpoint import Checkpointer
 from lmjax.config import Config, ConfigError
 from lmjax.data import BatchIterator, save_to_run
@@ -31,6 +32,7 @@ from lmjax.train.guard import BadStepRule
 from lmjax.train.optimizer import learning_rate_schedule, make_optimizer
 from lmjax.train.restore import restore_trained_onto
 from lmjax.train.resume import (
+    add_missing_router_biases,
     check_init_from,
     check_init_tokenizer,
     check_resumable,
@@ -218,6 +220,8 @@ def build_state(inputs: Inputs, opened: Opened, transforms: tuple, restore_weigh
     adapting, frozen = adapter_of(transforms) is not None, None
     if inputs.start is not None and (adapting or not opened.resuming):
         params = restore_weights(inputs.start, mesh)
+        if not adapting:
+            params = add_missing_router_biases(params, state.params)
         params = jax.tree.map(lambda p, s: p.astype(s.dtype), params, abstract_model(cfg.model)[1])
         if adapting:
             frozen = params
@@ -245,7 +249,8 @@ def compile_step(step_fn, cfg: Config, mesh: Mesh, train_set, state: TrainState,
     rows = batch_sharding(mesh)
     batch_shape = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape), v.dtype, sharding=rows)
                    for k, v in train_set[0].items()}
-    with jax.set_mesh(mesh):  # activation sharding constraints resolve against it while tracing
+    # activation sharding constraints and the pipeline schedule resolve against these while tracing
+    with jax.set_mesh(mesh), pipeline_schedule(cfg.mesh.pipeline_microbatches, cfg.mesh.pipeline_repeats):
         compiled = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None, None)).lower(
             state, batch_shape, *([] if frozen is None else [frozen])).compile()
     return compiled if frozen is None else lambda state, batch: compiled(state, batch, frozen)

@@ -9,7 +9,13 @@ from flax import nnx
 
 from lmjax.config import MoEConfig
 from lmjax.families import family_of
-from lmjax.models.moe import concatenate_stacks, max_violation, pop_routing_by_stack, update_router_bias
+from lmjax.models.moe import (
+    PER_TOKEN_STATISTICS,
+    concatenate_stacks,
+    max_violation,
+    pop_routing_by_stack,
+    update_router_bias,
+)
 from lmjax.train.guard import BadStepRule, apply_if_good
 from lmjax.train.optimizer import updated_params
 from lmjax.train.state import TrainState, split_trainable
@@ -35,7 +41,7 @@ def _loss_sum(params, graphdef, batch, dropout_key, moe: MoEConfig, frozen=None,
     loss_sum, count = jnp.sum(losses), jnp.sum(batch["loss_mask"])
     by_stack = pop_routing_by_stack(model)
     for stats in by_stack.values():
-        for per_token in ("experts", "picked"):  # per-token assignments: for analysis, not for the metrics
+        for per_token in PER_TOKEN_STATISTICS:  # per-token assignments: for analysis, not for the metrics
             stats.pop(per_token, None)
     routing = concatenate_stacks(by_stack)
     objective = loss_sum
