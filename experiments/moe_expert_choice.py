@@ -54,8 +54,8 @@ def _late_mean(records: list[dict], key: str, last: int = 100) -> float:
 
 
 def summarize(sweep_dir: Path, out: Path) -> None:
-    """Print per arm each seed's final validation loss and the shares of assignments dropped
-    (token choice) and of tokens no expert serves (`moe_unrouted`) over the last 100 steps, and
+    """Print per arm each seed's final validation loss and, over the last 100 steps, the shares of
+    assignments dropped (token choice) and of tokens no expert serves (`moe_unrouted`) and MaxVio, and
     draw validation loss over training (each seed) and the unrouted share into `out`."""
     import matplotlib.pyplot as plt
     import numpy as np
@@ -75,11 +75,11 @@ def summarize(sweep_dir: Path, out: Path) -> None:
             train = [(r["step"], r["moe_unrouted"]) for r in records if "moe_unrouted" in r and "val_loss" not in r]
             if train:
                 unrouted.plot(*zip(*train), color=colour, alpha=0.7, label=arm if i == 0 else None)
-        dropped = np.mean([_late_mean(r, "moe_dropped") for r in runs]) if runs else float("nan")
-        left = np.mean([_late_mean(r, "moe_unrouted") for r in runs]) if runs else float("nan")
+        late = {key: ", ".join(f"{_late_mean(r, 'moe_' + key):.3f}" for r in runs)
+                for key in ("dropped", "unrouted", "max_violation")}
         print(f"{arm:8s} seeds {len(runs)}  val loss {np.mean(finals) if finals else float('nan'):.4f} "
-              f"({', '.join(f'{v:.4f}' for v in finals)})  last 100 steps: dropped {dropped:.3f}  "
-              f"unrouted {left:.3f}")
+              f"({', '.join(f'{v:.4f}' for v in finals)})  last 100 steps, each seed: "
+              + "  ".join(f"{key} {values}" for key, values in late.items()))
     losses.set(title="validation loss (nats per masked byte)", xlabel="step")
     unrouted.set(title="share of tokens no routed expert serves", xlabel="step")
     for panel in (losses, unrouted):

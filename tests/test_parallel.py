@@ -80,10 +80,10 @@ def moe_single_device_runs(tmp_path_factory):
     runs = {}
 
     def run(dispatch, args):
-        if tuple(args) not in runs:
-            runs[tuple(args)] = tmp_path_factory.mktemp(f"moe-{dispatch}") / "run"
-            assert main(["train", *args, "--set", f"train.run_dir={runs[tuple(args)]}"]) == 0
-        return runs[tuple(args)]
+        if dispatch not in runs:
+            runs[dispatch] = tmp_path_factory.mktemp(f"moe-{dispatch}") / "run"
+            assert main(["train", *args, "--set", f"train.run_dir={runs[dispatch]}"]) == 0
+        return runs[dispatch]
 
     return run
 
@@ -96,17 +96,18 @@ def moe_single_device_runs(tmp_path_factory):
 def test_moe_layouts_match_single_device(tmp_path, moe_single_device_runs, dispatch, axes):
     """Each layout's 5 losses and busiest-expert loads equal one device's. With pipeline stages the
     balancing loss is that of each microbatch (a product of means, as under gradient accumulation),
-    so that run and its reference train without it; the dropless dispatch's expert all-to-all over
-    an expert axis that also splits the batch runs in it too (expert 2 x data 2, inside stages)."""
+    so the weights drift apart by its small gradient difference: the losses still agree to 1e-5, the
+    loads are compared at the first step (same weights), as a near tie may flip one token later.
+    The dropless expert all-to-all over an expert axis that also splits the batch (expert 2 x data
+    2) runs inside the stages there."""
     moe = [*TINY, *MOE, "--set", f"model.moe.dispatch={dispatch}"]
-    if "pipeline" in axes:
-        moe += ["--set", "model.moe.load_balance_coef=0"]
     single = moe_single_device_runs(dispatch, moe)
     run = tmp_path / "run"
     finish(lmjax_subprocess(["train", *moe, *mesh_args(**axes), "--set", f"train.run_dir={run}"]))
     np.testing.assert_allclose(losses(run), losses(single), rtol=1e-5)
-    routed = [r["moe_max_load"] for r in read_metrics(run) if "moe_max_load" in r]
-    np.testing.assert_allclose(routed, [r["moe_max_load"] for r in read_metrics(single) if "moe_max_load" in r],
+    steps = 1 if "pipeline" in axes else None
+    routed = [r["moe_max_load"] for r in read_metrics(run) if "moe_max_load" in r][:steps]
+    np.testing.assert_allclose(routed, [r["moe_max_load"] for r in read_metrics(single) if "moe_max_load" in r][:steps],
                                rtol=1e-5)
 
 
@@ -137,11 +138,13 @@ def test_router_bias_updates_agree_across_two_processes_and_one_device(tmp_path)
 @pytest.mark.parametrize("family", [pytest.param("encoder", marks=pytest.mark.slow), "encoder_decoder"])
 def test_encoder_families_shard_like_single_device(tmp_path, family):
     """Sharding works for the other families unchanged: data x fsdp x tensor equals one device.
-    (The encoder-decoder's encoder is the encoder family's stack, so the fast run covers both.)"""
+    (The encoder-decoder's encoder is the encoder family's stack, so the fast run covers both.)
+    The encoder runs in pipeline stages (2) beside data 2 x tensor 2: its relative position bias
+    and padding masks are cut into microbatches with the activations."""
     args = [*TINY, "--set", f"model.family={family}", "--set", "model.position=relative", "--set", "train.steps=3"]
     single, sharded = tmp_path / "single", tmp_path / "sharded"
-    process = lmjax_subprocess(["train", *args, *mesh_args(data=2, fsdp=2, tensor=2), "--set",
-                                f"train.run_dir={sharded}"])
+    axes = dict(pipeline=2, data=2, tensor=2) if family == "encoder" else dict(data=2, fsdp=2, tensor=2)
+    process = lmjax_subprocess(["train", *args, *mesh_args(**axes), "--set", f"train.run_dir={sharded}"])
     assert main(["train", *args, "--set", f"train.run_dir={single}"]) == 0
     finish(process)
     np.testing.assert_allclose(losses(sharded), losses(single), rtol=1e-5)

@@ -1,4 +1,5 @@
-"""Pipeline parallelism: a layer stack's stages run on microbatches at once (GPipe).
+"""Pipeline parallelism: a layer stack's stages run on microbatches at once (GPipe, and the
+circular schedule with R repeats).
 
 The stacked weights (L, ...) are sharded along `layers` over the pipeline mesh axes (the rules
 table), so viewing them as (P, L/P, ...) puts stage s's layers on the devices of stage s. The
@@ -7,10 +8,11 @@ GSPMD pipelining, as MaxText and Praxis do it): a state of P microbatch activati
 (P, mb, T, D), sharded like the stages, goes through `jax.vmap(stage)` (`spmd_axis_name`: the
 stage dimension stays on its devices, every other sharding constraint inside applies per stage),
 then shifts by one stage (a collective permute between neighbours) while stage 0 takes the next
-microbatch. After M + P - 1 iterations every microbatch has passed every stage; the last stage's
-outputs of the last M iterations are the stack's output. The backward pass is autodiff of that
-loop: all forwards, then all backwards (GPipe). Stages of an idle iteration (the bubble, the
-first and last P - 1) compute on zeros, and their results reach no output.
+microbatch. After M R + P - 1 iterations every microbatch has passed every stage R times; each
+microbatch's last pass through the last stage is the stack's output for its rows. The backward
+pass is autodiff of that loop: all forwards, then all backwards (GPipe). Stages of an idle
+iteration (the bubble: P - 1 iterations' worth) compute on zeros, and their results reach no
+output.
 """
 
 from __future__ import annotations
