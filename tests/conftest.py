@@ -1,8 +1,42 @@
 import dataclasses
+import os
+import shutil
+import tempfile
 
 import pytest
 
-from lmjax.config import Config, DataConfig, LogConfig, ModelConfig, OptimConfig, TrainConfig
+# Compile for speed, not for fast code: the tests' programs are tiny and each is compiled once or a few
+# times, so LLVM's optimisations cost far more than they save (a tiny encoder-decoder MoE run: about half
+# the CPU time). Set before any JAX backend starts; subprocesses inherit it (see `xla_flags`).
+_FAST_COMPILE = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+
+from lmjax.config import Config, DataConfig, LogConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
+
+# JAX's persistent compilation cache, shared by this session's tests and the `lmjax`/python subprocesses
+# they start (through the environment): many tests compile the same tiny programs. It lives in a fresh
+# directory removed at the end, so every run starts cold and nothing carries over between runs. The size
+# limit turns on JAX's file lock, so concurrent processes never read a half-written entry.
+_CACHE = {"jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": -1,
+          "jax_compilation_cache_max_size": 8 << 30}
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a subprocess with `devices` CPU devices (this session's flags kept)."""
+    return f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"
+
+
+def pytest_configure(config):
+    import jax
+
+    config.lmjax_jax_cache = tempfile.mkdtemp(prefix="lmjax-test-jax-cache-")
+    for name, value in {**_CACHE, "jax_compilation_cache_dir": config.lmjax_jax_cache}.items():
+        os.environ[name.upper()] = str(value)
+        jax.config.update(name, value)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(config.lmjax_jax_cache, ignore_errors=True)
 
 
 def tiny_config(run_dir, **train) -> Config:

@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 from jax.sharding import AbstractMesh
 
 from lmjax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig
@@ -71,7 +72,7 @@ print(json.dumps(results))
 
 
 def test_context_parallel_loss_and_gradients_equal_one_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", EQUIVALENCE], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])

@@ -14,12 +14,15 @@ CFG = ModelConfig(vocab_size=384, d_model=32, n_layers=2, n_heads=4, n_kv_heads=
 
 
 def greedy_without_cache(model, prompt, n):
-    """Reference: a full forward pass over the whole sequence for every new token."""
-    tokens = list(prompt)
-    for _ in range(n):
-        logits = model(jnp.array([tokens]))
-        tokens.append(int(jnp.argmax(logits[0, -1])))
-    return np.array(tokens[len(prompt):])
+    """Reference: a full forward pass over the whole sequence for every new token. One compiled
+    program: the sequence is held at its final length, the positions not generated yet are 0, and
+    causal attention keeps them from the position read (eager ops would compile once per length)."""
+    forward = nnx.jit(lambda m, t: m(t))
+    tokens = np.zeros((1, len(prompt) + n), np.int32)
+    tokens[0, :len(prompt)] = prompt
+    for i in range(len(prompt), len(prompt) + n):
+        tokens[0, i] = int(jnp.argmax(forward(model, jnp.asarray(tokens))[0, i - 1]))
+    return tokens[0, len(prompt):]
 
 
 @pytest.mark.parametrize("position", ["rope", "learned"])

@@ -37,14 +37,16 @@ def harness(family):
 
 
 def reference(model, family, tokenizer, context, continuation):
-    """Sum of log p(continuation token | everything before it), one unpadded request at a time."""
+    """Sum of log p(continuation token | everything before it), one unpadded request at a time
+    (the forward pass jitted: one program per request's shapes, not one per op)."""
+    forward = nnx.jit(lambda m, *tokens: m(*tokens))
     ctx, cont = list(tokenizer.encode(context)), list(tokenizer.encode(continuation))
     if family == "decoder":
         full = (ctx or [tokenizer.eos_id]) + cont
-        logits = model(jnp.asarray([full[:-1]]))[0]
+        logits = forward(model, jnp.asarray([full[:-1]]))[0]
         rows, targets = range(len(full) - 1 - len(cont), len(full) - 1), cont
     else:
-        logits = model(jnp.asarray([ctx]), jnp.asarray([[tokenizer.bos_id] + cont[:-1]]))[0]
+        logits = forward(model, jnp.asarray([ctx]), jnp.asarray([[tokenizer.bos_id] + cont[:-1]]))[0]
         rows, targets = range(len(cont)), cont
     log_probs = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
     return sum(float(log_probs[r, t]) for r, t in zip(rows, targets))

@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 import torch  # the test extra installs torch and transformers: a missing one fails here
 import transformers
+from conftest import xla_flags
 from flax import nnx
 
 import lmjax
@@ -443,7 +444,7 @@ def test_sharded_import_onto_8_devices_gives_the_same_logits(imported, tmp_path)
     hf, _, _, _, root = imported("llama_untied")
     ids = tokens()
     np.save(tmp_path / "ids.npy", ids)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     process = subprocess.run([sys.executable, "-c", SHARDED_IMPORT, root / "hf", tmp_path / "ids.npy",
                               tmp_path / "logits.npy"], env=env, capture_output=True, text=True)
     assert process.returncode == 0, process.stderr[-3000:]

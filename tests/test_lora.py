@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import tiny_config, xla_flags
 from flax import nnx
 
 import lmjax
@@ -218,7 +218,7 @@ def test_sharded_branch_form_equals_one_device():
     """Adapters sharded by their logical axes with the base (fsdp x tensor x expert, 2 each):
     the branch form's loss and adapter gradients, experts included (the expert-parallel
     dropless path), equal one device's."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", SHARDED_BRANCH], env=env, capture_output=True, text=True,
                             timeout=300, cwd=Path(__file__).parent.parent)
     assert result.returncode == 0, result.stderr[-3000:]

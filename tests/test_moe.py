@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 from flax import nnx
+from test_generate import greedy_without_cache
 
 from lmjax.config import Config, ModelConfig, MoEConfig
 from lmjax.config_parse import override
@@ -270,11 +272,7 @@ def test_interleaved_cache_decoding_matches_full_forward():
     model = DecoderLM(cfg, rngs=nnx.Rngs(1))
     prompt = np.array([5, 9, 2, 7], np.int32)
     cached = generate(model, [prompt], 6, temperature=0.0)[0]
-    tokens = list(prompt)
-    for _ in range(6):
-        logits = model(jnp.asarray([tokens]))
-        tokens.append(int(jnp.argmax(logits[0, -1])))
-    np.testing.assert_array_equal(cached, tokens[len(prompt):])
+    np.testing.assert_array_equal(cached, greedy_without_cache(model, prompt, 6))  # dropless: tokens route alone
 
 
 def test_moe_config_errors():
@@ -387,7 +385,7 @@ def test_expert_parallel_follows_the_rules_table():
     `expert` logical axis sent to another mesh axis (data, which also splits the tokens; tensor,
     which does not; two axes at once), the sharded layer's output and gradients equal one device's.
     Both with fine-grained experts (G = 2), under token choice (dropless) and expert choice."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", REMAPPED_RULES], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

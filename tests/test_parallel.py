@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 import lmjax
 from lmjax.checkpoint import Checkpointer
@@ -35,8 +36,7 @@ TINY = ["--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "mode
 
 
 def lmjax_subprocess(args, devices=8, cwd=None, **env):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-           **env}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu", **env}
     return subprocess.Popen([sys.executable, "-m", "lmjax.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
 
@@ -180,7 +180,7 @@ def test_pipeline_matches_single_device_resumes_on_another_layout_and_restores_a
                                    rtol=1e-5)
     # the step-3 checkpoint (pipeline 4) read onto pipeline 2 x fsdp 2 x data 2 and onto this process's one CPU
     dump = tmp_path / "params.npz"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8)}
     out = subprocess.run([sys.executable, "-c", DUMP_PARAMS, str(run), str(dump), "3", "pipeline=2", "fsdp=2",
                           "tensor=1"], env=env, check=True, capture_output=True, text=True).stdout
     assert "'pipeline'" in out  # the stacked blocks were sharded over the pipeline axis
@@ -213,7 +213,7 @@ print(json.dumps({"params": fractions(state.params), "mu": fractions(adam.mu), "
 
 
 def test_fsdp_shards_params_and_adam_moments():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8)}
     out = subprocess.run([sys.executable, "-c", FSDP_SHARDS], env=env, check=True, capture_output=True, text=True)
     fractions = json.loads(out.stdout.strip().splitlines()[-1])
     for name in ("params", "mu", "nu"):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import qwix
-from conftest import tiny_config
+from conftest import tiny_config, xla_flags
 from flax import nnx
 
 from lmjax.adapters.int8 import groups
@@ -164,7 +164,7 @@ def test_qat_sees_the_experts_when_they_are_sharded(tmp_path):
     np.savez(tmp_path / "params.npz", **{str(i): np.asarray(v.get_value())
                                          for i, (_, v) in enumerate(nnx.to_flat_state(params))})
     np.save(tmp_path / "tokens.npy", tokens)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, "-c", EXPERT_SHARDED, str(tmp_path / "params.npz"), str(tmp_path / "qat.npy"),
                     str(tmp_path / "tokens.npy")], env=env, check=True)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import tiny_config, xla_flags
 from flax import nnx
 from safetensors.numpy import load_file
 
@@ -177,7 +177,7 @@ def test_an_fsdp_sharded_int8_load_gives_the_one_device_logits(runs, tmp_path):
     whole), and the model's logits equal those of the one-device load."""
     tokens = np.random.default_rng(1).integers(1, 256, (2, 16)).astype(np.int32)
     np.save(tmp_path / "tokens.npy", tokens)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     subprocess.run([sys.executable, "-c", SHARDED_LOGITS, str(runs / "int8"), str(tmp_path / "tokens.npy"),
                     str(tmp_path / "sharded.npy")], env=env, check=True)
     model, _, _ = lmjax.load(runs / "int8")
