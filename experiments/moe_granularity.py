@@ -11,9 +11,8 @@ results.csv carries G for `lmjax fit`'s granularity law (docs/moe.md, "Granulari
     done
     lmjax fit sweeps/moe_granularity/seed0/results.csv --plots sweeps/moe_granularity/seed0
 
-Sized at about 3e12 counted training FLOPs per seed: scaling_micro's 8.4e12 took ~15 minutes of
-an idle 2-core CPU, and a dropless MoE step cost 1.6x its dense twin's there, so about 12-15
-minutes per seed (estimated, not measured).
+About 3e12 counted training FLOPs per seed: 3.5-5 minutes of wall time per seed on a shared
+2-core CPU (2026-12-02; the results are in docs/moe.md).
 """
 
 import dataclasses
