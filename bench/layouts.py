@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from devices_run import run_json
 
 LAYOUTS = {
     "1 device": (1, []),
@@ -67,9 +66,7 @@ def main():
     for layout, (devices, mesh) in LAYOUTS.items():
         code = MEASURE.format(bench=bench_dir, experiment=args.experiment, overrides=args.overrides + mesh,
                               steps=args.steps)
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        result = json.loads(out.stdout.strip().splitlines()[-1])
+        result = run_json(code, devices)
         reference = reference or result["step_ms"]
         comm = communication_bytes(layout, result["param_bytes"], result["layer_activation_bytes"], result["n_layers"])
         print(json.dumps({"layout": layout, "step_ms": round(result["step_ms"], 1),

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from devices_run import run_json
 
 LAYOUTS = [(1, None)] + [(stages, microbatches) for stages in (2, 4) for microbatches in (4, 8, 16)]
 
@@ -44,9 +43,7 @@ def main():
         mesh += [f"mesh.pipeline_microbatches={microbatches}"] if microbatches else []
         code = MEASURE.format(bench=bench_dir, experiment=args.experiment, overrides=args.overrides + mesh,
                               steps=args.steps)
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        step_ms = json.loads(out.stdout.strip().splitlines()[-1])["step_ms"]
+        step_ms = run_json(code, devices=8)["step_ms"]
         reference = reference or step_ms
         bubble = (stages - 1) / ((microbatches or 1) + stages - 1)
         print(json.dumps({"pipeline": stages, "microbatches": microbatches, "step_ms": round(step_ms, 1),
