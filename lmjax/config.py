@@ -808,10 +808,6 @@ class Config:
             _require(targets_length <= self.model.max_seq_len,
                      f"span corruption targets of {targets_length} tokens exceed model.max_seq_len="
                      f"{self.model.max_seq_len}; raise model.max_seq_len.")
-        _require(self.model.family != "encoder_decoder" or (self.mesh.pipeline, self.mesh.dcn_pipeline) == (1, 1),
-                 f"mesh.pipeline={self.mesh.pipeline} x mesh.dcn_pipeline={self.mesh.dcn_pipeline}: pipeline stages "
-                 "over the two stacks of an encoder_decoder are not built yet; set mesh.pipeline=1 (fsdp and tensor "
-                 "parallelism work for it).")
         if self.mesh.context != 1:  # -1 may split the sequence too
             unsupported = {"the encoder-decoder family": self.model.family == "encoder_decoder",
                            "T5 relative positions": self.model.position == "relative"}
