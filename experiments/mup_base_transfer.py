@@ -1,12 +1,14 @@
 """Learning-rate transfer on the tuned µP base (issue #27, docs/scaling.md): experiments/mup_base.py
 at widths 64-512 (heads of width 32, d_ff = 4 x width), under µP and the standard
-parametrization at the same constants, each at learning rates a factor of 2 apart around the
-base's tuned one, `BASE_LR` x 2^k: k = -4..0 for the standard model (its optimum falls with
-width), -4..+1 for µP. Runs are named like mup_transfer's (`mup-w512-lr0.0031`), so
-`python -m lmjax.scaling.transfer` reads them.
+parametrization at the same constants, at learning rates a factor of 2 apart around the base's
+tuned one, `BASE_LR` x 2^k: k = -3..0 for the standard model above width 64 (its optimum falls
+with width; at 64 it is µP's base, whose learning rate the search tuned: k = 0 only), -3..+1 for
+µP. Runs are named like mup_transfer's (`mup-w512-lr0.0031`), so `python -m
+lmjax.scaling.transfer` reads them.
 
 Its first part is `mup_base_widths` (every standard run, and µP at the base's learning rate
-only): run that first, then this one in the same directory, which skips what is finished.
+only; 17 runs): run that first, then this one in the same directory, which skips what is
+finished (16 more runs).
 
     lmjax sweep mup_base_widths --dir DIR                               # seed 0
     lmjax sweep mup_base_transfer --dir DIR                             # the rest of µP's grid
@@ -19,7 +21,8 @@ from lmjax.experiment import load_experiment_module
 
 BASE_LR = load_experiment_module("mup_base", "experiments/mup_base.py is missing")[0].BASE_LR
 WIDTHS = [64, 128, 256, 512]
-GRID = {"standard": range(-4, 1), "mup": range(-4, 2)}  # learning rates BASE_LR x 2^k
+STANDARD_STEPS = range(-3, 1)  # learning rates BASE_LR x 2^k above the base width
+MUP_STEPS = range(-3, 2)
 
 
 def run(parametrization: str, width: int, lr: float) -> SweepRun:
@@ -31,11 +34,11 @@ def run(parametrization: str, width: int, lr: float) -> SweepRun:
 
 def widths_comparison() -> list[SweepRun]:
     """Per width: the standard model at every learning rate of its grid, then µP at BASE_LR."""
-    return [run(p, width, BASE_LR * 2.0**k) for width in WIDTHS
-            for p in ("standard", "mup") for k in (GRID[p] if p == "standard" else [0])]
+    return [run(p, width, BASE_LR * 2.0**k) for width in WIDTHS for p in ("standard", "mup")
+            for k in (STANDARD_STEPS if p == "standard" and width > WIDTHS[0] else [0])]
 
 
 def sweep():
     first = widths_comparison()
-    rest = [run("mup", width, BASE_LR * 2.0**k) for width in WIDTHS for k in GRID["mup"] if k != 0]
+    rest = [run("mup", width, BASE_LR * 2.0**k) for width in WIDTHS for k in MUP_STEPS if k != 0]
     return Sweep("mup_base", tuple(first + rest))
