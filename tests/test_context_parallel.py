@@ -142,3 +142,21 @@ def test_plan_counts_context_parallel_memory_and_traffic_by_hand():
                                     mesh=MeshConfig(pipeline=3, data=1, context=4)), 12)
     assert staged["memory_context_kv_bytes"] == pytest.approx(kv * 5 / 3)
     assert staged["context_comm_bytes_per_step"] == pytest.approx(kv * 3 * 5 / 3)
+
+
+def test_a_context_group_spanning_processes_is_refused(tmp_path):
+    """Two processes of 4 devices with mesh.context=8: each would hold half of every row's
+    positions, which `global_batch` cannot load; both exit 2 with one line before compiling, and
+    the run directory is not made."""
+    from test_parallel import TINY, free_port, lmjax_subprocess, mesh_args
+
+    run, port = tmp_path / "run", free_port()
+    processes = [lmjax_subprocess(["train", *TINY, *mesh_args(data=1, context=8), "--set", f"train.run_dir={run}",
+                                   "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                   "--process-id", str(i)], devices=4) for i in range(2)]
+    for process in processes:
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == 2, output
+        assert "lmjax: error: context parallelism (mesh.context=8) spans processes" in output, output
+        assert "Traceback" not in output
+    assert not run.exists()
