@@ -324,7 +324,8 @@ def pipeline_row(dense, shapes: dict, c: dict) -> dict:
 
     stages, data, microbatches = pipeline_layout(jax.device_count(), dense.n_layers, shapes["batch"])
     if stages == 1:
-        return {"skipped": f"{jax.device_count()} device(s): no pipeline stages"}
+        return {"skipped": f"skipped: no stage count > 1 divides the {jax.device_count()} device(s) and the "
+                           f"{dense.n_layers} layers"}
     mesh = make_mesh(MeshConfig(pipeline=stages, data=data))
     with pipeline_schedule(microbatches):
         row = time_training(dense, shapes, mesh, c["peaks"])
