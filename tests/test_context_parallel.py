@@ -4,9 +4,10 @@ The equivalence runs in a subprocess with 8 CPU devices (XLA_FLAGS set before ja
 one per model: loss and gradients of a tiny 4-layer decoder (sliding-window layers 0 and 2,
 global layers 1 and 3) on context 4 x data 2 and context 2 x fsdp 2 x tensor 2, and of the
 same decoder with MoE layers 1 and 3 (dropless) and XLA's attention kernel on context 2 x
-pipeline 2 x expert 2, of a batch of packed documents (one row a single whole sequence) laid out
-by `global_batch` (the load-balanced order), against the same model and batch on one device in
-natural order. The bad layouts are checked on abstract meshes.
+pipeline 2 x expert 2, and of a bidirectional encoder with T5 relative position biases on
+context 4 x data 2, each of a batch of packed documents (one row a single whole sequence) laid
+out by `global_batch` (the load-balanced order), against the same model and batch on one device
+in natural order. The bad layouts are checked on abstract meshes.
 """
 
 import json
@@ -73,18 +74,18 @@ batch["segment_ids"][0], batch["positions"][0], batch["loss_mask"][0] = 1, np.ar
 results = {}
 for model, layouts in json.loads(sys.argv[1]).items():
     moe = model == "moe"  # MoE layers 1 and 3 (dropless), attention by XLA's kernel instead of the einsum
+    kind = dict(family="encoder", position="relative") if model == "encoder" else dict(  # windows: layers 0, 2
+        sliding_window=12, global_every=2, moe=MoEConfig(n_experts=4, top_k=2, every=2) if moe else MoEConfig())
     cfg = ModelConfig(d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=64, max_seq_len=64,
-                      dtype="float32", param_dtype="float32", sliding_window=12, global_every=2,
-                      moe=MoEConfig(n_experts=4, top_k=2, every=2) if moe else MoEConfig(),
-                      attention="dot_product" if moe else "einsum")
-    results.update(compare(cfg, layouts, batch))  # layers 0 and 2 windowed
+                      dtype="float32", param_dtype="float32", attention="dot_product" if moe else "einsum", **kind)
+    results.update(compare(cfg, layouts, batch))
 print(json.dumps(results))
 """
 
 
 # the layouts of 8 devices checked, by model: between them every mesh axis is split along with context
 LAYOUTS = {"dense": [dict(data=2, context=4), dict(data=1, fsdp=2, tensor=2, context=2)],
-           "moe": [dict(data=1, pipeline=2, expert=2, context=2)]}
+           "moe": [dict(data=1, pipeline=2, expert=2, context=2)], "encoder": [dict(data=2, context=4)]}
 
 
 @pytest.mark.parametrize("model", LAYOUTS)
@@ -113,9 +114,8 @@ def test_load_balanced_order_gives_each_device_an_equal_share_of_the_triangle():
 
 @pytest.mark.parametrize("settings, message", [
     (dict(data=DataConfig(seq_len=36)), "data.seq_len=36 does not split into 2 x 4 equal chunks"),
-    (dict(model=ModelConfig(family="encoder_decoder", n_decoder_layers=2)),
+    (dict(model=ModelConfig(family="encoder_decoder", n_decoder_layers=2, position="relative")),
      "does not support the encoder-decoder family"),
-    (dict(model=ModelConfig(position="relative")), "does not support T5 relative positions"),
 ])
 def test_bad_context_layouts_are_refused_before_compiling(settings, message):
     with pytest.raises(ConfigError, match=message):  # the config's own checks, or the layout's on the 8 devices
