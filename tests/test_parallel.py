@@ -62,16 +62,86 @@ def single_device_losses(tmp_path_factory):
     return losses(run)
 
 
-@pytest.mark.parametrize("axes", [
-    dict(data=8), dict(data=1, fsdp=8), dict(data=2, fsdp=2, tensor=2), dict(data=2, tensor=4),
-], ids=["data8", "fsdp8", "data2-fsdp2-tensor2", "tensor4-data2"])
-def test_layouts_match_single_device(tmp_path, single_device_losses, axes):
-    run = tmp_path / "run"
-    finish(lmjax_subprocess(["train", *TINY, *mesh_args(**axes), "--set", f"train.run_dir={run}"]))
-    np.testing.assert_allclose(losses(run), single_device_losses, rtol=1e-5)
+CLI_RUNS = """
+import json, sys, traceback
+from lmjax.cli import main
+for name, args in json.loads(sys.argv[1]).items():
+    print(f"=== {name}", file=sys.stderr, flush=True)
+    try:
+        code = main(args)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    print(f"=== {name} exit {code}", file=sys.stderr, flush=True)
+"""
 
 
+def start_cli_runs(runs: dict, devices=8) -> subprocess.Popen:
+    """`lmjax`'s main on each argument list of {name: args} in turn, in one subprocess with `devices`
+    CPU devices (one process start and import for all of them)."""
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-c", CLI_RUNS, json.dumps(runs)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def cli_run_results(process: subprocess.Popen, timeout=1800) -> dict:
+    """{name: (exit code, output)} of the runs `start_cli_runs` started, once all have ended."""
+    output, _ = process.communicate(timeout=timeout)
+    results = {name: (int(code), text) for name, text, code in
+               re.findall(r"^=== (\S+)\n(.*?)^=== \1 exit (-?\d+)$", output, re.S | re.M)}
+    return results or {"": (process.returncode, output)}
+
+
+LAYOUTS = {"data8": dict(data=8), "fsdp8": dict(data=1, fsdp=8), "data2-fsdp2-tensor2": dict(data=2, fsdp=2, tensor=2),
+           "tensor4-data2": dict(data=2, tensor=4)}
 MOE = ["--set", "model.moe.n_experts=8", "--set", "model.moe.top_k=2"]
+MOE_LAYOUTS = {"dropless-expert8": ("dropless", dict(data=1, expert=8)),
+               "dropless-expert2-fsdp2-tensor2": ("dropless", dict(data=1, fsdp=2, tensor=2, expert=2)),
+               "capacity-expert4-data2": ("capacity", dict(data=2, expert=4)),
+               "dropless-pipeline2-expert2-data2": ("dropless", dict(pipeline=2, data=2, expert=2))}
+LAYOUT_ERRORS = [
+    (mesh_args(data=2, tensor=4) + ["--set", "model.n_kv_heads=2"], "mesh.tensor=4 does not divide model.n_kv_heads=2"),
+    (mesh_args(data=2, tensor=4) + ["--set", "model.n_heads=2", "--set", "model.n_kv_heads=none"],
+     "mesh.tensor=4 does not divide model.n_heads=2"),
+    (mesh_args(data=2, tensor=4) + ["--set", "model.d_ff=66"], "mesh.tensor=4 does not divide model.d_ff=66"),
+    (mesh_args(data=8) + ["--set", "train.batch_size=12"], "does not split over the 8 data-parallel devices"),
+    (mesh_args(pipeline=4, data=2, pipeline_microbatches=8) + ["--set", "model.n_layers=4"],
+     "do not split into mesh.pipeline_microbatches=8"),
+]
+
+
+def moe_args(dispatch):
+    return [*TINY, *MOE, "--set", f"model.moe.dispatch={dispatch}"]
+
+
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory):
+    """name -> (exit code, output, run dir) of `lmjax train` on each bad layout (first) and on each
+    dense and MoE layout, all in one 8-device subprocess, started when first asked for (the
+    single-device references train in this process meanwhile)."""
+    root = tmp_path_factory.mktemp("layouts")
+    runs = {f"error{i}": ["train", *TINY, *args] for i, (args, _) in enumerate(LAYOUT_ERRORS)}
+    runs |= {name: ["train", *TINY, *mesh_args(**axes)] for name, axes in LAYOUTS.items()}
+    runs |= {name: ["train", *moe_args(dispatch), *mesh_args(**axes)] for name, (dispatch, axes) in MOE_LAYOUTS.items()}
+    runs = {name: [*args, "--set", f"train.run_dir={root / name}"] for name, args in runs.items()}
+    process, results = start_cli_runs(runs), {}
+
+    def result(name):
+        if not results:
+            results.update(cli_run_results(process))
+        code, output = results.get(name, results.get("", (None, f"{name} did not run")))
+        return code, output, root / name
+
+    yield result
+    process.kill()
+    process.communicate()
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_layouts_match_single_device(layout_runs, single_device_losses, name):
+    code, output, run = layout_runs(name)
+    assert code == 0, output
+    np.testing.assert_allclose(losses(run), single_device_losses, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -88,22 +158,18 @@ def moe_single_device_runs(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("dispatch, axes", [
-    ("dropless", dict(data=1, expert=8)), ("dropless", dict(data=1, fsdp=2, tensor=2, expert=2)),
-    ("capacity", dict(data=2, expert=4)), ("dropless", dict(pipeline=2, data=2, expert=2)),
-], ids=["dropless-expert8", "dropless-expert2-fsdp2-tensor2", "capacity-expert4-data2",
-        "dropless-pipeline2-expert2-data2"])
-def test_moe_layouts_match_single_device(tmp_path, moe_single_device_runs, dispatch, axes):
+@pytest.mark.parametrize("name", MOE_LAYOUTS)
+def test_moe_layouts_match_single_device(layout_runs, moe_single_device_runs, name):
     """Each layout's 5 losses and busiest-expert loads equal one device's. With pipeline stages the
     balancing loss is that of each microbatch (a product of means, as under gradient accumulation),
     so the weights drift apart by its small gradient difference: the losses still agree to 1e-5, the
     loads are compared at the first step (same weights), as a near tie may flip one token later.
     The dropless expert all-to-all over an expert axis that also splits the batch (expert 2 x data
     2) runs inside the stages there."""
-    moe = [*TINY, *MOE, "--set", f"model.moe.dispatch={dispatch}"]
-    single = moe_single_device_runs(dispatch, moe)
-    run = tmp_path / "run"
-    finish(lmjax_subprocess(["train", *moe, *mesh_args(**axes), "--set", f"train.run_dir={run}"]))
+    dispatch, axes = MOE_LAYOUTS[name]
+    single = moe_single_device_runs(dispatch, moe_args(dispatch))
+    code, output, run = layout_runs(name)
+    assert code == 0, output
     np.testing.assert_allclose(losses(run), losses(single), rtol=1e-5)
     steps = 1 if "pipeline" in axes else None
     routed = [r["moe_max_load"] for r in read_metrics(run) if "moe_max_load" in r][:steps]
@@ -310,18 +376,11 @@ def test_mesh_not_matching_devices(axes, message):
         make_mesh(MeshConfig(**axes))
 
 
-@pytest.mark.parametrize("args, message", [
-    (mesh_args(data=2, tensor=4) + ["--set", "model.n_kv_heads=2"], "mesh.tensor=4 does not divide model.n_kv_heads=2"),
-    (mesh_args(data=2, tensor=4) + ["--set", "model.n_heads=2", "--set", "model.n_kv_heads=none"],
-     "mesh.tensor=4 does not divide model.n_heads=2"),
-    (mesh_args(data=2, tensor=4) + ["--set", "model.d_ff=66"], "mesh.tensor=4 does not divide model.d_ff=66"),
-    (mesh_args(data=8) + ["--set", "train.batch_size=12"], "does not split over the 8 data-parallel devices"),
-    (mesh_args(pipeline=4, data=2, pipeline_microbatches=8) + ["--set", "model.n_layers=4"],
-     "do not split into mesh.pipeline_microbatches=8"),
-])
-def test_layout_errors_before_compiling(tmp_path, args, message):
-    output, _ = lmjax_subprocess(["train", *TINY, *args, "--set", f"train.run_dir={tmp_path}"]).communicate(timeout=120)
-    assert message in output and "lmjax: error:" in output and "Traceback" not in output
+@pytest.mark.parametrize("index", range(len(LAYOUT_ERRORS)), ids=[message for _, message in LAYOUT_ERRORS])
+def test_layout_errors_before_compiling(layout_runs, index):
+    code, output, _ = layout_runs(f"error{index}")
+    assert code == 2 and LAYOUT_ERRORS[index][1] in output and "lmjax: error:" in output, output
+    assert "Traceback" not in output
 
 
 @pytest.mark.parametrize("model, mesh, message", [
