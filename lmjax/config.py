@@ -808,12 +808,6 @@ class Config:
             _require(targets_length <= self.model.max_seq_len,
                      f"span corruption targets of {targets_length} tokens exceed model.max_seq_len="
                      f"{self.model.max_seq_len}; raise model.max_seq_len.")
-        if self.mesh.context != 1:  # -1 may split the sequence too
-            unsupported = {"the encoder-decoder family": self.model.family == "encoder_decoder",
-                           "T5 relative positions": self.model.position == "relative"}
-            for what, present in unsupported.items():
-                _require(not present, f"context parallelism (mesh.context={self.mesh.context}) does not support "
-                                      f"{what} yet; set mesh.context=1.")
         _require(not self.model.loss_chunk or targets_length % self.model.loss_chunk == 0,
                  f"model.loss_chunk={self.model.loss_chunk} does not divide the {targets_length} target positions "
                  "of each example; pick a divisor, 0 (no chunks) or none (by size).")

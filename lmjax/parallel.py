@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from lmjax.axis_rules import logical_to_mesh, mesh_axes
 from lmjax.config import DCN_AXES, MESH_AXES, Config, ConfigError, MeshConfig
+from lmjax.families import family_of
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
@@ -192,6 +193,11 @@ def _check_context(cfg: Config, mesh: Mesh) -> None:
     if cfg.data.seq_len % (2 * shards):
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} does not split into 2 x {shards} equal chunks for "
                           f"context parallelism ({named}); make it a multiple of {2 * shards}.")
+    targets = family_of(cfg.model).example_lengths(cfg)[1]  # an encoder-decoder's, split over the same devices
+    if targets % (2 * shards):
+        raise ConfigError(f"the {targets} target positions of each example (span corruption of data.seq_len="
+                          f"{cfg.data.seq_len}) do not split into 2 x {shards} equal chunks for context parallelism "
+                          f"({named}); pick a data.seq_len whose targets do.")
     if isinstance(mesh, Mesh) and len(_own_columns(mesh, 2 * shards)) < 2 * shards:
         raise ConfigError(f"context parallelism ({named}) spans processes; keep mesh.context within one "
                           "host's devices (put the other factors on mesh.data or mesh.fsdp).")

@@ -72,16 +72,90 @@ def single_device_losses(single_device_run):
     return losses(single_device_run)
 
 
-@pytest.mark.parametrize("axes", [
-    dict(data=8), dict(data=1, fsdp=8), dict(data=2, fsdp=2, tensor=2), dict(data=2, tensor=4),
-], ids=["data8", "fsdp8", "data2-fsdp2-tensor2", "tensor4-data2"])
-def test_layouts_match_single_device(tmp_path, single_device_losses, axes):
-    run = tmp_path / "run"
-    finish(lmjax_subprocess(["train", *TINY, *mesh_args(**axes), "--set", f"train.run_dir={run}"]))
-    np.testing.assert_allclose(losses(run), single_device_losses, rtol=1e-5)
+CLI_RUNS = """
+import json, sys, traceback
+from lmjax.cli import main
+for name, args in json.loads(sys.argv[1]).items():
+    print(f"=== {name}", file=sys.stderr, flush=True)
+    try:
+        code = main(args)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    print(f"=== {name} exit {code}", file=sys.stderr, flush=True)
+"""
 
 
+def start_cli_runs(runs: dict, devices=8) -> subprocess.Popen:
+    """`lmjax`'s main on each argument list of {name: args} in turn, in one subprocess with `devices`
+    CPU devices (one process start and import for all of them)."""
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-c", CLI_RUNS, json.dumps(runs)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def cli_run_results(process: subprocess.Popen, timeout=1800) -> dict:
+    """{name: (exit code, output)} of the runs `start_cli_runs` started, once all have ended."""
+    output, _ = process.communicate(timeout=timeout)
+    results = {name: (int(code), text) for name, text, code in
+               re.findall(r"^=== (\S+)\n(.*?)^=== \1 exit (-?\d+)$", output, re.S | re.M)}
+    return results or {"": (process.returncode, output)}
+
+
+LAYOUTS = {"data8": dict(data=8), "fsdp8": dict(data=1, fsdp=8), "data2-fsdp2-tensor2": dict(data=2, fsdp=2, tensor=2),
+           "tensor4-data2": dict(data=2, tensor=4)}
 MOE = ["--set", "model.moe.n_experts=8", "--set", "model.moe.top_k=2"]
+MOE_LAYOUTS = {"dropless-expert8": ("dropless", dict(data=1, expert=8)),
+               "dropless-expert2-fsdp2-tensor2": ("dropless", dict(data=1, fsdp=2, tensor=2, expert=2)),
+               "capacity-expert4-data2": ("capacity", dict(data=2, expert=4)),
+               "dropless-circular-pipeline2x2-expert2-data2": ("dropless", dict(pipeline=2, data=2, expert=2,
+                                                                                  pipeline_repeats=2))}
+LAYOUT_ERRORS = [
+    (mesh_args(data=2, tensor=4) + ["--set", "model.n_kv_heads=2"], "mesh.tensor=4 does not divide model.n_kv_heads=2"),
+    (mesh_args(data=2, tensor=4) + ["--set", "model.n_heads=2", "--set", "model.n_kv_heads=none"],
+     "mesh.tensor=4 does not divide model.n_heads=2"),
+    (mesh_args(data=2, tensor=4) + ["--set", "model.d_ff=66"], "mesh.tensor=4 does not divide model.d_ff=66"),
+    (mesh_args(data=8) + ["--set", "train.batch_size=12"], "does not split over the 8 data-parallel devices"),
+    (mesh_args(pipeline=4, data=2, pipeline_microbatches=8) + ["--set", "model.n_layers=4"],
+     "do not split into mesh.pipeline_microbatches=8"),
+]
+
+
+def moe_args(dispatch, axes=None):
+    """The MoE runs' arguments; under pipeline stages 4 layers (2 stages x 2 repeats of one layer)."""
+    layers = ["--set", "model.n_layers=4"] if axes and "pipeline" in axes else []
+    return [*TINY, *MOE, "--set", f"model.moe.dispatch={dispatch}", *layers]
+
+
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory):
+    """name -> (exit code, output, run dir) of `lmjax train` on each bad layout (first) and on each
+    dense and MoE layout, all in one 8-device subprocess, started when first asked for (the
+    single-device references train in this process meanwhile)."""
+    root = tmp_path_factory.mktemp("layouts")
+    runs = {f"error{i}": ["train", *TINY, *args] for i, (args, _) in enumerate(LAYOUT_ERRORS)}
+    runs |= {name: ["train", *TINY, *mesh_args(**axes)] for name, axes in LAYOUTS.items()}
+    runs |= {name: ["train", *moe_args(dispatch, axes), *mesh_args(**axes)]
+             for name, (dispatch, axes) in MOE_LAYOUTS.items()}
+    runs = {name: [*args, "--set", f"train.run_dir={root / name}"] for name, args in runs.items()}
+    process, results = start_cli_runs(runs), {}
+
+    def result(name):
+        if not results:
+            results.update(cli_run_results(process))
+        code, output = results.get(name, results.get("", (None, f"{name} did not run")))
+        return code, output, root / name
+
+    yield result
+    process.kill()
+    process.communicate()
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_layouts_match_single_device(layout_runs, single_device_losses, name):
+    code, output, run = layout_runs(name)
+    assert code == 0, output
+    np.testing.assert_allclose(losses(run), single_device_losses, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +172,8 @@ def moe_single_device_runs(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("dispatch, axes", [
-    ("dropless", dict(data=1, expert=8)), ("dropless", dict(data=1, fsdp=2, tensor=2, expert=2)),
-    ("capacity", dict(data=2, expert=4)), ("dropless", dict(pipeline=2, data=2, expert=2, pipeline_repeats=2)),
-], ids=["dropless-expert8", "dropless-expert2-fsdp2-tensor2", "capacity-expert4-data2",
-        "dropless-circular-pipeline2x2-expert2-data2"])
-def test_moe_layouts_match_single_device(tmp_path, moe_single_device_runs, dispatch, axes):
+@pytest.mark.parametrize("name", MOE_LAYOUTS)
+def test_moe_layouts_match_single_device(layout_runs, moe_single_device_runs, name):
     """Each layout's 5 losses and busiest-expert loads equal one device's. With pipeline stages (the
     circular schedule, 4 layers over 2 stages x 2 repeats) the balancing loss is that of each
     microbatch (a product of means, as under gradient accumulation), so the weights drift apart by
@@ -112,19 +182,16 @@ def test_moe_layouts_match_single_device(tmp_path, moe_single_device_runs, dispa
     (each layer's MaxVio), so the stages' statistics come back in layer order.
     The dropless expert all-to-all over an expert axis that also splits the batch (expert 2 x data
     2) runs inside the stages there."""
-    moe = [*TINY, *MOE, "--set", f"model.moe.dispatch={dispatch}"]
-    pipelined = "pipeline" in axes
-    if pipelined:
-        moe += ["--set", "model.n_layers=4"]
-    single = moe_single_device_runs(moe)
-    run = tmp_path / "run"
-    finish(lmjax_subprocess(["train", *moe, *mesh_args(**axes), "--set", f"train.run_dir={run}"]))
+    dispatch, axes = MOE_LAYOUTS[name]
+    single = moe_single_device_runs(moe_args(dispatch, axes))
+    code, output, run = layout_runs(name)
+    assert code == 0, output
     np.testing.assert_allclose(losses(run), losses(single), rtol=1e-5)
+    pipelined = "pipeline" in axes
     steps = 1 if pipelined else None
     names = ["moe_max_load"] + [f"moe_max_violation_{layer}" for layer in range(4)] * pipelined
-    for name in names:
-        np.testing.assert_allclose(metric(run, name)[:steps], metric(single, name)[:steps],
-                                   rtol=1e-5, err_msg=name)
+    for key in names:
+        np.testing.assert_allclose(metric(run, key)[:steps], metric(single, key)[:steps], rtol=1e-5, err_msg=key)
 
 
 def test_router_bias_updates_agree_across_two_processes_and_one_device(tmp_path):
@@ -226,8 +293,6 @@ def test_pipeline_matches_single_device_resumes_on_another_layout_and_restores_a
 # fp32 master weights under stages: test_encoder_families_shard_like_single_device; evaluation
 # during training: test_pipeline_matches_single_device_...)
 TRANSFORMS = {"LoRA": ["--set", "lora.rank=4"], "QAT": ["--set", "quant.weights=int8"]}
-RUN_ALL = ("import json, sys; from lmjax.cli import main; "
-           "sys.exit(next((code for code in map(main, json.loads(sys.argv[1])) if code), 0))")
 
 
 def test_pipeline_composes_with_lora_and_qat(tmp_path, single_device_run):
@@ -240,13 +305,14 @@ def test_pipeline_composes_with_lora_and_qat(tmp_path, single_device_run):
         return ["train", *TINY, "--set", "train.steps=3", *TRANSFORMS[name], *base, *mesh,
                 "--set", f"train.run_dir={tmp_path / where / name}"]
 
-    env = {**os.environ, "XLA_FLAGS": xla_flags(2), "JAX_PLATFORMS": "cpu"}
-    piped = [args(name, "piped", *mesh_args(pipeline=2, data=1)) for name in TRANSFORMS]
-    process = subprocess.Popen([sys.executable, "-c", RUN_ALL, json.dumps(piped)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    process = start_cli_runs({name: args(name, "piped", *mesh_args(pipeline=2, data=1)) for name in TRANSFORMS},
+                             devices=2)
     for name in TRANSFORMS:
         assert main(args(name, "single")) == 0, name
-    assert finish(process).count("pipeline 2 stages x 2 microbatches") == len(TRANSFORMS)
+    results = cli_run_results(process)
+    assert set(results) == set(TRANSFORMS), results
+    for code, output in results.values():
+        assert code == 0 and "pipeline 2 stages x 2 microbatches" in output, output
     for name in TRANSFORMS:
         for key in ("loss", "grad_norm", "val_loss"):
             np.testing.assert_allclose(*[metric(tmp_path / where / name, key) for where in ("piped", "single")],
@@ -283,59 +349,46 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("axes", [
-    dict(data=2, fsdp=4, dcn_data=2),  # each process holds one contiguous half of every batch
-    dict(data=2, fsdp=4, dcn_fsdp=2),  # each process holds every other quarter: rows not one block
-])
-def test_two_processes_match_single_device_and_resume_in_one(tmp_path, single_device_losses, axes):
-    run = tmp_path / "run"
-    port = free_port()
-    processes = [lmjax_subprocess(["train", *TINY, "--set", f"train.run_dir={run}", "--set", "train.halt_at_step=3",
-                                   *mesh_args(**axes),  # the dcn factor crosses the two processes
-                                   "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                                   "--process-id", str(i)], devices=4) for i in range(2)]
-    for p in processes:
-        finish(p)
-    # the 2 x 4-device run's checkpoint resumes in one process with one device
-    assert main(["train", "--resume", str(run), "--set", "train.halt_at_step=none", *mesh_args(data=-1, fsdp=1),
-                 "--set", f"mesh.dcn_{'data' if 'dcn_data' in axes else 'fsdp'}=1"]) == 0
-    np.testing.assert_allclose(losses(run), single_device_losses, rtol=1e-5)
-
-
-def test_single_process_checkpoint_resumes_in_two_processes(tmp_path, single_device_run):
-    """A one-device checkpoint continues on 2 gloo processes as pipeline stages across them
-    (mesh.dcn_pipeline=2: each process one stage, fsdp 4 within it, as across nodes) to the
-    losses of the uninterrupted single-device run."""
-    run = tmp_path / "run"
-    assert main(["train", *TINY, "--set", f"train.run_dir={run}", "--set", "train.halt_at_step=2"]) == 0
-    port = free_port()
-    processes = [lmjax_subprocess(["train", "--resume", str(run), "--set", "train.halt_at_step=none",
-                                   "--set", "train.sample_tokens=4",
-                                   *mesh_args(pipeline=2, dcn_pipeline=2, data=1, fsdp=4),
-                                   "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                                   "--process-id", str(i)], devices=4) for i in range(2)]
-    assert "pipeline 2 stages x 2 microbatches" in finish(processes[0])
-    finish(processes[1])
-    for name in ("loss", "grad_norm"):
-        np.testing.assert_allclose(metric(run, name), metric(single_device_run, name), rtol=1e-5, err_msg=name)
-    assert (run / "sample.txt").exists()  # weights sharded across both processes are gathered for the sample
-
-
-def test_processes_started_apart_share_one_run_dir(tmp_path):
-    """The default run dir is named by the time; each process would pick its own, so process
-    0's name is sent to the others once jax.distributed is up."""
+def two_processes(args, devices=4, cwd=None, apart=0.0):
+    """`lmjax train args` as processes 0 and 1 of one run (gloo on this host), `apart` seconds apart."""
     port = free_port()
     processes = []
     for i in range(2):
-        processes.append(lmjax_subprocess(["train", *TINY, "--set", "train.steps=2", "--coordinator",
-                                           f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                                          devices=1, cwd=tmp_path))
-        time.sleep(3)
+        processes.append(lmjax_subprocess(["train", *args, "--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                                           "2", "--process-id", str(i)], devices=devices, cwd=cwd))
+        time.sleep(apart)
     for p in processes:
         finish(p)
+
+
+def test_two_processes_started_apart_share_one_run_dir_match_one_device_and_resume_in_one(tmp_path,
+                                                                                         single_device_losses):
+    """2 processes x 4 devices, data 2 x fsdp 4 with the data axis across them (each process holds one
+    contiguous half of every batch), to step 3; the checkpoint resumes in one process with one device,
+    and the 5 losses equal one device's. They start 3 s apart without a run dir: the default one is
+    named by the time, and each process would pick its own, so process 0's name is sent to the others
+    once jax.distributed is up."""
+    two_processes([*TINY, "--set", "train.halt_at_step=3", *mesh_args(data=2, fsdp=4, dcn_data=2)], cwd=tmp_path,
+                  apart=3)
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1, runs
-    assert (runs[0] / "config.json").is_file() and (runs[0] / "checkpoints" / "2").is_dir()
+    run = runs[0]
+    assert (run / "config.json").is_file() and (run / "checkpoints" / "3").is_dir()
+    assert main(["train", "--resume", str(run), "--set", "train.halt_at_step=none", *mesh_args(data=-1, fsdp=1),
+                 "--set", "mesh.dcn_data=1"]) == 0
+    np.testing.assert_allclose(losses(run), single_device_losses, rtol=1e-5)
+
+
+def test_single_process_checkpoint_resumes_in_two_processes(tmp_path, single_device_losses):
+    """One process trains to step 2; 2 processes x 4 devices resume it over data 2 x fsdp 4 with the
+    fsdp axis across them (each process holds every other quarter of every batch: rows not one block;
+    the weights are sharded across both) and finish with a sample; the 5 losses equal one device's."""
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--set", f"train.run_dir={run}", "--set", "train.halt_at_step=2"]) == 0
+    two_processes(["--resume", str(run), "--set", "train.halt_at_step=none", "--set", "train.sample_tokens=4",
+                   *mesh_args(data=2, fsdp=4, dcn_fsdp=2)])
+    np.testing.assert_allclose(losses(run), single_device_losses, rtol=1e-5)
+    assert (run / "sample.txt").exists()  # weights sharded across both processes are gathered for the sample
 
 
 LAUNCHER = Path(__file__).resolve().parent.parent / "launch" / "local_multiprocess.sh"
@@ -382,18 +435,11 @@ def test_mesh_not_matching_devices(axes, message):
         make_mesh(MeshConfig(**axes))
 
 
-@pytest.mark.parametrize("args, message", [
-    (mesh_args(data=2, tensor=4) + ["--set", "model.n_kv_heads=2"], "mesh.tensor=4 does not divide model.n_kv_heads=2"),
-    (mesh_args(data=2, tensor=4) + ["--set", "model.n_heads=2", "--set", "model.n_kv_heads=none"],
-     "mesh.tensor=4 does not divide model.n_heads=2"),
-    (mesh_args(data=2, tensor=4) + ["--set", "model.d_ff=66"], "mesh.tensor=4 does not divide model.d_ff=66"),
-    (mesh_args(data=8) + ["--set", "train.batch_size=12"], "does not split over the 8 data-parallel devices"),
-    (mesh_args(pipeline=4, data=2, pipeline_microbatches=8) + ["--set", "model.n_layers=4"],
-     "do not split into mesh.pipeline_microbatches=8"),
-])
-def test_layout_errors_before_compiling(tmp_path, args, message):
-    output, _ = lmjax_subprocess(["train", *TINY, *args, "--set", f"train.run_dir={tmp_path}"]).communicate(timeout=120)
-    assert message in output and "lmjax: error:" in output and "Traceback" not in output
+@pytest.mark.parametrize("index", range(len(LAYOUT_ERRORS)), ids=[message for _, message in LAYOUT_ERRORS])
+def test_layout_errors_before_compiling(layout_runs, index):
+    code, output, _ = layout_runs(f"error{index}")
+    assert code == 2 and LAYOUT_ERRORS[index][1] in output and "lmjax: error:" in output, output
+    assert "Traceback" not in output
 
 
 @pytest.mark.parametrize("model, mesh, message", [
