@@ -194,30 +194,6 @@ def test_moe_layouts_match_single_device(layout_runs, moe_single_device_runs, na
         np.testing.assert_allclose(metric(run, key)[:steps], metric(single, key)[:steps], rtol=1e-5, err_msg=key)
 
 
-def test_router_bias_updates_agree_across_two_processes_and_one_device(tmp_path):
-    """A sigmoid router whose bias moves every step, under expert parallelism (data 2 x expert 4)
-    on 2 gloo processes x 4 devices, equals one device: each process updates its replicated copy
-    of the bias from the same global counts (a process with another bias would route its half of
-    the batch differently and change the loss)."""
-    args = [*TINY, *MOE, "--set", "model.moe.router=sigmoid", "--set", "model.moe.bias_update_rate=0.01",
-            "--set", "model.moe.load_balance_coef=0"]
-    single, sharded = tmp_path / "single", tmp_path / "sharded"
-    port = free_port()
-    processes = [lmjax_subprocess(["train", *args, "--set", f"train.run_dir={sharded}", *mesh_args(data=2, expert=4,
-                                   dcn_data=2), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                                   "--process-id", str(i)], devices=4) for i in range(2)]
-    assert main(["train", *args, "--set", f"train.run_dir={single}"]) == 0
-    for p in processes:
-        finish(p)
-    np.testing.assert_allclose(losses(sharded), losses(single), rtol=1e-5)
-    biases = [read_routing(run)["bias"] for run in (single, sharded)]
-    assert np.abs(biases[0][-1]).max() > 0
-    np.testing.assert_allclose(biases[1], biases[0], atol=1e-7)
-    violation = [[r["moe_max_violation"] for r in read_metrics(run) if "moe_max_violation" in r]
-                 for run in (single, sharded)]
-    np.testing.assert_allclose(violation[1], violation[0], rtol=1e-5)
-
-
 @pytest.mark.parametrize("family", [pytest.param("encoder", marks=pytest.mark.slow), "encoder_decoder"])
 def test_encoder_families_shard_like_single_device(tmp_path, family):
     """The other families run in pipeline stages (2) beside fsdp 2 x tensor 2 (the encoder: data 2 x
@@ -349,7 +325,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def two_processes(args, devices=4, cwd=None, apart=0.0):
+def start_two_processes(args, devices=4, cwd=None, apart=0.0) -> list[subprocess.Popen]:
     """`lmjax train args` as processes 0 and 1 of one run (gloo on this host), `apart` seconds apart."""
     port = free_port()
     processes = []
@@ -357,26 +333,40 @@ def two_processes(args, devices=4, cwd=None, apart=0.0):
         processes.append(lmjax_subprocess(["train", *args, "--coordinator", f"127.0.0.1:{port}", "--num-processes",
                                            "2", "--process-id", str(i)], devices=devices, cwd=cwd))
         time.sleep(apart)
+    return processes
+
+
+def test_two_processes_started_apart_share_one_run_dir_update_the_router_bias_alike_and_resume_in_one(tmp_path):
+    """A sigmoid router whose bias moves every step, under expert parallelism on 2 gloo processes x 4
+    devices (data 2 x expert 4, the data axis across them: each process holds one contiguous half of
+    every batch), to step 3, resumed in one process with one device: the 5 losses, router biases and
+    max violations equal one device's. Each process updates its replicated copy of the bias from the
+    same global counts (a process with another bias would route its half of the batch differently and
+    change the loss). The processes start 3 s apart without a run dir: the default one is named by the
+    time, and each would pick its own, so process 0's name is sent to the others once jax.distributed
+    is up."""
+    args = [*TINY, *MOE, "--set", "model.moe.router=sigmoid", "--set", "model.moe.bias_update_rate=0.01",
+            "--set", "model.moe.load_balance_coef=0"]
+    single, apart = tmp_path / "single", tmp_path / "apart"
+    apart.mkdir()
+    processes = start_two_processes([*args, "--set", "train.halt_at_step=3", *mesh_args(data=2, expert=4, dcn_data=2)],
+                                    cwd=apart, apart=3)
+    assert main(["train", *args, "--set", f"train.run_dir={single}"]) == 0
     for p in processes:
         finish(p)
-
-
-def test_two_processes_started_apart_share_one_run_dir_match_one_device_and_resume_in_one(tmp_path,
-                                                                                         single_device_losses):
-    """2 processes x 4 devices, data 2 x fsdp 4 with the data axis across them (each process holds one
-    contiguous half of every batch), to step 3; the checkpoint resumes in one process with one device,
-    and the 5 losses equal one device's. They start 3 s apart without a run dir: the default one is
-    named by the time, and each process would pick its own, so process 0's name is sent to the others
-    once jax.distributed is up."""
-    two_processes([*TINY, "--set", "train.halt_at_step=3", *mesh_args(data=2, fsdp=4, dcn_data=2)], cwd=tmp_path,
-                  apart=3)
-    runs = list((tmp_path / "runs").iterdir())
+    runs = list((apart / "runs").iterdir())
     assert len(runs) == 1, runs
-    run = runs[0]
-    assert (run / "config.json").is_file() and (run / "checkpoints" / "3").is_dir()
-    assert main(["train", "--resume", str(run), "--set", "train.halt_at_step=none", *mesh_args(data=-1, fsdp=1),
+    sharded = runs[0]
+    assert (sharded / "config.json").is_file() and (sharded / "checkpoints" / "3").is_dir()
+    assert main(["train", "--resume", str(sharded), "--set", "train.halt_at_step=none", *mesh_args(data=-1, expert=1),
                  "--set", "mesh.dcn_data=1"]) == 0
-    np.testing.assert_allclose(losses(run), single_device_losses, rtol=1e-5)
+    np.testing.assert_allclose(losses(sharded), losses(single), rtol=1e-5)
+    biases = [read_routing(run)["bias"] for run in (single, sharded)]
+    assert np.abs(biases[0][-1]).max() > 0 and len(biases[1]) == 5
+    np.testing.assert_allclose(biases[1], biases[0], atol=1e-7)
+    violation = [[r["moe_max_violation"] for r in read_metrics(run) if "moe_max_violation" in r]
+                 for run in (single, sharded)]
+    np.testing.assert_allclose(violation[1], violation[0], rtol=1e-5)
 
 
 def test_single_process_checkpoint_resumes_in_two_processes(tmp_path, single_device_losses):
@@ -385,8 +375,9 @@ def test_single_process_checkpoint_resumes_in_two_processes(tmp_path, single_dev
     the weights are sharded across both) and finish with a sample; the 5 losses equal one device's."""
     run = tmp_path / "run"
     assert main(["train", *TINY, "--set", f"train.run_dir={run}", "--set", "train.halt_at_step=2"]) == 0
-    two_processes(["--resume", str(run), "--set", "train.halt_at_step=none", "--set", "train.sample_tokens=4",
-                   *mesh_args(data=2, fsdp=4, dcn_fsdp=2)])
+    for p in start_two_processes(["--resume", str(run), "--set", "train.halt_at_step=none", "--set",
+                                  "train.sample_tokens=4", *mesh_args(data=2, fsdp=4, dcn_fsdp=2)]):
+        finish(p)
     np.testing.assert_allclose(losses(run), single_device_losses, rtol=1e-5)
     assert (run / "sample.txt").exists()  # weights sharded across both processes are gathered for the sample
 
