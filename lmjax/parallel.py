@@ -160,11 +160,15 @@ def _validate_pipeline(cfg: Config, mesh: Mesh, rows_per_device: int) -> None:
         return
     m, repeats = cfg.model, cfg.mesh.pipeline_repeats
     microbatches = cfg.mesh.microbatches(stages)
-    if m.n_layers % (stages * repeats * m.layer_cycle):
-        cycle = f" of whole cycles of {m.layer_cycle} blocks (model.moe.every, model.global_every)" * (
-            m.layer_cycle > 1)
-        raise ConfigError(f"model.n_layers={m.n_layers} does not split into {named} x mesh.pipeline_repeats={repeats} "
-                          f"stages{cycle}; pick sizes whose product divides it.")
+    stacks = {"model.n_layers": m.n_layers}  # each stack runs in the same stages
+    if m.family == "encoder_decoder":
+        stacks["model.n_decoder_layers"] = m.decoder_layers
+    for name, layers in stacks.items():
+        if layers % (stages * repeats * m.layer_cycle):
+            cycle = f" of whole cycles of {m.layer_cycle} blocks (model.moe.every, model.global_every)" * (
+                m.layer_cycle > 1)
+            raise ConfigError(f"{name}={layers} does not split into {named} x mesh.pipeline_repeats={repeats} "
+                              f"stages{cycle}; pick sizes whose product divides it.")
     if microbatches < stages:
         raise ConfigError(f"mesh.pipeline_microbatches={microbatches} is fewer than the {stages} stages ({named}): "
                           "stages would idle most of the step; use at least as many microbatches as stages.")
