@@ -277,9 +277,8 @@ def test_interleaved_layers_and_routing_statistics():
     cfg = dataclasses.replace(moe_config(every=2), n_layers=4)
     model = DecoderLM(cfg, rngs=nnx.Rngs(0))
     assert model.stack.blocks.mlp.w_up.shape[0] == 2 and model.stack.moe_blocks.moe.w_up.shape[0] == 2
-    tokens = jnp.arange(32).reshape(2, 16)
-    model(tokens)
-    stats = pop_routing_statistics(model)
+    stats = nnx.jit(lambda model, tokens: (model(tokens), pop_routing_statistics(model))[1])(
+        model, jnp.arange(32).reshape(2, 16))
     assert stats["load"].shape == (2, 4) and stats["experts"].shape == (2, 2, 16, 2)
     np.testing.assert_allclose(np.sum(stats["load"], axis=1), 1.0, rtol=1e-6)
     assert pop_routing_statistics(DecoderLM(moe_config(n_experts=0), rngs=nnx.Rngs(0))) is None
