@@ -219,9 +219,11 @@ def test_encoder_families_shard_like_single_device(tmp_path, family):
 DUMP_PARAMS = """
 import sys, numpy as np, jax
 from lmjax.runs import restore_params
-params = restore_params(sys.argv[1], int(sys.argv[3]), mesh_overrides=sys.argv[4:])
-np.savez(sys.argv[2], *[np.asarray(x) for x in jax.tree.leaves(params)])
-print([x.sharding.spec for x in jax.tree.leaves(params)])
+for spec in sys.argv[1:]:  # run,step,dump[,mesh override...]
+    run, step, dump, *overrides = spec.split(",")
+    params = restore_params(run, int(step), mesh_overrides=overrides)
+    np.savez(dump, *[np.asarray(x) for x in jax.tree.leaves(params)])
+    print([x.sharding.spec for x in jax.tree.leaves(params)])
 """
 
 
@@ -232,9 +234,9 @@ def test_pipeline_matches_single_device_resumes_on_another_layout_and_restores_a
     """GPipe over pipeline 4 x data 2 with M = 8 for 3 steps, resumed as the circular schedule (R = 2)
     over pipeline 2 x fsdp 2 x tensor 2: the 5 losses and gradient norms equal one device's, and so do
     the validation losses of the evaluations during training (steps 2 and 4, through the stages) and
-    at the end. The
-    checkpoint the pipeline-4 run saved restores bitwise-equal onto pipeline 2 x fsdp 2 (x data 2) and
-    onto this process's one CPU, and loads as a model that generates."""
+    at the end. The checkpoint the pipeline-4 run saved restores bitwise-equal onto pipeline 2 x fsdp 2
+    (x data 2) and onto this process's one CPU, the one-device run's onto pipeline 4 (x data 2), and
+    the pipelined run loads as a model that generates."""
     run, single = tmp_path / "run", tmp_path / "single"
     process = lmjax_subprocess(["train", *TINY, *PIPELINE, *mesh_args(pipeline=4, data=2, pipeline_microbatches=8),
                                 "--set", f"train.run_dir={run}", "--set", "train.halt_at_step=3"])
@@ -246,19 +248,22 @@ def test_pipeline_matches_single_device_resumes_on_another_layout_and_restores_a
     for name in ("loss", "grad_norm", "val_loss"):
         np.testing.assert_allclose(metric(run, name), metric(single, name), rtol=1e-5, err_msg=name)
     assert len(metric(run, "val_loss")) == 3
-    # the step-3 checkpoint (pipeline 4) read onto pipeline 2 x fsdp 2 x data 2 and onto this process's one CPU
-    dump = tmp_path / "params.npz"
+    # the step-3 checkpoint (pipeline 4) read onto pipeline 2 x fsdp 2 x data 2 and onto this process's one
+    # CPU, and the reverse: the one-device run's step-5 checkpoint read onto pipeline 4 x data 2
+    dumps = {(run, 3): ("pipeline=2", "fsdp=2", "tensor=1"), (single, 5): ("pipeline=4", "tensor=1")}
+    specs = [",".join([str(d), str(step), str(tmp_path / f"{d.name}.npz"), *over]) for (d, step), over in dumps.items()]
     env = {**os.environ, "XLA_FLAGS": xla_flags(8)}
-    out = subprocess.run([sys.executable, "-c", DUMP_PARAMS, str(run), str(dump), "3", "pipeline=2", "fsdp=2",
-                          "tensor=1"], env=env, check=True, capture_output=True, text=True).stdout
-    assert "'pipeline'" in out  # the stacked blocks were sharded over the pipeline axis
+    out = subprocess.run([sys.executable, "-c", DUMP_PARAMS, *specs], env=env, check=True, capture_output=True,
+                         text=True).stdout
+    assert out.count("'pipeline'") >= 2  # the stacked blocks were sharded over the pipeline axis, both times
     from lmjax.runs import restore_params
 
-    here = [np.asarray(x) for x in jax.tree.leaves(restore_params(run, 3))]
-    there = np.load(dump)
-    assert len(here) == len(there.files)
-    for i, x in enumerate(here):
-        np.testing.assert_array_equal(x, there[f"arr_{i}"])
+    for d, step in dumps:
+        here = [np.asarray(x) for x in jax.tree.leaves(restore_params(d, step))]
+        there = np.load(tmp_path / f"{d.name}.npz")
+        assert len(here) == len(there.files)
+        for i, x in enumerate(here):
+            np.testing.assert_array_equal(x, there[f"arr_{i}"])
     # and a notebook in this one-device process loads the newest as a model that generates
     model, cfg, tokenizer = lmjax.load(run)
     assert cfg.mesh.tensor == 2 and len(generate(model, [tokenizer.encode("def ")], 3, temperature=0.0)[0]) == 3
