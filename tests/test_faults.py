@@ -20,8 +20,9 @@ import pytest
 from orbax.checkpoint._src.handlers import json_checkpoint_handler
 from test_resume import TINY, run_cli
 
+import lmjax
 from lmjax.checkpoint import Checkpointer, NonFiniteState, SaveFailed
-from lmjax.config import SPIKE_WINDOW, MeshConfig
+from lmjax.config import SPIKE_WINDOW, ConfigError, MeshConfig
 from lmjax.data.pipeline import BatchIterator
 from lmjax.exits import PEER_LOST_EXIT_CODE
 from lmjax.parallel import make_mesh
@@ -178,6 +179,10 @@ def test_divergence_stops_with_exit_3_and_leaves_only_finite_checkpoints(capsys,
     checkpointer.close()
     code, _, err = run_cli(capsys, "eval", str(run))
     assert code == 2 and err.count("\n") == 1 and "checkpoint step 100 hold NaN or inf" in err, err
+    with pytest.raises(ConfigError, match=f"checkpoint step 100 hold NaN or inf.*earlier checkpoints: steps "
+                                          f"{max(steps)} ") as refused:  # (keep_checkpoints=2)
+        lmjax.load(run)
+    assert "\n" not in str(refused.value)
 
 
 def test_a_save_the_disk_refuses_gives_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
