@@ -2,6 +2,7 @@
 
     python bench/long_context.py                                   # seq 1024..8192 x context 1, 2, 4, 8
     python bench/long_context.py --seq-lens 256 --contexts 1,2 --steps 1  # a quick check
+    python bench/long_context.py --seq-lens 8192 --contexts 1,2,4 --steps 0  # memory only: compile, no step
 
 Runs on 8 host CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8 is set when
 XLA_FLAGS is unset, before jax starts). For each sequence length and context size n, a tiny
@@ -76,7 +77,8 @@ def measure(seq_len: int, context: int, steps: int) -> dict:
             "xla_arguments_bytes": analysis.argument_size_in_bytes,
             "estimate_activations_bytes": estimate["memory_activations_bytes"],
             "estimate_context_comm_bytes_per_step": estimate.get("context_comm_bytes_per_step", 0),
-            "losses": losses, "step_ms_median": statistics.median(times) * 1e3, "timing": "CPU: overhead only"}
+            "losses": losses, "step_ms_median": statistics.median(times) * 1e3 if times else None,
+            "timing": "CPU: overhead only"}
 
 
 def main():

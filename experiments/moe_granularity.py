@@ -23,8 +23,9 @@ from lmjax.drivers.sweep import Sweep, SweepRun
 from lmjax.experiment import load_experiment
 
 SIZES = [{"model.d_model": 32, "model.n_heads": 2, "model.d_ff": 96},
-         {"model.d_model": 48, "model.n_heads": 4, "model.d_ff": 128}]
-TOKENS = [250_000, 750_000]
+         {"model.d_model": 48, "model.n_heads": 4, "model.d_ff": 128},
+         {"model.d_model": 64, "model.n_heads": 4, "model.d_ff": 192}]
+TOKENS = [100_000, 250_000, 750_000]
 GRANULARITIES = [1, 2, 4, 8]
 
 

@@ -812,12 +812,9 @@ class Config:
                  f"mesh.pipeline={self.mesh.pipeline} x mesh.dcn_pipeline={self.mesh.dcn_pipeline}: pipeline stages "
                  "over the two stacks of an encoder_decoder are not built yet; set mesh.pipeline=1 (fsdp and tensor "
                  "parallelism work for it).")
-        if self.mesh.context != 1:  # -1 may split the sequence too
-            unsupported = {"the encoder-decoder family": self.model.family == "encoder_decoder",
-                           "T5 relative positions": self.model.position == "relative"}
-            for what, present in unsupported.items():
-                _require(not present, f"context parallelism (mesh.context={self.mesh.context}) does not support "
-                                      f"{what} yet; set mesh.context=1.")
+        _require(self.mesh.context == 1 or self.model.family != "encoder_decoder",  # -1 may split sequences too
+                 f"context parallelism (mesh.context={self.mesh.context}) does not support the encoder-decoder "
+                 "family yet; set mesh.context=1.")
         _require(not self.model.loss_chunk or targets_length % self.model.loss_chunk == 0,
                  f"model.loss_chunk={self.model.loss_chunk} does not divide the {targets_length} target positions "
                  "of each example; pick a divisor, 0 (no chunks) or none (by size).")

@@ -57,7 +57,8 @@ def _from_dict(cls, d: dict, prefix: str):
 def override(config: Config, assignments: list[str]) -> Config:
     """Apply `section.field=value` strings (nested: `model.moe.n_experts=8`), parsing each
     value by the field's type. All assignments are applied before validation runs. Giving
-    one of train.steps / train.tokens / train.budget_flops replaces the base's run length.
+    one of train.steps / train.tokens / train.budget_flops replaces the base's run length;
+    giving model.parametrization=standard turns off the base's µP-only model.mup_scale_adam_eps.
 
     >>> override(Config(), ["model.d_model=512", "train.budget_flops=3e13"]).model.d_model
     512
@@ -79,6 +80,7 @@ def override(config: Config, assignments: list[str]) -> Config:
             raise ConfigError(_unknown_key(key))
         node[path[-1]] = _parse_value(key, text.strip(), field_type)
     _one_run_length(updates.get("train", {}))
+    _standard_drops_mup_only(updates.get("model", {}))
     return _replace_nested(config, updates)
 
 
@@ -88,6 +90,15 @@ def _one_run_length(train_updates: dict) -> None:
     if any(train_updates.get(name) is not None for name in RUN_LENGTHS):
         for name in RUN_LENGTHS:
             train_updates.setdefault(name, None)
+
+
+def _standard_drops_mup_only(model_updates: dict) -> None:
+    """Setting model.parametrization=standard turns off mup_scale_adam_eps, which the base
+    config (a µP experiment, e.g. experiments/mup_base.py) may have on, unless it is set
+    explicitly too (then validation reports the conflict): the standard model at the same
+    constants is one --set away."""
+    if model_updates.get("parametrization") == "standard":
+        model_updates.setdefault("mup_scale_adam_eps", False)
 
 
 def _replace_nested(node, updates: dict):

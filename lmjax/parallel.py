@@ -180,14 +180,11 @@ def _validate_pipeline(cfg: Config, mesh: Mesh, rows_per_device: int) -> None:
 
 def _check_context(cfg: Config, mesh: Mesh) -> None:
     """ConfigError when the sequence is split over devices (context parallelism) in a way lmjax
-    cannot run: with pipeline stages (not supported), a sequence that does not split into
-    2 x shards equal chunks (the load-balanced order), or, on a concrete mesh, a process that
-    would hold only part of its rows' positions."""
+    cannot run: a sequence that does not split into 2 x shards equal chunks (the load-balanced
+    order), or, on a concrete mesh, a process that would hold only part of its rows' positions."""
     shards, named = _splitting(("batch", "activation_length"), 1, mesh)
     if shards == 1:
         return
-    if pipeline_stages(mesh) > 1:  # the families and positions it does not support: Config's own checks
-        raise ConfigError(f"context parallelism ({named}) does not support pipeline stages yet; set mesh.context=1.")
     if cfg.data.seq_len % (2 * shards):
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} does not split into 2 x {shards} equal chunks for "
                           f"context parallelism ({named}); make it a multiple of {2 * shards}.")

@@ -1,10 +1,13 @@
 """Context parallelism (`mesh.context`): the sequence split over devices equals one device.
 
-The equivalence runs in one subprocess with 8 CPU devices (XLA_FLAGS set before jax is
-imported): loss and gradients of a tiny decoder (a sliding-window layer, then a global one) on
-context 4 x data 2 and context 4 x fsdp 2, of a batch of packed documents (one row a single
-whole sequence) laid out by `global_batch` (the load-balanced order), against the same model
-and batch on one device in natural order. The bad layouts are checked on abstract meshes.
+The equivalence runs in a subprocess with 8 CPU devices (XLA_FLAGS set before jax is imported),
+one per model: loss and gradients of a tiny 4-layer decoder (sliding-window layers 0 and 2,
+global layers 1 and 3) on context 4 x data 2 and context 2 x fsdp 2 x tensor 2, and of the
+same decoder with MoE layers 1 and 3 (dropless) and XLA's attention kernel on context 2 x
+pipeline 2 x expert 2, and of a bidirectional encoder with T5 relative position biases on
+context 4 x data 2, each of a batch of packed documents (one row a single whole sequence) laid
+out by `global_batch` (the load-balanced order), against the same model and batch on one device
+in natural order. The bad layouts are checked on abstract meshes.
 """
 
 import json
@@ -21,9 +24,9 @@ from lmjax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfi
 from lmjax.parallel import MESH_AXES, load_balanced_order, mesh_axis_sizes, validate_layout
 
 EQUIVALENCE = """
-import json, jax, jax.numpy as jnp, numpy as np
+import json, sys, jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from lmjax.config import MeshConfig, ModelConfig
+from lmjax.config import MeshConfig, ModelConfig, MoEConfig
 from lmjax.families import family_of
 from lmjax.parallel import batch_sharding, global_batch, make_mesh, natural_order, state_shardings
 
@@ -48,35 +51,51 @@ def loss_and_grads(graphdef, params, batch):
         return jnp.sum(losses) / jnp.sum(batch["loss_mask"])
     return jax.value_and_grad(loss)(params)
 
-results = {}
-cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=64, max_seq_len=64,
-                  dtype="float32", param_dtype="float32", sliding_window=12, global_every=2)  # layer 0 windowed
-graphdef, params = nnx.split(family_of(cfg).build(cfg, nnx.Rngs(0)))
+def compare(cfg, layouts, batch):  # {layout: loss and gradient differences} of cfg's model against one device
+    graphdef, params = nnx.split(family_of(cfg).build(cfg, nnx.Rngs(0)))
+    step = jax.jit(loss_and_grads, static_argnums=0)
+    want = step(graphdef, params, {k: jnp.asarray(v) for k, v in batch.items()})
+    results = {}
+    for axes in layouts:
+        mesh = make_mesh(MeshConfig(**axes))
+        with jax.set_mesh(mesh):
+            sharded = jax.device_put(params, state_shardings(params, mesh))
+            laid_out = global_batch(batch, batch_sharding(mesh), len(batch["inputs"]))
+            got = step(graphdef, sharded, laid_out)
+        assert not np.array_equal(np.asarray(laid_out["positions"]), batch["positions"])  # reordered on the devices
+        assert np.array_equal(natural_order(np.asarray(laid_out["positions"]), mesh), batch["positions"])  # and back
+        errors = [float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+                  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]))]
+        results[str(axes)] = {"loss": [float(got[0]), float(want[0])], "grad_errors": errors}
+    return results
+
 batch = packed_batch(4, 64, 1)
 batch["segment_ids"][0], batch["positions"][0], batch["loss_mask"][0] = 1, np.arange(64), 1.0  # one whole document
-step = jax.jit(loss_and_grads, static_argnums=0)
-want = step(graphdef, params, {k: jnp.asarray(v) for k, v in batch.items()})
-for axes in [dict(data=2, context=4), dict(data=1, fsdp=2, context=4)]:
-    mesh = make_mesh(MeshConfig(**axes))
-    with jax.set_mesh(mesh):
-        sharded = jax.device_put(params, state_shardings(params, mesh))
-        laid_out = global_batch(batch, batch_sharding(mesh), 4)
-        got = step(graphdef, sharded, laid_out)
-    assert not np.array_equal(np.asarray(laid_out["positions"]), batch["positions"])  # reordered on the devices
-    assert np.array_equal(natural_order(np.asarray(laid_out["positions"]), mesh), batch["positions"])  # and back
-    errors = [float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
-              for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]))]
-    results[str(axes)] = {"loss": [float(got[0]), float(want[0])], "grad_errors": errors}
+results = {}
+for model, layouts in json.loads(sys.argv[1]).items():
+    moe = model == "moe"  # MoE layers 1 and 3 (dropless), attention by XLA's kernel instead of the einsum
+    kind = dict(family="encoder", position="relative") if model == "encoder" else dict(  # windows: layers 0, 2
+        sliding_window=12, global_every=2, moe=MoEConfig(n_experts=4, top_k=2, every=2) if moe else MoEConfig())
+    cfg = ModelConfig(d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=64, max_seq_len=64,
+                      dtype="float32", param_dtype="float32", attention="dot_product" if moe else "einsum", **kind)
+    results.update(compare(cfg, layouts, batch))
 print(json.dumps(results))
 """
 
 
-def test_context_parallel_loss_and_gradients_equal_one_device():
+# the layouts of 8 devices checked, by model: between them every mesh axis is split along with context
+LAYOUTS = {"dense": [dict(data=2, context=4), dict(data=1, fsdp=2, tensor=2, context=2)],
+           "moe": [dict(data=1, pipeline=2, expert=2, context=2)], "encoder": [dict(data=2, context=4)]}
+
+
+@pytest.mark.parametrize("model", LAYOUTS)
+def test_context_parallel_loss_and_gradients_equal_one_device(model):
     env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", EQUIVALENCE], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", EQUIVALENCE, json.dumps({model: LAYOUTS[model]})], env=env,
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(results) == 2
+    assert len(results) == len(LAYOUTS[model])
     for name, result in results.items():
         got, want = result["loss"]
         assert abs(got - want) <= 1e-5 * abs(want), (name, got, want)
@@ -95,10 +114,8 @@ def test_load_balanced_order_gives_each_device_an_equal_share_of_the_triangle():
 
 @pytest.mark.parametrize("settings, message", [
     (dict(data=DataConfig(seq_len=36)), "data.seq_len=36 does not split into 2 x 4 equal chunks"),
-    (dict(model=ModelConfig(family="encoder_decoder", n_decoder_layers=2)),
+    (dict(model=ModelConfig(family="encoder_decoder", n_decoder_layers=2, position="relative")),
      "does not support the encoder-decoder family"),
-    (dict(model=ModelConfig(position="relative")), "does not support T5 relative positions"),
-    (dict(mesh=MeshConfig(pipeline=2, data=1, context=4)), "does not support pipeline stages"),
 ])
 def test_bad_context_layouts_are_refused_before_compiling(settings, message):
     with pytest.raises(ConfigError, match=message):  # the config's own checks, or the layout's on the 8 devices
@@ -119,3 +136,27 @@ def test_plan_counts_context_parallel_memory_and_traffic_by_hand():
     assert shared["context_comm_bytes_per_step"] == kv * 3 * 3  # gather + gradient all-reduce, 3 layers
     assert shared["memory_activations_bytes"] == pytest.approx(alone["memory_activations_bytes"] / 4 + kv * 3)
     assert "memory_context_kv_bytes" not in alone and shared["memory_weights_bytes"] == alone["memory_weights_bytes"]
+    # 3 stages, one layer each, M = 3 microbatches: each device gathers for its layer on every microbatch and
+    # on the bubble's 2 idle steps, 5 layer passes of a third of the rows: kv x 5/3
+    staged = memory_estimate(Config(model=model, data=DataConfig(seq_len=1024),
+                                    mesh=MeshConfig(pipeline=3, data=1, context=4)), 12)
+    assert staged["memory_context_kv_bytes"] == pytest.approx(kv * 5 / 3)
+    assert staged["context_comm_bytes_per_step"] == pytest.approx(kv * 3 * 5 / 3)
+
+
+def test_a_context_group_spanning_processes_is_refused(tmp_path):
+    """Two processes of 4 devices with mesh.context=8: each would hold half of every row's
+    positions, which `global_batch` cannot load; both exit 2 with one line before compiling, and
+    the run directory is not made."""
+    from test_parallel import TINY, free_port, lmjax_subprocess, mesh_args
+
+    run, port = tmp_path / "run", free_port()
+    processes = [lmjax_subprocess(["train", *TINY, *mesh_args(data=1, context=8), "--set", f"train.run_dir={run}",
+                                   "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                   "--process-id", str(i)], devices=4) for i in range(2)]
+    for process in processes:
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == 2, output
+        assert "lmjax: error: context parallelism (mesh.context=8) spans processes" in output, output
+        assert "Traceback" not in output
+    assert not run.exists()

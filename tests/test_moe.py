@@ -171,6 +171,23 @@ def test_experts_choose_gradient_and_encoder_decoder_routing():
     assert stats["unrouted"].shape == (4,) and "picked" not in stats and "experts" not in stats
 
 
+def test_routing_assignments_under_expert_choice():
+    """`lmjax.analysis.routing_assignments` (notebook 02's last figure) on an expert-choice encoder:
+    at evaluation settings (the evaluation capacity factor, not the training one's C = 4) every
+    expert of every MoE layer picks exactly C = cf_eval * k * T / E tokens of the text, and the
+    loads are those picks' shares."""
+    from lmjax.analysis import routing_assignments
+    from lmjax.models.lm import EncoderLM
+
+    cfg = encoder_moe_config(top_k=1, eval_capacity_factor=0.75)
+    routed = routing_assignments(EncoderLM(cfg, rngs=nnx.Rngs(0)), np.arange(3, 15))
+    picked = routed["picked"]
+    capacity = expert_capacity(0.75, 1, 12, 4)
+    assert "experts" not in routed and routed["moe_layers"] == [0, 1] and picked.shape == (2, 12, 4)
+    assert capacity == 3 and (picked.sum(axis=1) == capacity).all()
+    np.testing.assert_allclose(routed["load"], picked.sum(axis=1) / picked.sum(axis=(1, 2))[:, None], rtol=1e-6)
+
+
 def test_capacity_equals_dropless_when_nothing_can_drop():
     cfg = moe_config(top_k=2, capacity_factor=2.0)  # capacity = 2 * 2 * T / 4 = T: every token fits
     x = jax.random.normal(jax.random.key(3), (2, 16, cfg.d_model))

@@ -356,12 +356,48 @@ def test_base_search_is_valid_mup_at_its_base_width(tmp_path):
     assert f"-lr{configs[7].optim.lr:g}-lm{configs[7].model.logit_multiplier:g}-" in sweep.runs[7].name
 
 
+def test_tuned_base_is_the_search_winner_and_its_width_sweeps_are_valid(tmp_path):
+    """experiments/mup_base.py is the search's winning run; `--set model.parametrization=standard`
+    makes it the standard model (Adam's epsilon no longer scaled). mup_base_transfer: µP and the
+    standard model at widths 64-512 on learning-rate grids around the base's, named as
+    `lmjax.scaling.transfer` reads them; mup_base_widths is its first part."""
+    from lmjax.config_parse import override
+    from lmjax.drivers.sweep import load_sweep, run_config
+    from lmjax.experiment import load_experiment, load_experiment_module
+    from lmjax.scaling.transfer import NAME
+
+    base_module, _ = load_experiment_module("mup_base", "")
+    search = load_sweep("mup_base_search")
+    won = run_config(search, next(r for r in search.runs if r.name == base_module.WINNER_RUN), tmp_path)
+    base = load_experiment("mup_base")
+    assert (base.model, base.optim, base.data, base.train.steps) == (won.model, won.optim, won.data, won.train.steps)
+    standard = override(base, ["model.parametrization=standard"]).model
+    assert (standard.parametrization, standard.mup_scale_adam_eps) == ("standard", False)
+    with pytest.raises(ConfigError, match="means nothing under"):
+        override(base, ["model.parametrization=standard", "model.mup_scale_adam_eps=true"])
+    transfer, widths = load_sweep("mup_base_transfer"), load_sweep("mup_base_widths")
+    assert (len(widths.runs), len(transfer.runs)) == (2 + 3 * 5, 2 + 3 * 5 + 4 * 4)
+    assert transfer.runs[:len(widths.runs)] == widths.runs
+    configs = {run.name: run_config(transfer, run, tmp_path) for run in transfer.runs}
+    assert all(NAME.match(name) for name in configs)
+    at_base = [c for c in configs.values() if c.optim.lr == base.optim.lr]
+    assert sorted((c.model.parametrization, c.model.d_model) for c in at_base) == sorted(
+        (p, w) for p in ("mup", "standard") for w in (64, 128, 256, 512))
+    wide = {c.model.parametrization: c.model for c in at_base if c.model.d_model == 512}
+    assert (wide["mup"].n_heads, wide["mup"].d_ff, wide["mup"].adam_eps_multiplier) == (16, 2048, 1 / 8)
+    assert (wide["standard"].adam_eps_multiplier, wide["standard"].width_multiplier) == (1.0, 1.0)
+    assert {c.model.parametrization for c in map(configs.get, (r.name for r in widths.runs))
+            if c.optim.lr != base.optim.lr} == {"standard"}
+
+
 def test_optimal_learning_rate_per_width(tmp_path):
     from lmjax.scaling.transfer import (
         grid_steps_moved,
+        loss_against_width,
         mean_over_seeds,
         optimal_learning_rates,
         plot_learning_rate_transfer,
+        plot_loss_against_width,
         read_transfer_results,
     )
 
@@ -380,3 +416,8 @@ def test_optimal_learning_rate_per_width(tmp_path):
     assert "standard" not in mean
     paths = plot_learning_rate_transfer(table, tmp_path / "plots", seeds=[table, other])
     assert [p.name for p in paths] == ["lr_transfer_mup.png", "lr_transfer_standard.png"] and paths[0].stat().st_size
+    # Loss against width: tuned per width, and at one learning rate (standard has one only: no tuned curve).
+    curves = loss_against_width(table, at_lr=0.002)
+    assert curves == {"mup tuned per width": {64: 2.5, 128: 2.3}, "mup at lr 0.002": {64: 2.5, 128: 2.4}}
+    assert loss_against_width(table, at_lr=0.0020004)["mup at lr 0.002"] == {64: 2.5, 128: 2.4}  # names round
+    assert plot_loss_against_width(curves, tmp_path / "plots", [curves]).stat().st_size

@@ -226,54 +226,46 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("axes", [
-    dict(data=2, fsdp=4, dcn_data=2),  # each process holds one contiguous half of every batch
-    dict(data=2, fsdp=4, dcn_fsdp=2),  # each process holds every other quarter: rows not one block
-])
-def test_two_processes_match_single_device_and_resume_in_one(tmp_path, single_device_losses, axes):
-    run = tmp_path / "run"
+def two_processes(args, devices=4, cwd=None, apart=0.0):
+    """`lmjax train args` as processes 0 and 1 of one run (gloo on this host), `apart` seconds apart."""
     port = free_port()
-    processes = [lmjax_subprocess(["train", *TINY, "--set", f"train.run_dir={run}", "--set", "train.halt_at_step=3",
-                                   *mesh_args(**axes),  # the dcn factor crosses the two processes
-                                   "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                                   "--process-id", str(i)], devices=4) for i in range(2)]
+    processes = []
+    for i in range(2):
+        processes.append(lmjax_subprocess(["train", *args, "--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                                           "2", "--process-id", str(i)], devices=devices, cwd=cwd))
+        time.sleep(apart)
     for p in processes:
         finish(p)
-    # the 2 x 4-device run's checkpoint resumes in one process with one device
+
+
+def test_two_processes_started_apart_share_one_run_dir_match_one_device_and_resume_in_one(tmp_path,
+                                                                                         single_device_losses):
+    """2 processes x 4 devices, data 2 x fsdp 4 with the data axis across them (each process holds one
+    contiguous half of every batch), to step 3; the checkpoint resumes in one process with one device,
+    and the 5 losses equal one device's. They start 3 s apart without a run dir: the default one is
+    named by the time, and each process would pick its own, so process 0's name is sent to the others
+    once jax.distributed is up."""
+    two_processes([*TINY, "--set", "train.halt_at_step=3", *mesh_args(data=2, fsdp=4, dcn_data=2)], cwd=tmp_path,
+                  apart=3)
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1, runs
+    run = runs[0]
+    assert (run / "config.json").is_file() and (run / "checkpoints" / "3").is_dir()
     assert main(["train", "--resume", str(run), "--set", "train.halt_at_step=none", *mesh_args(data=-1, fsdp=1),
-                 "--set", f"mesh.dcn_{'data' if 'dcn_data' in axes else 'fsdp'}=1"]) == 0
+                 "--set", "mesh.dcn_data=1"]) == 0
     np.testing.assert_allclose(losses(run), single_device_losses, rtol=1e-5)
 
 
 def test_single_process_checkpoint_resumes_in_two_processes(tmp_path, single_device_losses):
+    """One process trains to step 2; 2 processes x 4 devices resume it over data 2 x fsdp 4 with the
+    fsdp axis across them (each process holds every other quarter of every batch: rows not one block;
+    the weights are sharded across both) and finish with a sample; the 5 losses equal one device's."""
     run = tmp_path / "run"
     assert main(["train", *TINY, "--set", f"train.run_dir={run}", "--set", "train.halt_at_step=2"]) == 0
-    port = free_port()
-    processes = [lmjax_subprocess(["train", "--resume", str(run), "--set", "train.halt_at_step=none",
-                                   "--set", "train.sample_tokens=4", *mesh_args(data=1, fsdp=8),
-                                   "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                                   "--process-id", str(i)], devices=4) for i in range(2)]
-    for p in processes:
-        finish(p)
+    two_processes(["--resume", str(run), "--set", "train.halt_at_step=none", "--set", "train.sample_tokens=4",
+                   *mesh_args(data=2, fsdp=4, dcn_fsdp=2)])
     np.testing.assert_allclose(losses(run), single_device_losses, rtol=1e-5)
     assert (run / "sample.txt").exists()  # weights sharded across both processes are gathered for the sample
-
-
-def test_processes_started_apart_share_one_run_dir(tmp_path):
-    """The default run dir is named by the time; each process would pick its own, so process
-    0's name is sent to the others once jax.distributed is up."""
-    port = free_port()
-    processes = []
-    for i in range(2):
-        processes.append(lmjax_subprocess(["train", *TINY, "--set", "train.steps=2", "--coordinator",
-                                           f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                                          devices=1, cwd=tmp_path))
-        time.sleep(3)
-    for p in processes:
-        finish(p)
-    runs = list((tmp_path / "runs").iterdir())
-    assert len(runs) == 1, runs
-    assert (runs[0] / "config.json").is_file() and (runs[0] / "checkpoints" / "2").is_dir()
 
 
 LAUNCHER = Path(__file__).resolve().parent.parent / "launch" / "local_multiprocess.sh"

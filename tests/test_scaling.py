@@ -371,7 +371,7 @@ def test_sweep_emits_cluster_commands(tmp_path, capsys):
 
 
 def test_moe_granularity_sweep_builds_and_a_tiny_point_trains(tmp_path):
-    """experiments/moe_granularity.py: 16 valid runs at G in {1, 2, 4, 8} with equal expert
+    """experiments/moe_granularity.py: 36 valid runs at G in {1, 2, 4, 8} with equal expert
     parameters (total counts differ by the routers alone); one point, cut to 2 steps, trains
     through `run_sweep` and its results.csv carries G for `lmjax fit`."""
     from lmjax.drivers.sweep import Sweep, SweepRun, load_sweep, run_config
@@ -379,7 +379,7 @@ def test_moe_granularity_sweep_builds_and_a_tiny_point_trains(tmp_path):
 
     sweep = load_sweep("moe_granularity")
     configs = [run_config(sweep, run, tmp_path) for run in sweep.runs]
-    assert len(configs) == 16 and {c.model.moe.granularity for c in configs} == {1, 2, 4, 8}
+    assert len(configs) == 36 and {c.model.moe.granularity for c in configs} == {1, 2, 4, 8}
     for cfg in configs:
         coarse = override(cfg, ["model.moe.granularity=1"]).model
         routers = cfg.model.n_layers * (router_params(cfg.model) - router_params(coarse))

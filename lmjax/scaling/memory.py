@@ -222,12 +222,18 @@ def context_parallel_bytes(cfg: Config, sizes: dict[str, int], rows: float) -> d
     every layer with remat "none", else for the one layer being recomputed), and
     `context_comm_bytes_per_step`, the bytes each device receives for them per step: a
     gather forward, the gradients' all-reduce backward (twice a gather), and one more gather per
-    layer recomputed under remat. Empty when mesh.context is 1 (tensor-split heads divide both)."""
+    layer recomputed under remat. Empty when mesh.context is 1 (tensor-split heads divide both).
+    With P pipeline stages a device runs L/P layers for every microbatch, idle steps included
+    (times 1 / (1 - bubble), as `activation_bytes_per_token`), and recomputes one layer of one
+    microbatch (rows / M) at a time."""
     n, m = sizes["context"], cfg.model
     if n == 1:
         return {}
     gathered = rows * cfg.data.seq_len * 2 * m.kv_heads * m.head_dim * DTYPE_BYTES[m.dtype] * (n - 1) / n
     gathered /= sizes["tensor"]
+    stages = sizes["pipeline"]
+    layers = m.n_layers / (stages * (1 - cfg.mesh.bubble_fraction(stages)))  # layer passes per device
+    one_layer = gathered / (cfg.mesh.microbatches(stages) if stages > 1 else 1)
     per_layer_passes = 3 + (m.remat != "none")
-    return {"memory_context_kv_bytes": gathered * (m.n_layers if m.remat == "none" else 1),
-            "context_comm_bytes_per_step": gathered * per_layer_passes * m.n_layers * cfg.optim.grad_accum_steps}
+    return {"memory_context_kv_bytes": gathered * layers if m.remat == "none" else one_layer,
+            "context_comm_bytes_per_step": gathered * per_layer_passes * layers * cfg.optim.grad_accum_steps}
