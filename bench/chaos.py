@@ -118,11 +118,11 @@ def chaos_run(run_dir: Path, steps: int, kills: int, seed: int) -> dict:
     while True:
         processes, submissions = submit(run_dir, steps), submissions + 1
         if len(moments) < kills:
+            victim = rng.randrange(2)  # drawn first: the victims do not depend on the timing
             start = logged_step(run_dir)  # (the resumed run drops the records past its checkpoint later)
             moment = kill_moment(run_dir, processes, len(moments) % 2 == 1, rng.randint(min(start + 1, steps - 1),
                                                                                         steps - 1), time.time() + 600)
             if moment != "finished":
-                victim = rng.randrange(2)
                 processes[victim].kill()
                 moments.append(f"process {victim} {moment}")
                 survivors.append(survivor_code(processes[1 - victim]))

@@ -89,7 +89,10 @@ class Checkpointer:
     """Keeps the newest `keep` checkpoints of a run directory."""
 
     def __init__(self, run_dir: Path, keep: int = 2, async_save: bool = True):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        # directories made before `save` returns: made in the background, a refused one (a read-only disk) left
+        # Orbax's writer threads waiting for it, so the process hung at exit for their 5-minute timeout
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                                               async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
         self.directory = Path(run_dir).absolute() / "checkpoints"
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.pending = None  # (step, bytes) of the save in flight

@@ -351,8 +351,8 @@ def test_a_two_process_run_survives_a_full_disk_and_two_kills_and_ends_bitwise_e
     """bench/chaos.py's two-process run (12 steps, a checkpoint every 3). First process 0's disk refuses
     the second save (ENOSPC where Orbax writes a JSON item; process 1 writes no JSON and would wait for
     process 0 in Orbax's barrier): both processes end with the same one line and exit 2, the partial
-    directory is gone, step 3 stays. Then two seeded SIGKILLs of one process, the second during an
-    asynchronous save; each time the other ends by itself: lmjax's line and exit 5 if it was in a collective,
+    directory is gone, step 3 stays. Then two seeded SIGKILLs, of process 1 and then of process 0 (the
+    coordinator's host) during an asynchronous save; each time the other ends by itself: lmjax's line and exit 5 if it was in a collective,
     else the coordination service's abort at the (lowered) heartbeat timeout. The run then finishes with params
     and Adam state equal to an uninterrupted run's (one process, two devices), bit for bit."""
     spec = importlib.util.spec_from_file_location("chaos", Path(__file__).parent.parent / "bench" / "chaos.py")
@@ -370,7 +370,8 @@ def test_a_two_process_run_survives_a_full_disk_and_two_kills_and_ends_bitwise_e
     assert "the checkpoint of step 3 is intact" in errors[0][0] and "Traceback" not in logs[0] + logs[1]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["3"]
     result = chaos.chaos_run(run, 12, 2, 0)
-    assert result["kills"] == 2 and "during the save" in result["moments"][1], result
+    assert result["kills"] == 2 and result["moments"][0].startswith("process 1 "), result
+    assert result["moments"][1].startswith("process 0 during the save"), result
     assert all(code in (PEER_LOST_EXIT_CODE, -signal.SIGABRT) for code in result["survivor_codes"]), result
     for x, y in zip(chaos.final_state(tmp_path / "reference"), chaos.final_state(run), strict=True):
         np.testing.assert_array_equal(x, y)
