@@ -352,9 +352,10 @@ def test_a_two_process_run_survives_a_full_disk_and_two_kills_and_ends_bitwise_e
     the second save (ENOSPC where Orbax writes a JSON item; process 1 writes no JSON and would wait for
     process 0 in Orbax's barrier): both processes end with the same one line and exit 2, the partial
     directory is gone, step 3 stays. Then two seeded SIGKILLs, of process 1 and then of process 0 (the
-    coordinator's host) during an asynchronous save; each time the other ends by itself: lmjax's line and exit 5 if it was in a collective,
-    else the coordination service's abort at the (lowered) heartbeat timeout. The run then finishes with params
-    and Adam state equal to an uninterrupted run's (one process, two devices), bit for bit."""
+    coordinator's host) during an asynchronous save; each time the other ends by itself: lmjax's line and
+    exit 5 if it was in a collective, else the coordination service's abort at the (lowered) heartbeat
+    timeout. The run then finishes with params and Adam state equal to an uninterrupted run's (one process,
+    two devices), bit for bit."""
     spec = importlib.util.spec_from_file_location("chaos", Path(__file__).parent.parent / "bench" / "chaos.py")
     chaos = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(chaos)
