@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 
 # what a collective raises when another process of the run has died (gloo's CPU collectives, JAX's
 # coordination service); on GPU/TPU the coordination service usually ends the process from C++ instead
 PEER_LOST_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "heartbeat timeout")
 PEER_LOST_EXIT_CODE = 5
+_EXITING = threading.Lock()  # the watchdog's thread and the main thread can see the same failure at once
 
 
 def exit_if_peer_lost(error: Exception) -> None:
@@ -19,6 +21,7 @@ def exit_if_peer_lost(error: Exception) -> None:
     jax = sys.modules.get("jax")
     if jax is None or jax.process_count() == 1 or not any(m in str(error) for m in PEER_LOST_MESSAGES):
         return
+    _EXITING.acquire()  # a second thread waits here for the first one's exit
     print(f"lmjax: error: another process of this run stopped ({str(error).splitlines()[0][:160]}); run the same "
           "command again: it resumes from the newest checkpoint.", file=sys.stderr)
     exit_at_once_if_distributed(PEER_LOST_EXIT_CODE)
