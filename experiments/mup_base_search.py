@@ -12,8 +12,11 @@ other widths with `--set model.d_model=W --set model.n_heads=W/32 --set model.d_
     lmjax sweep mup_base_search                    # sweeps/mup_base_search/results.csv; resumable
 
 A run's name carries its values (r017-lr0.0031-lm2.1-...: `SHORT` names the settings); its
-exact overrides are `sweep().runs[i].overrides`. Sized for about 30 minutes of an idle 2-core
-CPU (estimated from mup_transfer's 48 runs over widths 64-512 in about 10 minutes; not measured).
+exact overrides are `sweep().runs[i].overrides`. Designed with 256 random points for about 30
+minutes of an idle 2-core CPU; run on 2026-12-03 beside another experiment and other jobs
+(load 12-22 on 2 cores) at 35-100 s a run, it was cut after the first 62 (38 minutes, two
+processes), which are a random search of their own from the same seed. Raising N_RANDOM
+extends it: the sweep skips the finished runs.
 """
 
 import math
@@ -21,7 +24,7 @@ import random
 
 from lmjax.drivers.sweep import Sweep, SweepRun
 
-N_RANDOM = 256
+N_RANDOM = 62  # as run (2026-12-03); designed as 256, cut for time: the first 62 are a search of their own
 SEED = 0
 RANGES = {  # setting: (low, high), sampled log-uniformly
     "optim.lr": (5e-4, 3.2e-2),

@@ -125,7 +125,7 @@ def _span_corruption_examples(windows, cfg: Config, tokenizer, seed: int):
     from lmjax.data.denoising import SpanCorruptionDataset
 
     return SpanCorruptionDataset(windows, cfg.data.seq_len, tokenizer, cfg.data.noise_density,
-                                 cfg.data.mean_noise_span_length, seed)
+                                 cfg.data.mean_noise_span_length, seed, positions=cfg.mesh.context != 1)
 
 
 def _span_lengths(cfg: Config) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from lmjax.axis_rules import logical_to_mesh, mesh_axes
 from lmjax.config import DCN_AXES, MESH_AXES, Config, ConfigError, MeshConfig
+from lmjax.families import family_of
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
@@ -159,11 +160,15 @@ def _validate_pipeline(cfg: Config, mesh: Mesh, rows_per_device: int) -> None:
         return
     m, repeats = cfg.model, cfg.mesh.pipeline_repeats
     microbatches = cfg.mesh.microbatches(stages)
-    if m.n_layers % (stages * repeats * m.layer_cycle):
-        cycle = f" of whole cycles of {m.layer_cycle} blocks (model.moe.every, model.global_every)" * (
-            m.layer_cycle > 1)
-        raise ConfigError(f"model.n_layers={m.n_layers} does not split into {named} x mesh.pipeline_repeats={repeats} "
-                          f"stages{cycle}; pick sizes whose product divides it.")
+    stacks = {"model.n_layers": m.n_layers}  # each stack runs in the same stages
+    if m.family == "encoder_decoder":
+        stacks["model.n_decoder_layers"] = m.decoder_layers
+    for name, layers in stacks.items():
+        if layers % (stages * repeats * m.layer_cycle):
+            cycle = f" of whole cycles of {m.layer_cycle} blocks (model.moe.every, model.global_every)" * (
+                m.layer_cycle > 1)
+            raise ConfigError(f"{name}={layers} does not split into {named} x mesh.pipeline_repeats={repeats} "
+                              f"stages{cycle}; pick sizes whose product divides it.")
     if microbatches < stages:
         raise ConfigError(f"mesh.pipeline_microbatches={microbatches} is fewer than the {stages} stages ({named}): "
                           "stages would idle most of the step; use at least as many microbatches as stages.")
@@ -188,6 +193,11 @@ def _check_context(cfg: Config, mesh: Mesh) -> None:
     if cfg.data.seq_len % (2 * shards):
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} does not split into 2 x {shards} equal chunks for "
                           f"context parallelism ({named}); make it a multiple of {2 * shards}.")
+    targets = family_of(cfg.model).example_lengths(cfg)[1]  # an encoder-decoder's, split over the same devices
+    if targets % (2 * shards):
+        raise ConfigError(f"the {targets} target positions of each example (span corruption of data.seq_len="
+                          f"{cfg.data.seq_len}) do not split into 2 x {shards} equal chunks for context parallelism "
+                          f"({named}); pick a data.seq_len whose targets do.")
     if isinstance(mesh, Mesh) and len(_own_columns(mesh, 2 * shards)) < 2 * shards:
         raise ConfigError(f"context parallelism ({named}) spans processes; keep mesh.context within one "
                           "host's devices (put the other factors on mesh.data or mesh.fsdp).")

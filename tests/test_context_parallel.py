@@ -1,13 +1,13 @@
 """Context parallelism (`mesh.context`): the sequence split over devices equals one device.
 
-The equivalence runs in a subprocess with 8 CPU devices (XLA_FLAGS set before jax is imported),
-one per model: loss and gradients of a tiny 4-layer decoder (sliding-window layers 0 and 2,
-global layers 1 and 3) on context 4 x data 2 and context 2 x fsdp 2 x tensor 2, and of the
-same decoder with MoE layers 1 and 3 (dropless) and XLA's attention kernel on context 2 x
-pipeline 2 x expert 2, and of a bidirectional encoder with T5 relative position biases on
-context 4 x data 2, each of a batch of packed documents (one row a single whole sequence) laid
-out by `global_batch` (the load-balanced order), against the same model and batch on one device
-in natural order. The bad layouts are checked on abstract meshes.
+The equivalence runs in subprocesses with 8 CPU devices (XLA_FLAGS set before jax is imported):
+loss and gradients of a tiny 4-layer decoder (sliding-window layers 0 and 2, global layers 1
+and 3) on context 2 x data 2 x tensor 2, of a T5-style encoder-decoder (relative position
+biases) on context 4 x fsdp 2, and of the decoder with MoE layers 1 and 3 (dropless) and XLA's
+attention kernel on context 2 x pipeline 2 x expert 2, each of a batch of packed documents (the
+decoder's: one row a single whole sequence) laid out by `global_batch` (the load-balanced
+order), against the same model and batch on one device in natural order. Between them every
+mesh axis is split along with context. The bad layouts are checked on abstract meshes.
 """
 
 import json
@@ -30,19 +30,30 @@ from lmjax.config import MeshConfig, ModelConfig, MoEConfig
 from lmjax.families import family_of
 from lmjax.parallel import batch_sharding, global_batch, make_mesh, natural_order, state_shardings
 
-def packed_batch(rows, length, seed):
+def documents(starts):  # (rows, length) bool, True where a document starts -> segment ids, positions
+    index = np.arange(starts.shape[1])
+    positions = index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    return np.cumsum(starts, axis=1).astype(np.int32), positions.astype(np.int32)
+
+def packed_batch(rows, length, seed, encoder=False):  # encoder: + encoder inputs of 2 x length, same documents
     rng = np.random.default_rng(seed)
     starts = np.zeros((rows, length), bool)
     starts[:, 0] = True
     starts[np.arange(rows)[:, None], rng.integers(1, length, (rows, 3))] = True  # up to 4 documents a row
-    segment_ids = np.cumsum(starts, axis=1).astype(np.int32)
-    index = np.arange(length)
-    positions = index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    segment_ids, positions = documents(starts)
     tokens = rng.integers(0, 64, (rows, length + 1)).astype(np.int32)
     loss_mask = (segment_ids == np.roll(segment_ids, -1, axis=1)).astype(np.float32)  # not across documents
     loss_mask[:, -1] = 1.0
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions.astype(np.int32),
-            "segment_ids": segment_ids, "loss_mask": loss_mask}
+    if not encoder:
+        return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions,
+                "segment_ids": segment_ids, "loss_mask": loss_mask}
+    encoder_starts = np.zeros((rows, 2 * length), bool)
+    encoder_starts[:, ::2] = starts
+    encoder_segment_ids, encoder_positions = documents(encoder_starts)
+    return {"encoder_inputs": rng.integers(0, 64, (rows, 2 * length)).astype(np.int32),
+            "encoder_segment_ids": encoder_segment_ids, "encoder_positions": encoder_positions,
+            "decoder_inputs": tokens[:, :-1], "targets": tokens[:, 1:], "decoder_positions": positions,
+            "decoder_segment_ids": segment_ids, "loss_mask": loss_mask}
 
 def loss_and_grads(graphdef, params, batch):
     def loss(params):
@@ -51,7 +62,7 @@ def loss_and_grads(graphdef, params, batch):
         return jnp.sum(losses) / jnp.sum(batch["loss_mask"])
     return jax.value_and_grad(loss)(params)
 
-def compare(cfg, layouts, batch):  # {layout: loss and gradient differences} of cfg's model against one device
+def compare(model, cfg, layouts, batch):  # {model layout: loss and gradient differences} against one device
     graphdef, params = nnx.split(family_of(cfg).build(cfg, nnx.Rngs(0)))
     step = jax.jit(loss_and_grads, static_argnums=0)
     want = step(graphdef, params, {k: jnp.asarray(v) for k, v in batch.items()})
@@ -60,13 +71,14 @@ def compare(cfg, layouts, batch):  # {layout: loss and gradient differences} of 
         mesh = make_mesh(MeshConfig(**axes))
         with jax.set_mesh(mesh):
             sharded = jax.device_put(params, state_shardings(params, mesh))
-            laid_out = global_batch(batch, batch_sharding(mesh), len(batch["inputs"]))
+            laid_out = global_batch(batch, batch_sharding(mesh), len(batch["targets"]))
             got = step(graphdef, sharded, laid_out)
-        assert not np.array_equal(np.asarray(laid_out["positions"]), batch["positions"])  # reordered on the devices
-        assert np.array_equal(natural_order(np.asarray(laid_out["positions"]), mesh), batch["positions"])  # and back
+        key = "positions" if "positions" in batch else "decoder_positions"
+        assert not np.array_equal(np.asarray(laid_out[key]), batch[key])  # reordered on the devices
+        assert np.array_equal(natural_order(np.asarray(laid_out[key]), mesh), batch[key])  # and back
         errors = [float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
                   for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]))]
-        results[str(axes)] = {"loss": [float(got[0]), float(want[0])], "grad_errors": errors}
+        results[f"{model} {axes}"] = {"loss": [float(got[0]), float(want[0])], "grad_errors": errors}
     return results
 
 batch = packed_batch(4, 64, 1)
@@ -74,18 +86,20 @@ batch["segment_ids"][0], batch["positions"][0], batch["loss_mask"][0] = 1, np.ar
 results = {}
 for model, layouts in json.loads(sys.argv[1]).items():
     moe = model == "moe"  # MoE layers 1 and 3 (dropless), attention by XLA's kernel instead of the einsum
-    kind = dict(family="encoder", position="relative") if model == "encoder" else dict(  # windows: layers 0, 2
-        sliding_window=12, global_every=2, moe=MoEConfig(n_experts=4, top_k=2, every=2) if moe else MoEConfig())
+    kind = dict(sliding_window=12, global_every=2,  # windows: layers 0 and 2
+                moe=MoEConfig(n_experts=4, top_k=2, every=2) if moe else MoEConfig())
+    if model.startswith("encoder"):  # T5 relative position biases, no windows
+        kind = dict(family=model, position="relative", n_decoder_layers=2 if model == "encoder_decoder" else None)
     cfg = ModelConfig(d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=64, max_seq_len=64,
                       dtype="float32", param_dtype="float32", attention="dot_product" if moe else "einsum", **kind)
-    results.update(compare(cfg, layouts, batch))
+    results.update(compare(model, cfg, layouts, packed_batch(4, 32, 2, True) if model == "encoder_decoder" else batch))
 print(json.dumps(results))
 """
 
 
 # the layouts of 8 devices checked, by model: between them every mesh axis is split along with context
-LAYOUTS = {"dense": [dict(data=2, context=4), dict(data=1, fsdp=2, tensor=2, context=2)],
-           "moe": [dict(data=1, pipeline=2, expert=2, context=2)], "encoder": [dict(data=2, context=4)]}
+LAYOUTS = {"dense": [dict(data=2, tensor=2, context=2)], "encoder_decoder": [dict(data=1, fsdp=2, context=4)],
+           "moe": [dict(data=1, pipeline=2, expert=2, context=2)]}
 
 
 @pytest.mark.parametrize("model", LAYOUTS)
@@ -115,7 +129,7 @@ def test_load_balanced_order_gives_each_device_an_equal_share_of_the_triangle():
 @pytest.mark.parametrize("settings, message", [
     (dict(data=DataConfig(seq_len=36)), "data.seq_len=36 does not split into 2 x 4 equal chunks"),
     (dict(model=ModelConfig(family="encoder_decoder", n_decoder_layers=2, position="relative")),
-     "does not support the encoder-decoder family"),
+     "the 58 target positions of each example"),  # an encoder-decoder's targets split too
 ])
 def test_bad_context_layouts_are_refused_before_compiling(settings, message):
     with pytest.raises(ConfigError, match=message):  # the config's own checks, or the layout's on the 8 devices

@@ -340,17 +340,17 @@ def test_transfer_sweep_runs_resumably_at_a_tiny_size(tmp_path):
 
 
 def test_base_search_is_valid_mup_at_its_base_width(tmp_path):
-    """experiments/mup_base_search.py: 2 anchors + 256 random points, every one a valid config
+    """experiments/mup_base_search.py: 2 anchors + 62 random points, every one a valid config
     of width 64 = µP's base width (so the standard model), within the search's ranges, both
     tied and untied; a run's name carries the values it sets."""
     from lmjax.drivers.sweep import load_sweep, run_config
 
     sweep = load_sweep("mup_base_search")
     configs = [run_config(sweep, run, tmp_path) for run in sweep.runs]
-    assert len(configs) == 258 and sweep.runs[0].name == "r000-lr0.002"
+    assert len(configs) == 64 and sweep.runs[0].name == "r000-lr0.002"
     assert {(c.model.d_model, c.model.mup_base_width, c.model.width_multiplier) for c in configs} == {(64, 64, 1.0)}
     assert all(c.model.mup_scale_adam_eps and c.model.parametrization == "mup" for c in configs)
-    assert 90 < sum(not c.model.tie_embeddings for c in configs) < 170
+    assert 20 < sum(not c.model.tie_embeddings for c in configs) < 44
     lrs = [c.optim.lr for c in configs[2:]]
     assert 5e-4 <= min(lrs) < 1e-3 and 1.6e-2 < max(lrs) <= 3.2e-2
     assert f"-lr{configs[7].optim.lr:g}-lm{configs[7].model.logit_multiplier:g}-" in sweep.runs[7].name

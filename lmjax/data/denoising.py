@@ -50,10 +50,12 @@ class SpanCorruptionDataset:
     targets, decoder_segment_ids, loss_mask (targets_length,), from raw window i, whose
     "inputs" must hold `raw_length` tokens (`span_corruption_lengths`; `window_length`).
     decoder_inputs are the targets shifted right after bos; padding (segment 0, loss 0)
-    fills any shortfall."""
+    fills any shortfall. With `positions`, also encoder_positions (inputs_length,) and
+    decoder_positions (targets_length,) int32, 0, 1, 2, ...: a batch whose tokens are reordered
+    (context parallelism's load-balanced layout) still says where each token stands."""
 
     def __init__(self, windows, inputs_length: int, tokenizer, noise_density: float, mean_noise_span_length: float,
-                 seed: int):
+                 seed: int, positions: bool = False):
         try:
             self.raw_length, self.targets_length = span_corruption_lengths(inputs_length, noise_density,
                                                                            mean_noise_span_length)
@@ -67,6 +69,7 @@ class SpanCorruptionDataset:
         self.windows = windows
         self.inputs_length, self.tokenizer, self.seed = inputs_length, tokenizer, seed
         self.noise_density, self.mean_noise_span_length = noise_density, mean_noise_span_length
+        self.positions = positions
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -79,9 +82,13 @@ class SpanCorruptionDataset:
         encoder_inputs, encoder_segments = _pad(inputs, self.inputs_length, self.tokenizer.pad_id)
         targets, decoder_segments = _pad(targets, self.targets_length, self.tokenizer.pad_id)
         decoder_inputs = np.concatenate([[self.tokenizer.bos_id], targets[:-1]]).astype(np.int32)
-        return {"encoder_inputs": encoder_inputs, "encoder_segment_ids": encoder_segments,
-                "decoder_inputs": decoder_inputs, "targets": targets, "decoder_segment_ids": decoder_segments,
-                "loss_mask": decoder_segments.astype(np.float32)}
+        example = {"encoder_inputs": encoder_inputs, "encoder_segment_ids": encoder_segments,
+                   "decoder_inputs": decoder_inputs, "targets": targets, "decoder_segment_ids": decoder_segments,
+                   "loss_mask": decoder_segments.astype(np.float32)}
+        if self.positions:
+            example["encoder_positions"] = np.arange(self.inputs_length, dtype=np.int32)
+            example["decoder_positions"] = np.arange(self.targets_length, dtype=np.int32)
+        return example
 
 
 def _pad(ids: np.ndarray, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

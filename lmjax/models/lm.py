@@ -321,13 +321,17 @@ class EncoderDecoderLM(_TokenModel):
         bias = self.encoder_bias(positions, positions) if self.cfg.position == "relative" else None
         return attention_mask(segment_ids, causal=False), bias
 
-    def decoder_attention_inputs(self, positions, segment_ids):
-        """The decoder's causal self-attention mask (B, 1, T, T) and relative bias (B, N, T, T) or None."""
+    def decoder_attention_inputs(self, positions, segment_ids, by_position: bool = False):
+        """The decoder's causal self-attention mask (B, 1, T, T) (`by_position`: causal by positions,
+        else by index, see `attention_mask`) and relative bias (B, N, T, T) or None."""
         bias = self.decoder_bias(positions, positions) if self.cfg.position == "relative" else None
-        return attention_mask(segment_ids, causal=True), bias
+        return attention_mask(segment_ids, True, positions if by_position else None), bias
 
     def __call__(self, encoder_tokens, decoder_tokens, encoder_segment_ids=None, decoder_segment_ids=None,
                  dropout_key=None, targets=None, loss_mask=None, encoder_positions=None, decoder_positions=None):
+        if sequence_shards() > 1 and (encoder_positions is None or decoder_positions is None):
+            raise ConfigError("a sequence split over devices (context parallelism) is reordered: pass "
+                             "encoder_positions and decoder_positions.")
         encoder_segment_ids = jnp.ones_like(encoder_tokens) if encoder_segment_ids is None else encoder_segment_ids
         decoder_segment_ids = jnp.ones_like(decoder_tokens) if decoder_segment_ids is None else decoder_segment_ids
         encoder_key, embed_key, stack_key = (None,) * 3 if dropout_key is None else jax.random.split(dropout_key, 3)
@@ -335,7 +339,7 @@ class EncoderDecoderLM(_TokenModel):
         packed = decoder_positions is not None
         positions = _default_positions(decoder_tokens, decoder_positions)
         x = self._embed(decoder_tokens, positions, embed_key)
-        mask, bias = self.decoder_attention_inputs(positions, decoder_segment_ids)
+        mask, bias = self.decoder_attention_inputs(positions, decoder_segment_ids, sequence_shards() > 1)
         context_mask = cross_attention_mask(decoder_segment_ids, encoder_segment_ids,
                                             packed or encoder_positions is not None)
         x = self.decoder(x, positions, padded_mask(mask, decoder_segment_ids, True, packed), stack_key, bias=bias,
