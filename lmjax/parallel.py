@@ -256,11 +256,14 @@ def global_batch(local: dict[str, np.ndarray], rows: NamedSharding, batch_size: 
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, timeout_seconds: int = 300) -> None:
+                           process_id: int | None = None, timeout_seconds: int = 300,
+                           heartbeat_timeout_seconds: int = 100) -> None:
     """Join a multi-process run: with explicit arguments, or when the environment names a
     cluster (SLURM with more than one task, a TPU VM slice, GKE/JobSet, LMJAX_DISTRIBUTED=auto
     for jax.distributed's own detection, or LMJAX_COORDINATOR with LMJAX_NUM_PROCESSES and
-    LMJAX_PROCESS_ID). Does nothing for a single process. CPU processes use gloo."""
+    LMJAX_PROCESS_ID). Does nothing for a single process. CPU processes use gloo. A process
+    whose heartbeat stops for `heartbeat_timeout_seconds` is taken for dead, and JAX's
+    coordination service ends the others."""
     coordinator = coordinator or os.environ.get("LMJAX_COORDINATOR")
     if coordinator:
         num_processes = num_processes or _int_env("LMJAX_NUM_PROCESSES")
@@ -279,7 +282,8 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     if coordinator and process_id != 0:
         _wait_for_coordinator(coordinator, timeout_seconds)  # jax aborts the process instead of raising
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_seconds)
+    jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_seconds,
+                               heartbeat_timeout_seconds=heartbeat_timeout_seconds)
 
 
 def _int_env(name: str) -> int | None:
