@@ -171,3 +171,17 @@ def test_qat_sees_the_experts_when_they_are_sharded(tmp_path):
     reference = jax.jit(_logits, static_argnums=0)(abstract_model(cfg)[0], fake_quantized(params, ("hidden", "output")),
                                                    jnp.asarray(tokens))
     np.testing.assert_allclose(np.load(tmp_path / "qat.npy"), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_a_qat_encoder_decoder_trains(tmp_path):
+    """`lmjax train t5_tiny_span --set quant.weights=int8` (cross-attention, relative position
+    bias, tied embeddings) runs its steps on one device with a finite loss: qwix tells every
+    matmul's weight from its activation, even where the decoder's (B, T, D) = (4, 8, 32) activations
+    have the shape of the attention output projection (N, H, D)."""
+    assert main(["train", "t5_tiny_span", "--set", "quant.weights=int8", "--set", "model.d_model=32",
+                 "--set", "model.n_layers=1", "--set", "model.n_decoder_layers=1", "--set", "train.steps=2",
+                 "--set", "train.batch_size=4", "--set", "data.seq_len=32", "--set", "train.eval_every=100",
+                 "--set", "train.eval_batches=1", "--set", "train.sample_tokens=0",
+                 "--set", f"train.run_dir={tmp_path}"]) == 0
+    losses = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert losses and np.all(np.isfinite(losses))

@@ -6,6 +6,7 @@ straight through. The weights, Adam moments and checkpoints stay float.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -26,8 +27,43 @@ def quantization_aware(model: nnx.Module) -> nnx.Module:
     weights by tracing a jitted call back to the nnx.Param: call the model under jit."""
     import qwix
 
-    provider = qwix.QtProvider([qwix.QtRule(module_path=".*", weight_qtype=jnp.int8)])
+    class TracedWeightsProvider(qwix.QtProvider):
+        """qwix's QtProvider that takes an operand for a weight only where it traces back to the
+        module's nnx.Param through one-input steps (astype, squeeze, reshape). qwix otherwise
+        falls back to matching shapes, which took a (B, T, D) activation for the output
+        projection (N, H, D) whenever B == N and T == H ("lhs and rhs cannot be both weights")."""
+
+        def _create_dot_general_qt_config(self, *args, **kwargs):
+            with _traced_weights_only():
+                return super()._create_dot_general_qt_config(*args, **kwargs)
+
+    provider = TracedWeightsProvider([qwix.QtRule(module_path=".*", weight_qtype=jnp.int8)])
     return qwix.quantize_model(model, provider, skip_nnx_init=True)
+
+
+@contextlib.contextmanager
+def _traced_weights_only():
+    """Within: qwix's `find_param` names the current module's nnx.Param an array is, or was
+    made from by one-input primitives, and None for any other array (no shape guess)."""
+    from qwix._src.utils import flax_util
+
+    guess = flax_util.find_param
+
+    def traced(x, ptq_array_type=None):
+        params = {id(node.value): name for name, node in vars(flax_util.get_current_module()).items()
+                  if isinstance(node, nnx.Param)}
+        while id(x) not in params:
+            parent = getattr(x, "parent", None)
+            if parent is None or len(parent.in_tracers) != 1:
+                return None
+            x = parent.in_tracers[0]
+        return params[id(x)]
+
+    flax_util.find_param = traced
+    try:
+        yield
+    finally:
+        flax_util.find_param = guess
 
 
 def check_quantization_aware(cfg: Config) -> None:
