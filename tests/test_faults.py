@@ -374,6 +374,10 @@ def test_a_two_process_run_survives_a_full_disk_and_two_kills_and_ends_bitwise_e
     assert result["kills"] == 2 and result["moments"][0].startswith("process 1 "), result
     assert result["moments"][1].startswith("process 0 during the save"), result
     assert all(code in (PEER_LOST_EXIT_CODE, -signal.SIGABRT) for code in result["survivor_codes"]), result
+    lines = [line for i in range(2) for line in (tmp_path / f"chaos-{i}.log").read_text().splitlines()
+             if "another process of this run stopped" in line]  # a survivor's one line each (none at an abort)
+    assert len(lines) == result["survivor_codes"].count(PEER_LOST_EXIT_CODE), lines
+    assert all(line.startswith("lmjax: error:") and line.count("lmjax") == 1 for line in lines), lines
     for x, y in zip(chaos.final_state(tmp_path / "reference"), chaos.final_state(run), strict=True):
         np.testing.assert_array_equal(x, y)
 
