@@ -2,14 +2,19 @@
 
     python bench/chaos.py [--kills 2] [--seed 0] [--steps 24] [--dir DIR]
 
-Trains a tiny decoder with two local processes (one CPU device each, gloo collectives) straight
-through, as the reference. Then trains it again in a fresh run directory, and `--kills` times
+Trains a tiny decoder straight through in one process with two CPU devices, as the reference (its
+mesh and arithmetic are the two-process run's: the one cross-device sum, of two terms, is the same
+in either order). Then trains it with two local processes (one CPU device each, gloo collectives)
+in a fresh run directory, and `--kills` times
 SIGKILLs one of the two processes (chosen by the seeded generator) at a random moment: once the run
 has logged a random step past where it resumed, or, every other kill, while an asynchronous
-checkpoint save is being written (its `*.orbax-checkpoint-tmp*` directory exists). The other process
-is killed too, as a scheduler ends a job one of whose tasks died, and the same two commands are
-submitted again. After the kills the run is left to finish. Prints one JSON line: the kills made,
-the submissions, and whether the final parameters and Adam state equal the reference's bit for bit.
+checkpoint save is being written (its `*.orbax-checkpoint-tmp*` directory exists). The other
+process is left to notice by itself: inside a collective it ends at once with lmjax's one line
+(exit 5); elsewhere JAX's coordination service ends it after the heartbeat timeout, lowered here
+to HEARTBEAT_SECONDS. Then the same two commands are submitted again. After the kills the run is
+left to finish. Prints one JSON line: the kills made and when, the survivors' exit codes (null:
+still running SURVIVOR_SECONDS after the kill), the submissions, and whether the final parameters
+and Adam state equal the reference's bit for bit. tests/test_faults.py runs it with two kills.
 """
 
 from __future__ import annotations
@@ -38,17 +43,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def submit(run_dir: Path, steps: int) -> list[subprocess.Popen]:
-    """Start the run's two processes (one device each), appending their output to run_dir/../NAME-I.log."""
+HEARTBEAT_SECONDS = 10
+SURVIVOR_SECONDS = 60
+CLI = ["-m", "lmjax.cli"]
+
+
+def with_devices(devices: int) -> dict:
+    """This environment with `devices` CPU devices (its XLA_FLAGS kept)."""
+    return {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count="
+                                       f"{devices}"}
+
+
+def reference_run(run_dir: Path, steps: int) -> None:
+    """The uninterrupted run, in one process with two devices; output in run_dir/../NAME.log."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with (run_dir.parent / f"{run_dir.name}.log").open("w") as log:
+        subprocess.run([sys.executable, *CLI, "train", *TINY, "--set", f"train.steps={steps}", "--set",
+                        f"train.run_dir={run_dir}"], stdout=log, stderr=subprocess.STDOUT, env=with_devices(2),
+                       check=True)
+
+
+def submit(run_dir: Path, steps: int, entries: tuple[list[str], list[str]] = (CLI, CLI)) -> list[subprocess.Popen]:
+    """Start the run's two processes (one device each; this environment's XLA_FLAGS kept), appending their
+    output to run_dir/../NAME-I.log. `entries`: what each process's python runs (the CLI, or a
+    `-c` program that ends by calling it)."""
     port = free_port()
     processes = []
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     for i in range(2):
         log = (run_dir.parent / f"{run_dir.name}-{i}.log").open("a")
         processes.append(subprocess.Popen(
-            [sys.executable, "-m", "lmjax.cli", "train", *TINY, "--set", f"train.steps={steps}", "--set",
+            [sys.executable, *entries[i], "train", *TINY, "--set", f"train.steps={steps}", "--set",
              f"train.run_dir={run_dir}", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-             "--process-id", str(i)], stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}))
+             "--process-id", str(i), "--heartbeat-timeout", str(HEARTBEAT_SECONDS)],
+            stdout=log, stderr=subprocess.STDOUT, env=with_devices(1)))
     return processes
 
 
@@ -73,23 +101,35 @@ def kill_moment(run_dir: Path, processes, during_save: bool, step: int, deadline
     return "finished"
 
 
+def survivor_code(process: subprocess.Popen) -> int | None:
+    """The exit code of the process whose peer was killed, once it has ended by itself; None (and
+    killed) if it is still running SURVIVOR_SECONDS later."""
+    try:
+        return process.wait(timeout=SURVIVOR_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return None
+
+
 def chaos_run(run_dir: Path, steps: int, kills: int, seed: int) -> dict:
-    """Train in `run_dir` with `kills` seeded SIGKILLs; {kills, submissions, moments}."""
-    rng, moments, submissions = random.Random(seed), [], 0
+    """Train in `run_dir` (new, or one left by earlier submissions) with `kills` seeded SIGKILLs;
+    {kills, submissions, moments, survivor_codes}."""
+    rng, moments, survivors, submissions = random.Random(seed), [], [], 0
     while True:
         processes, submissions = submit(run_dir, steps), submissions + 1
         if len(moments) < kills:
-            start = logged_step(run_dir)
-            moment = kill_moment(run_dir, processes, len(moments) % 2 == 1, rng.randint(start + 1, steps - 1),
-                                 time.time() + 600)
+            victim = rng.randrange(2)  # drawn first: the victims do not depend on the timing
+            start = logged_step(run_dir)  # (the resumed run drops the records past its checkpoint later)
+            moment = kill_moment(run_dir, processes, len(moments) % 2 == 1, rng.randint(min(start + 1, steps - 1),
+                                                                                        steps - 1), time.time() + 600)
             if moment != "finished":
-                victim = rng.randrange(2)
                 processes[victim].kill()
-                processes[1 - victim].kill()
                 moments.append(f"process {victim} {moment}")
+                survivors.append(survivor_code(processes[1 - victim]))
         codes = [p.wait(timeout=900) for p in processes]
         if codes == [0, 0] and logged_step(run_dir) == steps:
-            return {"kills": len(moments), "submissions": submissions, "moments": moments}
+            return {"kills": len(moments), "submissions": submissions, "moments": moments,
+                    "survivor_codes": survivors}
         if submissions > kills + 3:
             raise RuntimeError(f"the run did not finish after {submissions} submissions (exit codes {codes})")
 
@@ -127,11 +167,11 @@ def main():
     parser.add_argument("--dir", default=None)
     args = parser.parse_args()
     root = Path(args.dir or tempfile.mkdtemp(prefix="lmjax-chaos-"))
-    reference = chaos_run(root / "reference", args.steps, 0, args.seed)
+    reference_run(root / "reference", args.steps)
     result = chaos_run(root / "chaos", args.steps, args.kills, args.seed)
     a, b = final_state(root / "reference"), final_state(root / "chaos")
     equal = len(a) == len(b) and all(x.shape == y.shape and (x == y).all() for x, y in zip(a, b))
-    print(json.dumps({**result, "reference_submissions": reference["submissions"], "steps": args.steps,
+    print(json.dumps({**result, "steps": args.steps,
                       "bitwise_equal": bool(equal), "dir": str(root)}))
 
 

@@ -35,6 +35,10 @@ Rows (all steps on random tokens, one sequence per row, no data loading in the t
 - long: the dense decoder on one row of 16384 positions (remat full, `attention=auto`, the
   loss chunked by size), its sequence split over every device of the machine (`mesh.context`:
   1 on one GPU); step time, tokens/s, MFU (attention FLOPs included) and XLA's temporaries.
+- pipeline (more than one device; one: skipped): the dense row's step in GPipe stages over the
+  devices (the most stages that divide the devices and the layers, at most the batch; the rest
+  data parallel; one sequence per microbatch and device): step time over the dense row's (all
+  devices data parallel) beside the bubble (P-1)/(M+P-1).
 """
 
 from __future__ import annotations
@@ -264,6 +268,7 @@ def plan_rows(shapes: dict, dense, moe_layers: int) -> list[tuple[str, str, call
                    **time_training(model, shapes, c["mesh"], c["peaks"])}
             if reference:
                 c["dense_step_ms"] = row["step_ms"]
+            c.setdefault("data_parallel_step_ms", row["step_ms"])  # the first dense row: attention=auto
             return row
         return run
 
@@ -294,7 +299,40 @@ def plan_rows(shapes: dict, dense, moe_layers: int) -> list[tuple[str, str, call
     rows += [("packing", f"decoder, attention={a}, {dtype}", lambda c, a=a, dtype=dtype: packing_row(a, dtype))
              for a, dtype in (("auto", "bfloat16"), ("dot_product", "float32"))]
     rows.append(("long", f"seq {shapes['long_seq']}, batch 1", lambda c: long_row(dense, shapes, c["peaks"])))
+    rows.append(("pipeline", "stages over every device", lambda c: pipeline_row(dense, shapes, c)))
     return rows
+
+
+def pipeline_layout(devices: int, layers: int, batch: int) -> tuple[int, int, int]:
+    """(stages P, data-parallel devices, microbatches M) for `devices`: the most stages that
+    divide the devices and the layers, at most `batch` of them; the rest of the devices data
+    parallel; every data-parallel device's rows one sequence per microbatch."""
+    stages = max(p for p in range(1, min(devices, batch) + 1) if devices % p == 0 and layers % p == 0)
+    data = devices // stages
+    return stages, data, batch // data
+
+
+def pipeline_row(dense, shapes: dict, c: dict) -> dict:
+    """The dense row's step in pipeline stages over the devices (`pipeline_layout`, GPipe; one
+    device: skipped), against the dense row on the same devices all data parallel and the
+    bubble (P-1)/(M+P-1)."""
+    import jax
+
+    from lmjax.axis_rules import pipeline_schedule
+    from lmjax.config import MeshConfig
+    from lmjax.parallel import make_mesh
+
+    stages, data, microbatches = pipeline_layout(jax.device_count(), dense.n_layers, shapes["batch"])
+    if stages == 1:
+        return {"skipped": f"skipped: no stage count > 1 divides the {jax.device_count()} device(s) and the "
+                           f"{dense.n_layers} layers"}
+    mesh = make_mesh(MeshConfig(pipeline=stages, data=data))
+    with pipeline_schedule(microbatches):
+        row = time_training(dense, shapes, mesh, c["peaks"])
+    bubble = (stages - 1) / (microbatches + stages - 1)
+    reference = c.get("data_parallel_step_ms")
+    return {"stages": stages, "data": data, "microbatches": microbatches, "bubble": bubble,
+            "step_over_data_parallel": reference and row["step_ms"] / reference, **row}
 
 
 def long_row(dense, shapes: dict, peaks: dict) -> dict:
@@ -341,6 +379,8 @@ TABLE_COLUMNS = {
                "fraction_of_measured_bound"),
     "packing": ("kernel_alone", "dtype", "loss_max_abs_diff", "grad_max_abs_diff_over_max", "mean_loss"),
     "long": ("seq", "context", "step_ms", "tokens_per_s", "mfu", "xla_temp_bytes", "compile_s", "loss"),
+    "pipeline": ("stages", "data", "microbatches", "bubble", "step_ms", "step_over_data_parallel", "mfu", "compile_s",
+                 "loss"),
 }
 
 
@@ -380,6 +420,9 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-seconds", type=float, default=None,
                         help="start no row after this many seconds (default 330; smoke: none)")
     parser.add_argument("--cache-dir", default=None, help="JAX compilation cache (default: OUT/jax_cache)")
+    parser.add_argument("--skip", action="append", default=[], metavar="SECTION:VARIANT",
+                        help="record this row as skipped instead of running it (repeatable; the CPU test "
+                             "skips rows whose code another row already runs)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -409,7 +452,9 @@ def main(argv=None) -> int:
     for section, variant, run in plan_rows(shapes, dense, moe_layers):
         row = {"section": section, "variant": variant}
         elapsed = time.perf_counter() - start
-        if elapsed > budget:
+        if f"{section}:{variant}" in args.skip:
+            row["skipped"] = "skipped: --skip"
+        elif elapsed > budget:
             row["skipped"] = f"skipped: {elapsed:.0f} s > budget {budget:.0f} s"
         else:
             try:

@@ -12,7 +12,9 @@ What is written is never non-finite: `save` checks the state on its devices firs
 `NonFiniteState` instead of writing NaN or inf, so rotation under `keep` only ever drops finite
 checkpoints for newer finite ones. A save that the disk refuses (full, read-only, no permission)
 raises `SaveFailed` with one line, at that save or, being asynchronous, at the next save or `wait`;
-its partial directory is removed and the previous checkpoint stays loadable.
+its partial directory is removed and the previous checkpoint stays loadable. With several processes
+every process raises it, not only the one whose write failed: the others would wait for that one
+in Orbax's barriers (`Checkpointer.wait`).
 """
 
 from __future__ import annotations
@@ -26,12 +28,20 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 # what a failed write says (tensorstore's message, or the OSError's), and what lmjax calls it
 DISK_ERRORS = {"No space left": "the disk is full", "RESOURCE_EXHAUSTED": "the disk is full",
                "Disk quota exceeded": "the disk quota is used up", "Read-only file system": "the disk is read-only",
                "Permission denied": "permission denied"}
+DISK_REASONS = list(dict.fromkeys(DISK_ERRORS.values()))
+
+
+def disk_error_reason(error: Exception) -> str | None:
+    """What lmjax calls the disk error `error` (one of DISK_REASONS), or None if it is not one."""
+    return next((why for marker, why in DISK_ERRORS.items() if marker in str(error)), None)
 
 
 class NonFiniteState(ValueError):
@@ -58,25 +68,38 @@ def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-class _QuietFailedSaves(logging.Filter):
+class _FailedSaves(logging.Filter):
     """Orbax logs a failed background save's traceback several times over; the error itself comes
-    back at the next save or wait (`SaveFailed`'s one line, or the original exception)."""
+    back at the next save or wait (`SaveFailed`'s one line, or the original exception). The filter
+    keeps those records quiet and their errors in `errors`: with several processes, that is how
+    `Checkpointer.wait` learns of this process's failed write while Orbax's threads wait in barriers."""
+
+    def __init__(self):
+        super().__init__()
+        self.errors = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and record.exc_info and "orbax" in record.pathname)
+        failed = record.levelno >= logging.ERROR and record.exc_info and "orbax" in record.pathname
+        if failed:
+            self.errors.append(record.exc_info[1])
+        return not failed
 
 
 class Checkpointer:
     """Keeps the newest `keep` checkpoints of a run directory."""
 
     def __init__(self, run_dir: Path, keep: int = 2, async_save: bool = True):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        # directories made before `save` returns: made in the background, a refused one (a read-only disk) left
+        # Orbax's writer threads waiting for it, so the process hung at exit for their 5-minute timeout
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                                               async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
         self.directory = Path(run_dir).absolute() / "checkpoints"
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.pending = None  # (step, bytes) of the save in flight
         self.seconds = {"save": 0.0, "restore": 0.0}  # spent blocked in saves (and waits) and restores
         self.warned_space, self.closed = False, False
-        logging.getLogger("absl").addFilter(_QUIET)
+        self.failed = None  # the SaveFailed raised, after which nothing is pending
+        logging.getLogger("absl").addFilter(_FAILED_SAVES)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -107,6 +130,7 @@ class Checkpointer:
     def _write(self, step: int, expected_bytes: int, args) -> None:
         self.check_space(expected_bytes)
         self.pending = (step, expected_bytes)
+        _FAILED_SAVES.errors.clear()
         self._reporting_disk_errors(lambda: self.manager.save(step, args=args, force=True))
 
     def _expected_bytes(self, state) -> int:
@@ -125,25 +149,30 @@ class Checkpointer:
                   f"{expected_bytes:,} bytes; free space or a save will fail.", flush=True)
 
     def _reporting_disk_errors(self, write) -> None:
-        """Run `write`; a disk error (of the pending save) becomes one SaveFailed line, after its
-        partial directory is removed."""
+        """Run `write`; a disk error (of the pending save) becomes one SaveFailed line."""
         try:
             write()
         except Exception as e:
-            reason = next((why for marker, why in DISK_ERRORS.items() if marker in str(e)), None)
+            reason = disk_error_reason(e)
             if reason is None or self.pending is None:
                 raise
-            step, expected = self.pending
-            self.pending = None
-            if jax.process_index() == 0:
-                self._remove_partial(step)
-            kept = [s for s in self.manager.all_steps() if s != step and (self.directory / str(s)).is_dir()]
-            free = shutil.disk_usage(self.directory).free
-            raise SaveFailed(f"could not save checkpoint step {step} in {self.directory}: {reason} (the save needs "
-                             f"about {expected:,} bytes, {free:,} are free); "
-                             + (f"the checkpoint of step {max(kept)} is intact; " if kept else "")
-                             + "make room (or set train.run_dir elsewhere) and run the same command to resume."
-                             ) from None
+            raise self._failed(reason) from None
+
+    def _failed(self, reason: str, process: int | None = None) -> SaveFailed:
+        """The pending save's SaveFailed (`process`: the one whose write failed, if there are several),
+        after removing its partial directory."""
+        step, expected = self.pending
+        self.pending = None
+        if jax.process_index() == 0:
+            self._remove_partial(step)
+        kept = [s for s in self.manager.all_steps() if s != step and (self.directory / str(s)).is_dir()]
+        free = shutil.disk_usage(self.directory).free
+        whose = "" if process is None else f"process {process}'s write: "
+        self.failed = SaveFailed(f"could not save checkpoint step {step} in {self.directory}: {reason} ({whose}the "
+                                 f"save needs about {expected:,} bytes, {free:,} are free); "
+                                 + (f"the checkpoint of step {max(kept)} is intact; " if kept else "")
+                                 + "make room (or set train.run_dir elsewhere) and run the same command to resume.")
+        return self.failed
 
     def _remove_partial(self, step: int, settle_seconds: float = 1.0, timeout_seconds: float = 30.0) -> None:
         """Remove `step`'s partial directory. The failed item's error can surface while the other
@@ -229,17 +258,43 @@ class Checkpointer:
         return self.manager.reached_preemption(step)
 
     def wait(self) -> None:
-        """Block until pending asynchronous saves are complete; SaveFailed if one could not be written."""
+        """Block until pending asynchronous saves are complete; SaveFailed if one could not be written
+        (with several processes, on every process when any one's write failed). All processes call it
+        at the same points (it is collective then). After a SaveFailed it returns at once."""
+        if self.failed is not None:
+            return
         with self._timed("save"):
+            if jax.process_count() > 1:
+                self._agree_on_the_save()
             self._reporting_disk_errors(self.manager.wait_until_finished)
         self.pending = None
 
+    def _agree_on_the_save(self, poll_seconds: float = 0.05) -> None:
+        """Several processes: poll until every process's save is complete, or raise SaveFailed on every
+        process as soon as one's write failed on the disk. Orbax would leave every process waiting in
+        a barrier (the failed one's finalizing thread too) for AsyncOptions.timeout_secs (20 min) and
+        then time out. One all-gather of a number per poll, in lockstep, so all decide alike."""
+        while True:
+            reasons = [r for r in map(disk_error_reason, _FAILED_SAVES.errors) if r] if self.pending else []
+            status = 2 + DISK_REASONS.index(reasons[0]) if reasons else int(not self.manager.is_saving_in_progress())
+            statuses = multihost_utils.process_allgather(np.int32(status))
+            failed = np.flatnonzero(statuses >= 2)
+            if failed.size:
+                raise self._failed(DISK_REASONS[statuses[failed[0]] - 2], process=int(failed[0]))
+            if statuses.min() == 1:
+                return
+            time.sleep(poll_seconds)
+
     def close(self) -> None:
-        self.manager.close()
+        """Wait for the pending save and close. With several processes, after a SaveFailed Orbax's
+        threads wait in a barrier for the failed write for good: nothing is closed, and the process
+        ends with os._exit (`lmjax.cli`)."""
+        if self.failed is None or jax.process_count() == 1:
+            self.manager.close()
         self.closed = True
 
 
-_QUIET = _QuietFailedSaves()
+_FAILED_SAVES = _FailedSaves()
 
 
 def write_weights_run(run_dir: Path, config: dict, params) -> None:

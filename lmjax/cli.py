@@ -32,6 +32,7 @@ from pathlib import Path
 
 from lmjax.config import Config, ConfigError
 from lmjax.config_parse import override, read_config
+from lmjax.exits import exit_at_once_if_distributed, exit_if_peer_lost
 from lmjax.experiment import experiment_summary, list_experiments, load_experiment
 from lmjax.records import json_line
 
@@ -80,6 +81,8 @@ def add_train(commands) -> None:
     cluster.add_argument("--num-processes", type=int)
     cluster.add_argument("--process-id", type=int)
     cluster.add_argument("--coordinator-timeout", type=int, default=300, metavar="SECONDS")
+    cluster.add_argument("--heartbeat-timeout", type=int, default=100, metavar="SECONDS", help="a process silent "
+                         "this long is taken for dead and the run ends (JAX's default: 100)")
 
 
 def resolve_train_config(experiment: str | None, overrides: list[str], resume: str | None) -> tuple[Config, Path]:
@@ -102,7 +105,8 @@ def cmd_train(args) -> None:
     from lmjax.train.resume import clear_run
 
     cfg, run_dir = resolve_train_config(args.experiment, args.overrides, args.resume)
-    initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout)
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout,
+                           args.heartbeat_timeout)
     if args.init_from and args.resume:
         raise ConfigError("give --resume or --init-from, not both.")
     if args.fresh and args.resume:
@@ -390,7 +394,6 @@ def add_data(commands) -> None:
 
 
 def cmd_data_prepare(args) -> None:
-    import os
 
     from lmjax.data.prepare import prepare
 
@@ -540,26 +543,9 @@ def main(argv: list[str] | None = None) -> int:
         if code is None:
             raise
         print(f"lmjax: error: {e}", file=sys.stderr)
+        exit_at_once_if_distributed(code)
         return code
     return 0
-
-
-# what a collective raises when another process of the run has died (gloo's CPU collectives, JAX's
-# coordination service); on GPU/TPU the coordination service usually ends the process from C++ instead
-PEER_LOST_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "heartbeat timeout")
-PEER_LOST_EXIT_CODE = 5
-
-
-def exit_if_peer_lost(error: Exception) -> None:
-    """If `error` says that another process of this multi-process run is gone: one line, and exit with
-    PEER_LOST_EXIT_CODE at once (a normal exit would wait in jax.distributed's shutdown for the dead
-    process until the heartbeat timeout, then abort with a page of C++ stack)."""
-    jax = sys.modules.get("jax")
-    if jax is None or jax.process_count() == 1 or not any(m in str(error) for m in PEER_LOST_MESSAGES):
-        return
-    print(f"lmjax: error: another process of this run stopped ({str(error).splitlines()[0][:160]}); run the same "
-          "command again: it resumes from the newest checkpoint.", file=sys.stderr, flush=True)
-    os._exit(PEER_LOST_EXIT_CODE)
 
 
 def fault_exit_code(error: Exception) -> int | None:

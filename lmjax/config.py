@@ -808,10 +808,6 @@ class Config:
             _require(targets_length <= self.model.max_seq_len,
                      f"span corruption targets of {targets_length} tokens exceed model.max_seq_len="
                      f"{self.model.max_seq_len}; raise model.max_seq_len.")
-        _require(self.model.family != "encoder_decoder" or (self.mesh.pipeline, self.mesh.dcn_pipeline) == (1, 1),
-                 f"mesh.pipeline={self.mesh.pipeline} x mesh.dcn_pipeline={self.mesh.dcn_pipeline}: pipeline stages "
-                 "over the two stacks of an encoder_decoder are not built yet; set mesh.pipeline=1 (fsdp and tensor "
-                 "parallelism work for it).")
         _require(not self.model.loss_chunk or targets_length % self.model.loss_chunk == 0,
                  f"model.loss_chunk={self.model.loss_chunk} does not divide the {targets_length} target positions "
                  "of each example; pick a divisor, 0 (no chunks) or none (by size).")

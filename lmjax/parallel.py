@@ -160,11 +160,15 @@ def _validate_pipeline(cfg: Config, mesh: Mesh, rows_per_device: int) -> None:
         return
     m, repeats = cfg.model, cfg.mesh.pipeline_repeats
     microbatches = cfg.mesh.microbatches(stages)
-    if m.n_layers % (stages * repeats * m.layer_cycle):
-        cycle = f" of whole cycles of {m.layer_cycle} blocks (model.moe.every, model.global_every)" * (
-            m.layer_cycle > 1)
-        raise ConfigError(f"model.n_layers={m.n_layers} does not split into {named} x mesh.pipeline_repeats={repeats} "
-                          f"stages{cycle}; pick sizes whose product divides it.")
+    stacks = {"model.n_layers": m.n_layers}  # each stack runs in the same stages
+    if m.family == "encoder_decoder":
+        stacks["model.n_decoder_layers"] = m.decoder_layers
+    for name, layers in stacks.items():
+        if layers % (stages * repeats * m.layer_cycle):
+            cycle = f" of whole cycles of {m.layer_cycle} blocks (model.moe.every, model.global_every)" * (
+                m.layer_cycle > 1)
+            raise ConfigError(f"{name}={layers} does not split into {named} x mesh.pipeline_repeats={repeats} "
+                              f"stages{cycle}; pick sizes whose product divides it.")
     if microbatches < stages:
         raise ConfigError(f"mesh.pipeline_microbatches={microbatches} is fewer than the {stages} stages ({named}): "
                           "stages would idle most of the step; use at least as many microbatches as stages.")
@@ -252,11 +256,14 @@ def global_batch(local: dict[str, np.ndarray], rows: NamedSharding, batch_size: 
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, timeout_seconds: int = 300) -> None:
+                           process_id: int | None = None, timeout_seconds: int = 300,
+                           heartbeat_timeout_seconds: int = 100) -> None:
     """Join a multi-process run: with explicit arguments, or when the environment names a
     cluster (SLURM with more than one task, a TPU VM slice, GKE/JobSet, LMJAX_DISTRIBUTED=auto
     for jax.distributed's own detection, or LMJAX_COORDINATOR with LMJAX_NUM_PROCESSES and
-    LMJAX_PROCESS_ID). Does nothing for a single process. CPU processes use gloo."""
+    LMJAX_PROCESS_ID). Does nothing for a single process. CPU processes use gloo. A process
+    whose heartbeat stops for `heartbeat_timeout_seconds` is taken for dead, and JAX's
+    coordination service ends the others."""
     coordinator = coordinator or os.environ.get("LMJAX_COORDINATOR")
     if coordinator:
         num_processes = num_processes or _int_env("LMJAX_NUM_PROCESSES")
@@ -275,7 +282,8 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     if coordinator and process_id != 0:
         _wait_for_coordinator(coordinator, timeout_seconds)  # jax aborts the process instead of raising
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_seconds)
+    jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_seconds,
+                               heartbeat_timeout_seconds=heartbeat_timeout_seconds)
 
 
 def _int_env(name: str) -> int | None:

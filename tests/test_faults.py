@@ -4,6 +4,8 @@ no checkpoint holds NaN or inf, and a disk that refuses a save ends with one lin
 import errno
 import importlib.util
 import json
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -18,10 +20,11 @@ import pytest
 from orbax.checkpoint._src.handlers import json_checkpoint_handler
 from test_resume import TINY, run_cli
 
+import lmjax
 from lmjax.checkpoint import Checkpointer, NonFiniteState, SaveFailed
-from lmjax.cli import PEER_LOST_EXIT_CODE
-from lmjax.config import SPIKE_WINDOW, MeshConfig
+from lmjax.config import SPIKE_WINDOW, ConfigError, MeshConfig
 from lmjax.data.pipeline import BatchIterator
+from lmjax.exits import PEER_LOST_EXIT_CODE
 from lmjax.parallel import make_mesh
 from lmjax.records import read_metrics
 from lmjax.runs import restore_params
@@ -176,6 +179,10 @@ def test_divergence_stops_with_exit_3_and_leaves_only_finite_checkpoints(capsys,
     checkpointer.close()
     code, _, err = run_cli(capsys, "eval", str(run))
     assert code == 2 and err.count("\n") == 1 and "checkpoint step 100 hold NaN or inf" in err, err
+    with pytest.raises(ConfigError, match=f"checkpoint step 100 hold NaN or inf.*earlier checkpoints: steps "
+                                          f"{max(steps)} ") as refused:  # (keep_checkpoints=2)
+        lmjax.load(run)
+    assert "\n" not in str(refused.value)
 
 
 def test_a_save_the_disk_refuses_gives_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
@@ -288,7 +295,7 @@ import jax
 import numpy as np
 jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 2, int(sys.argv[2]))
 from jax.experimental import multihost_utils
-from lmjax.cli import exit_if_peer_lost
+from lmjax.exits import exit_if_peer_lost
 try:
     while True:
         multihost_utils.process_allgather(np.ones(2))
@@ -320,18 +327,58 @@ def test_a_dead_peer_ends_the_survivor_at_once_with_one_line(tmp_path):
     assert "Traceback" not in err
 
 
-# four two-process launches; faster tests cover the parts: test_train's bitwise resume, test_parallel's Ctrl-C stop and
-# resume of two processes, the dead-peer test above
-@pytest.mark.slow
-def test_two_kills_of_a_two_process_run_end_bitwise_equal_to_an_uninterrupted_run(tmp_path):
-    """bench/chaos.py with two seeded SIGKILLs, one while a checkpoint is being written."""
+NO_SPACE_FROM_THE_SECOND_SAVE = """
+import errno, sys
+from orbax.checkpoint._src.handlers import json_checkpoint_handler
+from lmjax.cli import main
+
+original, writes = json_checkpoint_handler.JsonCheckpointHandler._save_fn, []
+
+
+async def no_space(self, x, directory):
+    writes.append(directory)
+    if len(writes) > 2:  # the first save's two JSON items (data, config) are written
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+    return await original(self, x, directory)
+
+
+json_checkpoint_handler.JsonCheckpointHandler._save_fn = no_space
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_two_process_run_survives_a_full_disk_and_two_kills_and_ends_bitwise_equal(tmp_path):
+    """bench/chaos.py's two-process run (12 steps, a checkpoint every 3). First process 0's disk refuses
+    the second save (ENOSPC where Orbax writes a JSON item; process 1 writes no JSON and would wait for
+    process 0 in Orbax's barrier): both processes end with the same one line and exit 2, the partial
+    directory is gone, step 3 stays. Then two seeded SIGKILLs, of process 1 and then of process 0 (the
+    coordinator's host) during an asynchronous save; each time the other ends by itself: lmjax's line and
+    exit 5 if it was in a collective, else the coordination service's abort at the (lowered) heartbeat
+    timeout. The run then finishes with params and Adam state equal to an uninterrupted run's (one process,
+    two devices), bit for bit."""
     spec = importlib.util.spec_from_file_location("chaos", Path(__file__).parent.parent / "bench" / "chaos.py")
     chaos = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(chaos)
-    chaos.chaos_run(tmp_path / "reference", 12, 0, 0)
-    result = chaos.chaos_run(tmp_path / "chaos", 12, 2, 0)
-    assert result["kills"] == 2 and "during the save" in result["moments"][1], result
-    for x, y in zip(chaos.final_state(tmp_path / "reference"), chaos.final_state(tmp_path / "chaos"), strict=True):
+    chaos.reference_run(tmp_path / "reference", 12)
+    run = tmp_path / "chaos"
+    full_disk = chaos.submit(run, 12, entries=(["-c", NO_SPACE_FROM_THE_SECOND_SAVE], chaos.CLI))
+    assert [p.wait(timeout=600) for p in full_disk] == [2, 2]
+    logs = [(tmp_path / f"chaos-{i}.log").read_text() for i in range(2)]
+    errors = [[re.sub(r"[\d,]+ are free", "", line) for line in log.splitlines() if "error" in line.lower()]
+              for log in logs]  # (the free bytes change)
+    assert errors[0] == errors[1] and len(errors[0]) == 1, logs
+    assert "could not save checkpoint step 6" in errors[0][0] and "the disk is full (process 0's write" in errors[0][0]
+    assert "the checkpoint of step 3 is intact" in errors[0][0] and "Traceback" not in logs[0] + logs[1]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["3"]
+    result = chaos.chaos_run(run, 12, 2, 0)
+    assert result["kills"] == 2 and result["moments"][0].startswith("process 1 "), result
+    assert result["moments"][1].startswith("process 0 during the save"), result
+    assert all(code in (PEER_LOST_EXIT_CODE, -signal.SIGABRT) for code in result["survivor_codes"]), result
+    lines = [line for i in range(2) for line in (tmp_path / f"chaos-{i}.log").read_text().splitlines()
+             if "another process of this run stopped" in line]  # a survivor's one line each (none at an abort)
+    assert len(lines) == result["survivor_codes"].count(PEER_LOST_EXIT_CODE), lines
+    assert all(line.startswith("lmjax: error:") and line.count("lmjax") == 1 for line in lines), lines
+    for x, y in zip(chaos.final_state(tmp_path / "reference"), chaos.final_state(run), strict=True):
         np.testing.assert_array_equal(x, y)
 
 

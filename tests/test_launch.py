@@ -47,7 +47,8 @@ def test_a_wheel_install_runs_a_named_experiment(tmp_path):
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     small = ["--set", "log.wandb=off", "--set", "log.progress_bar=false", "--set", "train.sample_tokens=4",
-             "--set", "data.max_bytes=300000", "--set", "train.eval_batches=1"]
+             "--set", "data.max_bytes=300000", "--set", "train.eval_batches=1", "--set", "model.n_layers=1",
+             "--set", "train.batch_size=4", "--set", "data.seq_len=32"]  # 1 layer unrolled: quick to compile
     result = subprocess.run([str(venv / "bin" / "lmjax"), "train", "decoder_tiny", "--set", "train.steps=2", *small],
                             cwd=elsewhere, env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
                             timeout=600)

@@ -258,6 +258,17 @@ def test_approach2_takes_the_trained_tokens_when_flops_per_token_are_not_6n():
         assert minimum["D_opt"] == pytest.approx(minimum["C"] / (kappa * minimum["N_opt"] ** p), rel=0.1)
 
 
+def test_fit_summaries_survive_a_runaway_refit():
+    """A bootstrap refit that runs off to a degenerate optimum (log A = 800, past a float's
+    range) gives an infinite coefficient, an interval unbounded on that side, not an
+    OverflowError that loses the whole fit (seen on the 3-seed MoE granularity sweep)."""
+    from lmjax.scaling.fit import _approach3_summary, _granularity_summary
+
+    runaway = _approach3_summary((800.0, 1.0, 0.0, 0.3, 0.3))
+    assert runaway["A"] == math.inf and runaway["n_opt"]["coefficient"] == math.inf and runaway["B"] == math.e
+    assert _granularity_summary((0.0, 0.0, 900.0, 0.0, 0.3, 0.3, 0.5))["b"] == math.inf
+
+
 def test_fit_bad_input(tmp_path):
     with pytest.raises(ConfigError, match="needs at least 6"):
         fit_approach3({k: v[:4] for k, v in synthetic_results(np.random.default_rng(0)).items()}, bootstrap=0)

@@ -95,8 +95,9 @@ def test_ring_buffer_decoding_equals_the_full_forward_pass():
     cache = model.init_cache(2, 16)
     assert cache["window"][0].shape == (2, 2, 3, 2, 8) and cache["full"][0].shape == (2, 2, 16, 2, 8)
     positions = jnp.broadcast_to(jnp.arange(7), (2, 7))
-    logits, cache = model.decode(jnp.asarray(prompt), positions, cache, jnp.asarray(np.arange(7) < lengths[:, None]))
-    full = np.asarray(model(jnp.asarray(rows)))  # each row one sequence
+    prefill = jax.jit(lambda t, p, c, m: model.decode(t, p, c, m))  # one jit each: quicker than op by op
+    logits, cache = prefill(jnp.asarray(prompt), positions, cache, jnp.asarray(np.arange(7) < lengths[:, None]))
+    full = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(rows)))  # each row one sequence
     for r in range(2):
         np.testing.assert_allclose(logits[r, :lengths[r]], full[r][:lengths[r]], atol=1e-5)
     step = jax.jit(lambda t, p, c: model.decode(t, p, c))
@@ -135,7 +136,8 @@ def test_generate_with_ring_buffers_is_greedy_under_the_full_forward_pass():
 
     model = DecoderLM(CFG, rngs=nnx.Rngs(4))
     prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41]]
+    forward = nnx.jit(lambda m, t: m(t))
     for prompt, new in zip(prompts, generate(model, prompts, 10, temperature=0.0)):
         text = np.concatenate([prompt, new])
-        logits = np.asarray(model(jnp.asarray(text[None])))[0]
+        logits = np.asarray(forward(model, jnp.asarray(text[None])))[0]
         np.testing.assert_array_equal(new, logits[len(prompt) - 1:-1].argmax(-1))

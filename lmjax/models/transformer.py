@@ -177,7 +177,8 @@ class Stack(nnx.Module):
         """
         layout = pipeline_layout() if cache is None else None
         if layout is not None and x.shape[0] % layout.microbatches == 0:
-            return self._pipelined(layout, x, positions, mask, dropout_key, bias, segment_ids, window_mask)
+            return self._pipelined(layout, x, positions, mask, dropout_key, bias, segment_ids, window_mask, context,
+                                   context_mask)
         cfg, cycle = self.cfg, self.cycle()
         repeats = cfg.n_layers // len(cycle)
         groups = {name: nnx.split(getattr(self, name)) for name in ("blocks", "moe_blocks") if hasattr(self, name)}
@@ -210,11 +211,13 @@ class Stack(nnx.Module):
             return x
         return x, jax.tree.map(per_layer, cache)
 
-    def _pipelined(self, layout: PipelineLayout, x, positions, mask, dropout_key, bias, segment_ids, window_mask):
+    def _pipelined(self, layout: PipelineLayout, x, positions, mask, dropout_key, bias, segment_ids, window_mask,
+                   context, context_mask):
         """`__call__` without a cache, its layers run in `layout.stages` stages, `layout.repeats` times
         round, on microbatches (`lmjax.models.pipeline.run_pipeline`): with one repeat stage s runs
         layers [s L/P, (s+1) L/P), as the stacked weights are sharded. Each microbatch's dropout
-        keys are the step's folded with its index."""
+        keys are the step's folded with its index; a cross-attending stack's context and its mask
+        are cut into microbatches with the activations."""
         cfg, cycle = self.cfg, self.cycle()
         stages, repeats = layout.stages, layout.repeats
         cycles_per_chunk = cfg.n_layers // (len(cycle) * stages * repeats)
@@ -225,7 +228,8 @@ class Stack(nnx.Module):
         masks = {None: mask}
         for window in {w for _, _, w in cycle if w is not None}:
             masks[window] = windowed(mask, positions, window) if window_mask is None else window_mask
-        side = {"positions": positions, "bias": bias, "segment_ids": segment_ids,
+        side = {"positions": positions, "bias": bias, "segment_ids": segment_ids, "context": context,
+                "context_mask": None if context_mask is None else _mask_arrays(context_mask),
                 "masks": {str(w): _mask_arrays(m) for w, m in masks.items()}}  # str: None and ints do not sort
 
         def per_cycle(a):  # (n, ...) -> (cycles per chunk, n / cycles per chunk, ...)
@@ -237,8 +241,9 @@ class Stack(nnx.Module):
                 keys = jax.random.split(jax.random.fold_in(dropout_key, microbatch), cfg.n_layers)
                 keys = per_cycle(keys.reshape(repeats, stages, -1)[repeat, stage])
             stage_masks = {w: _with_arrays(masks[w], side["masks"][str(w)]) for w in masks}
-            step = self._cycle_step(cycle, graphdefs, side["positions"], stage_masks, side["bias"], None, None,
-                                    side["segment_ids"], None)
+            stage_context_mask = None if context_mask is None else _with_arrays(context_mask, side["context_mask"])
+            step = self._cycle_step(cycle, graphdefs, side["positions"], stage_masks, side["bias"], side["context"],
+                                    stage_context_mask, side["segment_ids"], None)
             if cfg.remat != "none":
                 step = jax.checkpoint(step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
             h, (_, stats, rms) = jax.lax.scan(step, h, (jax.tree.map(per_cycle, chunk_weights), keys, None),

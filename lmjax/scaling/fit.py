@@ -153,9 +153,15 @@ def _bootstrap(columns: tuple, theta, objective, summary, keys, bootstrap: int, 
     return {"ci95": {k: [float(np.nanpercentile([s[k] for s in samples], q)) for q in (2.5, 97.5)] for k in keys}}
 
 
+def _exp(x: float) -> float:
+    """e^x, or inf where it overflows a float (a bootstrap refit that ran off to a degenerate
+    optimum, whose interval is then unbounded on that side)."""
+    return math.exp(x) if x < 709.0 else math.inf
+
+
 def _approach3_summary(theta) -> dict:
     a, b, e, alpha, beta = theta
-    A, B, E = math.exp(a), math.exp(b), math.exp(e)
+    A, B, E = _exp(a), _exp(b), _exp(e)
     exponent_n = beta / (alpha + beta)
     g = (alpha * A / (beta * B)) ** (1 / (alpha + beta))
     # N_opt = g (C/6)^a  ->  coefficient in C: g * 6^-a
@@ -178,8 +184,7 @@ def fit_approach3(data: dict, bootstrap: int = 100, seed: int = 0) -> dict:
 
 def _granularity_summary(theta) -> dict:
     lg, la, lb, lc, alpha, beta, gamma = theta
-    return {"a": math.exp(la), "alpha": alpha, "b": math.exp(lb), "beta": beta, "g": math.exp(lg), "gamma": gamma,
-            "c": math.exp(lc)}
+    return {"a": _exp(la), "alpha": alpha, "b": _exp(lb), "beta": beta, "g": _exp(lg), "gamma": gamma, "c": _exp(lc)}
 
 
 def fit_granularity(data: dict, bootstrap: int = 100, seed: int = 0) -> dict:

@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 
 from lmjax.checkpoint import NonFiniteState
 from lmjax.config import Config
+from lmjax.exits import exit_if_peer_lost
 from lmjax.families import family_of
 from lmjax.parallel import pipeline_note
 from lmjax.records import read_metrics
@@ -229,7 +230,8 @@ def train(cfg: Config, run_dir: Path, init_from: Path | None = None, new_data_or
             finally:
                 bar.close()
         return finish(run, validate)
-    except Exception:  # Diverged, SaveFailed, ...: the pending save still completes (or says why not)
+    except Exception as e:  # Diverged, SaveFailed, ...: the pending save still completes (or says why not)
+        exit_if_peer_lost(e)  # (but not for a dead process: closing would wait for it in Orbax's barriers)
         close(run)
         raise
     finally:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import jax
 
+from lmjax.exits import exit_if_peer_lost
+
 HANG_EXIT_CODE = 4
 AUTO_FACTOR, AUTO_FLOOR_SECONDS, AUTO_WARMUP = 10.0, 300.0, 5
 
@@ -86,8 +88,14 @@ class Watchdog:
         return excused_hook
 
     def _wait_for_steps(self) -> None:
+        """Block on each step's loss in turn. A step that failed ends the waiting (its error reaches the
+        main thread too), at once with one line if another process died (its collective failed)."""
         while (loss := self.steps.get()) is not None:
-            jax.block_until_ready(loss)
+            try:
+                jax.block_until_ready(loss)
+            except Exception as e:
+                exit_if_peer_lost(e)
+                return
             self.timeout.finished(time.monotonic())
 
     def _watch(self) -> None:
