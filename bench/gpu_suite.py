@@ -420,6 +420,9 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-seconds", type=float, default=None,
                         help="start no row after this many seconds (default 330; smoke: none)")
     parser.add_argument("--cache-dir", default=None, help="JAX compilation cache (default: OUT/jax_cache)")
+    parser.add_argument("--skip", action="append", default=[], metavar="SECTION:VARIANT",
+                        help="record this row as skipped instead of running it (repeatable; the CPU test "
+                             "skips rows whose code another row already runs)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -449,7 +452,9 @@ def main(argv=None) -> int:
     for section, variant, run in plan_rows(shapes, dense, moe_layers):
         row = {"section": section, "variant": variant}
         elapsed = time.perf_counter() - start
-        if elapsed > budget:
+        if f"{section}:{variant}" in args.skip:
+            row["skipped"] = "skipped: --skip"
+        elif elapsed > budget:
             row["skipped"] = f"skipped: {elapsed:.0f} s > budget {budget:.0f} s"
         else:
             try:

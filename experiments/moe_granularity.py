@@ -2,17 +2,18 @@
 
 Every run is a 2-layer decoder whose MoE layers hold 8 experts of width d_ff at G = 1, top-1
 (Switch); granularity G makes that 8G experts of width d_ff / G with G of them per token, so the
-expert parameters and FLOPs per token are those of G = 1 (only the router grows). Two sizes
-(d_model 32 and 48) x two token counts (0.25M and 0.75M) x four granularities = 16 runs, whose
-results.csv carries G for `lmjax fit`'s granularity law (docs/moe.md, "Granularity"):
+expert parameters and FLOPs per token are those of G = 1 (only the router grows). Three sizes
+(d_model 32, 48, 64) x three token counts (0.1M, 0.25M, 0.75M) x four granularities = 36 runs,
+whose results.csv carries G for `lmjax fit`'s granularity law (docs/moe.md, "Granularity"):
 
     for s in 0 1 2; do
       lmjax sweep moe_granularity --set train.seed=$s --set data.seed=$s --dir sweeps/moe_granularity/seed$s
     done
     lmjax fit sweeps/moe_granularity/seed0/results.csv --plots sweeps/moe_granularity/seed0
 
-About 3e12 counted training FLOPs per seed: 3.5-5 minutes of wall time per seed on a shared
-2-core CPU (2026-12-02; the results are in docs/moe.md).
+About 5e12 counted training FLOPs per seed, mostly compilation in wall time: 31-38 minutes per
+seed on a 2-core CPU shared with another experiment and tests (2026-12-03; the results are in
+docs/moe.md).
 """
 
 import dataclasses

@@ -1,13 +1,13 @@
 """Learning-rate transfer on the tuned µP base (issue #27, docs/scaling.md): experiments/mup_base.py
 at widths 64-512 (heads of width 32, d_ff = 4 x width), under µP and the standard
 parametrization at the same constants, at learning rates a factor of 2 apart around the base's
-tuned one, `BASE_LR` x 2^k: k = -3..0 for the standard model above width 64 (its optimum falls
+tuned one, `BASE_LR` x 2^k: k = -4..0 for the standard model above width 64 (its optimum falls
 with width; at 64 it is µP's base, whose learning rate the search tuned: k = 0 only), -3..+1 for
 µP. Runs are named like mup_transfer's (`mup-w512-lr0.0031`), so `python -m
 lmjax.scaling.transfer` reads them.
 
 Its first part is `mup_base_widths` (every standard run, and µP at the base's learning rate
-only; 17 runs): run that first, then this one in the same directory, which skips what is
+only; 20 runs): run that first, then this one in the same directory, which skips what is
 finished (16 more runs).
 
     lmjax sweep mup_base_widths --dir DIR                               # seed 0
@@ -21,7 +21,7 @@ from lmjax.experiment import load_experiment_module
 
 BASE_LR = load_experiment_module("mup_base", "experiments/mup_base.py is missing")[0].BASE_LR
 WIDTHS = [64, 128, 256, 512]
-STANDARD_STEPS = range(-3, 1)  # learning rates BASE_LR x 2^k above the base width
+STANDARD_STEPS = range(-4, 1)  # learning rates BASE_LR x 2^k above the base width
 MUP_STEPS = range(-3, 2)
 
 

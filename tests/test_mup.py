@@ -376,7 +376,7 @@ def test_tuned_base_is_the_search_winner_and_its_width_sweeps_are_valid(tmp_path
     with pytest.raises(ConfigError, match="means nothing under"):
         override(base, ["model.parametrization=standard", "model.mup_scale_adam_eps=true"])
     transfer, widths = load_sweep("mup_base_transfer"), load_sweep("mup_base_widths")
-    assert (len(widths.runs), len(transfer.runs)) == (2 + 3 * 5, 2 + 3 * 5 + 4 * 4)
+    assert (len(widths.runs), len(transfer.runs)) == (2 + 3 * 6, 2 + 3 * 6 + 4 * 4)
     assert transfer.runs[:len(widths.runs)] == widths.runs
     configs = {run.name: run_config(transfer, run, tmp_path) for run in transfer.runs}
     assert all(NAME.match(name) for name in configs)

@@ -397,7 +397,9 @@ def test_ctrl_c_stops_a_two_process_run_at_one_step_and_it_resumes_to_the_uninte
     stages of a pipeline across them (mesh.dcn_pipeline=2), so the stop lands between pipelined
     steps. (SIGTERM, twice, with SIGCONT as at a time limit, is tests/test_slurm.py's.)"""
     run, reference = tmp_path / "run", tmp_path / "reference"
-    steps = 120  # a margin for the signal to reach both processes before the run ends
+    # the signal goes out once step 3 is logged and lands a few steps later (step 7 at ~0.15 s a step on
+    # a loaded 2-core machine): 40 steps leave a margin of ~30 for it to reach both processes
+    steps = 40
     length = ["--set", f"train.steps={steps}", "--set", "train.checkpoint_every=1000"]
     assert main(["train", *TINY, *length, "--set", f"train.run_dir={reference}"]) == 0
     command = ["bash", str(LAUNCHER), "2", "1", *TINY, *length, *mesh_args(pipeline=2, dcn_pipeline=2, data=1),
@@ -407,7 +409,7 @@ def test_ctrl_c_stops_a_two_process_run_at_one_step_and_it_resumes_to_the_uninte
                                 env={**env, "LMJAX_PORT": str(free_port())}, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and max([0] + [r["step"] for r in read_metrics(run)]) < 3:
-        time.sleep(0.1)
+        time.sleep(0.02)
     os.killpg(launcher.pid, signal.SIGINT)
     output = finish(launcher)
     stops = re.findall(r"run stopped at step (\d+)", output)

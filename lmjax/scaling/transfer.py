@@ -135,6 +135,7 @@ def plot_loss_against_width(curves: dict, out_dir: Path, seeds: list[dict] = ())
     ax.set(xscale="log", xlabel="width (d_model)", ylabel="validation loss (nats/token)", title=title)
     ax.set_xticks(sorted({w for losses in curves.values() for w in losses}))
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(out_dir) / "loss_against_width.png"
