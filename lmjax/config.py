@@ -358,6 +358,13 @@ class ModelConfig:
         return self.n_layers if self.n_decoder_layers is None else self.n_decoder_layers
 
     @property
+    def stack_layers(self) -> dict[str, int]:
+        """Blocks of each stack, by the setting that sizes it: model.n_layers, and an encoder_decoder's
+        model.n_decoder_layers too."""
+        decoder = {"model.n_decoder_layers": self.decoder_layers} if self.family == "encoder_decoder" else {}
+        return {"model.n_layers": self.n_layers, **decoder}
+
+    @property
     def head_dim(self) -> int:
         """Width of one attention head: d_head, or d_model // n_heads."""
         return self.d_model // self.n_heads if self.d_head is None else self.d_head
@@ -785,6 +792,14 @@ class Config:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
 
+    @property
+    def targets_length(self) -> int:
+        """Target positions of one example: data.seq_len, or an encoder_decoder's span-corruption
+        targets (ValueError for a length span corruption cannot make)."""
+        if self.model.family != "encoder_decoder":
+            return self.data.seq_len
+        return span_corruption_lengths(self.data.seq_len, self.data.noise_density, self.data.mean_noise_span_length)[1]
+
     def __post_init__(self):
         # a tokenizer file's vocabulary is checked when it is loaded, still before compiling
         tokenizer_vocab = BYTE_VOCAB_SIZE if self.data.tokenizer == "bytes" else 0
@@ -798,13 +813,11 @@ class Config:
             f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
             "shorten the sequences or raise model.max_seq_len.",
         )
-        targets_length = self.data.seq_len
+        try:
+            targets_length = self.targets_length
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.model.family == "encoder_decoder":
-            try:
-                _, targets_length = span_corruption_lengths(self.data.seq_len, self.data.noise_density,
-                                                            self.data.mean_noise_span_length)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
             _require(targets_length <= self.model.max_seq_len,
                      f"span corruption targets of {targets_length} tokens exceed model.max_seq_len="
                      f"{self.model.max_seq_len}; raise model.max_seq_len.")

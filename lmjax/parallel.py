@@ -20,7 +20,6 @@ from jax.sharding import Mesh, NamedSharding
 
 from lmjax.axis_rules import logical_to_mesh, mesh_axes
 from lmjax.config import DCN_AXES, MESH_AXES, Config, ConfigError, MeshConfig
-from lmjax.families import family_of
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
@@ -160,10 +159,7 @@ def _validate_pipeline(cfg: Config, mesh: Mesh, rows_per_device: int) -> None:
         return
     m, repeats = cfg.model, cfg.mesh.pipeline_repeats
     microbatches = cfg.mesh.microbatches(stages)
-    stacks = {"model.n_layers": m.n_layers}  # each stack runs in the same stages
-    if m.family == "encoder_decoder":
-        stacks["model.n_decoder_layers"] = m.decoder_layers
-    for name, layers in stacks.items():
+    for name, layers in m.stack_layers.items():  # each stack runs in the same stages
         if layers % (stages * repeats * m.layer_cycle):
             cycle = f" of whole cycles of {m.layer_cycle} blocks (model.moe.every, model.global_every)" * (
                 m.layer_cycle > 1)
@@ -193,7 +189,7 @@ def _check_context(cfg: Config, mesh: Mesh) -> None:
     if cfg.data.seq_len % (2 * shards):
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} does not split into 2 x {shards} equal chunks for "
                           f"context parallelism ({named}); make it a multiple of {2 * shards}.")
-    targets = family_of(cfg.model).example_lengths(cfg)[1]  # an encoder-decoder's, split over the same devices
+    targets = cfg.targets_length  # an encoder-decoder's, split over the same devices
     if targets % (2 * shards):
         raise ConfigError(f"the {targets} target positions of each example (span corruption of data.seq_len="
                           f"{cfg.data.seq_len}) do not split into 2 x {shards} equal chunks for context parallelism "
