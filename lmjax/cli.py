@@ -394,7 +394,6 @@ def add_data(commands) -> None:
 
 
 def cmd_data_prepare(args) -> None:
-
     from lmjax.data.prepare import prepare
 
     if (args.workers is not None and args.workers < 1) or args.shard_mb < 1:
