@@ -390,6 +390,31 @@ def test_tuned_base_is_the_search_winner_and_its_width_sweeps_are_valid(tmp_path
             if c.optim.lr != base.optim.lr} == {"standard"}
 
 
+
+def test_base_probes_change_one_role_each(tmp_path):
+    """experiments/mup_base_probes.py: µP at the base's learning rate, widths 64 and 256; the
+    hidden-init probe changes only init_std_hidden; the embedding probe divides the embedding's
+    effective learning rate by c while keeping its output at init (std x multiplier) the base's;
+    the tied probe ties the table to the head (the base is untied)."""
+    from lmjax.drivers.sweep import load_sweep, run_config
+    from lmjax.experiment import load_experiment
+
+    base = load_experiment("mup_base").model
+    sweep = load_sweep("mup_base_probes")
+    configs = {run.name: run_config(sweep, run, tmp_path) for run in sweep.runs}
+    assert {(c.model.parametrization, c.optim.lr) for c in configs.values()} == {("mup", 0.0099)}
+    assert {c.model.d_model for c in configs.values()} == {64, 256}
+    hidden = [c.model for name, c in configs.items() if "-sh" in name]
+    assert sorted({m.init_std_hidden / base.init_std_hidden for m in hidden}) == pytest.approx([1, 2, 4, 8])
+    assert all((m.init_std_input, m.embedding_multiplier) == (base.init_std_input, base.embedding_multiplier)
+               for m in hidden)
+    wide = configs["mup-w256-embed_lr0.25"].model
+    assert wide.embedding_multiplier == pytest.approx(base.embedding_multiplier / 4)
+    assert wide.init_std_input * wide.embedding_multiplier == pytest.approx(base.init_std_input *
+                                                                            base.embedding_multiplier)
+    assert (wide.init_std_hidden, wide.n_heads, wide.d_ff) == (base.init_std_hidden, 8, 1024)
+    assert [c.model.tie_embeddings for c in configs.values()] == [False] * 12 + [True] * 2
+
 def test_optimal_learning_rate_per_width(tmp_path):
     from lmjax.scaling.transfer import (
         grid_steps_moved,
