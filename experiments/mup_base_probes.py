@@ -13,9 +13,11 @@ and µP does not (bench/mup_update_sizes.py measured them):
 
 If the wider model wants the change and the base does not, the best value moves from width 64
 to 256. And `tied`: the winner with its embedding table tied to the head (the table's init
-and learning rate, the logits still times the logit multiplier / m), the effect of untying.
+and learning rate, the logits still times the logit multiplier / m), the effect of untying;
+`lm` and `am`: the logit and attention multipliers at 1/2 and 2 times the winner's, which µP
+keeps at every width.
 
-    lmjax sweep mup_base_probes --dir DIR                 # seed 0; 14 runs
+    lmjax sweep mup_base_probes --dir DIR                 # seed 0; 22 runs
     lmjax sweep mup_base_probes --dir DIR_s1 --set train.seed=1 --set data.seed=1
 """
 
@@ -26,6 +28,7 @@ WINNER = load_experiment_module("mup_base", "experiments/mup_base.py is missing"
 WIDTHS = [64, 256]
 HIDDEN_STD_MULTIPLES = [1, 2, 4, 8]
 EMBEDDING_LR_DIVISORS = [2, 4]
+MULTIPLIER_FACTORS = [0.5, 2]
 
 
 def widened(width: int, name: str, *overrides: str) -> SweepRun:
@@ -40,4 +43,7 @@ def sweep():
     embedding = [widened(w, f"embed_lr{1 / c:g}", f"model.init_std_input={std_in * c!r}",
                          f"model.embedding_multiplier={em / c!r}") for w in WIDTHS for c in EMBEDDING_LR_DIVISORS]
     tied = [widened(w, "tied", "model.tie_embeddings=true") for w in WIDTHS]
-    return Sweep("mup_base", tuple(hidden + embedding + tied))
+    multipliers = [widened(w, f"{short}{value:.3g}", f"model.{name}={value!r}")
+                   for short, name in (("lm", "logit_multiplier"), ("am", "attention_multiplier"))
+                   for w in WIDTHS for value in (WINNER[f"model.{name}"] * f for f in MULTIPLIER_FACTORS)]
+    return Sweep("mup_base", tuple(hidden + embedding + tied + multipliers))

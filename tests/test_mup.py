@@ -413,7 +413,9 @@ def test_base_probes_change_one_role_each(tmp_path):
     assert wide.init_std_input * wide.embedding_multiplier == pytest.approx(base.init_std_input *
                                                                             base.embedding_multiplier)
     assert (wide.init_std_hidden, wide.n_heads, wide.d_ff) == (base.init_std_hidden, 8, 1024)
-    assert [c.model.tie_embeddings for c in configs.values()] == [False] * 12 + [True] * 2
+    assert [c.model.tie_embeddings for c in configs.values()] == [False] * 12 + [True] * 2 + [False] * 8
+    assert sorted(c.model.logit_multiplier / base.logit_multiplier for c in configs.values()) == pytest.approx(
+        [0.5] * 2 + [1] * 18 + [2] * 2)
 
 def test_optimal_learning_rate_per_width(tmp_path):
     from lmjax.scaling.transfer import (
