@@ -60,6 +60,9 @@ def movement(run_dir: Path) -> dict[str, tuple[float, float]]:
             out[name] = tuple(spectral_size(per_layer(w), FAN_IN_DIMS[leaf]) for w in (delta, w0))
         else:
             out[name] = (float(np.sqrt(np.mean(delta**2))), float(np.sqrt(np.mean(w0**2))))
+        if leaf == "table" and cfg.model.tie_embeddings:  # the same table read by the head: (d, V), x logit_scale
+            as_head = cfg.model.logit_scale / cfg.model.embedding_multiplier
+            out[f"{name} as head"] = tuple(spectral_size([w.T * as_head], 1) for w in (delta, w0))
     return out
 
 
