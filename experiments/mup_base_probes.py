@@ -1,7 +1,8 @@
-"""Why does µP on the tuned base trail the standard model with lmjax's defaults, tuned per
-width, at width 256? (issue #27, docs/scaling.md.) Two probes of experiments/mup_base.py under
-µP at the base's learning rate, widths 64 and 256, each a change the wide default model makes
-and µP does not (bench/mup_update_sizes.py measured them):
+"""Probes of the tuned µP base, one constant at a time, at widths 64 and 256 (issue #27,
+docs/scaling.md): why does µP on it trail the standard model with lmjax's defaults, tuned per
+width, at width 256? experiments/mup_base.py under µP at the base's learning rate, with one
+change each; the first two are what the wide default model does and µP does not
+(bench/mup_update_sizes.py measured them):
 
 - `sh`: the hidden matrices' init std (`model.init_std_hidden`, its value at the base width;
   µP scales it by 1 / sqrt(m)) at 1, 2, 4 and 8 times the winner's. The default model's hidden
