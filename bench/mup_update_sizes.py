@@ -10,10 +10,12 @@ sqrt(fan_in / fan_out),
 
     size(dW) = ||m dW||_2 * sqrt(fan_in / fan_out),
 
-averaged over layers. Feature learning at every width wants it Theta(1) at every width for
-every matrix; µP keeps it width-independent at a fixed learning rate, the standard
-parametrization lets hidden and output matrices' grow with width. The same for the init,
-size(W0), and the norm gains' RMS change, are printed beside it. Writes nothing.
+averaged over layers. Feature learning wants it Theta(1) at every width for every matrix;
+µP keeps it width-independent at a fixed learning rate, while the standard
+parametrization lets the hidden and output matrices' sizes grow with width. The same for the init,
+size(W0), and the norm gains' RMS change, are printed beside it. For dense models whose
+block stack holds its layers stacked (as the decoders here do); other parameters (MoE experts)
+show their RMS change. Writes nothing.
 
     python bench/mup_update_sizes.py RUN_DIR [RUN_DIR ...]
 """
@@ -69,11 +71,12 @@ def movement(run_dir: Path) -> dict[str, tuple[float, float]]:
 def main(run_dirs: list[str]) -> None:
     tables = {d: movement(Path(d)) for d in run_dirs}
     names = list(dict.fromkeys(name for table in tables.values() for name in table))
-    print("size(dW) (size(W0))".ljust(26) + "".join(f"{Path(d).parent.name[-2:]}/{Path(d).name}".rjust(34)
-                                                     for d in run_dirs))
+    for i, d in enumerate(run_dirs):
+        print(f"[{i}] {d}")
+    print("size(dW) (size(W0))".ljust(26) + "".join(f"[{i}]".rjust(20) for i in range(len(run_dirs))))
     for name in names:
         cells = [tables[d].get(name) for d in run_dirs]
-        print(f"{name:26s}" + "".join((f"{c[0]:.3g} ({c[1]:.3g})" if c else "-").rjust(34) for c in cells))
+        print(f"{name:26s}" + "".join((f"{c[0]:.3g} ({c[1]:.3g})" if c else "-").rjust(20) for c in cells))
 
 
 if __name__ == "__main__":
